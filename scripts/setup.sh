@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up .venv for the server (default) or for the tests (--test).
+#
+# Idempotent and offline-safe on a second run: once a mode is installed for the current
+# pyproject.toml and this script, it does nothing (no network), so the test command can run
+# inside a network namespace with loopback only.
+#
+# torch: machines without an NVIDIA GPU get the CPU wheel (a plain `pip install torch`
+# resolves to a multi-GB CUDA build); machines with one get PyPI's default CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=server
+[ "${1:-}" = "--test" ] && mode=test
+PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+stamp=".venv/.setup-$mode-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+    exit 0
+fi
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $($PY --version)"
+    $PY -m venv .venv
+fi
+pip() { .venv/bin/python -m pip "$@"; }
+
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        log "NVIDIA GPU found: installing torch with CUDA"
+        pip install -q "torch>=2.1,<3"
+    else
+        log "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
+        pip install -q "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+
+if [ "$mode" = test ]; then
+    log "installing the project with its test extra"
+    pip install -q -e '.[test]'
+    # System packages the tests use: espeak-ng makes test speech, chromium runs the browser test.
+    need=()
+    command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+    [ -x /usr/bin/chromium ] || need+=(chromium)
+    if [ ${#need[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "apt-get install ${need[*]}"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+        else
+            log "please install: ${need[*]} (e.g. sudo apt-get install ${need[*]}); the tests that need them are skipped"
+        fi
+    fi
+else
+    log "installing the project"
+    pip install -q -e .
+fi
+rm -f .venv/.setup-$mode-*
+touch "$stamp"
+log "ready ($mode)"

@@ -1,0 +1,79 @@
+"""Shared test fixtures: small media made on the fly (espeak-ng speech), never downloaded."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WAV2LIP_FACTS = SHARED / "wav2lip"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Read a PCM16 wav as float32 mono in [-1, 1]."""
+    with wave.open(str(path), "rb") as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    pcm = pcm.reshape(-1, channels).mean(axis=1)
+    return (pcm / 32768.0).astype(np.float32), rate
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    pcm = np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32767), -32768, 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def synthesize(text: str, path: Path, rate: int = 16000) -> Path:
+    """Speak `text` with espeak-ng into a mono PCM16 wav at `rate`."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run([exe, "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
+    samples, src_rate = read_wav(raw)
+    raw.unlink()
+    if src_rate != rate:
+        # Linear resampling is fine for test media; the product uses PyAV's resampler.
+        t_src = np.arange(len(samples)) / src_rate
+        t_dst = np.arange(int(len(samples) * rate / src_rate)) / rate
+        samples = np.interp(t_dst, t_src, samples).astype(np.float32)
+    return write_wav(path, samples, rate)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def speech_wav(media_dir) -> Path:
+    """About 3 s of English speech, 16 kHz mono PCM16."""
+    return synthesize("Hello there. The quick brown fox jumps over the lazy dog.", media_dir / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def speech_16k(speech_wav) -> np.ndarray:
+    return read_wav(speech_wav)[0]
+
+
+@pytest.fixture(scope="session")
+def speech_with_gap_16k(speech_16k) -> np.ndarray:
+    """Speech, 1.5 s of digital silence, speech again."""
+    gap = np.zeros(24000, dtype=np.float32)
+    return np.concatenate([speech_16k, gap, speech_16k])
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
