@@ -34,7 +34,15 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
         pip install -q "torch>=2.1,<3"
     else
         log "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-        pip install -q "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+        if $PY -c 'import socket; socket.getaddrinfo("download.pytorch.org", 443)' 2>/dev/null; then
+            pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+                --extra-index-url https://pypi.org/simple
+        else
+            # No PyTorch index reachable: rely on the configured index/find-links providing the +cpu wheel.
+            pip install -q "torch==$TORCH_VERSION"
+        fi
+        .venv/bin/python -c 'import torch; v = torch.__version__; print(v)' | grep -q '+cpu' ||
+            log "warning: installed torch is not the +cpu build (check your pip index)"
     fi
 fi
 
