@@ -11,6 +11,7 @@ import torch
 from cli.main import main
 from conftest import write_wav
 from realtime.media_io import Mp4Writer
+from realtime.mel import window_starts
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,10 @@ def test_render_cli_writes_synced_mp4(official_checkpoint, face_clip, speech_2s,
         frames = sum(1 for _ in container.decode(video))
         assert len(audio) == 1 and audio[0].codec_context.name == "aac"
         duration = container.duration / 1e6
-    # 2.0 s of audio -> 161 mel columns -> the official rule gives 50 windows (the last one clamped)
-    assert frames == 50
-    assert duration == pytest.approx(2.0, abs=0.1)
+    # 2.0 s of audio -> 161 mel columns -> the official rule stops once a full window no longer fits
+    # (start 147 + 16 > 161): 47 frames, the last one with the clamped final window
+    assert frames == len(window_starts(161, 25)) == 47
+    assert duration == pytest.approx(2.0, abs=0.1)  # the audio track is kept whole
 
 
 def test_render_cli_photo_input(official_checkpoint, speech_2s, tmp_path):
