@@ -1,0 +1,153 @@
+"""The session's time base: the output timeline, the fixed A/V delay, and the video tick clock.
+
+Timelines (all integers, no wall time):
+- input timeline: 16 kHz sample index `n` of the session's audio input, after ingest;
+- output timeline: video frame `k` has pts `k / fps`, output audio sample `j` has pts `j / 16000`.
+Input sample `n` is played as output sample `n + L`; the frame that shows the audio starting at input
+sample `n` is the frame with `frame_start(k) == n + L`. Both tracks therefore leave with the same delay L,
+which makes the A/V offset zero by construction (up to the rounding of `k * 16000 / fps` to a sample).
+
+Why L is fixed per session. A frame can be drawn once its mel window is complete: the window of a frame
+starting at sample n ends with mel column c + 15 (c = 80 n / 16000 columns), and that column is final once
+sample 200 (c + 15) + 400 has arrived, i.e. LOOKAHEAD_SAMPLES = 3400 samples (212.5 ms) after the frame's
+own time. Add an allowance for chunked input (one 20 ms WebRTC frame) and a compute budget (2 frame
+periods by default) and round up to whole frames: L = 8 frames = 320 ms at 25 fps. Choosing L once means
+the audio track is a plain delay line that never stretches, skips or waits, so A/V sync cannot drift and
+latency cannot accumulate; a frame that is not ready in time is dropped or held instead (see session.py).
+An adaptive L would have to resample or cut audio every time it moved. (With
+`EngineConfig.fit_budget_to_renderer`, the compute budget is sized once, at session start, from the render
+worker's measured per-frame cost, so a slow CPU renderer gets a larger but still fixed L.)
+
+`ManualClock` is a settable clock for simulated-time tests and benchmarks.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from realtime.config import EngineConfig
+from realtime.mel import COLUMNS_PER_SECOND, HOP, MEL_STEP, N_FFT, SAMPLE_RATE
+
+# Samples after a frame's own time that its mel window needs: the last column (start + 15) covers
+# samples up to 200 (start + 15) + 400, and start * 200 <= the frame's own sample.
+LOOKAHEAD_SAMPLES = (MEL_STEP - 1) * HOP + N_FFT // 2  # 3400 = 212.5 ms
+# Samples a window covers from its own start (used by the speech decision).
+WINDOW_SAMPLES = MEL_STEP * HOP  # 3200 = 200 ms
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Frame/sample arithmetic of one session; immutable once the session starts."""
+
+    fps: float
+    delay_frames: int
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, fps: float | None = None,
+                    render_cost_s: float | None = None) -> "Timeline":
+        """The session's timeline. With `config.fit_budget_to_renderer` and a measured per-frame render
+        cost, the compute budget is widened to fit that renderer (still fixed for the session)."""
+        fps = float(fps or config.fps)
+        spf = SAMPLE_RATE / fps
+        budget = config.compute_budget_frames * spf
+        if config.fit_budget_to_renderer and render_cost_s:
+            fitted = (1.5 * render_cost_s + 1.0 / fps) * SAMPLE_RATE
+            budget = max(budget, min(fitted, config.max_compute_budget_ms * SAMPLE_RATE / 1000.0))
+        need = LOOKAHEAD_SAMPLES + config.input_jitter_ms * SAMPLE_RATE / 1000.0 + budget
+        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)))
+
+    @property
+    def samples_per_frame(self) -> float:
+        return SAMPLE_RATE / self.fps
+
+    @property
+    def delay_samples(self) -> int:
+        """L: output sample j plays input sample j - L."""
+        return self.frame_start(self.delay_frames)
+
+    @property
+    def delay_ms(self) -> float:
+        return 1000.0 * self.delay_samples / SAMPLE_RATE
+
+    @property
+    def lookahead_ms(self) -> float:
+        return 1000.0 * LOOKAHEAD_SAMPLES / SAMPLE_RATE
+
+    @property
+    def frame_period_s(self) -> float:
+        return 1.0 / self.fps
+
+    def frame_start(self, k: int) -> int:
+        """Output sample at which video frame k starts (its pts in samples)."""
+        return int(round(k * SAMPLE_RATE / self.fps))
+
+    def frame_pts(self, k: int) -> float:
+        return k / self.fps
+
+    def first_frame_at_or_after(self, sample: int) -> int:
+        """Smallest k with frame_start(k) >= sample."""
+        k = max(0, math.ceil(sample * self.fps / SAMPLE_RATE))
+        while k > 0 and self.frame_start(k - 1) >= sample:
+            k -= 1
+        while self.frame_start(k) < sample:
+            k += 1
+        return k
+
+    def window_start_column(self, i: int) -> int:
+        """Official inference.py rule: int(i * 80 / fps), float product then truncation."""
+        return int(i * (COLUMNS_PER_SECOND / self.fps))
+
+
+class VideoClock:
+    """Counts output video ticks and remembers when they happened (deadlines, latency stamps)."""
+
+    def __init__(self, timeline: Timeline, history: int = 64) -> None:
+        self._timeline = timeline
+        self.next_index = 0
+        self._times: deque[tuple[int, float]] = deque(maxlen=max(history, timeline.delay_frames + 2))
+
+    def tick(self, now: float) -> int:
+        k = self.next_index
+        self._times.append((k, now))
+        self.next_index += 1
+        return k
+
+    def time_of(self, k: int) -> float | None:
+        """Wall time at which tick k was emitted, if it is recent enough to be remembered."""
+        if not self._times:
+            return None
+        first_k = self._times[0][0]
+        pos = k - first_k
+        if 0 <= pos < len(self._times):
+            return self._times[pos][1]
+        return None
+
+    def expected_time(self, k: int, now: float) -> float:
+        """When tick k is expected: paced from the last tick, never earlier than 'now + frames to go'."""
+        period = self._timeline.frame_period_s
+        from_now = now + (k - self.next_index) * period
+        if not self._times:
+            return from_now
+        last_k, last_t = self._times[-1]
+        return max(last_t + (k - last_k) * period, from_now)
+
+    def reset_history(self) -> None:
+        self._times.clear()
+
+
+class ManualClock:
+    """A clock that only moves when told to: `clock()` returns the current time in seconds."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.t = float(start)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> float:
+        self.t += float(dt)
+        return self.t
+
+    def set(self, t: float) -> None:
+        self.t = float(t)

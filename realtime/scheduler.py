@@ -1,0 +1,372 @@
+"""The render worker: takes due render jobs from any number of sessions, batches them, calls the renderer.
+
+One worker per renderer (model / device); sessions share it. Jobs carry a deadline (the wall time of the
+video tick that will show them). The worker serves the earliest deadline first, batches jobs for the same
+avatar up to `max_batch` while the predicted batch time still meets the earliest deadline, and skips jobs
+that can no longer finish in time (a drop: the session shows the held mouth instead). Skipping, rather
+than rendering late, is what keeps latency fixed under overload: the mouth-update rate falls, nothing
+queues up. Batch cost is predicted from an exponential average of measured batch times.
+
+Two drivers of the same policy:
+- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; with
+  several sessions it waits up to `max_wait_s` to fill a batch when the deadlines allow it.
+- `InlineRenderWorker`: no thread; `kick(now)` runs, in the caller's thread, every batch a free worker
+  would have started by `now`, in *virtual time*: a batch that starts at t and takes d seconds (measured
+  with the worker's own `clock`) completes at t + d, and the worker is busy until then. With a
+  `ManualClock` that a fake renderer advances, "a renderer 2x too slow" is simulated deterministically;
+  the worker then sets that clock back to where the render started (the render happened on the
+  "worker", not in the caller's time), so the sessions may share the same ManualClock.
+
+A session submits `RenderJob`s and receives `RenderResult`s through the job's `deliver` callback; in the
+threaded worker that callback runs on the worker thread, so it must only hand the result over (e.g.
+append to a deque).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from realtime.renderers.base import MouthPatch, MouthRenderer
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(eq=False)
+class RenderJob:
+    owner: object                     # the submitting session (cancel() removes all of its jobs)
+    key: int                          # the owner's id for this frame (its video frame index)
+    avatar: Any
+    avatar_index: int
+    mel: np.ndarray                   # (80, 16) float32
+    deadline: float                   # clock time by which the patch must be delivered
+    ready_at: float                   # clock time the job became renderable (submission)
+    deliver: Callable[["RenderResult"], None]
+
+
+@dataclass
+class RenderResult:
+    key: int
+    patch: MouthPatch | None          # None: the renderer failed for this batch
+    completed_at: float               # clock time the patch became available
+    render_s: float                   # duration of the renderer call that made it
+    batch_size: int
+
+
+@dataclass
+class CostModel:
+    """Predicted seconds for a batch of b frames: per-size average when seen, else per-frame average."""
+
+    smoothing: float = 0.3
+    by_size: dict[int, float] = field(default_factory=dict)
+    per_frame: float | None = None
+
+    def estimate(self, b: int) -> float:
+        if b in self.by_size:
+            return self.by_size[b]
+        return 0.0 if self.per_frame is None else self.per_frame * b
+
+    def observe(self, b: int, seconds: float) -> None:
+        a = self.smoothing
+        old = self.by_size.get(b)
+        self.by_size[b] = seconds if old is None else (1 - a) * old + a * seconds
+        pf = seconds / max(b, 1)
+        self.per_frame = pf if self.per_frame is None else (1 - a) * self.per_frame + a * pf
+
+
+class _JobQueue:
+    """Pending jobs and the batching policy. Not thread-safe by itself.
+
+    Order: earliest deadline first, with a fairness correction so that sessions sharing an overloaded
+    worker take turns: an owner's deadlines count as later by one frame's cost for every frame it was
+    served recently (more than the least-served owner waiting; decays with a 1 s half-life). With equal
+    service this is plain EDF.
+    """
+
+    half_life_s = 1.0
+
+    def __init__(self) -> None:
+        self.jobs: list[RenderJob] = []
+        self._served: dict[int, tuple[float, float]] = {}  # id(owner) -> (decayed frames, at time)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, job: RenderJob) -> None:
+        self.jobs.append(job)
+
+    def remove_owner(self, owner: object) -> int:
+        before = len(self.jobs)
+        self.jobs = [j for j in self.jobs if j.owner is not owner]
+        self._served.pop(id(owner), None)
+        return before - len(self.jobs)
+
+    def earliest_ready(self) -> float:
+        return min(j.ready_at for j in self.jobs)
+
+    def _share(self, owner: object, now: float) -> float:
+        value, at = self._served.get(id(owner), (0.0, now))
+        return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
+
+    def _mark_served(self, batch: list[RenderJob], now: float) -> None:
+        for j in batch:
+            self._served[id(j.owner)] = (self._share(j.owner, now) + 1.0, now)
+        if len(self._served) > 4 * (len({id(j.owner) for j in self.jobs}) + 16):
+            live = {id(j.owner) for j in self.jobs} | {id(j.owner) for j in batch}
+            self._served = {o: v for o, v in self._served.items() if o in live}
+
+    def select(self, now: float, cost: CostModel, max_batch: int, probe: bool,
+               peek: bool = False) -> tuple[list[RenderJob], int]:
+        """Pick the next batch at time `now`; returns (batch, jobs skipped as too late).
+
+        A job is skipped (removed) when even a batch of one would miss its deadline; with `probe` (no
+        render for a while, so the cost estimate may be stale) only jobs already past their deadline
+        are. With `peek` the batch stays queued (the caller only wants to know what it would be).
+        """
+        single = 0.0 if probe else cost.estimate(1)
+        ready: list[RenderJob] = []
+        keep: list[RenderJob] = []
+        skipped = 0
+        for j in self.jobs:
+            if j.ready_at > now:
+                keep.append(j)
+            elif j.deadline < now + single:
+                skipped += 1
+            else:
+                ready.append(j)
+        if not ready:
+            self.jobs = keep
+            return [], skipped
+        shares = {id(j.owner): self._share(j.owner, now) for j in ready}
+        floor = min(shares.values())
+        per_frame = cost.estimate(1)
+
+        def key(j: RenderJob) -> float:
+            return j.deadline + per_frame * (shares[id(j.owner)] - floor)
+
+        ready.sort(key=key)
+        head = ready[0]
+        same = [j for j in ready if j.avatar is head.avatar][:max_batch]
+        b = len(same)
+        while b > 1 and now + cost.estimate(b) > min(j.deadline for j in same[:b]):
+            b -= 1
+        batch = same[:b]
+        if peek:
+            self.jobs = keep + ready
+            return batch, skipped
+        chosen = {id(j) for j in batch}
+        self.jobs = keep + [j for j in ready if id(j) not in chosen]
+        self._mark_served(batch, now)
+        return batch, skipped
+
+
+class RenderWorker:
+    """Common part of the two drivers: renderer preparation, the renderer call, statistics."""
+
+    probe_after_s = 0.5  # render at least one job this often so the cost estimate can recover
+
+    def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
+                 clock: Clock = time.monotonic) -> None:
+        self.renderer = renderer
+        self.name = getattr(renderer, "name", type(renderer).__name__)
+        self.max_batch = int(max_batch)
+        self.max_wait_s = float(max_wait_s)
+        self.clock = clock
+        self.cost = CostModel()
+        self._queue = _JobQueue()
+        self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
+        self._prepare_lock = threading.Lock()
+        self._last_render_at: float | None = None
+        self.batches = 0
+        self.frames_rendered = 0
+        self.frames_skipped = 0
+        self.errors = 0
+        self.busy_s = 0.0
+
+    # -- API used by sessions -------------------------------------------------------------------
+    def prepare(self, avatar: Any, warmup: bool = False) -> None:
+        """Run the renderer's per-avatar precompute once (slow: call it off the event loop).
+        With `warmup`, also render two throw-away frames so the first real frame is not the slow one."""
+        with self._prepare_lock:
+            if id(avatar) in self._prepared:
+                return
+            self.renderer.prepare(avatar)
+            self._prepared[id(avatar)] = avatar
+            if warmup:
+                mel = np.full((1, 80, 16), -4.0, dtype=np.float32)
+                for attempt in range(2):
+                    t0 = self.clock()
+                    self.renderer.render(avatar, np.zeros(1, dtype=np.int64), mel)
+                    if attempt:
+                        self.cost.observe(1, self.clock() - t0)
+
+    def submit(self, job: RenderJob) -> None:
+        raise NotImplementedError
+
+    def cancel(self, owner: object) -> int:
+        """Remove every queued job of `owner`; returns how many. A batch in flight still delivers."""
+        raise NotImplementedError
+
+    def kick(self, now: float) -> None:
+        """Give the worker a chance to run (the inline driver renders here; the thread ignores it)."""
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {
+            "renderer": self.name,
+            "batches": self.batches,
+            "frames_rendered": self.frames_rendered,
+            "frames_skipped": self.frames_skipped,
+            "errors": self.errors,
+            "queued": len(self._queue),
+            "mean_batch": (self.frames_rendered / self.batches) if self.batches else 0.0,
+            "busy_s": self.busy_s,
+            "est_ms_per_frame": None if self.cost.per_frame is None else 1000.0 * self.cost.per_frame,
+        }
+
+    # -- shared internals -----------------------------------------------------------------------
+    def _probe(self, now: float) -> bool:
+        """Render one job even if predicted late when nothing was rendered for a while (the estimate may
+        be stale), at most ~10% of the time for a renderer that is always too slow."""
+        interval = max(self.probe_after_s, 10.0 * self.cost.estimate(1))
+        return self._last_render_at is None or now - self._last_render_at > interval
+
+    def _call_renderer(self, batch: list[RenderJob]) -> tuple[list[MouthPatch | None], float]:
+        avatar = batch[0].avatar
+        indices = np.fromiter((j.avatar_index for j in batch), dtype=np.int64, count=len(batch))
+        mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
+        t0 = self.clock()
+        try:
+            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels))
+            if len(patches) != len(batch):
+                raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
+        except Exception:
+            self.errors += 1
+            log.exception("renderer %s failed on a batch of %d", self.name, len(batch))
+            patches = [None] * len(batch)
+        seconds = self.clock() - t0
+        if patches and patches[0] is not None:
+            self.cost.observe(len(batch), seconds)
+        self.batches += 1
+        self.frames_rendered += len(batch)
+        self.busy_s += seconds
+        return patches, seconds
+
+    @staticmethod
+    def _deliver(batch: list[RenderJob], patches: list[MouthPatch | None], completed_at: float,
+                 seconds: float) -> None:
+        for job, patch in zip(batch, patches):
+            try:
+                job.deliver(RenderResult(job.key, patch, completed_at, seconds, len(batch)))
+            except Exception:
+                log.exception("delivering a render result failed")
+
+
+class ThreadedRenderWorker(RenderWorker):
+    """The production driver: one daemon thread per renderer, shared by every session using it."""
+
+    def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
+                 clock: Clock = time.monotonic, name: str | None = None) -> None:
+        super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._recent_owners: dict[int, float] = {}
+        self._thread = threading.Thread(target=self._run, name=name or f"render-{self.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: RenderJob) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._queue.add(job)
+            self._recent_owners[id(job.owner)] = job.ready_at
+            self._cond.notify()
+
+    def cancel(self, owner: object) -> int:
+        with self._cond:
+            return self._queue.remove_owner(owner)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._queue.jobs.clear()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+
+    def _several_owners(self, now: float) -> bool:
+        self._recent_owners = {o: t for o, t in self._recent_owners.items() if now - t < 1.0}
+        return len(self._recent_owners) > 1
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._queue:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                now = self.clock()
+                probe = self._probe(now)
+                batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
+                if batch and len(batch) < self.max_batch and self.max_wait_s > 0 and self._several_owners(now):
+                    # Bounded wait for other sessions' jobs, only while the earliest deadline allows it.
+                    fill_until = now + self.max_wait_s
+                    while (not self._stopped and self.clock() < fill_until
+                           and batch[0].deadline - fill_until > self.cost.estimate(self.max_batch)):
+                        self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
+                        same = [j for j in self._queue.jobs if j.avatar is batch[0].avatar]
+                        if len(same) >= self.max_batch:
+                            break
+                if self._stopped:
+                    return
+                if batch:
+                    batch, more_skipped = self._queue.select(self.clock(), self.cost, self.max_batch, probe)
+                    skipped += more_skipped
+                self.frames_skipped += skipped
+            if not batch:
+                continue
+            patches, seconds = self._call_renderer(batch)
+            now = self.clock()
+            self._last_render_at = now
+            self._deliver(batch, patches, now, seconds)
+
+
+class InlineRenderWorker(RenderWorker):
+    """Synchronous driver in virtual time, for simulated-time tests (see the module docstring)."""
+
+    def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, clock: Clock = time.perf_counter) -> None:
+        super().__init__(renderer, max_batch=max_batch, max_wait_s=0.0, clock=clock)
+        self.free_at = float("-inf")   # virtual time at which the worker finishes its current batch
+
+    def submit(self, job: RenderJob) -> None:
+        self._queue.add(job)
+
+    def cancel(self, owner: object) -> int:
+        return self._queue.remove_owner(owner)
+
+    def kick(self, now: float) -> None:
+        while self._queue:
+            start = max(self.free_at, self._queue.earliest_ready())
+            if start > now:
+                return
+            batch, skipped = self._queue.select(start, self.cost, self.max_batch, self._probe(start))
+            self.frames_skipped += skipped
+            if not batch:
+                continue
+            t0 = self.clock()
+            patches, seconds = self._call_renderer(batch)
+            if hasattr(self.clock, "set"):
+                # Virtual time: the render "ran on the worker", so a settable clock shared with the
+                # sessions (a ManualClock the fake renderer advanced) is put back for the caller.
+                self.clock.set(t0)
+            self.free_at = start + seconds
+            self._last_render_at = self.free_at
+            self._deliver(batch, patches, self.free_at, seconds)
