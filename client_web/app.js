@@ -1,0 +1,373 @@
+// Lip-sync avatar page: one WebRTC session with the server, no build step.
+//
+// Start: (microphone) -> offer with a recvonly video transceiver -> POST /offer -> answer.
+// The avatar video and its audio arrive in one MediaStream, so the browser keeps them in sync.
+// Audio files and text go through the push API of the same session.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  video: $("avatar"),
+  placeholder: $("placeholder"),
+  stage: document.querySelector(".stage"),
+  status: $("status"),
+  state: $("status-state"),
+  fps: $("status-fps"),
+  latency: $("status-latency"),
+  drops: $("status-drops"),
+  message: $("message"),
+  start: $("start"),
+  stop: $("stop"),
+  interrupt: $("interrupt"),
+  file: $("file"),
+  sendFile: $("send-file"),
+  filePanel: $("file-panel"),
+  text: $("text"),
+  say: $("say"),
+  textPanel: $("text-panel"),
+  textLabel: $("source-text-label"),
+  info: $("server-info"),
+};
+
+let serverConfig = { ice_servers: [], say: false };
+let session = null; // { pc, id, micStream, timers }
+
+// -- small helpers -------------------------------------------------------------------------------
+
+function showMessage(text, kind = "error") {
+  ui.message.textContent = text;
+  ui.message.className = kind === "info" ? "message info" : "message";
+  ui.message.hidden = !text;
+}
+
+function setState(state) {
+  ui.state.textContent = state;
+  ui.status.dataset.state = state;
+  document.body.dataset.state = state;
+}
+
+function selectedSource() {
+  return document.querySelector('input[name="source"]:checked').value;
+}
+
+async function readError(resp) {
+  try {
+    const body = await resp.json();
+    return body.error || `HTTP ${resp.status}`;
+  } catch (_) {
+    return `HTTP ${resp.status}`;
+  }
+}
+
+function setBusy(connected) {
+  ui.start.disabled = connected;
+  ui.stop.disabled = !connected;
+  ui.interrupt.disabled = !connected;
+  ui.sendFile.disabled = !connected || !ui.file.files.length;
+  ui.say.disabled = !connected || !ui.text.value.trim();
+  for (const input of document.querySelectorAll('input[name="source"]')) input.disabled = connected;
+}
+
+function updatePanels() {
+  const source = selectedSource();
+  ui.filePanel.hidden = source !== "file";
+  ui.textPanel.hidden = source !== "text";
+}
+
+// -- server config -------------------------------------------------------------------------------
+
+async function loadConfig() {
+  try {
+    const resp = await fetch("/config", { cache: "no-store" });
+    if (resp.ok) serverConfig = await resp.json();
+  } catch (_) {
+    showMessage("The server does not answer. Is it running?");
+  }
+  ui.textLabel.hidden = !serverConfig.say;
+  if (!serverConfig.say && selectedSource() === "text") {
+    document.querySelector('input[name="source"][value="mic"]').checked = true;
+  }
+  if (serverConfig.renderer) {
+    ui.info.textContent = `avatar ${serverConfig.avatar} · ${serverConfig.renderer} · ${serverConfig.fps} fps`;
+  }
+  updatePanels();
+}
+
+// -- microphone ----------------------------------------------------------------------------------
+
+async function openMicrophone() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new Error("This page cannot use the microphone here: browsers only allow it on https:// " +
+                    "or http://localhost. Choose 'Audio file' or 'Text', or serve with --cert-file/--key-file.");
+  }
+  try {
+    return await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      video: false,
+    });
+  } catch (err) {
+    if (err.name === "NotAllowedError" || err.name === "SecurityError") {
+      throw new Error("Microphone access was refused. Allow it in the browser's site settings and " +
+                      "press Start again, or choose 'Audio file' or 'Text'.");
+    }
+    if (err.name === "NotFoundError" || err.name === "OverconstrainedError") {
+      throw new Error("No microphone was found. Plug one in, or choose 'Audio file' or 'Text'.");
+    }
+    if (err.name === "NotReadableError") {
+      throw new Error("The microphone is in use by another program.");
+    }
+    throw new Error(`Cannot open the microphone: ${err.message || err.name}`);
+  }
+}
+
+// -- connecting ----------------------------------------------------------------------------------
+
+function waitForIceGathering(pc, timeoutMs = 3000) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", done);
+        resolve();
+      }
+    };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, timeoutMs); // send what we have; host candidates come first
+  });
+}
+
+async function start() {
+  showMessage("");
+  setBusy(true);
+  setState("connecting");
+  const source = selectedSource();
+  let micStream = null;
+  let pc = null;
+  try {
+    if (source === "mic") micStream = await openMicrophone();
+
+    pc = new RTCPeerConnection({ iceServers: serverConfig.ice_servers || [] });
+    session = { pc, id: null, micStream, timers: [], lastStats: null };
+
+    if (micStream) {
+      for (const track of micStream.getAudioTracks()) {
+        pc.addTransceiver(track, { direction: "sendrecv", streams: [micStream] });
+      }
+    } else {
+      pc.addTransceiver("audio", { direction: "recvonly" });
+    }
+    pc.addTransceiver("video", { direction: "recvonly" });
+
+    const remote = new MediaStream();
+    pc.addEventListener("track", (event) => {
+      const stream = event.streams && event.streams[0];
+      if (stream) {
+        if (ui.video.srcObject !== stream) ui.video.srcObject = stream;
+      } else {
+        remote.addTrack(event.track);
+        if (ui.video.srcObject !== remote) ui.video.srcObject = remote;
+      }
+      ui.video.play().catch(() => showMessage("Press play on the video to hear the avatar.", "info"));
+    });
+    pc.addEventListener("connectionstatechange", () => onConnectionState(pc));
+
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIceGathering(pc);
+
+    const resp = await fetch("/offer", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+    });
+    if (resp.status === 503) {
+      const body = await resp.json().catch(() => ({}));
+      const retry = body.retry_after_s || resp.headers.get("Retry-After") || "a few";
+      throw new Error(`The server is full (${body.max_sessions || "all"} sessions in use). ` +
+                      `Try again in ${retry} seconds.`);
+    }
+    if (!resp.ok) throw new Error(`The server refused the connection: ${await readError(resp)}`);
+    const answer = await resp.json();
+    if (session === null || session.pc !== pc) return; // stopped meanwhile
+    session.id = answer.session_id;
+    await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    ui.placeholder.hidden = true;
+    session.timers.push(setInterval(updateStats, 1000));
+    setBusy(true);
+  } catch (err) {
+    await stop({ quiet: true });
+    setState("error");
+    showMessage(err.message || String(err));
+  }
+}
+
+function onConnectionState(pc) {
+  if (!session || session.pc !== pc) return;
+  const state = pc.connectionState;
+  setState(state);
+  if (state === "failed") {
+    stop({ quiet: true }).then(() => {
+      setState("failed");
+      showMessage("The connection failed. If the server is on another network, it needs a " +
+                  "STUN/TURN server (--ice-server).");
+    });
+  } else if (state === "disconnected") {
+    showMessage("Connection interrupted; trying to recover…", "info");
+  } else if (state === "connected") {
+    showMessage("");
+  }
+}
+
+async function stop({ quiet = false } = {}) {
+  const current = session;
+  session = null;
+  if (current) {
+    for (const timer of current.timers) clearInterval(timer);
+    if (current.id) {
+      fetch(`/sessions/${encodeURIComponent(current.id)}`, { method: "DELETE", keepalive: true })
+        .catch(() => {});
+    }
+    if (current.micStream) for (const track of current.micStream.getTracks()) track.stop();
+    current.pc.close();
+  }
+  ui.video.srcObject = null;
+  ui.placeholder.hidden = false;
+  setBusy(false);
+  if (!quiet) setState("idle");
+  ui.fps.textContent = "– fps";
+  ui.latency.textContent = "latency –";
+  ui.drops.textContent = "drops –";
+}
+
+// -- status line ---------------------------------------------------------------------------------
+
+function engineLatencyMs(metrics) {
+  // Server side: audio in -> mouth on screen (median of recent frames), else the fixed budget.
+  const engine = (metrics && metrics.engine) || {};
+  if (engine.latency_ms && typeof engine.latency_ms.p50 === "number") return engine.latency_ms.p50;
+  if (typeof engine.latency_budget_ms === "number") return engine.latency_budget_ms;
+  return null;
+}
+
+async function updateStats() {
+  const current = session;
+  if (!current) return;
+  let fps = null, dropped = 0, jitterMs = null;
+  const report = await current.pc.getStats();
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") {
+      fps = s.framesPerSecond ?? fps;
+      dropped += s.framesDropped || 0;
+      if (s.jitterBufferEmittedCount) jitterMs = (1000 * s.jitterBufferDelay) / s.jitterBufferEmittedCount;
+    }
+  });
+  if (fps === null && current.lastStats) {
+    // Older browsers: derive fps from framesDecoded.
+    report.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video" && current.lastStats[s.id]) {
+        const prev = current.lastStats[s.id];
+        fps = ((s.framesDecoded - prev.framesDecoded) * 1000) / (s.timestamp - prev.timestamp);
+      }
+    });
+  }
+  current.lastStats = {};
+  report.forEach((s) => { if (s.type === "inbound-rtp") current.lastStats[s.id] = s; });
+
+  let serverDrops = 0, latencyMs = null;
+  if (current.id) {
+    try {
+      const resp = await fetch(`/sessions/${encodeURIComponent(current.id)}`, { cache: "no-store" });
+      if (resp.ok) {
+        const metrics = await resp.json();
+        latencyMs = engineLatencyMs(metrics);
+        const engine = metrics.engine || {};
+        serverDrops = (engine.frames_dropped || 0) + (metrics.video_skipped || 0);
+      } else if (resp.status === 404 && session === current) {
+        await stop({ quiet: true });
+        setState("closed");
+        showMessage("The server ended this session.", "info");
+        return;
+      }
+    } catch (_) { /* the status line is best effort */ }
+  }
+  if (session !== current) return;
+  ui.fps.textContent = fps === null ? "– fps" : `${fps.toFixed(1)} fps`;
+  const shownLatency = latencyMs === null ? jitterMs : latencyMs + (jitterMs || 0);
+  ui.latency.textContent = shownLatency === null ? "latency –" : `latency ${Math.round(shownLatency)} ms`;
+  ui.drops.textContent = `drops ${dropped + serverDrops}`;
+}
+
+// -- push API: file and text ---------------------------------------------------------------------
+
+async function sendFile() {
+  const file = ui.file.files[0];
+  if (!file || !session || !session.id) return;
+  if (serverConfig.max_upload_bytes && file.size > serverConfig.max_upload_bytes) {
+    showMessage(`That file is too large (limit ${Math.round(serverConfig.max_upload_bytes / 1048576)} MB).`);
+    return;
+  }
+  ui.sendFile.disabled = true;
+  try {
+    const resp = await fetch(`/sessions/${encodeURIComponent(session.id)}/audio`, {
+      method: "POST",
+      headers: { "Content-Type": file.type || "application/octet-stream" },
+      body: file,
+    });
+    if (!resp.ok) {
+      const reason = await readError(resp);
+      showMessage(resp.status === 415 ? `Cannot play that file: ${reason}` : reason);
+    } else {
+      showMessage("");
+    }
+  } finally {
+    setBusy(Boolean(session));
+  }
+}
+
+async function say() {
+  const text = ui.text.value.trim();
+  if (!text || !session || !session.id) return;
+  ui.say.disabled = true;
+  try {
+    const resp = await fetch(`/sessions/${encodeURIComponent(session.id)}/say`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text }),
+    });
+    if (!resp.ok) showMessage(await readError(resp));
+    else showMessage("");
+  } finally {
+    setBusy(Boolean(session));
+  }
+}
+
+async function interrupt() {
+  if (!session || !session.id) return;
+  await fetch(`/sessions/${encodeURIComponent(session.id)}/interrupt`, { method: "POST" }).catch(() => {});
+}
+
+// -- wiring --------------------------------------------------------------------------------------
+
+ui.start.addEventListener("click", start);
+ui.stop.addEventListener("click", () => stop());
+ui.interrupt.addEventListener("click", interrupt);
+ui.sendFile.addEventListener("click", sendFile);
+ui.say.addEventListener("click", say);
+ui.file.addEventListener("change", () => setBusy(Boolean(session)));
+ui.text.addEventListener("input", () => setBusy(Boolean(session)));
+ui.text.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); say(); }
+});
+for (const input of document.querySelectorAll('input[name="source"]')) {
+  input.addEventListener("change", updatePanels);
+}
+ui.video.addEventListener("loadedmetadata", () => {
+  if (ui.video.videoWidth && ui.video.videoHeight) {
+    ui.stage.style.setProperty("--ar", String(ui.video.videoWidth / ui.video.videoHeight));
+  }
+});
+window.addEventListener("pagehide", () => { if (session) stop({ quiet: true }); });
+
+setState("idle");
+setBusy(false);
+loadConfig();

@@ -1,0 +1,88 @@
+"""The aiohttp application: routes, JSON errors, operations endpoints, graceful shutdown.
+
+`create_app(config, engine)` takes an already loaded engine (one avatar, one renderer, one render
+worker for the whole server) and never loads anything itself; `server.runner.serve` does the loading.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from server import push_api, signaling
+from server.config import ServerConfig
+from server.engine import Engine
+from server.errors import json_errors
+from server.metrics import render_metrics
+from server.prometheus import CONTENT_TYPE
+from server.sessions import SessionManager
+from server.state import STATE, ServerState, state_of
+from server.tts import LocalTts
+
+log = logging.getLogger(__name__)
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+def create_app(config: ServerConfig, engine: Engine) -> web.Application:
+    app = web.Application(client_max_size=config.max_upload_bytes + 64 * 1024,
+                          middlewares=[json_errors])
+    sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
+                              peer_timeout_s=config.peer_timeout_s,
+                              disconnect_grace_s=config.disconnect_grace_s)
+    app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
+                             tts=LocalTts(config.tts_command))
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/config", client_config)
+    app.router.add_post("/offer", signaling.handle_offer)
+    push_api.add_routes(app)
+    app.router.add_static("/static/", CLIENT_DIR, show_index=False)
+    app.on_shutdown.append(_close_sessions)
+    return app
+
+
+async def _close_sessions(app: web.Application) -> None:
+    state = app[STATE]
+    state.closing = True
+    count = len(state.sessions)
+    await state.sessions.close_all("shutdown")
+    if count:
+        log.info("closed %d session(s) on shutdown", count)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(CLIENT_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def client_config(request: web.Request) -> web.Response:
+    """What the page needs before it makes an offer."""
+    state = state_of(request)
+    return web.json_response({
+        "ice_servers": [s.to_json() for s in state.config.ice_servers],
+        "say": state.tts.available,
+        "fps": state.engine.fps,
+        "avatar": state.engine.info.get("avatar", "default"),
+        "renderer": state.engine.info.get("renderer", ""),
+        "max_sessions": state.sessions.max_sessions,
+        "max_upload_bytes": state.config.max_upload_bytes,
+    })
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = state_of(request)
+    return web.json_response({
+        "status": "shutting down" if state.closing else "ok",
+        "sessions": len(state.sessions),
+        "max_sessions": state.sessions.max_sessions,
+        "uptime_s": round(time.monotonic() - state.started, 1),
+        **{k: str(v) for k, v in state.engine.info.items()},
+    }, status=503 if state.closing else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=render_metrics(state_of(request)).encode(),
+                        headers={"Content-Type": CONTENT_TYPE})

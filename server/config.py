@@ -1,0 +1,198 @@
+"""ServerConfig: the one settings object of the server, filled from flags, then env vars, then defaults.
+
+Every flag `--some-option` has an environment variable `LIPSYNC_SOME_OPTION`; a flag given on the
+command line wins over the variable. Repeatable flags (`--ice-server`) take a comma- or
+whitespace-separated list from the variable.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from server.udp_ports import parse_port_range
+
+ENV_PREFIX = "LIPSYNC_"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN/TURN server for both peers, e.g. `turn:turn.example.org:3478?transport=udp`."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "IceServer":
+        """Parse `stun:host[:port]` or `turn[s]:[user:credential@]host[:port][?transport=udp|tcp]`."""
+        scheme, sep, rest = text.strip().partition(":")
+        if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
+            raise ValueError(f"ICE server {text!r}: expected stun:, stuns:, turn: or turns:")
+        rest = rest.removeprefix("//")
+        username = credential = None
+        if "@" in rest:
+            userinfo, _, rest = rest.rpartition("@")
+            username, _, credential = userinfo.partition(":")
+            if scheme.startswith("stun"):
+                raise ValueError(f"ICE server {text!r}: STUN servers take no credentials")
+        hostport = rest.split("?", 1)[0]
+        if not hostport or hostport.startswith(":"):
+            raise ValueError(f"ICE server {text!r}: no host")
+        if scheme.startswith("turn") and not (username and credential):
+            raise ValueError(f"ICE server {text!r}: TURN needs user:credential@host")
+        return cls(url=f"{scheme}:{rest}", username=username or None, credential=credential or None)
+
+    def to_json(self) -> dict:
+        """The browser's RTCIceServer dictionary."""
+        out: dict = {"urls": [self.url]}
+        if self.username is not None:
+            out["username"] = self.username
+            out["credential"] = self.credential
+        return out
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Model and avatar: no checkpoint selects the no-weights default renderer.
+    checkpoint: Path | None = None
+    avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    max_sessions: int = 4
+    # TLS (browsers only grant the microphone on https or localhost).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # WebRTC.
+    ice_servers: list[IceServer] = field(default_factory=list)
+    # Host addresses offered as ICE candidates: empty = every interface (plus loopback when the
+    # HTTP host is loopback); otherwise exactly these, e.g. ["127.0.0.1"].
+    ice_host_addresses: list[str] = field(default_factory=list)
+    udp_ports: tuple[int, int] | None = None  # (first, last) UDP ports for media; None = any
+    # Limits and timeouts.
+    max_upload_mb: float = 32.0
+    connect_timeout_s: float = 30.0  # a peer that never connects is reaped after this
+    disconnect_grace_s: float = 5.0  # "disconnected" this long -> reaped
+    peer_timeout_s: float = 8.0  # no packet from a connected peer this long -> reaped (it vanished)
+    # Operations.
+    log_level: str = "info"
+    log_format: str = "text"  # text | json
+    tts_command: str = "espeak-ng"  # local TTS for /say; empty disables /say
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MiB)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.cert_file else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/"
+
+    def validate(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError("--max-sessions must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: not a TCP port")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("--cert-file and --key-file go together")
+        for path, flag in ((self.cert_file, "--cert-file"), (self.key_file, "--key-file"),
+                           (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar")):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{flag} {path}: no such file or directory")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("--log-format must be text or json")
+        if self.max_upload_mb <= 0:
+            raise ValueError("--max-upload-mb must be positive")
+        if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
+            raise ValueError("timeouts must be positive")
+
+    # -- command line and environment --------------------------------------------------------------
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Flags for every field. Defaults are None so that unset flags fall back to env, then defaults."""
+        d = ServerConfig()
+        add = parser.add_argument
+        add("--host", help=f"address to listen on (default {d.host}; 0.0.0.0 for every interface)")
+        add("--port", type=int, help=f"TCP port (default {d.port}; 0 picks a free one)")
+        add("--checkpoint", type=Path, help="Wav2Lip checkpoint (wav2lip.pth / wav2lip_gan.pth); "
+                                            "without it the no-weights renderer is used")
+        add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
+                                        "(default: the embedded avatar)")
+        add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto)")
+        add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
+        add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
+        add("--key-file", type=Path, help="TLS private key (PEM)")
+        add("--ice-server", dest="ice_servers", action="append", metavar="URL",
+            help="STUN/TURN server for both peers, repeatable: stun:host:3478 or "
+                 "turn:user:credential@host:3478?transport=udp")
+        add("--ice-host-addresses", metavar="ADDR[,ADDR]",
+            help="only offer these local addresses as ICE host candidates (e.g. 127.0.0.1)")
+        add("--udp-ports", metavar="FIRST-LAST",
+            help="UDP port range for WebRTC media, e.g. 40000-40099 (default: any free port)")
+        add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
+        add("--connect-timeout", dest="connect_timeout_s", type=float,
+            help=f"seconds a peer may take to connect before its session is reaped "
+                 f"(default {d.connect_timeout_s:g})")
+        add("--peer-timeout", dest="peer_timeout_s", type=float,
+            help=f"seconds without a packet from a connected peer before its session is reaped "
+                 f"(default {d.peer_timeout_s:g})")
+        add("--log-level", help="debug, info, warning, error (default info)")
+        add("--log-format", choices=["text", "json"], help="log line format (default text)")
+        add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None = None,
+                  env: Mapping[str, str] | None = None) -> "ServerConfig":
+        env = os.environ if env is None else env
+        values = vars(args) if args is not None else {}
+        config = cls()
+        for f in fields(cls):
+            given = values.get(f.name)
+            if given is None:
+                given = env.get(ENV_PREFIX + _env_name(f.name))
+                if given is None or (given == "" and f.name != "tts_command"):
+                    continue
+            try:
+                setattr(config, f.name, _convert(f.name, given))
+            except ValueError as exc:
+                raise ValueError(f"--{_flag_name(f.name)} / {ENV_PREFIX}{_env_name(f.name)}: {exc}") from None
+        return config
+
+
+_FLAG_NAMES = {"connect_timeout_s": "connect-timeout", "disconnect_grace_s": "disconnect-grace",
+               "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server"}
+
+
+def _flag_name(name: str) -> str:
+    return _FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def _env_name(name: str) -> str:
+    return _flag_name(name).replace("-", "_").upper()
+
+
+def _split(value: str | list[str]) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [part for item in items for part in item.replace(",", " ").split()]
+
+
+def _convert(name: str, value):
+    if name == "ice_servers":
+        return [IceServer.parse(item) for item in _split(value)]
+    if name == "ice_host_addresses":
+        return _split(value)
+    if name == "udp_ports":
+        return parse_port_range(value)
+    if name in ("checkpoint", "avatar", "cert_file", "key_file"):
+        return Path(value)
+    if name in ("port", "max_sessions"):
+        return int(value)
+    if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s"):
+        return float(value)
+    return value

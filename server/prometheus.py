@@ -1,0 +1,111 @@
+"""Prometheus text exposition (format 0.0.4), written by hand: a histogram and a page builder."""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Iterable, Mapping
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.count += 1
+        self.sum += value
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, str] | None) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class Page:
+    """Collects metric families and renders them; each family's HELP/TYPE is written once."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._declared: set[str] = set()
+
+    def _declare(self, name: str, kind: str, help_text: str) -> None:
+        if name not in self._declared:
+            self._declared.add(name)
+            self._lines.append(f"# HELP {name} {help_text}")
+            self._lines.append(f"# TYPE {name} {kind}")
+
+    def gauge(self, name: str, help_text: str, value: float,
+              labels: Mapping[str, str] | None = None) -> None:
+        self._declare(name, "gauge", help_text)
+        self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def counter(self, name: str, help_text: str, value: float,
+                labels: Mapping[str, str] | None = None) -> None:
+        self._declare(name, "counter", help_text)
+        self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def histogram(self, name: str, help_text: str, hist: Histogram,
+                  labels: Mapping[str, str] | None = None) -> None:
+        self._declare(name, "histogram", help_text)
+        base = dict(labels or {})
+        cumulative = 0
+        for bound, count in zip(self.__bounds(hist), hist.counts):
+            cumulative += count
+            self._lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {cumulative}")
+        self._lines.append(f"{name}_sum{_labels(base)} {_number(hist.sum)}")
+        self._lines.append(f"{name}_count{_labels(base)} {hist.count}")
+
+    def cumulative_histogram(self, name: str, help_text: str, data: Mapping,
+                             labels: Mapping[str, str] | None = None) -> None:
+        """A histogram given as the engine reports it: {"buckets": {le: cumulative}, "sum", "count"}."""
+        self._declare(name, "histogram", help_text)
+        base = dict(labels or {})
+        for bound, cumulative in data.get("buckets", {}).items():
+            self._lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {int(cumulative)}")
+        self._lines.append(f"{name}_sum{_labels(base)} {_number(float(data.get('sum', 0.0)))}")
+        self._lines.append(f"{name}_count{_labels(base)} {int(data.get('count', 0))}")
+
+    @staticmethod
+    def __bounds(hist: Histogram) -> list[str]:
+        return [_number(float(b)) for b in hist.buckets] + ["+Inf"]
+
+    def render(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def merge_histograms(parts: Iterable[Mapping]) -> dict:
+    """Sum engine histogram dicts that share bucket bounds (the sessions of one server do)."""
+    buckets: dict[str, int] = {}
+    total = {"buckets": buckets, "sum": 0.0, "count": 0}
+    for part in parts:
+        if not isinstance(part, Mapping) or "buckets" not in part:
+            continue
+        for bound, count in part["buckets"].items():
+            buckets[bound] = buckets.get(bound, 0) + int(count)
+        total["sum"] += float(part.get("sum", 0.0))
+        total["count"] += int(part.get("count", 0))
+    return total

@@ -1,0 +1,287 @@
+"""SessionManager: the live sessions, their limit, and reaping them whatever way they end.
+
+A session ends exactly once, through `SessionManager.close(id, reason)`: on DELETE, on ICE/connection
+failure, on a peer that never connects (`connect_timeout_s`), on a peer gone quiet (no packets for
+`peer_timeout_s`: a browser that vanished without a goodbye), when the microphone track ends, and on
+shutdown. Closing cancels every task the session owns, stops its tracks, closes the peer connection
+and the engine session, so nothing is left behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Coroutine
+
+from aiortc import MediaStreamTrack, RTCPeerConnection
+
+from server.audio_input import AudioInput
+from server.engine import EngineSession
+from server.metrics import Totals
+from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
+
+log = logging.getLogger(__name__)
+
+
+class ServerFull(Exception):
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"all {limit} sessions are in use; retry in {retry_after_s} s")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class UnknownSession(KeyError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return f"no session {self.session_id!r}"
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    pc: RTCPeerConnection
+    engine: EngineSession
+    input: AudioInput
+    clock: MediaClock
+    video: AvatarVideoTrack
+    audio: SyncedAudioTrack
+    remote: str = ""
+    created: float = field(default_factory=time.monotonic)
+    connected: float | None = None
+    microphone: MediaStreamTrack | None = None  # the peer's audio track, when it sends one
+    options: dict = field(default_factory=dict)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_reason: str = ""
+
+    @property
+    def has_microphone(self) -> bool:
+        return self.microphone is not None
+
+    @property
+    def state(self) -> str:
+        return "closed" if self.closed.is_set() else self.pc.connectionState
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Run a task owned by this session: it is cancelled when the session closes."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{name}[{self.id[:8]}]")
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        return {
+            "id": self.id,
+            "state": self.state,
+            "remote": self.remote,
+            "age_s": round(now - self.created, 3),
+            "connected_s": None if self.connected is None else round(now - self.connected, 3),
+            "microphone": self.has_microphone,
+            "speaking": self.input.speaking,
+            "queued_audio_s": round(self.input.queued_s, 3),
+            "video_fps": round(self.video.stats.fps(now), 2),
+            "video_frames": self.video.stats.frames,
+            "video_skipped": self.video.stats.skipped,
+            "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
+            "engine": safe_metrics(self.engine),
+        }
+
+    def pacer_av_offset_s(self) -> float:
+        """How much later video frames leave than audio frames, relative to their timestamps."""
+        return self.video.stats.lateness_s - self.audio.stats.lateness_s
+
+
+def safe_metrics(engine: EngineSession) -> dict:
+    try:
+        return dict(engine.metrics())
+    except Exception:  # metrics must never take a request down
+        log.exception("engine metrics failed")
+        return {}
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+class SessionManager:
+    def __init__(self, max_sessions: int, connect_timeout_s: float = 30.0,
+                 peer_timeout_s: float = 8.0, disconnect_grace_s: float = 5.0) -> None:
+        self.max_sessions = max_sessions
+        self.connect_timeout_s = connect_timeout_s
+        self.peer_timeout_s = peer_timeout_s
+        self.disconnect_grace_s = disconnect_grace_s
+        self._sessions: dict[str, Session] = {}
+        self._reserved = 0
+        self._closing: dict[str, asyncio.Task] = {}
+        self.opened_total = 0
+        self.rejected_total = 0
+        self.closed_total: dict[str, int] = {}
+        self.retired = Totals()  # engine figures of ended sessions
+
+    # -- capacity ----------------------------------------------------------------------------------
+
+    def reserve(self) -> "Reservation":
+        """Claim a slot for a session being negotiated; raises ServerFull."""
+        if len(self._sessions) + self._reserved >= self.max_sessions:
+            self.rejected_total += 1
+            raise ServerFull(self.max_sessions, retry_after_s=self.retry_hint_s())
+        self._reserved += 1
+        return Reservation(self)
+
+    def retry_hint_s(self) -> int:
+        return 5
+
+    # -- lookup ------------------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(session_id)
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def add(self, session: Session, reservation: "Reservation") -> None:
+        reservation.release()
+        self._sessions[session.id] = session
+        self.opened_total += 1
+        session.pc.on("connectionstatechange", lambda: self._on_state(session))
+        session.spawn(self._watch(session), "watchdog")
+
+    def close(self, session_id: str, reason: str) -> asyncio.Task | None:
+        """Start closing a session (idempotent); returns the closing task, None if unknown."""
+        if session_id in self._closing:
+            return self._closing[session_id]
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self._close(session, reason),
+                                                      name=f"close[{session_id[:8]}]")
+        self._closing[session_id] = task
+        return task
+
+    async def close_and_wait(self, session_id: str, reason: str) -> None:
+        task = self.close(session_id, reason)
+        if task is None:
+            raise UnknownSession(session_id)
+        await asyncio.shield(task)
+
+    async def close_all(self, reason: str) -> None:
+        tasks = [self.close(s.id, reason) for s in self]
+        tasks += list(self._closing.values())
+        await asyncio.gather(*[t for t in tasks if t is not None], return_exceptions=True)
+
+    async def _close(self, session: Session, reason: str) -> None:
+        session.close_reason = reason
+        session.closed.set()
+        try:
+            current = asyncio.current_task()
+            owned = [t for t in session.tasks if t is not current]
+            for task in owned:
+                task.cancel()
+            session.video.stop()
+            session.audio.stop()
+            try:
+                await session.pc.close()
+            except Exception:
+                log.exception("session %s: closing the peer connection failed", session.id)
+            await asyncio.gather(*owned, return_exceptions=True)
+            self.retired.add(safe_metrics(session.engine))
+            try:
+                session.engine.close()
+            except Exception:
+                log.exception("session %s: closing the engine session failed", session.id)
+        finally:
+            self._sessions.pop(session.id, None)
+            self._closing.pop(session.id, None)
+            key = reason.split(":", 1)[0]
+            self.closed_total[key] = self.closed_total.get(key, 0) + 1
+        log.info("session closed", extra={"session": session.id, "reason": reason,
+                                          "duration_s": round(time.monotonic() - session.created, 2),
+                                          "sessions": len(self._sessions)})
+
+    # -- reaping -----------------------------------------------------------------------------------
+
+    def _on_state(self, session: Session) -> None:
+        state = session.pc.connectionState
+        log.info("session %s: connection %s", session.id, state, extra={"session": session.id})
+        if state == "connected" and session.connected is None:
+            session.connected = time.monotonic()
+        elif state in ("failed", "closed"):
+            self.close(session.id, f"connection {state}")
+
+    async def _watch(self, session: Session) -> None:
+        """Reap a peer that never connects, stays disconnected, or stops sending anything."""
+        deadline = session.created + self.connect_timeout_s
+        while session.connected is None:
+            if time.monotonic() >= deadline:
+                self.close(session.id, "timeout: peer never connected")
+                return
+            await asyncio.sleep(0.25)
+        last_packets, last_change = -1, time.monotonic()
+        disconnected_since: float | None = None
+        while True:
+            await asyncio.sleep(min(1.0, self.peer_timeout_s / 4))
+            now = time.monotonic()
+            if session.pc.connectionState == "disconnected":
+                disconnected_since = disconnected_since or now
+                if now - disconnected_since >= self.disconnect_grace_s:
+                    self.close(session.id, "timeout: peer disconnected")
+                    return
+            else:
+                disconnected_since = None
+            packets = await received_packets(session.pc)
+            if packets != last_packets:
+                last_packets, last_change = packets, now
+            elif now - last_change >= self.peer_timeout_s:
+                self.close(session.id, f"timeout: nothing received for {self.peer_timeout_s:g} s")
+                return
+
+
+async def received_packets(pc: RTCPeerConnection) -> int:
+    """Packets (RTP/RTCP/DTLS) received on the connection's transports so far."""
+    total = 0
+    try:
+        report = await pc.getStats()
+    except Exception:
+        return -1
+    for stats in report.values():
+        if getattr(stats, "type", None) == "transport":
+            total += getattr(stats, "packetsReceived", 0) or 0
+    return total
+
+
+class Reservation:
+    """A session slot held while its offer is being answered."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._manager._reserved -= 1
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

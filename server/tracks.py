@@ -1,0 +1,231 @@
+"""WebRTC tracks of one session: the avatar video out, the synced audio out, and the microphone in.
+
+Both outgoing tracks pace on one `MediaClock`: video frame k leaves at t0 + k / fps and audio sample j
+at t0 + j / 16000, so their RTP timestamps (and the RTCP sender reports the browser syncs them by)
+share one timeline. The engine (`next_video_frame`, `next_audio`) returns immediately; rendering runs in
+its worker thread and encoding in aiortc's executor, so nothing here blocks the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from typing import Callable, Protocol
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK_RATE = 90000
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+AUDIO_RATE = 16000
+AUDIO_PTIME = 0.020
+AUDIO_SAMPLES = int(AUDIO_RATE * AUDIO_PTIME)  # 320 samples = 20 ms
+AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
+
+
+class MediaSource(Protocol):
+    """What the tracks need from a LipSyncSession."""
+
+    def next_video_frame(self): ...  # -> VideoOut with .image (H, W, 3) BGR uint8
+
+    def next_audio(self, n_samples: int) -> np.ndarray: ...  # float32 16 kHz mono
+
+    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> None: ...
+
+
+class MediaClock:
+    """The wall-clock origin shared by a session's outgoing tracks: set by whichever starts first."""
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._started = asyncio.Event()
+
+    def origin(self) -> float:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+            self._started.set()
+        return self._t0
+
+    @property
+    def started(self) -> bool:
+        return self._t0 is not None
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+
+class PacerStats:
+    """How late a track hands frames over, and how many ticks it had to skip."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.skipped = 0
+        self.lateness_s = 0.0  # exponential moving average
+        self._window: list[float] = []  # send times of the last second, for fps
+
+    def record(self, lateness: float, now: float) -> None:
+        self.frames += 1
+        self.lateness_s += 0.05 * (lateness - self.lateness_s)
+        self._window.append(now)
+        while self._window and self._window[0] < now - 2.0:
+            self._window.pop(0)
+
+    def fps(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._window if t >= now - 2.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(now - recent[0], 1e-6)
+
+
+async def _sleep_until(deadline: float) -> float:
+    """Sleep until the monotonic `deadline`; returns how late we woke (>= 0)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return max(0.0, time.monotonic() - deadline)
+
+
+OnError = Callable[[BaseException], None]
+
+
+class _EngineTrack(MediaStreamTrack):
+    """A track fed by the engine: an engine failure ends the track and is reported, never swallowed."""
+
+    def __init__(self, on_error: OnError | None) -> None:
+        super().__init__()
+        self._on_error = on_error
+
+    def _failed(self, exc: Exception) -> MediaStreamError:
+        log.exception("%s track: the engine failed", self.kind)
+        self.stop()
+        if self._on_error is not None:
+            self._on_error(exc)
+        return MediaStreamError(f"engine failed: {exc}")
+
+
+class AvatarVideoTrack(_EngineTrack):
+    """The avatar, one frame per tick at the avatar's fps, pts on the shared clock (time base 1/90000)."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaSource, fps: float, clock: MediaClock,
+                 on_error: OnError | None = None) -> None:
+        super().__init__(on_error)
+        self._source = source
+        self._fps = float(fps)
+        self._clock = clock
+        self._index = 0
+        self.stats = PacerStats()
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        t0 = self._clock.origin()
+        due = int((time.monotonic() - t0) * self._fps)
+        try:
+            if due > self._index + 1:
+                # Behind by more than a frame (the sender started late or the loop stalled): skip
+                # ahead instead of bursting stale frames. The engine still sees every tick, so its
+                # frame k stays frame k of the audio timeline; only the skipped images are dropped.
+                for _ in range(due - self._index):
+                    self._source.next_video_frame()
+                self.stats.skipped += due - self._index
+                self._index = due
+            k = self._index
+            self._index += 1
+            lateness = await _sleep_until(t0 + k / self._fps)
+            if self.readyState != "live":
+                raise MediaStreamError
+            out = self._source.next_video_frame()
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(out.image), format="bgr24")
+        except (MediaStreamError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        frame.pts = int(round(k * VIDEO_CLOCK_RATE / self._fps))
+        frame.time_base = VIDEO_TIME_BASE
+        self.stats.record(lateness, time.monotonic())
+        return frame
+
+
+class SyncedAudioTrack(_EngineTrack):
+    """The input audio delayed by the engine to match the video: 20 ms frames, 16 kHz mono s16.
+
+    Audio is never skipped (aiortc's Opus encoder numbers packets by sample count): a late start is
+    caught up by handing over the missed frames at once; the receiver's jitter buffer absorbs it.
+    """
+
+    kind = "audio"
+
+    def __init__(self, source: MediaSource, clock: MediaClock, on_error: OnError | None = None) -> None:
+        super().__init__(on_error)
+        self._source = source
+        self._clock = clock
+        self._sample = 0
+        self.stats = PacerStats()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        t0 = self._clock.origin()
+        j = self._sample
+        self._sample += AUDIO_SAMPLES
+        lateness = await _sleep_until(t0 + j / AUDIO_RATE)
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            samples = np.asarray(self._source.next_audio(AUDIO_SAMPLES), dtype=np.float32).reshape(-1)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if samples.shape[0] != AUDIO_SAMPLES:  # be strict about frame size: Opus needs steady frames
+            samples = np.resize(np.pad(samples, (0, max(0, AUDIO_SAMPLES - samples.shape[0]))),
+                                AUDIO_SAMPLES)
+        pcm = np.clip(samples * 32767.0, -32768, 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = j
+        frame.time_base = AUDIO_TIME_BASE
+        self.stats.record(lateness, time.monotonic())
+        return frame
+
+
+def frame_to_pcm(frame: av.AudioFrame) -> tuple[np.ndarray, int, int]:
+    """An incoming audio frame as (interleaved samples, rate, channels); int16 or float32 as decoded."""
+    channels = len(frame.layout.channels)
+    data = frame.to_ndarray()
+    if frame.format.is_planar and channels > 1:  # (channels, n) -> interleaved
+        data = data.T
+    return np.ascontiguousarray(data).reshape(-1), frame.sample_rate, channels
+
+
+async def pump_microphone(track: MediaStreamTrack, sink: Callable[[np.ndarray, int, int], None],
+                          on_end: Callable[[], None] | None = None) -> None:
+    """Read the browser's microphone track into `sink(samples, rate, channels)` until the track ends."""
+    frames = 0
+    try:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                break
+            sink(*frame_to_pcm(frame))
+            frames += 1
+    finally:
+        log.debug("microphone track ended after %d frames", frames)
+        if on_end is not None:
+            on_end()
+
+
+async def drain(track: MediaStreamTrack, clock: MediaClock) -> None:
+    """Pull a track that no sender reads, at its own pace, from when the clock starts until it stops."""
+    await clock.wait_started()
+    try:
+        while True:
+            await track.recv()
+    except MediaStreamError:
+        pass

@@ -1,0 +1,190 @@
+"""A real browser end to end: `python run_server.py` (embedded avatar, no-weights renderer) and headless
+Chromium with a fake microphone playing a speech wav. The page must connect, play the avatar video and
+show a connected session in its status line. A screenshot goes to test-artifacts/.
+
+Debian's chromium is driven by Playwright's Python package (never `playwright install`); the test is
+skipped when /usr/bin/chromium is missing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+
+
+def chromium_args(fake_audio: Path) -> list[str]:
+    """Chromium flags; Playwright adds --headless and a fresh temporary --user-data-dir itself."""
+    return [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_audio}",
+        "--allow-loopback-in-peer-connection",
+        "--autoplay-policy=no-user-gesture-required",
+        # Offer plain host candidates (no mDNS names) so the loopback-only server can reach us.
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ]
+
+
+@pytest.fixture
+def server_url(tmp_path, artifacts_dir):
+    """`python run_server.py` on a free port, offering only 127.0.0.1 as ICE candidate (media on UDP
+    45000-45999), one session at a time."""
+    log_path = artifacts_dir / "browser-server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "run_server.py"), "--port", "0", "--ice-host-addresses",
+             "127.0.0.1", "--max-sessions", "1", "--udp-ports", "45000-45999"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None:
+            if proc.poll() is not None:
+                pytest.fail(f"run_server.py exited with {proc.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"run_server.py did not start in time:\n{log_path.read_text()}")
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", log_path.read_text())
+            url = match.group(1) if match else None
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log_path.read_text()
+    assert "stopped" in log_path.read_text()
+
+
+def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifacts_dir):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=chromium_args(speech_wav))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            console: list[str] = []
+            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+            page.goto(server_url)
+            page.click("#start")
+            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+                                   timeout=30000)
+            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            t0 = page.evaluate("document.getElementById('avatar').currentTime")
+            frames0 = page.evaluate("document.getElementById('avatar').getVideoPlaybackQuality()"
+                                    ".totalVideoFrames")
+            page.wait_for_timeout(3000)
+            video = page.evaluate("""() => {
+                const v = document.getElementById('avatar');
+                const stream = v.srcObject;
+                return {
+                    width: v.videoWidth, height: v.videoHeight, time: v.currentTime, paused: v.paused,
+                    frames: v.getVideoPlaybackQuality().totalVideoFrames,
+                    audioTracks: stream ? stream.getAudioTracks().length : 0,
+                    videoTracks: stream ? stream.getVideoTracks().length : 0,
+                };
+            }""")
+            page.wait_for_function(
+                "/\\d+(\\.\\d)? fps/.test(document.getElementById('status-fps').textContent)", timeout=10000)
+            status = page.inner_text("#status")
+            page.screenshot(path=str(artifacts_dir / "browser.png"))
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            page.screenshot(path=str(artifacts_dir / "browser-phone.png"), full_page=True)
+            assert video["width"] > 0 and video["height"] > 0, video
+            assert video["time"] > t0 + 2.0, (t0, video)
+            assert video["frames"] - frames0 >= 40, (frames0, video)  # ~25 fps for 3 s
+            assert not video["paused"]
+            assert video["audioTracks"] == 1 and video["videoTracks"] == 1, video
+            assert "connected" in status, status
+            fps = float(re.search(r"([\d.]+) fps", status).group(1))
+            assert fps > 15, status
+            # A second visitor while the only slot is taken: a clear "server is full" message.
+            second = browser.new_page()
+            second.goto(server_url)
+            second.click("#start")
+            second.wait_for_function("!document.getElementById('message').hidden", timeout=15000)
+            assert "full" in second.inner_text("#message"), second.inner_text("#message")
+            assert second.inner_text("#status-state") == "error"
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status-state').textContent === 'idle'")
+            second.close()
+        finally:
+            browser.close()
+        (artifacts_dir / "browser-console.log").write_text("\n".join(console))
+
+
+def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifacts_dir):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=chromium_args(speech_wav))
+        try:
+            # The microphone refused: a message that says so and what to do instead.
+            refused = browser.new_page()
+            refused.add_init_script("""navigator.mediaDevices.getUserMedia = () =>
+                Promise.reject(new DOMException("Permission denied", "NotAllowedError"));""")
+            refused.goto(server_url)
+            refused.click("#start")
+            refused.wait_for_function("!document.getElementById('message').hidden", timeout=10000)
+            assert "refused" in refused.inner_text("#message").lower()
+            assert refused.inner_text("#status-state") == "error"
+            refused.close()
+
+            # An audio file, then text, through the push API of a session without a microphone.
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(server_url)
+            page.check("input[name=source][value=file]")
+            page.click("#start")
+            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+                                   timeout=30000)
+            page.set_input_files("#file", str(speech_wav))
+            page.click("#send-file")
+            page.wait_for_function("!document.getElementById('send-file').disabled")
+            assert page.is_hidden("#message"), page.inner_text("#message")
+            audio_in = page.evaluate("""async () => {
+                const list = await (await fetch('/sessions')).json();
+                return list.sessions[0].engine.audio_in_samples;
+            }""")
+            assert audio_in > 16000, audio_in
+            page.screenshot(path=str(artifacts_dir / "browser-file.png"), full_page=True)
+            page.click("#stop")
+            if page.is_visible("#source-text-label"):  # /say needs espeak-ng on the server
+                page.check("input[name=source][value=text]")
+                page.click("#start")
+                page.wait_for_function(
+                    "document.getElementById('status-state').textContent === 'connected'", timeout=30000)
+                page.fill("#text", "Hello from the text box.")
+                page.click("#say")
+                page.wait_for_function("!document.getElementById('say').disabled")
+                assert page.is_hidden("#message"), page.inner_text("#message")
+                page.click("#stop")
+        finally:
+            browser.close()

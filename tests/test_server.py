@@ -1,0 +1,222 @@
+"""Server integration tests: a real offer/answer over loopback with aiortc as the client, in-process.
+
+The engine is the real LipSyncSession with a tiny avatar and a loudness renderer (test_server_helpers);
+test_server_engine.py drives the embedded default avatar and the default renderer.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from server.ice import use_host_addresses
+from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level, start_server, tiny_engine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    """aioice offers only 127.0.0.1: nothing in these tests touches another interface."""
+    restore = use_host_addresses(["127.0.0.1"])
+    yield
+    restore()
+
+
+@pytest.fixture
+async def server():
+    engine = tiny_engine()
+    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)
+    yield running
+    await running.stop()
+    engine.close()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_frames_arrive_at_avatar_fps(server, http):
+    client = Client(server, http)
+    answer = await client.connect()
+    assert answer["type"] == "answer" and answer["session_id"]
+    assert answer["fps"] == 25.0
+    await client.wait_for_video(10)
+    t_first = client.received.video[0][0]
+    n_first = len(client.received.video)
+    await asyncio.sleep(3.0)
+    frames = client.received.video[n_first - 1:]
+    fps = (len(frames) - 1) / (frames[-1][0] - frames[0][0])
+    assert 22.0 <= fps <= 28.0, fps
+    pts = [p for _, p, _ in client.received.video]
+    steps = np.diff(pts)
+    assert np.all(steps > 0)
+    assert np.median(steps) == 3600  # 90 kHz / 25 fps
+    assert client.received.video[-1][2].shape == (64, 64, 3)
+    assert client.received.audio, "no audio received"
+    assert t_first > 0
+    await client.close()
+
+
+async def session_metrics(server, http, session_id: str) -> dict:
+    async with http.get(server.endpoint(f"/sessions/{session_id}")) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+def to_16k(signal_48k: np.ndarray) -> np.ndarray:
+    return signal_48k[::3]  # Opus from a 16 kHz source holds nothing above 8 kHz
+
+
+async def test_returned_audio_matches_sent_audio(server, http, speech_16k):
+    client = Client(server, http)
+    mic = PcmTrack(speech_16k)
+    await client.connect(microphone=mic)
+    await client.wait_for_video(5)
+    await asyncio.sleep(len(speech_16k) / 16000 + 1.5)
+    received = to_16k(client.audio_signal())
+    assert client.received.audio_rate == 48000
+    matches = echo_delays(speech_16k, received, mic.started_at - client.received.audio[0][0])
+    good = [delay for corr, delay in matches if corr > 0.8]
+    assert len(good) >= 0.8 * len(matches), matches
+    # The echo is the sent speech delayed by the engine's fixed latency plus transport; never early.
+    assert all(0.3 <= delay <= 1.0 for delay in good), matches
+    metrics = await session_metrics(server, http, client.session_id)
+    assert metrics["engine"]["audio_in_samples"] >= 0.9 * speech_16k.size
+    await client.close()
+
+
+async def test_push_upload_drives_the_mouth(server, http, speech_wav):
+    client = Client(server, http)
+    await client.connect()  # recvonly: no microphone, audio comes from the push API
+    await client.wait_for_video(10)
+    idle = [mouth_level(img) for _, _, img in client.received.video[-5:]]
+    n0 = len(client.received.video)
+    url = server.endpoint(f"/sessions/{client.session_id}/audio")
+    async with http.post(url, data=speech_wav.read_bytes(),
+                         headers={"Content-Type": "audio/wav"}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    assert 2.0 < body["queued_s"] < 6.0
+    await asyncio.sleep(2.0)
+    talking = [mouth_level(img) for _, _, img in client.received.video[n0:]]
+    assert max(talking) > max(idle) + 20, (idle, talking)
+    async with http.get(server.endpoint(f"/sessions/{client.session_id}")) as resp:
+        state = await resp.json()
+        assert state["speaking"] is True and state["microphone"] is False
+    await client.close()
+
+
+async def test_push_raw_pcm_and_websocket_stream(server, http, speech_16k):
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(3)
+    pcm = (speech_16k[:16000] * 32767).astype(np.int16)
+    url = server.endpoint(f"/sessions/{client.session_id}/audio?rate=16000&channels=1")
+    async with http.post(url, data=pcm.tobytes()) as resp:
+        assert resp.status == 200
+        assert abs((await resp.json())["queued_s"] - 1.0) < 1e-3
+    # The stream: 48 kHz stereo float32 chunks, as a TTS might produce them.
+    stereo = np.repeat(np.interp(np.arange(48000) / 3, np.arange(16000), speech_16k[:16000]), 2)
+    ws_url = server.endpoint(f"/sessions/{client.session_id}/stream?rate=48000&channels=2&format=f32")
+    async with http.ws_connect(ws_url) as ws:
+        for chunk in np.array_split(stereo.astype(np.float32), 10):
+            await ws.send_bytes(chunk.tobytes())
+        await ws.send_str('{"type": "status"}')
+        status = await ws.receive_json(timeout=5)
+        assert status["type"] == "status" and status["speaking"] is True
+        await ws.send_bytes(b"\x00\x01\x02")  # not a whole number of frames: an error, not a disconnect
+        error = await ws.receive_json(timeout=5)
+        assert error["type"] == "error" and error["status"] == 400
+    metrics = await session_metrics(server, http, client.session_id)
+    assert metrics["engine"]["audio_in_samples"] >= 32000 - 320  # both seconds reached the engine
+    await client.close()
+
+
+async def test_interrupt_stops_talking(server, http, speech_16k):
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(3)
+    long_speech = np.tile(speech_16k, 4)
+    url = server.endpoint(f"/sessions/{client.session_id}/audio?rate=16000")
+    async with http.post(url, data=(long_speech * 32767).astype(np.int16).tobytes()) as resp:
+        assert resp.status == 200
+    await asyncio.sleep(1.5)
+    t0 = time.monotonic()
+    async with http.post(server.endpoint(f"/sessions/{client.session_id}/interrupt")) as resp:
+        assert resp.status == 200 and (await resp.json())["interrupted"] is True
+    assert time.monotonic() - t0 < 0.5
+    await asyncio.sleep(0.6)  # the delay line and the jitter buffer drain
+    n0 = len(client.received.video)
+    audio_before = len(client.received.audio)
+    await asyncio.sleep(1.0)
+    after = [mouth_level(img) for _, _, img in client.received.video[n0:]]
+    assert max(after) < 100, after  # the mouth is back at rest (90)
+    tail = np.concatenate([a for _, a in client.received.audio[audio_before:]])
+    assert np.sqrt(np.mean(tail ** 2)) < 0.005
+    metrics = await session_metrics(server, http, client.session_id)
+    assert metrics["engine"]["interrupts"] == 1
+    assert metrics["queued_audio_s"] == 0
+    await client.close()
+
+
+@pytest.mark.parametrize("codec", ["vp8", "h264"])
+async def test_video_codecs(server, http, codec):
+    client = Client(server, http)
+    answer = await client.connect(options={"video_codec": codec})
+    video_section = answer["sdp"].split("m=video", 1)[1]
+    assert {"vp8": "VP8/90000", "h264": "H264/90000"}[codec] in video_section
+    assert {"vp8": "H264/90000", "h264": "VP8/90000"}[codec] not in video_section
+    await client.wait_for_video(10)
+    assert client.received.video[-1][2].shape == (64, 64, 3)
+    await client.close()
+
+
+async def test_say_uses_local_tts(server, http):
+    from server.state import STATE
+
+    if not server.app[STATE].tts.available:
+        pytest.skip("espeak-ng is not installed")
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(3)
+    url = server.endpoint(f"/sessions/{client.session_id}/say")
+    async with http.post(url, json={"text": "Hello from the push API."}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    assert body["queued_s"] > 0.5
+    async with http.post(url, json={"text": ""}) as resp:
+        assert resp.status == 400
+    await client.close()
+
+
+async def test_sessions_listing_health_and_metrics(server, http):
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(30)
+    async with http.get(server.endpoint("/sessions")) as resp:
+        listing = await resp.json()
+    assert [s["id"] for s in listing["sessions"]] == [client.session_id]
+    assert listing["sessions"][0]["state"] == "connected"
+    async with http.get(server.endpoint("/healthz")) as resp:
+        health = await resp.json()
+        assert resp.status == 200 and health["status"] == "ok" and health["sessions"] == 1
+    async with http.get(server.endpoint("/metrics")) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    assert "# TYPE lipsync_sessions gauge" in text
+    assert "lipsync_sessions 1" in text
+    line = next(l for l in text.splitlines() if l.startswith("lipsync_session_fps{"))
+    assert 20 <= float(line.rsplit(" ", 1)[1]) <= 30
+    assert 'lipsync_offer_seconds_bucket{le="+Inf"} 1' in text
+    async with http.get(server.endpoint("/config")) as resp:
+        config = await resp.json()
+        assert config["ice_servers"] == [] and config["fps"] == 25.0 and config["avatar"] == "tiny"
+    async with http.get(server.endpoint("/")) as resp:
+        assert resp.status == 200 and "<video" in await resp.text()
+    await client.close()

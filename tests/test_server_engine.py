@@ -1,0 +1,148 @@
+"""The server with what `python run_server.py` loads: the embedded default avatar and the no-weights
+default renderer, driven by an in-process aiortc client over loopback."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+
+from server.config import ServerConfig
+from server.ice import use_host_addresses
+from server.realtime_engine import RealtimeEngine
+from test_server_helpers import Client, PcmTrack, echo_delays, start_server
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+PRE_S, POST_S = 1.0, 1.0  # silence around the speech
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    restore = use_host_addresses(["127.0.0.1"])
+    yield
+    restore()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = RealtimeEngine.load(ServerConfig())
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+async def server(engine):
+    running = await start_server(engine)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def mouth_box(engine) -> tuple[slice, slice]:
+    """A box around the avatar's mouth over all its frames, with a margin for the open jaw."""
+    pts = engine.avatar.mouth
+    x1, x2 = int(pts[..., 0].min()) - 6, int(pts[..., 0].max()) + 6
+    y1, y2 = int(pts[..., 1].min()) - 4, int(pts[..., 1].max()) + 6
+    return slice(y1, y2), slice(x1, x2)
+
+
+def openness(image: np.ndarray, box: tuple[slice, slice]) -> float:
+    """Fraction of dark pixels around the mouth: the rendered open mouth shows a dark interior."""
+    return float((image[box].astype(np.int32).sum(axis=2) < 200).mean())
+
+
+async def test_default_avatar_talks_in_sync(server, http, engine, speech_16k):
+    signal = np.concatenate([np.zeros(int(PRE_S * 16000), np.float32), speech_16k,
+                             np.zeros(int(POST_S * 16000), np.float32)])
+    client = Client(server, http)
+    mic = PcmTrack(signal)
+    await client.connect(microphone=mic)
+    await client.wait_for_video(5)
+    await asyncio.sleep(signal.size / 16000 + 1.0)
+    t0 = mic.started_at
+
+    # Frame rate: the avatar's, measured over the steady part.
+    video = [(t - t0, img) for t, _, img in client.received.video]
+    steady = [t for t, _ in video if 0.5 <= t <= signal.size / 16000]
+    fps = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert abs(fps - engine.fps) < 2.0, fps
+    assert video[-1][1].shape == (512, 512, 3)
+
+    # The mouth opens while the speech plays and rests in the silence before it.
+    box = mouth_box(engine)
+    open_t = np.array([openness(img, box) for _, img in video])
+    times = np.array([t for t, _ in video])
+    idle = open_t[(times > 0.2) & (times < PRE_S)]
+    talking = open_t[(times > PRE_S + 0.5) & (times < PRE_S + speech_16k.size / 16000)]
+    assert idle.max() < 0.02 and talking.max() > 0.05, (idle.max(), talking.max())
+
+    # The returned audio is the sent speech, delayed by the engine's fixed latency.
+    matches = echo_delays(signal, client.audio_signal()[::3], t0 - client.received.audio[0][0])
+    good = [delay for corr, delay in matches if corr > 0.8]
+    assert len(good) >= 0.8 * len(matches) and all(0.3 < d < 1.0 for d in good), matches
+
+    # A/V: mouth movement and sound arrive together. aiortc's receiver holds audio back by its
+    # 4-packet prefetch (80 ms), so video arriving up to ~150 ms earlier is still in sync.
+    audio_times = np.array([t - t0 for t, _ in client.received.audio])
+    audio_rms = np.array([np.sqrt(np.mean(a ** 2)) for _, a in client.received.audio])
+    audio_onset = audio_times[np.argmax(audio_rms > 0.02)]
+    video_onset = times[np.argmax(open_t > 0.04)]
+    assert -0.2 < video_onset - audio_onset < 0.1, (video_onset, audio_onset)
+
+    async with http.get(server.endpoint(f"/sessions/{client.session_id}")) as resp:
+        metrics = (await resp.json())["engine"]
+    assert metrics["av_offset_max_abs_ms"] <= 1000 / engine.fps
+    assert metrics["frames_rendered"] > 40
+    assert metrics["frames_dropped"] <= 0.1 * metrics["frames_rendered"]
+    await client.close()
+
+
+async def test_push_and_interrupt_with_default_avatar(server, http, engine, speech_wav):
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(10)
+    box = mouth_box(engine)
+    url = server.endpoint(f"/sessions/{client.session_id}/audio")
+    async with http.post(url, data=speech_wav.read_bytes(), headers={"Content-Type": "audio/wav"}) as resp:
+        assert resp.status == 200
+    n0 = len(client.received.video)
+    await asyncio.sleep(1.5)
+    talking = [openness(img, box) for _, _, img in client.received.video[n0:]]
+    assert max(talking) > 0.05, talking
+    async with http.post(server.endpoint(f"/sessions/{client.session_id}/interrupt")) as resp:
+        assert resp.status == 200
+    await asyncio.sleep(0.4)
+    n1 = len(client.received.video)
+    await asyncio.sleep(1.0)
+    after = [openness(img, box) for _, _, img in client.received.video[n1:]]
+    assert max(after) < 0.02, after
+    await client.close()
+
+
+def test_checkpoint_switches_to_wav2lip(tmp_path):
+    """`--checkpoint` loads the Wav2Lip renderer (here an untrained generator saved like the official
+    checkpoints: {"state_dict": ...}); the avatar and the session API stay the same."""
+    pytest.importorskip("realtime.renderers.wav2lip")
+    import torch
+
+    from models.wav2lip import Wav2Lip
+
+    checkpoint = tmp_path / "wav2lip_random.pth"
+    torch.save({"state_dict": Wav2Lip().state_dict()}, checkpoint)
+    engine = RealtimeEngine.load(ServerConfig(checkpoint=checkpoint, device="cpu"))
+    try:
+        assert engine.info["checkpoint"] == str(checkpoint) and engine.info["device"] == "cpu"
+        assert "wav2lip" in engine.info["renderer"].lower()
+        session = engine.open_session({})
+        session.push_audio(np.zeros(3200, np.float32), 16000)
+        assert session.next_video_frame().image.shape == (512, 512, 3)
+        session.close()
+    finally:
+        engine.close()

@@ -1,0 +1,196 @@
+"""Bad input: each gets its status code and a JSON error, and the server keeps serving a live session."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+
+from server.ice import use_host_addresses
+from test_server_helpers import Client, start_server, tiny_engine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    restore = use_host_addresses(["127.0.0.1"])
+    yield
+    restore()
+
+
+@pytest.fixture
+async def server():
+    engine = tiny_engine()
+    running = await start_server(engine, max_sessions=2, max_upload_mb=0.25)
+    yield running
+    await running.stop()
+    engine.close()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def live(server, http):
+    """A connected session that must keep streaming through every bad request."""
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(5)
+    yield client
+    n = len(client.received.video)
+    await asyncio.sleep(0.5)
+    assert len(client.received.video) > n + 5, "the live session stopped streaming"
+    await client.close()
+
+
+async def expect_error(resp: aiohttp.ClientResponse, status: int, *words: str) -> dict:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["status"] == status and isinstance(body["error"], str) and body["error"]
+    for word in words:
+        assert word.lower() in body["error"].lower(), body
+    return body
+
+
+async def test_malformed_offers_get_400(server, http, live):
+    url = server.endpoint("/offer")
+    async with http.post(url, data=b"{not json", headers={"Content-Type": "application/json"}) as resp:
+        await expect_error(resp, 400, "json")
+    async with http.post(url, data=b"") as resp:
+        await expect_error(resp, 400, "json")
+    async with http.post(url, json=["a", "list"]) as resp:
+        await expect_error(resp, 400, "object")
+    async with http.post(url, json={"type": "offer"}) as resp:
+        await expect_error(resp, 400, "sdp")
+    async with http.post(url, json={"sdp": "hello", "type": "offer"}) as resp:
+        await expect_error(resp, 400, "sdp")
+    async with http.post(url, json={"sdp": "v=0\r\nm=audio x", "type": "offer"}) as resp:
+        await expect_error(resp, 400, "sdp")
+    async with http.post(url, json={"sdp": live.pc.localDescription.sdp, "type": "answer"}) as resp:
+        await expect_error(resp, 400, "type")
+    # An SDP that parses but has no ICE credentials is refused by the peer connection.
+    sdp = "\r\n".join(l for l in live.pc.localDescription.sdp.split("\r\n") if not l.startswith("a=ice-"))
+    async with http.post(url, json={"sdp": sdp, "type": "offer"}) as resp:
+        await expect_error(resp, 400, "offer")
+    audio_only = live.pc.localDescription.sdp.split("m=video")[0]
+    async with http.post(url, json={"sdp": audio_only, "type": "offer"}) as resp:
+        await expect_error(resp, 400, "video")
+    async with http.post(url, json={"sdp": live.pc.localDescription.sdp, "type": "offer",
+                                    "options": {"video_codec": "av1"}}) as resp:
+        await expect_error(resp, 400, "video_codec")
+    async with http.post(url, json={"sdp": live.pc.localDescription.sdp, "type": "offer",
+                                    "options": {"paste_mode": "glue"}}) as resp:
+        await expect_error(resp, 400, "paste_mode")
+    async with http.get(url) as resp:
+        await expect_error(resp, 405)
+    async with http.get(server.endpoint("/nowhere")) as resp:
+        await expect_error(resp, 404)
+    assert len(server.engine.worker._prepared) == 1  # failed offers left nothing behind
+    from server.state import STATE
+    assert len(server.app[STATE].sessions) == 1
+
+
+async def test_unknown_session_gets_404(server, http, live):
+    for method, path in [("GET", "/sessions/nope"), ("DELETE", "/sessions/nope"),
+                         ("POST", "/sessions/nope/audio"), ("POST", "/sessions/nope/interrupt"),
+                         ("POST", "/sessions/nope/say"), ("GET", "/sessions/nope/stream")]:
+        async with http.request(method, server.endpoint(path), data=b"x") as resp:
+            await expect_error(resp, 404, "session")
+
+
+async def test_more_sessions_than_the_limit_get_503(server, http, live):
+    second = Client(server, http)
+    await second.connect()
+    third = Client(server, http)
+    body = await third.connect(expect_status=503)
+    assert body["status"] == 503 and body["retry_after_s"] > 0 and body["max_sessions"] == 2
+    async with http.post(server.endpoint("/offer"),
+                         json={"sdp": third.pc.localDescription.sdp, "type": "offer"}) as resp:
+        await expect_error(resp, 503, "retry")
+        assert int(resp.headers["Retry-After"]) > 0
+    await third.pc.close()
+    # Closing one frees a slot at once.
+    async with http.delete(server.endpoint(f"/sessions/{second.session_id}")) as resp:
+        assert resp.status == 200
+    fourth = Client(server, http)
+    await fourth.connect()
+    await fourth.wait_for_video(3)
+    await fourth.close()
+    await second.close()
+
+
+async def test_oversized_upload_gets_413(server, http, live):
+    url = server.endpoint(f"/sessions/{live.session_id}/audio")
+    big = bytes(400 * 1024)  # the limit is 0.25 MB
+    async with http.post(url, data=big, headers={"Content-Type": "audio/wav"}) as resp:
+        await expect_error(resp, 413)
+    async with http.post(url + "?rate=16000", data=big) as resp:
+        await expect_error(resp, 413)
+
+    async def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield bytes(16 * 1024)
+
+    async with http.post(url, data=chunks(), headers={"Content-Type": "audio/wav"}) as resp:
+        await expect_error(resp, 413)
+    form = aiohttp.FormData()
+    form.add_field("audio", big, filename="big.wav", content_type="audio/wav")
+    async with http.post(url, data=form) as resp:
+        await expect_error(resp, 413)
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="audio"; filename="big.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + big + b"\r\n--xyz--\r\n")
+
+    async def multipart_chunks():  # a streamed form: no Content-Length either
+        for i in range(0, len(body), 16 * 1024):
+            yield body[i:i + 16 * 1024]
+
+    async with http.post(url, data=multipart_chunks(),
+                         headers={"Content-Type": "multipart/form-data; boundary=xyz"}) as resp:
+        await expect_error(resp, 413)
+    async with http.post(server.endpoint(f"/sessions/{live.session_id}/say"),
+                         json={"text": "a" * 5000}) as resp:
+        await expect_error(resp, 413)
+
+
+async def test_undecodable_audio_gets_415(server, http, live, speech_wav):
+    url = server.endpoint(f"/sessions/{live.session_id}/audio")
+    async with http.post(url, data=b"this is not audio at all" * 100,
+                         headers={"Content-Type": "audio/mpeg"}) as resp:
+        await expect_error(resp, 415, "not a media file")
+    truncated = speech_wav.read_bytes()[:40]  # a wav header and nothing else
+    async with http.post(url, data=truncated, headers={"Content-Type": "audio/wav"}) as resp:
+        body = await expect_error(resp, 415)
+    form = aiohttp.FormData()
+    form.add_field("audio", b"\x00" * 1000, filename="song.mp3", content_type="audio/mpeg")
+    async with http.post(url, data=form) as resp:
+        body = await expect_error(resp, 415, "song.mp3")
+    # Raw PCM with bad parameters is a 400 (the request is wrong, not the media).
+    async with http.post(url + "?rate=abc", data=b"\x00\x00") as resp:
+        await expect_error(resp, 400, "rate")
+    async with http.post(url + "?rate=16000&channels=2", data=b"\x00\x00\x00") as resp:
+        await expect_error(resp, 400, "multiple")
+    async with http.post(url + "?rate=16000&format=f32",
+                         data=np.array([np.nan], np.float32).tobytes()) as resp:
+        await expect_error(resp, 400, "nan")
+    async with http.post(url, data=b"") as resp:
+        await expect_error(resp, 400, "empty")
+    # A good upload still works afterwards.
+    async with http.post(url, data=speech_wav.read_bytes(), headers={"Content-Type": "audio/wav"}) as resp:
+        assert resp.status == 200
+    assert body["error"]
+
+
+async def test_say_validates_its_input(server, http, live):
+    url = server.endpoint(f"/sessions/{live.session_id}/say")
+    async with http.post(url, data=b"nope", headers={"Content-Type": "application/json"}) as resp:
+        await expect_error(resp, 400, "json")
+    async with http.post(url, json={"text": "hi", "voice": "en; rm -rf /"}) as resp:
+        await expect_error(resp, 400, "voice")
+    async with http.post(url, json={"text": "hi", "wpm": 5}) as resp:
+        await expect_error(resp, 400, "wpm")

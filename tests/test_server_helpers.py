@@ -1,0 +1,249 @@
+"""Shared pieces of the server tests: a stand-in engine, a server on 127.0.0.1, an aiortc client.
+
+The engine is the real one (realtime.session.LipSyncSession on a shared render worker) with a tiny flat
+avatar and a renderer whose 'mouth' brightness follows the loudness of each frame's mel window, so the
+tests check audio round trips and mouth movement fast and without a model.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from realtime.renderers.base import MouthPatch
+from server.app import create_app
+from server.config import ServerConfig
+from server.realtime_engine import RealtimeEngine
+
+RATE = 16000
+
+
+# -- a tiny avatar and a cheap renderer for the real engine -----------------------------------------
+
+
+class TinyAvatar:
+    """10 flat grey 64x64 frames with a fixed face box: what LipSyncSession needs of an Avatar."""
+
+    def __init__(self, n: int = 10, size: int = 64, fps: float = 25.0) -> None:
+        self.frames = np.full((n, size, size, 3), 90, dtype=np.uint8)
+        self.boxes = np.array([[16, 60, 12, 52]] * n)
+        self.mouth = None
+        self.fps = fps
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def frame_index(self, tick: int) -> int:
+        n = len(self.frames)
+        p = tick % (2 * n - 2)
+        return p if p < n else 2 * n - 2 - p
+
+
+class LoudnessRenderer:
+    """A 'mouth' whose brightness follows the loudness of the frame's mel window (no model)."""
+
+    name = "loudness"
+
+    def prepare(self, avatar) -> None:
+        pass
+
+    def render(self, avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        patches = []
+        for i, mel in zip(frame_indices, mels):
+            y1, y2, x1, x2 = (int(v) for v in avatar.boxes[int(i)])
+            level = int(np.clip(90 + (float(mel.mean()) + 4.0) * 50.0, 0, 255))
+            image = np.full((y2 - y1, x2 - x1, 3), level, dtype=np.uint8)
+            patches.append(MouthPatch(image=image, box=(y1, y2, x1, x2),
+                                      alpha=np.ones((y2 - y1, x2 - x1), np.float32)))
+        return patches
+
+
+def tiny_engine() -> RealtimeEngine:
+    return RealtimeEngine(TinyAvatar(), LoudnessRenderer(), info={"avatar": "tiny", "device": "cpu"})
+
+
+def mouth_level(image: np.ndarray) -> float:
+    """Mean brightness inside TinyAvatar's face box (90 at rest)."""
+    return float(image[20:56, 16:48].mean())
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    engine: object
+
+    def endpoint(self, path: str) -> str:
+        return self.url.rstrip("/") + path
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(engine, **overrides) -> RunningServer:
+    config = ServerConfig(host="127.0.0.1", port=0, **overrides)
+    app = create_app(config, engine)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningServer(f"http://127.0.0.1:{port}/", app, runner, engine)
+
+
+# -- the aiortc client -----------------------------------------------------------------------------
+
+
+class PcmTrack(MediaStreamTrack):
+    """A microphone stand-in: plays `samples` (16 kHz float32) in 20 ms frames in real time, then silence."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, rate: int = RATE) -> None:
+        super().__init__()
+        self._pcm = np.clip(samples * 32767, -32768, 32767).astype(np.int16)
+        self._rate = rate
+        self._n = rate // 50
+        self._pos = 0
+        self._start: float | None = None
+        self.started_at: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = self.started_at = time.monotonic()
+        wait = self._start + self._pos / self._rate - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = self._pcm[self._pos:self._pos + self._n]
+        chunk = np.pad(chunk, (0, self._n - chunk.size))
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pos
+        frame.time_base = fractions.Fraction(1, self._rate)
+        self._pos += self._n
+        return frame
+
+
+@dataclass
+class Received:
+    video: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (arrival, pts, bgr)
+    audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono float32 48k?)
+    audio_rate: int = 0
+
+
+class Client:
+    """An aiortc peer that offers (optionally) a microphone and receives the avatar video and audio."""
+
+    def __init__(self, server: RunningServer, http: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.http = http
+        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        self.received = Received()
+        self.session_id: str | None = None
+        self.answer: dict = {}
+        self._tasks: list[asyncio.Task] = []
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                self.received.video.append((now, frame.pts, frame.to_ndarray(format="bgr24")))
+            else:
+                data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
+                self.received.audio_rate = frame.sample_rate
+                self.received.audio.append((now, data.mean(axis=1) / 32768.0))
+
+    async def connect(self, microphone: MediaStreamTrack | None = None, audio: bool = True,
+                      options: dict | None = None, expect_status: int = 200) -> dict:
+        if microphone is not None:
+            self.pc.addTrack(microphone)
+        elif audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if options:
+            body["options"] = options
+        async with self.http.post(self.server.endpoint("/offer"), json=body) as resp:
+            self.answer = await resp.json()
+            assert resp.status == expect_status, self.answer
+        if resp.status != 200:
+            return self.answer
+        self.session_id = self.answer["session_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
+        return self.answer
+
+    async def wait_for_video(self, frames: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received.video) < frames:
+            assert time.monotonic() < deadline, f"got {len(self.received.video)} of {frames} frames"
+            await asyncio.sleep(0.05)
+
+    def audio_signal(self) -> np.ndarray:
+        if not self.received.audio:
+            return np.zeros(0, np.float32)
+        return np.concatenate([a for _, a in self.received.audio])
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def best_lag(reference: np.ndarray, signal: np.ndarray, max_lag: int) -> tuple[int, float]:
+    """The lag (samples) at which `signal` best matches `reference`, and the normalised correlation."""
+    ref = reference - reference.mean()
+    n = ref.size
+    lags = np.arange(max(0, min(max_lag, signal.size - n + 1)))
+    if lags.size == 0:
+        return 0, 0.0
+    size = 1 << int(np.ceil(np.log2(signal.size + n)))
+    corr = np.fft.irfft(np.fft.rfft(signal, size) * np.conj(np.fft.rfft(ref, size)), size)[lags]
+    energy = np.concatenate([[0.0], np.cumsum(signal.astype(np.float64) ** 2)])
+    ref_energy = float(np.dot(ref, ref))
+    # The floor keeps silent stretches (where the cumulative sums cancel to noise) from scoring.
+    window = np.sqrt(np.maximum(energy[lags + n] - energy[lags], 1e-3 * ref_energy))
+    score = corr / (np.sqrt(ref_energy) * window + 1e-12)
+    k = int(np.argmax(score))
+    return int(lags[k]), float(score[k])
+
+
+def echo_delays(sent: np.ndarray, received: np.ndarray, offset_s: float,
+                piece_s: float = 0.5) -> list[tuple[float, float]]:
+    """(correlation, delay in s) of each voiced piece of `sent` (16 kHz) found in `received` (16 kHz).
+
+    Pieces, not the whole: when the input stalls on a loaded machine the engine re-anchors the rest of
+    the utterance a frame later, so the echo is the speech with small gaps, not one shifted copy.
+    `offset_s` is how much later `sent` started than `received` on the same clock."""
+    n = int(piece_s * 16000)
+    out = []
+    for start in range(0, sent.size - n, n):
+        piece = sent[start:start + n]
+        if np.sqrt(np.mean(piece ** 2)) < 0.02:
+            continue
+        lag, corr = best_lag(piece, received, max_lag=received.size - piece.size)
+        out.append((corr, lag / 16000 - offset_s - start / 16000))
+    return out
