@@ -100,4 +100,8 @@ class RealtimeEngine:
             renderer = Wav2LipRenderer(load_wav2lip(config.checkpoint, device), device=device)
         info = {"avatar": avatar_name, "device": device,
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
-        return cls(avatar, renderer, info=info)
+        # A generator slower than the default compute budget (Wav2Lip on a small CPU) would otherwise
+        # drop every mouth frame: size each session's fixed delay from the measured render cost instead
+        # (still fixed per session, and capped by EngineConfig.max_compute_budget_ms).
+        engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None)
+        return cls(avatar, renderer, engine_config, info=info)
