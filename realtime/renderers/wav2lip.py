@@ -1,0 +1,136 @@
+"""The Wav2Lip mouth renderer: batched generator calls with the avatar-constant work cached per avatar.
+
+`prepare(avatar)` crops every avatar frame the official way (avatar.face_crops(96)), builds the
+[masked, reference] input and runs the face encoder once, keeping what the decoder needs per frame
+(`models.wav2lip.CachedWav2Lip`: the encoder features, or by default the encoder's share of every
+decoder stage's first conv, which saves ~6% of the per-frame work). `render` then runs only the audio
+encoder and the decoder for a batch of (avatar frame, mel window) pairs, converts the result to uint8
+the official way (x * 255, truncated) and returns one 96x96 BGR patch per frame with the avatar's box;
+the compositor resizes it to the box and blends it.
+
+Precision: CPU fp32 by default (equal to the official eager model within float rounding, so the uint8
+patches match it within one level); CUDA fp16 with the cache resident on the GPU. `precision="bf16"`
+is an opt-in CPU speed mode (~2x on CPUs with AVX512-BF16/AMX, bench/generator.py) that is NOT
+faithful: on calibrated random weights it moves outputs by up to ~0.16 (about 2 levels on average).
+
+Sharing: the per-avatar caches are read-only after `prepare`, so one instance serves any number of
+sessions; `render` is meant to be called from the single render-worker thread.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.wav2lip import HEAD_VALUES, CachedWav2Lip, FaceCache, Wav2Lip, faces_to_input
+from realtime.renderers.base import MouthPatch
+
+log = logging.getLogger(__name__)
+
+CROP_SIZE = 96
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16', not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 is for CUDA; on CPU use fp32 (faithful) or bf16 (fast, not faithful)")
+    return _DTYPES[precision]
+
+
+class Wav2LipRenderer:
+    """MouthRenderer backed by a Wav2Lip generator.
+
+    model: a loaded generator (`models.wav2lip.load_wav2lip`); it is not modified.
+    device: where to run (default: the model's device). precision: "auto" (CPU fp32, CUDA fp16),
+    "fp32", "fp16" (CUDA), "bf16" (opt-in, not faithful).
+    max_cache_mb: per-avatar cache budget. The decoder-head cache takes 5.6 MB per avatar frame in
+    fp32; above the budget the renderer keeps only the encoder features (1.2 MB per frame).
+    max_batch: frames per generator call (larger batches are split) to bound activation memory.
+    """
+
+    name = "wav2lip"
+
+    def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
+                 max_cache_mb: float = 1024.0, max_batch: int | None = None) -> None:
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = _resolve_dtype(precision, self.device)
+        self.max_cache_bytes = max_cache_mb * 2**20
+        self.max_batch = max_batch or (128 if self.device.type == "cuda" else 32)
+        # Fold BatchNorm in fp32 even when the loaded model is fp16 (load_wav2lip(device="cuda")),
+        # then cast once: the folded weights are rounded a single time.
+        self._source = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
+        self._nets: dict[bool, CachedWav2Lip] = {}  # cache_heads -> net, built on first need
+        self._caches: weakref.WeakKeyDictionary[Any, FaceCache] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def _net(self, cache_heads: bool) -> CachedWav2Lip:
+        if cache_heads not in self._nets:
+            net = CachedWav2Lip(self._source, cache_heads=cache_heads, channels_last=True)
+            self._nets[cache_heads] = net.to(device=self.device, dtype=self.dtype)
+        return self._nets[cache_heads]
+
+    def prepare(self, avatar: Any) -> None:
+        """Run the face encoder on every avatar frame once and keep the result (on the device)."""
+        with self._lock:
+            if avatar in self._caches:
+                return
+            crops = avatar.face_crops(CROP_SIZE)
+            n = len(crops)
+            head_bytes = n * HEAD_VALUES * torch.finfo(self.dtype).bits // 8
+            cache_heads = head_bytes <= self.max_cache_bytes
+            if not cache_heads:
+                log.info("avatar cache: %d frames x 5.6 MB exceeds %.0f MB, caching encoder features only",
+                         n, self.max_cache_bytes / 2**20)
+            net = self._net(cache_heads)
+            faces = faces_to_input(crops).to(device=self.device, dtype=self.dtype)
+            cache = net.precompute(faces)
+            self._caches[avatar] = cache
+            log.info("wav2lip: prepared %d avatar frames on %s (%s, %.0f MB cached)",
+                     n, self.device, str(self.dtype).removeprefix("torch."), cache.nbytes / 2**20)
+
+    def release(self, avatar: Any) -> None:
+        """Drop an avatar's cache now (it also goes when the avatar object is garbage-collected)."""
+        with self._lock:
+            self._caches.pop(avatar, None)
+
+    def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        """One 96x96 uint8 BGR patch per (avatar frame, mel window (80, 16)), with the frame's face box."""
+        indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+        mels = np.asarray(mels, dtype=np.float32)
+        if mels.shape != (len(indices), 80, 16):
+            raise ValueError(f"expected mels of shape ({len(indices)}, 80, 16), got {mels.shape}")
+        cache = self._caches.get(avatar)
+        if cache is None:
+            log.warning("wav2lip: render() on an avatar that was not prepared; preparing it now")
+            self.prepare(avatar)
+            cache = self._caches[avatar]
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(cache)):
+            raise IndexError(f"frame index out of range for an avatar of {len(cache)} frames: "
+                             f"{indices.min()}..{indices.max()}")
+        images = np.concatenate([self._generate(cache, indices[s:s + self.max_batch], mels[s:s + self.max_batch])
+                                 for s in range(0, len(indices), self.max_batch)]) if len(indices) else []
+        boxes = np.asarray(avatar.boxes)
+        return [MouthPatch(image=images[i], box=tuple(int(v) for v in boxes[idx]))
+                for i, idx in enumerate(indices)]
+
+    def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        net = self._nets[cache.heads]
+        with torch.inference_mode():
+            # A copy (not a view of the caller's array): `mels` must not be referenced after return.
+            audio = torch.tensor(mels[:, None]).to(device=self.device, dtype=self.dtype)
+            index = torch.from_numpy(indices).to(self.device)
+            pred = net(audio, cache.select(index))
+            # Official conversion: float32 x 255 then truncation (astype(uint8)); done on the device
+            # so that only bytes cross to the host.
+            out = (pred.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return out.cpu().numpy()

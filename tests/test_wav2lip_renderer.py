@@ -1,0 +1,154 @@
+"""The Wav2Lip MouthRenderer against the plain eager generator, on a tiny fake avatar (random weights)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
+from realtime.renderers.base import MouthPatch, MouthRenderer
+from realtime.renderers.wav2lip import Wav2LipRenderer
+
+
+class FakeAvatar:
+    """Duck-typed realtime.avatar.Avatar: frames, boxes and the official 96x96 crops."""
+
+    def __init__(self, n: int = 4, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.frames = rng.integers(0, 256, size=(n, 120, 100, 3), dtype=np.uint8)
+        self.boxes = np.array([[10 + i, 110, 5, 95 - i] for i in range(n)], dtype=np.int32)
+        self.crop_calls = 0
+
+    def face_crops(self, size: int = 96) -> np.ndarray:
+        self.crop_calls += 1
+        return np.stack([cv2.resize(f[y1:y2, x1:x2], (size, size)) for f, (y1, y2, x1, x2) in
+                         zip(self.frames, self.boxes)])
+
+
+@pytest.fixture(scope="module")
+def model() -> Wav2Lip:
+    """Random weights with trained-like activation scale (He init, BatchNorm calibrated on random input),
+    so the output spans (0, 1) and a wrong frame / window / channel order would show."""
+    gen = torch.Generator().manual_seed(11)
+    net = Wav2Lip()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+        elif isinstance(m, nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4, torch.rand(4, 6, 96, 96, generator=gen))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def avatar() -> FakeAvatar:
+    return FakeAvatar()
+
+
+def mel_windows(n: int, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 80, 16), dtype=np.float32) * 8 - 4)
+
+
+def eager_patches(model: Wav2Lip, avatar: FakeAvatar, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    """What the official inference produces for these (frame, window) pairs."""
+    faces = faces_to_input(avatar.face_crops(96)[indices])
+    with torch.no_grad():
+        return to_uint8(model(mels_to_input(mels), faces))
+
+
+def assert_close_uint8(patches: list[MouthPatch], expected: np.ndarray) -> None:
+    got = np.stack([p.image for p in patches]).astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= 1
+    assert (got == expected).mean() > 0.99  # off-by-one only where float rounding meets a truncation edge
+
+
+def test_is_a_mouth_renderer(model):
+    renderer = Wav2LipRenderer(model)
+    assert isinstance(renderer, MouthRenderer) and renderer.name == "wav2lip"
+
+
+def test_render_matches_eager_generator(model, avatar):
+    renderer = Wav2LipRenderer(model)
+    renderer.prepare(avatar)
+    indices = np.array([2, 0, 2, 3])  # repeats and out of order, as a ping-pong loop produces
+    mels = mel_windows(len(indices))
+    patches = renderer.render(avatar, indices, mels)
+    assert len(patches) == 4
+    for patch, idx in zip(patches, indices):
+        assert patch.image.shape == (96, 96, 3) and patch.image.dtype == np.uint8
+        assert patch.box == tuple(int(v) for v in avatar.boxes[idx])
+        assert all(type(v) is int for v in patch.box)
+        assert patch.alpha is None
+    assert_close_uint8(patches, eager_patches(model, avatar, indices, mels))
+
+
+def test_prepare_is_once_per_avatar(model):
+    avatar = FakeAvatar(n=2)
+    renderer = Wav2LipRenderer(model)
+    renderer.prepare(avatar)
+    renderer.prepare(avatar)
+    assert avatar.crop_calls == 1
+
+
+def test_small_cache_budget_keeps_features_only(model, avatar):
+    renderer = Wav2LipRenderer(model, max_cache_mb=1.0, max_batch=2)  # 4 frames x 5.6 MB > 1 MB; batches split
+    renderer.prepare(avatar)
+    indices = np.array([1, 3, 0])
+    mels = mel_windows(3, seed=2)
+    patches = renderer.render(avatar, indices, mels)
+    assert_close_uint8(patches, eager_patches(model, avatar, indices, mels))
+
+
+def test_unprepared_avatar_is_prepared_on_demand(model):
+    avatar = FakeAvatar(n=2, seed=3)
+    patches = Wav2LipRenderer(model).render(avatar, np.array([1]), mel_windows(1))
+    assert len(patches) == 1
+
+
+def test_bad_inputs_are_rejected(model, avatar):
+    renderer = Wav2LipRenderer(model)
+    renderer.prepare(avatar)
+    with pytest.raises(ValueError, match="mels"):
+        renderer.render(avatar, np.array([0, 1]), mel_windows(1))
+    with pytest.raises(IndexError, match="out of range"):
+        renderer.render(avatar, np.array([4]), mel_windows(1))
+    assert renderer.render(avatar, np.zeros(0, dtype=np.int64), np.zeros((0, 80, 16), np.float32)) == []
+    with pytest.raises(ValueError, match="fp16"):
+        Wav2LipRenderer(model, precision="fp16")  # CPU
+
+
+def test_bf16_opt_in_runs(model, avatar):
+    renderer = Wav2LipRenderer(model, precision="bf16")
+    renderer.prepare(avatar)
+    patches = renderer.render(avatar, np.array([0]), mel_windows(1))
+    expected = eager_patches(model, avatar, np.array([0]), mel_windows(1))
+    assert np.abs(patches[0].image.astype(int) - expected[0].astype(int)).mean() < 8  # close, not equal
+
+
+def test_half_precision_model_is_folded_in_fp32(model, avatar):
+    """load_wav2lip(device="cuda") hands over an fp16 model; the renderer must not modify it."""
+    half = Wav2Lip().half().eval()
+    half.load_state_dict(model.state_dict())
+    renderer = Wav2LipRenderer(half, device="cpu", precision="fp32")
+    assert next(half.parameters()).dtype == torch.float16  # caller's model untouched
+    renderer.prepare(avatar)
+    indices, mels = np.array([1, 2]), mel_windows(2, seed=5)
+    assert_close_uint8(renderer.render(avatar, indices, mels), eager_patches(half.float(), avatar, indices, mels))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16(model, avatar):
+    renderer = Wav2LipRenderer(model, device="cuda")  # CPU fp32 model in, CUDA fp16 nets out
+    renderer.prepare(avatar)
+    indices = np.array([0, 1, 2, 3])
+    mels = mel_windows(4)
+    patches = renderer.render(avatar, indices, mels)
+    expected = eager_patches(model, avatar, indices, mels)
+    got = np.stack([p.image for p in patches]).astype(int)
+    assert np.abs(got - expected.astype(int)).mean() < 2  # fp16: close, not bit-equal
