@@ -77,3 +77,21 @@ def speech_with_gap_16k(speech_16k) -> np.ndarray:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def loopback_only():
+    """aioice offers only 127.0.0.1 as a host candidate: nothing touches another interface."""
+    from server.ice import use_host_addresses
+
+    restore = use_host_addresses(["127.0.0.1"])
+    yield
+    restore()
+
+
+@pytest.fixture
+async def http():
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session

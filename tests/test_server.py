@@ -8,22 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import numpy as np
 import pytest
 
-from server.ice import use_host_addresses
 from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level, start_server, tiny_engine
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def loopback_only():
-    """aioice offers only 127.0.0.1: nothing in these tests touches another interface."""
-    restore = use_host_addresses(["127.0.0.1"])
-    yield
-    restore()
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
 
 @pytest.fixture
@@ -33,12 +23,6 @@ async def server():
     yield running
     await running.stop()
     engine.close()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_frames_arrive_at_avatar_fps(server, http):

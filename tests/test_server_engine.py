@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import numpy as np
 import pytest
 
 from server.config import ServerConfig
-from server.ice import use_host_addresses
 from server.realtime_engine import RealtimeEngine
 from test_server_helpers import Client, PcmTrack, echo_delays, start_server
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.usefixtures("loopback_only")]
 
 PRE_S, POST_S = 1.0, 1.0  # silence around the speech
-
-
-@pytest.fixture(autouse=True)
-def loopback_only():
-    restore = use_host_addresses(["127.0.0.1"])
-    yield
-    restore()
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +28,6 @@ async def server(engine):
     running = await start_server(engine)
     yield running
     await running.stop()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def mouth_box(engine) -> tuple[slice, slice]:

@@ -7,17 +7,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from server.ice import use_host_addresses
 from test_server_helpers import Client, start_server, tiny_engine
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def loopback_only():
-    restore = use_host_addresses(["127.0.0.1"])
-    yield
-    restore()
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
 
 @pytest.fixture
@@ -27,12 +19,6 @@ async def server():
     yield running
     await running.stop()
     engine.close()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

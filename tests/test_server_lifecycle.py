@@ -11,18 +11,10 @@ import time
 import aiohttp
 import pytest
 
-from server.ice import use_host_addresses
 from server.state import STATE
 from test_server_helpers import Client, PcmTrack, start_server, tiny_engine
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def loopback_only():
-    restore = use_host_addresses(["127.0.0.1"])
-    yield
-    restore()
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
 
 
 @pytest.fixture
