@@ -192,6 +192,34 @@ def load_wav2lip(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 # terms (decoder stage widths 512, 512, 384, 256, 128, 64 and the output block's 32, at the stage sizes).
 FEATURE_VALUES = 512 + 512 * 3**2 + 256 * 6**2 + 128 * 12**2 + 64 * 24**2 + 32 * 48**2 + 16 * 96**2
 HEAD_VALUES = 512 * 3**2 + 512 * 6**2 + 384 * 12**2 + 256 * 24**2 + 128 * 48**2 + 64 * 96**2 + 32 * 96**2
+# (channels, size) of each cached tensor, decoder stage 1..6 then the output block.
+_HEAD_SHAPES = ((512, 3), (512, 6), (384, 12), (256, 24), (128, 48), (64, 96), (32, 96))
+_FEATURE_SHAPES = ((512, 1), (512, 3), (256, 6), (128, 12), (64, 24), (32, 48), (16, 96))
+
+
+def cache_values(cache_heads: bool, rows_from: int = 0) -> int:
+    """Values cached per avatar frame by `CachedWav2Lip.precompute(..., rows_from)`."""
+    shapes = _HEAD_SHAPES if cache_heads else _FEATURE_SHAPES
+    plan = _static_band_plan(rows_from)
+    return sum(c * (size - (out if cache_heads else inp)) * size
+               for (c, size), (inp, out) in zip(shapes, plan))
+
+
+def _static_band_plan(rows_from: int) -> list[tuple[int, int]]:
+    """`CachedWav2Lip.band_plan` from the fixed Wav2Lip geometry (tests check they agree)."""
+    halos = (1, 2, 2, 2, 2, 2, 0)  # rows each stage's tail convs consume
+    plan, need = [], rows_from
+    for k in range(6, -1, -1):
+        need_head = max(need - halos[k], 0)
+        if k == 0:
+            first = (0, 0)
+        elif k == 6:  # 3x3 stride-1 head of the output block
+            first = (max(need_head - 1, 0),) * 2
+        else:  # x2 transposed conv
+            first = (need_head // 2, 2 * (need_head // 2))
+        plan.append(first)
+        need = first[0]
+    return plan[::-1]
 
 
 def _split_input_channels(conv: nn.Conv2d | nn.ConvTranspose2d, n_first: int) -> tuple[nn.Module, nn.Module]:
@@ -231,6 +259,7 @@ class FaceCache:
     """
     tensors: list[Tensor]
     heads: bool
+    rows_from: int = 0  # the cache holds only what a decode of output rows [rows_from, 96) reads
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
@@ -239,9 +268,15 @@ class FaceCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
-    def select(self, index: Tensor) -> list[Tensor]:
-        """Per-sample tensors for a batch of avatar frame indices (a LongTensor on the cache's device)."""
-        return [t.index_select(0, index) for t in self.tensors]
+    def select(self, index: Tensor, rows: list[int] | None = None) -> list[Tensor]:
+        """Per-sample tensors for a batch of avatar frame indices (a LongTensor on the cache's device).
+
+        rows: optional first row to keep of each tensor (`CachedWav2Lip.cache_rows`), so that a band
+        decode (`rows_from`) gathers only the rows it reads.
+        """
+        if rows is None:
+            return [t.index_select(0, index) for t in self.tensors]
+        return [t[:, :, r:].index_select(0, index) for t, r in zip(self.tensors, rows)]
 
 
 class CachedWav2Lip(nn.Module):
@@ -254,6 +289,14 @@ class CachedWav2Lip(nn.Module):
     - BatchNorm is folded into the convs; the skip add and ReLU run in place.
     - `channels_last` keeps activations NHWC, oneDNN's preferred layout (measured on a 2-core AVX-512
       CPU: as fast at batch 1-8, ~15% faster at batch 32).
+
+    - `rows_from` (forward) computes only output rows [rows_from, 96): every decoder stage runs on the
+      row band its receptive field needs (plus the halo rows each 3x3 conv consumes, discarded). The
+      bottom border is the real image border, the top of each band is interior, so the band starts
+      far enough above the needed rows that zero padding never reaches them: the computed rows are
+      the same convolutions on the same inputs as the full decode (equal up to float summation order).
+      The real-time compositor's feathered lower-face mask reads only rows >= 39 of a 96 patch
+      (realtime.renderers.wav2lip.PASTED_ROWS_FROM), which removes ~40% of the decoder's work.
 
     Outputs equal `Wav2Lip` up to float rounding; the tests bound the difference.
     """
@@ -294,29 +337,100 @@ class CachedWav2Lip(nn.Module):
         return feats
 
     @torch.inference_mode()
-    def precompute(self, face: Tensor, batch_size: int = 16) -> FaceCache:
-        """(N, 6, 96, 96) avatar face inputs -> FaceCache, in chunks to bound peak memory."""
+    def precompute(self, face: Tensor, batch_size: int = 16, rows_from: int = 0) -> FaceCache:
+        """(N, 6, 96, 96) avatar face inputs -> FaceCache, in chunks to bound peak memory.
+
+        rows_from > 0 keeps only the rows a decode of output rows [rows_from, 96) reads (~30% less memory
+        with the head terms at rows_from=36); such a cache serves `forward(..., rows_from' >= rows_from)`.
+        """
+        rows = self.cache_rows(rows_from) or [0] * len(self.tails)
         chunks: list[list[Tensor]] = []
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for start in range(0, face.shape[0], batch_size):
             feats = self.encode_face(face[start:start + batch_size].contiguous(memory_format=fmt))
             # Stage k (1..6) takes encoder feature 7-k, deepest first; the output block takes feature 0.
             skips = list(reversed(feats))
-            chunks.append([head(f) for head, f in zip(self.face_heads, skips)] if self.cache_heads else skips)
+            terms = [head(f) for head, f in zip(self.face_heads, skips)] if self.cache_heads else skips
+            chunks.append([t[:, :, r:] for t, r in zip(terms, rows)])
         tensors = [torch.cat(parts, dim=0).contiguous(memory_format=fmt) for parts in zip(*chunks)]
-        return FaceCache(tensors, heads=self.cache_heads)
+        return FaceCache(tensors, heads=self.cache_heads, rows_from=rows_from)
 
-    def forward(self, audio: Tensor, cached: list[Tensor]) -> Tensor:
-        """Mel (B, 1, 80, 16) + per-sample cached tensors (`FaceCache.select`) -> (B, 3, 96, 96) in (0, 1)."""
+    def _heads(self) -> nn.ModuleList:
+        return self.dec_heads if self.cache_heads else self.full_heads
+
+    def band_plan(self, rows_from: int) -> list[tuple[int, int]]:
+        """Per decoder stage k (stages 1..6, then the output block): (first input row, first output row)
+        of the head conv, so that the final output is exact from row `rows_from` of 96 on.
+
+        Walks the receptive field backwards. A tail conv with padding p consumes p rows of the band's
+        top (their zero padding is wrong inside the image), a stride-1 head conv likewise; the x2
+        transposed conv (kernel 3, padding 1, output padding 1) computes output rows [2 i0, 2 H) exactly
+        from input rows [i0, H), so it needs no halo of its own beyond its input's validity.
+        """
+        if not 0 <= rows_from < FACE_SIZE:
+            raise ValueError(f"rows_from must be in [0, {FACE_SIZE}), got {rows_from}")
+        plan: list[tuple[int, int]] = []
+        need = rows_from  # first row that must be exact at the current stage's output
+        for head, tail in zip(reversed(self._heads()), reversed(self.tails)):
+            halo = sum(m.padding[0] for m in tail.modules() if isinstance(m, nn.Conv2d))
+            need_head = max(need - halo, 0)
+            if isinstance(head, nn.ConvTranspose2d):
+                if head.stride[0] == 1:  # 1x1 -> 3x3 (stage 1): tiny, always whole
+                    first_in, first_out = 0, 0
+                else:
+                    if (head.kernel_size[0], head.stride[0], head.padding[0]) != (3, 2, 1):
+                        raise ValueError("band decoding assumes kernel 3, stride 2, padding 1 upsampling")
+                    first_in = need_head // 2
+                    first_out = 2 * first_in
+            else:
+                if head.stride[0] != 1:
+                    raise ValueError("band decoding assumes stride-1 convs")
+                first_in = max(need_head - head.padding[0], 0)
+                first_out = first_in
+            plan.append((first_in, first_out))
+            need = first_in
+        return plan[::-1]
+
+    def cache_rows(self, rows_from: int) -> list[int] | None:
+        """First row of each cached tensor that `forward(..., rows_from)` reads (for `FaceCache.select`)."""
+        if rows_from == 0:
+            return None
+        plan = self.band_plan(rows_from)
+        return [out if self.cache_heads else inp for inp, out in plan]
+
+    def forward(self, audio: Tensor, cached: list[Tensor], rows_from: int = 0) -> Tensor:
+        """Mel (B, 1, 80, 16) + per-sample cached tensors (`FaceCache.select`) -> (B, 3, 96, 96) in (0, 1).
+
+        With `rows_from` > 0 only output rows [rows_from, 96) are computed and returned:
+        (B, 3, 96 - rows_from, 96). `cached` may be the full tensors or their bottom bands
+        (`FaceCache.select(index, self.cache_rows(rows_from))`).
+        """
         x = self.stage0(self.audio_encoder(audio))
-        for k, (tail, term) in enumerate(zip(self.tails, cached)):
+        if rows_from == 0:
+            for k, (tail, term) in enumerate(zip(self.tails, cached)):
+                if self.cache_heads:
+                    x = self.dec_heads[k](x)
+                    x += term
+                else:
+                    x = self.full_heads[k](torch.cat((x, term), dim=1))
+                x = tail(x.relu_())
+            return x
+        start = 0  # global row of x's first row
+        for k, ((first_in, first_out), tail, term) in enumerate(zip(self.band_plan(rows_from), self.tails, cached)):
+            if first_in > start:
+                x = x[:, :, first_in - start:]
+            rows = x.shape[2] * (2 if isinstance(self._heads()[k], nn.ConvTranspose2d) and k else 1)
+            if term.shape[2] < (rows if self.cache_heads else x.shape[2]):
+                raise ValueError("the cached tensors do not cover the rows this decode needs "
+                                 "(precompute with a rows_from <= the forward's)")
             if self.cache_heads:
                 x = self.dec_heads[k](x)
-                x += term
+                x += term[:, :, term.shape[2] - x.shape[2]:]  # both bands end at the bottom border
             else:
-                x = self.full_heads[k](torch.cat((x, term), dim=1))
+                x = self.full_heads[k](torch.cat((x, term[:, :, term.shape[2] - x.shape[2]:]), dim=1))
+            start = first_out
             x = tail(x.relu_())
-        return x
+        return x[:, :, rows_from - start:]
 
 
 def _out_channels(stage: nn.Sequential) -> int:

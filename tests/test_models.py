@@ -11,8 +11,8 @@ from torch import nn
 from conftest import WAV2LIP_FACTS
 from models.layers import fold_batchnorm
 from models.syncnet import SyncNet_color
-from models.wav2lip import (FEATURE_VALUES, HEAD_VALUES, CachedWav2Lip, Wav2Lip, faces_to_input, mels_to_input,
-                            to_uint8)
+from models.wav2lip import (FEATURE_VALUES, HEAD_VALUES, CachedWav2Lip, Wav2Lip, _static_band_plan, cache_values,
+                            faces_to_input, mels_to_input, to_uint8)
 
 
 def read_tsv(name: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -187,3 +187,45 @@ def test_syncnet_embeddings():
 
 def test_facts_folder_present():
     assert Path(WAV2LIP_FACTS, "wav2lip_state_dict.tsv").is_file()
+
+
+@pytest.mark.parametrize("cache_heads", [True, False])
+@pytest.mark.parametrize("frames", [[0], [1, 0, 1]])
+def test_cached_decoder_row_band_equals_full(model, inputs, cache_heads, frames):
+    """rows_from computes only output rows [rows_from, 96): the same numbers as the full decode."""
+    audio, face = inputs
+    index = torch.tensor(frames)
+    audio, batch = audio[index], len(frames)
+    fast = CachedWav2Lip(model, cache_heads=cache_heads)
+    cache = fast.precompute(face)
+    with torch.inference_mode():
+        full = fast(audio, cache.select(index))
+        for rows_from in (1, 2, 5, 17, 36, 39, 48, 63, 95):
+            band = fast(audio, cache.select(index, fast.cache_rows(rows_from)), rows_from)
+            assert band.shape == (batch, 3, 96 - rows_from, 96)
+            assert float((band - full[:, :, rows_from:]).abs().max()) <= 1e-5
+            # full-height cached tensors are accepted too (sliced inside)
+            band2 = fast(audio, cache.select(index), rows_from)
+            assert float((band2 - band).abs().max()) <= 1e-6
+    with pytest.raises(ValueError, match="rows_from"):
+        fast.band_plan(96)
+
+
+@pytest.mark.parametrize("cache_heads", [True, False])
+def test_band_cache_holds_only_the_band(model, inputs, cache_heads):
+    audio, face = inputs
+    fast = CachedWav2Lip(model, cache_heads=cache_heads)
+    full_cache = fast.precompute(face)
+    index = torch.tensor([1, 0])
+    with torch.inference_mode():
+        for rows_from in (0, 9, 36, 70):
+            assert fast.band_plan(rows_from) == _static_band_plan(rows_from)
+            cache = fast.precompute(face, rows_from=rows_from)
+            assert cache.rows_from == rows_from
+            assert cache.nbytes == len(face) * 4 * cache_values(cache_heads, rows_from)
+            expected = fast(audio[index], full_cache.select(index))[:, :, rows_from:]
+            got = fast(audio[index], cache.select(index), rows_from)
+            assert float((got - expected).abs().max()) <= 1e-5
+        assert cache_values(cache_heads) == (HEAD_VALUES if cache_heads else FEATURE_VALUES)
+        with pytest.raises(ValueError, match="do not cover"):
+            fast(audio, fast.precompute(face, rows_from=36).select(torch.arange(2)), 20)

@@ -9,7 +9,8 @@ from torch import nn
 
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.base import MouthPatch, MouthRenderer
-from realtime.renderers.wav2lip import Wav2LipRenderer
+from realtime import compositor
+from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 
 class FakeAvatar:
@@ -62,8 +63,10 @@ def eager_patches(model: Wav2Lip, avatar: FakeAvatar, indices: np.ndarray, mels:
         return to_uint8(model(mels_to_input(mels), faces))
 
 
-def assert_close_uint8(patches: list[MouthPatch], expected: np.ndarray) -> None:
-    got = np.stack([p.image for p in patches]).astype(int)
+def assert_close_uint8(patches: list[MouthPatch], expected: np.ndarray, rows_from: int = PASTED_ROWS_FROM) -> None:
+    """Equal to the eager patches within one level over the generated rows [rows_from, 96)."""
+    got = np.stack([p.image for p in patches]).astype(int)[:, rows_from:]
+    expected = expected[:, rows_from:]
     assert np.abs(got - expected.astype(int)).max() <= 1
     assert (got == expected).mean() > 0.99  # off-by-one only where float rounding meets a truncation edge
 
@@ -128,7 +131,8 @@ def test_bf16_opt_in_runs(model, avatar):
     renderer.prepare(avatar)
     patches = renderer.render(avatar, np.array([0]), mel_windows(1))
     expected = eager_patches(model, avatar, np.array([0]), mel_windows(1))
-    assert np.abs(patches[0].image.astype(int) - expected[0].astype(int)).mean() < 8  # close, not equal
+    diff = patches[0].image.astype(int)[PASTED_ROWS_FROM:] - expected[0].astype(int)[PASTED_ROWS_FROM:]
+    assert np.abs(diff).mean() < 8  # close, not equal
 
 
 def test_half_precision_model_is_folded_in_fp32(model, avatar):
@@ -152,3 +156,42 @@ def test_cuda_fp16(model, avatar):
     expected = eager_patches(model, avatar, indices, mels)
     got = np.stack([p.image for p in patches]).astype(int)
     assert np.abs(got - expected.astype(int)).mean() < 2  # fp16: close, not bit-equal
+
+
+def test_full_patches_with_rows_from_zero(model, avatar):
+    renderer = Wav2LipRenderer(model, rows_from=0)
+    renderer.prepare(avatar)
+    indices, mels = np.array([3, 1, 1]), mel_windows(3, seed=7)
+    assert_close_uint8(renderer.render(avatar, indices, mels), eager_patches(model, avatar, indices, mels), 0)
+    with pytest.raises(ValueError, match="rows_from"):
+        Wav2LipRenderer(model, rows_from=96)
+
+
+@pytest.mark.parametrize("rows_from", [PASTED_ROWS_FROM, 20, 48])
+def test_band_patch_top_is_the_reference_crop(model, avatar, rows_from):
+    renderer = Wav2LipRenderer(model, rows_from=rows_from, max_batch=3)
+    renderer.prepare(avatar)
+    indices, mels = np.array([0, 2, 3, 1]), mel_windows(4, seed=8)
+    patches = renderer.render(avatar, indices, mels)
+    crops = avatar.face_crops(96)
+    for patch, idx in zip(patches, indices):
+        assert patch.image.shape == (96, 96, 3) and patch.image.dtype == np.uint8 and patch.alpha is None
+        np.testing.assert_array_equal(patch.image[:rows_from], crops[idx][:rows_from])
+    assert_close_uint8(patches, eager_patches(model, avatar, indices, mels), rows_from)
+
+
+def test_feathered_paste_never_reads_rows_above_the_band():
+    """The default mask is 0 wherever the bilinear resize reads patch rows < PASTED_ROWS_FROM (+3 margin):
+    two patches that differ only there paste identically, for every box height and strength."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    b = a.copy()
+    b[:PASTED_ROWS_FROM + 3] = 255 - b[:PASTED_ROWS_FROM + 3]
+    frame = rng.integers(0, 256, (700, 200, 3), dtype=np.uint8)
+    for h in list(range(8, 200)) + list(range(200, 601, 7)):
+        for y1 in (-5, 40):
+            for strength in (1.0, 0.37):
+                box = (y1, y1 + h, 10, 150)
+                got_a = compositor.paste(frame, MouthPatch(a, box), "feather", strength)
+                got_b = compositor.paste(frame, MouthPatch(b, box), "feather", strength)
+                np.testing.assert_array_equal(got_a, got_b)

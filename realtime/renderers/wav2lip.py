@@ -13,6 +13,12 @@ patches match it within one level); CUDA fp16 with the cache resident on the GPU
 is an opt-in CPU speed mode (~2x on CPUs with AVX512-BF16/AMX, bench/generator.py) that is NOT
 faithful: on calibrated random weights it moves outputs by up to ~0.16 (about 2 levels on average).
 
+Rows: by default (`rows_from=PASTED_ROWS_FROM`) only rows [36, 96) of each patch are generated
+(CachedWav2Lip's band decode, exact for those rows, ~40% less decoder work); rows above are the
+avatar's own reference crop. The compositor's default feathered lower-face mask is exactly 0 wherever
+its bilinear resize would read patch rows < 39, so a feathered paste is unchanged. An "official" hard
+paste shows the whole patch: construct with `rows_from=0` when any session pastes that way.
+
 Sharing: the per-avatar caches are read-only after `prepare`, so one instance serves any number of
 sessions; `render` is meant to be called from the single render-worker thread.
 """
@@ -27,12 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.wav2lip import HEAD_VALUES, CachedWav2Lip, FaceCache, Wav2Lip, faces_to_input
+from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
 from realtime.renderers.base import MouthPatch
 
 log = logging.getLogger(__name__)
 
 CROP_SIZE = 96
+# First patch row the realtime compositor's default feathered mask can read: the mask is 0 for box rows
+# y with (y + 0.5) / h <= 0.42, and bilinear resizing reads patch rows >= floor(0.42 * 96 - 0.5) = 39 for
+# the others (tests/test_wav2lip_renderer.py checks it for box heights 8..600). 36 keeps a 3-row margin.
+PASTED_ROWS_FROM = 36
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,24 +63,33 @@ class Wav2LipRenderer:
     device: where to run (default: the model's device). precision: "auto" (CPU fp32, CUDA fp16),
     "fp32", "fp16" (CUDA), "bf16" (opt-in, not faithful).
     max_cache_mb: per-avatar cache budget. The decoder-head cache takes 5.6 MB per avatar frame in
-    fp32; above the budget the renderer keeps only the encoder features (1.2 MB per frame).
+    fp32 (3.8 MB with the default rows_from=36, so 200 frames fit the default 1 GB); above the budget
+    the renderer keeps only the encoder features (1.2 MB per frame, ~0.9 MB with rows_from=36).
     max_batch: frames per generator call (larger batches are split) to bound activation memory.
+    rows_from: generate only patch rows [rows_from, 96) (rows above come from the reference crop):
+    PASTED_ROWS_FROM (default) for the feathered paste, 0 for full patches (official hard paste).
     """
 
     name = "wav2lip"
 
     def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
-                 max_cache_mb: float = 1024.0, max_batch: int | None = None) -> None:
+                 max_cache_mb: float = 1024.0, max_batch: int | None = None,
+                 rows_from: int = PASTED_ROWS_FROM) -> None:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = _resolve_dtype(precision, self.device)
         self.max_cache_bytes = max_cache_mb * 2**20
         self.max_batch = max_batch or (128 if self.device.type == "cuda" else 32)
+        if not 0 <= int(rows_from) < CROP_SIZE:
+            raise ValueError(f"rows_from must be in [0, {CROP_SIZE}), got {rows_from}")
+        self.rows_from = int(rows_from)
         # Fold BatchNorm in fp32 even when the loaded model is fp16 (load_wav2lip(device="cuda")),
         # then cast once: the folded weights are rounded a single time.
         self._source = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
         self._nets: dict[bool, CachedWav2Lip] = {}  # cache_heads -> net, built on first need
         self._caches: weakref.WeakKeyDictionary[Any, FaceCache] = weakref.WeakKeyDictionary()
+        # Reference crops' rows above rows_from (uint8 (N, rows_from, 96, 3)), the top of every patch.
+        self._tops: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def _net(self, cache_heads: bool) -> CachedWav2Lip:
@@ -86,15 +105,16 @@ class Wav2LipRenderer:
                 return
             crops = avatar.face_crops(CROP_SIZE)
             n = len(crops)
-            head_bytes = n * HEAD_VALUES * torch.finfo(self.dtype).bits // 8
-            cache_heads = head_bytes <= self.max_cache_bytes
+            frame_bytes = cache_values(True, self.rows_from) * torch.finfo(self.dtype).bits // 8
+            cache_heads = n * frame_bytes <= self.max_cache_bytes
             if not cache_heads:
-                log.info("avatar cache: %d frames x 5.6 MB exceeds %.0f MB, caching encoder features only",
-                         n, self.max_cache_bytes / 2**20)
+                log.info("avatar cache: %d frames x %.1f MB exceeds %.0f MB, caching encoder features only",
+                         n, frame_bytes / 2**20, self.max_cache_bytes / 2**20)
             net = self._net(cache_heads)
             faces = faces_to_input(crops).to(device=self.device, dtype=self.dtype)
-            cache = net.precompute(faces)
+            cache = net.precompute(faces, rows_from=self.rows_from)  # only the rows the band decode reads
             self._caches[avatar] = cache
+            self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
             log.info("wav2lip: prepared %d avatar frames on %s (%s, %.0f MB cached)",
                      n, self.device, str(self.dtype).removeprefix("torch."), cache.nbytes / 2**20)
 
@@ -102,6 +122,7 @@ class Wav2LipRenderer:
         """Drop an avatar's cache now (it also goes when the avatar object is garbage-collected)."""
         with self._lock:
             self._caches.pop(avatar, None)
+            self._tops.pop(avatar, None)
 
     def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """One 96x96 uint8 BGR patch per (avatar frame, mel window (80, 16)), with the frame's face box."""
@@ -114,11 +135,14 @@ class Wav2LipRenderer:
             log.warning("wav2lip: render() on an avatar that was not prepared; preparing it now")
             self.prepare(avatar)
             cache = self._caches[avatar]
+        tops = self._tops[avatar]
         if len(indices) and (indices.min() < 0 or indices.max() >= len(cache)):
             raise IndexError(f"frame index out of range for an avatar of {len(cache)} frames: "
                              f"{indices.min()}..{indices.max()}")
         images = np.concatenate([self._generate(cache, indices[s:s + self.max_batch], mels[s:s + self.max_batch])
                                  for s in range(0, len(indices), self.max_batch)]) if len(indices) else []
+        if len(indices) and self.rows_from:
+            images = np.concatenate([tops[indices], images], axis=1)
         boxes = np.asarray(avatar.boxes)
         return [MouthPatch(image=images[i], box=tuple(int(v) for v in boxes[idx]))
                 for i, idx in enumerate(indices)]
@@ -129,7 +153,7 @@ class Wav2LipRenderer:
             # A copy (not a view of the caller's array): `mels` must not be referenced after return.
             audio = torch.tensor(mels[:, None]).to(device=self.device, dtype=self.dtype)
             index = torch.from_numpy(indices).to(self.device)
-            pred = net(audio, cache.select(index))
+            pred = net(audio, cache.select(index), self.rows_from)
             # Official conversion: float32 x 255 then truncation (astype(uint8)); done on the device
             # so that only bytes cross to the host.
             out = (pred.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

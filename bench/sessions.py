@@ -1,0 +1,307 @@
+"""One run, one machine: Wav2Lip generator speed, accuracy of the fast variants, and live sessions at 25 fps.
+
+    python bench/sessions.py [--rounds 3] [--trial-s 4] [--max-sessions 12] [--threads 2]
+
+Random weights, seeded and calibrated (bench.generator.realistic_random_wav2lip: He init + BatchNorm
+statistics calibrated on random inputs, so the output spans (0, 1)); NOT the released checkpoints.
+Inputs are real: the embedded default avatar's 96x96 face crops and official mel windows of espeak-ng
+speech.
+
+1. Throughput (frames/s, best round of `--rounds`, variants interleaved) at batch 1, 8, 32:
+   - eager: the official inference per batch: faces_to_input + the fp32 Wav2Lip forward (face encoder
+     included) under no_grad + the uint8 conversion.
+   - wav2lip: `Wav2LipRenderer.render` as the server runs it (fp32, cached encoder, BatchNorm folded,
+     decoder rows [36, 96) only), uint8 patches out.
+   - wav2lip-bf16: the same with precision="bf16" (opt-in, lossy).
+2. Accuracy vs fp32 eager over the whole speech clip (one frame per 40 ms window): PSNR (dB) and
+   max |diff| (uint8 levels) of the uint8 patches over the rows the feathered paste shows (36..95) and
+   over the mouth rows (48..95).
+3. Live sessions: N LipSyncSession objects on one shared ThreadedRenderWorker, each pushed the speech
+   clip in 20 ms chunks and pulled at 25 fps by the wall clock (one driver thread, like the server's
+   tracks); N grows until a trial fails: more than 2% of speech frames dropped, or a session's latency
+   p95 above its fixed latency budget (EngineConfig.fit_budget_to_renderer, as the server configures
+   Wav2Lip) plus half a frame of tick jitter. Each trial lasts `--trial-s` seconds of speech; N steps
+   1..6, 8, 10, 12, 16 (the count reported is the largest N that passed).
+4. With CUDA present: the eager fp32 / renderer fp16 throughput on the GPU too (device name printed).
+
+Last line: one JSON object, {"eager_fps": {batch: fps}, "wav2lip_fps": {batch: fps}, "wav2lip_psnr_db":
+dB (fp32 renderer, rows 36..95), "default_sessions_25fps": N, "wav2lip_sessions_25fps": N, "device": ..,
+...details}; fps are dicts per batch ("1", "8", "32").
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import TEXT, make_speech  # noqa: E402
+from bench.generator import realistic_random_wav2lip  # noqa: E402
+from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8  # noqa: E402
+from realtime.config import EngineConfig  # noqa: E402
+from realtime.mel import mel_windows, melspectrogram  # noqa: E402
+from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer  # noqa: E402
+from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
+from realtime.session import LipSyncSession  # noqa: E402
+
+log = logging.getLogger("bench.sessions")
+BATCHES = (1, 8, 32)
+MOUTH_ROWS = 48
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
+    """Linear-interpolation resample (good enough to make realistic mel windows for the accuracy check)."""
+    n = int(round(len(wav) * 16000 / rate))
+    return np.interp(np.arange(n) * (rate / 16000), np.arange(len(wav)), wav).astype(np.float32)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def eager_uint8(model: Wav2Lip, crops: np.ndarray, mels: np.ndarray, device: str = "cpu") -> np.ndarray:
+    with torch.no_grad():
+        return to_uint8(model(mels_to_input(mels).to(device), faces_to_input(crops).to(device)))
+
+
+def best_fps(fns: dict[str, callable], frames: int, rounds: int) -> dict[str, float]:
+    """Interleaved rounds, best per name; each call renders `frames` frames."""
+    best = {name: float("inf") for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: round(frames / s, 2) for name, s in best.items()}
+
+
+def throughput(model, renderers, avatar, crops, mels, rounds, device="cpu") -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {name: {} for name in ["eager", *renderers]}
+    n = len(crops)
+    for batch in BATCHES:
+        calls = max(1, 16 // batch)  # >= 16 frames per timed call at small batches
+        idx = [np.arange(c * batch, (c + 1) * batch) % n for c in range(calls)]
+        win = [mels[np.arange(c * batch, (c + 1) * batch) % len(mels)] for c in range(calls)]
+        fns = {"eager": lambda: [eager_uint8(model, crops[i], w, device) for i, w in zip(idx, win)]}
+        for name, r in renderers.items():
+            fns[name] = (lambda r=r: [r.render(avatar, i, w) for i, w in zip(idx, win)])
+        for name, fps in best_fps(fns, calls * batch, rounds).items():
+            out[name][str(batch)] = fps
+        log.info("batch %2d: %s", batch, "  ".join(f"{k} {v[str(batch)]:.1f} fps" for k, v in out.items()))
+    return out
+
+
+def accuracy(model, renderers, avatar, crops, mels) -> dict[str, dict[str, float]]:
+    idx = np.arange(len(mels)) % len(crops)
+    ref = np.concatenate([eager_uint8(model, crops[idx[s:s + 32]], mels[s:s + 32]) for s in range(0, len(mels), 32)])
+    out = {}
+    for name, r in renderers.items():
+        got = np.stack([p.image for s in range(0, len(mels), 32)
+                        for p in r.render(avatar, idx[s:s + 32], mels[s:s + 32])])
+        rows = r.rows_from
+        out[name] = {
+            "frames": len(mels),
+            "psnr_db_pasted_rows": round(psnr(got[:, rows:], ref[:, rows:]), 2),
+            "max_abs_diff_pasted_rows": int(np.abs(got[:, rows:].astype(int) - ref[:, rows:]).max()),
+            "psnr_db_mouth_rows": round(psnr(got[:, MOUTH_ROWS:], ref[:, MOUTH_ROWS:]), 2),
+            "max_abs_diff_mouth_rows": int(np.abs(got[:, MOUTH_ROWS:].astype(int) - ref[:, MOUTH_ROWS:]).max()),
+            "pasted_rows": f"{rows}..95",
+        }
+        log.info("accuracy %-13s %s", name, out[name])
+    return out
+
+
+def drive_many(sessions: list[LipSyncSession], wav: np.ndarray, rate: int, seconds: float) -> None:
+    """Every session pushed 20 ms chunks and pulled (audio every 20 ms, video every 1/fps) on the wall clock."""
+    chunk = rate // 50
+    period = 1.0 / sessions[0].fps
+    t0 = time.monotonic()
+    next_push = next_audio = 0.0
+    next_video = 0.0
+    pushed = 0
+    while True:
+        due = min(next_push if pushed < len(wav) else np.inf, next_audio, next_video)
+        if due >= seconds:
+            return
+        delay = t0 + due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if pushed < len(wav) and next_push <= due:
+            for s in sessions:
+                s.push_audio(wav[pushed:pushed + chunk], rate)
+            pushed += chunk
+            next_push += 0.02
+        if next_audio <= due:
+            for s in sessions:
+                s.next_audio(320)
+            next_audio += 0.02
+        if next_video <= due:
+            for s in sessions:
+                s.next_video_frame()
+            next_video += period
+
+
+def trial(worker, avatar, config, wav, rate, n: int) -> dict:
+    sessions = [LipSyncSession(avatar, worker, config, name=f"s{i}") for i in range(n)]
+    try:
+        drive_many(sessions, wav, rate, len(wav) / rate + 0.6)
+        ms = [s.metrics() for s in sessions]
+    finally:
+        for s in sessions:
+            s.close()
+    speech = sum(m["frames_rendered"] + m["frames_dropped"] for m in ms)
+    drops = sum(m["frames_dropped"] for m in ms)
+    p95 = max((m["latency_ms"]["p95"] or 0.0) for m in ms)
+    budget = min(m["latency_budget_ms"] for m in ms)
+    ok = speech > 0 and drops <= 0.02 * speech and p95 <= budget + 500.0 / config.fps
+    return {"sessions": n, "ok": bool(ok), "speech_frames": speech, "drops": drops,
+            "latency_p95_ms": round(p95, 1), "latency_budget_ms": round(budget, 1)}
+
+
+def sessions_at_25fps(renderer, avatar, wav, rate, max_n: int) -> tuple[int, list[dict]]:
+    config = EngineConfig(fps=25.0, fit_budget_to_renderer=True)
+    worker = ThreadedRenderWorker(renderer, max_batch=config.max_batch, max_wait_s=config.max_batch_wait_ms / 1000)
+    trials: list[dict] = []
+    best = 0
+    try:
+        worker.prepare(avatar, warmup=True)
+        for n in [n for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32) if n <= max_n]:
+            res = trial(worker, avatar, config, wav, rate, n)
+            trials.append(res)
+            log.info("sessions %-13s %s", getattr(renderer, "name", "?"), res)
+            if not res["ok"]:
+                break
+            best = n
+    finally:
+        worker.close()
+    return best, trials
+
+
+def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int) -> dict:
+    device = "cuda"
+    name = torch.cuda.get_device_name(0)
+    log.info("GPU: %s", name)
+    gmodel = copy.deepcopy(model).to(device)
+    renderer = Wav2LipRenderer(gmodel, device=device)  # fp16, rows 36..95
+    renderer.prepare(avatar)
+
+    def sync(fn):
+        def run():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        return run
+
+    out: dict[str, dict[str, float]] = {"eager_fp32": {}, "wav2lip_fp16": {}}
+    n = len(crops)
+    for batch in BATCHES:
+        idx = np.arange(batch) % n
+        win = mels[np.arange(batch) % len(mels)]
+        fps = best_fps({"eager_fp32": sync(lambda: eager_uint8(gmodel, crops[idx], win, device)),
+                        "wav2lip_fp16": sync(lambda: renderer.render(avatar, idx, win))}, batch, max(rounds, 5))
+        for k, v in fps.items():
+            out[k][str(batch)] = v
+    acc = accuracy(model, {"wav2lip_fp16": renderer}, avatar, crops, mels)
+    return {"device": name, "fps": out, "accuracy": acc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trial-s", type=float, default=4.0, help="seconds of speech per sessions trial")
+    parser.add_argument("--max-sessions", type=int, default=16, help="tries 1-6, 8, 10, 12, 16, .. up to this")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sessions-renderers", default="default,wav2lip,wav2lip-bf16")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    t_start = time.monotonic()
+
+    from realtime.avatar import load_default_avatar
+
+    avatar = load_default_avatar()
+    crops = avatar.face_crops(96)
+    wav, rate = make_speech(TEXT, 1)
+    mels = mel_windows(melspectrogram(to_16k(wav, rate)), 25.0)
+    log.info("cpu %s (%d cores, %d torch threads), clip %.1f s -> %d mel windows, avatar %d frames",
+             cpu_name(), os.cpu_count() or 0, torch.get_num_threads(), len(wav) / rate, len(mels), len(crops))
+
+    model = realistic_random_wav2lip()
+    renderers = {"wav2lip": Wav2LipRenderer(model),  # the default: fp32, rows 36..95
+                 "wav2lip-bf16": Wav2LipRenderer(model, precision="bf16"),
+                 "wav2lip-full": Wav2LipRenderer(model, rows_from=0)}  # full patch (official paste)
+    for r in renderers.values():
+        r.prepare(avatar)
+    fps = throughput(model, renderers, avatar, crops, mels, args.rounds)
+    acc = accuracy(model, renderers, avatar, crops, mels)
+
+    trial_wav = wav[: int(args.trial_s * rate)]
+    sessions: dict[str, dict] = {}
+    for name in [n.strip() for n in args.sessions_renderers.split(",") if n.strip()]:
+        if name == "default":
+            from realtime.renderers.default import DefaultRenderer
+
+            renderer = DefaultRenderer()
+        else:
+            renderer = renderers[name]
+        n, trials = sessions_at_25fps(renderer, avatar, trial_wav, rate, args.max_sessions)
+        sessions[name] = {"sessions_25fps": n, "trials": trials}
+
+    gpu = None
+    if torch.cuda.is_available():
+        try:
+            gpu = gpu_section(model, avatar, crops, mels, args.rounds)
+        except Exception as exc:  # report, don't lose the CPU numbers
+            log.exception("GPU section failed")
+            gpu = {"error": repr(exc)}
+
+    for name, v in fps.items():
+        print(f"{name:14s} " + "  ".join(f"B={b}: {v[b]:6.2f} fps" for b in v)
+              + (f"  ({v['1'] / fps['eager']['1']:.2f}x eager at B=1)" if name != "eager" else ""))
+    for name, v in acc.items():
+        print(f"{name:14s} PSNR {v['psnr_db_pasted_rows']} dB (rows {v['pasted_rows']}), max|diff| "
+              f"{v['max_abs_diff_pasted_rows']} levels; mouth rows 48..95: {v['psnr_db_mouth_rows']} dB")
+    for name, v in sessions.items():
+        print(f"{name:14s} sustains {v['sessions_25fps']} session(s) at 25 fps")
+    result = {
+        "eager_fps": fps["eager"], "wav2lip_fps": fps["wav2lip"],
+        "wav2lip_psnr_db": acc["wav2lip"]["psnr_db_pasted_rows"],
+        "default_sessions_25fps": sessions.get("default", {}).get("sessions_25fps"),
+        "wav2lip_sessions_25fps": sessions.get("wav2lip", {}).get("sessions_25fps"),
+        "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)" + (f"; gpu: {gpu['device']}" if gpu and "device" in gpu else ""),
+        "fps_unit": "frames/s per batch size (keys: batch)",
+        "variants_fps": fps, "accuracy": acc,
+        "sessions": {k: v["sessions_25fps"] for k, v in sessions.items()},
+        "session_trials": {k: v["trials"] for k, v in sessions.items()},
+        "gpu": gpu, "weights": "random, calibrated (not the released checkpoints)",
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
