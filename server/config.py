@@ -63,6 +63,11 @@ class ServerConfig:
     checkpoint: Path | None = None
     avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # Wav2Lip numerics: auto = fp32 on CPU, fp16 on CUDA; bf16 is a measured, lossy CPU speed-up.
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    # How mouth patches are pasted: feather (seamless) or official (hard paste, parity with the
+    # original tool; Wav2Lip then generates whole 96x96 patches instead of only the pasted rows).
+    paste_mode: str = "feather"
     max_sessions: int = 4
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = None
@@ -104,6 +109,10 @@ class ServerConfig:
                            (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar")):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or directory")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError("--precision must be auto, fp32, fp16 or bf16")
+        if self.paste_mode not in ("feather", "official"):
+            raise ValueError("--paste-mode must be feather or official")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
         if self.max_upload_mb <= 0:
@@ -125,6 +134,11 @@ class ServerConfig:
         add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
                                         "(default: the embedded avatar)")
         add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto)")
+        add("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+            help="Wav2Lip numerics: auto (fp32 on CPU, fp16 on CUDA), or bf16 for speed on CPUs with "
+                 "bf16 instructions (lossy: see bench/sessions.py)")
+        add("--paste-mode", choices=["feather", "official"],
+            help="feather (seamless, default) or official (the original tool's hard paste)")
         add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
         add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
         add("--key-file", type=Path, help="TLS private key (PEM)")

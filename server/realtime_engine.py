@@ -66,7 +66,11 @@ class RealtimeEngine:
         }
 
     def open_session(self, options: dict, name: str = "") -> LipSyncSession:
-        config = self.config.with_overrides(**session_overrides(options))
+        overrides = session_overrides(options)
+        if overrides.get("paste_mode") == "official" and getattr(self.worker.renderer, "rows_from", 0) > 0:
+            raise ValueError("options.paste_mode 'official' needs whole Wav2Lip patches: "
+                             "start the server with --paste-mode official")
+        config = self.config.with_overrides(**overrides)
         return LipSyncSession(self.avatar, self.worker, config, name=name)
 
     def metrics(self) -> dict:
@@ -94,14 +98,19 @@ class RealtimeEngine:
         else:
             from models.checkpoints import resolve_device
             from models.wav2lip import load_wav2lip
-            from realtime.renderers.wav2lip import Wav2LipRenderer
+            from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
             device = str(resolve_device(config.device))
-            renderer = Wav2LipRenderer(load_wav2lip(config.checkpoint, device), device=device)
+            # Feathered pastes never show the top rows of a patch, so the generator skips them;
+            # official pastes show the whole 96x96 patch.
+            rows_from = 0 if config.paste_mode == "official" else PASTED_ROWS_FROM
+            renderer = Wav2LipRenderer(load_wav2lip(config.checkpoint, device), device=device,
+                                       precision=config.precision, rows_from=rows_from)
         info = {"avatar": avatar_name, "device": device,
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
         # A generator slower than the default compute budget (Wav2Lip on a small CPU) would otherwise
         # drop every mouth frame: size each session's fixed delay from the measured render cost instead
         # (still fixed per session, and capped by EngineConfig.max_compute_budget_ms).
-        engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None)
+        engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
+                                     paste_mode=config.paste_mode)
         return cls(avatar, renderer, engine_config, info=info)

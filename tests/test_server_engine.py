@@ -129,5 +129,24 @@ def test_checkpoint_switches_to_wav2lip(tmp_path):
         session.push_audio(np.zeros(3200, np.float32), 16000)
         assert session.next_video_frame().image.shape == (512, 512, 3)
         session.close()
+        # feathered pastes (the default) let the generator skip rows no paste shows; a session
+        # asking for the official hard paste would show them, so it is refused with the fix
+        assert engine.worker.renderer.rows_from > 0
+        with pytest.raises(ValueError, match="--paste-mode official"):
+            engine.open_session({"paste_mode": "official"})
     finally:
         engine.close()
+
+
+def test_precision_and_paste_mode_flags():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    config = ServerConfig.from_args(parser.parse_args(["--precision", "bf16", "--paste-mode", "official"]), env={})
+    assert (config.precision, config.paste_mode) == ("bf16", "official")
+    config = ServerConfig.from_args(parser.parse_args([]), env={"LIPSYNC_PRECISION": "fp32"})
+    assert config.precision == "fp32" and config.paste_mode == "feather"
+    config.precision = "int3"
+    with pytest.raises(ValueError, match="--precision"):
+        config.validate()
