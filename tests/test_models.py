@@ -203,7 +203,10 @@ def test_cached_decoder_row_band_equals_full(model, inputs, cache_heads, frames)
         for rows_from in (1, 2, 5, 17, 36, 39, 48, 63, 95):
             band = fast(audio, cache.select(index, fast.cache_rows(rows_from)), rows_from)
             assert band.shape == (batch, 3, 96 - rows_from, 96)
-            assert float((band - full[:, :, rows_from:]).abs().max()) <= 1e-5
+            # Same arithmetic on a row band; only float32 rounding may differ, because oneDNN picks its
+            # conv kernels by tensor shape (1.02e-5 seen once in CI on the features-only path). A wrong
+            # halo or row offset shows up as errors of 1e-2 and more.
+            assert float((band - full[:, :, rows_from:]).abs().max()) <= 5e-5
             # full-height cached tensors are accepted too (sliced inside)
             band2 = fast(audio, cache.select(index), rows_from)
             assert float((band2 - band).abs().max()) <= 1e-6
