@@ -228,7 +228,7 @@ def test_band_cache_holds_only_the_band(model, inputs, cache_heads):
             assert cache.nbytes == len(face) * 4 * cache_values(cache_heads, rows_from)
             expected = fast(audio[index], full_cache.select(index))[:, :, rows_from:]
             got = fast(audio[index], cache.select(index), rows_from)
-            assert float((got - expected).abs().max()) <= 1e-5
+            assert float((got - expected).abs().max()) <= 5e-5  # float32 rounding only, as above
         assert cache_values(cache_heads) == (HEAD_VALUES if cache_heads else FEATURE_VALUES)
         with pytest.raises(ValueError, match="do not cover"):
             fast(audio, fast.precompute(face, rows_from=36).select(torch.arange(2)), 20)
