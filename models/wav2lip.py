@@ -101,6 +101,16 @@ def _face_decoder() -> nn.ModuleList:
     ])
 
 
+def encoder_features(blocks: nn.ModuleList, face: Tensor) -> list[Tensor]:
+    """Run the face encoder stage by stage, keeping every stage's output (the decoder's skips)."""
+    feats = []
+    x = face
+    for block in blocks:
+        x = block(x)
+        feats.append(x)
+    return feats
+
+
 def _fold_time(x: Tensor, time_dim: int) -> Tensor:
     """(B, ..T.., ...) -> (T*B, ...), time-major, as the training path folds sequences into the batch."""
     return torch.cat([x.select(time_dim, t) for t in range(x.shape[time_dim])], dim=0)
@@ -118,12 +128,7 @@ class Wav2Lip(nn.Module):
 
     def encode_face(self, face: Tensor) -> list[Tensor]:
         """(B, 6, 96, 96) -> the 7 encoder feature maps, shallowest first. Constant per avatar frame."""
-        feats = []
-        x = face
-        for block in self.face_encoder_blocks:
-            x = block(x)
-            feats.append(x)
-        return feats
+        return encoder_features(self.face_encoder_blocks, face)
 
     def encode_audio(self, mel: Tensor) -> Tensor:
         """(B, 1, 80, 16) mel window -> (B, 512, 1, 1) audio embedding."""
@@ -329,12 +334,7 @@ class CachedWav2Lip(nn.Module):
         self.eval()
 
     def encode_face(self, face: Tensor) -> list[Tensor]:
-        feats = []
-        x = face
-        for block in self.face_encoder_blocks:
-            x = block(x)
-            feats.append(x)
-        return feats
+        return encoder_features(self.face_encoder_blocks, face)
 
     @torch.inference_mode()
     def precompute(self, face: Tensor, batch_size: int = 16, rows_from: int = 0) -> FaceCache:
