@@ -9,11 +9,16 @@ offset from the stamps, drops, frames, and CPU per frame (whole process CPU time
 `render_cpu_ms_per_rendered_frame` is the worker thread's CPU time inside the renderer).
 
     python bench/engine.py [--renderers default,wav2lip] [--text "..."] [--repeat 2] [--fixed-budget]
+                           [--no-batching]
 
 Each session sizes its compute budget from the worker's warm-up cost (`fit_budget_to_renderer`), so a
 renderer slower than the default 2-frame budget (Wav2Lip on a small CPU) gets a larger, still fixed,
 latency instead of dropping every frame; `--fixed-budget` keeps the default budget for every renderer.
-`latency_budget_ms` in the output is the session's fixed delay L.
+When one frame costs more than a frame period but batches are cheaper per frame (the warm-up measures
+cost(1), cost(2), cost(4), cost(8)), the budget is sized for gathering `batch_frames` frames per renderer
+call and the worker waits for them (deadline-aware batching); `--no-batching` sizes it per frame instead.
+`latency_budget_ms` in the output is the session's fixed delay L; `mean_batch` the frames per renderer
+call; `cost_curve_ms` the warm-up cost per batch size.
 
 The last line printed is one JSON object:
     {"renderers": {NAME: {"latency_ms": {"p50", "p95", "p99"}, "av_offset_ms", "drops", "frames",
@@ -134,6 +139,7 @@ def bench_renderer(name: str, avatar, wav: np.ndarray, rate: int, config: Engine
         worker.prepare(avatar, warmup=True)
         prepare_s = time.monotonic() - t
         renderer.cpu_s, renderer.frames = 0.0, 0
+        curve = {b: _r(1000.0 * c) for b, c in sorted(worker.cost.by_size.items())}
         session = LipSyncSession(avatar, worker, config, name=f"bench-{name}")
         cpu0, wall0 = time.process_time(), time.monotonic()
         frames = drive_realtime(session, wav, rate, len(wav) / rate + 1.0)
@@ -156,6 +162,9 @@ def bench_renderer(name: str, avatar, wav: np.ndarray, rate: int, config: Engine
         "render_cpu_ms_per_rendered_frame": _r(1000.0 * renderer.cpu_s / max(renderer.frames, 1)),
         "render_ms_p50": _r(m["render_ms"]["p50"]),
         "latency_budget_ms": _r(m["latency_budget_ms"]),
+        "batch_frames": m["batch_frames"],
+        "mean_batch": _r(worker.stats()["mean_batch"]),
+        "cost_curve_ms": curve,
         "wall_s": _r(wall_s),
         "prepare_s": _r(prepare_s),
         "worker": {k: (_r(v) if isinstance(v, float) else v) for k, v in worker.stats().items()},
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="repeat the clip (longer run)")
     parser.add_argument("--fixed-budget", action="store_true",
                         help="do not fit the compute budget to each renderer's measured cost")
+    parser.add_argument("--no-batching", action="store_true",
+                        help="size the fitted budget per frame (no gathering of frames into batches)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     avatar = load_default_avatar()
     config = EngineConfig(fps=float(getattr(avatar, "fps", 25.0) or 25.0),
-                          fit_budget_to_renderer=not args.fixed_budget)
+                          fit_budget_to_renderer=not args.fixed_budget, batch_to_keep_up=not args.no_batching)
     log.info("clip %.2f s at %d Hz, avatar %d frames %s at %g fps, %d CPU cores", len(wav) / rate, rate,
              len(avatar.frames), "x".join(map(str, avatar.frames[0].shape[1::-1])), config.fps,
              os.cpu_count() or 0)
@@ -199,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         lat = res["latency_ms"]
         log.info("%-8s latency p50 %6.1f  p95 %6.1f  p99 %6.1f ms (budget %.0f ms) | A/V offset %.2f ms | "
                  "drops %d / %d speech frames (%d held) | %d frames | CPU %.1f ms/frame "
-                 "(renderer %.1f ms/rendered frame)",
+                 "(renderer %.1f ms/rendered frame) | batch %d planned, %.2f mean | cost curve %s ms",
                  name, lat["p50"] or 0, lat["p95"] or 0, lat["p99"] or 0, res["latency_budget_ms"],
                  res["av_offset_ms"], res["drops"], res["speech_frames"], res["frames_held"], res["frames"],
-                 res["cpu_ms_per_frame"], res["render_cpu_ms_per_rendered_frame"])
+                 res["cpu_ms_per_frame"], res["render_cpu_ms_per_rendered_frame"], res["batch_frames"],
+                 res["mean_batch"], res["cost_curve_ms"])
     sys.stdout.flush()
     print(json.dumps({"renderers": results}), flush=True)
     return 1 if failed else 0

@@ -16,7 +16,10 @@ the audio track is a plain delay line that never stretches, skips or waits, so A
 latency cannot accumulate; a frame that is not ready in time is dropped or held instead (see session.py).
 An adaptive L would have to resample or cut audio every time it moved. (With
 `EngineConfig.fit_budget_to_renderer`, the compute budget is sized once, at session start, from the render
-worker's measured per-frame cost, so a slow CPU renderer gets a larger but still fixed L.)
+worker's measured per-frame cost, so a slow CPU renderer gets a larger but still fixed L. When one frame
+costs more than a frame period but batches are cheaper per frame (Wav2Lip on CPU, any GPU model), the
+budget instead covers gathering k frames, (k - 1) periods, plus 1.5 cost(k): the render worker then waits
+for k consecutive frames before rendering them together, and keeps up; see `Timeline.from_config`.)
 
 `ManualClock` is a settable clock for simulated-time tests and benchmarks.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from realtime.config import EngineConfig
 from realtime.mel import COLUMNS_PER_SECOND, HOP, MEL_STEP, N_FFT, SAMPLE_RATE
@@ -42,20 +46,54 @@ class Timeline:
 
     fps: float
     delay_frames: int
+    batch_frames: int = 1   # frames the render worker may gather per batch (> 1 only when sized for it)
 
     @classmethod
     def from_config(cls, config: EngineConfig, fps: float | None = None,
-                    render_cost_s: float | None = None) -> "Timeline":
+                    render_cost_s: float | None = None,
+                    batch_cost: Callable[[int], float] | None = None, max_batch: int = 1) -> "Timeline":
         """The session's timeline. With `config.fit_budget_to_renderer` and a measured per-frame render
-        cost, the compute budget is widened to fit that renderer (still fixed for the session)."""
+        cost, the compute budget is widened to fit that renderer (still fixed for the session).
+
+        With also a cost curve `batch_cost(b)` (seconds for a batch of b, measured at warm-up) and
+        `config.batch_to_keep_up`: if one frame takes more than `batch_max_utilization` frame periods,
+        the smallest k <= max_batch with cost(k) <= batch_max_utilization * k periods is chosen and the
+        budget covers gathering k frames plus rendering them, (k - 1) periods + 1.5 cost(k), if that fits
+        under `max_compute_budget_ms`; `batch_frames` = k tells the worker to gather."""
         fps = float(fps or config.fps)
         spf = SAMPLE_RATE / fps
         budget = config.compute_budget_frames * spf
+        batch = 1
+        if config.fit_budget_to_renderer and batch_cost is not None and not render_cost_s:
+            render_cost_s = batch_cost(1)
         if config.fit_budget_to_renderer and render_cost_s:
-            fitted = (1.5 * render_cost_s + 1.0 / fps) * SAMPLE_RATE
-            budget = max(budget, min(fitted, config.max_compute_budget_ms * SAMPLE_RATE / 1000.0))
+            cap_s = config.max_compute_budget_ms / 1000.0
+            fitted_s = 1.5 * render_cost_s + 1.0 / fps
+            plan = (cls._batch_plan(config, fps, render_cost_s, batch_cost, max_batch)
+                    if config.batch_to_keep_up and batch_cost is not None else None)
+            if plan is not None:
+                batch, fitted_s = plan
+            budget = max(budget, min(fitted_s, cap_s) * SAMPLE_RATE)
         need = LOOKAHEAD_SAMPLES + config.input_jitter_ms * SAMPLE_RATE / 1000.0 + budget
-        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)))
+        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)), batch_frames=batch)
+
+    @staticmethod
+    def _batch_plan(config: EngineConfig, fps: float, cost_1: float, batch_cost: Callable[[int], float],
+                    max_batch: int) -> tuple[int, float] | None:
+        """(k, compute budget in seconds) for gathering batches of k, or None when batch 1 keeps up
+        (or no batch size both keeps up and fits under the budget cap)."""
+        period = 1.0 / fps
+        util = config.batch_max_utilization
+        if cost_1 <= util * period:
+            return None
+        for k in range(2, int(max_batch) + 1):
+            cost_k = batch_cost(k)
+            if cost_k <= util * k * period:
+                budget_s = (k - 1) * period + 1.5 * cost_k
+                if budget_s <= config.max_compute_budget_ms / 1000.0:
+                    return k, budget_s
+                return None
+        return None
 
     @property
     def samples_per_frame(self) -> float:

@@ -27,6 +27,12 @@ class EngineConfig:
     fit_budget_to_renderer: bool = False  # at session start, widen the compute budget to the worker's
                                          # measured per-frame cost (1.5x + 1 frame), up to the cap below
     max_compute_budget_ms: float = 1000.0
+    batch_to_keep_up: bool = True        # with fit_budget_to_renderer: when one frame costs more than
+                                         # batch_max_utilization x the frame period but a batch of k <=
+                                         # max_batch does not (worker's warm-up cost curve), size the budget
+                                         # for gathering k frames ((k-1) periods + 1.5 cost(k)) and let the
+                                         # worker wait for them (deadline-aware batching)
+    batch_max_utilization: float = 0.8   # a batch size is chosen only if cost(k) <= this x k periods
     stall_after_ms: float = 40.0         # input this late ends the current segment (flushes its mel);
                                          # raised automatically for sources pushing larger real-time chunks
 
@@ -64,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.compute_budget_frames < 0 or self.input_jitter_ms < 0:
             raise ValueError("compute_budget_frames and input_jitter_ms must be >= 0")
+        if not 0 < self.batch_max_utilization <= 1:
+            raise ValueError(f"batch_max_utilization must be in (0, 1], got {self.batch_max_utilization}")
         if self.ramp_frames < 1:
             raise ValueError(f"ramp_frames must be >= 1, got {self.ramp_frames}")
 

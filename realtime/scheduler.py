@@ -5,7 +5,14 @@ video tick that will show them). The worker serves the earliest deadline first, 
 avatar up to `max_batch` while the predicted batch time still meets the earliest deadline, and skips jobs
 that can no longer finish in time (a drop: the session shows the held mouth instead). Skipping, rather
 than rendering late, is what keeps latency fixed under overload: the mouth-update rate falls, nothing
-queues up. Batch cost is predicted from an exponential average of measured batch times.
+queues up. Batch cost is predicted from an exponential average of measured batch times per batch size
+(interpolated between sizes; the warm-up measures a curve for sizes 1, 2, 4, 8).
+
+Deadline-aware gathering: a job carries the batch size its owner's fixed delay was sized for
+(`batch_hint`, see `Timeline.from_config`). When it is > 1 (a renderer slower than a frame period per
+frame, faster in batches) the worker holds the head job while fewer than that many jobs of its avatar are
+queued and a batch one larger (1.25x its predicted cost) would still meet the earliest deadline; each
+arrival tightens the bound, so the wait always ends in time (`_JobQueue.gather_until`).
 
 Two drivers of the same policy:
 - `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; with
@@ -48,6 +55,8 @@ class RenderJob:
     deadline: float                   # clock time by which the patch must be delivered
     ready_at: float                   # clock time the job became renderable (submission)
     deliver: Callable[["RenderResult"], None]
+    batch_hint: int = 1               # frames per batch the owner's fixed delay was sized for: > 1 lets
+                                      # the worker wait for that many jobs while deadlines allow it
 
 
 @dataclass
@@ -68,9 +77,22 @@ class CostModel:
     per_frame: float | None = None
 
     def estimate(self, b: int) -> float:
+        """Seen sizes: their average. Between two seen sizes: linear interpolation. Above the largest:
+        proportional to it; below the smallest: its cost (both err on the slow side for a + b * size).
+        Nothing seen: the per-frame average times b."""
         if b in self.by_size:
             return self.by_size[b]
-        return 0.0 if self.per_frame is None else self.per_frame * b
+        if not self.by_size:
+            return 0.0 if self.per_frame is None else self.per_frame * b
+        sizes = sorted(self.by_size)
+        lo = max((s for s in sizes if s < b), default=None)
+        hi = min((s for s in sizes if s > b), default=None)
+        if lo is None:
+            return self.by_size[hi]
+        if hi is None:
+            return self.by_size[lo] * b / lo
+        c_lo, c_hi = self.by_size[lo], self.by_size[hi]
+        return c_lo + (c_hi - c_lo) * (b - lo) / (hi - lo)
 
     def observe(self, b: int, seconds: float) -> None:
         a = self.smoothing
@@ -121,6 +143,29 @@ class _JobQueue:
             live = {id(j.owner) for j in self.jobs} | {id(j.owner) for j in batch}
             self._served = {o: v for o, v in self._served.items() if o in live}
 
+    def gather_until(self, now: float, cost: CostModel, max_batch: int, safety: float) -> float | None:
+        """Deadline-aware batching: if the next batch should wait for more jobs, the time until which it
+        may wait; None to start now.
+
+        Only when the head job asks for batches (`batch_hint` > 1, an owner whose fixed delay was sized
+        for gathering), fewer than min(hint, max_batch) jobs of its avatar are ready, no job of another
+        avatar is waiting, and waiting still lets a batch one job larger (predicted `safety` x its cost)
+        finish before the earliest deadline. Each arrival makes the bound tighter, so the wait ends by
+        itself; a deadline is never traded for a larger batch.
+        """
+        ready = [j for j in self.jobs if j.ready_at <= now]
+        if not ready:
+            return None
+        head = min(ready, key=lambda j: j.deadline)
+        target = min(int(max_batch), int(head.batch_hint))
+        if target <= 1 or any(j.avatar is not head.avatar for j in ready):
+            return None
+        b = len(ready)
+        if b >= target:
+            return None
+        limit = head.deadline - safety * cost.estimate(b + 1)
+        return limit if limit > now else None
+
     def select(self, now: float, cost: CostModel, max_batch: int, probe: bool,
                peek: bool = False) -> tuple[list[RenderJob], int]:
         """Pick the next batch at time `now`; returns (batch, jobs skipped as too late).
@@ -170,6 +215,8 @@ class RenderWorker:
     """Common part of the two drivers: renderer preparation, the renderer call, statistics."""
 
     probe_after_s = 0.5  # render at least one job this often so the cost estimate can recover
+    gather_safety = 1.25  # a gathering batch stops waiting when 1.25x the cost of one more would miss
+    curve_sizes = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
 
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
                  clock: Clock = time.monotonic) -> None:
@@ -192,19 +239,27 @@ class RenderWorker:
     # -- API used by sessions -------------------------------------------------------------------
     def prepare(self, avatar: Any, warmup: bool = False) -> None:
         """Run the renderer's per-avatar precompute once (slow: call it off the event loop).
-        With `warmup`, also render two throw-away frames so the first real frame is not the slow one."""
+        With `warmup`, also render throw-away frames so the first real frame is not the slow one, and
+        measure the cost curve: cost(b) for b = 1 and `curve_sizes` up to max_batch (each size once
+        untimed, then the fastest of 3 timed calls for b = 1 and of 2 for larger b, so a noise spike on
+        a shared CPU does not set a session's fixed delay), which sessions use to size a fixed delay
+        that allows batching."""
         with self._prepare_lock:
             if id(avatar) in self._prepared:
                 return
             self.renderer.prepare(avatar)
             self._prepared[id(avatar)] = avatar
             if warmup:
-                mel = np.full((1, 80, 16), -4.0, dtype=np.float32)
-                for attempt in range(2):
-                    t0 = self.clock()
-                    self.renderer.render(avatar, np.zeros(1, dtype=np.int64), mel)
-                    if attempt:
-                        self.cost.observe(1, self.clock() - t0)
+                sizes = [1] + sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})
+                for b in sizes:
+                    mel = np.full((b, 80, 16), -4.0, dtype=np.float32)
+                    timed = []
+                    for attempt in range(4 if b == 1 else 3):
+                        t0 = self.clock()
+                        self.renderer.render(avatar, np.zeros(b, dtype=np.int64), mel)
+                        if attempt:
+                            timed.append(self.clock() - t0)
+                    self.cost.observe(b, min(timed))
 
     def submit(self, job: RenderJob) -> None:
         raise NotImplementedError
@@ -313,6 +368,13 @@ class ThreadedRenderWorker(RenderWorker):
                     self._cond.wait()
                 if self._stopped:
                     return
+                # Deadline-aware gathering for owners whose delay was sized for batches (see gather_until).
+                until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
+                while until is not None and not self._stopped:
+                    self._cond.wait(timeout=max(until - self.clock(), 0.0))
+                    until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
+                if self._stopped:
+                    return
                 now = self.clock()
                 probe = self._probe(now)
                 batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
@@ -357,6 +419,20 @@ class InlineRenderWorker(RenderWorker):
             start = max(self.free_at, self._queue.earliest_ready())
             if start > now:
                 return
+            # Deadline-aware gathering in virtual time: follow the jobs that arrived while the worker
+            # would have been waiting; if it would still be waiting at `now`, a later kick decides.
+            while True:
+                until = self._queue.gather_until(start, self.cost, self.max_batch, self.gather_safety)
+                if until is None:
+                    break
+                arrival = min((j.ready_at for j in self._queue.jobs if j.ready_at > start), default=None)
+                if arrival is not None and arrival <= until:
+                    start = arrival
+                    continue
+                if until > now:
+                    return
+                start = until
+                break
             batch, skipped = self._queue.select(start, self.cost, self.max_batch, self._probe(start))
             self.frames_skipped += skipped
             if not batch:

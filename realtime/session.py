@@ -53,8 +53,10 @@ never more. A segment ends when input stops arriving for `stall_after_ms` (raise
 a source pushing bigger chunks in real time, at most L / 2) or on end_of_audio(): its
 mel is flushed with the offline end padding and its frames follow the official rule, so each frame's mel
 window equals `mel_windows(melspectrogram(segment audio), fps)` (frames past the official count reuse the
-last window). Frame i of a segment is rendered when its 200 ms window is complete, which is L minus the
-compute budget before its tick.
+last window). Frame i of a segment is submitted for rendering when its 200 ms window is complete, which
+is L minus the compute budget before its tick. When the budget was sized for batching
+(`timeline.batch_frames` k > 1, see realtime/clock.py) the job says so and the worker may hold it while it
+gathers up to k frames, never past what the job's deadline allows.
 
 Latency reported per rendered frame = tick time - arrival time of the frame's own first audio sample;
 audio pushed ahead of real time counts from when the output clock reached it (its queueing time is the
@@ -185,7 +187,10 @@ class LipSyncSession:
             worker.prepare(avatar)
         fps = float(getattr(avatar, "fps", 0) or self.config.fps)
         cost = (worker.cost.estimate(1) or None) if worker is not None else None
-        self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost)
+        curve = worker.cost.estimate if cost else None
+        max_batch = min(self.config.max_batch, worker.max_batch) if worker is not None else 1
+        self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,
+                                             max_batch=max_batch)
         self._L = self.timeline.delay_samples
         self._spf = self.timeline.samples_per_frame
         self._vclock = VideoClock(self.timeline)
@@ -342,7 +347,8 @@ class LipSyncSession:
                 self._worker.submit(RenderJob(
                     owner=self, key=k, avatar=self.avatar, avatar_index=plan.avatar_index, mel=mel,
                     deadline=self._vclock.expected_time(k, now) - self._margin, ready_at=now,
-                    deliver=lambda r, g=gen: self._inbox.append((g, r))))
+                    deliver=lambda r, g=gen: self._inbox.append((g, r)),
+                    batch_hint=self.timeline.batch_frames))
                 self._metrics.frames_submitted += 1
         i_next = seg.next_i
         seg.discard_columns_before(tl.window_start_column(i_next))
@@ -516,6 +522,7 @@ class LipSyncSession:
             "latency_budget_ms": self.latency_ms,
             "lookahead_ms": self.lookahead_ms,
             "delay_frames": self.timeline.delay_frames,
+            "batch_frames": self.timeline.batch_frames,
             "buffered_input_ms": (1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
                                   if self._ring.stored else 0.0),
         })

@@ -469,3 +469,106 @@ def test_budget_can_be_fitted_to_a_slow_renderer_at_session_start(speech_16k):
     m = fitted.metrics()
     assert m["frames_rendered"] > 10                                   # the mouth moves, at ~5 fps
     assert m["latency_ms"]["p99"] <= fitted.latency_ms + 1e-6
+
+
+# --- deadline-aware batching (one session, a renderer that only keeps up in batches) ----------------
+
+class AffineRenderer(RecordingRenderer):
+    """A batch of n costs `fixed + per_frame * n` seconds on its own clock (a GPU / batched CPU model)."""
+
+    name = "affine"
+
+    def __init__(self, render_clock: ManualClock, fixed: float, per_frame: float) -> None:
+        super().__init__()
+        self.render_clock = render_clock
+        self.fixed, self.per_frame = fixed, per_frame
+        self.batch_sizes: list[int] = []
+
+    def render(self, avatar, frame_indices, mels):
+        self.render_clock.advance(self.fixed + self.per_frame * len(frame_indices))
+        self.batch_sizes.append(len(frame_indices))
+        return super().render(avatar, frame_indices, mels)
+
+
+def _affine_session(config: EngineConfig, fixed: float = 0.05, per_frame: float = 0.01):
+    """cost(1) = 60 ms > one 40 ms period; cost(4) / 4 = 22.5 ms < a period."""
+    render_clock = ManualClock()
+    renderer = AffineRenderer(render_clock, fixed, per_frame)
+    worker = InlineRenderWorker(renderer, max_batch=config.max_batch, clock=render_clock)
+    avatar = FakeAvatar()
+    worker.prepare(avatar, warmup=True)                                # measures cost(1), (2), (4), (8)
+    renderer.batch_sizes.clear()
+    clock = ManualClock()
+    return LipSyncSession(avatar, worker, config, clock=clock), clock, renderer, worker
+
+
+def test_single_session_keeps_up_by_batching_a_renderer_too_slow_per_frame(speech_16k):
+    period = 1 / 25
+    session, clock, renderer, worker = _affine_session(EngineConfig(fit_budget_to_renderer=True))
+    assert worker.cost.estimate(1) > period and worker.cost.estimate(4) / 4 < period
+    k = session.timeline.batch_frames
+    assert 2 <= k <= 4
+    # The fixed delay covers gathering k frames and rendering them, and stays under the cap.
+    budget_ms = session.latency_ms - 212.5 - 20.0
+    assert budget_ms >= 1000 * ((k - 1) * period + worker.cost.estimate(k))
+    assert session.latency_ms <= 212.5 + 20.0 + 1000.0 + 40.0
+    wav = np.concatenate([speech_16k, speech_16k])
+    run = drive(session, clock, wav, len(wav) / SR + 1.5)
+    m = session.metrics()
+    speech = m["frames_rendered"] + m["frames_dropped"]
+    assert speech > 50
+    assert m["frames_rendered"] >= 0.95 * speech, m                    # keeps up
+    assert m["frames_dropped"] <= 2                                     # at most at startup
+    lat = m["latency_ms"]
+    assert lat["p95"] - lat["p50"] < 1000 * period                      # constant latency
+    assert lat["p99"] <= session.latency_ms + 1e-6                      # nothing accumulates
+    assert m["av_offset_max_abs_ms"] == 0.0
+    assert worker.stats()["mean_batch"] >= 2.0                          # it did batch
+    assert max(renderer.batch_sizes) <= worker.max_batch
+    ks = [f.pts_index for f in run.frames]
+    assert ks == list(range(len(ks)))
+    # The audio is the input, delayed by the fixed latency, sample for sample.
+    L = session.latency_samples
+    np.testing.assert_array_equal(run.audio_out[L:L + len(wav)], wav)
+
+
+def test_same_renderer_without_batching_drops(speech_16k):
+    """The control for the test above: it can fail. With batches of one (max_batch=1) the same renderer,
+    given the per-frame fitted budget, drops about a third of the speech frames."""
+    config = EngineConfig(fit_budget_to_renderer=True, max_batch=1)
+    session, clock, renderer, worker = _affine_session(config)
+    assert session.timeline.batch_frames == 1
+    wav = np.concatenate([speech_16k, speech_16k])
+    drive(session, clock, wav, len(wav) / SR + 1.5)
+    m = session.metrics()
+    speech = m["frames_rendered"] + m["frames_dropped"]
+    assert m["frames_dropped"] > 0.2 * speech, m
+    assert m["latency_ms"]["p99"] <= session.latency_ms + 1e-6
+
+
+def test_gathering_leaves_the_worker_headroom(speech_16k):
+    """Without the batch-sized budget (batch_to_keep_up=False) the old per-frame fit only keeps up, in
+    noise-free simulated time, by batching whatever queued behind a busy worker: the renderer is then
+    busy almost every frame period. Gathering k frames renders the same frames with far less renderer
+    time, the headroom a shared, noisy CPU needs."""
+    wav = np.concatenate([speech_16k, speech_16k])
+    busy = {}
+    for keep_up in (True, False):
+        config = EngineConfig(fit_budget_to_renderer=True, batch_to_keep_up=keep_up)
+        session, clock, renderer, worker = _affine_session(config)
+        drive(session, clock, wav, len(wav) / SR + 1.5)
+        m = session.metrics()
+        assert m["frames_dropped"] <= 2
+        busy[keep_up] = worker.stats()["busy_s"] / m["frames_rendered"]
+    assert busy[True] < 0.8 / 25 < 0.95 / 25 < busy[False]
+
+
+def test_cheap_renderer_keeps_the_default_latency_and_batch_one(speech_16k):
+    """The default path is untouched: a renderer cheaper than a period gets L = 320 ms at 25 fps and is
+    never held back to gather a batch."""
+    session, clock, renderer, worker = _affine_session(EngineConfig(fit_budget_to_renderer=True),
+                                                       fixed=0.002, per_frame=0.002)
+    assert session.latency_ms == 320.0 and session.timeline.batch_frames == 1
+    drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
+    assert session.metrics()["frames_dropped"] == 0
+    assert set(renderer.batch_sizes) == {1}

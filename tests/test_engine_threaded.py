@@ -89,10 +89,40 @@ def test_calls_never_wait_for_a_stuck_renderer(speech_16k):
         worker.close()
 
 
-def _job(owner, key, avatar, deadline, sink):
+def _job(owner, key, avatar, deadline, sink, batch_hint=1):
     return RenderJob(owner=owner, key=key, avatar=avatar, avatar_index=0,
                      mel=np.zeros((80, 16), np.float32), deadline=deadline, ready_at=time.monotonic(),
-                     deliver=sink.append)
+                     deliver=sink.append, batch_hint=batch_hint)
+
+
+def test_worker_gathers_a_sessions_consecutive_frames_within_their_deadline():
+    """Jobs of an owner sized for batches of 3 arrive 30 ms apart: one renderer call for all three. A
+    lone job of the same kind is not held past what its deadline allows."""
+    renderer = SleepyRenderer(0.01)
+    worker = ThreadedRenderWorker(renderer, max_batch=8)
+    avatar, owner = FakeAvatar(), object()
+    results: list = []
+    try:
+        now = time.monotonic()
+        for i in range(3):
+            worker.submit(_job(owner, i, avatar, now + 2.0, results, batch_hint=3))
+            time.sleep(0.03)
+        for _ in range(200):
+            if len(results) >= 3:
+                break
+            time.sleep(0.01)
+        assert renderer.batch_sizes == [3] and [r.key for r in results] == [0, 1, 2]
+        deadline = time.monotonic() + 0.3
+        worker.submit(_job(owner, 9, avatar, deadline, results, batch_hint=3))
+        for _ in range(200):
+            if len(results) >= 4:
+                break
+            time.sleep(0.01)
+        assert results[-1].key == 9 and renderer.batch_sizes[-1] == 1
+        assert results[-1].completed_at <= deadline + 0.1      # waited for company, within the deadline
+        assert results[-1].completed_at >= deadline - 0.2      # ... and did wait
+    finally:
+        worker.close()
 
 
 def test_worker_batches_sessions_sharing_an_avatar_and_serves_earliest_deadline_first():
