@@ -50,7 +50,7 @@ from bench.generator import realistic_random_wav2lip  # noqa: E402
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
 from realtime.mel import mel_windows, melspectrogram  # noqa: E402
-from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer  # noqa: E402
+from realtime.renderers.wav2lip import Wav2LipRenderer  # noqa: E402
 from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
 from realtime.session import LipSyncSession  # noqa: E402
 
