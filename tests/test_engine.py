@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from realtime.avatar import loop_index
 from realtime.clock import LOOKAHEAD_SAMPLES, ManualClock
 from realtime.config import EngineConfig
-from realtime.mel import melspectrogram, mel_windows
+from realtime.mel import mel_windows, melspectrogram
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime.scheduler import InlineRenderWorker
 from realtime.session import HELD, IDLE, RENDERED, LipSyncSession, VideoOut
@@ -35,9 +36,7 @@ class FakeAvatar:
         return len(self.frames)
 
     def frame_index(self, tick: int) -> int:
-        n = len(self.frames)
-        p = tick % (2 * n - 2)
-        return p if p < n else 2 * n - 2 - p
+        return loop_index(tick, len(self.frames))
 
 
 class RecordingRenderer:

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from realtime.avatar import loop_index
 from realtime.renderers.base import MouthPatch
 from server.app import create_app
 from server.config import ServerConfig
@@ -42,9 +43,7 @@ class TinyAvatar:
         return len(self.frames)
 
     def frame_index(self, tick: int) -> int:
-        n = len(self.frames)
-        p = tick % (2 * n - 2)
-        return p if p < n else 2 * n - 2 - p
+        return loop_index(tick, len(self.frames))
 
 
 class LoudnessRenderer:
