@@ -41,7 +41,7 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
             # No PyTorch index reachable: rely on the configured index/find-links providing the +cpu wheel.
             pip install -q "torch==$TORCH_VERSION"
         fi
-        .venv/bin/python -c 'import torch; v = torch.__version__; print(v)' | grep -q '+cpu' ||
+        .venv/bin/python -c 'from importlib.metadata import version; print(version("torch"))' | grep -q '+cpu' ||
             log "warning: installed torch is not the +cpu build (check your pip index)"
     fi
 fi
