@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from models.wav2lip import Wav2Lip, faces_to_input
+from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_model, to_uint8
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
 from realtime.mel import mel_windows, melspectrogram
 
@@ -72,12 +72,9 @@ def _face_boxes(frames: list[np.ndarray], options: RenderOptions, face: Path) ->
 
 def predict_mouths(model: Wav2Lip, crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
     """Generator on (B, 96, 96, 3) BGR crops and (B, 80, 16) windows -> (B, 96, 96, 3) uint8, official cast."""
-    param = next(model.parameters())
-    faces = faces_to_input(crops).to(param.device, param.dtype)
-    audio = torch.from_numpy(np.ascontiguousarray(mels, dtype=np.float32))[:, None].to(param.device, param.dtype)
     with torch.inference_mode():
-        pred = model(audio, faces).float().cpu().numpy()
-    return (pred.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)  # truncation, as the official code
+        pred = model(to_model(mels_to_input(mels), model), to_model(faces_to_input(crops), model))
+    return to_uint8(pred)
 
 
 def paste_official(frame: np.ndarray, mouth: np.ndarray, box: Box) -> None:
