@@ -98,3 +98,21 @@ def test_render_cli_undecodable_audio(official_checkpoint, tmp_path, capsys, fac
                "-o", str(tmp_path / "o.mp4"), "--box", "0", "-1", "0", "-1"])
     assert rc == 1
     assert "speech.mp3" in capsys.readouterr().err
+
+
+def test_render_cli_feathered_paste(official_checkpoint, face_clip, speech_2s, tmp_path):
+    outputs = {}
+    for paste in ("official", "feather"):
+        out = tmp_path / f"{paste}.mp4"
+        assert main(["render", "--face", str(face_clip), "--audio", str(speech_2s), "--checkpoint",
+                     str(official_checkpoint), "-o", str(out), "--box", "10", "120", "30", "130",
+                     "--paste", paste]) == 0
+        with av.open(str(out)) as container:
+            outputs[paste] = [f.to_ndarray(format="bgr24").astype(int) for f in container.decode(video=0)]
+    official, feather = outputs["official"], outputs["feather"]
+    assert len(feather) == len(official) == 47
+    inside = np.zeros(official[0].shape[:2], bool)
+    inside[10:120, 30:130] = True
+    diff = np.abs(feather[10] - official[10])
+    assert diff[~inside].mean() < 1.0  # both pastes stay inside the face box
+    assert diff[inside].mean() > 2.0   # and the feathered one blends instead of overwriting it
