@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.random_init import calibrated_random_  # noqa: E402
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip  # noqa: E402
 
 log = logging.getLogger("bench.generator")
@@ -44,18 +45,7 @@ OURS = "cached+heads+channels_last+rows36"  # what the real-time renderer runs b
 def realistic_random_wav2lip(seed: int = 0) -> Wav2Lip:
     """Seeded Wav2Lip whose activations have trained-like scale (He init + calibrated BatchNorm)."""
     torch.manual_seed(seed)
-    model = Wav2Lip()
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        elif isinstance(m, nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one calibration batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96))
-    return model.eval()
+    return calibrated_random_(Wav2Lip(), lambda: (torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96)))
 
 
 def _time(fn: Callable[[], object], frames_per_call: int, min_frames: int) -> float:

@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import WAV2LIP_FACTS
 from models.layers import fold_batchnorm
+from models.random_init import calibrated_random_
 from models.syncnet import SyncNet_color
 from models.wav2lip import (FEATURE_VALUES, HEAD_VALUES, CachedWav2Lip, Wav2Lip, _static_band_plan, cache_values,
                             faces_to_input, mels_to_input, to_uint8)
@@ -27,22 +28,8 @@ def read_tsv(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def realistic(model: nn.Module, calibrate: tuple[torch.Tensor, ...]) -> nn.Module:
-    """He-init convs and BatchNorm statistics calibrated on random inputs: activations keep a trained-like
-    scale and the output spans (0, 1). With PyTorch's default init the output sits near 0.5 and any two
-    implementations would agree trivially."""
-    gen = torch.Generator().manual_seed(7)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
-        elif isinstance(m, nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch sets the statistics
-            nn.init.uniform_(m.weight, 0.5, 1.5, generator=gen)
-    model.train()
-    with torch.no_grad():
-        model(*calibrate)
-    return model.eval()
+    """Trained-like activation scale (see models.random_init), BatchNorm scales drawn in [0.5, 1.5]."""
+    return calibrated_random_(model, lambda: calibrate, torch.Generator().manual_seed(7), (0.5, 1.5))
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from models.random_init import calibrated_random_
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime import compositor
@@ -33,18 +33,8 @@ def model() -> Wav2Lip:
     """Random weights with trained-like activation scale (He init, BatchNorm calibrated on random input),
     so the output spans (0, 1) and a wrong frame / window / channel order would show."""
     gen = torch.Generator().manual_seed(11)
-    net = Wav2Lip()
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
-        elif isinstance(m, nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4, torch.rand(4, 6, 96, 96, generator=gen))
-    return net.eval()
+    return calibrated_random_(Wav2Lip(), lambda: (torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4,
+                                                  torch.rand(4, 6, 96, 96, generator=gen)), gen)
 
 
 @pytest.fixture(scope="module")
