@@ -1,0 +1,70 @@
+"""The start-up precision gate: a faster precision is adopted only when measured accurate and faster."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from realtime.renderers import precision_gate
+from realtime.renderers.precision_gate import choose_precision, load_calibration_mels, psnr_db
+
+
+def reference(indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    """A deterministic 'renderer': patch values from the frame index and the mel window."""
+    base = (indices[:, None, None, None] * 37 + mels.mean(axis=(1, 2))[:, None, None, None] * 20 + 128)
+    return np.clip(base + np.zeros((1, 60, 96, 3)), 0, 255).astype(np.uint8)
+
+
+def with_noise(sigma: float):
+    def generate(indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(int(indices[0]))
+        out = reference(indices, mels).astype(float) + rng.normal(0, sigma, (len(indices), 60, 96, 3))
+        return np.clip(out, 0, 255).astype(np.uint8)
+    return generate
+
+
+def timer_from(ms: dict):
+    return lambda fn, indices, mels: ms[fn]
+
+
+def test_calibration_mels_are_speech_windows():
+    mels = load_calibration_mels()
+    assert mels.shape == (96, 80, 16) and mels.dtype == np.float32
+    assert -4.01 <= mels.min() < -3 and 0 < mels.max() <= 4.01  # official clipping range, and not silence
+    assert mels.std(axis=(1, 2)).min() > 0.1  # every window has structure
+
+
+@pytest.mark.parametrize("sigma, cand_ms, chosen", [
+    (1.0, 5.0, "bf16"),     # ~48 dB and 2x faster: adopted
+    (12.0, 5.0, "fp32"),    # ~27 dB: too lossy, whatever its speed
+    (1.0, 9.5, "fp32"),     # accurate but only 1.05x faster: not worth any error
+])
+def test_gate_adopts_only_accurate_and_faster(sigma, cand_ms, chosen):
+    cand = with_noise(sigma)
+    report = choose_precision(("fp32", reference), {"bf16": cand}, n_frames=7,
+                              timer=timer_from({reference: 10.0, cand: cand_ms}))
+    assert report.chosen == chosen
+    expected_db = 20 * np.log10(255 / sigma)
+    assert abs(report.psnr_db["bf16"] - expected_db) < 1.5  # uint8 truncation biases it a little
+    assert report.frames == 96 and report.ms_per_frame == {"fp32": 10.0, "bf16": cand_ms}
+    assert chosen in report.summary()
+
+
+def test_gate_picks_the_fastest_of_several_accurate_candidates():
+    a, b, bad = with_noise(0.5), with_noise(1.0), with_noise(20.0)
+    report = choose_precision(("fp32", reference), {"a": a, "b": b, "bad": bad}, n_frames=3,
+                              timer=timer_from({reference: 10.0, a: 6.0, b: 4.0, bad: 1.0}))
+    assert report.chosen == "b"
+
+
+def test_gate_threshold_is_a_setting():
+    cand = with_noise(3.0)  # ~38.6 dB
+    timer = timer_from({reference: 10.0, cand: 5.0})
+    assert choose_precision(("fp32", reference), {"c": cand}, 5, 35.0, timer=timer).chosen == "c"
+    assert choose_precision(("fp32", reference), {"c": cand}, 5, 40.0, timer=timer).chosen == "fp32"
+
+
+def test_psnr_db():
+    a = np.zeros((4, 4), np.uint8)
+    assert psnr_db(a, a) == float("inf")
+    assert psnr_db(a, a + 1) == pytest.approx(20 * np.log10(255), abs=1e-6)
+    assert precision_gate.DEFAULT_MIN_PSNR_DB == 35.0
