@@ -132,6 +132,10 @@ class _JobQueue:
     def earliest_ready(self) -> float:
         return min(j.ready_at for j in self.jobs)
 
+    def earliest_deadline(self, now: float) -> float:
+        """The tightest deadline among jobs ready at `now` (inf when none is)."""
+        return min((j.deadline for j in self.jobs if j.ready_at <= now), default=float("inf"))
+
     def _share(self, owner: object, now: float) -> float:
         value, at = self._served.get(id(owner), (0.0, now))
         return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
@@ -379,10 +383,12 @@ class ThreadedRenderWorker(RenderWorker):
                 probe = self._probe(now)
                 batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
                 if batch and len(batch) < self.max_batch and self.max_wait_s > 0 and self._several_owners(now):
-                    # Bounded wait for other sessions' jobs, only while the earliest deadline allows it.
+                    # Bounded wait for other sessions' jobs, only while every ready job's deadline allows
+                    # it: re-checked after each arrival, since a tighter job may arrive during the wait.
                     fill_until = now + self.max_wait_s
                     while (not self._stopped and self.clock() < fill_until
-                           and batch[0].deadline - fill_until > self.cost.estimate(self.max_batch)):
+                           and self._queue.earliest_deadline(self.clock()) - fill_until
+                           > self.cost.estimate(self.max_batch)):
                         self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
                         same = [j for j in self._queue.jobs if j.avatar is batch[0].avatar]
                         if len(same) >= self.max_batch:
