@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -62,9 +63,15 @@ class ServerConfig:
     # Model and avatar: no checkpoint selects the no-weights default renderer.
     checkpoint: Path | None = None
     avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    # Wav2Lip numerics: auto = fp32 on CPU, fp16 on CUDA; bf16 is a measured, lossy CPU speed-up.
+    # auto | cpu | cuda | cuda:N | mps, or a comma-separated list (one render worker each, sessions go to
+    # the least-loaded one); cuda:all = one worker per visible GPU. See `device_list`.
+    device: str = "auto"
+    # Wav2Lip numerics. auto: fp16 on CUDA; on CPU bf16 when the start-up gate measures it at least
+    # min_psnr_db from fp32 on this checkpoint and avatar and faster on this CPU, else fp32.
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    min_psnr_db: float = 35.0
+    # Wav2Lip runtime: auto = OpenVINO on CPU (bench/runtimes.py), PyTorch on CUDA.
+    runtime: str = "auto"  # auto | openvino | torch
     # How mouth patches are pasted: feather (seamless) or official (hard paste, parity with the
     # original tool; Wav2Lip then generates whole 96x96 patches instead of only the pasted rows).
     paste_mode: str = "feather"
@@ -109,8 +116,13 @@ class ServerConfig:
                            (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar")):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or directory")
+        device_list(self.device)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError("--precision must be auto, fp32, fp16 or bf16")
+        if self.runtime not in ("auto", "openvino", "torch"):
+            raise ValueError("--runtime must be auto, openvino or torch")
+        if not 0 < self.min_psnr_db < 100:
+            raise ValueError("--min-psnr-db must be between 0 and 100")
         if self.paste_mode not in ("feather", "official"):
             raise ValueError("--paste-mode must be feather or official")
         if self.log_format not in ("text", "json"):
@@ -133,10 +145,16 @@ class ServerConfig:
                                             "without it the no-weights renderer is used")
         add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
                                         "(default: the embedded avatar)")
-        add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto)")
+        add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto); a comma-separated "
+                             "list (cuda:0,cuda:1) or cuda:all runs one render worker per GPU, and each "
+                             "new session goes to the worker with the fewest sessions")
         add("--precision", choices=["auto", "fp32", "fp16", "bf16"],
-            help="Wav2Lip numerics: auto (fp32 on CPU, fp16 on CUDA), or bf16 for speed on CPUs with "
-                 "bf16 instructions (lossy: see bench/sessions.py)")
+            help="Wav2Lip numerics: auto (CUDA: fp16; CPU: bf16 if measured at start-up to stay within "
+                 "--min-psnr-db of fp32 and to be faster, else fp32), fp32 (faithful), bf16, fp16 (CUDA)")
+        add("--min-psnr-db", type=float,
+            help=f"accuracy bound for --precision auto on CPU (default {d.min_psnr_db:g} dB PSNR vs fp32)")
+        add("--runtime", choices=["auto", "openvino", "torch"],
+            help="Wav2Lip runtime: auto (OpenVINO on CPU, PyTorch on CUDA), openvino (CPU), torch")
         add("--paste-mode", choices=["feather", "official"],
             help="feather (seamless, default) or official (the original tool's hard paste)")
         add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
@@ -177,6 +195,30 @@ class ServerConfig:
             except ValueError as exc:
                 raise ValueError(f"--{_flag_name(f.name)} / {ENV_PREFIX}{_env_name(f.name)}: {exc}") from None
         return config
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+|:all)?")
+
+
+def device_list(spec: str) -> list[str]:
+    """`--device` as a list of entries, syntax-checked (torch resolves them when the engine loads).
+
+    One entry per render worker. `auto` and `cuda:all` stand alone. A GPU may be listed once (two
+    workers on one GPU would only take turns on it); `cpu` may repeat: the no-weights renderer then gets
+    that many CPU worker threads.
+    """
+    items = str(spec).replace(",", " ").split()
+    if not items:
+        raise ValueError("--device: empty")
+    for item in items:
+        if not _DEVICE.fullmatch(item):
+            raise ValueError(f"--device {item!r}: expected auto, cpu, cuda, cuda:N, cuda:all or mps")
+    if len(items) > 1 and any(item in ("auto", "cuda:all") for item in items):
+        raise ValueError("--device: auto and cuda:all cannot be combined with other devices")
+    gpus = [item for item in items if item != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"--device {spec!r}: a GPU is listed twice (one render worker per GPU)")
+    return items
 
 
 _FLAG_NAMES = {"connect_timeout_s": "connect-timeout", "disconnect_grace_s": "disconnect-grace",

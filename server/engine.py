@@ -40,7 +40,7 @@ class Engine(Protocol):
 
     def open_session(self, options: dict, name: str = "") -> EngineSession: ...  # ValueError: bad options
 
-    def metrics(self) -> dict: ...  # shared worker metrics (render ms, queue depth, ...)
+    def metrics(self) -> dict: ...  # render worker totals (queue depth, batches, ...); "workers": one dict each
 
     def close(self) -> None: ...
 

@@ -89,6 +89,7 @@ def render_metrics(state: "ServerState") -> str:
         value = worker.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             (page.counter if kind == "counter" else page.gauge)(name, help_text, value)
+    _per_worker(page, worker.get("workers"))
 
     now = time.monotonic()
     for session, metrics in live:
@@ -132,6 +133,25 @@ WORKER_METRICS = {
     "est_ms_per_frame": ("lipsync_render_estimated_milliseconds_per_frame",
                          "The scheduler's cost estimate per frame.", "gauge"),
 }
+
+
+def _per_worker(page: Page, workers) -> None:
+    """One labelled series per render worker (one per GPU), families grouped as the text format wants.
+    The unlabelled lipsync_render_* families above are the all-worker totals."""
+    if not isinstance(workers, list) or not workers:
+        return
+    labelled = [(w, {"worker": str(w.get("worker", i)), "device": str(w.get("device", ""))})
+                for i, w in enumerate(workers) if isinstance(w, Mapping)]
+    for w, labels in labelled:
+        page.gauge("lipsync_worker_sessions", "Open sessions placed on this render worker.",
+                   _num(w.get("sessions")), labels)
+    for key, (name, help_text, kind) in WORKER_METRICS.items():
+        for w, labels in labelled:
+            value = w.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                (page.counter if kind == "counter" else page.gauge)(
+                    name.replace("lipsync_render_", "lipsync_worker_", 1), f"{help_text} Per render worker.",
+                    value, labels)
 
 
 def _num(value) -> float:

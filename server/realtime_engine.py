@@ -1,19 +1,25 @@
-"""RealtimeEngine: the server's one avatar, one renderer and one render worker, over `realtime/`.
+"""RealtimeEngine: the server's one avatar, its renderer(s) and one render worker per device, over `realtime/`.
 
-Every session gets a `realtime.session.LipSyncSession` on the shared avatar and worker; the per-avatar
-precompute (and a warm-up render) happens once, here, before the server accepts connections.
+Every session gets a `realtime.session.LipSyncSession` on the shared avatar and on one worker: the one
+with the fewest open sessions (ties: the first listed), so sessions spread evenly over the GPUs and a
+closed session frees its slot. Each worker batches the due mouth frames of all of its sessions
+(realtime/scheduler.py). With one device (the default) there is one worker, as before. The per-avatar
+precompute (CUDA graph capture included) and a warm-up render happen once per worker, here, before the
+server accepts connections.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from realtime.config import EngineConfig
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
-from server.config import ServerConfig
+from server.config import ServerConfig, device_list
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +45,77 @@ def session_overrides(options: dict) -> dict[str, Any]:
     return out
 
 
+class _PlacedSession(LipSyncSession):
+    """A LipSyncSession that gives its worker slot back when it is closed."""
+
+    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._placement_on_close = on_close
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._placement_on_close(self)
+
+
+# Worker statistics that add up over workers (the rest are recomputed or per worker only).
+_SUMMED_STATS = ("batches", "frames_rendered", "frames_skipped", "errors", "queued", "busy_s", "sessions")
+
+
+def combined_stats(per_worker: list[dict]) -> dict:
+    """All-worker totals with the keys of one worker's `stats()`, plus `sessions` and the list itself."""
+    out: dict[str, Any] = {"renderer": per_worker[0].get("renderer") if per_worker else None}
+    for key in _SUMMED_STATS:
+        out[key] = sum(w.get(key) or 0 for w in per_worker)
+    out["mean_batch"] = out["frames_rendered"] / out["batches"] if out["batches"] else 0.0
+    estimates = [w["est_ms_per_frame"] for w in per_worker if w.get("est_ms_per_frame") is not None]
+    out["est_ms_per_frame"] = sum(estimates) / len(estimates) if estimates else None
+    out["workers"] = per_worker
+    return out
+
+
+def gpu_curve_sizes(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a GPU worker measures at warm-up: powers of two up to max_batch (and max_batch). A GPU
+    batch costs nearly the same from 1 to dozens of frames, which the default curve (up to 8, then
+    extrapolated in proportion) would overestimate many times over, holding batches back."""
+    sizes = {min(2 ** k, max_batch) for k in range(1, max(max_batch, 2).bit_length() + 1)}
+    return tuple(sorted(s for s in sizes if s >= 2))
+
+
 class RealtimeEngine:
-    def __init__(self, avatar: Any, renderer: Any, config: EngineConfig | None = None,
-                 info: dict[str, str] | None = None) -> None:
+    """avatar: the one avatar. renderer: one renderer, or a list (one render worker each: one per GPU).
+    devices: a label per renderer (default: the renderer's `device`, else "cpu")."""
+
+    def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
+                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None) -> None:
+        renderers = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
+        if not renderers:
+            raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar
         self.config = config or EngineConfig()
         self.fps = float(getattr(avatar, "fps", 0) or self.config.fps)
-        self.worker = ThreadedRenderWorker(renderer, max_batch=self.config.max_batch,
-                                           max_wait_s=self.config.max_batch_wait_ms / 1000.0)
+        self.devices = [str(d) for d in devices] if devices else [str(getattr(r, "device", "cpu")) for r in renderers]
+        if len(self.devices) != len(renderers):
+            raise ValueError(f"{len(renderers)} renderers but {len(self.devices)} device labels")
+        self.workers: list[ThreadedRenderWorker] = []
+        self._placed: list[weakref.WeakSet] = [weakref.WeakSet() for _ in renderers]
+        self._lock = threading.Lock()
         try:
             t0 = time.monotonic()
-            self.worker.prepare(avatar, warmup=True)
+            for i, (r, device) in enumerate(zip(renderers, self.devices)):
+                worker = ThreadedRenderWorker(r, max_batch=self.config.max_batch,
+                                              max_wait_s=self.config.max_batch_wait_ms / 1000.0,
+                                              name=f"render-{i}-{device}")
+                self.workers.append(worker)
+                if device.startswith("cuda"):
+                    worker.curve_sizes = gpu_curve_sizes(worker.max_batch)
+                worker.prepare(avatar, warmup=True)
             prepare_s = time.monotonic() - t0
         except BaseException:
-            self.worker.close()
+            self.close()
             raise
+        self.worker = self.workers[0]  # the worker of a one-device engine (and the first one otherwise)
         height, width = avatar.frames[0].shape[:2]
         self.info = {
             "avatar": "default",
@@ -62,26 +124,54 @@ class RealtimeEngine:
             "avatar_frames": str(len(avatar.frames)),
             "avatar_size": f"{width}x{height}",
             "prepare_s": f"{prepare_s:.2f}",
+            "workers": str(len(self.workers)),
             **(info or {}),
         }
+        describe = getattr(self.worker.renderer, "describe", None)
+        if describe is not None:  # Wav2Lip: runtime and the precision its start-up gate settled on
+            self.info.update({k: v for k, v in describe().items() if k != "device"})
+            log.info("renderer ready", extra=describe())
 
     def open_session(self, options: dict, name: str = "") -> LipSyncSession:
+        """A session on the least-loaded worker (fewest open sessions; ties go to the first)."""
         overrides = session_overrides(options)
         if overrides.get("paste_mode") == "official" and getattr(self.worker.renderer, "rows_from", 0) > 0:
             raise ValueError("options.paste_mode 'official' needs whole Wav2Lip patches: "
                              "start the server with --paste-mode official")
         config = self.config.with_overrides(**overrides)
-        return LipSyncSession(self.avatar, self.worker, config, name=name)
+        with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
+            i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
+            session = _PlacedSession(self.avatar, self.workers[i], config, name=name, on_close=self._release)
+            self._placed[i].add(session)
+        if len(self.workers) > 1:
+            log.debug("session %s placed on render worker %d (%s)", name, i, self.devices[i])
+        return session
+
+    def _release(self, session: LipSyncSession) -> None:
+        with self._lock:
+            for placed in self._placed:
+                placed.discard(session)
+
+    def sessions_per_worker(self) -> list[int]:
+        with self._lock:
+            return [len(placed) for placed in self._placed]
 
     def metrics(self) -> dict:
-        return self.worker.stats()
+        """All-worker totals (the keys of `ThreadedRenderWorker.stats()`, plus `sessions`) and, under
+        `workers`, one dict per worker with its index, device and open sessions."""
+        counts = self.sessions_per_worker()
+        per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
+                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts))]
+        return combined_stats(per_worker)
 
     def close(self) -> None:
-        self.worker.close()
+        for worker in self.workers:
+            worker.close()
 
     @classmethod
     def load(cls, config: ServerConfig) -> "RealtimeEngine":
-        """The avatar (embedded default or --avatar) and the renderer (no-weights or --checkpoint)."""
+        """The avatar (embedded default or --avatar) and the renderers (no-weights or --checkpoint), one
+        per --device entry."""
         from realtime import avatar as avatars
 
         t0 = time.monotonic()
@@ -91,26 +181,65 @@ class RealtimeEngine:
             avatar, avatar_name = avatars.prepare_avatar(config.avatar), Path(config.avatar).stem
         log.info("avatar loaded", extra={"avatar": avatar_name, "frames": len(avatar.frames),
                                          "seconds": round(time.monotonic() - t0, 2)})
-        if config.checkpoint is None:
-            from realtime.renderers.default import DefaultRenderer
-
-            renderer, device = DefaultRenderer(), "cpu"
-        else:
-            from models.checkpoints import resolve_device
-            from models.wav2lip import load_wav2lip
-            from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
-
-            device = str(resolve_device(config.device))
-            # Feathered pastes never show the top rows of a patch, so the generator skips them;
-            # official pastes show the whole 96x96 patch.
-            rows_from = 0 if config.paste_mode == "official" else PASTED_ROWS_FROM
-            renderer = Wav2LipRenderer(load_wav2lip(config.checkpoint, device), device=device,
-                                       precision=config.precision, rows_from=rows_from)
-        info = {"avatar": avatar_name, "device": device,
-                "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
+        entries = device_list(config.device)
         # A generator slower than the default compute budget (Wav2Lip on a small CPU) would otherwise
         # drop every mouth frame: size each session's fixed delay from the measured render cost instead
         # (still fixed per session, and capped by EngineConfig.max_compute_budget_ms).
         engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
                                      paste_mode=config.paste_mode)
-        return cls(avatar, renderer, engine_config, info=info)
+        if config.checkpoint is None:
+            from realtime.renderers.default import DefaultRenderer
+
+            # The no-weights renderer runs on the CPU whatever the device; "cpu" listed k times gives it
+            # k worker threads (it is thread-safe, so they share one instance).
+            shared = DefaultRenderer()
+            renderers: list[Any] = [shared] * max(1, entries.count("cpu"))
+            devices = ["cpu"] * len(renderers)
+        else:
+            from models.wav2lip import load_wav2lip
+            from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
+
+            devices = [str(d) for d in torch_devices(entries)]
+            # Loaded once, in fp32 on the CPU: each renderer folds BatchNorm in fp32 and casts once to
+            # its device's precision (no fp16 copy of the whole model is kept on the GPU).
+            model = load_wav2lip(config.checkpoint, "cpu")
+            # Feathered pastes never show the top rows of a patch, so the generator skips them;
+            # official pastes show the whole 96x96 patch.
+            rows_from = 0 if config.paste_mode == "official" else PASTED_ROWS_FROM
+            renderers = [Wav2LipRenderer(model, device=d, precision=config.precision, rows_from=rows_from,
+                                         runtime=config.runtime,
+                                         min_psnr_db=config.min_psnr_db)
+                         for d in devices]
+            if devices[0].startswith("cuda"):
+                # One GPU batch of many sessions' frames costs little more than one frame: let a worker
+                # take as many as its renderer runs in one call (fixed sizes, CUDA graphs).
+                engine_config = engine_config.with_overrides(max_batch=renderers[0].max_batch)
+        info = {"avatar": avatar_name, "device": ",".join(devices),
+                "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
+        return cls(avatar, renderers, engine_config, info=info, devices=devices)
+
+
+def torch_devices(entries: list[str]) -> list[Any]:
+    """`server.config.device_list` entries -> torch devices: auto, cuda (the current GPU) and cuda:all
+    resolved; a GPU named twice, or one that does not exist, is an error."""
+    import torch
+
+    from models.checkpoints import CheckpointError, resolve_device
+
+    if entries == ["cuda:all"]:
+        if not torch.cuda.is_available():
+            raise CheckpointError("--device cuda:all: CUDA is not available")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    out = []
+    for entry in entries:
+        device = resolve_device(entry)
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            if index >= torch.cuda.device_count():
+                raise CheckpointError(f"--device {entry}: only {torch.cuda.device_count()} GPU(s) visible")
+            device = torch.device("cuda", index)
+        out.append(device)
+    gpus = [d for d in out if d.type != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        raise CheckpointError(f"--device {','.join(entries)}: a GPU is listed twice")
+    return out
