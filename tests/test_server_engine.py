@@ -125,6 +125,9 @@ def test_checkpoint_switches_to_wav2lip(tmp_path):
     try:
         assert engine.info["checkpoint"] == str(checkpoint) and engine.info["device"] == "cpu"
         assert "wav2lip" in engine.info["renderer"].lower()
+        # CPU default: OpenVINO, with the precision the start-up gate measured and chose
+        assert engine.info["runtime"] == "openvino"
+        assert engine.info["precision"] in ("fp32", "bf16") and "precision_gate" in engine.info
         session = engine.open_session({})
         session.push_audio(np.zeros(3200, np.float32), 16000)
         assert session.next_video_frame().image.shape == (512, 512, 3)
@@ -150,3 +153,37 @@ def test_precision_and_paste_mode_flags():
     config.precision = "int3"
     with pytest.raises(ValueError, match="--precision"):
         config.validate()
+
+
+def test_runtime_and_accuracy_bound_flags():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    config = ServerConfig.from_args(parser.parse_args([]), env={})
+    assert (config.runtime, config.min_psnr_db) == ("auto", 35.0)
+    config = ServerConfig.from_args(parser.parse_args(["--runtime", "torch", "--min-psnr-db", "40"]), env={})
+    assert (config.runtime, config.min_psnr_db) == ("torch", 40.0)
+    config = ServerConfig.from_args(parser.parse_args([]), env={"LIPSYNC_RUNTIME": "openvino"})
+    assert config.runtime == "openvino"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--runtime", "tensorrt"])
+    config.min_psnr_db = 0
+    with pytest.raises(ValueError, match="--min-psnr-db"):
+        config.validate()
+
+
+def test_torch_runtime_flag_reaches_the_renderer(tmp_path):
+    import torch
+
+    from models.wav2lip import Wav2Lip
+
+    checkpoint = tmp_path / "wav2lip_random.pth"
+    torch.save({"state_dict": Wav2Lip().state_dict()}, checkpoint)
+    engine = RealtimeEngine.load(ServerConfig(checkpoint=checkpoint, device="cpu", runtime="torch",
+                                              precision="fp32"))
+    try:
+        assert (engine.info["runtime"], engine.info["precision"]) == ("torch", "fp32")
+        assert "precision_gate" not in engine.info
+    finally:
+        engine.close()

@@ -10,6 +10,7 @@ from models.random_init import calibrated_random_
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime import compositor
+from realtime.renderers import precision_gate
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 
@@ -66,8 +67,13 @@ def test_is_a_mouth_renderer(model):
     assert isinstance(renderer, MouthRenderer) and renderer.name == "wav2lip"
 
 
-def test_render_matches_eager_generator(model, avatar):
-    renderer = Wav2LipRenderer(model)
+RUNTIMES = ["torch", "openvino"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_render_matches_eager_generator(model, avatar, runtime):
+    renderer = Wav2LipRenderer(model, runtime=runtime, precision="fp32")
+    assert renderer.runtime == runtime and renderer.precision == "fp32"
     renderer.prepare(avatar)
     indices = np.array([2, 0, 2, 3])  # repeats and out of order, as a ping-pong loop produces
     mels = mel_windows(len(indices))
@@ -89,8 +95,10 @@ def test_prepare_is_once_per_avatar(model):
     assert avatar.crop_calls == 1
 
 
-def test_small_cache_budget_keeps_features_only(model, avatar):
-    renderer = Wav2LipRenderer(model, max_cache_mb=1.0, max_batch=2)  # 4 frames x 5.6 MB > 1 MB; batches split
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_small_cache_budget_keeps_features_only(model, avatar, runtime):
+    # 4 frames x 3.8 MB > 1 MB; batches split
+    renderer = Wav2LipRenderer(model, max_cache_mb=1.0, max_batch=2, runtime=runtime, precision="fp32")
     renderer.prepare(avatar)
     indices = np.array([1, 3, 0])
     mels = mel_windows(3, seed=2)
@@ -114,10 +122,36 @@ def test_bad_inputs_are_rejected(model, avatar):
     assert renderer.render(avatar, np.zeros(0, dtype=np.int64), np.zeros((0, 80, 16), np.float32)) == []
     with pytest.raises(ValueError, match="fp16"):
         Wav2LipRenderer(model, precision="fp16")  # CPU
+    with pytest.raises(ValueError, match="runtime"):
+        Wav2LipRenderer(model, runtime="tensorrt")
+    with pytest.raises(ValueError, match="CPU"):
+        Wav2LipRenderer(model, device="meta", runtime="openvino")
 
 
-def test_bf16_opt_in_runs(model, avatar):
-    renderer = Wav2LipRenderer(model, precision="bf16")
+def test_auto_runtime_and_precision_on_cpu(model, avatar):
+    """CPU default: OpenVINO, and bf16 only if the start-up gate measured it >= 35 dB and faster."""
+    renderer = Wav2LipRenderer(model)
+    assert renderer.runtime == "openvino" and renderer.precision == "auto"
+    renderer.prepare(avatar)
+    gate = renderer._ov.gate
+    assert gate is not None and renderer.precision == gate.chosen
+    info = renderer.describe()
+    assert info["precision"] == gate.chosen and "precision_gate" in info
+    if gate.chosen == "bf16":
+        assert gate.psnr_db["bf16"] >= 35.0
+        assert gate.ms_per_frame["bf16"] * 1.15 <= gate.ms_per_frame["fp32"]
+    # Whatever it chose, the patches stay within the bound of the official fp32 output.
+    mels = precision_gate.load_calibration_mels()[:16]
+    indices = np.arange(16) % 4
+    got = np.stack([p.image for p in renderer.render(avatar, indices, mels)])[:, PASTED_ROWS_FROM:]
+    expected = eager_patches(model, avatar, indices, mels)[:, PASTED_ROWS_FROM:]
+    assert precision_gate.psnr_db(got, expected) >= 35.0
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_bf16_opt_in_runs(model, avatar, runtime):
+    renderer = Wav2LipRenderer(model, precision="bf16", runtime=runtime)
+    assert renderer.precision == "bf16"
     renderer.prepare(avatar)
     patches = renderer.render(avatar, np.array([0]), mel_windows(1))
     expected = eager_patches(model, avatar, np.array([0]), mel_windows(1))
@@ -148,8 +182,9 @@ def test_cuda_fp16(model, avatar):
     assert np.abs(got - expected.astype(int)).mean() < 2  # fp16: close, not bit-equal
 
 
-def test_full_patches_with_rows_from_zero(model, avatar):
-    renderer = Wav2LipRenderer(model, rows_from=0)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_full_patches_with_rows_from_zero(model, avatar, runtime):
+    renderer = Wav2LipRenderer(model, rows_from=0, runtime=runtime, precision="fp32")
     renderer.prepare(avatar)
     indices, mels = np.array([3, 1, 1]), mel_windows(3, seed=7)
     assert_close_uint8(renderer.render(avatar, indices, mels), eager_patches(model, avatar, indices, mels), 0)
@@ -157,9 +192,10 @@ def test_full_patches_with_rows_from_zero(model, avatar):
         Wav2LipRenderer(model, rows_from=96)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("rows_from", [PASTED_ROWS_FROM, 20, 48])
-def test_band_patch_top_is_the_reference_crop(model, avatar, rows_from):
-    renderer = Wav2LipRenderer(model, rows_from=rows_from, max_batch=3)
+def test_band_patch_top_is_the_reference_crop(model, avatar, rows_from, runtime):
+    renderer = Wav2LipRenderer(model, rows_from=rows_from, max_batch=3, runtime=runtime, precision="fp32")
     renderer.prepare(avatar)
     indices, mels = np.array([0, 2, 3, 1]), mel_windows(4, seed=8)
     patches = renderer.render(avatar, indices, mels)

@@ -33,8 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
 from realtime.renderers.base import MouthPatch
+from realtime.renderers.openvino_frames import OpenVinoFrames
+from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,22 @@ CROP_SIZE = 96
 # the others (tests/test_wav2lip_renderer.py checks it for box heights 8..600). 36 keeps a 3-row margin.
 PASTED_ROWS_FROM = 36
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+RUNTIMES = ("auto", "openvino", "torch")
+
+
+def _resolve_runtime(runtime: str, device: torch.device) -> str:
+    """'auto': OpenVINO on CPU when it imports (faster, bench/runtimes.py), PyTorch on CUDA and otherwise."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "openvino" and device.type != "cpu":
+        raise ValueError(f"the OpenVINO runtime runs on the CPU; for {device.type} use runtime 'torch'")
+    if runtime == "auto":
+        from models import openvino_runtime
+
+        return "openvino" if device.type == "cpu" and openvino_runtime.available() else "torch"
+    return runtime
 
 
 def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -68,16 +87,24 @@ class Wav2LipRenderer:
     max_batch: frames per generator call (larger batches are split) to bound activation memory.
     rows_from: generate only patch rows [rows_from, 96) (rows above come from the reference crop):
     PASTED_ROWS_FROM (default) for the feathered paste, 0 for full patches (official hard paste).
+    cuda_graphs: on CUDA, run batches through `models.static_batches.StaticBatchRunner` (fixed batch
+    sizes, static and pinned buffers, one CUDA graph per size, captured at prepare); ignored on CPU.
+    `static_batches` (derived) may be set to True on CPU before `prepare` to run that padding path
+    eagerly (tests do).
     """
 
     name = "wav2lip"
 
     def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
                  max_cache_mb: float = 1024.0, max_batch: int | None = None,
-                 rows_from: int = PASTED_ROWS_FROM) -> None:
+                 rows_from: int = PASTED_ROWS_FROM, cuda_graphs: bool = True, runtime: str = "auto",
+                 min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> None:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
-        self.dtype = _resolve_dtype(precision, self.device)
+        self.runtime = _resolve_runtime(runtime, self.device)
+        self.dtype = _resolve_dtype(precision, self.device)  # validates precision for either runtime
+        if self.runtime == "openvino":
+            self.dtype = torch.float32  # the torch side only folds and precomputes; OpenVINO sets the numerics
         self.max_cache_bytes = max_cache_mb * 2**20
         self.max_batch = max_batch or (128 if self.device.type == "cuda" else 32)
         if not 0 <= int(rows_from) < CROP_SIZE:
@@ -86,11 +113,34 @@ class Wav2LipRenderer:
         # Fold BatchNorm in fp32 even when the loaded model is fp16 (load_wav2lip(device="cuda")),
         # then cast once: the folded weights are rounded a single time.
         self._source = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
+        # CPU through OpenVINO: fp32, bf16, or "auto" (bf16 only where measured accurate and faster).
+        self._ov = (OpenVinoFrames(self._source, self.rows_from, precision, max_cache_bytes=self.max_cache_bytes,
+                                   min_psnr_db=min_psnr_db, threads=torch.get_num_threads())
+                    if self.runtime == "openvino" else None)
         self._nets: dict[bool, CachedWav2Lip] = {}  # cache_heads -> net, built on first need
         self._caches: weakref.WeakKeyDictionary[Any, FaceCache] = weakref.WeakKeyDictionary()
         # Reference crops' rows above rows_from (uint8 (N, rows_from, 96, 3)), the top of every patch.
         self._tops: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        self.cuda_graphs = bool(cuda_graphs)
+        self.static_batches = self.cuda_graphs and self.device.type == "cuda"
+        self._runners: dict[bool, StaticBatchRunner] = {}  # cache_heads -> runner, made at prepare
+
+    @property
+    def precision(self) -> str:
+        """The numerics in use: fp32 / bf16 / fp16 ("auto" until an OpenVINO renderer's first prepare)."""
+        if self._ov is not None:
+            return self._ov.precision or "auto"
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def describe(self) -> dict[str, str]:
+        """Runtime facts for logs and /healthz: runtime, device, precision and the precision gate's numbers."""
+        info = {"runtime": self.runtime, "device": str(self.device), "precision": self.precision,
+                "rows_from": str(self.rows_from)}
+        gate = self._ov.gate if self._ov is not None else None
+        if gate is not None:
+            info["precision_gate"] = gate.summary()
+        return info
 
     def _net(self, cache_heads: bool) -> CachedWav2Lip:
         if cache_heads not in self._nets:
@@ -101,10 +151,16 @@ class Wav2LipRenderer:
     def prepare(self, avatar: Any) -> None:
         """Run the face encoder on every avatar frame once and keep the result (on the device)."""
         with self._lock:
-            if avatar in self._caches:
+            if avatar in self._caches or (self._ov is not None and self._ov.has(avatar)):
                 return
             crops = avatar.face_crops(CROP_SIZE)
             n = len(crops)
+            if self._ov is not None:
+                nbytes = self._ov.prepare(avatar, crops)
+                self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
+                log.info("wav2lip: prepared %d avatar frames (OpenVINO CPU, %s, %.0f MB cached)",
+                         n, self._ov.precision, nbytes / 2**20)
+                return
             frame_bytes = cache_values(True, self.rows_from) * torch.finfo(self.dtype).bits // 8
             cache_heads = n * frame_bytes <= self.max_cache_bytes
             if not cache_heads:
@@ -113,6 +169,13 @@ class Wav2LipRenderer:
             net = self._net(cache_heads)
             faces = faces_to_input(crops).to(device=self.device, dtype=self.dtype)
             cache = net.precompute(faces, rows_from=self.rows_from)  # only the rows the band decode reads
+            if self.static_batches and cache.heads not in self._runners:
+                # Static buffers and (on CUDA) graphs are made once per cache layout, here rather than
+                # on the first render, so that no session's frame pays for a capture.
+                runner = StaticBatchRunner(net, cache, self.rows_from, self.max_batch,
+                                           cuda_graphs=self.cuda_graphs)
+                runner.capture()
+                self._runners[cache.heads] = runner
             self._caches[avatar] = cache
             self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
             log.info("wav2lip: prepared %d avatar frames on %s (%s, %.0f MB cached)",
@@ -123,6 +186,8 @@ class Wav2LipRenderer:
         with self._lock:
             self._caches.pop(avatar, None)
             self._tops.pop(avatar, None)
+            if self._ov is not None:
+                self._ov.release(avatar)
 
     def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """One 96x96 uint8 BGR patch per (avatar frame, mel window (80, 16)), with the frame's face box."""
@@ -130,16 +195,25 @@ class Wav2LipRenderer:
         mels = np.asarray(mels, dtype=np.float32)
         if mels.shape != (len(indices), 80, 16):
             raise ValueError(f"expected mels of shape ({len(indices)}, 80, 16), got {mels.shape}")
-        cache = self._caches.get(avatar)
-        if cache is None:
+        if not (avatar in self._caches or (self._ov is not None and self._ov.has(avatar))):
             log.warning("wav2lip: render() on an avatar that was not prepared; preparing it now")
             self.prepare(avatar)
+        if self._ov is not None:
+            n_frames = self._ov.frames(avatar)
+
+            def generate(i: np.ndarray, m: np.ndarray) -> np.ndarray:
+                return self._ov.generate(avatar, i, m)
+        else:
             cache = self._caches[avatar]
+            n_frames = len(cache)
+
+            def generate(i: np.ndarray, m: np.ndarray) -> np.ndarray:
+                return self._generate(cache, i, m)
         tops = self._tops[avatar]
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(cache)):
-            raise IndexError(f"frame index out of range for an avatar of {len(cache)} frames: "
+        if len(indices) and (indices.min() < 0 or indices.max() >= n_frames):
+            raise IndexError(f"frame index out of range for an avatar of {n_frames} frames: "
                              f"{indices.min()}..{indices.max()}")
-        images = np.concatenate([self._generate(cache, indices[s:s + self.max_batch], mels[s:s + self.max_batch])
+        images = np.concatenate([generate(indices[s:s + self.max_batch], mels[s:s + self.max_batch])
                                  for s in range(0, len(indices), self.max_batch)]) if len(indices) else []
         if len(indices) and self.rows_from:
             images = np.concatenate([tops[indices], images], axis=1)
@@ -148,6 +222,9 @@ class Wav2LipRenderer:
                 for i, idx in enumerate(indices)]
 
     def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        runner = self._runners.get(cache.heads) if self.static_batches else None
+        if runner is not None and runner.accepts(cache) and len(indices) <= runner.max_batch:
+            return runner.run(cache, indices, mels)
         net = self._nets[cache.heads]
         with torch.inference_mode():
             # A copy (not a view of the caller's array): `mels` must not be referenced after return.
