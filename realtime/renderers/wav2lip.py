@@ -8,10 +8,15 @@ encoder and the decoder for a batch of (avatar frame, mel window) pairs, convert
 the official way (x * 255, truncated) and returns one 96x96 BGR patch per frame with the avatar's box;
 the compositor resizes it to the box and blends it.
 
-Precision: CPU fp32 by default (equal to the official eager model within float rounding, so the uint8
-patches match it within one level); CUDA fp16 with the cache resident on the GPU. `precision="bf16"`
-is an opt-in CPU speed mode (~2x on CPUs with AVX512-BF16/AMX, bench/generator.py) that is NOT
-faithful: on calibrated random weights it moves outputs by up to ~0.16 (about 2 levels on average).
+Runtime and precision (`runtime`, `precision`, both "auto" by default):
+- CPU: OpenVINO (realtime/renderers/openvino_frames.py; ~1.5x PyTorch at the same fp32 numerics,
+  bench/runtimes.py). fp32 equals the official eager model within float rounding (uint8 patches within
+  one level). bf16 is ~2x faster again on CPUs with AVX512-BF16/AMX but lossy, by an amount that depends
+  on the weights (33-46 dB PSNR across random seeds), so "auto" adopts it only when the start-up gate
+  (precision_gate.py) measures it >= `min_psnr_db` (35) from fp32 on this checkpoint and avatar, and
+  faster on this CPU. `runtime="torch"` keeps the PyTorch path (fp32, or bf16 when asked).
+- CUDA: PyTorch fp16 with the cache resident on the GPU, batches at fixed sizes through CUDA graphs
+  (models/static_batches.py).
 
 Rows: by default (`rows_from=PASTED_ROWS_FROM`) only rows [36, 96) of each patch are generated
 (CachedWav2Lip's band decode, exact for those rows, ~40% less decoder work); rows above are the
