@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import push_api, signaling
+from server import encoders, push_api, signaling
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
@@ -27,6 +27,7 @@ CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
 
 def create_app(config: ServerConfig, engine: Engine) -> web.Application:
+    encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
     app = web.Application(client_max_size=config.max_upload_bytes + 64 * 1024,
                           middlewares=[json_errors])
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,

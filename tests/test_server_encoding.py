@@ -1,0 +1,197 @@
+"""The server's video path after the engine: yuv420p frames from the track, real-time encoder settings."""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import re
+from types import SimpleNamespace
+
+import aiortc.rtcrtpsender
+import av
+import cv2
+import numpy as np
+import pytest
+from aiortc.codecs.h264 import H264Encoder
+from aiortc.codecs.opus import OpusEncoder
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+from server import encoders
+from server.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_frame
+
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
+H264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=99)
+OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+
+
+def face_like(h: int = 128, w: int = 160, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients plus soft blobs: natural-image statistics, not noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([60 + 120 * x / w, 40 + 150 * y / h, 200 - 100 * (x + y) / (w + h)], axis=-1)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 30)
+        img += rng.uniform(-60, 60, 3) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def swscale_yuv(image: np.ndarray) -> np.ndarray:
+    """What the encoders did before: a bgr24 frame converted by swscale, as (H * 3 / 2, W) planes."""
+    return av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p").to_ndarray()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+# -- yuv420p frames ----------------------------------------------------------------------------------
+
+def test_video_frame_is_yuv420p_equal_to_swscale_within_a_level():
+    image = face_like()
+    frame = video_frame(image)
+    assert frame.format.name == "yuv420p" and (frame.width, frame.height) == (160, 128)
+    got, ref = frame.to_ndarray().astype(int), swscale_yuv(image).astype(int)
+    h = image.shape[0]
+    assert np.abs(got[:h] - ref[:h]).max() <= 1          # luma: same BT.601 limited-range matrix
+    # chroma: a 2x2 average vs swscale's filter and siting (half a chroma pixel apart on gradients)
+    assert np.abs(got[h:] - ref[h:]).max() <= 3
+    assert np.abs(got[h:] - ref[h:]).mean() < 1.0
+
+
+def test_video_frame_looks_at_least_as_good_as_swscale():
+    """Decoded back to BGR, the direct conversion is no further from the image than swscale's."""
+    image = face_like(seed=3)
+    direct = video_frame(image).to_ndarray(format="bgr24")
+    old = av.VideoFrame.from_ndarray(swscale_yuv(image), format="yuv420p").to_ndarray(format="bgr24")
+    assert psnr(direct, image) >= psnr(old, image) - 0.1
+    assert psnr(direct, old) > 40.0
+
+
+def test_video_frame_accepts_read_only_views_and_keeps_odd_sizes_bgr24():
+    image = face_like()
+    image.flags.writeable = False
+    assert video_frame(image).format.name == "yuv420p"
+    odd = face_like(127, 161)
+    frame = video_frame(odd[:, :])
+    assert frame.format.name == "bgr24"
+    np.testing.assert_array_equal(frame.to_ndarray(), odd)
+
+
+def test_avatar_track_hands_over_yuv420p_frames_on_the_clock():
+    image = face_like()
+
+    class Source:
+        def next_video_frame(self):
+            return SimpleNamespace(image=image)
+
+    async def pull() -> list[av.VideoFrame]:
+        track = AvatarVideoTrack(Source(), 100.0, MediaClock())
+        frames = [await track.recv() for _ in range(3)]
+        track.stop()
+        return frames
+
+    frames = asyncio.run(pull())
+    assert [f.format.name for f in frames] == ["yuv420p"] * 3
+    assert [f.pts for f in frames] == [0, 900, 1800] and frames[0].time_base == VIDEO_TIME_BASE
+    np.testing.assert_array_equal(frames[0].to_ndarray(), cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420))
+
+
+# -- encoder settings --------------------------------------------------------------------------------
+
+def test_tuned_context_merges_overrides_into_what_the_encoder_sets():
+    context = SimpleNamespace(thread_count=0)
+    tuned = encoders.TunedContext(context, {"preset": "veryfast"}, thread_count=1)
+    assert context.thread_count == 1
+    tuned.options = {"tune": "zerolatency", "preset": "medium"}
+    tuned.thread_count = 4
+    tuned.width = 512
+    assert context.options == {"tune": "zerolatency", "preset": "veryfast"}
+    assert context.thread_count == 1 and context.width == 512 and tuned.width == 512
+
+
+def test_install_makes_senders_create_the_realtime_encoders(monkeypatch):
+    monkeypatch.setattr(aiortc.rtcrtpsender, "get_encoder", aiortc.rtcrtpsender.get_encoder)
+    encoders.install()
+    encoders.install()  # idempotent
+    make = aiortc.rtcrtpsender.get_encoder
+    assert make is encoders.get_encoder
+    assert isinstance(make(VP8), encoders.RealtimeVp8Encoder) and isinstance(make(VP8), Vp8Encoder)
+    assert isinstance(make(H264), encoders.RealtimeH264Encoder) and isinstance(make(H264), H264Encoder)
+    assert type(make(OPUS)) is OpusEncoder
+
+
+def frames_at(fps: float, n: int, make=video_frame) -> list[av.VideoFrame]:
+    out = []
+    for k in range(n):
+        frame = make(face_like(seed=k % 3))
+        frame.pts = int(round(k * 90000 / fps))  # as AvatarVideoTrack stamps them
+        frame.time_base = VIDEO_TIME_BASE
+        out.append(frame)
+    return out
+
+
+def bgr24(image: np.ndarray) -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(image, format="bgr24")
+
+
+def x264_options(payloads: list[bytes]) -> str:
+    """The option string x264 writes into its first keyframe (an SEI)."""
+    found = re.search(rb"options: ([ -~]+)", b"".join(payloads))
+    assert found, "no x264 SEI in the keyframe"
+    return found.group(1).decode()
+
+
+def test_h264_runs_veryfast_on_one_thread_and_keeps_aiortcs_other_settings():
+    payloads, _ = encoders.RealtimeH264Encoder().encode(frames_at(25, 1)[0])
+    tuned = x264_options(payloads)
+    payloads, _ = H264Encoder().encode(frames_at(25, 1)[0])
+    stock = x264_options(payloads)
+    assert "threads=1 " in tuned and "subme=2 " in tuned and "ref=1 " in tuned  # veryfast
+    assert "subme=7 " in stock  # aiortc's own: medium
+    for kept in ("cabac=0", "bframes=0", "bitrate=1000", "rc=abr"):  # Baseline, zerolatency, 1 Mbps
+        assert kept in tuned and kept in stock
+
+
+@pytest.mark.parametrize("cls", [encoders.RealtimeVp8Encoder, encoders.RealtimeH264Encoder])
+@pytest.mark.parametrize("fps", [25.0, 30.0])
+def test_rtp_timestamps_match_aiortcs_encoders_fed_bgr24(cls, fps):
+    """yuv420p frames are handed to the codec as they are (PyAV rebases their pts in place): the RTP
+    timestamps must still be the ones aiortc produced from the old bgr24 frames."""
+    stock = Vp8Encoder() if cls is encoders.RealtimeVp8Encoder else H264Encoder()
+    old = [stock.encode(f)[1] for f in frames_at(fps, 6, bgr24)]
+    encoder = cls()
+    new = [encoder.encode(f)[1] for f in frames_at(fps, 6)]
+    assert new == old
+
+
+def test_vp8_decodes_and_retunes_after_a_bitrate_change():
+    encoder = encoders.RealtimeVp8Encoder()
+    decoder = av.CodecContext.create("libvpx", "r")
+    images = []
+    for frame in frames_at(25, 4):
+        payloads, _ = encoder.encode(frame)
+        data = b"".join(p[_vp8_descriptor_size(p):] for p in payloads)
+        images += [f.to_ndarray(format="bgr24") for f in decoder.decode(av.Packet(data))]
+    assert len(images) == 4 and psnr(images[0], face_like(seed=0)) > 30.0
+    first = encoder.codec
+    assert isinstance(first, encoders.TunedContext)
+    encoder.target_bitrate = 1_500_000  # a REMB update: aiortc re-creates the codec
+    encoder.encode(frames_at(25, 5)[4])
+    assert encoder.codec is not first and isinstance(encoder.codec, encoders.TunedContext)
+    assert encoder.codec.bit_rate == 1_500_000
+
+
+def _vp8_descriptor_size(payload: bytes) -> int:
+    """Bytes of the VP8 payload descriptor aiortc writes (RFC 7741: X bit, then a 15-bit PictureID)."""
+    if not payload[0] & 0x80:
+        return 1
+    return 2 + (2 if payload[1] & 0x80 and payload[2] & 0x80 else 1 if payload[1] & 0x80 else 0)
+
+
+def test_create_app_installs_the_realtime_encoders(monkeypatch):
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    monkeypatch.setattr(aiortc.rtcrtpsender, "get_encoder", encoders.aiortc_get_encoder)
+    create_app(ServerConfig(), SimpleNamespace(fps=25.0, info={}))
+    assert aiortc.rtcrtpsender.get_encoder is encoders.get_encoder
