@@ -1,6 +1,6 @@
 """One run, one machine: Wav2Lip generator speed, accuracy of the fast variants, and live sessions at 25 fps.
 
-    python bench/sessions.py [--rounds 3] [--trial-s 4] [--max-sessions 12] [--threads 2]
+    python bench/sessions.py [--rounds 3] [--trial-s 4] [--max-sessions 16] [--threads 2] [--seeds 0,1,2]
 
 Random weights, seeded and calibrated (bench.generator.realistic_random_wav2lip: He init + BatchNorm
 statistics calibrated on random inputs, so the output spans (0, 1)); NOT the released checkpoints.
@@ -10,22 +10,28 @@ speech.
 1. Throughput (frames/s, best round of `--rounds`, variants interleaved) at batch 1, 8, 32:
    - eager: the official inference per batch: faces_to_input + the fp32 Wav2Lip forward (face encoder
      included) under no_grad + the uint8 conversion.
-   - wav2lip: `Wav2LipRenderer.render` as the server runs it (fp32, cached encoder, BatchNorm folded,
-     decoder rows [36, 96) only), uint8 patches out.
-   - wav2lip-bf16: the same with precision="bf16" (opt-in, lossy).
+   - wav2lip: `Wav2LipRenderer.render` as the server runs it on CPU by default: OpenVINO, the precision
+     its start-up gate chose for these weights (bf16 only if >= 35 dB from fp32 and faster here),
+     cached encoder, decoder rows [36, 96) only; uint8 patches out.
+   - wav2lip-torch-fp32 / wav2lip-ov-fp32 / wav2lip-ov-bf16: the same renderer pinned to one runtime and
+     precision; wav2lip-full: the default with whole patches (rows_from=0, for --paste-mode official).
 2. Accuracy vs fp32 eager over the whole speech clip (one frame per 40 ms window): PSNR (dB) and
    max |diff| (uint8 levels) of the uint8 patches over the rows the feathered paste shows (36..95) and
-   over the mouth rows (48..95).
-3. Live sessions: N LipSyncSession objects on one shared ThreadedRenderWorker, each pushed the speech
-   clip in 20 ms chunks and pulled at 25 fps by the wall clock (one driver thread, like the server's
-   tracks); N grows until a trial fails: more than 2% of speech frames dropped, or a session's latency
-   p95 above its fixed latency budget (EngineConfig.fit_budget_to_renderer, as the server configures
-   Wav2Lip) plus half a frame of tick jitter. Each trial lasts `--trial-s` seconds of speech; N steps
-   1..6, 8, 10, 12, 16 (the count reported is the largest N that passed).
+   over the mouth rows (48..95); and for every weight seed of `--seeds`, what the gate chose and the
+   PSNR the default renderer then gives.
+3. Live sessions at 25 fps, per renderer (default = no weights, and wav2lip):
+   - with encoding (the reported count): bench/encoded_sessions.py, the server's own engine and tracks
+     with aiortc's VP8 (or --codec) and Opus encoders, N sessions at once;
+   - engine only: N LipSyncSession objects on one shared ThreadedRenderWorker, pushed the speech in
+     20 ms chunks and pulled at 25 fps by the wall clock.
+   A trial fails when more than 2% of speech frames are dropped (or, encoded, 2% of video ticks missed
+   or late), or a session's latency p95 exceeds its fixed latency budget plus half a frame. Each trial
+   lasts `--trial-s` seconds of speech; N steps 1-6, 8, 10, 12, 16, .. up to --max-sessions (the largest
+   N that passed before the first failure is reported).
 4. With CUDA present: the eager fp32 / renderer fp16 throughput on the GPU too (device name printed).
 
 Last line: one JSON object, {"eager_fps": {batch: fps}, "wav2lip_fps": {batch: fps}, "wav2lip_psnr_db":
-dB (fp32 renderer, rows 36..95), "default_sessions_25fps": N, "wav2lip_sessions_25fps": N, "device": ..,
+dB (default renderer, rows 36..95), "default_sessions_25fps": N, "wav2lip_sessions_25fps": N, "device": ..,
 ...details}; fps are dicts per batch ("1", "8", "32").
 """
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.encoded_sessions import sessions_with_encode  # noqa: E402
 from bench.engine import TEXT, make_speech  # noqa: E402
 from bench.generator import realistic_random_wav2lip  # noqa: E402
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8  # noqa: E402
@@ -57,6 +64,7 @@ from realtime.session import LipSyncSession  # noqa: E402
 log = logging.getLogger("bench.sessions")
 BATCHES = (1, 8, 32)
 MOUTH_ROWS = 48
+SESSION_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # concurrent sessions tried, in order
 
 
 def cpu_name() -> str:
@@ -188,7 +196,7 @@ def sessions_at_25fps(renderer, avatar, wav, rate, max_n: int) -> tuple[int, lis
     best = 0
     try:
         worker.prepare(avatar, warmup=True)
-        for n in [n for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32) if n <= max_n]:
+        for n in [n for n in SESSION_STEPS if n <= max_n]:
             res = trial(worker, avatar, config, wav, rate, n)
             trials.append(res)
             log.info("sessions %-13s %s", getattr(renderer, "name", "?"), res)
@@ -198,6 +206,21 @@ def sessions_at_25fps(renderer, avatar, wav, rate, max_n: int) -> tuple[int, lis
     finally:
         worker.close()
     return best, trials
+
+
+def seed_accuracy(seed: int, avatar, crops, mels) -> dict:
+    """Another weight draw: what the default renderer's start-up gate chooses, and the PSNR it then gives."""
+    model = realistic_random_wav2lip(seed)
+    auto, bf16 = Wav2LipRenderer(model), Wav2LipRenderer(model, runtime="openvino", precision="bf16")
+    auto.prepare(avatar)
+    bf16.prepare(avatar)
+    acc = accuracy(model, {"wav2lip": auto, "wav2lip-ov-bf16": bf16}, avatar, crops, mels)
+    info = auto.describe()
+    out = {"gate": info.get("precision_gate"), "precision": info["precision"],
+           "psnr_db": acc["wav2lip"]["psnr_db_pasted_rows"],
+           "bf16_psnr_db": acc["wav2lip-ov-bf16"]["psnr_db_pasted_rows"]}
+    log.info("seed %d: %s", seed, out)
+    return out
 
 
 def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int) -> dict:
@@ -234,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial-s", type=float, default=4.0, help="seconds of speech per sessions trial")
     parser.add_argument("--max-sessions", type=int, default=16, help="tries 1-6, 8, 10, 12, 16, .. up to this")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sessions-renderers", default="default,wav2lip,wav2lip-bf16")
+    parser.add_argument("--sessions-renderers", default="default,wav2lip")
+    parser.add_argument("--seeds", default="0,1,2", help="weight seeds for the accuracy / gate check")
+    parser.add_argument("--codec", default="VP8", help="video codec of the encoded sessions trials")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -250,13 +275,24 @@ def main(argv: list[str] | None = None) -> int:
              cpu_name(), os.cpu_count() or 0, torch.get_num_threads(), len(wav) / rate, len(mels), len(crops))
 
     model = realistic_random_wav2lip()
-    renderers = {"wav2lip": Wav2LipRenderer(model),  # the default: fp32, rows 36..95
-                 "wav2lip-bf16": Wav2LipRenderer(model, precision="bf16"),
-                 "wav2lip-full": Wav2LipRenderer(model, rows_from=0)}  # full patch (official paste)
+    renderers = {
+        "wav2lip": Wav2LipRenderer(model),  # the server's CPU default: OpenVINO, precision by the gate, rows 36..95
+        "wav2lip-torch-fp32": Wav2LipRenderer(model, runtime="torch", precision="fp32"),
+        "wav2lip-ov-fp32": Wav2LipRenderer(model, runtime="openvino", precision="fp32"),
+        "wav2lip-ov-bf16": Wav2LipRenderer(model, runtime="openvino", precision="bf16"),
+        "wav2lip-full": Wav2LipRenderer(model, rows_from=0),  # whole patch (--paste-mode official)
+    }
     for r in renderers.values():
         r.prepare(avatar)
+    chosen = renderers["wav2lip"].describe()
+    log.info("default renderer: %s", chosen)
     fps = throughput(model, renderers, avatar, crops, mels, args.rounds)
     acc = accuracy(model, renderers, avatar, crops, mels)
+    seeds = {0: {"gate": chosen.get("precision_gate"), "precision": chosen["precision"],
+                 "psnr_db": acc["wav2lip"]["psnr_db_pasted_rows"],
+                 "bf16_psnr_db": acc["wav2lip-ov-bf16"]["psnr_db_pasted_rows"]}}
+    for seed in [int(x) for x in args.seeds.split(",") if x.strip() and int(x) != 0]:
+        seeds[seed] = seed_accuracy(seed, avatar, crops, mels)
 
     trial_wav = wav[: int(args.trial_s * rate)]
     sessions: dict[str, dict] = {}
@@ -268,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             renderer = renderers[name]
         n, trials = sessions_at_25fps(renderer, avatar, trial_wav, rate, args.max_sessions)
-        sessions[name] = {"sessions_25fps": n, "trials": trials}
+        n_enc, trials_enc = sessions_with_encode(renderer, avatar, trial_wav, rate, args.max_sessions, args.codec,
+                                                 steps=SESSION_STEPS)
+        sessions[name] = {"sessions_25fps": n_enc, "sessions_25fps_engine_only": n,
+                          "trials": trials_enc, "trials_engine_only": trials}
 
     gpu = None
     if torch.cuda.is_available():
@@ -280,14 +319,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, v in fps.items():
         print(f"{name:14s} " + "  ".join(f"B={b}: {v[b]:6.2f} fps" for b in v)
-              + (f"  ({v['1'] / fps['eager']['1']:.2f}x eager at B=1)" if name != "eager" else ""))
+              + (f"  ({v['1'] / fps['eager']['1']:.2f}x eager at B=1, "
+                 f"{v['8'] / fps['eager']['8']:.2f}x at B=8)" if name != "eager" else ""))
     for name, v in acc.items():
         print(f"{name:14s} PSNR {v['psnr_db_pasted_rows']} dB (rows {v['pasted_rows']}), max|diff| "
               f"{v['max_abs_diff_pasted_rows']} levels; mouth rows 48..95: {v['psnr_db_mouth_rows']} dB")
+    for seed, v in seeds.items():
+        print(f"weights seed {seed}: default runs {v['precision']} ({v['psnr_db']} dB); "
+              f"bf16 would give {v['bf16_psnr_db']} dB; gate: {v['gate']}")
     for name, v in sessions.items():
-        print(f"{name:14s} sustains {v['sessions_25fps']} session(s) at 25 fps")
+        print(f"{name:14s} sustains {v['sessions_25fps']} session(s) at 25 fps with {args.codec} + Opus "
+              f"encoding ({v['sessions_25fps_engine_only']} engine only)")
     result = {
         "eager_fps": fps["eager"], "wav2lip_fps": fps["wav2lip"],
+        "wav2lip_runtime": chosen,
         "wav2lip_psnr_db": acc["wav2lip"]["psnr_db_pasted_rows"],
         "default_sessions_25fps": sessions.get("default", {}).get("sessions_25fps"),
         "wav2lip_sessions_25fps": sessions.get("wav2lip", {}).get("sessions_25fps"),
@@ -295,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         "fps_unit": "frames/s per batch size (keys: batch)",
         "variants_fps": fps, "accuracy": acc,
         "sessions": {k: v["sessions_25fps"] for k, v in sessions.items()},
+        "sessions_engine_only": {k: v["sessions_25fps_engine_only"] for k, v in sessions.items()},
+        "codec": args.codec, "seeds": seeds,
         "session_trials": {k: v["trials"] for k, v in sessions.items()},
         "gpu": gpu, "weights": "random, calibrated (not the released checkpoints)",
         "wall_s": round(time.monotonic() - t_start, 1),
