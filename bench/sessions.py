@@ -28,7 +28,8 @@ speech.
    or late), or a session's latency p95 exceeds its fixed latency budget plus half a frame. Each trial
    lasts `--trial-s` seconds of speech; N steps 1-6, 8, 10, 12, 16, .. up to --max-sessions (the largest
    N that passed before the first failure is reported).
-4. With CUDA present: the eager fp32 / renderer fp16 throughput on the GPU too (device name printed).
+4. With CUDA present: the eager fp32 / renderer fp16 throughput and accuracy on the GPU too, and sessions at
+   25 fps on one GPU worker (bench/gpu_check.py's trials; device name printed).
 
 Last line: one JSON object, {"eager_fps": {batch: fps}, "wav2lip_fps": {batch: fps}, "wav2lip_psnr_db":
 dB (default renderer, rows 36..95), "default_sessions_25fps": N, "wav2lip_sessions_25fps": N, "device": ..,
@@ -63,6 +64,7 @@ from realtime.session import LipSyncSession  # noqa: E402
 
 log = logging.getLogger("bench.sessions")
 BATCHES = (1, 8, 32)
+BATCHES_STR = [str(b) for b in BATCHES]
 MOUTH_ROWS = 48
 SESSION_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # concurrent sessions tried, in order
 
@@ -223,9 +225,9 @@ def seed_accuracy(seed: int, avatar, crops, mels) -> dict:
     return out
 
 
-def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int) -> dict:
-    device = "cuda"
-    name = torch.cuda.get_device_name(0)
+def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int, wav: np.ndarray, rate: int,
+                device: str = "cuda") -> dict:
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
     log.info("GPU: %s", name)
     gmodel = copy.deepcopy(model).to(device)
     renderer = Wav2LipRenderer(gmodel, device=device)  # fp16, rows 36..95
@@ -234,7 +236,8 @@ def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int) -> dict:
     def sync(fn):
         def run():
             out = fn()
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             return out
         return run
 
@@ -248,7 +251,14 @@ def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int) -> dict:
         for k, v in fps.items():
             out[k][str(batch)] = v
     acc = accuracy(model, {"wav2lip_fp16": renderer}, avatar, crops, mels)
-    return {"device": name, "fps": out, "accuracy": acc}
+    # Sessions at 25 fps on one GPU worker set up as the server sets up a CUDA worker (engine only:
+    # at these counts the CPU side, not the GPU, is what runs out first on most machines).
+    from bench.gpu_check import session_trials
+
+    trials = session_trials(renderer, avatar, wav, rate, [8, 16, 32, 64, 128], time.monotonic() + 240.0,
+                            len(wav) / rate + 2.0)
+    sessions = max([t["sessions"] for t in trials if t.get("ok")], default=0)
+    return {"device": name, "fps": out, "accuracy": acc, "sessions_25fps": sessions, "session_trials": trials}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = None
     if torch.cuda.is_available():
         try:
-            gpu = gpu_section(model, avatar, crops, mels, args.rounds)
+            gpu = gpu_section(model, avatar, crops, mels, args.rounds, trial_wav, rate)
         except Exception as exc:  # report, don't lose the CPU numbers
             log.exception("GPU section failed")
             gpu = {"error": repr(exc)}
@@ -324,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in acc.items():
         print(f"{name:14s} PSNR {v['psnr_db_pasted_rows']} dB (rows {v['pasted_rows']}), max|diff| "
               f"{v['max_abs_diff_pasted_rows']} levels; mouth rows 48..95: {v['psnr_db_mouth_rows']} dB")
+    if gpu and "device" in gpu:
+        print(f"GPU {gpu['device']}: " + "  ".join(f"{k} " + "/".join(f"{v:.0f}" for v in fps_b.values()) + " fps"
+                                               for k, fps_b in gpu["fps"].items())
+              + f" at B={'/'.join(BATCHES_STR)}; {gpu['sessions_25fps']} sessions at 25 fps on one worker")
     for seed, v in seeds.items():
         print(f"weights seed {seed}: default runs {v['precision']} ({v['psnr_db']} dB); "
               f"bf16 would give {v['bf16_psnr_db']} dB; gate: {v['gate']}")
@@ -336,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "wav2lip_psnr_db": acc["wav2lip"]["psnr_db_pasted_rows"],
         "default_sessions_25fps": sessions.get("default", {}).get("sessions_25fps"),
         "wav2lip_sessions_25fps": sessions.get("wav2lip", {}).get("sessions_25fps"),
+        "gpu_wav2lip_sessions_25fps": gpu.get("sessions_25fps") if gpu else None,
         "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)" + (f"; gpu: {gpu['device']}" if gpu and "device" in gpu else ""),
         "fps_unit": "frames/s per batch size (keys: batch)",
         "variants_fps": fps, "accuracy": acc,
