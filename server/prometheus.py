@@ -46,55 +46,59 @@ def _number(value: float) -> str:
 
 
 class Page:
-    """Collects metric families and renders them; each family's HELP/TYPE is written once."""
+    """Collects metric families and renders them; each family's HELP/TYPE is written once.
+
+    Samples are kept per family and rendered family by family, so callers may add them in any order
+    (e.g. session by session, several families each): the text format requires a family's lines to be
+    contiguous, and strict parsers reject a page that splits them.
+    """
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
-        self._declared: set[str] = set()
+        self._families: dict[str, list[str]] = {}
 
-    def _declare(self, name: str, kind: str, help_text: str) -> None:
-        if name not in self._declared:
-            self._declared.add(name)
-            self._lines.append(f"# HELP {name} {help_text}")
-            self._lines.append(f"# TYPE {name} {kind}")
+    def _declare(self, name: str, kind: str, help_text: str) -> list[str]:
+        """The family's lines (HELP and TYPE first), to append its samples to."""
+        if name not in self._families:
+            self._families[name] = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        return self._families[name]
 
     def gauge(self, name: str, help_text: str, value: float,
               labels: Mapping[str, str] | None = None) -> None:
-        self._declare(name, "gauge", help_text)
-        self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        lines = self._declare(name, "gauge", help_text)
+        lines.append(f"{name}{_labels(labels)} {_number(value)}")
 
     def counter(self, name: str, help_text: str, value: float,
                 labels: Mapping[str, str] | None = None) -> None:
-        self._declare(name, "counter", help_text)
-        self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        lines = self._declare(name, "counter", help_text)
+        lines.append(f"{name}{_labels(labels)} {_number(value)}")
 
     def histogram(self, name: str, help_text: str, hist: Histogram,
                   labels: Mapping[str, str] | None = None) -> None:
-        self._declare(name, "histogram", help_text)
+        lines = self._declare(name, "histogram", help_text)
         base = dict(labels or {})
         cumulative = 0
         for bound, count in zip(self.__bounds(hist), hist.counts):
             cumulative += count
-            self._lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {cumulative}")
-        self._lines.append(f"{name}_sum{_labels(base)} {_number(hist.sum)}")
-        self._lines.append(f"{name}_count{_labels(base)} {hist.count}")
+            lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {cumulative}")
+        lines.append(f"{name}_sum{_labels(base)} {_number(hist.sum)}")
+        lines.append(f"{name}_count{_labels(base)} {hist.count}")
 
     def cumulative_histogram(self, name: str, help_text: str, data: Mapping,
                              labels: Mapping[str, str] | None = None) -> None:
         """A histogram given as the engine reports it: {"buckets": {le: cumulative}, "sum", "count"}."""
-        self._declare(name, "histogram", help_text)
+        lines = self._declare(name, "histogram", help_text)
         base = dict(labels or {})
         for bound, cumulative in data.get("buckets", {}).items():
-            self._lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {int(cumulative)}")
-        self._lines.append(f"{name}_sum{_labels(base)} {_number(float(data.get('sum', 0.0)))}")
-        self._lines.append(f"{name}_count{_labels(base)} {int(data.get('count', 0))}")
+            lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {int(cumulative)}")
+        lines.append(f"{name}_sum{_labels(base)} {_number(float(data.get('sum', 0.0)))}")
+        lines.append(f"{name}_count{_labels(base)} {int(data.get('count', 0))}")
 
     @staticmethod
     def __bounds(hist: Histogram) -> list[str]:
         return [_number(float(b)) for b in hist.buckets] + ["+Inf"]
 
     def render(self) -> str:
-        return "\n".join(self._lines) + "\n"
+        return "\n".join(line for lines in self._families.values() for line in lines) + "\n"
 
 
 def merge_histograms(parts: Iterable[Mapping]) -> dict:

@@ -113,6 +113,24 @@ def test_prometheus_text_format():
     assert text.endswith("\n")
 
 
+def test_prometheus_families_stay_contiguous_whatever_the_call_order():
+    """Per-session metrics are added session by session (a then b, a then b); the page must still list
+    each family's samples together, or strict Prometheus parsers reject it."""
+    page = Page()
+    for session in ("s1", "s2", "s3"):
+        page.gauge("x_fps", "Frames per second.", 25, {"session": session})
+        page.counter("x_drops_total", "Drops.", 1, {"session": session})
+    lines = page.render().splitlines()
+    families = [line.split("{")[0].split()[-1] if not line.startswith("#") else line.split()[2] for line in lines]
+    seen: list[str] = []
+    for name in families:
+        if not seen or seen[-1] != name:
+            assert name not in seen, f"{name} split across the page:\n" + "\n".join(lines)
+            seen.append(name)
+    assert seen == ["x_fps", "x_drops_total"]
+    assert lines[0] == "# HELP x_fps Frames per second." and lines[2] == 'x_fps{session="s1"} 25'
+
+
 def test_udp_port_range_applies_to_ice_host_candidates():
     import asyncio
 
