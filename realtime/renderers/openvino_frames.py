@@ -66,6 +66,8 @@ class OpenVinoFrames:
         with self._lock:
             if avatar in self._caches:
                 return 0
+            log.info("wav2lip: encoding %d avatar frames and compiling the decoder for OpenVINO%s",
+                     len(crops), "; then measuring bf16 against fp32" if self.precision is None else "")
             heads = len(crops) * cache_values(True, self.rows_from) * 4 <= self.max_cache_bytes
             if not heads:
                 log.info("avatar cache: %d frames exceed %.0f MB with decoder heads, caching encoder features only",
