@@ -89,6 +89,9 @@ class OpenVinoFrames:
         self.gate = choose_precision(("fp32", lambda i, m: self._run(avatar, heads, "fp32", i, m)),
                                      candidates, n_frames, self.min_psnr_db)
         self.precision = self.gate.chosen
+        # The losing precision's compiled model (weights and all) is not needed any more.
+        for key in [k for k in self._compiled if k[1] != self.precision]:
+            del self._compiled[key]
 
     def _run(self, avatar: Any, heads: bool, precision: str, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         arrays = self._caches[avatar][1]
