@@ -159,6 +159,24 @@ def test_bf16_opt_in_runs(model, avatar, runtime):
     assert np.abs(diff).mean() < 8  # close, not equal
 
 
+def test_auto_runtime_falls_back_to_torch_when_openvino_fails(model, avatar, monkeypatch, caplog):
+    """A graph OpenVINO cannot take must not stop the server when the runtime was left on auto."""
+    from models import openvino_runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(openvino_runtime, "export_frame_model", broken)
+    renderer = Wav2LipRenderer(model)
+    renderer.prepare(avatar)
+    assert (renderer.runtime, renderer.precision) == ("torch", "fp32")
+    assert "using PyTorch instead" in caplog.text
+    indices, mels = np.array([0, 3]), mel_windows(2, seed=9)
+    assert_close_uint8(renderer.render(avatar, indices, mels), eager_patches(model, avatar, indices, mels))
+    with pytest.raises(RuntimeError, match="unsupported"):  # asked for by name: the error is the user's
+        Wav2LipRenderer(model, runtime="openvino").prepare(avatar)
+
+
 def test_half_precision_model_is_folded_in_fp32(model, avatar):
     """load_wav2lip(device="cuda") hands over an fp16 model; the renderer must not modify it."""
     half = Wav2Lip().half().eval()

@@ -75,9 +75,13 @@ class OpenVinoFrames:
             cache = self._net(heads).precompute(faces_to_input(crops), rows_from=self.rows_from)
             arrays = [np.ascontiguousarray(t.numpy()) for t in cache.tensors]
             self._caches[avatar] = (heads, arrays)
-            if self.precision is None:
-                self._settle_precision(avatar, heads, len(crops))
-            self._model(heads, self.precision)  # compile now, not on the first live frame
+            try:
+                if self.precision is None:
+                    self._settle_precision(avatar, heads, len(crops))
+                self._model(heads, self.precision)  # compile now, not on the first live frame
+            except BaseException:
+                self._caches.pop(avatar, None)  # not served: a failed prepare leaves nothing behind
+                raise
             return sum(a.nbytes for a in arrays)
 
     def _settle_precision(self, avatar: Any, heads: bool, n_frames: int) -> None:
@@ -101,6 +105,10 @@ class OpenVinoFrames:
 
     def has(self, avatar: Any) -> bool:
         return avatar in self._caches
+
+    def serves_any(self) -> bool:
+        """Whether some avatar is prepared (a renderer then keeps this runtime for good)."""
+        return len(self._caches) > 0
 
     def release(self, avatar: Any) -> None:
         with self._lock:

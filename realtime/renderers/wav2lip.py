@@ -107,6 +107,8 @@ class Wav2LipRenderer:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.runtime = _resolve_runtime(runtime, self.device)
+        self._runtime_chosen = runtime != "auto"  # an explicit choice is never swapped for another
+        self._requested_precision = precision
         self.dtype = _resolve_dtype(precision, self.device)  # validates precision for either runtime
         if self.runtime == "openvino":
             self.dtype = torch.float32  # the torch side only folds and precomputes; OpenVINO sets the numerics
@@ -130,6 +132,12 @@ class Wav2LipRenderer:
         self.cuda_graphs = bool(cuda_graphs)
         self.static_batches = self.cuda_graphs and self.device.type == "cuda"
         self._runners: dict[bool, StaticBatchRunner] = {}  # cache_heads -> runner, made at prepare
+
+    def _use_torch(self) -> None:
+        """Fall back from OpenVINO to the PyTorch runtime (fp32 unless bf16 was asked for)."""
+        self._ov = None
+        self.runtime = "torch"
+        self.dtype = _resolve_dtype(self._requested_precision, self.device)
 
     @property
     def precision(self) -> str:
@@ -161,11 +169,21 @@ class Wav2LipRenderer:
             crops = avatar.face_crops(CROP_SIZE)
             n = len(crops)
             if self._ov is not None:
-                nbytes = self._ov.prepare(avatar, crops)
-                self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
-                log.info("wav2lip: prepared %d avatar frames (OpenVINO CPU, %s, %.0f MB cached)",
-                         n, self._ov.precision, nbytes / 2**20)
-                return
+                try:
+                    nbytes = self._ov.prepare(avatar, crops)
+                except Exception:
+                    if self._runtime_chosen or self._ov.serves_any():
+                        raise
+                    # runtime "auto": a graph OpenVINO cannot take (a torch or OpenVINO version we have
+                    # not met) must not stop the server; the PyTorch path computes the same thing.
+                    log.warning("wav2lip: OpenVINO failed to prepare the generator; using PyTorch instead",
+                                exc_info=True)
+                    self._use_torch()
+                else:
+                    self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
+                    log.info("wav2lip: prepared %d avatar frames (OpenVINO CPU, %s, %.0f MB cached)",
+                             n, self._ov.precision, nbytes / 2**20)
+                    return
             frame_bytes = cache_values(True, self.rows_from) * torch.finfo(self.dtype).bits // 8
             cache_heads = n * frame_bytes <= self.max_cache_bytes
             if not cache_heads:
