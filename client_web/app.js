@@ -89,7 +89,9 @@ async function loadConfig() {
     document.querySelector('input[name="source"][value="mic"]').checked = true;
   }
   if (serverConfig.renderer) {
-    ui.info.textContent = `avatar ${serverConfig.avatar} · ${serverConfig.renderer} · ${serverConfig.fps} fps`;
+    const numerics = [serverConfig.runtime, serverConfig.precision].filter(Boolean).join(" ");
+    const renderer = numerics ? `${serverConfig.renderer} (${numerics})` : serverConfig.renderer;
+    ui.info.textContent = `avatar ${serverConfig.avatar} · ${renderer} · ${serverConfig.fps} fps`;
   }
   updatePanels();
 }

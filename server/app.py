@@ -68,6 +68,8 @@ async def client_config(request: web.Request) -> web.Response:
         "fps": state.engine.fps,
         "avatar": state.engine.info.get("avatar", "default"),
         "renderer": state.engine.info.get("renderer", ""),
+        "runtime": state.engine.info.get("runtime", ""),      # Wav2Lip only: openvino / torch
+        "precision": state.engine.info.get("precision", ""),  # Wav2Lip only: fp32 / bf16 / fp16
         "max_sessions": state.sessions.max_sessions,
         "max_upload_bytes": state.config.max_upload_bytes,
     })

@@ -201,6 +201,7 @@ async def test_sessions_listing_health_and_metrics(server, http):
     async with http.get(server.endpoint("/config")) as resp:
         config = await resp.json()
         assert config["ice_servers"] == [] and config["fps"] == 25.0 and config["avatar"] == "tiny"
+        assert config["runtime"] == "" and config["precision"] == ""  # the no-weights renderer has neither
     async with http.get(server.endpoint("/")) as resp:
         assert resp.status == 200 and "<video" in await resp.text()
     await client.close()
