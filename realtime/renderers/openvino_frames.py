@@ -40,6 +40,9 @@ class OpenVinoFrames:
         self.min_psnr_db = min_psnr_db
         self.threads = threads
         self.gate: GateReport | None = None
+        if precision == "bf16" and not ovr.cpu_supports_bf16():
+            log.warning("wav2lip: --precision bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): "
+                        "it will be slower than fp32, not faster")
         self._nets: dict[bool, CachedWav2Lip] = {}           # cache_heads -> NCHW fp32 net
         self._graphs: dict[bool, Any] = {}                   # cache_heads -> openvino.Model
         self._compiled: dict[tuple[bool, str], ovr.CompiledFrameModel] = {}
