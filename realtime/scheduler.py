@@ -18,7 +18,8 @@ Two drivers of the same policy:
 - `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; with
   several sessions it waits up to `max_wait_s` to fill a batch when the deadlines allow it.
 - `InlineRenderWorker`: no thread; `kick(now)` runs, in the caller's thread, every batch a free worker
-  would have started by `now`, in *virtual time*: a batch that starts at t and takes d seconds (measured
+  would have started by `now` (including the bounded wait for other sessions' jobs when constructed with
+  `max_wait_s`, as the server's worker is), in *virtual time*: a batch that starts at t and takes d seconds (measured
   with the worker's own `clock`) completes at t + d, and the worker is busy until then. With a
   `ManualClock` that a fake renderer advances, "a renderer 2x too slow" is simulated deterministically;
   the worker then sets that clock back to where the render started (the render happened on the
@@ -234,6 +235,7 @@ class RenderWorker:
         self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
         self._prepare_lock = threading.Lock()
         self._last_render_at: float | None = None
+        self._recent_owners: dict[int, float] = {}  # id(owner) -> ready_at of its latest job
         self.batches = 0
         self.frames_rendered = 0
         self.frames_skipped = 0
@@ -292,6 +294,29 @@ class RenderWorker:
         }
 
     # -- shared internals -----------------------------------------------------------------------
+    def _note_owner(self, job: RenderJob) -> None:
+        self._recent_owners[id(job.owner)] = job.ready_at
+
+    def _several_owners(self, now: float) -> bool:
+        """More than one session submitted within the last second (then waiting to fill a batch pays)."""
+        self._recent_owners = {o: t for o, t in self._recent_owners.items() if now - t < 1.0}
+        return len(self._recent_owners) > 1
+
+    def _fill_allowed(self, now: float, probe: bool) -> float | None:
+        """The time until which the next batch may wait for other sessions' jobs, or None: only with
+        several sessions, a batch below max_batch, and while every ready job's deadline leaves room for
+        the largest batch after the wait."""
+        if self.max_wait_s <= 0 or not self._several_owners(now):
+            return None
+        batch, _ = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
+        if not batch or len(batch) >= self.max_batch:
+            return None
+        fill_until = now + self.max_wait_s
+        return fill_until if self._fill_may_continue(now, fill_until) else None
+
+    def _fill_may_continue(self, now: float, fill_until: float) -> bool:
+        return self._queue.earliest_deadline(now) - fill_until > self.cost.estimate(self.max_batch)
+
     def _probe(self, now: float) -> bool:
         """Render one job even if predicted late when nothing was rendered for a while (the estimate may
         be stale), at most ~10% of the time for a renderer that is always too slow."""
@@ -337,7 +362,6 @@ class ThreadedRenderWorker(RenderWorker):
         super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
         self._cond = threading.Condition()
         self._stopped = False
-        self._recent_owners: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, name=name or f"render-{self.name}", daemon=True)
         self._thread.start()
 
@@ -346,7 +370,7 @@ class ThreadedRenderWorker(RenderWorker):
             if self._stopped:
                 return
             self._queue.add(job)
-            self._recent_owners[id(job.owner)] = job.ready_at
+            self._note_owner(job)
             self._cond.notify()
 
     def cancel(self, owner: object) -> int:
@@ -360,10 +384,6 @@ class ThreadedRenderWorker(RenderWorker):
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
-
-    def _several_owners(self, now: float) -> bool:
-        self._recent_owners = {o: t for o, t in self._recent_owners.items() if now - t < 1.0}
-        return len(self._recent_owners) > 1
 
     def _run(self) -> None:
         while True:
@@ -382,13 +402,12 @@ class ThreadedRenderWorker(RenderWorker):
                 now = self.clock()
                 probe = self._probe(now)
                 batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
-                if batch and len(batch) < self.max_batch and self.max_wait_s > 0 and self._several_owners(now):
+                fill_until = self._fill_allowed(now, probe) if batch else None
+                if fill_until is not None:
                     # Bounded wait for other sessions' jobs, only while every ready job's deadline allows
                     # it: re-checked after each arrival, since a tighter job may arrive during the wait.
-                    fill_until = now + self.max_wait_s
                     while (not self._stopped and self.clock() < fill_until
-                           and self._queue.earliest_deadline(self.clock()) - fill_until
-                           > self.cost.estimate(self.max_batch)):
+                           and self._fill_may_continue(self.clock(), fill_until)):
                         self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
                         same = [j for j in self._queue.jobs if j.avatar is batch[0].avatar]
                         if len(same) >= self.max_batch:
@@ -410,12 +429,14 @@ class ThreadedRenderWorker(RenderWorker):
 class InlineRenderWorker(RenderWorker):
     """Synchronous driver in virtual time, for simulated-time tests (see the module docstring)."""
 
-    def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, clock: Clock = time.perf_counter) -> None:
-        super().__init__(renderer, max_batch=max_batch, max_wait_s=0.0, clock=clock)
+    def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, clock: Clock = time.perf_counter,
+                 max_wait_s: float = 0.0) -> None:
+        super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
         self.free_at = float("-inf")   # virtual time at which the worker finishes its current batch
 
     def submit(self, job: RenderJob) -> None:
         self._queue.add(job)
+        self._note_owner(job)
 
     def cancel(self, owner: object) -> int:
         return self._queue.remove_owner(owner)
@@ -439,6 +460,26 @@ class InlineRenderWorker(RenderWorker):
                     return
                 start = until
                 break
+            # The threaded worker's bounded wait for other sessions' jobs, in virtual time: follow the
+            # arrivals until the batch is full, the wait's end, or a deadline that cannot wait longer.
+            fill_until = self._fill_allowed(start, self._probe(start))
+            if fill_until is not None:
+                head_avatar = self._queue.select(start, self.cost, self.max_batch, self._probe(start),
+                                                 peek=True)[0][0].avatar
+                while True:
+                    ready = sum(1 for j in self._queue.jobs if j.ready_at <= start and j.avatar is head_avatar)
+                    if ready >= self.max_batch:
+                        break
+                    arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= fill_until),
+                                  default=None)
+                    if arrival is None:
+                        if fill_until > now:
+                            return  # still waiting at `now`: a later kick (with later submissions) decides
+                        start = fill_until
+                        break
+                    start = arrival
+                    if not self._fill_may_continue(start, fill_until):
+                        break
             batch, skipped = self._queue.select(start, self.cost, self.max_batch, self._probe(start))
             self.frames_skipped += skipped
             if not batch:

@@ -197,12 +197,13 @@ def test_threaded_fill_wait_never_costs_a_later_tighter_job_its_deadline():
 
 # -- real sessions in virtual time (InlineRenderWorker) ---------------------------------------------
 
-def run_sessions(speech: np.ndarray, n: int, offsets_s: list[float], max_batch: int = 32):
+def run_sessions(speech: np.ndarray, n: int, offsets_s: list[float], max_batch: int = 32,
+                 max_wait_s: float = 0.0):
     """n sessions on one inline worker with the GPU-like renderer; session i runs its 20 ms push /
     20 ms audio / 40 ms video schedule shifted by offsets_s[i]. Returns (sessions, worker, renderer)."""
     render_clock, clock = ManualClock(), ManualClock()
     renderer = AffineRenderer(render_clock, FIXED_S, PER_FRAME_S)
-    worker = InlineRenderWorker(renderer, max_batch=max_batch, clock=render_clock)
+    worker = InlineRenderWorker(renderer, max_batch=max_batch, clock=render_clock, max_wait_s=max_wait_s)
     avatar = FakeAvatar()
     worker.prepare(avatar, warmup=True)
     renderer.batch_sizes.clear()
@@ -257,8 +258,20 @@ def test_aligned_sessions_share_batches_without_drops(speech_16k, n):
     assert max(renderer.batch_sizes) <= n
 
 
-def test_staggered_sessions_never_miss_a_deadline(speech_16k):
+@pytest.mark.parametrize("n", [8, 24])
+def test_with_the_servers_fill_wait_aligned_sessions_render_as_one_batch_per_tick(speech_16k, n):
+    """The same sessions with the worker's bounded wait for other sessions' jobs (EngineConfig's 10 ms, as the
+    server runs it): each tick's frames from all n sessions go out as one batch."""
+    sessions, worker, renderer = run_sessions(speech_16k, n, [0.0] * n, max_wait_s=0.010)
+    check_sessions(sessions, worker)
+    assert worker.stats()["mean_batch"] >= n - 0.5, worker.stats()
+    assert max(renderer.batch_sizes) <= n
+
+
+@pytest.mark.parametrize("max_wait_s", [0.0, 0.010])
+def test_staggered_sessions_never_miss_a_deadline(speech_16k, max_wait_s):
     n = 8
-    sessions, worker, renderer = run_sessions(speech_16k, n, [i * PERIOD / n for i in range(n)])
+    sessions, worker, renderer = run_sessions(speech_16k, n, [i * PERIOD / n for i in range(n)],
+                                              max_wait_s=max_wait_s)
     check_sessions(sessions, worker)
     assert max(renderer.batch_sizes) <= n
