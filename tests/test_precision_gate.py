@@ -49,6 +49,23 @@ def test_gate_adopts_only_accurate_and_faster(sigma, cand_ms, chosen):
     assert chosen in report.summary()
 
 
+def test_gate_rejects_a_candidate_that_breaks_a_few_frames():
+    """Accurate on average (> 35 dB over the set) but a few frames far off (< 30 dB): rejected."""
+    good = with_noise(0.5)
+
+    def few_broken(indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        out = good(indices, mels)
+        if indices[0] == 0:  # the first frame of the set: a badly wrong mouth (~20 dB on its own)
+            noise = np.random.default_rng(3).normal(0, 25, out[0].shape)
+            out[0] = np.clip(out[0] + noise, 0, 255).astype(np.uint8)
+        return out
+
+    report = choose_precision(("fp32", reference), {"bf16": few_broken}, n_frames=7,
+                              timer=timer_from({reference: 10.0, few_broken: 5.0}))
+    assert report.psnr_db["bf16"] >= 35.0 and report.worst_frame_psnr_db["bf16"] < 30.0
+    assert report.chosen == "fp32"
+
+
 def test_gate_picks_the_fastest_of_several_accurate_candidates():
     a, b, bad = with_noise(0.5), with_noise(1.0), with_noise(20.0)
     report = choose_precision(("fp32", reference), {"a": a, "b": b, "bad": bad}, n_frames=3,

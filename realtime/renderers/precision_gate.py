@@ -4,7 +4,8 @@ bf16 error depends on the weights: on calibrated random weights it ranged from 3
 seeds (bench/sessions.py), so no fixed answer is right for every checkpoint. At start-up the renderer
 renders the same calibration set (real speech mel windows shipped in realtime/assets, over the avatar's
 own frames) with the faithful fp32 path and with each faster candidate, and keeps the fastest candidate
-whose uint8 patches stay within `min_psnr_db` of fp32 and that is really faster on this CPU.
+whose uint8 patches are at least `min_psnr_db` PSNR from fp32 over the set (and no frame more than
+WORST_FRAME_MARGIN_DB below that) and that is really faster on this CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 Generate = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 DEFAULT_MIN_PSNR_DB = 35.0
+WORST_FRAME_MARGIN_DB = 5.0  # no single calibration frame may fall more than this below the bound: an
+                             # average can hide a few broken mouths
 MIN_SPEEDUP = 1.15  # a candidate must save at least this much time per frame to be worth its error
 
 
@@ -41,13 +44,15 @@ class GateReport:
     chosen: str
     min_psnr_db: float
     psnr_db: dict[str, float] = field(default_factory=dict)        # candidate -> PSNR vs the reference
+    worst_frame_psnr_db: dict[str, float] = field(default_factory=dict)  # its least accurate frame
     max_abs_diff: dict[str, int] = field(default_factory=dict)     # uint8 levels
     ms_per_frame: dict[str, float] = field(default_factory=dict)   # batch of one, best of a few calls
     frames: int = 0
 
     def summary(self) -> str:
         parts = [f"{name}: {self.ms_per_frame.get(name, float('nan')):.1f} ms/frame"
-                 + (f", {self.psnr_db[name]:.1f} dB" if name in self.psnr_db else "")
+                 + (f", {self.psnr_db[name]:.1f} dB (worst frame {self.worst_frame_psnr_db[name]:.1f})"
+                    if name in self.psnr_db else "")
                  for name in self.ms_per_frame]
         return f"chose {self.chosen} (need >= {self.min_psnr_db:g} dB; {'; '.join(parts)})"
 
@@ -87,10 +92,13 @@ def choose_precision(reference: tuple[str, Generate], candidates: dict[str, Gene
     for name, fn in candidates.items():
         got = render_all(fn)
         report.psnr_db[name] = round(psnr_db(got, expected), 2)
+        report.worst_frame_psnr_db[name] = round(min(psnr_db(g, e) for g, e in zip(got, expected)), 2)
         report.max_abs_diff[name] = int(np.abs(got.astype(np.int16) - expected).max())
         report.ms_per_frame[name] = timer(fn, indices, mels)
         fast_enough = report.ms_per_frame[name] * MIN_SPEEDUP <= report.ms_per_frame[ref_name]
-        if report.psnr_db[name] >= min_psnr_db and fast_enough and report.ms_per_frame[name] < best_ms:
+        accurate = (report.psnr_db[name] >= min_psnr_db
+                    and report.worst_frame_psnr_db[name] >= min_psnr_db - WORST_FRAME_MARGIN_DB)
+        if accurate and fast_enough and report.ms_per_frame[name] < best_ms:
             report.chosen, best_ms = name, report.ms_per_frame[name]
     log.info("precision gate: %s", report.summary())
     return report
