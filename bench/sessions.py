@@ -58,6 +58,7 @@ from bench.generator import realistic_random_wav2lip  # noqa: E402
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
 from realtime.mel import mel_windows, melspectrogram  # noqa: E402
+from realtime.renderers.precision_gate import psnr_db as psnr  # noqa: E402
 from realtime.renderers.wav2lip import Wav2LipRenderer  # noqa: E402
 from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
 from realtime.session import LipSyncSession  # noqa: E402
@@ -83,11 +84,6 @@ def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
     """Linear-interpolation resample (good enough to make realistic mel windows for the accuracy check)."""
     n = int(round(len(wav) * 16000 / rate))
     return np.interp(np.arange(n) * (rate / 16000), np.arange(len(wav)), wav).astype(np.float32)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
 def eager_uint8(model: Wav2Lip, crops: np.ndarray, mels: np.ndarray, device: str = "cpu") -> np.ndarray:

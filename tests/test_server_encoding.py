@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import fractions
 import re
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
+from realtime.renderers.precision_gate import psnr_db as psnr
 from server import encoders
 from server.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_frame
 
@@ -38,10 +38,6 @@ def face_like(h: int = 128, w: int = 160, seed: int = 0) -> np.ndarray:
 def swscale_yuv(image: np.ndarray) -> np.ndarray:
     """What the encoders did before: a bgr24 frame converted by swscale, as (H * 3 / 2, W) planes."""
     return av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p").to_ndarray()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 # -- yuv420p frames ----------------------------------------------------------------------------------
