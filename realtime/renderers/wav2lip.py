@@ -12,7 +12,7 @@ Runtime and precision (`runtime`, `precision`, both "auto" by default):
 - CPU: OpenVINO (realtime/renderers/openvino_frames.py; ~1.5x PyTorch at the same fp32 numerics,
   bench/runtimes.py). fp32 equals the official eager model within float rounding (uint8 patches within
   one level). bf16 is ~2x faster again on CPUs with AVX512-BF16/AMX but lossy, by an amount that depends
-  on the weights (33-46 dB PSNR across random seeds), so "auto" adopts it only when the start-up gate
+  on the weights (39-46.5 dB PSNR over 11 random weight seeds), so "auto" adopts it only when the start-up gate
   (precision_gate.py) measures it >= `min_psnr_db` (35) from fp32 on this checkpoint and avatar, and
   faster on this CPU. `runtime="torch"` keeps the PyTorch path (fp32, or bf16 when asked).
 - CUDA: PyTorch fp16 with the cache resident on the GPU, batches at fixed sizes through CUDA graphs
@@ -139,6 +139,9 @@ class Wav2LipRenderer:
         self.runtime = "torch"
         self.dtype = _resolve_dtype(self._requested_precision, self.device)
 
+    def _is_prepared(self, avatar: Any) -> bool:
+        return avatar in self._caches or (self._ov is not None and self._ov.has(avatar))
+
     @property
     def precision(self) -> str:
         """The numerics in use: fp32 / bf16 / fp16 ("auto" until an OpenVINO renderer's first prepare)."""
@@ -164,7 +167,7 @@ class Wav2LipRenderer:
     def prepare(self, avatar: Any) -> None:
         """Run the face encoder on every avatar frame once and keep the result (on the device)."""
         with self._lock:
-            if avatar in self._caches or (self._ov is not None and self._ov.has(avatar)):
+            if self._is_prepared(avatar):
                 return
             crops = avatar.face_crops(CROP_SIZE)
             n = len(crops)
@@ -218,7 +221,7 @@ class Wav2LipRenderer:
         mels = np.asarray(mels, dtype=np.float32)
         if mels.shape != (len(indices), 80, 16):
             raise ValueError(f"expected mels of shape ({len(indices)}, 80, 16), got {mels.shape}")
-        if not (avatar in self._caches or (self._ov is not None and self._ov.has(avatar))):
+        if not self._is_prepared(avatar):
             log.warning("wav2lip: render() on an avatar that was not prepared; preparing it now")
             self.prepare(avatar)
         if self._ov is not None:
