@@ -1,6 +1,11 @@
 """Which runtime runs the Wav2Lip per-frame decode fastest on this CPU, at what accuracy.
 
-    python bench/runtimes.py [--rounds 3] [--threads 2] [--compile]
+    python bench/runtimes.py [--rounds 3] [--threads 2] [--compile] [--fp32-only]
+
+An AVX2-only CPU can be approximated on an AVX-512 one with `ONEDNN_MAX_CPU_ISA=AVX2` (PyTorch and
+OpenVINO both honour it; ONNX Runtime's own kernels do not, so ignore its line then) plus `--fp32-only`
+(OpenVINO's bf16 kernels then refuse to compile). Measured so here: eager 18.3 fps, torch 32.7, OpenVINO
+fp32 39.3 at batch 1.
 
 The measurement behind `Wav2LipRenderer(runtime="auto")` choosing OpenVINO on CPU. Random calibrated weights
 (seed 0), the default avatar's face crops, uniform random mel windows in the official range. All paths
@@ -13,6 +18,8 @@ from the cached avatar-constant tensors (CachedWav2Lip). Timed per batch of 1 an
 - onnxruntime: the same graph exported to ONNX, CPU execution provider (only if onnxruntime is installed;
   it is not a dependency).
 - openvino fp32 / bf16: the graph the renderer compiles (models/openvino_runtime.py).
+- eager (for scale, not per-frame work only): the official full forward, face encoder included, as
+  bench/sessions.py times it.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--fp32-only", action="store_true", help="skip OpenVINO bf16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -87,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         paths["onnxruntime"] = lambda idx, mel: session.run(None, dict(zip(names, [mel, *(a[idx] for a in arrays)])))[0]
     except ImportError:
         log.info("onnxruntime not installed: skipped")
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32",) if args.fp32_only else ("fp32", "bf16"):
         compiled_ov = ovr.CompiledFrameModel(graph, precision, args.threads)
         paths[f"openvino-{precision}"] = (lambda c: lambda idx, mel: c(mel, [a[idx] for a in arrays]))(compiled_ov)
 
+    from bench.sessions import eager_uint8
+
+    paths["eager"] = lambda idx, mel: eager_uint8(model, crops[idx], mel[:, 0]).astype(np.float32)
     rng = np.random.default_rng(0)
     result: dict[str, dict] = {name: {"fps": {}, "max_abs_diff": None} for name in paths}
     for batch in (1, 8):
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = paths["torch"](idx, mel)
         for name, fn in paths.items():
             out = fn(idx, mel)  # warm-up (and torch.compile's compile)
+            if name == "eager":  # uint8 NHWC full patches: compare on the same scale and rows
+                out = out[:, ROWS_FROM:].transpose(0, 3, 1, 2) / 255.0
             diff = float(np.abs(out - ref).max())
             prev = result[name]["max_abs_diff"]
             result[name]["max_abs_diff"] = diff if prev is None else max(prev, diff)
