@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WAV2LIP_FACTS = SHARED / "wav2lip"
+DATA = Path(__file__).resolve().parent / "data"
+WAV2LIP_FACTS = DATA / "wav2lip"  # facts about the official code; see tests/data/README.md
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
