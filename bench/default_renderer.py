@@ -31,11 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cv2  # noqa: E402
+import cv2
 
-from realtime.compositor import paste  # noqa: E402
-from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram  # noqa: E402
-from realtime.renderers.default import DefaultRenderer, render_speech_video  # noqa: E402
+from realtime.compositor import paste
+from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.renderers.default import DefaultRenderer, render_speech_video
 
 log = logging.getLogger("bench.default_renderer")
 

@@ -77,20 +77,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiortc.rtcrtpsender  # noqa: E402
-import pylibsrtp  # noqa: E402
-from aiortc import clock as ntp_clock  # noqa: E402
-from aiortc import rtp  # noqa: E402
-from aiortc.codecs import HEADER_EXTENSIONS  # noqa: E402
-from aiortc.codecs import get_encoder as aiortc_get_encoder  # noqa: E402
-from aiortc.rtcdtlstransport import SRTP_PROFILES  # noqa: E402
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters  # noqa: E402
+import aiortc.rtcrtpsender
+import pylibsrtp
+from aiortc import clock as ntp_clock
+from aiortc import rtp
+from aiortc.codecs import HEADER_EXTENSIONS
+from aiortc.codecs import get_encoder as aiortc_get_encoder
+from aiortc.rtcdtlstransport import SRTP_PROFILES
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 
-from realtime import compositor  # noqa: E402
-from realtime.config import EngineConfig  # noqa: E402
-from server import encoders, tracks  # noqa: E402
-from server.realtime_engine import RealtimeEngine  # noqa: E402
-from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack  # noqa: E402
+from realtime import compositor
+from realtime.config import EngineConfig
+from server import encoders, tracks
+from server.realtime_engine import RealtimeEngine
+from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
 log = logging.getLogger("bench.encoded_sessions")
 
@@ -333,7 +333,7 @@ async def send_loop(track: Any, source: TimedSource, encoder: Any, out: RtpOut, 
                 out.send(payloads, timestamp, level)
         done = time.monotonic()
         if video is not None:
-            k = int(round(pts * time_base * fps))
+            k = round(pts * time_base * fps)
             due = clock.origin() + k / fps
             if due >= stop_at:
                 return

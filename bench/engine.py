@@ -42,9 +42,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from realtime.config import EngineConfig  # noqa: E402
-from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
-from realtime.session import LipSyncSession  # noqa: E402
+from realtime.config import EngineConfig
+from realtime.scheduler import ThreadedRenderWorker
+from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.engine")
 

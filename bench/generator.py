@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.random_init import calibrated_random_  # noqa: E402
-from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip  # noqa: E402
+from models.random_init import calibrated_random_
+from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip
 
 log = logging.getLogger("bench.generator")
 BATCHES = (1, 8, 32)

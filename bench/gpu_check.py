@@ -38,14 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import TEXT, make_speech  # noqa: E402
-from bench.generator import realistic_random_wav2lip  # noqa: E402
-from bench.sessions import eager_uint8, psnr, to_16k, trial  # noqa: E402
-from realtime.config import EngineConfig  # noqa: E402
-from realtime.mel import mel_windows, melspectrogram  # noqa: E402
-from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer  # noqa: E402
-from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
-from server.realtime_engine import gpu_curve_sizes  # noqa: E402
+from bench.engine import TEXT, make_speech
+from bench.generator import realistic_random_wav2lip
+from bench.sessions import eager_uint8, psnr, to_16k, trial
+from realtime.config import EngineConfig
+from realtime.mel import mel_windows, melspectrogram
+from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
+from realtime.scheduler import ThreadedRenderWorker
+from server.realtime_engine import gpu_curve_sizes
 
 log = logging.getLogger("bench.gpu_check")
 # The PyTorch path on every device (a CPU renderer may otherwise pick another runtime).
@@ -120,7 +120,7 @@ def accuracy(ref_model, renderers: dict[str, Wav2LipRenderer], avatar, crops, me
                           for s in range(0, len(mels), chunk)])
     rows = PASTED_ROWS_FROM
     got = {name: patches(r, avatar, idx, mels, chunk) for name, r in renderers.items()}
-    out: dict = {"frames": int(len(mels)), "rows": f"{rows}..95"}
+    out: dict = {"frames": len(mels), "rows": f"{rows}..95"}
     for name, img in got.items():
         diff = np.abs(img[:, rows:].astype(int) - ref[:, rows:])
         out[name] = {"psnr_db": round(float(psnr(img[:, rows:], ref[:, rows:])), 2),

@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.generator import realistic_random_wav2lip  # noqa: E402
-from models import openvino_runtime as ovr  # noqa: E402
-from models.wav2lip import CachedWav2Lip, faces_to_input  # noqa: E402
+from bench.generator import realistic_random_wav2lip
+from models import openvino_runtime as ovr
+from models.wav2lip import CachedWav2Lip, faces_to_input
 
 log = logging.getLogger("bench.runtimes")
 ROWS_FROM = 36

@@ -52,16 +52,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.encoded_sessions import sessions_with_encode  # noqa: E402
-from bench.engine import TEXT, make_speech  # noqa: E402
-from bench.generator import realistic_random_wav2lip  # noqa: E402
-from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8  # noqa: E402
-from realtime.config import EngineConfig  # noqa: E402
-from realtime.mel import mel_windows, melspectrogram  # noqa: E402
-from realtime.renderers.precision_gate import psnr_db as psnr  # noqa: E402
-from realtime.renderers.wav2lip import Wav2LipRenderer  # noqa: E402
-from realtime.scheduler import ThreadedRenderWorker  # noqa: E402
-from realtime.session import LipSyncSession  # noqa: E402
+from bench.encoded_sessions import sessions_with_encode
+from bench.engine import TEXT, make_speech
+from bench.generator import realistic_random_wav2lip
+from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
+from realtime.config import EngineConfig
+from realtime.mel import mel_windows, melspectrogram
+from realtime.renderers.precision_gate import psnr_db as psnr
+from realtime.renderers.wav2lip import Wav2LipRenderer
+from realtime.scheduler import ThreadedRenderWorker
+from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.sessions")
 BATCHES = (1, 8, 32)
@@ -82,7 +82,7 @@ def cpu_name() -> str:
 
 def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
     """Linear-interpolation resample (good enough to make realistic mel windows for the accuracy check)."""
-    n = int(round(len(wav) * 16000 / rate))
+    n = round(len(wav) * 16000 / rate)
     return np.interp(np.arange(n) * (rate / 16000), np.arange(len(wav)), wav).astype(np.float32)
 
 

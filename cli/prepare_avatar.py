@@ -46,7 +46,7 @@ def _config(args: argparse.Namespace):
 
     return AvatarConfig(detector=args.detector, s3fd_weights=args.s3fd_weights, device=args.device,
                         pads=tuple(args.pads), smooth=not args.nosmooth, loop=args.loop,
-                        max_height=args.max_height, max_width=int(round(args.max_height * 16 / 9)),
+                        max_height=args.max_height, max_width=round(args.max_height * 16 / 9),
                         max_seconds=args.max_seconds, fps=args.fps, still_seconds=args.still_seconds)
 
 

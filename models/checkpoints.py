@@ -103,7 +103,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
                 "loaded for safety (weights_only=True); if you trust the file, re-save just its state_dict") from None
         raise CheckpointError(f"{path}: checkpoint is truncated or corrupted ({size:,} bytes): "
                               f"{_first_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - torch/zip/struct/EOF errors all mean a damaged file
+    except Exception as exc:
         raise CheckpointError(f"{path}: checkpoint is truncated or corrupted ({size:,} bytes): "
                               f"{_first_line(exc)}") from None
 

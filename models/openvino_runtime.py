@@ -36,7 +36,7 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 def available() -> bool:
     """True when the `openvino` package imports (it is a dependency, but keep the torch path as fallback)."""
     try:
-        import openvino  # noqa: F401
+        import openvino
     except Exception:  # a broken install must not take the server down: torch still works
         return False
     return True
@@ -73,7 +73,7 @@ def export_frame_model(net: CachedWav2Lip, cached_example: Sequence[Tensor], row
 
     cached_example: one frame's (or a few frames') cached tensors, as `FaceCache.select` returns them.
     """
-    import openvino as ov  # noqa: F401  (fail early with the import error, before exporting)
+    import openvino as ov
 
     if net.channels_last:
         raise ValueError("export an NCHW CachedWav2Lip (channels_last=False): ONNX graphs are NCHW")
@@ -121,4 +121,4 @@ class CompiledFrameModel:
         return self._request.get_output_tensor(0).data.copy()
 
 
-__all__ = ["available", "cpu_supports_bf16", "export_frame_model", "CompiledFrameModel", "PRECISIONS"]
+__all__ = ["PRECISIONS", "CompiledFrameModel", "available", "cpu_supports_bf16", "export_frame_model"]

@@ -57,7 +57,7 @@ def _audio_encoder() -> nn.Sequential:
     )
 
 
-class SyncNet_color(nn.Module):  # noqa: N801 - the official class name, kept for recognisability
+class SyncNet_color(nn.Module):
     """Attribute names and order define the checkpoint keys: do not rename."""
 
     def __init__(self) -> None:

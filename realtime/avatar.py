@@ -155,13 +155,13 @@ def _fit_size(w: int, h: int, config: AvatarConfig) -> tuple[int, int]:
     scale = min(1.0, long_side / max(w, h), short_side / min(w, h))
     if scale >= 1.0:
         return w, h
-    return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
+    return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
 
 
 def _upright(image: np.ndarray, rotation: float) -> np.ndarray:
     """Apply a container's display rotation (phones store portrait video sideways plus a matrix).
     `rotation` is counter-clockwise degrees, as ffmpeg reports it; ffmpeg's CLI turns it clockwise."""
-    turn = int(round(-rotation)) % 360
+    turn = round(-rotation) % 360
     codes = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
     return cv2.rotate(image, codes[turn]) if turn in codes else image
 
@@ -183,7 +183,7 @@ def _iter_video(path: Path, config: AvatarConfig) -> tuple[float, int, Iterator[
     stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.base_rate or Fraction(25)
     fps = float(rate) if 1.0 <= float(rate) <= 120.0 else 25.0
-    limit = max(1, int(round(config.max_seconds * fps)))
+    limit = max(1, round(config.max_seconds * fps))
     expected = min(int(stream.frames or 0) or limit, limit)
 
     def frames() -> Iterator[np.ndarray]:
@@ -301,7 +301,7 @@ def smooth_series(values: np.ndarray, sigma: float) -> np.ndarray:
     n = len(values)
     if sigma <= 0 or n < 3:
         return values.astype(np.float64)
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
     flat = values.reshape(n, -1).astype(np.float64)
@@ -395,7 +395,7 @@ def lower_face_masks(landmarks: np.ndarray, boxes: np.ndarray, size: int = CROP_
     for i, (y1, y2, x1, x2) in enumerate(boxes):
         pts = landmarks[i]
         sx, sy = size / max(1, x2 - x1), size / max(1, y2 - y1)
-        to_crop = lambda p: np.stack([(p[:, 0] - x1) * sx, (p[:, 1] - y1) * sy], axis=1)  # noqa: E731
+        to_crop = lambda p: np.stack([(p[:, 0] - x1) * sx, (p[:, 1] - y1) * sy], axis=1)
         poly = to_crop(pts[list(FACE_OVAL)])
         mask = np.zeros((size, size), np.float32)
         cv2.fillPoly(mask, [np.round(poly * 4).astype(np.int32)], 1.0, lineType=cv2.LINE_AA, shift=2)
@@ -534,7 +534,7 @@ def _prepare_still(image: np.ndarray, native: int | None, detector, config: Avat
     first = track_faces([image], detector, 1)
     face = finish_track(first, config, w, h, source, native)  # raises for no face / too small
     name = Path(source).name
-    n = max(1, int(round(config.still_seconds * config.fps)))
+    n = max(1, round(config.still_seconds * config.fps))
     if n == 1:
         return _build(image[None].copy(), face, config.fps, config.loop, name)
     frames = animate_still(image, first.boxes[0], n, progress=progress)

@@ -118,7 +118,7 @@ class Timeline:
 
     def frame_start(self, k: int) -> int:
         """Output sample at which video frame k starts (its pts in samples)."""
-        return int(round(k * SAMPLE_RATE / self.fps))
+        return round(k * SAMPLE_RATE / self.fps)
 
     def frame_pts(self, k: int) -> float:
         return k / self.fps

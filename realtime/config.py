@@ -84,4 +84,4 @@ class EngineConfig:
         return replace(self, **overrides)
 
 
-__all__ = ["EngineConfig", "DEFAULT_LATENCY_BUCKETS_MS", "DEFAULT_RENDER_BUCKETS_MS"]
+__all__ = ["DEFAULT_LATENCY_BUCKETS_MS", "DEFAULT_RENDER_BUCKETS_MS", "EngineConfig"]

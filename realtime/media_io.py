@@ -133,7 +133,7 @@ def _limit_height(image: np.ndarray, max_height: int | None) -> np.ndarray:
     h, w = image.shape[:2]
     if max_height is None or h <= max_height:
         return image
-    width = int(round(w * max_height / h)) // 2 * 2  # even sizes keep yuv420p encoders happy
+    width = round(w * max_height / h) // 2 * 2  # even sizes keep yuv420p encoders happy
     return cv2.resize(image, (width, max_height), interpolation=cv2.INTER_AREA)
 
 

@@ -198,11 +198,11 @@ class LipSyncSession:
         self._ring = AudioRing(int(self.config.max_buffered_s * SAMPLE_RATE))
         self._metrics = SessionMetrics(self.config.latency_buckets_ms, self.config.render_buckets_ms,
                                        self.config.latency_window)
-        self._jitter = int(round(self.config.input_jitter_ms * SAMPLE_RATE / 1000))
-        self._stall = int(round(self.config.stall_after_ms * SAMPLE_RATE / 1000))
+        self._jitter = round(self.config.input_jitter_ms * SAMPLE_RATE / 1000)
+        self._stall = round(self.config.stall_after_ms * SAMPLE_RATE / 1000)
         self._stall_tol = self._stall   # grows with the source's chunk size (see _note_chunk)
         self._paced_chunks: deque[int] = deque(maxlen=16)
-        self._hangover = int(round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000))
+        self._hangover = round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000)
         self._margin = self.config.deadline_margin_ms / 1000.0
         self._gain_step = 1.0 / self.config.ramp_frames
 
@@ -330,7 +330,7 @@ class LipSyncSession:
             mel = seg.window(tl.window_start_column(i))
             if mel is None:
                 break
-            a = int(round(i * self._spf))
+            a = round(i * self._spf)
             speech = seg.speech.speech_in(a - self._hangover, a + WINDOW_SAMPLES)
             if speech is None:
                 break
@@ -352,7 +352,7 @@ class LipSyncSession:
                 self._metrics.frames_submitted += 1
         i_next = seg.next_i
         seg.discard_columns_before(tl.window_start_column(i_next))
-        seg.speech.discard_before(int(round(i_next * self._spf)) - self._hangover)
+        seg.speech.discard_before(round(i_next * self._spf) - self._hangover)
 
     def _drain(self) -> None:
         while self._inbox:

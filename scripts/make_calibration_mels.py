@@ -16,9 +16,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import make_speech  # noqa: E402
-from bench.sessions import to_16k  # noqa: E402
-from realtime.mel import mel_windows, melspectrogram  # noqa: E402
+from bench.engine import make_speech
+from bench.sessions import to_16k
+from realtime.mel import mel_windows, melspectrogram
 
 TEXT = ("Peter picked a few bright purple plums. How much would you pay for them? "
         "Maybe, oh yes, we all agree: five fine figs and a cheese sandwich.")

@@ -24,10 +24,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.face_detection import create_detector  # noqa: E402
-from models.face_detection import face_mesh as fm  # noqa: E402
-from realtime.avatar import (DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, AvatarConfig,  # noqa: E402
-                             animate_still, decode_default_frames, finish_track, lower_face_masks, track_faces)
+from models.face_detection import create_detector
+from models.face_detection import face_mesh as fm
+from realtime.avatar import (
+    DEFAULT_AVATAR,
+    DEFAULT_AVATAR_TRACK,
+    AvatarConfig,
+    animate_still,
+    decode_default_frames,
+    finish_track,
+    lower_face_masks,
+    track_faces,
+)
 
 log = logging.getLogger("make_default_avatar")
 
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("no face found in the portrait")
     rest = close_mouth(portrait, face.landmarks)
     face = detector.detect(rest, face)  # landmarks of the closed mouth for the blinks
-    n = int(round(args.seconds * FPS))
+    n = round(args.seconds * FPS)
     amounts = blink_amounts(n)
     frames = animate_still(rest, face.box, n, base=lambda i: blink(rest, face.landmarks, amounts[i]))
     encode(frames, DEFAULT_AVATAR, args.crf, args.gop)

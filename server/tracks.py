@@ -165,7 +165,7 @@ class AvatarVideoTrack(_EngineTrack):
             raise
         except Exception as exc:
             raise self._failed(exc) from exc
-        frame.pts = int(round(k * VIDEO_CLOCK_RATE / self._fps))
+        frame.pts = round(k * VIDEO_CLOCK_RATE / self._fps)
         frame.time_base = VIDEO_TIME_BASE
         self.stats.record(lateness, time.monotonic())
         return frame

@@ -13,9 +13,20 @@ from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
 from realtime import avatar as avatar_mod
 from realtime import avatar_cache
-from realtime.avatar import (DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, MOUTH_POINTS, Avatar, AvatarConfig,
-                             AvatarError, detect_face_boxes, fill_gaps, load_default_avatar, loop_index,
-                             prepare_avatar, smooth_series)
+from realtime.avatar import (
+    DEFAULT_AVATAR,
+    DEFAULT_AVATAR_TRACK,
+    MOUTH_POINTS,
+    Avatar,
+    AvatarConfig,
+    AvatarError,
+    detect_face_boxes,
+    fill_gaps,
+    load_default_avatar,
+    loop_index,
+    prepare_avatar,
+    smooth_series,
+)
 from realtime.media_io import Mp4Writer
 
 needs_mesh = pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)

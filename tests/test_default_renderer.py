@@ -304,7 +304,7 @@ def test_open_mouth_shows_cavity_teeth_and_moves_lower_lip(renderer, avatar):
     column = cv2.cvtColor(opened, cv2.COLOR_BGR2GRAY)[int(landmarks[3, 1]):int(landmarks[4, 1]), x]
     assert column[: max(2, len(column) // 4)].max() > 150, column
     # lower lip: its colour is now found where the drop moved it
-    lip_y = int(round(0.5 * (landmarks[4, 1] + landmarks[5, 1])))
+    lip_y = round(0.5 * (landmarks[4, 1] + landmarks[5, 1]))
     np.testing.assert_allclose(opened[lip_y, x].astype(float), [90, 85, 165], atol=25)
 
 
@@ -314,7 +314,7 @@ def test_spread_and_round_change_the_width(renderer, avatar):
 
     def lip_width(params) -> int:
         out = paste(frame, renderer.render_params(avatar, np.array([i]), np.array([params]))[0])
-        row = out[int(round(points[0, 1])) - 2:int(round(points[0, 1])) + 3]
+        row = out[round(points[0, 1]) - 2:round(points[0, 1]) + 3]
         lips = (row[..., 2].astype(int) - row[..., 1].astype(int) > 68).any(axis=0)  # lip red, not skin
         return int(np.ptp(np.flatnonzero(lips)))
 

@@ -92,7 +92,7 @@ def drive(session: LipSyncSession, clock: ManualClock, wav: np.ndarray | None, s
     pull 20 ms of audio every 20 ms and a video frame every 1/fps."""
     run = run or Run()
     t0 = clock.t
-    chunk = int(round(rate * chunk_s)) * channels
+    chunk = round(rate * chunk_s) * channels
     pushed = 0
     next_push = t0 + chunk_s
     next_audio = t0

@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from test_server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 from models.checkpoints import CheckpointError
 from server.config import ServerConfig, device_list
 from server.realtime_engine import RealtimeEngine, combined_stats, gpu_curve_sizes, torch_devices
-from test_server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 
 def named_renderer(name: str) -> LoudnessRenderer:

@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 import pytest
+from test_engine import FakeAvatar, RecordingRenderer
 
 from realtime.renderers.base import MouthPatch
 from realtime.scheduler import RenderJob, ThreadedRenderWorker
 from realtime.session import RENDERED, LipSyncSession
-from test_engine import FakeAvatar, RecordingRenderer
 
 SR = 16000
 

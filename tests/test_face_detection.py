@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.face_detection import DetectorError, create_detector, mesh_models_available
-from models.face_detection import model_files
+from models.face_detection import DetectorError, create_detector, mesh_models_available, model_files
 from models.face_detection.blazeface import FULL_RANGE_SPEC, SHORT_RANGE_SPEC, make_anchors, weighted_nms
 from models.face_detection.s3fd import S3FD, S3FDNet, decode_level, load_s3fd, nms
 

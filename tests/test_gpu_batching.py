@@ -19,12 +19,12 @@ import time
 
 import numpy as np
 import pytest
+from test_engine import AffineRenderer, FakeAvatar
 
 from realtime.clock import ManualClock
 from realtime.config import EngineConfig
 from realtime.scheduler import InlineRenderWorker, RenderJob, RenderResult, ThreadedRenderWorker
 from realtime.session import LipSyncSession
-from test_engine import AffineRenderer, FakeAvatar
 
 SR = 16000
 FIXED_S, PER_FRAME_S = 0.005, 0.001   # a GPU-like batch: 5 ms + 1 ms per frame

@@ -4,8 +4,8 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-
 from conftest import write_wav
+
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WAV2LIP_FACTS
+
 from realtime.mel import MEL_STEP, StreamingMel, mel_basis, mel_windows, melspectrogram, window_starts
 
 

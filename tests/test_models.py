@@ -6,14 +6,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import WAV2LIP_FACTS
 from torch import nn
 
-from conftest import WAV2LIP_FACTS
 from models.layers import fold_batchnorm
 from models.random_init import calibrated_random_
 from models.syncnet import SyncNet_color
-from models.wav2lip import (FEATURE_VALUES, HEAD_VALUES, CachedWav2Lip, Wav2Lip, _static_band_plan, cache_values,
-                            faces_to_input, mels_to_input, to_uint8)
+from models.wav2lip import (
+    FEATURE_VALUES,
+    HEAD_VALUES,
+    CachedWav2Lip,
+    Wav2Lip,
+    _static_band_plan,
+    cache_values,
+    faces_to_input,
+    mels_to_input,
+    to_uint8,
+)
 
 
 def read_tsv(name: str) -> list[tuple[str, tuple[int, ...], str]]:

@@ -7,9 +7,9 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import write_wav
 
 from cli.main import main
-from conftest import write_wav
 from realtime.media_io import Mp4Writer
 from realtime.mel import window_starts
 

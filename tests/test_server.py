@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-
 from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level, start_server, tiny_engine
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]

@@ -120,7 +120,7 @@ def frames_at(fps: float, n: int, make=video_frame) -> list[av.VideoFrame]:
     out = []
     for k in range(n):
         frame = make(face_like(seed=k % 3))
-        frame.pts = int(round(k * 90000 / fps))  # as AvatarVideoTrack stamps them
+        frame.pts = round(k * 90000 / fps)  # as AvatarVideoTrack stamps them
         frame.time_base = VIDEO_TIME_BASE
         out.append(frame)
     return out

@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 import pytest
+from test_server_helpers import Client, PcmTrack, echo_delays, start_server
 
 from server.config import ServerConfig
 from server.realtime_engine import RealtimeEngine
-from test_server_helpers import Client, PcmTrack, echo_delays, start_server
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.usefixtures("loopback_only")]
 

@@ -10,9 +10,9 @@ import time
 
 import aiohttp
 import pytest
+from test_server_helpers import Client, PcmTrack, start_server, tiny_engine
 
 from server.state import STATE
-from test_server_helpers import Client, PcmTrack, start_server, tiny_engine
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
 

@@ -12,12 +12,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from test_wav2lip_renderer import FakeAvatar, mel_windows
 
 from models.random_init import calibrated_random_
 from models.static_batches import StaticBatchRunner, batch_buckets
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
-from test_wav2lip_renderer import FakeAvatar, mel_windows
 
 MAX_BATCH = 6  # not a power of two: the last bucket is the cap itself
 # The PyTorch path (a CPU renderer may otherwise pick another runtime, which has no static batches).

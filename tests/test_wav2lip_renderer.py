@@ -8,9 +8,9 @@ import torch
 
 from models.random_init import calibrated_random_
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
-from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime import compositor
 from realtime.renderers import precision_gate
+from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 

@@ -22,8 +22,14 @@ import numpy as np
 
 from models.face_detection import face_mesh as fm
 from models.face_detection.blazeface import FULL_RANGE_SPEC, SHORT_RANGE_SPEC, BlazeFace, weighted_nms
-from models.face_detection.model_files import (FACE_MESH, FULL_RANGE, INSTALL_HINT, SHORT_RANGE, find_model,
-                                               mesh_models_available)
+from models.face_detection.model_files import (
+    FACE_MESH,
+    FULL_RANGE,
+    INSTALL_HINT,
+    SHORT_RANGE,
+    find_model,
+    mesh_models_available,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,14 @@ from realtime.mel import MEL_STEP, N_MELS
 from realtime.renderers.base import MouthPatch
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
-    FrameGeometry, MouthWarpConfig, Palette, estimate_palette, feather_alpha, frame_geometry,
-    rendered_landmarks, warp_mouth,
+    FrameGeometry,
+    MouthWarpConfig,
+    Palette,
+    estimate_palette,
+    feather_alpha,
+    frame_geometry,
+    rendered_landmarks,
+    warp_mouth,
 )
 
 log = logging.getLogger(__name__)

@@ -135,7 +135,7 @@ def estimate_palette(frame: np.ndarray, geom: FrameGeometry) -> Palette:
     lip_y = geom.cy + 0.5 * (geom.lower_top + geom.lower_bottom) * ny
     lip_x = geom.cx + 0.5 * (geom.lower_top + geom.lower_bottom) * nx
     r = max(1, int(0.15 * geom.half_width))
-    iy, ix = int(round(lip_y)), int(round(lip_x))
+    iy, ix = round(lip_y), round(lip_x)
     lip = frame[max(0, iy - r):iy + r + 1, max(0, ix - r):ix + r + 1].reshape(-1, 3).astype(np.float32)
     lip = lip.mean(axis=0) if len(lip) else np.array([90.0, 90.0, 150.0], np.float32)
     return Palette(

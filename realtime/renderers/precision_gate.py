@@ -104,4 +104,4 @@ def choose_precision(reference: tuple[str, Generate], candidates: dict[str, Gene
     return report
 
 
-__all__ = ["choose_precision", "GateReport", "load_calibration_mels", "psnr_db", "DEFAULT_MIN_PSNR_DB"]
+__all__ = ["DEFAULT_MIN_PSNR_DB", "GateReport", "choose_precision", "load_calibration_mels", "psnr_db"]
