@@ -26,16 +26,16 @@ import time
 import wave
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import cv2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from realtime.compositor import paste
 from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
 from realtime.renderers.default import DefaultRenderer, render_speech_video
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.default_renderer")
 
@@ -126,7 +126,7 @@ def measure(avatar=None, wav: np.ndarray | None = None, repeats: int = 7) -> dic
     speech_s = _min_time(lambda: render_all(indices[speaking], windows[speaking]), repeats)
     params_s = _min_time(lambda: [renderer.params(windows[s:s + BATCH]) for s in range(0, n, BATCH)], repeats)
     patches = render_all(indices, windows)
-    paste_s = _min_time(lambda: [paste(avatar.frames[i], p) for i, p in zip(indices, patches)], repeats)
+    paste_s = _min_time(lambda: [paste(avatar.frames[i], p) for i, p in zip(indices, patches, strict=True)], repeats)
     h, w = avatar.frames.shape[1:3]
     y1, y2, x1, x2 = renderer.patch_box(avatar, 0)
     return {

@@ -136,7 +136,7 @@ class DefaultRenderer:
         prepared = self._get(avatar)
         n = len(prepared.geometry)
         patches = []
-        for index, p in zip(np.asarray(frame_indices).reshape(-1), np.asarray(params, dtype=np.float32)):
+        for index, p in zip(np.asarray(frame_indices).reshape(-1), np.asarray(params, dtype=np.float32), strict=True):
             i = int(index)
             if not 0 <= i < n:
                 raise IndexError(f"avatar frame index {i} out of range (avatar has {n} frames)")
@@ -225,7 +225,7 @@ def render_speech_video(audio: str | Path | np.ndarray, output: str | Path, avat
             ticks = range(start, min(n_out, start + batch_size))
             indices = np.array([_loop_index(avatar, k) for k in ticks])
             patches = renderer.render_params(avatar, indices, params[start:start + len(indices)])
-            for i, patch in zip(indices, patches):
+            for i, patch in zip(indices, patches, strict=True):
                 writer.write(paste(avatar.frames[i], patch, mode="feather"))
             if progress:
                 progress(start + len(indices), n_out)
