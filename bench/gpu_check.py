@@ -163,10 +163,10 @@ def session_trials(renderer: Wav2LipRenderer, avatar, wav: np.ndarray, rate: int
             res = trial(worker, avatar, config, wav, rate, n)
             wall = time.monotonic() - t0
             after = worker.stats()
-            batches = after["batches"] - before["batches"]
-            frames = after["frames_rendered"] - before["frames_rendered"]
+            batches = after.batches - before.batches
+            frames = after.frames_rendered - before.frames_rendered
             res.update({"mean_batch": round(frames / batches, 2) if batches else 0.0,
-                        "worker_skipped": after["frames_skipped"] - before["frames_skipped"],
+                        "worker_skipped": after.frames_skipped - before.frames_skipped,
                         "driver_overrun_s": round(wall - (len(wav) / rate + 0.6), 2),
                         "cost_curve_ms": curve})
             out.append(res)

@@ -179,10 +179,10 @@ def trial(worker, avatar, config, wav, rate, n: int) -> dict:
     finally:
         for s in sessions:
             s.close()
-    speech = sum(m["frames_rendered"] + m["frames_dropped"] for m in ms)
-    drops = sum(m["frames_dropped"] for m in ms)
-    p95 = max((m["latency_ms"]["p95"] or 0.0) for m in ms)
-    budget = min(m["latency_budget_ms"] for m in ms)
+    speech = sum(m.frames_rendered + m.frames_dropped for m in ms)
+    drops = sum(m.frames_dropped for m in ms)
+    p95 = max((m.latency_ms.p95 or 0.0) for m in ms)
+    budget = min(m.latency_budget_ms for m in ms)
     ok = speech > 0 and drops <= 0.02 * speech and p95 <= budget + 500.0 / config.fps
     return {"sessions": n, "ok": bool(ok), "speech_frames": speech, "drops": drops,
             "latency_p95_ms": round(p95, 1), "latency_budget_ms": round(budget, 1)}

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 
 log = logging.getLogger(__name__)
@@ -280,18 +281,11 @@ class RenderWorker:
     def close(self) -> None:
         pass
 
-    def stats(self) -> dict:
-        return {
-            "renderer": self.name,
-            "batches": self.batches,
-            "frames_rendered": self.frames_rendered,
-            "frames_skipped": self.frames_skipped,
-            "errors": self.errors,
-            "queued": len(self._queue),
-            "mean_batch": (self.frames_rendered / self.batches) if self.batches else 0.0,
-            "busy_s": self.busy_s,
-            "est_ms_per_frame": None if self.cost.per_frame is None else 1000.0 * self.cost.per_frame,
-        }
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            renderer=self.name, batches=self.batches, frames_rendered=self.frames_rendered,
+            frames_skipped=self.frames_skipped, errors=self.errors, queued=len(self._queue), busy_s=self.busy_s,
+            est_ms_per_frame=None if self.cost.per_frame is None else 1000.0 * self.cost.per_frame)
 
     # -- shared internals -----------------------------------------------------------------------
     def _note_owner(self, job: RenderJob) -> None:

@@ -29,13 +29,13 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
     session.interrupt() -> None
         Barge-in: drops queued audio and pending renders. The next frame is the resting avatar and the
         next audio block is silent (after a 5 ms fade from the last sample, no click).
-    session.metrics() -> dict        plain data: SessionMetrics.as_dict() (realtime/metrics.py) plus
-                                     name, renderer, fps, latency_budget_ms, lookahead_ms, delay_frames,
-                                     buffered_input_ms
+    session.metrics() -> SessionStats  a snapshot (realtime/metrics.py): the counters, histograms and
+                                     A/V offset, plus name, renderer, fps, latency_budget_ms,
+                                     lookahead_ms, delay_frames, batch_frames, buffered_input_ms
     session.close() -> None          cancels pending renders; later pushes are ignored
     Properties: fps, latency_samples (L), latency_ms, lookahead_ms, timeline.
 
-VideoOut fields: image (read-only BGR), pts_index k, pts (s), state "rendered" | "held" | "idle",
+VideoOut fields: image (read-only BGR), pts_index k, pts (s), state (FrameState: RENDERED | HELD | IDLE),
 speech, dropped, avatar_index, audio_start (input sample of the frame's own time, None without audio),
 mel (the (80, 16) window of the frame, None without audio), mouth_alpha.
 
@@ -70,6 +70,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any, Callable
 
@@ -80,16 +81,22 @@ from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import WINDOW_SAMPLES, Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.mel import MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
-from realtime.metrics import SessionMetrics
+from realtime.metrics import SessionMetrics, SessionStats
 from realtime.renderers.base import MouthPatch
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
 from realtime.vad import SpeechDetector, SpeechTrack
 
 log = logging.getLogger(__name__)
 
-RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
-HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
-IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+class FrameState(Enum):
+    """What a video frame shows."""
+    RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
+    HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
+    IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+
+RENDERED, HELD, IDLE = FrameState.RENDERED, FrameState.HELD, FrameState.IDLE  # the short names used below
 
 _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
 
@@ -99,7 +106,7 @@ class VideoOut:
     image: np.ndarray            # (H, W, 3) uint8 BGR; read-only (may be the avatar's own frame)
     pts_index: int               # k: pts = k / fps on the output timeline
     pts: float                   # seconds
-    state: str                   # RENDERED | HELD | IDLE
+    state: FrameState
     speech: bool                 # the speech decision for this frame
     dropped: bool                # a speech frame whose render was not ready in time
     avatar_index: int            # which avatar frame is underneath
@@ -415,7 +422,7 @@ class LipSyncSession:
             mouth_alpha=self._gain if show is not None else 0.0,
         )
 
-    def _hold_or_fade(self, idx: int) -> tuple[str, MouthPatch | None]:
+    def _hold_or_fade(self, idx: int) -> tuple[FrameState, MouthPatch | None]:
         """A speech frame without its own mouth: re-show the last one (bounded), else fade to rest."""
         if self._held is not None and self._hold_count < self.config.max_hold_frames and self._gain > 0:
             self._hold_count += 1
@@ -516,18 +523,11 @@ class LipSyncSession:
         self._metrics.interrupts -= 1
         self._closed = True
 
-    def metrics(self) -> dict:
+    def metrics(self) -> SessionStats:
         self._drain()
-        out = self._metrics.as_dict()
-        out.update({
-            "name": self.name,
-            "renderer": None if self._worker is None else self._worker.name,
-            "fps": self.fps,
-            "latency_budget_ms": self.latency_ms,
-            "lookahead_ms": self.lookahead_ms,
-            "delay_frames": self.timeline.delay_frames,
-            "batch_frames": self.timeline.batch_frames,
-            "buffered_input_ms": (1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
-                                  if self._ring.stored else 0.0),
-        })
-        return out
+        return SessionStats.of(
+            self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
+            fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
+            delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
+            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
+                               if self._ring.stored else 0.0))

@@ -11,9 +11,10 @@ from aiohttp import web
 
 from server.app import create_app
 from server.config import ServerConfig
-from server.engine import Engine, load_engine
+from server.engine import Engine
 from server.ice import is_loopback, use_host_addresses
 from server.logs import setup_logging
+from server.realtime_engine import load_engine
 from server.udp_ports import port_range_loop_factory
 
 log = logging.getLogger("server")

@@ -12,14 +12,15 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Coroutine
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
+from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
 from server.engine import EngineSession
-from server.metrics import Totals
+from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Session:
 
     def describe(self) -> dict:
         now = time.monotonic()
+        stats = safe_metrics(self.engine)
         return {
             "id": self.id,
             "state": self.state,
@@ -94,7 +96,7 @@ class Session:
             "video_frames": self.video.stats.frames,
             "video_skipped": self.video.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
-            "engine": safe_metrics(self.engine),
+            "engine": {} if stats is None else asdict(stats),
         }
 
     def pacer_av_offset_s(self) -> float:
@@ -102,12 +104,12 @@ class Session:
         return self.video.stats.lateness_s - self.audio.stats.lateness_s
 
 
-def safe_metrics(engine: EngineSession) -> dict:
+def safe_metrics(engine: EngineSession) -> SessionStats | None:
     try:
-        return dict(engine.metrics())
+        return engine.metrics()
     except Exception:  # metrics must never take a request down
         log.exception("engine metrics failed")
-        return {}
+        return None
 
 
 def new_session_id() -> str:
@@ -127,7 +129,7 @@ class SessionManager:
         self.opened_total = 0
         self.rejected_total = 0
         self.closed_total: dict[str, int] = {}
-        self.retired = Totals()  # engine figures of ended sessions
+        self.retired = SessionTotals()  # engine figures of ended sessions
 
     # -- capacity ----------------------------------------------------------------------------------
 
@@ -203,7 +205,9 @@ class SessionManager:
             except Exception:
                 log.exception("session %s: closing the peer connection failed", session.id)
             await asyncio.gather(*owned, return_exceptions=True)
-            self.retired.add(safe_metrics(session.engine))
+            stats = safe_metrics(session.engine)
+            if stats is not None:
+                self.retired.add(stats)
             try:
                 session.engine.close()
             except Exception:

@@ -8,10 +8,11 @@ from aiohttp import web
 
 from server.config import ServerConfig
 from server.engine import Engine
-from server.metrics import OFFER_BUCKETS_S
 from server.prometheus import Histogram
 from server.sessions import SessionManager
 from server.tts import LocalTts
+
+OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
 
 
 @dataclass
