@@ -92,6 +92,9 @@ def test_photo_and_mp3_render_to_a_talking_mp4_without_weights(photo, speech_mp3
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "built-in renderer" in captured.out
+    # Progress: one bar while the face is prepared, then one while frames are rendered, each finished.
+    assert "preparing the face [##############################] 100/100" in captured.err, captured.err
+    assert "rendering [##############################]" in captured.err, captured.err
     info = read_output(out)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
     assert info["fps"] == pytest.approx(FPS) and info["size"] == (512, 512)
