@@ -10,9 +10,9 @@ per frame); here the video covers the whole speech, `round(seconds * fps)` frame
 the official count reuse the last window, as the streaming engine does at the end of a segment
 (realtime/session.py). So the video is within half a frame of the audio track.
 
-Speed (bench/offline_builtin.py, 512 px photo, 2 shared cores): see the bench's docstring for the
-measured x real time; the mouth itself costs ~0.6 ms per frame, the rest is preparation (face mesh on
-the idle-motion frames) and H.264 encoding.
+Speed (bench/offline_builtin.py, 20 s of speech, 512 px, 2 cores shared with other jobs): 2.9x real time
+from a photo, 3.1x from a video, best of 3 (the slowest run 1.5x). The mouth itself costs ~0.6 ms per
+frame; the rest is preparation (the face mesh on every idle-motion or video frame), the paste and H.264.
 """
 from __future__ import annotations
 
