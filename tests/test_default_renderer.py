@@ -21,8 +21,9 @@ from scipy.signal import lfilter
 
 from realtime.compositor import paste
 from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.offline_builtin import frame_windows, render_avatar_speech
 from realtime.renderers.base import MouthPatch, MouthRenderer
-from realtime.renderers.default import DefaultRenderer, MissingLandmarksError, render_speech_video
+from realtime.renderers.default import DefaultRenderer, MissingLandmarksError
 from realtime.renderers.mouth_params import mouth_params
 
 log = logging.getLogger(__name__)
@@ -518,6 +519,5 @@ def test_default_avatar_speaks(speech_with_gap_16k, artifacts_dir):
              r_dark, worst, talking, silent, talking / max(silent, 1e-6))
     assert r_dark >= 0.6 and worst <= 3
     assert talking >= 2.0 * silent
-    summary = render_speech_video(speech_with_gap_16k, artifacts_dir / "default_renderer_speech.mp4", avatar=av,
-                                  renderer=r)
-    assert summary["frames"] == len(w)
+    frames = render_avatar_speech(av, speech_with_gap_16k, artifacts_dir / "default_renderer_speech.mp4", renderer=r)
+    assert frames == len(frame_windows(speech_with_gap_16k, FPS)) == round(len(speech_with_gap_16k) / SAMPLE_RATE * FPS)
