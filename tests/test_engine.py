@@ -376,7 +376,7 @@ def test_metrics_are_plain_data(speech_16k):
     session, clock, _ = make_session()
     drive(session, clock, speech_16k[:SR], 1.5)
     m = session.metrics()
-    json.dumps(m)
+    json.dumps(asdict(m))  # a dataclass of plain values: asdict is the JSON (GET /sessions/{id})
     assert m.frames == m.frames_rendered + m.frames_held + m.frames_idle
     assert m.latency_ms.buckets["+Inf"] == m.latency_ms.count
     assert set(asdict(m.latency_ms)) >= {"p50", "p95", "p99", "count", "sum", "buckets"}  # the JSON keys
