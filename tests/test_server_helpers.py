@@ -153,6 +153,7 @@ class Client:
         self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.received = Received()
         self.session_id: str | None = None
+        self.token: str | None = None  # the session_token from the answer: the session's routes need it
         self.answer: dict = {}
         self._tasks: list[asyncio.Task] = []
         self.pc.on("track", self._on_track)
@@ -191,8 +192,23 @@ class Client:
         if resp.status != 200:
             return self.answer
         self.session_id = self.answer["session_id"]
+        self.token = self.answer["session_token"]
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
         return self.answer
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authorise this client on its session's routes."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def url(self, path: str = "", **query: str) -> str:
+        """The session's route `/sessions/{id}{path}`; `token=True` adds ?token= (WebSocket)."""
+        url = self.server.endpoint(f"/sessions/{self.session_id}{path}")
+        if query.pop("token", None):
+            query["token"] = self.token or ""
+        if query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return url
 
     async def wait_for_video(self, frames: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
