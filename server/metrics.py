@@ -43,7 +43,9 @@ class Totals:
 
 # -- the /metrics page -------------------------------------------------------------------------------
 
-SESSION_COUNTERS = {  # engine counter -> (metric name, help); summed over live sessions as gauges (they fall when a session ends), no labels
+# engine counter -> (metric name, help): summed over live sessions as gauges (they fall when a session
+# ends), no labels.
+SESSION_COUNTERS = {
     "frames_rendered": ("lipsync_live_frames_rendered", "Frames showing a freshly rendered mouth."),
     "frames_dropped": ("lipsync_live_frames_dropped",
                        "Speech frames whose render missed its tick (held or idle mouth shown)."),

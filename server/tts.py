@@ -7,10 +7,13 @@ before it is synthesised. A synthesis past the timeout is killed (TtsTimeout -> 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
 import re
 import shutil
+import signal
 import wave
 from dataclasses import dataclass
 
@@ -93,20 +96,26 @@ class LocalTts:
             args += ["-s", str(int(words_per_minute))]
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
             out, err = await asyncio.wait_for(proc.communicate(text.encode("utf-8")), self.timeout_s)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise TtsTimeout(f"TTS took longer than {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise
         if proc.returncode != 0:
             raise TtsError(f"TTS failed: {err.decode(errors='replace').strip() or proc.returncode}")
         return parse_wav(out)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill the TTS and anything it started (its own process group): a child left holding the
+    pipes would keep `wait()` from returning."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
