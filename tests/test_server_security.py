@@ -76,7 +76,7 @@ async def connected(server, http, clean_log) -> Client:
 async def settle(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """Poll `condition` until true or timeout (the server finishes closing in its own tasks)."""
     deadline = time.monotonic() + timeout_s
-    while not condition():  # noqa: ASYNC110 (a condition on plain objects, no event to wait on)
+    while not condition():
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.02)
