@@ -89,11 +89,16 @@ class WorkPool:
         self.refused_total = 0
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="lipsync-decode")
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
+    def check_free(self) -> None:
+        """503 now when every slot is taken: called before a request's body is read, so a refused
+        upload costs neither the transfer nor the memory."""
         if self.busy >= self.size:
             self.refused_total += 1
             raise PoolBusy(self.size)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        self.check_free()
         self.busy += 1
         try:
             yield

@@ -130,10 +130,13 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
 
 async def push_audio(request: web.Request) -> web.Response:
     session = session_of(request)
+    is_pcm = "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm")
+    if not is_pcm:
+        state_of(request).pool.check_free()  # before the body is read
     data, filename = await _read_upload(request)
     if not data:
         raise ApiError(400, "empty upload")
-    if "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm"):
+    if is_pcm:
         rate, channels, dtype = pcm_params(request.query)
         samples = decode_pcm(data, channels, dtype)
     else:
