@@ -56,6 +56,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
+    app.on_response_prepare.append(guard.add_cors_headers)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_pool)
     return app

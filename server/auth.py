@@ -28,11 +28,11 @@ import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum
-from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Middleware
 
 from server.config import ServerConfig
 from server.errors import BODY_LIMIT, ApiError, Handler
@@ -41,7 +41,6 @@ from server.ice import is_loopback
 log = logging.getLogger(__name__)
 
 KB = 1024
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class Access(Enum):
@@ -86,6 +85,9 @@ BODY_RULES: dict[tuple[str, str], BodyRule] = {
 DEFAULT_BODY = BodyRule(Body.NONE, JSON_CAP)
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+PREFLIGHT_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                     "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                     "Access-Control-Max-Age": "600"}
 
 
 def access_for(method: str, template: str) -> Access:
@@ -187,6 +189,18 @@ class Guard:
         raise ApiError(403, "cross-origin request refused: start the server with --allowed-origin "
                             "ORIGIN to let that site's pages call it")
 
+    def _listed_origin(self, request: web.Request) -> str | None:
+        origin = request.headers.get("Origin", "").rstrip("/").lower()
+        return origin if origin in self._origins else None
+
+    async def add_cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: pages of an --allowed-origin site may read the responses (no cookies
+        are involved: credentials are bearer tokens the page holds)."""
+        origin = self._listed_origin(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+
     # -- credentials --------------------------------------------------------------------------------
 
     def check_access(self, request: web.Request, template: str) -> None:
@@ -239,6 +253,8 @@ class Guard:
     async def apply(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.check_host(request)
         self.check_origin(request)
+        if request.method == "OPTIONS" and self._listed_origin(request):
+            return web.Response(status=204, headers=PREFLIGHT_HEADERS)  # CORS preflight of a listed site
         match = request.match_info
         if match.http_exception is not None:  # no such route / method: the handler answers 404 / 405
             return await handler(request)

@@ -245,6 +245,17 @@ async def test_cross_site_requests_are_refused(engine, http, clean_log):
         async with http.post(client.url("/interrupt"),
                              headers={"Origin": "https://app.example.org", **client.auth}) as resp:
             assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+        # A listed site's page may call with its bearer token (CORS preflight, then the request).
+        preflight = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization"}
+        async with http.options(client.url("/interrupt"), headers=preflight) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+            assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+        async with http.options(client.url("/interrupt"), headers={**preflight, "Origin": EVIL}) as resp:
+            await expect_error(resp, 403)
+            assert "Access-Control-Allow-Origin" not in resp.headers
         port = own.rsplit(":", 1)[1]
         async with http.get(server.endpoint("/config"), headers={"Host": f"localhost:{port}"}) as resp:
             assert resp.status == 200
@@ -632,3 +643,26 @@ def test_prepare_avatar_refuses_a_folder_that_is_not_an_avatar(tmp_path, capsys)
     assert is_prepared_avatar(prepared)
     (prepared / "notes.txt").write_text("mine")
     assert not is_prepared_avatar(prepared)  # something else lives there too
+
+
+def test_security_flags_and_env():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    argv = ["--allowed-origin", "https://App.example.org/", "--max-sessions-per-ip", "3",
+            "--turn-secret", "s3cret", "--turn-url", "turn:t.example:3478"]
+    env = {"LIPSYNC_API_TOKEN": OPERATOR, "LIPSYNC_MAX_OFFERS_PER_MINUTE": "5", "LIPSYNC_MAX_SESSION_S": "60",
+           "LIPSYNC_MAX_CONCURRENT_DECODES": "4"}
+    config = ServerConfig.from_args(parser.parse_args(argv), env=env)
+    config.validate()
+    assert config.api_token == OPERATOR and OPERATOR not in repr(config) and "s3cret" not in repr(config)
+    assert config.allowed_origins == ["https://app.example.org"] and config.max_sessions_per_ip == 3
+    assert (config.max_offers_per_minute, config.max_session_s, config.max_concurrent_decodes) == (5, 60.0, 4)
+    assert ServerConfig.from_args(parser.parse_args(["--no-auth"]), env={}).no_auth is True
+    with pytest.raises(ValueError, match="finite"):
+        ServerConfig.from_args(parser.parse_args([]), env={"LIPSYNC_MAX_SESSION_S": "inf"})
+    with pytest.raises(ValueError, match="16 characters"):
+        ServerConfig(api_token="short").validate()
+    with pytest.raises(ValueError, match="allowed-origin"):
+        ServerConfig(allowed_origins=["evil.example"]).validate()
