@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+UPLOAD_READ_TIMEOUT_S = 30.0
 
 
 def session_of(request: web.Request) -> Session:
@@ -130,29 +131,42 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
 
 async def push_audio(request: web.Request) -> web.Response:
     session = session_of(request)
-    is_pcm = "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm")
-    if not is_pcm:
-        state_of(request).pool.check_free()  # before the body is read
-    data, filename = await _read_upload(request)
-    if not data:
-        raise ApiError(400, "empty upload")
-    if is_pcm:
+    if "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm"):
+        data, _ = await _read_upload(request)
+        if not data:
+            raise ApiError(400, "empty upload")
         rate, channels, dtype = pcm_params(request.query)
         samples = decode_pcm(data, channels, dtype)
     else:
-        room_s = session.input.max_queued_s - session.input.queued_s
-        try:
-            decoded = await state_of(request).pool.run(decode_upload, data, room_s)
-        except ApiError as exc:
-            if filename and exc.status == 415:
-                exc.message = f"{filename}: {exc.message}"
-            raise
-        samples, rate, channels = decoded.samples, TARGET_RATE, 1
+        samples, rate, channels = await _decode_file(request, session), TARGET_RATE, 1
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
     duration = _queue(session, samples, rate, channels, complete=True)
     return web.json_response({"session_id": session.id, "queued_s": round(duration, 3),
                               "pending_s": round(session.input.queued_s, 3)})
+
+
+async def _decode_file(request: web.Request, session: Session) -> np.ndarray:
+    """A media upload decoded on the WorkPool. The slot is taken before the body is read (503 when
+    none is free), so at most --max-concurrent-decodes bodies are held at once, and the body must
+    arrive within UPLOAD_READ_TIMEOUT_S (408) so a slow sender cannot keep the slot."""
+    pool = state_of(request).pool
+    with pool.slot():
+        try:
+            async with asyncio.timeout(UPLOAD_READ_TIMEOUT_S):
+                data, filename = await _read_upload(request)
+        except TimeoutError:
+            raise ApiError(408, f"the upload did not arrive within {UPLOAD_READ_TIMEOUT_S:g} s") from None
+        if not data:
+            raise ApiError(400, "empty upload")
+        room_s = session.input.max_queued_s - session.input.queued_s
+        try:
+            decoded = await pool.run_in_slot(decode_upload, data, room_s)
+        except ApiError as exc:
+            if filename and exc.status == 415:
+                exc.message = f"{filename}: {exc.message}"
+            raise
+    return decoded.samples
 
 
 async def say(request: web.Request) -> web.Response:
