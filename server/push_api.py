@@ -117,8 +117,9 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         async for part in reader:
-            if isinstance(part, BodyPartReader) and (part.filename is not None
-                                                     or part.name in ("audio", "file")):
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not a file field
+                continue
+            if part.filename is not None or part.name in ("audio", "file"):
                 data = bytearray()
                 while chunk := await part.read_chunk():
                     data += chunk
