@@ -666,3 +666,44 @@ def test_security_flags_and_env():
         ServerConfig(api_token="short").validate()
     with pytest.raises(ValueError, match="allowed-origin"):
         ServerConfig(allowed_origins=["evil.example"]).validate()
+
+
+async def test_routes_added_later_are_covered_without_changes(engine, http, clean_log):
+    """What helpers add in parallel (chat's SSE, an operator page) gets the policy from its path."""
+    from server.app import create_app
+    from server.auth import RedactingAccessLogger
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = create_app(ServerConfig(host="127.0.0.1", port=0, api_token=OPERATOR), engine)
+    app.router.add_get("/sessions/{id}/events", ok)
+    app.router.add_get("/debug/state", ok)
+    runner = web.AppRunner(app, access_log_class=RedactingAccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    class Running:
+        url = base + "/"
+
+        @staticmethod
+        def endpoint(path: str) -> str:
+            return base + path
+
+    try:
+        client = Client(Running(), http)  # type: ignore[arg-type]
+        await client.connect()
+        clean_log.append(client.token)
+        async with http.get(client.url("/events")) as resp:
+            await expect_error(resp, 401)
+        async with http.get(client.url("/events", token=True)) as resp:  # EventSource passes ?token=
+            assert resp.status == 200
+        async with http.get(base + "/debug/state", headers=client.auth) as resp:
+            await expect_error(resp, 403)  # not public, not a session's: the operator's
+        async with http.get(base + "/debug/state", headers={"Authorization": f"Bearer {OPERATOR}"}) as resp:
+            assert resp.status == 200
+        await client.close()
+    finally:
+        await runner.cleanup()
