@@ -90,6 +90,14 @@ PREFLIGHT_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS
                      "Access-Control-Max-Age": "600"}
 
 
+def _hostname(host: str) -> str:
+    """The name part of a Host header ('[::1]:8080' -> '::1'); '' when it does not parse."""
+    try:
+        return (urlsplit("//" + host).hostname or "").lower()
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ""
+
+
 def access_for(method: str, template: str) -> Access:
     """The access class of a route, from its method and template (e.g. '/sessions/{id}/audio')."""
     method = "GET" if method == "HEAD" else method
@@ -171,8 +179,7 @@ class Guard:
         """DNS rebinding: a loopback server answers only to loopback names."""
         if not self._loopback:
             return
-        hostname = urlsplit("//" + request.host).hostname or ""
-        if hostname.lower() not in LOOPBACK_HOSTS:
+        if _hostname(request.host) not in LOOPBACK_HOSTS:
             raise ApiError(403, "this server is bound to loopback and answers only to localhost, "
                                 "127.0.0.1 or [::1]")
 
@@ -183,8 +190,8 @@ class Guard:
         origin = origin.rstrip("/").lower()
         if origin in self._origins:
             return
-        parts = urlsplit(origin)
-        if parts.scheme in ("http", "https") and parts.netloc == request.host.lower():
+        scheme, _, netloc = origin.partition("://")
+        if scheme in ("http", "https") and netloc == request.host.lower():
             return
         raise ApiError(403, "cross-origin request refused: start the server with --allowed-origin "
                             "ORIGIN to let that site's pages call it")

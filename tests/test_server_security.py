@@ -236,8 +236,12 @@ async def test_cross_site_requests_are_refused(engine, http, clean_log):
             await http.ws_connect(client.url("/stream", token=True), origin=EVIL)
         assert refused.value.status == 403
         # DNS rebinding: evil.example resolving to 127.0.0.1 sends Host: evil.example.
-        async with http.get(server.endpoint("/config"), headers={"Host": "evil.example"}) as resp:
-            await expect_error(resp, 403, "loopback")
+        for host in ("evil.example", "[::1", "127.0.0.1.evil.example", ""):
+            async with http.get(server.endpoint("/config"), headers={"Host": host}) as resp:
+                await expect_error(resp, 403, "loopback")
+        for origin in ("null", "http://[::1", "file://", "https://127.0.0.1.evil.example"):
+            async with http.post(client.url("/interrupt"), headers={"Origin": origin, **client.auth}) as resp:
+                await expect_error(resp, 403, "cross-origin")
         # The server's own origin, localhost names and listed origins pass.
         own = server.url.rstrip("/")
         async with http.post(client.url("/interrupt"), headers={"Origin": own, **client.auth}) as resp:
