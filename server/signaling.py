@@ -148,7 +148,7 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
 
 
 def parse_offer(body: dict, state: ServerState) -> OfferRequest:
-    """Validate the request body (kept for callers of the earlier name)."""
+    """The request body validated against this server (its avatar name)."""
     return OfferRequest.from_dict(body, state.engine.info.get("avatar", "default"))
 
 
