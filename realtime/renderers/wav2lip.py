@@ -200,7 +200,7 @@ class Wav2LipRenderer:
                 # on the first render, so that no session's frame pays for a capture.
                 runner = StaticBatchRunner(net, cache, self.rows_from, self.max_batch,
                                            cuda_graphs=self.cuda_graphs)
-                runner.capture()
+                runner.capture(cache)
                 self._runners[cache.heads] = runner
             self._caches[avatar] = cache
             self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
