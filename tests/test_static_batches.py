@@ -118,7 +118,7 @@ def test_failed_capture_falls_back_to_eager_once(model, faces, monkeypatch, capl
     runner = StaticBatchRunner(net, cache, PASTED_ROWS_FROM, 2)
     runner.graphs_enabled = True
 
-    def broken() -> dict:
+    def broken(graphs: dict) -> dict:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(runner, "_capture_all_steps", broken)
