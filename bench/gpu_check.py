@@ -15,7 +15,7 @@ espeak-ng is missing). On CUDA, in order:
    of the uint8 patches over the generated rows 36..95; and graphs vs eager fp16 max |diff|.
 4. Sessions: N LipSyncSessions (N = 8, 32, 64, 128) on one ThreadedRenderWorker per renderer, configured
    as the server does on CUDA (max_batch = the renderer's, a warm-up cost curve up to it), driven by
-   bench.sessions.trial (speech pushed in 20 ms chunks, 25 fps pulls, one driver thread, sessions'
+   bench.common.trial (speech pushed in 20 ms chunks, 25 fps pulls, one driver thread, sessions'
    ticks aligned): mean batch, drops, latency p95 vs the fixed budget, and the driver's overrun (when
    one Python thread cannot drive N sessions in real time the figures say more about it than the GPU).
    Trials stop at the first failing N, or when `--budget-s` is nearly spent.
@@ -32,61 +32,24 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import TEXT, make_speech
+# Only modules that import without PyAV, aiortc and webrtcvad (a fresh GPU machine may lack them):
+# what needs them (the avatar decoder, the sessions) is imported where it is used.
+from bench.common import eager_uint8, psnr, session_trials, speech_clip, sync, to_16k
 from bench.generator import realistic_random_wav2lip
-from bench.sessions import eager_uint8, psnr, to_16k, trial
-from realtime.config import EngineConfig
+from models.cuda_numerics import tf32_enabled
 from realtime.mel import mel_windows, melspectrogram
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
-from realtime.scheduler import ThreadedRenderWorker
-from server.realtime_engine import gpu_curve_sizes
 
 log = logging.getLogger("bench.gpu_check")
 # The PyTorch path on every device (a CPU renderer may otherwise pick another runtime).
 TORCH = {"runtime": "torch"} if "runtime" in inspect.signature(Wav2LipRenderer).parameters else {}
-
-
-def synthetic_speech(seconds: float = 6.0, rate: int = 16000) -> tuple[np.ndarray, int]:
-    """A voiced, syllable-modulated signal (glottal pulses through two formant resonators) that voice
-    activity detection takes for speech: the fallback when espeak-ng is not installed."""
-    rng = np.random.default_rng(0)
-    n = int(seconds * rate)
-    t = np.arange(n) / rate
-    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
-    pulses = (np.diff(np.floor(np.cumsum(f0) / rate), prepend=0) > 0).astype(np.float64)
-    x = pulses + 0.02 * rng.standard_normal(n)
-    for formant, bw in ((700, 130), (1200, 200)):
-        r = np.exp(-np.pi * bw / rate)
-        a1, a2 = -2 * r * np.cos(2 * np.pi * formant / rate), r * r
-        y = np.zeros(n)
-        for i in range(2, n):  # a few seconds at 16 kHz: fine in Python for a one-off
-            y[i] = x[i] - a1 * y[i - 1] - a2 * y[i - 2]
-        x = y
-    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 0.5
-    x *= envelope
-    return (0.3 * x / np.abs(x).max()).astype(np.float32), rate
-
-
-def speech_clip(synthetic: bool) -> tuple[np.ndarray, int, str]:
-    if not synthetic:
-        try:
-            wav, rate = make_speech(TEXT, 1)
-            return wav, rate, "espeak-ng"
-        except SystemExit as exc:  # make_speech exits when espeak-ng is missing
-            log.warning("%s; using a synthetic voiced signal", exc)
-    wav, rate = synthetic_speech()
-    return wav, rate, "synthetic"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fps_at(renderer: Wav2LipRenderer, avatar, mels: np.ndarray, batch: int, device: torch.device,
@@ -139,46 +102,6 @@ def runner_info(renderer: Wav2LipRenderer) -> dict:
     runner = next(iter(runners.values()))
     return {"static_batches": True, "buckets": list(runner.buckets), "captured": list(runner.captured),
             "fallback_reason": runner.fallback_reason}
-
-
-def session_trials(renderer: Wav2LipRenderer, avatar, wav: np.ndarray, rate: int, counts: list[int],
-                   deadline: float, est_trial_s: float) -> list[dict]:
-    """bench.sessions.trial for each N, on a worker set up as the server sets up a CUDA worker."""
-    max_batch = renderer.max_batch
-    config = EngineConfig(fps=25.0, fit_budget_to_renderer=True, max_batch=max_batch)
-    worker = ThreadedRenderWorker(renderer, max_batch=max_batch, max_wait_s=config.max_batch_wait_ms / 1000)
-    worker.curve_sizes = gpu_curve_sizes(max_batch)
-    out: list[dict] = []
-    try:
-        worker.prepare(avatar, warmup=True)
-        curve = {str(b): round(1000 * s, 2) for b, s in sorted(worker.cost.by_size.items())}
-        log.info("  warm-up cost curve (ms per batch): %s", curve)
-        for n in counts:
-            if time.monotonic() + est_trial_s > deadline:
-                out.append({"sessions": n, "skipped": "time budget"})
-                log.info("  N=%d skipped: time budget", n)
-                continue
-            before = worker.stats()
-            t0 = time.monotonic()
-            res = trial(worker, avatar, config, wav, rate, n)
-            wall = time.monotonic() - t0
-            after = worker.stats()
-            batches = after["batches"] - before["batches"]
-            frames = after["frames_rendered"] - before["frames_rendered"]
-            res.update({"mean_batch": round(frames / batches, 2) if batches else 0.0,
-                        "worker_skipped": after["frames_skipped"] - before["frames_skipped"],
-                        "driver_overrun_s": round(wall - (len(wav) / rate + 0.6), 2),
-                        "cost_curve_ms": curve})
-            out.append(res)
-            log.info("  N=%3d ok=%s mean batch %.1f, drops %d/%d, latency p95 %.0f ms (budget %.0f), "
-                     "driver overrun %.2f s", n, res["ok"], res["mean_batch"], res["drops"],
-                     res["speech_frames"], res["latency_p95_ms"], res["latency_budget_ms"],
-                     res["driver_overrun_s"])
-            if not res["ok"]:
-                break
-    finally:
-        worker.close()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
