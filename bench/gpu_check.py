@@ -7,12 +7,15 @@ Random calibrated weights (bench.generator.realistic_random_wav2lip; NOT the rel
 embedded default avatar, official mel windows of espeak-ng speech (a synthetic voiced signal when
 espeak-ng is missing). On CUDA, in order:
 
-1. Prepare: an fp16 `Wav2LipRenderer` with CUDA graphs (models/static_batches.py: fixed batch sizes,
-   static and pinned buffers, one graph per size) and one without (the eager path); prepare time
-   (graph capture included), the captured sizes, and a capture failure's reason if any.
+1. Prepare: a `Wav2LipRenderer` (precision "auto": fp16 once its start-up check against real fp32
+   passes, else fp32) with CUDA graphs (models/static_batches.py: fixed batch sizes, static and pinned
+   buffers, one graph per size, each replay verified against eager) and one without (the eager path);
+   prepare time (gate, capture and check included), the captured sizes, each size's replay-vs-eager
+   difference, a capture failure's reason if any, and `describe()` (what /healthz shows).
 2. Throughput: `render()` frames/s at batch 1, 8, 32, 64, 128 for both (uint8 patches on the host).
-3. Accuracy over the whole clip vs the fp32 eager official model on the GPU: PSNR (dB) and max |diff|
-   of the uint8 patches over the generated rows 36..95; and graphs vs eager fp16 max |diff|.
+3. Accuracy over the whole clip vs the fp32 eager official model on the GPU with TF32 off (a real fp32
+   reference): PSNR (dB) and max |diff| of the uint8 patches over the generated rows 36..95 for both,
+   and for `--precision fp32` (must be within a level or so of the reference); graphs vs eager max |diff|.
 4. Sessions: N LipSyncSessions (N = 8, 32, 64, 128) on one ThreadedRenderWorker per renderer, configured
    as the server does on CUDA (max_batch = the renderer's, a warm-up cost curve up to it), driven by
    bench.common.trial (speech pushed in 20 ms chunks, 25 fps pulls, one driver thread, sessions'
@@ -26,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 log = logging.getLogger("bench.gpu_check")
 # The PyTorch path on every device (a CPU renderer may otherwise pick another runtime).
-TORCH = {"runtime": "torch"} if "runtime" in inspect.signature(Wav2LipRenderer).parameters else {}
+TORCH = "torch"
 
 
 def fps_at(renderer: Wav2LipRenderer, avatar, mels: np.ndarray, batch: int, device: torch.device,
@@ -88,10 +89,8 @@ def accuracy(ref_model, renderers: dict[str, Wav2LipRenderer], avatar, crops, me
         diff = np.abs(img[:, rows:].astype(int) - ref[:, rows:])
         out[name] = {"psnr_db": round(float(psnr(img[:, rows:], ref[:, rows:])), 2),
                      "max_abs_diff": int(diff.max())}
-    names = list(got)
-    if len(names) == 2:
-        a, b = got[names[0]], got[names[1]]
-        out[f"{names[0]}_vs_{names[1]}_max_abs_diff"] = int(np.abs(a.astype(int) - b).max())
+    if "graphs" in got and "eager" in got:
+        out["graphs_vs_eager_max_abs_diff"] = int(np.abs(got["graphs"].astype(int) - got["eager"]).max())
     return out
 
 
@@ -101,6 +100,7 @@ def runner_info(renderer: Wav2LipRenderer) -> dict:
         return {"static_batches": False}
     runner = next(iter(runners.values()))
     return {"static_batches": True, "buckets": list(runner.buckets), "captured": list(runner.captured),
+            "replay_vs_eager_max_diff": {str(n): d for n, d in runner.verified.items()},
             "fallback_reason": runner.fallback_reason}
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": "no CUDA device"}), flush=True)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    precision = "fp16" if cuda else "fp32"
+    precision = "auto" if cuda else "fp32"
     batches = (1, 8, 32, 64, 128) if cuda else (1, 2, 4)
     max_batch = 128 if cuda else 4
     counts = [int(c) for c in args.sessions.split(",") if c.strip()] if cuda else [1]
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s: dict[str, float] = {}
     for name, graphs in (("graphs", True), ("eager", False)):
         r = Wav2LipRenderer(model, device=device, precision=precision, max_batch=max_batch, cuda_graphs=graphs,
-                            **TORCH)
+                            runtime=TORCH)
         if not cuda and graphs:
             r.static_batches = True  # smoke: the same fixed sizes and buffers, run eagerly on the CPU
         t0 = time.monotonic()
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         sync(device)
         prepare_s[name] = round(time.monotonic() - t0, 2)
         renderers[name] = r
-        log.info("prepared %-6s in %.2f s: %s", name, prepare_s[name], runner_info(r))
+        log.info("prepared %-6s in %.2f s: %s %s", name, prepare_s[name], runner_info(r), r.describe())
 
     fps: dict[str, dict[str, float]] = {name: {} for name in renderers}
     for b in batches:
@@ -163,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             fps[name][str(b)] = fps_at(r, avatar, mels, b, device, min_fps_s)
         log.info("batch %3d: %s", b, "  ".join(f"{name} {fps[name][str(b)]:8.1f} fps" for name in renderers))
 
-    ref_model = copy.deepcopy(model).to(device)  # fp32 eager official model, the reference
-    acc = accuracy(ref_model, renderers, avatar, crops, mels, device, chunk=max_batch)
+    checked = dict(renderers)
+    if cuda:  # --precision fp32 on CUDA must be real fp32 (TF32 off): within ~1 level of the reference
+        fp32 = Wav2LipRenderer(model, device=device, precision="fp32", max_batch=max_batch, cuda_graphs=False,
+                               runtime=TORCH)
+        fp32.prepare(avatar)
+        checked["fp32"] = fp32
+    ref_model = copy.deepcopy(model).to(device)  # fp32 eager official model (TF32 off), the reference
+    acc = accuracy(ref_model, checked, avatar, crops, mels, device, chunk=max_batch)
+    del checked
     del ref_model
     log.info("accuracy vs fp32 eager: %s", acc)
 
@@ -190,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:6s} sustains {best} session(s) at 25 fps in this run")
     result = {
         "device": gpu_name, "torch": torch.__version__, "precision": precision, "smoke": bool(args.smoke),
-        "speech": speech_kind, "prepare_s": prepare_s,
+        "speech": speech_kind, "prepare_s": prepare_s, "reference": "fp32 eager, TF32 off",
+        "tf32_after_checks": tf32_enabled() if cuda else None,
+        "engine_info": {name: r.describe() for name, r in renderers.items()},
         "static_batches": {name: runner_info(r) for name, r in renderers.items()},
         "fps": fps, "graphs_speedup": speedup, "accuracy": acc, "sessions": sessions, "memory": memory,
         "weights": "random, calibrated (not the released checkpoints)",

@@ -234,7 +234,7 @@ class RenderWorker:
 
     probe_after_s = 0.5  # render at least one job this often so the cost estimate can recover
     gather_safety = 1.25  # a gathering batch stops waiting when 1.25x the cost of one more would miss
-    curve_sizes = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
+    curve_sizes: tuple[int, ...] = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
 
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
                  clock: Clock = time.monotonic) -> None:

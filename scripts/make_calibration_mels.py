@@ -16,8 +16,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import to_16k
 from bench.engine import make_speech
-from bench.sessions import to_16k
 from realtime.mel import mel_windows, melspectrogram
 
 TEXT = ("Peter picked a few bright purple plums. How much would you pay for them? "
