@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     precision = "auto" if cuda else "fp32"
-    batches = (1, 8, 32, 64, 128) if cuda else (1, 2)
+    batches = (1, 8, 32, 64, 128) if cuda else (1,)
     max_batch = 128 if cuda else 4
     counts = [int(c) for c in args.sessions.split(",") if c.strip()] if cuda else [1]
     trial_s = args.trial_s if cuda else 1.0
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     wav, rate, speech_kind = speech_clip(args.synthetic_speech)
     mels = mel_windows(melspectrogram(to_16k(wav, rate)), 25.0)
     if args.smoke:
-        mels = mels[:6]
+        mels = mels[:3]
     log.info("avatar %d frames, clip %.1f s (%s) -> %d mel windows", len(crops), len(wav) / rate,
              speech_kind, len(mels))
 
