@@ -3,7 +3,7 @@
 # OpenCV and aiohttp, and no network. Finishes within a hard wall-clock budget (170 s by default,
 # start-up included) and prints one JSON line last.
 #
-#   scripts/fetch_gpu_wheels.sh          # once, on a machine with network: fills .whl/ (~37 MB)
+#   scripts/fetch_gpu_wheels.sh          # once, on a machine with network: fills .whl/ (37.7 MB)
 #   scripts/gpu_check.sh [--budget-s 170] [--out DIR]     # on the GPU machine, with .whl/ copied along
 #   scripts/gpu_check.sh --cpu-smoke     # here: the same steps on the CPU, tiny sizes (< 60 s)
 #
