@@ -99,12 +99,12 @@ class CostModel:
         if not self.by_size:
             return 0.0 if self.per_frame is None else self.per_frame * b
         sizes = sorted(self.by_size)
-        lo = max((s for s in sizes if s < b), default=None)
-        hi = min((s for s in sizes if s > b), default=None)
-        if lo is None:
-            return self.by_size[hi]
-        if hi is None:
-            return self.by_size[lo] * b / lo
+        below, above = [s for s in sizes if s < b], [s for s in sizes if s > b]
+        if not below:
+            return self.by_size[above[0]]
+        if not above:
+            return self.by_size[below[-1]] * b / below[-1]
+        lo, hi = below[-1], above[0]
         c_lo, c_hi = self.by_size[lo], self.by_size[hi]
         return c_lo + (c_hi - c_lo) * (b - lo) / (hi - lo)
 

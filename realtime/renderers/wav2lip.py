@@ -51,7 +51,7 @@ import torch
 from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32_enabled
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import MouthPatch, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, Generate, choose_precision
 
@@ -368,8 +368,7 @@ class Wav2LipRenderer:
         if self.rows_from:
             images = np.concatenate([tops[indices], images], axis=1)
         boxes = np.asarray(avatar.boxes)
-        return [MouthPatch(image=images[i], box=(int(boxes[idx][0]), int(boxes[idx][1]), int(boxes[idx][2]),
-                                                 int(boxes[idx][3])))
+        return [MouthPatch(image=images[i], box=int_box(boxes[idx]))
                 for i, idx in enumerate(indices)]
 
     def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
