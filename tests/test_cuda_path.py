@@ -18,9 +18,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_static_batches import random_faces, random_model
 from test_wav2lip_renderer import FakeAvatar, mel_windows
 
-from models.random_init import calibrated_random_
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
@@ -31,14 +31,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def model() -> Wav2Lip:
-    gen = torch.Generator().manual_seed(5)
-    return calibrated_random_(Wav2Lip(), lambda: (torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4,
-                                                  torch.rand(4, 6, 96, 96, generator=gen)), gen)
+    return random_model()
 
 
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
-    return torch.rand(6, 6, 96, 96, generator=torch.Generator().manual_seed(2))
+    return random_faces(6)
 
 
 def devices() -> list[str]:

@@ -24,16 +24,25 @@ MAX_BATCH = 6  # not a power of two: the last bucket is the cap itself
 TORCH = {"runtime": "torch"} if "runtime" in inspect.signature(Wav2LipRenderer).parameters else {}
 
 
-@pytest.fixture(scope="module")
-def model() -> Wav2Lip:
-    gen = torch.Generator().manual_seed(5)
+def random_model(seed: int = 5) -> Wav2Lip:
+    """Seeded weights with trained-like activation scale (tests/test_cuda_path.py uses it too)."""
+    gen = torch.Generator().manual_seed(seed)
     return calibrated_random_(Wav2Lip(), lambda: (torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4,
                                                   torch.rand(4, 6, 96, 96, generator=gen)), gen)
 
 
+def random_faces(n: int = 5, seed: int = 2) -> torch.Tensor:
+    return torch.rand(n, 6, 96, 96, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> Wav2Lip:
+    return random_model()
+
+
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
-    return torch.rand(5, 6, 96, 96, generator=torch.Generator().manual_seed(2))
+    return random_faces()
 
 
 def plain_uint8(net: CachedWav2Lip, cache: FaceCache, indices: np.ndarray, mels: np.ndarray,
