@@ -137,7 +137,8 @@ class RayRenderTier:
             handle = cls._existing(settings.app_name)
             if handle is None:
                 log.info("deploying the render tier", extra={"app": settings.app_name, **settings.deployment_options()})
-                deployment = RenderDeployment.options(**settings.deployment_options())
+                # serve.deployment turns the class into a Deployment (its stubs still say "type").
+                deployment = RenderDeployment.options(**settings.deployment_options())  # type: ignore[attr-defined]
                 app = deployment.bind(spec, settings.max_batch, settings.max_wait_ms / 1000.0)
                 handle = serve.run(app, name=settings.app_name, route_prefix=None)
             else:
@@ -185,7 +186,7 @@ class RayRenderTier:
 
 
 def _resolve(host: str) -> str:
-    return socket.getaddrinfo(host, None)[0][4][0]
+    return str(socket.getaddrinfo(host, None)[0][4][0])
 
 
 def _probe(address: str, timeout_s: float = 3.0) -> str | None:

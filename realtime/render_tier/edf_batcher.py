@@ -176,10 +176,12 @@ class EdfBatcher:
         indices = np.concatenate([w.indices for w in batch])
         mels = np.concatenate([w.mels for w in batch])
         start = self.clock()
+        patches: list[MouthPatch] | None
         try:
-            patches: list[MouthPatch] | None = list(await self._render(batch[0].avatar, indices, mels))
-            if len(patches) != len(indices):
-                raise RuntimeError(f"renderer returned {len(patches)} patches for {len(indices)} frames")
+            made = list(await self._render(batch[0].avatar, indices, mels))
+            if len(made) != len(indices):
+                raise RuntimeError(f"renderer returned {len(made)} patches for {len(indices)} frames")
+            patches = made
         except Exception:
             self.stats.errors += 1
             log.exception("render replica: a batch of %d frames failed", len(indices))

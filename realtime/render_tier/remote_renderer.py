@@ -62,7 +62,7 @@ class RemoteRenderer:
 
     def __init__(self, client: RenderTierClient, *, sender: str, name: str = "remote", rows_from: int = 0,
                  timeout_margin_s: float = 0.25, prepare_timeout_s: float = 300.0,
-                 default_deadline_s: float = 0.2) -> None:
+                 default_deadline_s: float = 0.2, min_deadline_s: float = 0.0) -> None:
         self.client = client
         self.sender = sender
         self.name = name
@@ -70,6 +70,9 @@ class RemoteRenderer:
         self.timeout_margin_s = timeout_margin_s
         self.prepare_timeout_s = prepare_timeout_s
         self.default_deadline_s = default_deadline_s
+        # The least time a replica is given for a batch. 0 in production; a front-end on a simulated clock
+        # (tests) raises it, since the replica measures real time.
+        self.min_deadline_s = min_deadline_s
         self.stats = RemoteStats()
         self._refs: dict[int, tuple[Any, AvatarRef]] = {}  # id(avatar) -> (avatar kept alive, its ref)
         self._lock = threading.Lock()
@@ -91,7 +94,8 @@ class RemoteRenderer:
     def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
                deadline_in_s: float | None = None) -> list[MouthPatch | None]:
         ref = self._refs[id(avatar)][1]
-        budget = self.default_deadline_s if deadline_in_s is None else max(float(deadline_in_s), 0.0)
+        budget = self.default_deadline_s if deadline_in_s is None else float(deadline_in_s)
+        budget = max(budget, self.min_deadline_s, 0.0)
         n = len(frame_indices)
         request = RenderRequest(self.sender, ref, np.asarray(frame_indices, dtype=np.int64),
                                 np.asarray(mels, dtype=np.float32), budget)
