@@ -47,6 +47,7 @@ class RemoteStats:
     replica_frames: int = 0    # sum over answered frames of the replica batch they were rendered in
     outages: int = 0
     last_rendered_at: float | None = None   # time.monotonic() of the latest frames received
+    last_outage: tuple[float, float] | None = None  # (began, ended) monotonic times of the latest outage
 
     @property
     def mean_replica_batch(self) -> float:
@@ -126,5 +127,7 @@ class RemoteRenderer:
 
     def _came_back(self) -> None:
         if self._down_since is not None:
-            log.info("render tier answering again after %.1f s", time.monotonic() - self._down_since)
+            now = time.monotonic()
+            log.info("render tier answering again after %.1f s", now - self._down_since)
+            self.stats.last_outage = (self._down_since, now)
             self._down_since = None
