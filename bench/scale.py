@@ -224,6 +224,7 @@ def main() -> None:
         return
     isolate()
 
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")  # before ray is imported
     from realtime.renderers.factory import RendererSpec
     from server.ray_render_tier import RayRenderTier, RayTierSettings
 
@@ -232,7 +233,6 @@ def main() -> None:
     local = run_front_ends("local", n, per, args.seconds, None)
     address = start_ray_head()
     try:
-        os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
         tier = RayRenderTier.connect(RayTierSettings(address=address, app_name=APP), RendererSpec())
         print(f"ray backend on {address}: {n} front-ends x {per} sessions, one replica", flush=True)
         before = tier.replica_stats()

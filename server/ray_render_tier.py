@@ -47,6 +47,20 @@ APP_NAME = "lipsync-render"
 # Ray reports usage statistics to its authors unless told not to: this server contacts nobody.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+
+def _token_auth_if_available() -> None:
+    """Clusters started with `ray start` use token authentication when a token exists (Ray >= 2.50);
+    a driver joining one must say so too. RAY_AUTH_MODE set by the operator wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+# Before ray is imported: it reads the mode once.
+_token_auth_if_available()
+
 import ray  # noqa: E402  (after the environment above: ray reads it at import)
 from ray import serve  # noqa: E402
 
@@ -119,7 +133,6 @@ class RayRenderTier:
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             try:
                 if address:
-                    _token_auth_if_available()
                     host = _probe(address)
                     # A cluster on loopback: this node is 127.0.0.1 too (Ray would pick an interface address).
                     node_ip = "127.0.0.1" if host and ipaddress.ip_address(_resolve(host)).is_loopback else None
@@ -184,16 +197,6 @@ class RayRenderTier:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-
-
-def _token_auth_if_available() -> None:
-    """Clusters started with `ray start` use token authentication when a token exists (Ray >= 2.50);
-    a driver joining one must say so too. RAY_AUTH_MODE set by the operator wins."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _resolve(host: str) -> str:
