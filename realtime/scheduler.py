@@ -352,9 +352,12 @@ class RenderWorker:
         avatar = batch[0].avatar
         indices = np.fromiter((j.avatar_index for j in batch), dtype=np.int64, count=len(batch))
         mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
+        # A remote renderer (realtime/render_tier) orders its replica's batches by deadline: tell it.
+        extra = ({"deadline_in_s": min(j.deadline for j in batch) - self.clock()}
+                 if getattr(self.renderer, "wants_deadline", False) else {})
         t0 = self.clock()
         try:
-            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels))
+            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels, **extra))
             if len(patches) != len(batch):
                 raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
         except Exception:
