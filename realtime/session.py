@@ -70,7 +70,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import partial
 from typing import Any, Callable
 
@@ -89,8 +89,8 @@ from realtime.vad import SpeechDetector, SpeechTrack
 log = logging.getLogger(__name__)
 
 
-class FrameState(Enum):
-    """What a video frame shows."""
+class FrameState(StrEnum):
+    """What a video frame shows. A StrEnum: its members equal their strings ("rendered", ...), as before."""
     RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
     HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
     IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
