@@ -42,8 +42,18 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
+    app.on_startup.append(_start_monitors)
     app.on_shutdown.append(_close_sessions)
+    app.on_cleanup.append(_stop_monitors)
     return app
+
+
+async def _start_monitors(app: web.Application) -> None:
+    app[STATE].loop_lag.start()
+
+
+async def _stop_monitors(app: web.Application) -> None:
+    await app[STATE].loop_lag.stop()
 
 
 async def _close_sessions(app: web.Application) -> None:

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Mapping
 
+from server.loop_monitor import live_tasks
 from server.prometheus import Page, merge_histograms
 
 if TYPE_CHECKING:
@@ -69,6 +70,12 @@ def render_metrics(state: "ServerState") -> str:
         page.counter("lipsync_sessions_closed_total", "Sessions closed, by reason.", count,
                      {"reason": reason})
     page.histogram("lipsync_offer_seconds", "Time to answer an offer.", state.offer_seconds)
+    page.cumulative_histogram("lipsync_event_loop_lag_seconds",
+                              "How late the event loop ran a due timer (sampled every 50 ms).",
+                              state.loop_lag.lag.as_dict())
+    page.gauge("lipsync_event_loop_lag_p99_seconds", "p99 of the event-loop lag over the last minute.",
+               state.loop_lag.p99_s())
+    page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from server.config import ServerConfig
 from server.engine import Engine
+from server.loop_monitor import LoopLagMonitor
 from server.metrics import OFFER_BUCKETS_S
 from server.prometheus import Histogram
 from server.sessions import SessionManager
@@ -24,6 +25,7 @@ class ServerState:
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)
     closing: bool = False
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
 
 
 STATE = web.AppKey("state", ServerState)
