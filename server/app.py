@@ -13,8 +13,9 @@ from aiohttp import web
 
 from server import encoders, push_api, signaling
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine import Engine, engine_health
 from server.errors import json_errors
+from server.heap import HeapTrimmer
 from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
 from server.sessions import SessionManager
@@ -32,7 +33,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
                           middlewares=[json_errors])
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
-                              disconnect_grace_s=config.disconnect_grace_s)
+                              disconnect_grace_s=config.disconnect_grace_s, trimmer=HeapTrimmer())
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
                              tts=LocalTts(config.tts_command))
     app.router.add_get("/", index)
@@ -54,6 +55,7 @@ async def _start_monitors(app: web.Application) -> None:
 
 async def _stop_monitors(app: web.Application) -> None:
     await app[STATE].loop_lag.stop()
+    app[STATE].sessions.trimmer.close()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -86,14 +88,20 @@ async def client_config(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 ok; 503 "degraded" while a render thread is down (it is being restarted: sessions show held
+    or idle mouths meanwhile), 503 "shutting down" once shutdown began."""
     state = state_of(request)
+    health = engine_health(state.engine)
+    status = "shutting down" if state.closing else "ok" if health.ok else "degraded"
     return web.json_response({
-        "status": "shutting down" if state.closing else "ok",
+        "status": status,
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
         "uptime_s": round(time.monotonic() - state.started, 1),
+        "render_workers_down": health.workers_down,
+        "render_worker_restarts": health.restarts,
         **{k: str(v) for k, v in state.engine.info.items()},
-    }, status=503 if state.closing else 200)
+    }, status=200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

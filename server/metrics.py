@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Mapping
 
+from server.engine import engine_health
 from server.loop_monitor import live_tasks
 from server.prometheus import Page, merge_histograms
 
@@ -61,6 +62,8 @@ def render_metrics(state: "ServerState") -> str:
     sessions = state.sessions
     live = [(s, _engine_metrics(s.engine)) for s in sessions]
     page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing else 1)
+    page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
+               len(engine_health(state.engine).workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
     page.gauge("lipsync_sessions_max", "The --max-sessions limit.", sessions.max_sessions)
     page.counter("lipsync_sessions_opened_total", "Sessions opened.", sessions.opened_total)
@@ -134,6 +137,8 @@ WORKER_METRICS = {
     "frames_skipped": ("lipsync_render_skipped_total", "Render jobs skipped: past their deadline.",
                        "counter"),
     "errors": ("lipsync_render_errors_total", "Renderer calls that failed.", "counter"),
+    "restarts": ("lipsync_render_thread_restarts_total", "Render threads that died and were restarted.",
+                 "counter"),
     "busy_s": ("lipsync_render_busy_seconds_total", "Time spent in the renderer.", "counter"),
     "queued": ("lipsync_render_queue", "Render jobs waiting.", "gauge"),
     "mean_batch": ("lipsync_render_mean_batch", "Mean frames per renderer call.", "gauge"),

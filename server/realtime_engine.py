@@ -20,6 +20,7 @@ from realtime.config import EngineConfig
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 from server.config import ServerConfig, device_list
+from server.engine import EngineHealth
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class _PlacedSession(LipSyncSession):
 
 
 # Worker statistics that add up over workers (the rest are recomputed or per worker only).
-_SUMMED_STATS = ("batches", "frames_rendered", "frames_skipped", "errors", "queued", "busy_s", "sessions")
+_SUMMED_STATS = ("batches", "frames_rendered", "frames_skipped", "errors", "queued", "busy_s", "sessions",
+                 "restarts")
 
 
 def combined_stats(per_worker: list[dict]) -> dict:
@@ -163,6 +165,12 @@ class RealtimeEngine:
         per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
                       for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts))]
         return combined_stats(per_worker)
+
+    def health(self) -> EngineHealth:
+        """Render threads that are down now (died, restart pending) and restarts so far."""
+        down = [f"{i}:{device}" for i, (worker, device) in enumerate(zip(self.workers, self.devices, strict=True))
+                if not worker.healthy]
+        return EngineHealth(workers_down=down, restarts=sum(w.restarts for w in self.workers))
 
     def close(self) -> None:
         for worker in self.workers:

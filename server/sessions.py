@@ -19,6 +19,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection
 
 from server.audio_input import AudioInput
 from server.engine import EngineSession
+from server.heap import HeapTrimmer
 from server.metrics import Totals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -115,8 +116,9 @@ def new_session_id() -> str:
 
 
 class SessionManager:
-    def __init__(self, max_sessions: int, connect_timeout_s: float = 30.0,
-                 peer_timeout_s: float = 8.0, disconnect_grace_s: float = 5.0) -> None:
+    def __init__(self, max_sessions: int, connect_timeout_s: float = 10.0,
+                 peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
+                 trimmer: HeapTrimmer | None = None) -> None:
         self.max_sessions = max_sessions
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
@@ -128,6 +130,7 @@ class SessionManager:
         self.rejected_total = 0
         self.closed_total: dict[str, int] = {}
         self.retired = Totals()  # engine figures of ended sessions
+        self.trimmer = trimmer or HeapTrimmer(enabled=False)  # gives ended sessions' memory back
 
     # -- capacity ----------------------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class SessionManager:
             self._closing.pop(session.id, None)
             key = reason.split(":", 1)[0]
             self.closed_total[key] = self.closed_total.get(key, 0) + 1
+            self.trimmer.request()
         log.info("session closed", extra={"session": session.id, "reason": reason,
                                           "duration_s": round(time.monotonic() - session.created, 2),
                                           "sessions": len(self._sessions)})
@@ -232,13 +236,21 @@ class SessionManager:
         deadline = session.created + self.connect_timeout_s
         while session.connected is None:
             if time.monotonic() >= deadline:
-                self.close(session.id, "timeout: peer never connected")
+                self.close(session.id, f"timeout: peer never connected in {self.connect_timeout_s:g} s")
                 return
             await asyncio.sleep(0.25)
+        await self._watch_connected(session)
+
+    async def _watch_connected(self, session: Session) -> None:
+        """Media inactivity, not ICE consent: a live peer sends RTCP receiver reports for the avatar
+        video at least every ~1.5 s (aiortc: 0.5-1.5 s; Chrome: ~1 s for video, plus transport-cc
+        feedback), and RTP when it has a microphone. No packet at all for `peer_timeout_s` means it is
+        gone; ICE consent expiry alone would take ~30 s (and aiortc never fails it on a silent peer)."""
         last_packets, last_change = -1, time.monotonic()
         disconnected_since: float | None = None
+        period = min(0.5, self.peer_timeout_s / 4)
         while True:
-            await asyncio.sleep(min(1.0, self.peer_timeout_s / 4))
+            await asyncio.sleep(period)
             now = time.monotonic()
             if session.pc.connectionState == "disconnected":
                 disconnected_since = disconnected_since or now
