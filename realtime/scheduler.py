@@ -89,6 +89,7 @@ class CostModel:
         lo = max((s for s in sizes if s < b), default=None)
         hi = min((s for s in sizes if s > b), default=None)
         if lo is None:
+            assert hi is not None  # b is not a seen size and some size was seen
             return self.by_size[hi]
         if hi is None:
             return self.by_size[lo] * b / lo
@@ -256,7 +257,7 @@ class RenderWorker:
             self.renderer.prepare(avatar)
             self._prepared[id(avatar)] = avatar
             if warmup:
-                sizes = [1] + sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})
+                sizes = [1, *sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})]
                 for b in sizes:
                     mel = np.full((b, 80, 16), -4.0, dtype=np.float32)
                     timed = []
@@ -347,7 +348,7 @@ class RenderWorker:
     @staticmethod
     def _deliver(batch: list[RenderJob], patches: list[MouthPatch | None], completed_at: float,
                  seconds: float) -> None:
-        for job, patch in zip(batch, patches):
+        for job, patch in zip(batch, patches, strict=True):
             try:
                 job.deliver(RenderResult(job.key, patch, completed_at, seconds, len(batch)))
             except Exception:
@@ -374,7 +375,7 @@ class ThreadedRenderWorker(RenderWorker):
     # a BaseException from a native extension, a bug in the batching policy). Sessions must survive it:
     # their queued jobs stay queued (late ones are skipped on restart), in the meantime they show held
     # or idle mouths as for any missed render, and `healthy` is False so /healthz says degraded.
-    restart_backoff_s = (0.2, 1.0, 5.0)  # wait before the 1st, 2nd, 3rd and later restarts in a row
+    restart_backoff_s: tuple[float, ...] = (0.2, 1.0, 5.0)  # wait before the 1st, 2nd, 3rd and later restarts in a row
     stable_after_s = 30.0  # a thread that ran this long resets the backoff
 
     def _start_thread(self) -> threading.Thread:

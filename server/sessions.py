@@ -166,6 +166,8 @@ class SessionManager:
         self._sessions[session.id] = session
         self.opened_total += 1
         session.pc.on("connectionstatechange", lambda: self._on_state(session))
+        for track in (session.video, session.audio):
+            track.on("ended", lambda kind=track.kind: self._on_track_ended(session, kind))
         session.spawn(self._watch(session), "watchdog")
 
     def close(self, session_id: str, reason: str) -> asyncio.Task | None:
@@ -230,6 +232,16 @@ class SessionManager:
             session.connected = time.monotonic()
         elif state in ("failed", "closed"):
             self.close(session.id, f"connection {state}")
+
+    def _on_track_ended(self, session: Session, kind: str) -> None:
+        """An outgoing track stopped while the session is live: aiortc's sender stops its track when the
+        encoder (or anything else in its send loop) raises, and then sends nothing more, ever. End that
+        session with a reason instead of leaving a frozen peer; the others are untouched. (When the
+        session closes for any other reason it is already closing here, and this does nothing.)"""
+        if session.pc.signalingState == "closed":
+            return  # the peer connection is closing (it stops its senders first): "connection closed" follows
+        if session.id not in self._closing and not session.closed.is_set():
+            self.close(session.id, f"error: the {kind} sender stopped (encoder failed)")
 
     async def _watch(self, session: Session) -> None:
         """Reap a peer that never connects, stays disconnected, or stops sending anything."""

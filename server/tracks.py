@@ -120,9 +120,9 @@ class _EngineTrack(MediaStreamTrack):
 
     def _failed(self, exc: Exception) -> MediaStreamError:
         log.exception("%s track: the engine failed", self.kind)
-        self.stop()
-        if self._on_error is not None:
+        if self._on_error is not None:  # first, so the session's close reason is the engine's
             self._on_error(exc)
+        self.stop()
         return MediaStreamError(f"engine failed: {exc}")
 
 
