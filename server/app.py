@@ -56,6 +56,7 @@ async def _start_monitors(app: web.Application) -> None:
 async def _stop_monitors(app: web.Application) -> None:
     await app[STATE].loop_lag.stop()
     app[STATE].sessions.trimmer.close()
+    app[STATE].frame_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _close_sessions(app: web.Application) -> None:

@@ -105,7 +105,7 @@ class RealtimeEngine:
         self._lock = threading.Lock()
         try:
             t0 = time.monotonic()
-            for i, (r, device) in enumerate(zip(renderers, self.devices)):
+            for i, (r, device) in enumerate(zip(renderers, self.devices, strict=True)):
                 worker = ThreadedRenderWorker(r, max_batch=self.config.max_batch,
                                               max_wait_s=self.config.max_batch_wait_ms / 1000.0,
                                               name=f"render-{i}-{device}")
@@ -163,7 +163,7 @@ class RealtimeEngine:
         `workers`, one dict per worker with its index, device and open sessions."""
         counts = self.sessions_per_worker()
         per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
-                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts))]
+                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True))]
         return combined_stats(per_worker)
 
     def health(self) -> EngineHealth:
