@@ -115,8 +115,9 @@ def video_frame(image: np.ndarray) -> av.VideoFrame:
     """
     height, width = image.shape[:2]
     if height % 2 or width % 2:
-        return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-    return av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
+        return av.VideoFrame.from_ndarray(np.ascontiguousarray(image, dtype=np.uint8), format="bgr24")
+    i420 = np.asarray(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+    return av.VideoFrame.from_ndarray(i420, format="yuv420p")
 
 
 def _frame_of(out) -> av.VideoFrame:
@@ -252,6 +253,8 @@ async def pump_microphone(track: MediaStreamTrack, sink: Callable[[np.ndarray, i
                 frame = await track.recv()
             except MediaStreamError:
                 break
+            if not isinstance(frame, av.AudioFrame):  # an audio track yields audio frames; be strict
+                continue
             sink(*frame_to_pcm(frame))
             frames += 1
     finally:
