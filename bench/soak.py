@@ -2,6 +2,7 @@
 
     python bench/soak.py --minutes 30 --sessions 4      # soak: N sessions for M minutes
     python bench/soak.py --churn 200 --concurrency 10   # churn: 200 sessions, 10 at a time
+    python bench/soak.py --isolation [--phase-s 40]     # a microphone session vs big uploads
 
 The server runs as its own process (`python -m server`, the no-weights renderer, 127.0.0.1 only), so its
 RSS, open fds and threads are read from /proc/<pid> as an operator would see them; asyncio tasks and
@@ -34,6 +35,12 @@ that is SIGKILLed once their video flows (no goodbye at all), the others close p
 first, half just hang up). `reap_s` is from the kill to the server answering 404 for that session.
 `rss_growth_after_20_mb` is RSS at the end minus RSS after the first 20 sessions.
 
+Isolation: two push sessions are open; a fresh microphone session talks (speech with 0.3-0.8 s gaps) for
+`--phase-s` seconds alone ("quiet"), then another fresh one talks while one push session uploads
+`--long-upload-s` (300) seconds of audio and the other makes six concurrent 20 s uploads ("loaded").
+A fresh session per phase makes each latency p95 that phase's own. `latency_p95_delta_ms` = loaded -
+quiet; `mic_drops_under_load` adds the loaded mic session's engine drops, skipped ticks and missing frames.
+
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -57,6 +64,7 @@ import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import aiohttp
 import av
@@ -99,14 +107,15 @@ def wav_bytes(samples: np.ndarray) -> bytes:
 
 
 class BurstMicrophone(MediaStreamTrack):
-    """A microphone: the speech clip, then 2-6 s of silence, again and again, paced in real time."""
+    """A microphone: the speech clip, then `gap_s` (2-6 s) of silence, again and again, in real time."""
 
     kind = "audio"
 
-    def __init__(self, speech: np.ndarray, seed: int) -> None:
+    def __init__(self, speech: np.ndarray, seed: int, gap_s: tuple[float, float] = (2.0, 6.0)) -> None:
         super().__init__()
         self._speech = np.clip(speech * 32767, -32768, 32767).astype(np.int16)
         self._rng = random.Random(seed)
+        self._gap = (int(gap_s[0] * RATE), int(gap_s[1] * RATE))
         self._n = RATE // 50
         self._pos = 0  # samples sent
         self._clip_pos = 0
@@ -121,7 +130,7 @@ class BurstMicrophone(MediaStreamTrack):
         self._clip_pos += self._n
         if self._clip_pos >= len(self._speech):
             self._clip_pos = 0
-            self._silence_left = self._rng.randint(2 * RATE, 6 * RATE)
+            self._silence_left = self._rng.randint(*self._gap)
         return np.pad(chunk, (0, self._n - chunk.size))
 
     async def recv(self) -> av.AudioFrame:
@@ -288,13 +297,15 @@ class SoakClient:
     """One aiortc peer: receives the avatar; a microphone track or speech pushed over HTTP."""
 
     def __init__(self, url: str, http: aiohttp.ClientSession, microphone: bool, speech: np.ndarray,
-                 seed: int) -> None:
+                 seed: int, auto_push: bool = True, mic_gap_s: tuple[float, float] = (2.0, 6.0)) -> None:
         self.url = url
         self.http = http
         self.microphone = microphone
         self.speech = speech
         self.rng = random.Random(seed)
         self.seed = seed
+        self.auto_push = auto_push
+        self.mic_gap_s = mic_gap_s
         self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.stats = ClientStats()
         self.session_id = ""
@@ -307,7 +318,7 @@ class SoakClient:
 
     async def connect(self) -> None:
         if self.microphone:
-            self.pc.addTrack(BurstMicrophone(self.speech, self.seed))
+            self.pc.addTrack(BurstMicrophone(self.speech, self.seed, self.mic_gap_s))
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
@@ -320,7 +331,7 @@ class SoakClient:
         self.session_id = answer["session_id"]
         self.token = answer.get("session_token")
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-        if not self.microphone:
+        if not self.microphone and self.auto_push:
             self._tasks.append(asyncio.ensure_future(self._push_loop()))
 
     async def wait_for_video(self, frames: int, limit_s: float = 60.0) -> None:
@@ -367,6 +378,14 @@ class SoakClient:
                     await asyncio.sleep(speech_s)
             except aiohttp.ClientError:
                 self.stats.upload_errors += 1
+
+    async def upload(self, body: bytes) -> tuple[int, float]:
+        """POST a WAV to the session; (status, seconds to answer)."""
+        t0 = time.monotonic()
+        async with self.http.post(f"{self.url}/sessions/{self.session_id}/audio", data=body,
+                                  headers={**self.headers(), "Content-Type": "audio/wav"}) as resp:
+            await resp.read()
+            return resp.status, time.monotonic() - t0
 
     async def describe(self) -> dict | None:
         async with self.http.get(f"{self.url}/sessions/{self.session_id}", headers=self.headers()) as resp:
@@ -681,6 +700,85 @@ async def churn(args: argparse.Namespace) -> dict:
             log.info("server exit code %s, log %s", code, log_path)
 
 
+# -- isolation -------------------------------------------------------------------------------------
+
+
+async def mic_phase(run: SoakRun, speech: np.ndarray, seconds: float, seed: int,
+                    load: Callable[[], Awaitable[list[tuple[int, float]]]] | None) -> dict:
+    """A fresh microphone session talking (short gaps) for `seconds`, with `load` started as it begins.
+    Its latency p95 is the engine's over this session's frames only (a fresh histogram per phase)."""
+    mic = SoakClient(run.server.url, run.http, microphone=True, speech=speech, seed=seed, mic_gap_s=(0.3, 0.8))
+    await mic.connect()
+    await mic.wait_for_video(25)
+    await asyncio.sleep(3.0)
+    d0, m0, missing0 = await mic.describe() or {}, await run.metrics(), mic.stats.missing_frames
+    frames0 = mic.stats.video_frames
+    t0 = time.monotonic()
+    load_task = asyncio.ensure_future(load()) if load is not None else None
+    await asyncio.sleep(seconds)
+    d1, m1 = await mic.describe() or {}, await run.metrics()
+    elapsed = time.monotonic() - t0
+    uploads = await load_task if load_task is not None else []
+    await mic.close(delete=True)
+    latency = _engine(d1).get("latency_ms") or {}
+    lag = histogram_quantile(0.99, buckets_of(m0, "lipsync_event_loop_lag_seconds"),
+                             buckets_of(m1, "lipsync_event_loop_lag_seconds"))
+    return {
+        "latency_p95_ms": _round(latency.get("p95"), 1),
+        "latency_p50_ms": _round(latency.get("p50"), 1),
+        "rendered_frames": _engine(d1).get("frames_rendered", 0),
+        "frames_dropped": _engine(d1).get("frames_dropped", 0) - _engine(d0).get("frames_dropped", 0),
+        "pacer_skipped": d1.get("video_skipped", 0) - d0.get("video_skipped", 0),
+        "client_missing_frames": mic.stats.missing_frames - missing0,
+        "client_fps": round((mic.stats.video_frames - frames0) / elapsed, 2),
+        "loop_lag_p99_ms": _round(None if lag is None else 1000 * lag, 2),
+        "uploads": [{"status": status, "seconds": round(took, 2)} for status, took in uploads],
+        "load_avg": loadavg(),
+    }
+
+
+async def isolation(args: argparse.Namespace) -> dict:
+    """A microphone session alone, then another one while one session uploads `--long-upload-s` (300 s)
+    of audio and another makes six concurrent uploads (20 s each)."""
+    speech = speech_16k()
+    log_path = Path(tempfile.gettempdir()) / f"isolation-server-{os.getpid()}.log"
+    server = ServerProcess(max_sessions=5, log_path=log_path, extra=args.server_arg)
+    long_body = wav_bytes(np.resize(speech, int(args.long_upload_s * RATE)))
+    short_body = wav_bytes(np.resize(speech, 20 * RATE))
+    async with aiohttp.ClientSession() as http:
+        run = SoakRun(server, http)
+        try:
+            await server.wait_ready(http)
+            pushers = [SoakClient(server.url, http, microphone=False, speech=speech, seed=500 + i, auto_push=False)
+                       for i in range(2)]
+            for c in pushers:
+                await c.connect()
+            await asyncio.gather(*(c.wait_for_video(25) for c in pushers))
+
+            async def uploads() -> list[tuple[int, float]]:
+                return list(await asyncio.gather(pushers[0].upload(long_body),
+                                                 *(pushers[1].upload(short_body) for _ in range(6))))
+
+            quiet = await mic_phase(run, speech, args.phase_s, seed=1, load=None)
+            loaded = await mic_phase(run, speech, args.phase_s, seed=2, load=uploads)
+            await asyncio.gather(*(c.close(delete=True) for c in pushers))
+            q, loaded_p95 = quiet["latency_p95_ms"], loaded["latency_p95_ms"]
+            return {
+                "bench": "isolation",
+                "phase_s": args.phase_s,
+                "long_upload_s": args.long_upload_s,
+                "latency_p95_delta_ms": None if q is None or loaded_p95 is None else round(loaded_p95 - q, 1),
+                "mic_drops_under_load": loaded["frames_dropped"] + loaded["pacer_skipped"]
+                + loaded["client_missing_frames"],
+                "quiet": quiet,
+                "loaded": loaded,
+                "server_log_errors": server.log_errors(),
+            }
+        finally:
+            code = server.stop()
+            log.info("server exit code %s, log %s", code, log_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=2.0)
@@ -690,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--churn", type=int, default=0, help="churn mode: this many sessions in all")
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--isolation", action="store_true", help="isolation mode: a mic session vs uploads")
+    parser.add_argument("--phase-s", type=float, default=40.0, help="isolation: seconds per phase")
+    parser.add_argument("--long-upload-s", type=float, default=300.0, help="isolation: the long upload")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=CHILD_KILLED, help=argparse.SUPPRESS)
@@ -700,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         asyncio.run(child_clients(args.child, args.clients))
         return 0
-    result = asyncio.run(churn(args) if args.churn else soak(args))
+    mode = churn if args.churn else isolation if args.isolation else soak
+    result = asyncio.run(mode(args))
     print(json.dumps(result))
     return 0
 
