@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
+import aiortc.rtcrtpreceiver
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -147,6 +148,27 @@ class BurstMicrophone(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, RATE)
         self._pos += self._n
         return frame
+
+
+class CountingVideoDecoder:
+    """Client side: one tiny frame per received video frame, pts kept, pixels not decoded. The clients
+    count frames and pts gaps only; decoding N 512 px VP8 streams would take the cores the server is
+    being measured on (8 sessions: the client process starved itself to ~13 fps)."""
+
+    def decode(self, encoded_frame) -> list[av.VideoFrame]:
+        frame = av.VideoFrame(16, 16, "yuv420p")
+        frame.pts = encoded_frame.timestamp
+        frame.time_base = fractions.Fraction(1, 90000)
+        return [frame]
+
+
+def count_video_without_decoding() -> None:
+    real_get_decoder = aiortc.rtcrtpreceiver.get_decoder
+
+    def get_decoder(codec):
+        return CountingVideoDecoder() if codec.mimeType.lower().startswith("video/") else real_get_decoder(codec)
+
+    aiortc.rtcrtpreceiver.get_decoder = get_decoder
 
 
 # -- the server process ----------------------------------------------------------------------------
@@ -798,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("aioice").setLevel(logging.WARNING)
     use_host_addresses(["127.0.0.1"])  # loopback only, for the clients
+    count_video_without_decoding()
     if args.child:
         asyncio.run(child_clients(args.child, args.clients))
         return 0
