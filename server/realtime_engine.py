@@ -91,7 +91,7 @@ class RealtimeEngine:
 
     def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
                  info: dict[str, str] | None = None, devices: Sequence[str] | None = None) -> None:
-        renderers = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
+        renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar
