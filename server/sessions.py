@@ -238,10 +238,17 @@ class SessionManager:
         encoder (or anything else in its send loop) raises, and then sends nothing more, ever. End that
         session with a reason instead of leaving a frozen peer; the others are untouched. (When the
         session closes for any other reason it is already closing here, and this does nothing.)"""
+        if session.id in self._closing or session.closed.is_set():
+            return
         if session.pc.signalingState == "closed":
             return  # the peer connection is closing (it stops its senders first): "connection closed" follows
-        if session.id not in self._closing and not session.closed.is_set():
-            self.close(session.id, f"error: the {kind} sender stopped (encoder failed)")
+        transport = dtls_state(session.pc)
+        if transport != "connected":
+            # The peer hung up (DTLS close_notify): the send loop ended on the closed transport before
+            # aiortc's own close reports the connection state.
+            self.close(session.id, f"connection {transport}")
+            return
+        self.close(session.id, f"error: the {kind} sender stopped (encoder failed)")
 
     async def _watch(self, session: Session) -> None:
         """Reap a peer that never connects, stays disconnected, or stops sending anything."""
@@ -277,6 +284,15 @@ class SessionManager:
             elif now - last_change >= self.peer_timeout_s:
                 self.close(session.id, f"timeout: nothing received for {self.peer_timeout_s:g} s")
                 return
+
+
+def dtls_state(pc: RTCPeerConnection) -> str:
+    """The state of the connection's (bundled) DTLS transport: "connected" while media can flow."""
+    states = {t.sender.transport.state for t in pc.getTransceivers() if t.sender.transport is not None}
+    for state in ("failed", "closed", "connecting", "new"):
+        if state in states:
+            return state
+    return "connected" if states else "new"
 
 
 async def received_packets(pc: RTCPeerConnection) -> int:

@@ -87,6 +87,8 @@ async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
         assert len(peers) == 21
         assert all(pc.connectionState == "closed" for pc in peers)
         assert manager.opened_total == 21
+        # Hang-ups are "connection closed", never mistaken for a failed sender (its send loop ends first).
+        assert set(manager.closed_total) <= {"deleted", "connection closed", "microphone ended"}, manager.closed_total
         assert await settle(lambda: not (other_tasks() - tasks_before), within_s=10)
         # Threads other than the loop's bounded executor pool (aiortc encodes there) are all gone.
         assert await settle(lambda: own_threads() <= threads_before), threading.enumerate()
