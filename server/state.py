@@ -1,7 +1,6 @@
 """ServerState: what the request handlers share, stored once on the aiohttp app under STATE."""
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from aiohttp import web
 from server.auth import OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine
-from server.limits import ClientLimits, WorkPool
+from server.limits import ClientLimits, WorkPool, started_pool
 from server.loop_monitor import LoopLagMonitor
 from server.metrics import OFFER_BUCKETS_S
 from server.prometheus import Histogram
@@ -37,16 +36,6 @@ class ServerState:
     # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
-
-
-def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads all exist from the start (ThreadPoolExecutor adds them lazily), so the
-    server's thread count is flat from its first session on and a leak check compares like with like."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-    barrier = threading.Barrier(workers)
-    for future in [pool.submit(barrier.wait) for _ in range(workers)]:
-        future.result()
-    return pool
 
 
 STATE = web.AppKey("state", ServerState)
