@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -52,6 +53,10 @@ from realtime.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
 from realtime.session import LipSyncSession  # noqa: E402
 
 APP = "bench-scale"
+# The bench's cluster uses Ray's token authentication with a token of this run's own, handed to every
+# process in the environment (nothing is written to ~/.ray).
+RAY_AUTH = {"RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 TEXT = ("Scaling out means many front ends share one render tier, and every session still talks on time, "
         "with its mouth in sync with its voice.")
 
@@ -159,8 +164,7 @@ def run_front_ends(backend: str, count: int, sessions: int, seconds: float, addr
 
 
 def _env() -> dict[str, str]:
-    # A `ray start` cluster uses token authentication (Ray >= 2.50): every process says so.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **RAY_AUTH)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -224,7 +228,7 @@ def main() -> None:
         return
     isolate()
 
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")  # before ray is imported
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", **RAY_AUTH)  # before ray is imported
     from realtime.renderers.factory import RendererSpec
     from server.ray_render_tier import RayRenderTier, RayTierSettings
 

@@ -48,19 +48,6 @@ APP_NAME = "lipsync-render"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def _token_auth_if_available() -> None:
-    """Clusters started with `ray start` use token authentication when a token exists (Ray >= 2.50);
-    a driver joining one must say so too. RAY_AUTH_MODE set by the operator wins."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-# Before ray is imported: it reads the mode once.
-_token_auth_if_available()
-
 import ray  # noqa: E402  (after the environment above: ray reads it at import)
 from ray import serve  # noqa: E402
 
@@ -143,8 +130,11 @@ class RayRenderTier:
                              _node_ip_address="127.0.0.1")
                     started = True
             except Exception as exc:
-                raise RenderTierError(f"--render-backend ray: cannot reach {where}: {exc}. Start a cluster with "
-                                      "`ray start --head` and pass its address with --ray-address") from None
+                hint = ("Start a cluster with `ray start --head` and pass its address with --ray-address"
+                        if "InvalidAuthToken" not in str(exc) else
+                        "The cluster uses token authentication: set RAY_AUTH_MODE=token and make its token "
+                        "available (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+                raise RenderTierError(f"--render-backend ray: cannot reach {where}: {exc}. {hint}") from None
         t0 = time.monotonic()
         try:
             serve.start(http_options={"location": "NoServer"})
