@@ -77,6 +77,7 @@ def combined_stats(per_worker: list[dict]) -> dict:
     out["mean_batch"] = out["frames_rendered"] / out["batches"] if out["batches"] else 0.0
     estimates = [w["est_ms_per_frame"] for w in per_worker if w.get("est_ms_per_frame") is not None]
     out["est_ms_per_frame"] = sum(estimates) / len(estimates) if estimates else None
+    out["alive"] = all(w.get("alive", True) for w in per_worker)  # every render thread is running
     out["workers"] = per_worker
     return out
 
