@@ -183,6 +183,8 @@ class WorkerStats:
     queued: int = 0               # jobs waiting now
     busy_s: float = 0.0           # time spent in the renderer
     est_ms_per_frame: float | None = None  # the scheduler's cost estimate per frame (None: nothing seen)
+    alive: bool = True            # the render thread runs (a dead one is restarted; meanwhile False)
+    restarts: int = 0             # render thread restarts since start
     mean_batch: float = field(init=False)  # frames per renderer call
 
     def __post_init__(self) -> None:
@@ -197,4 +199,5 @@ class WorkerStats:
             frames_rendered=sum(p.frames_rendered for p in parts),
             frames_skipped=sum(p.frames_skipped for p in parts), errors=sum(p.errors for p in parts),
             queued=sum(p.queued for p in parts), busy_s=sum(p.busy_s for p in parts),
-            est_ms_per_frame=sum(estimates) / len(estimates) if estimates else None)
+            est_ms_per_frame=sum(estimates) / len(estimates) if estimates else None,
+            alive=all(p.alive for p in parts), restarts=sum(p.restarts for p in parts))

@@ -69,7 +69,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from typing import Any, Callable
@@ -103,7 +103,6 @@ _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
 
 @dataclass
 class VideoOut:
-    image: np.ndarray            # (H, W, 3) uint8 BGR; read-only (may be the avatar's own frame)
     pts_index: int               # k: pts = k / fps on the output timeline
     pts: float                   # seconds
     state: FrameState
@@ -113,6 +112,29 @@ class VideoOut:
     audio_start: int | None      # input-timeline sample of this frame's own audio time (None: no audio)
     mel: np.ndarray | None       # (80, 16) window this frame's mouth is made from (None: no audio)
     mouth_alpha: float           # strength the mouth patch was pasted with (0 = untouched avatar)
+    compose: Callable[[], np.ndarray] = field(repr=False, compare=False)  # makes `image`
+    _image: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 BGR, read-only (may be the avatar's own frame). The mouth is pasted on first
+        access, from values fixed when the frame was made: the server reads it on a worker thread, so
+        the paste stays off its event loop, and a frame nobody looks at (a skipped tick) costs nothing."""
+        if self._image is None:
+            self._image = self.compose()
+        return self._image
+
+
+def _composed(base: np.ndarray, patch: MouthPatch, mode: str, strength: float) -> np.ndarray:
+    image = compositor.paste(base, patch, mode, strength=strength)
+    image.flags.writeable = False
+    return image
+
+
+def _as_is(base: np.ndarray) -> np.ndarray:
+    image = base.view()
+    image.flags.writeable = False
+    return image
 
 
 @dataclass
@@ -410,12 +432,11 @@ class LipSyncSession:
         if plan is not None:
             m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
         if show is not None and self._gain > 0.0:
-            image = compositor.paste(base, show, self.config.paste_mode, strength=self._gain)
+            compose = partial(_composed, base, show, self.config.paste_mode, self._gain)
         else:
-            image = base.view()
-        image.flags.writeable = False
+            compose = partial(_as_is, base)
         return VideoOut(
-            image=image, pts_index=k, pts=k / self.fps, state=state,
+            compose=compose, pts_index=k, pts=k / self.fps, state=state,
             speech=bool(plan is not None and plan.speech), dropped=dropped, avatar_index=idx,
             audio_start=plan.audio_start if plan is not None else None,
             mel=plan.mel if plan is not None else None,

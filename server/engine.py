@@ -9,8 +9,8 @@ needs of a session; mypy checks that `realtime.session.LipSyncSession` provides 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,6 +55,24 @@ class EngineStats:
     total: WorkerStats            # counts added over the workers (WorkerStats.combined)
     sessions: int                 # open sessions, all workers
     workers: tuple[WorkerLoad, ...]
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """Whether every render worker thread runs (one that died is restarted; until then: degraded)."""
+
+    workers_down: list[str] = field(default_factory=list)  # names of render threads not running now
+    restarts: int = 0  # render thread restarts since start
+
+    @property
+    def ok(self) -> bool:
+        return not self.workers_down
+
+
+def engine_health(engine: Any) -> EngineHealth:
+    """`engine.health()` when the engine reports it (test doubles may not): healthy otherwise."""
+    health = getattr(engine, "health", None)
+    return health() if callable(health) else EngineHealth()
 
 
 class Engine(Protocol):

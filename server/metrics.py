@@ -11,7 +11,8 @@ import logging
 import time
 
 from realtime.metrics import HistogramSnapshot, SessionCounters, SessionStats
-from server.engine import EngineStats, WorkerLoad
+from server.engine import EngineStats, WorkerLoad, engine_health
+from server.loop_monitor import live_tasks
 from server.prometheus import Histogram, Page
 from server.sessions import Session, safe_metrics
 from server.state import ServerState
@@ -40,6 +41,8 @@ def render_metrics(state: ServerState) -> str:
     live = [(s, safe_metrics(s.engine)) for s in sessions]
     stats = [m for _, m in live if m is not None]
     page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing else 1)
+    page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
+               len(engine_health(state.engine).workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
     page.gauge("lipsync_sessions_max", "The --max-sessions limit.", sessions.max_sessions)
     page.counter("lipsync_sessions_opened_total", "Sessions opened.", sessions.opened_total)
@@ -49,6 +52,12 @@ def render_metrics(state: ServerState) -> str:
         page.counter("lipsync_sessions_closed_total", "Sessions closed, by reason.", count,
                      {"reason": reason})
     page.histogram("lipsync_offer_seconds", "Time to answer an offer.", state.offer_seconds)
+    page.cumulative_histogram("lipsync_event_loop_lag_seconds",
+                              "How late the event loop ran a due timer (sampled every 50 ms).",
+                              state.loop_lag.lag.snapshot())
+    page.gauge("lipsync_event_loop_lag_p99_seconds", "p99 of the event-loop lag over the last minute.",
+               state.loop_lag.p99_s())
+    page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired
@@ -113,6 +122,8 @@ WORKER_METRICS = {  # WorkerStats field -> (metric name, help, kind)
     "frames_skipped": ("lipsync_render_skipped_total", "Render jobs skipped: past their deadline.",
                        "counter"),
     "errors": ("lipsync_render_errors_total", "Renderer calls that failed.", "counter"),
+    "restarts": ("lipsync_render_thread_restarts_total", "Render threads that died and were restarted.",
+                 "counter"),
     "busy_s": ("lipsync_render_busy_seconds_total", "Time spent in the renderer.", "counter"),
     "queued": ("lipsync_render_queue", "Render jobs waiting.", "gauge"),
     "mean_batch": ("lipsync_render_mean_batch", "Mean frames per renderer call.", "gauge"),

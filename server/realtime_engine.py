@@ -25,7 +25,7 @@ from realtime.renderers.factory import RendererSpec, build_renderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 from server.config import ServerConfig, device_list
-from server.engine import Engine, EngineStats, WorkerLoad
+from server.engine import Engine, EngineHealth, EngineStats, WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,12 @@ class RealtimeEngine:
         loads = tuple(WorkerLoad(i, device, n, worker.stats())
                       for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True)))
         return EngineStats(WorkerStats.combined([w.stats for w in loads]), sum(counts), loads)
+
+    def health(self) -> EngineHealth:
+        """Render threads that are down now (died, restart pending) and restarts so far."""
+        down = [f"{i}:{device}" for i, (worker, device) in enumerate(zip(self.workers, self.devices, strict=True))
+                if not worker.healthy]
+        return EngineHealth(workers_down=down, restarts=sum(w.restarts for w in self.workers))
 
     def close(self) -> None:
         for worker in self.workers:

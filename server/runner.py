@@ -9,6 +9,7 @@ import ssl
 
 from aiohttp import web
 
+from server import heap
 from server.app import create_app
 from server.auth import OperatorAuth, RedactingAccessLogger
 from server.config import ServerConfig
@@ -103,6 +104,7 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/heap.py)
     try:
         with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
             runner.run(serve_async(config))
