@@ -26,8 +26,9 @@ minute for runs under 10 minutes):
 - `rss_slope_mb_per_min`: least-squares slope of RSS against time after `--warmup-min` (2) minutes.
 - `loop_lag_p99_ms`: p99 of the loop lag over the run, from the /metrics histogram's bucket counts
   (linear inside a bucket); `loop_lag_p99_ms_max_minute`: the worst per-minute p99 the server reported.
-- `drops`: speech frames whose render missed its tick (engine), video ticks the sender skipped, and
-  frames missing at the client (gaps in the received pts); `drops_total` adds them up.
+- `drops`: speech frames whose render missed its tick (engine), video ticks and 20 ms audio frames the
+  sender skipped (`pacer_skipped`, `pacer_audio_skipped`), and frames missing at the client (gaps in
+  the received pts); `drops_total` adds them up.
 - `leaked`: fds, threads and tasks after every session closed (and 10 s to settle) minus the baseline.
 
 Churn: `--churn` sessions in rounds of `--concurrency`; in each round three clients run in a child process
@@ -39,7 +40,8 @@ Isolation: two push sessions are open; a fresh microphone session talks (speech 
 `--phase-s` seconds alone ("quiet"), then another fresh one talks while one push session uploads
 `--long-upload-s` (300) seconds of audio and the other makes six concurrent 20 s uploads ("loaded").
 A fresh session per phase makes each latency p95 that phase's own. `latency_p95_delta_ms` = loaded -
-quiet; `mic_drops_under_load` adds the loaded mic session's engine drops, skipped ticks and missing frames.
+quiet; `mic_drops_under_load` adds the loaded mic session's engine drops, skipped video ticks and audio
+frames, and missing frames.
 
 Last line: one JSON object.
 """
@@ -507,6 +509,8 @@ async def soak(args: argparse.Namespace) -> dict:
                                              for f, e in zip(first_engine, last_engine, strict=True)),
                 "pacer_skipped": sum(e.get("video_skipped", 0) - f.get("video_skipped", 0)
                                      for f, e in zip(first_engine, last_engine, strict=True)),
+                "pacer_audio_skipped": sum(e.get("audio_skipped", 0) - f.get("audio_skipped", 0)
+                                           for f, e in zip(first_engine, last_engine, strict=True)),
                 "client_missing_frames": sum(c.stats.missing_frames for c in clients),
             }
             uploads = {"uploads": sum(c.stats.uploads for c in clients),
@@ -751,6 +755,7 @@ async def mic_phase(run: SoakRun, speech: np.ndarray, seconds: float, seed: int,
         "rendered_frames": _engine(d1).get("frames_rendered", 0),
         "frames_dropped": _engine(d1).get("frames_dropped", 0) - _engine(d0).get("frames_dropped", 0),
         "pacer_skipped": d1.get("video_skipped", 0) - d0.get("video_skipped", 0),
+        "pacer_audio_skipped": d1.get("audio_skipped", 0) - d0.get("audio_skipped", 0),
         "client_missing_frames": mic.stats.missing_frames - missing0,
         "client_fps": round((mic.stats.video_frames - frames0) / elapsed, 2),
         "loop_lag_p99_ms": _round(None if lag is None else 1000 * lag, 2),
@@ -791,7 +796,7 @@ async def isolation(args: argparse.Namespace) -> dict:
                 "long_upload_s": args.long_upload_s,
                 "latency_p95_delta_ms": None if q is None or loaded_p95 is None else round(loaded_p95 - q, 1),
                 "mic_drops_under_load": loaded["frames_dropped"] + loaded["pacer_skipped"]
-                + loaded["client_missing_frames"],
+                + loaded["pacer_audio_skipped"] + loaded["client_missing_frames"],
                 "quiet": quiet,
                 "loaded": loaded,
                 "server_log_errors": server.log_errors(),

@@ -105,6 +105,8 @@ def _live_sessions(page: Page, live: list[tuple[Session, SessionStats | None]]) 
                sum(s.video.stats.frames for s, _ in live))
     page.gauge("lipsync_live_pacer_skipped", "Video ticks skipped by a late sender, live sessions.",
                sum(s.video.stats.skipped for s, _ in live))
+    page.gauge("lipsync_live_audio_pacer_skipped", "Audio frames (20 ms) skipped by a late sender, live "
+               "sessions.", sum(s.audio.stats.skipped for s, _ in live))
     for key, (name, help_text) in SESSION_COUNTERS.items():
         page.gauge(name, f"{help_text} Live sessions, summed.", sum(getattr(m, key) for m in stats))
     page.gauge("lipsync_live_av_offset_max_abs_milliseconds", "Largest |A/V offset| of any live session.",

@@ -97,6 +97,7 @@ class Session:
             "video_fps": round(self.video.stats.fps(now), 2),
             "video_frames": self.video.stats.frames,
             "video_skipped": self.video.stats.skipped,
+            "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
             "engine": {} if stats is None else asdict(stats),
         }

@@ -185,11 +185,30 @@ class AvatarVideoTrack(_EngineTrack):
         return frame
 
 
+AUDIO_MAX_LAG_S = 0.080
+"""How late the audio track may hand a frame over before it skips to the frame due now (4 frames).
+
+Large enough that ordinary jitter never triggers it: the loop-lag target is p99 <= 20 ms with 8
+sessions (issue #15) and aiortc's sender pulls the next frame right after encoding the last, so a
+healthy sender hands frames over within a frame or two of their time. Small enough that the audio
+never falls far behind the video, which skips ticks as soon as it is more than one 40 ms frame late:
+the two stay within ~80 + 40 ms of each other, inside what viewers tolerate for audio lagging the
+picture (ITU-R BT.1359: undetectable up to ~125 ms of audio lag, acceptable up to ~185 ms), where
+the 30-minute soak measured 736 ms, and an overloaded 8-session run 16-33 s, without a bound.
+"""
+
+
 class SyncedAudioTrack(_EngineTrack):
     """The input audio delayed by the engine to match the video: 20 ms frames, 16 kHz mono s16.
 
-    Audio is never skipped (aiortc's Opus encoder numbers packets by sample count): a late start is
-    caught up by handing over the missed frames at once; the receiver's jitter buffer absorbs it.
+    Like the video, the audio follows the media clock whatever the load: a frame handed over up to
+    `AUDIO_MAX_LAG_S` late (a late start, a jittery loop) goes out at once with the missed frames
+    before it, which the receiver's jitter buffer absorbs; later than that (a starved loop), the track
+    skips to the frame due now. The skipped span is still taken from the engine and discarded, so the
+    engine's output timeline stays on the wall clock like the video's, and the frame's pts jumps by the
+    gap: aiortc's Opus and G.711 encoders derive the RTP timestamp from frame.pts (through PyAV's
+    resampler and codec), so the receiver sees the gap and conceals it as loss (ARCHITECTURE.md
+    "aiortc and aioice internals"). Skipped frames count in `stats.skipped`.
     """
 
     kind = "audio"
@@ -201,19 +220,34 @@ class SyncedAudioTrack(_EngineTrack):
         self._sample = 0
         self.stats = PacerStats()
 
+    def _skip_if_too_late(self, t0: float) -> None:
+        """Skip to the frame due now when the next one is over `AUDIO_MAX_LAG_S` late."""
+        elapsed = time.monotonic() - t0
+        if elapsed - self._sample / AUDIO_RATE <= AUDIO_MAX_LAG_S:
+            return
+        due = int(elapsed * AUDIO_RATE) // AUDIO_SAMPLES * AUDIO_SAMPLES
+        skipped = due - self._sample
+        self._source.next_audio(skipped)  # keeps the engine's audio timeline on the clock; discarded
+        self.stats.skipped += skipped // AUDIO_SAMPLES
+        self._sample = due
+
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         t0 = self._clock.origin()
-        j = self._sample
-        self._sample += AUDIO_SAMPLES
-        lateness = await _sleep_until(t0 + j / AUDIO_RATE)
+        await _sleep_until(t0 + self._sample / AUDIO_RATE)
         if self.readyState != "live":
             raise MediaStreamError
         try:
+            # Checked after the sleep, right before the frame is taken: a loop stall during the sleep
+            # is caught here, so no frame leaves more than the bound late.
+            self._skip_if_too_late(t0)
+            j = self._sample
             samples = np.asarray(self._source.next_audio(AUDIO_SAMPLES), dtype=np.float32).reshape(-1)
         except Exception as exc:
             raise self._failed(exc) from exc
+        self._sample = j + AUDIO_SAMPLES
+        lateness = max(0.0, time.monotonic() - (t0 + j / AUDIO_RATE))
         if samples.shape[0] != AUDIO_SAMPLES:  # be strict about frame size: Opus needs steady frames
             samples = np.resize(np.pad(samples, (0, max(0, AUDIO_SAMPLES - samples.shape[0]))),
                                 AUDIO_SAMPLES)

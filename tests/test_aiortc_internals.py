@@ -8,14 +8,17 @@ loopback and check that the replacement is what actually ran.
 from __future__ import annotations
 
 import asyncio
+import fractions
 import ipaddress
 
 import aioice.ice
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, VideoStreamTrack
+from aiortc.codecs.g711 import PcmuEncoder
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.sdp import SessionDescription
-from av import VideoFrame
+from av import AudioFrame, VideoFrame
 
 from server import encoders
 from server.ice import rtc_configuration, use_host_addresses
@@ -139,3 +142,27 @@ async def test_offer_media_kinds_come_from_aiortcs_sdp_parser():
     finally:
         await pc.close()
     assert [m.kind for m in SessionDescription.parse(offer.sdp).media] == ["audio", "video"]
+
+
+
+@pytest.mark.parametrize(("encoder_class", "rtp_rate"), [(OpusEncoder, 48000), (PcmuEncoder, 8000)])
+def test_audio_rtp_timestamps_follow_frame_pts_across_a_skip(encoder_class: type, rtp_rate: int) -> None:
+    """SyncedAudioTrack skips a starved span by jumping frame.pts; the receiver sees the gap (and conceals
+    it as loss) only while aiortc's audio encoders derive the RTP timestamp from frame.pts (through PyAV's
+    resampler and codec), not from a count of the frames they were given."""
+    encoder = encoder_class()
+    rng = np.random.default_rng(0)
+
+    def timestamp_of(frame_index: int) -> int | None:
+        pcm = (rng.standard_normal((1, 320)) * 1000).astype(np.int16)
+        frame = AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = 16000
+        frame.pts = frame_index * 320
+        frame.time_base = fractions.Fraction(1, 16000)
+        return encoder.encode(frame)[1]
+
+    skipped = 5
+    indices = list(range(10)) + list(range(10 + skipped, 20 + skipped))
+    stamps = [ts for ts in map(timestamp_of, indices) if ts is not None]
+    per_frame = rtp_rate // 50  # 20 ms at the codec's RTP clock
+    assert set(np.diff(stamps).tolist()) == {per_frame, (skipped + 1) * per_frame}
