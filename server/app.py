@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import encoders, push_api, signaling
+from server import encoders, events_api, push_api, signaling
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
@@ -41,6 +41,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_get("/config", client_config)
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
+    events_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_shutdown.append(_close_sessions)
     return app

@@ -41,9 +41,9 @@ class AudioInput:
         self._engine.push_audio(samples, sample_rate, channels)
 
     def push(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
-             complete: bool = False) -> float:
-        """Queue interleaved PCM (int16 or float32); `complete` marks the end of an utterance.
-        Returns its duration in seconds."""
+             complete: bool = False, utterance: str | None = None) -> float:
+        """Queue interleaved PCM (int16 or float32) of the utterance named `utterance` (for the
+        playback events); `complete` marks its end. Returns its duration in seconds."""
         if sample_rate <= 0 or channels <= 0:
             raise ValueError("sample rate and channels must be positive")
         samples = np.asarray(samples).reshape(-1)
@@ -54,7 +54,10 @@ class AudioInput:
         if self.queued_s + duration > self.max_queued_s:
             raise QueueFull(f"more than {self.max_queued_s:g} s of audio would be queued; "
                             "interrupt or wait")
-        self._engine.push_audio(samples[: frames * channels], sample_rate, channels)
+        if utterance is None:
+            self._engine.push_audio(samples[: frames * channels], sample_rate, channels)
+        else:
+            self._engine.push_audio(samples[: frames * channels], sample_rate, channels, utterance=utterance)
         now = time.monotonic()
         self._speaking_until = max(self._speaking_until, now) + duration
         self.pushed_s += duration
