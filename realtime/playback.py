@@ -18,10 +18,12 @@ Events (dataclasses; `as_json()` gives the wire shapes of the push API):
                                                          this, with position_s 0
     QueueChanged(queued_s, t)                            utterance audio not yet played, on a step change:
                                                          audio queued, the queue ran empty, interrupt
-`t` is when the sample leaves on the session clock (`clock`, default time.monotonic): the time the block
-holding it was pulled plus its offset in the block. Events are delivered to subscribers synchronously,
-from the thread that calls the session (the server's event loop), at most one audio block (20 ms) before
-`t`.
+`t` is when the sample leaves on the session clock (`clock`, default time.monotonic), on the output
+schedule: origin + (output sample) / 16000, where the origin is the earliest `now - j / 16000` seen over
+the blocks pulled (the pullers pace blocks at origin + j / 16000 and wake late, never early; taking each
+pull's own `now` instead put events out of order by the wake-up jitter, 10-15 ms on a loaded machine).
+Events are delivered to subscribers synchronously, from the thread that calls the session (the server's
+event loop), at most one audio block (20 ms) before `t`.
 
 Who calls what (the session does; see the hooks in realtime/session.py):
     on_input(utterance, start, n)   push_audio of n samples at input index `start` tagged `utterance`
@@ -126,7 +128,7 @@ class PlaybackTracker:
         self._open: _Utterance | None = None      # the one new input is appended to
         self._listeners: list[Listener] = []
         self._out = 0                             # output samples handed out so far
-        self._out_t: float | None = None          # when output sample self._out leaves
+        self._origin: float | None = None         # session-clock time of output sample 0
         self._last_queued = 0
         # Offsets within the last output block that carry utterance audio: [lo, hi), or None.
         self.last_block_voiced: tuple[int, int] | None = None
@@ -194,7 +196,8 @@ class PlaybackTracker:
     def on_output(self, j: int, n: int, now: float) -> None:
         """Output samples [j, j + n) were handed out at `now` (the time sample j leaves)."""
         self._out = j + n
-        self._out_t = now + n / self._rate
+        origin = now - j / self._rate
+        self._origin = origin if self._origin is None else min(self._origin, origin)
         self.last_block_voiced = self._voiced(j, n)
         self._advance(now, j, n)
 
@@ -202,8 +205,8 @@ class PlaybackTracker:
         """interrupt() after output samples [0, j) were handed out: every queued utterance ends here, at
         the time the last handed-out sample leaves."""
         x = j - self._L
-        if self._out_t is not None and j == self._out:
-            now = max(now, self._out_t)
+        if self._origin is not None:
+            now = self._origin + j / self._rate
         for u in self._utterances:
             self._emit(SpeechEnded(u.id, u.played(x) / self._rate, True, now))
         self._utterances.clear()
@@ -220,17 +223,19 @@ class PlaybackTracker:
                 continue
             if u.state is _State.PENDING and first < x_end:
                 u.state = _State.PLAYING
-                self._emit(SpeechStarted(u.id, self._time_of(first, j, now)))
+                self._emit(SpeechStarted(u.id, self._time_of(first, now)))
             last = u.spans[-1][1]
             if u.state is _State.PLAYING and u.complete and last <= x_end:
                 self._utterances.remove(u)
-                self._emit(SpeechEnded(u.id, u.total / self._rate, False, self._time_of(last, j, now)))
+                self._emit(SpeechEnded(u.id, u.total / self._rate, False, self._time_of(last, now)))
         if self._last_queued and not self.queued_samples:
             self._queue_changed(now)
 
-    def _time_of(self, x: int, j: int, now: float) -> float:
-        """When input sample x leaves, given that output sample j left at `now`."""
-        return now + (x + self._L - j) / self._rate
+    def _time_of(self, x: int, now: float) -> float:
+        """When input sample x leaves on the output schedule (`now` before any block was pulled)."""
+        if self._origin is None:
+            return now
+        return self._origin + (x + self._L) / self._rate
 
     def _voiced(self, j: int, n: int) -> tuple[int, int] | None:
         x0, x1 = j - self._L, j + n - self._L
