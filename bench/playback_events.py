@@ -64,7 +64,7 @@ def tone_span(signal: np.ndarray, rate: int, hz: float) -> tuple[int, int] | Non
     """[first, last) sample where the `hz` tone is present (envelope above half its plateau)."""
     t = np.arange(signal.size) / rate
     mixed = signal * np.exp(-2j * np.pi * hz * t)
-    n = int(round(ENVELOPE_S * rate))
+    n = round(ENVELOPE_S * rate)
     envelope = np.abs(np.convolve(mixed, np.ones(n) / n, mode="same"))
     loud = envelope > 0.25 * AMPLITUDE   # the plateau is AMPLITUDE / 2
     where = np.flatnonzero(loud)
@@ -106,6 +106,7 @@ class _Receiver:
         self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.heard = Heard()
         self.video_frames = 0
+        self.video_started = asyncio.Event()   # set after a few frames: the peer connection is up
         self._tasks: list[asyncio.Task] = []
         self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
@@ -117,6 +118,8 @@ class _Receiver:
                 return
             if track.kind == "video":
                 self.video_frames += 1
+                if self.video_frames >= 5:
+                    self.video_started.set()
                 continue
             data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
             self.heard.rate = frame.sample_rate
@@ -142,14 +145,14 @@ class _Receiver:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _wait_for(events: list[dict], kind: str, utterance: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
+async def _wait_for(events: list[dict], kind: str, utterance: str, within_s: float) -> dict:
+    deadline = time.monotonic() + within_s
     while True:
         for e in events:
             if e["type"] == kind and e.get("utterance") == utterance:
                 return e
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no {kind} for {utterance!r} in {timeout} s; got {events}")
+            raise TimeoutError(f"no {kind} for {utterance!r} in {within_s} s; got {events}")
         await asyncio.sleep(0.01)
 
 
@@ -161,8 +164,7 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
     receiver = _Receiver()
     try:
         session_id = await receiver.connect(base.rstrip("/"), http, headers)
-        while receiver.video_frames < 5:
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(receiver.video_started.wait(), 15)
         events: list[dict] = []
         url = base.rstrip("/") + f"/sessions/{session_id}/stream?rate={RATE}"
         async with http.ws_connect(url, headers=headers) as ws:
@@ -178,10 +180,10 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
                 for chunk in np.array_split(pcm, max(1, int(seconds * 10))):   # 100 ms chunks, at once
                     await ws.send_bytes(chunk.tobytes())
                 await ws.send_str(json.dumps({"type": "end"}))
-            await _wait_for(events, "speech_started", "two", timeout=10)
+            await _wait_for(events, "speech_started", "two", within_s=10)
             await asyncio.sleep(interrupt_after_s)
             await ws.send_str(json.dumps({"type": "interrupt"}))
-            await _wait_for(events, "speech_ended", "two", timeout=5)
+            await _wait_for(events, "speech_ended", "two", within_s=5)
             await asyncio.sleep(0.8)   # the last audio reaches the client
             reader.cancel()
         heard = receiver.heard

@@ -2,28 +2,26 @@
 out delayed by the engine's latency, the mouth moving with speech, and interruption within one frame.
 
 The engine is the real one in-process with the tiny avatar and the loudness renderer of the server tests
-(so the mouth level is measurable); one test loads the defaults (embedded avatar, no-weights renderer)."""
+(so the mouth level is measurable); one test loads the defaults (embedded avatar, no-weights renderer).
+Needs the [pipecat] extra, which `scripts/setup.sh --test` installs: a missing install fails, never skips."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import pytest
-
-pytest.importorskip("pipecat", reason="the [pipecat] extra is not installed")
-
-from pipecat.frames.frames import (  # noqa: E402
+from pipecat.frames.frames import (
     InterruptionFrame,
     OutputImageRawFrame,
     SpeechOutputAudioRawFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
 )
-from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
-from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
-from test_server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level  # noqa: E402
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.tests.utils import SleepFrame, run_test
+from test_server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level
 
-from integrations.pipecat import LipSyncVideoService  # noqa: E402
+from integrations.pipecat import LipSyncVideoService
 
 pytestmark = pytest.mark.timeout(120)
 
