@@ -58,11 +58,15 @@ NS = 1_000_000_000
 
 class LipSyncVideoService(AIService):
     def __init__(self, avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
-                 renderer: Any = None, engine_config: EngineConfig | None = None, **kwargs: Any) -> None:
+                 renderer: Any = None, engine_config: EngineConfig | None = None,
+                 engine: LocalEngine | None = None, **kwargs: Any) -> None:
         """`avatar`: None (embedded default), a video/image path, or a prepared avatar. `checkpoint`: a
-        Wav2Lip checkpoint (None: the no-weights renderer). `renderer`: a ready MouthRenderer (tests)."""
+        Wav2Lip checkpoint (None: the no-weights renderer). `renderer`: a ready MouthRenderer (tests).
+        `engine`: an already loaded LocalEngine shared by several bots (then the others are ignored and
+        the engine is left open at the end)."""
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
         self._load_args = (avatar, checkpoint, device, renderer, engine_config)
+        self._shared_engine = engine
         self._engine: LocalEngine | None = None
         self._session: LipSyncSession | None = None
         self._pacer: asyncio.Task | None = None
@@ -90,8 +94,11 @@ class LipSyncVideoService(AIService):
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         avatar, checkpoint, device, renderer, config = self._load_args
-        self._engine = await asyncio.to_thread(load_local_engine, avatar, checkpoint, device,
-                                               renderer=renderer, config=config)
+        if self._shared_engine is not None:
+            self._engine = self._shared_engine
+        else:
+            self._engine = await asyncio.to_thread(load_local_engine, avatar, checkpoint, device,
+                                                   renderer=renderer, config=config)
         self._session = self._engine.open_session(self.name)
         self._session.playback.subscribe(self._events.append)
         self._latency_s = self._session.latency_ms / 1000.0
@@ -116,9 +123,9 @@ class LipSyncVideoService(AIService):
         if self._session is not None:
             self._session.close()
             self._session = None
-        if self._engine is not None:
+        if self._engine is not None and self._engine is not self._shared_engine:
             await asyncio.to_thread(self._engine.close)
-            self._engine = None
+        self._engine = None
 
     # -- frames in -------------------------------------------------------------------------------------
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
