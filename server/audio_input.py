@@ -3,7 +3,8 @@
 The engine queues audio pushed faster than real time, so pushed audio (an upload, `say`, PCM chunks
 from a TTS) goes straight in. Microphone frames arrive in real time; while pushed audio is playing they
 are dropped, so the bot's speech is never delayed behind (or mixed with) the microphone, and the
-microphone picks up where the pushed audio ends. `interrupt()` drops what the engine has queued.
+microphone picks up where the pushed audio ends (as played: counted on the engine's output timeline).
+`interrupt()` drops what the engine has queued.
 """
 from __future__ import annotations
 
@@ -80,7 +81,12 @@ class AudioInput:
 
     @property
     def queued_s(self) -> float:
-        """Pushed audio that has not played yet (estimated from wall time)."""
+        """Pushed audio that has not played yet: exact from the engine's output timeline when it tracks
+        utterances (realtime/playback.py; every push through here names one), else estimated from wall
+        time."""
+        tracker = getattr(self._engine, "playback", None)
+        if tracker is not None:
+            return float(tracker.queued_s)
         return max(0.0, self._speaking_until - time.monotonic())
 
     @property
