@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
@@ -120,6 +121,8 @@ class _Receiver:
                 self.video_frames += 1
                 if self.video_frames >= 5:
                     self.video_started.set()
+                continue
+            if not isinstance(frame, av.AudioFrame):
                 continue
             data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
             self.heard.rate = frame.sample_rate
