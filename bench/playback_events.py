@@ -108,6 +108,7 @@ class _Receiver:
         self.heard = Heard()
         self.video_frames = 0
         self.video_started = asyncio.Event()   # set after a few frames: the peer connection is up
+        self.token: str | None = None
         self._tasks: list[asyncio.Task] = []
         self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
@@ -139,6 +140,7 @@ class _Receiver:
             if resp.status != 200:
                 raise RuntimeError(f"offer refused: {resp.status} {answer}")
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        self.token = answer.get("session_token")   # the session's credential, where the server has auth
         return str(answer["session_id"])
 
     async def close(self) -> None:
@@ -170,6 +172,8 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
         await asyncio.wait_for(receiver.video_started.wait(), 15)
         events: list[dict] = []
         url = base.rstrip("/") + f"/sessions/{session_id}/stream?rate={RATE}"
+        if receiver.token:
+            url += f"&token={receiver.token}"   # as a browser would: no headers on a WebSocket
         async with http.ws_connect(url, headers=headers) as ws:
             async def read() -> None:
                 async for msg in ws:

@@ -15,6 +15,18 @@ from server.state import STATE
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
 
+def auth(client: Client) -> dict[str, str]:
+    """The session's credential as a header, where the server hands one out (`session_token`)."""
+    token = client.answer.get("session_token")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def with_token(url: str, client: Client) -> str:
+    """`?token=` for EventSource / WebSocket, which cannot send headers from a browser."""
+    token = client.answer.get("session_token")
+    return f"{url}{'&' if '?' in url else '?'}token={token}" if token else url
+
+
 @pytest.fixture
 async def server():
     engine = tiny_engine()
@@ -55,7 +67,7 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     events: list[dict] = []
 
     async def read_sse() -> None:
-        async with http.get(server.endpoint(f"/sessions/{sid}/events")) as resp:
+        async with http.get(with_token(server.endpoint(f"/sessions/{sid}/events"), client)) as resp:
             assert resp.status == 200 and resp.content_type == "text/event-stream"
             kind = None
             async for raw in resp.content:
@@ -71,17 +83,19 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     await asyncio.sleep(0.3)
     pcm = (speech_16k[:8000] * 32767).astype(np.int16).tobytes()
     async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000&utterance=greeting-1"),
-                         data=pcm) as resp:
+                         data=pcm, headers=auth(client)) as resp:
         assert resp.status == 200 and (await resp.json())["utterance"] == "greeting-1"
-    async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000"), data=pcm) as resp:
+    async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000"), data=pcm,
+                         headers=auth(client)) as resp:
         generated = (await resp.json())["utterance"]
         assert resp.status == 200 and isinstance(generated, str) and generated
     async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000&utterance=bad%20id"),
-                         data=pcm) as resp:
+                         data=pcm, headers=auth(client)) as resp:
         assert resp.status == 400
     said = None
     if server.app[STATE].tts.available:   # espeak-ng installed: `say` names its utterance too
-        async with http.post(server.endpoint(f"/sessions/{sid}/say"), json={"text": "Hi.", "utterance": "s1"}) as resp:
+        async with http.post(server.endpoint(f"/sessions/{sid}/say"), json={"text": "Hi.", "utterance": "s1"},
+                             headers=auth(client)) as resp:
             body = await resp.json()
             assert resp.status == 200 and body["utterance"] == "s1", body
             said = ("s1", body["queued_s"])
@@ -97,8 +111,8 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     if said:
         # (espeak-ng speaks at 22.05 kHz: the engine's streaming resampler keeps its last ~1 ms, unflushed)
         assert ended[2][0] == "s1" and ended[2][1] == pytest.approx(said[1], abs=0.002) and not ended[2][2]
-    async with http.get(server.endpoint("/sessions/nope/events")) as resp:
-        assert resp.status == 404
+    async with http.get(server.endpoint("/sessions/nope/events"), headers=auth(client)) as resp:
+        assert resp.status in (403, 404)   # 403 where the server checks credentials first
     await client.close()
 
 
@@ -106,7 +120,7 @@ async def test_websocket_names_utterances_and_rejects_bad_ids(server, http, spee
     client = Client(server, http)
     await client.connect()
     sid = client.session_id
-    async with http.ws_connect(server.endpoint(f"/sessions/{sid}/stream?rate=16000")) as ws:
+    async with http.ws_connect(with_token(server.endpoint(f"/sessions/{sid}/stream?rate=16000"), client)) as ws:
         await ws.send_bytes((speech_16k[:1600] * 32767).astype(np.int16).tobytes())  # no start: one is made
         started = await ws.receive_json(timeout=5)
         assert started["type"] == "started" and started["utterance"]
