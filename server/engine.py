@@ -20,7 +20,7 @@ class EngineSession(Protocol):
     """The calls the server makes on a realtime.session.LipSyncSession."""
 
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
-                   utterance: str | None = None) -> Any: ...  # utterance: for the playback events
+                   utterance: str | None = None) -> int: ...  # utterance: names it for the playback events
 
     def next_video_frame(self) -> Any: ...  # VideoOut: .image (H, W, 3) BGR uint8
 
