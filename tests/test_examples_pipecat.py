@@ -1,11 +1,13 @@
 """examples/pipecat_avatar_bot.py over WebRTC on loopback: an aiortc client (no ICE servers, aioice on
 127.0.0.1 only) offers to receive audio and video; the bot greets it with espeak-ng speech through
-LipSyncVideoService. The avatar is the tiny test avatar with the loudness renderer (measurable mouth),
+LipSyncVideoService, then speaks a text sent as an app message on the data channel. The avatar is the
+tiny test avatar with the loudness renderer (measurable mouth),
 loaded through the example's own engine loader. Needs the [pipecat] extra and espeak-ng."""
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +33,21 @@ def load_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def louder(chunks: list[tuple[float, np.ndarray]], level: float) -> bool:
+    return any(float(np.sqrt(np.mean(a ** 2))) > level for _, a in chunks)
+
+
+async def wait_for_quiet(audio: list[tuple[float, np.ndarray]], seconds: float, within_s: float = 20.0) -> None:
+    """Until the last `seconds` of received audio were silent."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        recent = [(t, a) for t, a in audio if t > time.monotonic() - seconds]
+        if len(recent) >= int(seconds * 40) and not louder(recent, 0.01):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the audio never went quiet")
 
 
 async def test_bot_greets_with_a_moving_mouth_over_webrtc():
@@ -60,6 +77,7 @@ async def test_bot_greets_with_a_moving_mouth_over_webrtc():
                 audio.append((time.monotonic(), frame.to_ndarray().astype(np.float32).reshape(-1) / 32768))
 
     pc.on("track", lambda track: tasks.append(asyncio.ensure_future(read(track))))
+    channel = pc.createDataChannel("chat")   # the bot speaks the text of app messages sent here
     try:
         pc.addTransceiver("audio", direction="sendrecv")
         pc.addTransceiver("video", direction="recvonly")
@@ -87,6 +105,15 @@ async def test_bot_greets_with_a_moving_mouth_over_webrtc():
         times = np.array([t for t, _ in video[-50:]])
         fps = (len(times) - 1) / (times[-1] - times[0])
         assert 20.0 <= fps <= 30.0, fps
+        # Once the greeting is over, an app message on the data channel is spoken too.
+        await wait_for_quiet(audio, 0.6)
+        n_before = len(audio)
+        channel.send(json.dumps({"type": "say", "text": "Nice to meet you."}))
+        for _ in range(150):
+            if louder(audio[n_before:], 0.05):
+                break
+            await asyncio.sleep(0.1)
+        assert louder(audio[n_before:], 0.05), "the app message was not spoken"
     finally:
         await pc.close()
         for task in tasks:
