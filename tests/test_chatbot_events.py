@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import numpy as np
 import pytest
 from test_server_helpers import Client, start_server, tiny_engine
@@ -13,18 +14,6 @@ from bench.playback_events import TONES, run_scenario
 from server.state import STATE
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
-
-
-def auth(client: Client) -> dict[str, str]:
-    """The session's credential as a header, where the server hands one out (`session_token`)."""
-    token = client.answer.get("session_token")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def with_token(url: str, client: Client) -> str:
-    """`?token=` for EventSource / WebSocket, which cannot send headers from a browser."""
-    token = client.answer.get("session_token")
-    return f"{url}{'&' if '?' in url else '?'}token={token}" if token else url
 
 
 @pytest.fixture
@@ -63,11 +52,10 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     client = Client(server, http)
     await client.connect()
     await client.wait_for_video(3)
-    sid = client.session_id
     events: list[dict] = []
 
     async def read_sse() -> None:
-        async with http.get(with_token(server.endpoint(f"/sessions/{sid}/events"), client)) as resp:
+        async with http.get(client.url("/events", token=True)) as resp:   # EventSource: ?token=
             assert resp.status == 200 and resp.content_type == "text/event-stream"
             kind = None
             async for raw in resp.content:
@@ -82,20 +70,19 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     reader = asyncio.ensure_future(read_sse())
     await asyncio.sleep(0.3)
     pcm = (speech_16k[:8000] * 32767).astype(np.int16).tobytes()
-    async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000&utterance=greeting-1"),
-                         data=pcm, headers=auth(client)) as resp:
+    async with http.post(client.url("/audio", rate="16000", utterance="greeting-1"), data=pcm,
+                         headers=client.auth) as resp:
         assert resp.status == 200 and (await resp.json())["utterance"] == "greeting-1"
-    async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000"), data=pcm,
-                         headers=auth(client)) as resp:
+    async with http.post(client.url("/audio", rate="16000"), data=pcm, headers=client.auth) as resp:
         generated = (await resp.json())["utterance"]
         assert resp.status == 200 and isinstance(generated, str) and generated
-    async with http.post(server.endpoint(f"/sessions/{sid}/audio?rate=16000&utterance=bad%20id"),
-                         data=pcm, headers=auth(client)) as resp:
+    async with http.post(client.url("/audio", rate="16000", utterance="bad id"), data=pcm,
+                         headers=client.auth) as resp:
         assert resp.status == 400
     said = None
     if server.app[STATE].tts.available:   # espeak-ng installed: `say` names its utterance too
-        async with http.post(server.endpoint(f"/sessions/{sid}/say"), json={"text": "Hi.", "utterance": "s1"},
-                             headers=auth(client)) as resp:
+        async with http.post(client.url("/say"), json={"text": "Hi.", "utterance": "s1"},
+                             headers=client.auth) as resp:
             body = await resp.json()
             assert resp.status == 200 and body["utterance"] == "s1", body
             said = ("s1", body["queued_s"])
@@ -111,16 +98,31 @@ async def test_server_sent_events_and_utterance_names(server, http, speech_16k):
     if said:
         # (espeak-ng speaks at 22.05 kHz: the engine's streaming resampler keeps its last ~1 ms, unflushed)
         assert ended[2][0] == "s1" and ended[2][1] == pytest.approx(said[1], abs=0.002) and not ended[2][2]
-    async with http.get(server.endpoint("/sessions/nope/events"), headers=auth(client)) as resp:
-        assert resp.status in (403, 404)   # 403 where the server checks credentials first
     await client.close()
+
+
+async def test_events_need_the_session_credentials(server, http):
+    """GET /sessions/{id}/events sits under the server's session-credential check like every session route."""
+    one, other = Client(server, http), Client(server, http)
+    await one.connect()
+    await other.connect()
+    async with http.get(one.url("/events")) as resp:
+        assert resp.status == 401                     # no credential
+    async with http.get(one.url("/events"), headers=other.auth) as resp:
+        assert resp.status == 403                     # another session's token
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:   # the WebSocket too
+        await http.ws_connect(one.url("/stream"))
+    assert refused.value.status == 401
+    async with http.get(one.url("/events", token=True)) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+    await one.close()
+    await other.close()
 
 
 async def test_websocket_names_utterances_and_rejects_bad_ids(server, http, speech_16k):
     client = Client(server, http)
     await client.connect()
-    sid = client.session_id
-    async with http.ws_connect(with_token(server.endpoint(f"/sessions/{sid}/stream?rate=16000"), client)) as ws:
+    async with http.ws_connect(client.url("/stream", rate="16000", token=True)) as ws:
         await ws.send_bytes((speech_16k[:1600] * 32767).astype(np.int16).tobytes())  # no start: one is made
         started = await ws.receive_json(timeout=5)
         assert started["type"] == "started" and started["utterance"]
