@@ -82,8 +82,11 @@ async def test_images_at_fps_audio_delayed_mouth_moves(speech_16k):
     times = np.array([t for t, _ in images])
     fps = (len(times) - 1) / (times[-1] - times[0])
     assert 23.0 <= fps <= 27.0, fps
-    pts = np.array([f.pts for _, f in images])
-    assert np.all(np.diff(pts) == 40_000_000)
+    # pts on the output timeline: 40 ms apart; a tick the pacer reached more than a frame late drops its
+    # image (never its audio), as the server's video track does: rare, on a loaded machine only.
+    steps = np.diff(np.array([f.pts for _, f in images]))
+    assert np.all(steps % 40_000_000 == 0) and np.all(steps > 0)
+    assert np.mean(steps == 40_000_000) >= 0.95, steps
     # Audio out: exactly the TTS audio (16 kHz), as a contiguous run of samples on the output timeline.
     out = np.concatenate([np.frombuffer(f.audio, np.int16) for _, f in audio]).astype(np.float32) / 32767
     expected = to_rate(to_rate(speech, 16000, TTS_RATE), TTS_RATE, 16000)
