@@ -32,13 +32,13 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
     session.interrupt() -> None
         Barge-in: drops queued audio and pending renders. The next frame is the resting avatar and the
         next audio block is silent (after a 5 ms fade from the last sample, no click).
-    session.metrics() -> dict        plain data: SessionMetrics.as_dict() (realtime/metrics.py) plus
-                                     name, renderer, fps, latency_budget_ms, lookahead_ms, delay_frames,
-                                     buffered_input_ms
+    session.metrics() -> SessionStats  a snapshot (realtime/metrics.py): the counters, histograms and
+                                     A/V offset, plus name, renderer, fps, latency_budget_ms,
+                                     lookahead_ms, delay_frames, batch_frames, buffered_input_ms
     session.close() -> None          cancels pending renders; later pushes are ignored
     Properties: fps, latency_samples (L), latency_ms, lookahead_ms, timeline.
 
-VideoOut fields: image (read-only BGR), pts_index k, pts (s), state "rendered" | "held" | "idle",
+VideoOut fields: image (read-only BGR), pts_index k, pts (s), state (FrameState: RENDERED | HELD | IDLE),
 speech, dropped, avatar_index, audio_start (input sample of the frame's own time, None without audio),
 mel (the (80, 16) window of the frame, None without audio), mouth_alpha.
 
@@ -72,7 +72,8 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from typing import Any, Callable
 
@@ -83,7 +84,7 @@ from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import WINDOW_SAMPLES, Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.mel import MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
-from realtime.metrics import SessionMetrics
+from realtime.metrics import SessionMetrics, SessionStats
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import MouthPatch
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
@@ -91,25 +92,53 @@ from realtime.vad import SpeechDetector, SpeechTrack
 
 log = logging.getLogger(__name__)
 
-RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
-HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
-IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+class FrameState(StrEnum):
+    """What a video frame shows. A StrEnum: its members equal their strings ("rendered", ...), as before."""
+    RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
+    HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
+    IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+
+RENDERED, HELD, IDLE = FrameState.RENDERED, FrameState.HELD, FrameState.IDLE  # the short names used below
 
 _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
 
 
 @dataclass
 class VideoOut:
-    image: np.ndarray            # (H, W, 3) uint8 BGR; read-only (may be the avatar's own frame)
     pts_index: int               # k: pts = k / fps on the output timeline
     pts: float                   # seconds
-    state: str                   # RENDERED | HELD | IDLE
+    state: FrameState
     speech: bool                 # the speech decision for this frame
     dropped: bool                # a speech frame whose render was not ready in time
     avatar_index: int            # which avatar frame is underneath
     audio_start: int | None      # input-timeline sample of this frame's own audio time (None: no audio)
     mel: np.ndarray | None       # (80, 16) window this frame's mouth is made from (None: no audio)
     mouth_alpha: float           # strength the mouth patch was pasted with (0 = untouched avatar)
+    compose: Callable[[], np.ndarray] = field(repr=False, compare=False)  # makes `image`
+    _image: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 BGR, read-only (may be the avatar's own frame). The mouth is pasted on first
+        access, from values fixed when the frame was made: the server reads it on a worker thread, so
+        the paste stays off its event loop, and a frame nobody looks at (a skipped tick) costs nothing."""
+        if self._image is None:
+            self._image = self.compose()
+        return self._image
+
+
+def _composed(base: np.ndarray, patch: MouthPatch, mode: str, strength: float) -> np.ndarray:
+    image = compositor.paste(base, patch, mode, strength=strength)
+    image.flags.writeable = False
+    return image
+
+
+def _as_is(base: np.ndarray) -> np.ndarray:
+    image = base.view()
+    image.flags.writeable = False
+    return image
 
 
 @dataclass
@@ -412,19 +441,18 @@ class LipSyncSession:
         if plan is not None:
             m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
         if show is not None and self._gain > 0.0:
-            image = compositor.paste(base, show, self.config.paste_mode, strength=self._gain)
+            compose = partial(_composed, base, show, self.config.paste_mode, self._gain)
         else:
-            image = base.view()
-        image.flags.writeable = False
+            compose = partial(_as_is, base)
         return VideoOut(
-            image=image, pts_index=k, pts=k / self.fps, state=state,
+            compose=compose, pts_index=k, pts=k / self.fps, state=state,
             speech=bool(plan is not None and plan.speech), dropped=dropped, avatar_index=idx,
             audio_start=plan.audio_start if plan is not None else None,
             mel=plan.mel if plan is not None else None,
             mouth_alpha=self._gain if show is not None else 0.0,
         )
 
-    def _hold_or_fade(self, idx: int) -> tuple[str, MouthPatch | None]:
+    def _hold_or_fade(self, idx: int) -> tuple[FrameState, MouthPatch | None]:
         """A speech frame without its own mouth: re-show the last one (bounded), else fade to rest."""
         if self._held is not None and self._hold_count < self.config.max_hold_frames and self._gain > 0:
             self._hold_count += 1
@@ -527,18 +555,11 @@ class LipSyncSession:
         self._metrics.interrupts -= 1
         self._closed = True
 
-    def metrics(self) -> dict:
+    def metrics(self) -> SessionStats:
         self._drain()
-        out = self._metrics.as_dict()
-        out.update({
-            "name": self.name,
-            "renderer": None if self._worker is None else self._worker.name,
-            "fps": self.fps,
-            "latency_budget_ms": self.latency_ms,
-            "lookahead_ms": self.lookahead_ms,
-            "delay_frames": self.timeline.delay_frames,
-            "batch_frames": self.timeline.batch_frames,
-            "buffered_input_ms": (1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
-                                  if self._ring.stored else 0.0),
-        })
-        return out
+        return SessionStats.of(
+            self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
+            fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
+            delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
+            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
+                               if self._ring.stored else 0.0))
