@@ -12,13 +12,16 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
         The constructor calls worker.prepare(avatar) (slow the first time per avatar: build sessions off
         the event loop, or prepare the avatar on the worker beforehand).
 
-    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1) -> int
+    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1, *, utterance=None) -> int
         Any rate, any chunk size; int16 (or int32/uint8) or float32 in [-1, 1]; interleaved when
         channels > 1 (or shaped (N, channels)). Returns the input-timeline index (16 kHz) where the
-        converted chunk starts. Audio pushed faster than real time (TTS) simply queues.
+        converted chunk starts. Audio pushed faster than real time (TTS) simply queues. `utterance`
+        names the speech it belongs to, for the playback events (`session.playback`, a
+        realtime.playback.PlaybackTracker: speech_started / speech_ended with the exact played
+        position); None for untracked audio (a microphone).
     session.end_of_audio() -> None
-        Optional: the current utterance is complete. Its last frames are made right away with the
-        official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
+        Optional: the current utterance is complete (also for the playback events). Its last frames
+        are made right away with the official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
     session.next_video_frame() -> VideoOut
         Call once per video tick (the caller paces it, e.g. every 1/fps s of wall time). Returns frame
         k = 0, 1, 2, ... with pts k / fps. Never waits: a frame whose render is not ready shows the
@@ -82,6 +85,7 @@ from realtime.clock import WINDOW_SAMPLES, Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.mel import MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
 from realtime.metrics import SessionMetrics, SessionStats
+from realtime.playback import PlaybackTracker
 from realtime.renderers.base import MouthPatch
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
 from realtime.vad import SpeechDetector, SpeechTrack
@@ -250,6 +254,8 @@ class LipSyncSession:
         self._last_sample = 0.0
         self._fade_from: float | None = None
         self._closed = False
+        # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
+        self.playback = PlaybackTracker(self._L)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -269,7 +275,8 @@ class LipSyncSession:
         return self.timeline.lookahead_ms
 
     # -- input ------------------------------------------------------------------------------------
-    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> int:
+    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
+                   utterance: str | None = None) -> int:
         if self._closed:
             log.warning("session %s: push_audio after close ignored", self.name)
             return self._in_head
@@ -285,12 +292,14 @@ class LipSyncSession:
         self._note_chunk(len(x), start, now_out)
         kept = self._ring.append(x, start, now)
         self._in_head += kept
+        self.playback.on_input(utterance, start, kept, now)
         self._metrics.audio_in_samples += len(x)
         self._metrics.audio_refused_samples += len(x) - kept
         self._advance(now)
         return start
 
     def end_of_audio(self) -> None:
+        self.playback.finish(self._clock())
         if self._segments and self._segments[-1].end is None:
             seg = self._segments[-1]
             seg.end = self._in_head - seg.start
@@ -505,6 +514,7 @@ class LipSyncSession:
         self._audio_now = j
         self._audio_pos = j + n
         self._metrics.audio_out_samples += n
+        self.playback.on_output(j, n, now)
         self._advance(now)
         return out
 
@@ -535,6 +545,7 @@ class LipSyncSession:
         self._fade_from = self._last_sample if self._last_sample != 0.0 else None
         self._last_sample = 0.0
         self._metrics.interrupts += 1
+        self.playback.on_interrupt(self._audio_pos, self._clock())
         log.debug("session %s: interrupted", self.name)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import encoders, push_api, signaling
+from server import encoders, events_api, push_api, signaling
 from server.auth import Guard, OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine, engine_health
@@ -56,6 +56,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_get("/config", client_config)
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
+    events_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_response_prepare.append(guard.add_cors_headers)
     app.on_startup.append(_start_monitors)

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 class EngineSession(Protocol):
     """The calls the server makes on a realtime.session.LipSyncSession. Each returns immediately."""
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> int: ...  # its input position
+    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
+                   utterance: str | None = None) -> int: ...  # its input position; utterance: for the playback events
 
     def next_video_frame(self) -> VideoOut: ...  # .image (H, W, 3) BGR uint8
 
