@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     wav, rate = make_speech(args.text, args.repeat)
-    from realtime.avatar import load_default_avatar  # lazily: fails clearly if it is missing
+    from realtime.default_avatar import load_default_avatar  # lazily: fails clearly if it is missing
 
     avatar = load_default_avatar()
     config = EngineConfig(fps=float(getattr(avatar, "fps", 25.0) or 25.0),

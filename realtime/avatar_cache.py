@@ -108,8 +108,9 @@ def load(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     try:
         for name in header.get("arrays", []):
-            mode = "r" if name == "frames" else None
-            arrays[name] = np.load(directory / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+            path = directory / f"{name}.npy"
+            arrays[name] = (np.load(path, mmap_mode="r", allow_pickle=False) if name == "frames"
+                            else np.load(path, allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise CacheFormatError(f"{directory}: damaged array file ({exc})") from None
     n = len(arrays.get("frames", ()))

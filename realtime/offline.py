@@ -63,7 +63,8 @@ def _fixed_box(box: Box, shape: tuple[int, ...], face: Path) -> Box:
 def _face_boxes(frames: list[np.ndarray], options: RenderOptions, face: Path) -> np.ndarray:
     if options.box is not None:
         return np.array([_fixed_box(options.box, frames[0].shape, face)] * len(frames), dtype=np.int32)
-    from realtime.avatar import AvatarConfig, detect_face_boxes  # detector loads only when needed
+    from realtime.avatar import AvatarConfig
+    from realtime.face_tracking import detect_face_boxes  # detector loads only when needed
 
     config = AvatarConfig(pads=tuple(options.pads), smooth=options.smooth)
     boxes, _mouth = detect_face_boxes(frames, config, source=str(face))

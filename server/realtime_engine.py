@@ -172,13 +172,13 @@ class RealtimeEngine:
     def load(cls, config: ServerConfig) -> "RealtimeEngine":
         """The avatar (embedded default or --avatar) and the renderers (no-weights or --checkpoint), one
         per --device entry."""
-        from realtime import avatar as avatars
+        from realtime import avatar_prepare, default_avatar
 
         t0 = time.monotonic()
         if config.avatar is None:
-            avatar, avatar_name = avatars.load_default_avatar(), "default"
+            avatar, avatar_name = default_avatar.load_default_avatar(), "default"
         else:
-            avatar, avatar_name = avatars.prepare_avatar(config.avatar), Path(config.avatar).stem
+            avatar, avatar_name = avatar_prepare.prepare_avatar(config.avatar), Path(config.avatar).stem
         log.info("avatar loaded", extra={"avatar": avatar_name, "frames": len(avatar.frames),
                                          "seconds": round(time.monotonic() - t0, 2)})
         entries = device_list(config.device)

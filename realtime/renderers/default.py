@@ -210,7 +210,7 @@ def render_speech_video(audio: str | Path | np.ndarray, output: str | Path, avat
     from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
 
     if avatar is None:
-        from realtime.avatar import load_default_avatar
+        from realtime.default_avatar import load_default_avatar
 
         avatar = load_default_avatar()
     renderer = renderer or DefaultRenderer()
