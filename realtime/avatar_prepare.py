@@ -24,6 +24,7 @@ from realtime.avatar import (
     Progress,
 )
 from realtime.avatar_decode import check_file, iter_video, native_height, read_still, stack_frames
+from realtime.encoded_frames import EncodedFrames
 from realtime.face_masks import lower_face_masks
 from realtime.face_tracking import FaceTrack, avatar_detector, finish_track, track_faces
 from realtime.media_io import IMAGE_SUFFIXES
@@ -74,7 +75,13 @@ def prepare_still(image: np.ndarray, native: int | None, detector, config: Avata
 
 
 def avatar_from_arrays(arrays: dict[str, np.ndarray], header: dict, loop: str) -> Avatar:
-    avatar = Avatar(frames=arrays["frames"], boxes=arrays["boxes"].astype(np.int32),
+    frames: np.ndarray | EncodedFrames
+    if "frames" in arrays:
+        frames = arrays["frames"]
+    else:
+        shape = header["frame_shape"]
+        frames = EncodedFrames(arrays["jpeg"], arrays["jpeg_offsets"], (shape[0], shape[1], shape[2]))
+    avatar = Avatar(frames=frames, boxes=arrays["boxes"].astype(np.int32),
                     mouth=arrays.get("mouth"), fps=float(header["fps"]), loop=loop,
                     source=str(header.get("source", "")), masks=arrays.get("masks96"))
     if "crops96" in arrays:
@@ -84,8 +91,13 @@ def avatar_from_arrays(arrays: dict[str, np.ndarray], header: dict, loop: str) -
 
 def save_avatar(avatar: Avatar, directory: str | Path, extra: dict | None = None) -> Path:
     """Write a prepared avatar folder (the format `prepare_avatar(folder)` loads)."""
-    arrays = {"frames": avatar.frames, "boxes": avatar.boxes, "mouth": avatar.mouth,
-              "crops96": avatar.face_crops(CROP_SIZE), "masks96": avatar.masks}
+    arrays: dict[str, np.ndarray | None] = {"boxes": avatar.boxes, "mouth": avatar.mouth,
+                                            "crops96": avatar.face_crops(CROP_SIZE), "masks96": avatar.masks}
+    if isinstance(avatar.frames, EncodedFrames):
+        arrays.update(jpeg=avatar.frames.data, jpeg_offsets=avatar.frames.offsets)
+        extra = {"frame_shape": list(avatar.frames.frame_shape), **(extra or {})}
+    else:
+        arrays["frames"] = avatar.frames
     meta = {"source": avatar.source, "fps": avatar.fps, "loop": avatar.loop,
             "size": list(avatar.size), "frames": len(avatar), "mouth_points": list(MOUTH_POINTS),
             **(extra or {})}
@@ -134,6 +146,8 @@ def prepare_avatar(path: str | Path, *, config: AvatarConfig | None = None, cach
                 log.warning("ignoring a damaged cache entry (%s); preparing again", exc)
     start = time.perf_counter()
     avatar = prepare_fresh(path, replace(config, loop=loop), progress)
+    if config.encode_frames:
+        avatar = avatar.with_encoded_frames()
     log.info("%s: prepared %d frames %dx%d at %.2f fps in %.1f s", path.name, len(avatar), *avatar.size,
              avatar.fps, time.perf_counter() - start)
     if entry is not None and write_cache:

@@ -2,7 +2,8 @@
 
 One worker per renderer (model / device); sessions share it. Jobs carry a deadline (the wall time of the
 video tick that will show them). The worker serves the earliest deadline first, batches jobs for the same
-avatar up to `max_batch` while the predicted batch time still meets the earliest deadline, and skips jobs
+avatar (for any avatars when the renderer `mixes_avatars`: one `render_mixed` call) up to `max_batch`
+while the predicted batch time still meets the earliest deadline, and skips jobs
 that can no longer finish in time (a drop: the session shows the held mouth instead). Skipping, rather
 than rendering late, is what keeps latency fixed under overload: the mouth-update rate falls, nothing
 queues up. Batch cost is predicted from an exponential average of measured batch times per batch size
@@ -114,8 +115,10 @@ class _JobQueue:
 
     half_life_s = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, mix_avatars: bool = False) -> None:
         self.jobs: list[RenderJob] = []
+        # Whether one batch may hold frames of different avatars (the renderer's `mixes_avatars`).
+        self.mix_avatars = mix_avatars
         self._served: dict[int, tuple[float, float]] = {}  # id(owner) -> (decayed frames, at time)
 
     def __len__(self) -> int:
@@ -129,6 +132,10 @@ class _JobQueue:
         self.jobs = [j for j in self.jobs if j.owner is not owner]
         self._served.pop(id(owner), None)
         return before - len(self.jobs)
+
+    def batchable(self, job: RenderJob, head: RenderJob) -> bool:
+        """Whether `job` may join a batch led by `head`."""
+        return self.mix_avatars or job.avatar is head.avatar
 
     def earliest_ready(self) -> float:
         return min(j.ready_at for j in self.jobs)
@@ -163,7 +170,7 @@ class _JobQueue:
             return None
         head = min(ready, key=lambda j: j.deadline)
         target = min(int(max_batch), int(head.batch_hint))
-        if target <= 1 or any(j.avatar is not head.avatar for j in ready):
+        if target <= 1 or not all(self.batchable(j, head) for j in ready):
             return None
         b = len(ready)
         if b >= target:
@@ -202,7 +209,7 @@ class _JobQueue:
 
         ready.sort(key=key)
         head = ready[0]
-        same = [j for j in ready if j.avatar is head.avatar][:max_batch]
+        same = [j for j in ready if self.batchable(j, head)][:max_batch]
         b = len(same)
         while b > 1 and now + cost.estimate(b) > min(j.deadline for j in same[:b]):
             b -= 1
@@ -221,7 +228,7 @@ class RenderWorker:
 
     probe_after_s = 0.5  # render at least one job this often so the cost estimate can recover
     gather_safety = 1.25  # a gathering batch stops waiting when 1.25x the cost of one more would miss
-    curve_sizes = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
+    curve_sizes: tuple[int, ...] = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
 
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
                  clock: Clock = time.monotonic) -> None:
@@ -231,7 +238,7 @@ class RenderWorker:
         self.max_wait_s = float(max_wait_s)
         self.clock = clock
         self.cost = CostModel()
-        self._queue = _JobQueue()
+        self._queue = _JobQueue(mix_avatars=bool(getattr(renderer, "mixes_avatars", False)))
         self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
         self._prepare_lock = threading.Lock()
         self._last_render_at: float | None = None
@@ -266,6 +273,14 @@ class RenderWorker:
                         if attempt:
                             timed.append(self.clock() - t0)
                     self.cost.observe(b, min(timed))
+
+    def forget(self, avatar: Any) -> None:
+        """Drop a removed avatar: the worker's reference and the renderer's per-avatar data (if it can)."""
+        with self._prepare_lock:
+            self._prepared.pop(id(avatar), None)
+        release = getattr(self.renderer, "release", None)
+        if release is not None:
+            release(avatar)
 
     def submit(self, job: RenderJob) -> None:
         raise NotImplementedError
@@ -329,7 +344,12 @@ class RenderWorker:
         mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
         t0 = self.clock()
         try:
-            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels))
+            patches: list[MouthPatch | None]
+            if all(j.avatar is avatar for j in batch):
+                patches = list(self.renderer.render(avatar, indices, mels))
+            else:  # only with a renderer that `mixes_avatars`: one call for every session's frames
+                render_mixed = getattr(self.renderer, "render_mixed")  # noqa: B009 (optional: base.py)
+                patches = list(render_mixed([j.avatar for j in batch], indices, mels))
             if len(patches) != len(batch):
                 raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
         except Exception:
@@ -409,7 +429,7 @@ class ThreadedRenderWorker(RenderWorker):
                     while (not self._stopped and self.clock() < fill_until
                            and self._fill_may_continue(self.clock(), fill_until)):
                         self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
-                        same = [j for j in self._queue.jobs if j.avatar is batch[0].avatar]
+                        same = [j for j in self._queue.jobs if self._queue.batchable(j, batch[0])]
                         if len(same) >= self.max_batch:
                             break
                 if self._stopped:
@@ -464,10 +484,9 @@ class InlineRenderWorker(RenderWorker):
             # arrivals until the batch is full, the wait's end, or a deadline that cannot wait longer.
             fill_until = self._fill_allowed(start, self._probe(start))
             if fill_until is not None:
-                head_avatar = self._queue.select(start, self.cost, self.max_batch, self._probe(start),
-                                                 peek=True)[0][0].avatar
+                head = self._queue.select(start, self.cost, self.max_batch, self._probe(start), peek=True)[0][0]
                 while True:
-                    ready = sum(1 for j in self._queue.jobs if j.ready_at <= start and j.avatar is head_avatar)
+                    ready = sum(1 for j in self._queue.jobs if j.ready_at <= start and self._queue.batchable(j, head))
                     if ready >= self.max_batch:
                         break
                     arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= fill_until),

@@ -63,6 +63,13 @@ class ServerConfig:
     # Model and avatar: no checkpoint selects the no-weights default renderer.
     checkpoint: Path | None = None
     avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
+    # More avatars: a folder of prepared avatars, videos and photos, prepared (and cached) at start;
+    # sessions choose one by id (POST /offer options.avatar). The embedded default is always there.
+    avatars_dir: Path | None = None
+    avatar_cache_dir: Path | None = None  # prepared avatars' cache (default $LIPSYNC_CACHE_DIR or ~/.cache)
+    # POST /avatars uploads (size: max_upload_mb): checked from the container before any frame is decoded.
+    max_avatar_seconds: float = 30.0
+    max_avatar_side: int = 4096  # px, width and height
     # auto | cpu | cuda | cuda:N | mps, or a comma-separated list (one render worker each, sessions go to
     # the least-loaded one); cuda:all = one worker per visible GPU. See `device_list`.
     device: str = "auto"
@@ -94,6 +101,9 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"  # text | json
     tts_command: str = "espeak-ng"  # local TTS for /say; empty disables /say
+    # Operator token for operator-only routes (POST/DELETE /avatars): Authorization: Bearer <token>.
+    # Unset: those routes answer only clients on this machine.
+    api_token: str | None = None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -113,7 +123,8 @@ class ServerConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("--cert-file and --key-file go together")
         for path, flag in ((self.cert_file, "--cert-file"), (self.key_file, "--key-file"),
-                           (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar")):
+                           (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar"),
+                           (self.avatars_dir, "--avatars")):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or directory")
         device_list(self.device)
@@ -129,6 +140,10 @@ class ServerConfig:
             raise ValueError("--log-format must be text or json")
         if self.max_upload_mb <= 0:
             raise ValueError("--max-upload-mb must be positive")
+        if self.avatars_dir is not None and not Path(self.avatars_dir).is_dir():
+            raise ValueError(f"--avatars {self.avatars_dir}: not a folder")
+        if self.max_avatar_seconds <= 0 or self.max_avatar_side < 64:
+            raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
 
@@ -145,6 +160,15 @@ class ServerConfig:
                                             "without it the no-weights renderer is used")
         add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
                                         "(default: the embedded avatar)")
+        add("--avatars", dest="avatars_dir", type=Path, metavar="DIR",
+            help="more avatars: a folder of prepared avatars, videos and photos, prepared and cached at "
+                 "start; sessions pick one by id (GET /avatars). The embedded avatar is always there")
+        add("--avatar-cache-dir", type=Path,
+            help="cache of prepared avatars (default $LIPSYNC_CACHE_DIR or ~/.cache/lipsync/avatars)")
+        add("--max-avatar-seconds", type=float,
+            help=f"longest avatar video accepted by POST /avatars (default {d.max_avatar_seconds:g})")
+        add("--max-avatar-side", type=int,
+            help=f"largest avatar width or height accepted by POST /avatars (default {d.max_avatar_side} px)")
         add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto); a comma-separated "
                              "list (cuda:0,cuda:1) or cuda:all runs one render worker per GPU, and each "
                              "new session goes to the worker with the fewest sessions")
@@ -176,6 +200,8 @@ class ServerConfig:
                  f"(default {d.peer_timeout_s:g})")
         add("--log-level", help="debug, info, warning, error (default info)")
         add("--log-format", choices=["text", "json"], help="log line format (default text)")
+        add("--api-token", help="operator token for operator-only routes (POST/DELETE /avatars), sent as "
+                                "Authorization: Bearer <token>; unset: only local clients may use them")
         add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
 
     @classmethod
@@ -221,8 +247,8 @@ def device_list(spec: str) -> list[str]:
     return items
 
 
-_FLAG_NAMES = {"connect_timeout_s": "connect-timeout", "disconnect_grace_s": "disconnect-grace",
-               "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server"}
+_FLAG_NAMES = {"avatars_dir": "avatars", "connect_timeout_s": "connect-timeout",
+               "disconnect_grace_s": "disconnect-grace", "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server"}
 
 
 def _flag_name(name: str) -> str:
@@ -245,10 +271,10 @@ def _convert(name: str, value):
         return _split(value)
     if name == "udp_ports":
         return parse_port_range(value)
-    if name in ("checkpoint", "avatar", "cert_file", "key_file"):
+    if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
-    if name in ("port", "max_sessions"):
+    if name in ("port", "max_sessions", "max_avatar_side"):
         return int(value)
-    if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s"):
+    if name in ("max_upload_mb", "max_avatar_seconds", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s"):
         return float(value)
     return value

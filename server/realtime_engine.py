@@ -1,6 +1,11 @@
-"""RealtimeEngine: the server's one avatar, its renderer(s) and one render worker per device, over `realtime/`.
+"""RealtimeEngine: the server's avatars, its renderer(s) and one render worker per device, over `realtime/`.
 
-Every session gets a `realtime.session.LipSyncSession` on the shared avatar and on one worker: the one
+Avatars: an `realtime.avatar_library.AvatarLibrary` holds the server's default avatar (the embedded one,
+or --avatar), the embedded one always, the avatars of --avatars DIR, and those added over the API. A
+session names one (`options.avatar`, an id; default: the server's default). Sessions on different
+avatars share the render workers; renderers that `mixes_avatars` batch their frames together.
+
+Every session gets a `realtime.session.LipSyncSession` on its avatar and on one worker: the one
 with the fewest open sessions (ties: the first listed), so sessions spread evenly over the GPUs and a
 closed session frees its slot. Each worker batches the due mouth frames of all of its sessions
 (realtime/scheduler.py). With one device (the default) there is one worker, as before. The per-avatar
@@ -16,6 +21,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from realtime.avatar import Avatar
+from realtime.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
@@ -48,9 +55,11 @@ def session_overrides(options: dict) -> dict[str, Any]:
 class _PlacedSession(LipSyncSession):
     """A LipSyncSession that gives its worker slot back when it is closed."""
 
-    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], avatar_id: str,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._placement_on_close = on_close
+        self.avatar_id = avatar_id
 
     def close(self) -> None:
         try:
@@ -84,12 +93,15 @@ def gpu_curve_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 class RealtimeEngine:
-    """avatar: the one avatar. renderer: one renderer, or a list (one render worker each: one per GPU).
-    devices: a label per renderer (default: the renderer's `device`, else "cpu")."""
+    """avatar: the default avatar (id `info["avatar"]`, else "default"). renderer: one renderer, or a list
+    (one render worker each: one per GPU). devices: a label per renderer (default: the renderer's
+    `device`, else "cpu"). avatar_cache_dir: where prepared library avatars are cached (default: the
+    avatar cache's default)."""
 
     def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
-                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None) -> None:
-        renderers = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
+                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None,
+                 avatar_cache_dir: Path | None = None) -> None:
+        renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar
@@ -103,7 +115,7 @@ class RealtimeEngine:
         self._lock = threading.Lock()
         try:
             t0 = time.monotonic()
-            for i, (r, device) in enumerate(zip(renderers, self.devices)):
+            for i, (r, device) in enumerate(zip(renderers, self.devices, strict=True)):
                 worker = ThreadedRenderWorker(r, max_batch=self.config.max_batch,
                                               max_wait_s=self.config.max_batch_wait_ms / 1000.0,
                                               name=f"render-{i}-{device}")
@@ -127,30 +139,55 @@ class RealtimeEngine:
             "workers": str(len(self.workers)),
             **(info or {}),
         }
+        self.avatars = AvatarLibrary(avatar, default_id=slug(self.info["avatar"]),
+                                     default_name=self.info["avatar"].capitalize(), cache_dir=avatar_cache_dir,
+                                     prepare=self._prepare_on_workers, on_removed=self._forget_on_workers)
         describe = getattr(self.worker.renderer, "describe", None)
         if describe is not None:  # Wav2Lip: runtime and the precision its start-up gate settled on
             self.info.update({k: v for k, v in describe().items() if k != "device"})
             log.info("renderer ready", extra=describe())
 
+    def _prepare_on_workers(self, avatar: Avatar) -> None:
+        """A new library avatar's renderer work (Wav2Lip: encoder features; built-in: lip geometry)."""
+        for worker in self.workers:
+            worker.prepare(avatar)
+
+    def _forget_on_workers(self, avatar: Avatar) -> None:
+        for worker in self.workers:
+            worker.forget(avatar)
+
     def open_session(self, options: dict, name: str = "") -> LipSyncSession:
-        """A session on the least-loaded worker (fewest open sessions; ties go to the first)."""
+        """A session on its avatar (`options["avatar"]`, an id; realtime.avatar_library errors when unknown
+        or not ready) and on the least-loaded worker (fewest open sessions; ties go to the first)."""
+        wanted = options.get("avatar")
+        if wanted is not None and not isinstance(wanted, str):
+            raise ValueError("options.avatar must be a string (an id from GET /avatars)")
         overrides = session_overrides(options)
         if overrides.get("paste_mode") == "official" and getattr(self.worker.renderer, "rows_from", 0) > 0:
             raise ValueError("options.paste_mode 'official' needs whole Wav2Lip patches: "
                              "start the server with --paste-mode official")
         config = self.config.with_overrides(**overrides)
-        with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
-            i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
-            session = _PlacedSession(self.avatar, self.workers[i], config, name=name, on_close=self._release)
-            self._placed[i].add(session)
+        avatar_id, avatar = self.avatars.acquire(wanted)
+        try:
+            with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
+                i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
+                session = _PlacedSession(avatar, self.workers[i], config, name=name, on_close=self._release,
+                                         avatar_id=avatar_id)
+                self._placed[i].add(session)
+        except BaseException:
+            self.avatars.release(avatar_id)
+            raise
         if len(self.workers) > 1:
             log.debug("session %s placed on render worker %d (%s)", name, i, self.devices[i])
         return session
 
     def _release(self, session: LipSyncSession) -> None:
         with self._lock:
+            found = any(session in placed for placed in self._placed)
             for placed in self._placed:
                 placed.discard(session)
+        if found and isinstance(session, _PlacedSession):  # close() twice gives the avatar back once
+            self.avatars.release(session.avatar_id)
 
     def sessions_per_worker(self) -> list[int]:
         with self._lock:
@@ -161,10 +198,13 @@ class RealtimeEngine:
         `workers`, one dict per worker with its index, device and open sessions."""
         counts = self.sessions_per_worker()
         per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
-                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts))]
+                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True))]
         return combined_stats(per_worker)
 
     def close(self) -> None:
+        avatars = getattr(self, "avatars", None)  # absent when the constructor failed
+        if avatars is not None:
+            avatars.close()
         for worker in self.workers:
             worker.close()
 
@@ -216,7 +256,17 @@ class RealtimeEngine:
                 engine_config = engine_config.with_overrides(max_batch=renderers[0].max_batch)
         info = {"avatar": avatar_name, "device": ",".join(devices),
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
-        return cls(avatar, renderers, engine_config, info=info, devices=devices)
+        engine = cls(avatar, renderers, engine_config, info=info, devices=devices,
+                     avatar_cache_dir=config.avatar_cache_dir)
+        try:
+            if config.avatar is not None:  # the embedded one is always there, beside --avatar
+                engine.avatars.add_builtin(default_avatar.load_default_avatar(), "default", "Default")
+            if config.avatars_dir is not None:
+                engine.avatars.add_folder(config.avatars_dir)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
 
 def torch_devices(entries: list[str]) -> list[Any]:

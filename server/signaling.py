@@ -5,8 +5,9 @@ it asks to receive audio, the session sends the input audio delayed to match the
 tracks are added by the same peer connection, so they share one MediaStream (one msid) and the
 browser lip-syncs them.
 
-Body: `{"sdp": "...", "type": "offer", "avatar": optional name, "options": {"video_codec": "vp8"|"h264",
-...engine options}}`. Answer: `{"sdp", "type": "answer", "session_id", "fps", "ice_servers"}`.
+Body: `{"sdp": "...", "type": "offer", "options": {"avatar": an id from GET /avatars (default: the
+server's), "video_codec": "vp8"|"h264", ...engine options}}` (a top-level "avatar" is read as
+options.avatar). Unknown avatar: 404; one still being prepared or failed: 409. Answer: `{"sdp", "type": "answer", "session_id", "fps", "ice_servers"}`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
+from realtime.avatar_library import AvatarNotReady, UnknownAvatar
 from server.audio_input import AudioInput
 from server.errors import ApiError, read_json
 from server.ice import rtc_configuration
@@ -56,11 +58,29 @@ def parse_offer(body: dict, state: ServerState) -> tuple[RTCSessionDescription, 
     codec = options.get("video_codec")
     if codec is not None and str(codec).lower() not in VIDEO_CODECS:
         raise ApiError(400, f"options.video_codec must be one of {sorted(VIDEO_CODECS)}")
-    avatar = body.get("avatar")
-    known = state.engine.info.get("avatar", "default")
-    if avatar not in (None, "", "default", known):
-        raise ApiError(400, f"unknown avatar {avatar!r}; this server has {known!r}")
+    avatar = options.get("avatar", body.get("avatar"))
+    if avatar not in (None, ""):
+        if not isinstance(avatar, str):
+            raise ApiError(400, "options.avatar must be a string (an id from GET /avatars)")
+        options = {**options, "avatar": avatar}
+        check_avatar(state, avatar)
     return RTCSessionDescription(sdp=sdp, type="offer"), kinds, options
+
+
+def check_avatar(state: ServerState, avatar_id: str) -> None:
+    """404 for an avatar id the server does not have, 409 for one that is not ready (before any work)."""
+    library = getattr(state.engine, "avatars", None)
+    if library is None:
+        if avatar_id not in ("default", state.engine.info.get("avatar", "default")):
+            raise ApiError(404, f"unknown avatar {avatar_id!r}")
+        return
+    try:
+        entry = library.get(avatar_id)
+    except UnknownAvatar as exc:
+        raise ApiError(404, str(exc)) from None
+    if entry.error is not None or entry.avatar is None:
+        detail = f": {entry.error}" if entry.error else ""
+        raise ApiError(409, f"avatar {avatar_id!r} is {entry.state.value}{detail}")
 
 
 def video_codecs(codec: str) -> list:
@@ -94,7 +114,8 @@ async def handle_offer(request: web.Request) -> web.Response:
         "sdp": session.pc.localDescription.sdp,
         "type": session.pc.localDescription.type,
         "session_id": session.id,
-        "fps": state.engine.fps,
+        "fps": float(getattr(session.engine, "fps", 0) or state.engine.fps),
+        "avatar": getattr(session.engine, "avatar_id", session.options.get("avatar") or "default"),
     })
 
 
@@ -110,8 +131,13 @@ async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: 
     try:
         try:
             engine_session = state.engine.open_session(options, name=session_id)
+        except UnknownAvatar as exc:
+            raise ApiError(404, str(exc)) from None
+        except AvatarNotReady as exc:
+            raise ApiError(409, str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise ApiError(400, f"bad session options: {exc}") from None
+        fps = float(getattr(engine_session, "fps", 0) or state.engine.fps)  # the session's avatar's
 
         def engine_failed(exc: BaseException) -> None:
             state.sessions.close(session_id, f"error: engine failed ({type(exc).__name__})")
@@ -119,7 +145,7 @@ async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: 
         clock = MediaClock()
         # Our transceivers exist before the offer is applied, so it binds to them (and our codec
         # preference counts when the answer is made).
-        video = AvatarVideoTrack(engine_session, state.engine.fps, clock, engine_failed)
+        video = AvatarVideoTrack(engine_session, fps, clock, engine_failed)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
         if options.get("video_codec"):
             video_transceiver.setCodecPreferences(video_codecs(str(options["video_codec"])))

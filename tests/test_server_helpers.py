@@ -56,7 +56,7 @@ class LoudnessRenderer:
 
     def render(self, avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         patches = []
-        for i, mel in zip(frame_indices, mels):
+        for i, mel in zip(frame_indices, mels, strict=True):
             y1, y2, x1, x2 = (int(v) for v in avatar.boxes[int(i)])
             level = int(np.clip(90 + (float(mel.mean()) + 4.0) * 50.0, 0, 255))
             image = np.full((y2 - y1, x2 - x1, 3), level, dtype=np.uint8)
@@ -65,8 +65,8 @@ class LoudnessRenderer:
         return patches
 
 
-def tiny_engine() -> RealtimeEngine:
-    return RealtimeEngine(TinyAvatar(), LoudnessRenderer(), info={"avatar": "tiny", "device": "cpu"})
+def tiny_engine(**kwargs) -> RealtimeEngine:
+    return RealtimeEngine(TinyAvatar(), LoudnessRenderer(), info={"avatar": "tiny", "device": "cpu"}, **kwargs)
 
 
 def mouth_level(image: np.ndarray) -> float:

@@ -10,6 +10,8 @@ Contract
   `mels` (B, 80, 16) float32 official mel windows, and returns exactly B `MouthPatch`es, in order.
   It runs on the render worker thread (never on the asyncio loop) and must not keep references to
   the `mels` array after returning.
+- Optional: a renderer with `mixes_avatars = True` also has `render_mixed(avatars, frame_indices, mels)`
+  (one avatar per frame), so a worker batches the frames of sessions on different avatars together.
 - A patch covers the region `box` of the avatar frame; the compositor (realtime/compositor.py)
   resizes `image` to the box and blends it with `alpha` (or a default feathered lower-face mask).
 """

@@ -106,6 +106,7 @@ class DefaultRenderer:
     """MouthRenderer that needs no learned weights (see the module docstring)."""
 
     name = "default"
+    mixes_avatars = True  # per-frame work on per-avatar data: frames of any avatars share a batch
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
@@ -126,6 +127,16 @@ class DefaultRenderer:
         if mels.ndim != 3 or mels.shape[1:] != (N_MELS, MEL_STEP) or len(mels) != len(indices):
             raise ValueError(f"expected {len(indices)} mel windows of shape (80, 16), got {mels.shape}")
         return self.render_params(avatar, indices, mouth_params(mels, self.config.params))
+
+    def render_mixed(self, avatars: list, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k)."""
+        mels = np.asarray(mels, dtype=np.float32)
+        indices = np.asarray(frame_indices).reshape(-1)
+        if mels.ndim != 3 or mels.shape[1:] != (N_MELS, MEL_STEP) or not len(mels) == len(indices) == len(avatars):
+            raise ValueError(f"expected {len(indices)} avatars and mel windows of shape (80, 16), got "
+                             f"{len(avatars)} and {mels.shape}")
+        params = mouth_params(mels, self.config.params)
+        return [self.render_params(avatar, indices[k:k + 1], params[k:k + 1])[0] for k, avatar in enumerate(avatars)]
 
     # -- building blocks (also used by tests, the bench and the mp4 script) ------------------------
     def params(self, mels: np.ndarray) -> np.ndarray:
@@ -154,6 +165,14 @@ class DefaultRenderer:
     def patch_box(self, avatar, frame_index: int) -> tuple[int, int, int, int]:
         """The (y1, y2, x1, x2) region this renderer may change on avatar frame `frame_index`."""
         return self._get(avatar).geometry[int(frame_index)].box
+
+    def release(self, avatar) -> None:
+        """Drop an avatar's prepared data now (it also goes when the avatar is garbage-collected)."""
+        with self._lock:
+            try:
+                self._prepared.pop(avatar, None)
+            except TypeError:
+                self._strong.pop(id(avatar), None)
 
     # -- per-avatar cache --------------------------------------------------------------------------
     def _get(self, avatar) -> _Prepared:

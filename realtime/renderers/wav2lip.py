@@ -99,6 +99,7 @@ class Wav2LipRenderer:
     """
 
     name = "wav2lip"
+    mixes_avatars = True  # render_mixed: one call per avatar within the worker's batch
 
     def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
                  max_cache_mb: float = 1024.0, max_batch: int | None = None,
@@ -246,6 +247,19 @@ class Wav2LipRenderer:
         boxes = np.asarray(avatar.boxes)
         return [MouthPatch(image=images[i], box=tuple(int(v) for v in boxes[idx]))
                 for i, idx in enumerate(indices)]
+
+    def render_mixed(self, avatars: list[Any], frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k): each
+        avatar's cached features serve its frames, one generator call per avatar, results in order."""
+        indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+        groups: dict[int, list[int]] = {}
+        for k, avatar in enumerate(avatars):
+            groups.setdefault(id(avatar), []).append(k)
+        out: list[MouthPatch | None] = [None] * len(indices)
+        for ks in groups.values():
+            for k, patch in zip(ks, self.render(avatars[ks[0]], indices[ks], mels[ks]), strict=True):
+                out[k] = patch
+        return [p for p in out if p is not None]
 
     def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         runner = self._runners.get(cache.heads) if self.static_batches else None
