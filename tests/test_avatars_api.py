@@ -177,7 +177,8 @@ async def test_upload_prepares_off_the_loop_then_offer_by_id_and_delete(server, 
 
 
 async def test_a_photo_upload_becomes_an_animated_avatar(server, http, media):
-    async with http.post(server.endpoint("/avatars?name=Still"), data=await asyncio.to_thread(media["photo"].read_bytes),
+    photo = await asyncio.to_thread(media["photo"].read_bytes)
+    async with http.post(server.endpoint("/avatars?name=Still"), data=photo,
                          headers={**AUTH, "Content-Type": "image/png"}) as r:
         assert r.status == 202
         body = await r.json()
