@@ -2,11 +2,11 @@
 
 Why: raw frames are what made avatars expensive (10 s of 720p is 250 x 2.76 MB = 690 MB), and a server
 that hosts several avatars cannot keep that per avatar. At quality 95 a 720p frame is ~130 KB (~33 MB
-for the same 10 s, 47.7 dB PSNR against the raw frame, far below what the H.264/VP8 stream keeps) and
-decodes in ~3 ms on one core of the shared development machine (cv2.imdecode, measured 2026-11-30),
-i.e. ~8% of a core per 25 fps session. The crops, masks and landmarks the renderers need are computed
-from the raw frames before they are encoded and cached beside them, so encoding changes only the
-picture under the mouth patch, never the face track.
+for the same 10 s; 40-48 dB PSNR against the raw frame, finer than what the H.264/VP8 stream keeps) and
+decodes in 3-7 ms on one core of the shared, loaded development machine (cv2.imdecode, measured
+2026-11-30; bench/avatars.py), i.e. 8-17% of a core per 25 fps session. The crops, masks and
+landmarks the renderers need are computed from the raw frames before they are encoded and cached
+beside them, so encoding changes only the picture under the mouth patch, never the face track.
 
 A small shared LRU of decoded frames lets a renderer and the session that shows the frame (a few ticks
 later), or two sessions in step, decode a frame once.
