@@ -7,6 +7,7 @@ uploads go through the real preparation (face mesh tracking) on the library's th
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 import time
 import zlib
@@ -269,3 +270,60 @@ async def test_two_sessions_on_two_avatars_at_once(server, http, media):
     assert len(server.engine.workers) == 1 and server.engine.sessions_per_worker() == [2]
     await a.close()
     await b.close()
+
+
+async def test_cli_lists_adds_and_removes(server, media, capsys):
+    from cli.main import main
+
+    def lipsync(*args: str) -> int:
+        return main(["avatars", *args, "--server", server.url])
+
+    assert await asyncio.to_thread(lipsync, "add", str(media["face"]), "--name", "CLI face") == 1
+    assert "401" in capsys.readouterr().err  # no token
+    assert await asyncio.to_thread(lipsync, "add", str(media["face"]), "--name", "CLI face", "--token", TOKEN) == 0
+    out = capsys.readouterr().out
+    avatar_id = re.search(r"id (\S+), preparing", out).group(1)
+    assert f"{avatar_id}: ready (384x384, 20 frames at 25 fps)" in out
+    assert await asyncio.to_thread(lipsync, "list") == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"^tiny .* ready .*64x64 .*\(default\)$", listing, re.M), listing
+    assert re.search(rf"^{avatar_id} +CLI face +ready +384x384 +20 @ 25 fps", listing, re.M), listing
+    assert await asyncio.to_thread(lipsync, "add", str(media["noface"]), "--token", TOKEN) == 1
+    assert "no face found" in capsys.readouterr().err
+    assert await asyncio.to_thread(lipsync, "remove", avatar_id, "--token", TOKEN) == 0
+    assert await asyncio.to_thread(lipsync, "remove", avatar_id, "--token", TOKEN) == 1
+    assert "404" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peer, token, header, allowed", [
+    ("127.0.0.1", None, None, True),
+    ("::1", None, None, True),
+    ("203.0.113.5", None, None, False),                      # no token configured: local clients only
+    ("203.0.113.5", TOKEN, f"Bearer {TOKEN}", True),
+    ("127.0.0.1", TOKEN, None, False),                       # a token configured: always required
+])
+def test_operator_rule(peer, token, header, allowed):
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from server.app import create_app
+    from server.avatars_api import require_operator
+    from server.config import ServerConfig
+    from server.errors import ApiError
+
+    engine = tiny_engine()
+    try:
+        app = create_app(ServerConfig(api_token=token), engine)
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda key, default=None: (peer, 1234) if key == "peername" else default
+        request = make_mocked_request("POST", "/avatars", headers={"Authorization": header} if header else {},
+                                      app=app, transport=transport)
+        if allowed:
+            require_operator(request)
+        else:
+            with pytest.raises(ApiError) as err:
+                require_operator(request)
+            assert err.value.status == (401 if token else 403)
+    finally:
+        engine.close()
