@@ -3,21 +3,16 @@ prepared at start), headless Chromium picks one and the session plays that avata
 picker go to test-artifacts/ (avatar-picker.png, avatar-picker-session.png)."""
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from test_browser import CHROMIUM, REPO, chromium_args
+from test_avatar import write_clip
+from test_browser import CHROMIUM, chromium_args, running_server
 
 from models.face_detection import mesh_models_available
 from realtime.default_avatar import load_default_avatar
-from realtime.media_io import Mp4Writer
 
 pytestmark = [
     pytest.mark.browser,
@@ -26,14 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
     pytest.mark.skipif(not mesh_models_available(), reason="needs the face mesh model files"),
 ]
-
-
-def write_clip(path: Path, frames) -> Path:
-    h, w = frames[0].shape[:2]
-    with Mp4Writer(path, w, h, 25.0) as out:
-        for frame in frames:
-            out.write(np.ascontiguousarray(frame))
-    return path
 
 
 @pytest.fixture
@@ -57,32 +44,10 @@ def avatars_dir(tmp_path) -> Path:
 @pytest.fixture
 def server_url(avatars_dir, tmp_path, artifacts_dir):
     log_path = artifacts_dir / "avatar-picker-server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "run_server.py"), "--port", "0", "--ice-host-addresses", "127.0.0.1",
-             "--max-sessions", "2", "--udp-ports", "46000-46999", "--avatars", str(avatars_dir),
-             "--avatar-cache-dir", str(tmp_path / "cache")],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        url = None
-        while url is None:
-            if proc.poll() is not None:
-                pytest.fail(f"run_server.py exited with {proc.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"run_server.py did not start in time:\n{log_path.read_text()}")
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", log_path.read_text())
-            url = match.group(1) if match else None
-            time.sleep(0.2)
+    with running_server(["--port", "0", "--ice-host-addresses", "127.0.0.1", "--max-sessions", "2",
+                         "--udp-ports", "46000-46999", "--avatars", str(avatars_dir),
+                         "--avatar-cache-dir", str(tmp_path / "cache")], log_path, start_s=180) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     text = log_path.read_text()
     assert "[1/2] preparing anna.mp4" in text and "[2/2] preparing ben.mp4" in text, text
     assert "avatars: ben ready" in text, text

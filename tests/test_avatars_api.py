@@ -17,26 +17,18 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
+from test_avatar import write_clip
 from test_server_helpers import Client, start_server, tiny_engine
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
 from realtime.default_avatar import load_default_avatar
-from realtime.media_io import Mp4Writer
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only"),
               pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)]
 
 TOKEN = "operator-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def write_clip(path: Path, frames, fps: float = 25.0) -> Path:
-    h, w = frames[0].shape[:2]
-    with Mp4Writer(path, w, h, fps) as out:
-        for frame in frames:
-            out.write(np.ascontiguousarray(frame))
-    return path
 
 
 @pytest.fixture(scope="module")
