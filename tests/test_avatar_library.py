@@ -184,3 +184,25 @@ def test_default_renderer_mixed_batch_equals_separate_calls(default_avatar):
         assert mixed[k].box == alone.box
     renderer.release(other)
     assert renderer._lookup(other) is None
+
+
+def test_a_raw_prepared_folder_is_encoded_once_then_loaded_from_the_cache(default_avatar, tmp_path,
+                                                                          monkeypatch):
+    from realtime.avatar import AvatarConfig
+    from realtime.avatar_prepare import prepare_avatar
+
+    raw = Avatar(frames=np.asarray(default_avatar.frames[:40]), boxes=default_avatar.boxes[:40],
+                 mouth=default_avatar.mouth[:40], fps=25.0, loop="pingpong", source="x",
+                 masks=default_avatar.masks[:40])
+    save_avatar(raw, tmp_path / "raw")
+    config = AvatarConfig(encode_frames=True)
+    first = prepare_avatar(tmp_path / "raw", config=config, cache_dir=tmp_path / "cache")
+    def no_encoding(self, quality=0):
+        raise AssertionError("encoded again instead of loading the cached copy")
+
+    monkeypatch.setattr(Avatar, "with_encoded_frames", no_encoding)
+    second = prepare_avatar(tmp_path / "raw", config=config, cache_dir=tmp_path / "cache")
+    assert isinstance(first.frames, EncodedFrames) and isinstance(second.frames, EncodedFrames)
+    np.testing.assert_array_equal(first.frames.data, second.frames.data)
+    np.testing.assert_array_equal(second.face_crops(), raw.face_crops())
+    assert len(list((tmp_path / "cache").iterdir())) == 1
