@@ -7,7 +7,8 @@ browser lip-syncs them.
 
 Body: `{"sdp": "...", "type": "offer", "options": {"avatar": an id from GET /avatars (default: the
 server's), "video_codec": "vp8"|"h264", ...engine options}}` (a top-level "avatar" is read as
-options.avatar). Unknown avatar: 404; one still being prepared or failed: 409. Answer: `{"sdp", "type": "answer", "session_id", "fps", "ice_servers"}`.
+options.avatar). Unknown avatar: 404; one still being prepared or failed: 409.
+Answer: `{"sdp", "type": "answer", "session_id", "fps", "avatar"}`.
 """
 from __future__ import annotations
 
