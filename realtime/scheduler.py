@@ -87,12 +87,12 @@ class CostModel:
         if not self.by_size:
             return 0.0 if self.per_frame is None else self.per_frame * b
         sizes = sorted(self.by_size)
-        lo = max((s for s in sizes if s < b), default=None)
-        hi = min((s for s in sizes if s > b), default=None)
-        if lo is None:
-            return self.by_size[hi]
-        if hi is None:
-            return self.by_size[lo] * b / lo
+        below, above = [s for s in sizes if s < b], [s for s in sizes if s > b]
+        if not below:
+            return self.by_size[above[0]]
+        if not above:
+            return self.by_size[below[-1]] * b / below[-1]
+        lo, hi = below[-1], above[0]
         c_lo, c_hi = self.by_size[lo], self.by_size[hi]
         return c_lo + (c_hi - c_lo) * (b - lo) / (hi - lo)
 
@@ -263,7 +263,7 @@ class RenderWorker:
             self.renderer.prepare(avatar)
             self._prepared[id(avatar)] = avatar
             if warmup:
-                sizes = [1] + sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})
+                sizes = [1, *sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})]
                 for b in sizes:
                     mel = np.full((b, 80, 16), -4.0, dtype=np.float32)
                     timed = []
@@ -367,7 +367,7 @@ class RenderWorker:
     @staticmethod
     def _deliver(batch: list[RenderJob], patches: list[MouthPatch | None], completed_at: float,
                  seconds: float) -> None:
-        for job, patch in zip(batch, patches):
+        for job, patch in zip(batch, patches, strict=True):
             try:
                 job.deliver(RenderResult(job.key, patch, completed_at, seconds, len(batch)))
             except Exception:

@@ -70,6 +70,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -187,7 +188,7 @@ class LipSyncSession:
             worker.prepare(avatar)
         fps = float(getattr(avatar, "fps", 0) or self.config.fps)
         cost = (worker.cost.estimate(1) or None) if worker is not None else None
-        curve = worker.cost.estimate if cost else None
+        curve = worker.cost.estimate if worker is not None and cost else None
         max_batch = min(self.config.max_batch, worker.max_batch) if worker is not None else 1
         self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,
                                              max_batch=max_batch)
@@ -343,16 +344,19 @@ class LipSyncSession:
                               self._ring.arrival_of(audio_start))
             self._plans[k] = plan
             if speech and self._worker is not None:
-                gen = self._gen
                 self._worker.submit(RenderJob(
                     owner=self, key=k, avatar=self.avatar, avatar_index=plan.avatar_index, mel=mel,
                     deadline=self._vclock.expected_time(k, now) - self._margin, ready_at=now,
-                    deliver=lambda r, g=gen: self._inbox.append((g, r)),
+                    deliver=partial(self._receive, self._gen),
                     batch_hint=self.timeline.batch_frames))
                 self._metrics.frames_submitted += 1
         i_next = seg.next_i
         seg.discard_columns_before(tl.window_start_column(i_next))
         seg.speech.discard_before(round(i_next * self._spf) - self._hangover)
+
+    def _receive(self, gen: int, result: RenderResult) -> None:
+        """The worker thread's delivery: tagged with the generation its job was submitted in."""
+        self._inbox.append((gen, result))
 
     def _drain(self) -> None:
         while self._inbox:

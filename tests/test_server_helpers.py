@@ -194,8 +194,8 @@ class Client:
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
         return self.answer
 
-    async def wait_for_video(self, frames: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_video(self, frames: int, within_s: float = 15.0) -> None:
+        deadline = time.monotonic() + within_s
         while len(self.received.video) < frames:
             assert time.monotonic() < deadline, f"got {len(self.received.video)} of {frames} frames"
             await asyncio.sleep(0.05)

@@ -178,7 +178,7 @@ def _vowel_shape(f1: np.ndarray, f2: np.ndarray, config: MouthParamsConfig) -> n
     openness = _smoothstep(f1, *config.f1_open)
     front = _smoothstep(f2, *config.f2_front)
     back = _smoothstep(-f2, -config.f2_back[0], -config.f2_back[1])
-    a, i, u = (np.asarray(VISEMES[k], dtype=np.float32) for k in "AIU")
+    a, i = (np.asarray(VISEMES[k], dtype=np.float32) for k in "AI")
     open_factor = i[0] + (a[0] - i[0]) * openness
     spread = front * (1.0 - 0.4 * openness) + a[1] * openness
     rounding = back * (1.0 - 0.4 * openness)
