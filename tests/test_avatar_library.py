@@ -206,3 +206,29 @@ def test_a_raw_prepared_folder_is_encoded_once_then_loaded_from_the_cache(defaul
     np.testing.assert_array_equal(first.frames.data, second.frames.data)
     np.testing.assert_array_equal(second.face_crops(), raw.face_crops())
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_uploads_queue_on_one_thread_and_are_bounded(default_avatar, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from realtime.avatar_library import LibraryBusy
+
+    release = threading.Event()
+    library = AvatarLibrary(default_avatar, cache_dir=tmp_path, max_pending=2)
+    monkeypatch.setattr(library, "_run", lambda entry, path, keep_file, log_progress: release.wait(10))
+    first = library.add_file(tmp_path / "a.mp4", "a")
+    library.add_file(tmp_path / "b.mp4", "b")
+    with pytest.raises(LibraryBusy):
+        library.add_file(tmp_path / "c.mp4", "c")
+    assert first.state is AvatarState.PREPARING
+    with pytest.raises(AvatarInUse, match="still being prepared"):
+        library.remove(first.id)
+    with pytest.raises(AvatarNotReady, match="preparing"):
+        library.acquire(first.id)
+    release.set()
+    deadline = time.monotonic() + 10
+    while library._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    library.add_file(tmp_path / "d.mp4", "d")  # the queue drained: room again
+    library.close()
