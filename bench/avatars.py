@@ -8,12 +8,14 @@
 3. In a fresh child process: a RealtimeEngine with the built-in renderer (embedded default avatar), then
    adds the avatars one by one from the cache as a server start with --avatars does, and reads the RSS
    (VmRSS) after each: the RSS per added avatar includes the frames (JPEG), crops, masks, landmarks and
-   the built-in renderer's per-avatar lip geometry. Also: the time to load one prepared avatar, and the
-   decode time of one 720p frame (what every shown frame costs).
+   the built-in renderer's per-avatar lip geometry; then again with every avatar's small cache of decoded
+   frames full, as while sessions play it. Also: the time to load one prepared avatar, and the decode
+   time of one 720p frame (what every shown frame costs).
 4. With --wav2lip: the Wav2Lip renderer (random weights, CPU, PyTorch fp32) prepares one of those
    avatars, and its cached encoder features are measured (RSS and the cache's own bytes).
 
-Last line: one JSON object: rss_mb_per_avatar (list), rss_mb_per_avatar_mean, load_s (list), raw_frames_mb
+Last line: one JSON object: rss_mb_per_avatar (list), rss_mb_per_avatar_mean, rss_mb_per_avatar_playing,
+load_s (list), raw_frames_mb
 (what raw frames would take), held_mb (the avatar's own arrays), decode_ms_per_frame, prepare_s (list), and
 with --wav2lip wav2lip_cache_mb / wav2lip_rss_mb. Run on a shared machine the times are noisy; the
 memory figures are not.
@@ -104,6 +106,12 @@ def measure_phase(clips: list[Path], cache: Path, wav2lip: bool) -> dict:
         now = rss_mb()
         per_avatar.append(round(now - before, 1))
         before = now
+    # Playing: each avatar's shared cache of decoded frames full (what sessions on it add).
+    for added in engine.avatars.entries()[1:]:
+        for i in range(len(added.avatar.frames)):
+            added.avatar.frames[i]
+    gc.collect()
+    playing_mb = (rss_mb() - base) / len(clips)
     avatar = entry.avatar
     frames = avatar.frames
     t0 = time.perf_counter()
@@ -116,6 +124,7 @@ def measure_phase(clips: list[Path], cache: Path, wav2lip: bool) -> dict:
         "rss_mb_engine": round(base, 1),
         "rss_mb_per_avatar": per_avatar,
         "rss_mb_per_avatar_mean": round(float(np.mean(per_avatar)), 1),
+        "rss_mb_per_avatar_playing": round(playing_mb, 1),
         "load_s": load_s,
         "held_mb": round(avatar.nbytes / 2**20, 1),
         "jpeg_mb": round(frames.nbytes / 2**20, 1),
