@@ -27,7 +27,7 @@ from realtime.default_avatar import load_default_avatar
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only"),
               pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)]
 
-TOKEN = "operator-secret"
+TOKEN = "operator-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -319,3 +319,17 @@ def test_operator_rule(peer, token, header, allowed):
             assert err.value.status == (401 if token else 403)
     finally:
         engine.close()
+
+
+async def test_a_chunked_upload_is_capped_while_it_is_read(server, http, media):
+    """No Content-Length to refuse up front: the body is counted as it streams in."""
+    data = await asyncio.to_thread(media["big"].read_bytes)
+
+    async def chunks():
+        for start in range(0, len(data), 256 * 1024):
+            yield data[start:start + 256 * 1024]
+
+    async with http.post(server.endpoint("/avatars?name=big"), data=chunks(), headers=AUTH) as r:
+        assert r.status == 413 and "larger than 2 MB" in (await r.json())["error"]
+    async with http.get(server.endpoint("/avatars")) as r:
+        assert len((await r.json())["avatars"]) == 1
