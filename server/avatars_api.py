@@ -12,13 +12,12 @@
 A session picks an avatar with POST /offer {"options": {"avatar": id}}. The preparation and the renderer
 work happen off the event loop (realtime/avatar_library.py); running sessions are never disturbed.
 
-Operator routes: `require_operator` is the one place that decides (see its docstring).
+Who may call which: the server's access policy (server/auth.py) classifies these routes; POST and
+DELETE are operator-only (`--api-token`), the GETs public.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import os
 import tempfile
@@ -65,26 +64,6 @@ def entry_of(request: web.Request) -> AvatarEntry:
         raise ApiError(404, str(exc)) from None
 
 
-def require_operator(request: web.Request) -> None:
-    """Operator-only routes. With an API token configured (`--api-token`), the request must carry
-    `Authorization: Bearer <token>`; without one, only clients on this machine (loopback) may.
-    (When the central access policy lands, this becomes its operator check.)"""
-    token = getattr(state_of(request).config, "api_token", None)
-    if token:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), str(token).encode()):
-            raise ApiError(401, "this route needs the operator token: Authorization: Bearer <token>",
-                           {"WWW-Authenticate": "Bearer"})
-        return
-    try:
-        local = ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
-        local = False
-    if not local:
-        raise ApiError(403, "adding and removing avatars is for operators: start the server with "
-                            "--api-token and send Authorization: Bearer <token>")
-
-
 def describe(request: web.Request, entry: AvatarEntry) -> dict:
     out = entry.describe()
     out["url"] = f"/avatars/{entry.id}"
@@ -112,7 +91,6 @@ async def poster(request: web.Request) -> web.Response:
 
 
 async def remove_avatar(request: web.Request) -> web.Response:
-    require_operator(request)
     library = library_of(request)
     avatar_id = request.match_info["id"]
     try:
@@ -125,7 +103,6 @@ async def remove_avatar(request: web.Request) -> web.Response:
 
 
 async def add_avatar(request: web.Request) -> web.Response:
-    require_operator(request)
     state = state_of(request)
     library = library_of(request)
     limit = state.config.max_upload_bytes

@@ -51,6 +51,7 @@ class Session:
     video: AvatarVideoTrack
     audio: SyncedAudioTrack
     remote: str = ""
+    token: str = field(default="", repr=False)  # the session_token: never listed, logged or described
     created: float = field(default_factory=time.monotonic)
     connected: float | None = None
     microphone: MediaStreamTrack | None = None  # the peer's audio track, when it sends one
