@@ -16,6 +16,7 @@ later), or two sessions in step, decode a frame once.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from typing import Iterator, Sequence
@@ -43,6 +44,7 @@ class EncodedFrames:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_frames = int(cache_frames)
         self._lock = threading.Lock()
+        self._digest: str | None = None
 
     @classmethod
     def encode(cls, frames: Sequence[np.ndarray] | np.ndarray, quality: int = JPEG_QUALITY) -> EncodedFrames:
@@ -64,6 +66,22 @@ class EncodedFrames:
         offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(c) for c in chunks])
         return cls(np.concatenate(chunks), offsets, (shape[0], shape[1], shape[2]))
+
+    # -- pickling (the Ray render tier ships avatars to replicas) and identity -----------------------
+    def __getstate__(self) -> dict:
+        return {"data": self.data, "offsets": self.offsets, "shape": self.frame_shape,
+                "cache_frames": self._cache_frames}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["data"], state["offsets"], state["shape"], state["cache_frames"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        """Names the content (a hash of the JPEG bytes), so equal frames have equal reprs (render tier
+        fingerprints use it)."""
+        digest = self._digest
+        if digest is None:
+            digest = self._digest = hashlib.blake2b(self.data.tobytes(), digest_size=12).hexdigest()
+        return f"EncodedFrames({len(self)} x {self.frame_shape}, jpeg {digest})"
 
     # -- the ndarray-like surface the engine uses ----------------------------------------------------
     def __len__(self) -> int:

@@ -367,11 +367,14 @@ class RenderWorker:
         avatar = batch[0].avatar
         indices = np.fromiter((j.avatar_index for j in batch), dtype=np.int64, count=len(batch))
         mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
+        # A remote renderer (realtime/render_tier) orders its replica's batches by deadline: tell it.
+        extra = ({"deadline_in_s": min(j.deadline for j in batch) - self.clock()}
+                 if getattr(self.renderer, "wants_deadline", False) else {})
         t0 = self.clock()
         try:
             patches: list[MouthPatch | None]
             if all(j.avatar is avatar for j in batch):
-                patches = list(self.renderer.render(avatar, indices, mels))
+                patches = list(self.renderer.render(avatar, indices, mels, **extra))
             else:  # only with a renderer that `mixes_avatars`: one call for every session's frames
                 render_mixed = getattr(self.renderer, "render_mixed")  # noqa: B009 (optional: base.py)
                 patches = list(render_mixed([j.avatar for j in batch], indices, mels))

@@ -114,6 +114,9 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "shutting down" if state.closing else "ok",
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
+        # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
+        "free_slots": max(state.sessions.max_sessions - len(state.sessions), 0),
+        "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         **{k: str(v) for k, v in state.engine.info.items()},
     }, status=503 if state.closing else 200)

@@ -114,6 +114,19 @@ class ServerConfig:
     turn_secret: str | None = field(default=None, repr=False)
     turn_urls: list[str] = field(default_factory=list)
     turn_ttl_s: float = 3600.0
+    # Scaling out (README "Scaling out"): local = render workers in this process; ray = a Ray Serve render
+    # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
+    render_backend: str = "local"  # local | ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster started in this process
+    ray_replicas: int = 1
+    ray_min_replicas: int | None = None  # autoscaling bounds (by ongoing requests) instead of a fixed count
+    ray_max_replicas: int | None = None
+    ray_cpus_per_replica: float = 1.0
+    ray_gpus_per_replica: float = 0.0
+    ray_app_name: str = "lipsync-render"
+    # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
+    # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
+    instance_id: str = ""
     # Operations.
     log_level: str = "info"
     log_format: str = "text"  # text | json
@@ -161,6 +174,7 @@ class ServerConfig:
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
         self._validate_security()
+        self._validate_scaling()
 
     def _validate_security(self) -> None:
         if self.api_token is not None and len(self.api_token) < 16:
@@ -183,6 +197,20 @@ class ServerConfig:
             if not re.fullmatch(r"turns?:[^@\s]+", url):
                 raise ValueError(f"--turn-url {url!r}: expected turn:host[:port][?transport=udp|tcp] "
                                  "(no user:password; --turn-secret makes the credentials)")
+
+    def _validate_scaling(self) -> None:
+        if self.render_backend not in ("local", "ray"):
+            raise ValueError("--render-backend must be local or ray")
+        if self.ray_replicas < 1:
+            raise ValueError("--ray-replicas must be at least 1")
+        low, high = self.ray_min_replicas, self.ray_max_replicas
+        if (low is not None and low < 0) or (high is not None and high < 1) or (
+                low is not None and high is not None and low > high):
+            raise ValueError("--ray-min-replicas / --ray-max-replicas: need 0 <= min <= max, max >= 1")
+        if self.ray_cpus_per_replica < 0 or self.ray_gpus_per_replica < 0:
+            raise ValueError("--ray-cpus-per-replica / --ray-gpus-per-replica must not be negative")
+        if not re.fullmatch(r"[A-Za-z0-9_.]{0,32}", self.instance_id):
+            raise ValueError("--instance-id: up to 32 letters, digits, '_' or '.'")
 
     # -- command line and environment --------------------------------------------------------------
 
@@ -262,6 +290,18 @@ class ServerConfig:
             help="TURN server for --turn-secret, repeatable: turn:turn.example.org:3478?transport=udp")
         add("--turn-ttl", dest="turn_ttl_s", type=float,
             help=f"lifetime of TURN REST credentials in seconds (default {d.turn_ttl_s:g})")
+        add("--render-backend", choices=["local", "ray"],
+            help="local: render in this process (default); ray: a Ray Serve render tier shared by front-ends")
+        add("--ray-address", help="Ray cluster to join (host:port of `ray start --head`; default RAY_ADDRESS, "
+                                  "else a local cluster in this process)")
+        add("--ray-replicas", type=int, help=f"render replicas (default {d.ray_replicas})")
+        add("--ray-min-replicas", type=int, help="autoscaling: fewest render replicas")
+        add("--ray-max-replicas", type=int, help="autoscaling: most render replicas")
+        add("--ray-cpus-per-replica", type=float, help=f"CPUs per render replica (default {d.ray_cpus_per_replica:g})")
+        add("--ray-gpus-per-replica", type=float,
+            help="GPUs per render replica (default 0; 1 puts each replica on its own GPU, 0.5 two per GPU)")
+        add("--ray-app-name", help=f"Serve application of the render tier (default {d.ray_app_name})")
+        add("--instance-id", help="this front-end's name, the prefix of its session ids (for routing)")
         add("--log-level", help="debug, info, warning, error (default info)")
         add("--log-format", choices=["text", "json"], help="log line format (default text)")
         add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
@@ -343,10 +383,12 @@ def _convert(name: str, value):
     if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
     if name in ("port", "max_sessions", "max_sessions_per_ip", "max_offers_per_minute",
-                "max_concurrent_decodes", "max_avatar_side"):
+                "max_concurrent_decodes", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
+                "max_avatar_side"):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
-                "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s", "max_avatar_seconds"):
+                "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds"):
         return _finite(float(value))
     return value
 

@@ -231,7 +231,7 @@ async def handle_offer(request: web.Request) -> web.Response:
 async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> Session:
     """A peer connection answering `offer`, with the engine session and tracks behind it. On any
     failure everything made so far is closed again."""
-    session_id = new_session_id()
+    session_id = new_session_id(state.config.instance_id)
     pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
     remote_tracks: list = []
     pc.on("track", remote_tracks.append)

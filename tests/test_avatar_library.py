@@ -232,3 +232,13 @@ def test_uploads_queue_on_one_thread_and_are_bounded(default_avatar, tmp_path, m
         time.sleep(0.01)
     library.add_file(tmp_path / "d.mp4", "d")  # the queue drained: room again
     library.close()
+
+
+def test_encoded_frames_pickle_and_name_their_content(default_avatar):
+    import pickle
+
+    frames = EncodedFrames.encode(np.asarray(default_avatar.frames[:3]))
+    copy = pickle.loads(pickle.dumps(frames))
+    np.testing.assert_array_equal(copy[1], frames[1])
+    assert repr(copy) == repr(frames)
+    assert repr(EncodedFrames.encode(np.asarray(default_avatar.frames[1:4]))) != repr(frames)
