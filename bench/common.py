@@ -121,10 +121,10 @@ def trial(worker: Any, avatar: Any, config: Any, wav: np.ndarray, rate: int, n: 
     finally:
         for s in sessions:
             s.close()
-    speech = sum(m["frames_rendered"] + m["frames_dropped"] for m in ms)
-    drops = sum(m["frames_dropped"] for m in ms)
-    p95 = max((m["latency_ms"]["p95"] or 0.0) for m in ms)
-    budget = min(m["latency_budget_ms"] for m in ms)
+    speech = sum(m.frames_rendered + m.frames_dropped for m in ms)
+    drops = sum(m.frames_dropped for m in ms)
+    p95 = max((m.latency_ms.p95 or 0.0) for m in ms)
+    budget = min(m.latency_budget_ms for m in ms)
     ok = speech > 0 and drops <= 0.02 * speech and p95 <= budget + 500.0 / config.fps
     return {"sessions": n, "ok": bool(ok), "speech_frames": speech, "drops": drops,
             "latency_p95_ms": round(p95, 1), "latency_budget_ms": round(budget, 1)}
@@ -158,10 +158,10 @@ def session_trials(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, count
             res = trial(worker, avatar, config, wav, rate, n)
             wall = time.monotonic() - t0
             after = worker.stats()
-            batches = after["batches"] - before["batches"]
-            frames = after["frames_rendered"] - before["frames_rendered"]
+            batches = after.batches - before.batches
+            frames = after.frames_rendered - before.frames_rendered
             res.update({"mean_batch": round(frames / batches, 2) if batches else 0.0,
-                        "worker_skipped": after["frames_skipped"] - before["frames_skipped"],
+                        "worker_skipped": after.frames_skipped - before.frames_skipped,
                         "driver_overrun_s": round(wall - (len(wav) / rate + 0.6), 2),
                         "cost_curve_ms": curve})
             out.append(res)

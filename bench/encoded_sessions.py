@@ -68,7 +68,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -404,7 +404,7 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
             send_loop(audio_track, source, aenc, RtpOut("audio", 111, sink, address), stop_at, clock,
                       engine.fps, None, stages),
             push_loop(source, wav, rate, clock))
-        metrics = session.metrics()
+        metrics = asdict(session.metrics())  # plain data: the results are printed as JSON
     finally:
         video_track.stop()
         audio_track.stop()

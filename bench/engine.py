@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import wave
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -148,26 +149,26 @@ def bench_renderer(name: str, avatar, wav: np.ndarray, rate: int, config: Engine
         session.close()
     finally:
         worker.close()
-    lat = m["latency_ms"]
-    speech = m["frames_rendered"] + m["frames_dropped"]
+    lat = m.latency_ms
+    speech = m.frames_rendered + m.frames_dropped
     return {
-        "latency_ms": {"p50": _r(lat["p50"]), "p95": _r(lat["p95"]), "p99": _r(lat["p99"])},
-        "av_offset_ms": _r(m["av_offset_max_abs_ms"]),
-        "drops": m["frames_dropped"],
+        "latency_ms": {"p50": _r(lat.p50), "p95": _r(lat.p95), "p99": _r(lat.p99)},
+        "av_offset_ms": _r(m.av_offset_max_abs_ms),
+        "drops": m.frames_dropped,
         "frames": frames,
-        "frames_rendered": m["frames_rendered"],
-        "frames_held": m["frames_held"],
+        "frames_rendered": m.frames_rendered,
+        "frames_held": m.frames_held,
         "speech_frames": speech,
         "cpu_ms_per_frame": _r(1000.0 * cpu_s / max(frames, 1)),
         "render_cpu_ms_per_rendered_frame": _r(1000.0 * renderer.cpu_s / max(renderer.frames, 1)),
-        "render_ms_p50": _r(m["render_ms"]["p50"]),
-        "latency_budget_ms": _r(m["latency_budget_ms"]),
-        "batch_frames": m["batch_frames"],
-        "mean_batch": _r(worker.stats()["mean_batch"]),
+        "render_ms_p50": _r(m.render_ms.p50),
+        "latency_budget_ms": _r(m.latency_budget_ms),
+        "batch_frames": m.batch_frames,
+        "mean_batch": _r(worker.stats().mean_batch),
         "cost_curve_ms": curve,
         "wall_s": _r(wall_s),
         "prepare_s": _r(prepare_s),
-        "worker": {k: (_r(v) if isinstance(v, float) else v) for k, v in worker.stats().items()},
+        "worker": {k: (_r(v) if isinstance(v, float) else v) for k, v in asdict(worker.stats()).items()},
     }
 
 

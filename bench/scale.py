@@ -50,7 +50,7 @@ from realtime.avatar import load_default_avatar  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
 from realtime.renderers.base import MouthPatch  # noqa: E402
 from realtime.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
-from realtime.session import LipSyncSession  # noqa: E402
+from realtime.session import FrameState, LipSyncSession  # noqa: E402
 
 APP = "bench-scale"
 # The bench's cluster uses Ray's token authentication with a token of this run's own, handed to every
@@ -99,7 +99,7 @@ def front_end(args: argparse.Namespace) -> None:
     while time.monotonic() < args.start_at:
         time.sleep(0.001)
     frames = [0] * len(sessions)
-    speech_states: list[list[str]] = [[] for _ in sessions]
+    speech_states: list[list[FrameState]] = [[] for _ in sessions]
     t0 = args.start_at
     tick = 0
     while True:
@@ -122,9 +122,9 @@ def front_end(args: argparse.Namespace) -> None:
     elapsed = time.monotonic() - t0
     out = {
         "fps": [n / elapsed for n in frames],
-        "rendered_fraction": [s.count("rendered") / max(len(s), 1) for s in speech_states],
+        "rendered_fraction": [s.count(FrameState.RENDERED) / max(len(s), 1) for s in speech_states],
         "latency_ms": _percentiles(worker.latencies_s),
-        "front_end_mean_batch": worker.stats()["mean_batch"],
+        "front_end_mean_batch": worker.stats().mean_batch,
     }
     if args.backend == "ray":
         stats = renderer.stats

@@ -1,15 +1,21 @@
-"""Per-session metrics as plain data: counters, fixed-bucket histograms, exact recent percentiles.
+"""Session and render-worker statistics as dataclasses: counters, fixed-bucket histograms, percentiles.
 
 `Histogram` keeps Prometheus-style cumulative buckets (`le` upper bounds, plus +Inf), sum and count for
-the whole session, and a bounded window of recent values for exact p50 / p95 / p99.
-`SessionMetrics.as_dict()` is what `LipSyncSession.metrics()` returns and what the server's /metrics
-formats; every value is an int, float, str, None, or a dict / list of those.
+the whole session, and a bounded window of recent values for exact p50 / p95 / p99; `snapshot()` gives
+them as a `HistogramSnapshot`.
+
+`SessionCounters` is the one list of a session's counters: `SessionMetrics` (what a session updates)
+and `SessionStats` (what `LipSyncSession.metrics()` returns, a snapshot) both extend it, and the server
+sums ended sessions' counters field by field (`SessionCounters.add`), so a new counter is added here
+only. `WorkerStats` is what `RenderWorker.stats()` returns. `dataclasses.asdict` of any of them is
+plain JSON data (the server's session listing).
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -42,7 +48,7 @@ class Histogram:
                 return None
             return float(np.percentile(np.fromiter(self._recent, dtype=np.float64), 100.0 * q))
 
-    def as_dict(self) -> dict:
+    def snapshot(self) -> HistogramSnapshot:
         with self._lock:
             cumulative, running = {}, 0
             for bound, c in zip(self.buckets, self._counts[:-1], strict=True):  # [-1]: +Inf, below
@@ -50,28 +56,45 @@ class Histogram:
                 cumulative[_fmt(bound)] = running
             cumulative["+Inf"] = running + self._counts[-1]
             count, total = self.count, self.sum
-        return {
-            "buckets": cumulative,
-            "count": count,
-            "sum": total,
-            "p50": self.quantile(0.50),
-            "p95": self.quantile(0.95),
-            "p99": self.quantile(0.99),
-        }
+        return HistogramSnapshot(cumulative, count, total, p50=self.quantile(0.50),
+                                 p95=self.quantile(0.95), p99=self.quantile(0.99))
 
 
 def _fmt(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else repr(bound)
 
 
-@dataclass
-class SessionMetrics:
-    """Counters of one session. Frame states: every emitted frame is exactly one of rendered / held /
-    idle; `dropped` counts speech frames whose render was not ready by its tick (shown held or idle)."""
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """A histogram at one moment: cumulative counts by upper bound (label text, "+Inf" last), count and
+    sum of every value, and percentiles of the recent window (None when empty, or merged)."""
 
-    latency_buckets_ms: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_MS
-    render_buckets_ms: tuple[float, ...] = DEFAULT_RENDER_BUCKETS_MS
-    window: int = 4096
+    buckets: dict[str, int] = field(default_factory=dict)
+    count: int = 0
+    sum: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+    @staticmethod
+    def merge(parts: Iterable[HistogramSnapshot]) -> HistogramSnapshot:
+        """The sum of histograms that share bucket bounds (one server's sessions do). Percentiles of a
+        window do not add up, so the sum has none."""
+        buckets: dict[str, int] = {}
+        count, total = 0, 0.0
+        for part in parts:
+            for bound, n in part.buckets.items():
+                buckets[bound] = buckets.get(bound, 0) + n
+            count += part.count
+            total += part.sum
+        return HistogramSnapshot(buckets, count, total)
+
+
+@dataclass(kw_only=True)
+class SessionCounters:
+    """The counters of one session (all only grow). Frame states: every emitted frame is exactly one of
+    rendered / held / idle; `dropped` counts speech frames whose render was not ready by its tick
+    (shown held or idle)."""
 
     frames: int = 0            # video frames emitted
     frames_rendered: int = 0   # showing a fresh mouth rendered for their own audio
@@ -87,6 +110,25 @@ class SessionMetrics:
     segments: int = 0          # contiguous input runs (a new one starts after a stall or interrupt)
     stalls: int = 0            # segments ended because input stopped arriving
     interrupts: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """Every counter by name (the fields of SessionCounters, also when called on a subclass)."""
+        return {f.name: getattr(self, f.name) for f in fields(SessionCounters)}
+
+    def add(self, other: SessionCounters) -> None:
+        """Add `other`'s counters to these, field by field."""
+        for name, value in other.counts().items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class SessionMetrics(SessionCounters):
+    """What a session updates as it runs: the counters, the A/V offset and the two histograms."""
+
+    latency_buckets_ms: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_MS
+    render_buckets_ms: tuple[float, ...] = DEFAULT_RENDER_BUCKETS_MS
+    window: int = 4096
+
     av_offset_ms: float = 0.0  # of the last frame that showed audio, from its pts and the audio pts
     av_offset_max_abs_ms: float = 0.0
     latency_ms: Histogram = field(init=False)
@@ -100,16 +142,62 @@ class SessionMetrics:
         self.av_offset_ms = float(offset_ms)
         self.av_offset_max_abs_ms = max(self.av_offset_max_abs_ms, abs(float(offset_ms)))
 
-    def as_dict(self) -> dict:
-        counters = {
-            name: getattr(self, name)
-            for name in (
-                "frames", "frames_rendered", "frames_held", "frames_idle", "frames_dropped",
-                "frames_starved", "frames_submitted", "audio_in_samples", "audio_out_samples",
-                "audio_underrun_samples", "audio_refused_samples", "segments", "stalls", "interrupts",
-                "av_offset_ms", "av_offset_max_abs_ms",
-            )
-        }
-        counters["latency_ms"] = self.latency_ms.as_dict()
-        counters["render_ms"] = self.render_ms.as_dict()
-        return counters
+
+@dataclass(kw_only=True)
+class SessionStats(SessionCounters):
+    """`LipSyncSession.metrics()`: a snapshot of the counters and histograms, and the session's setup."""
+
+    av_offset_ms: float
+    av_offset_max_abs_ms: float
+    latency_ms: HistogramSnapshot    # audio in to mouth on screen, per rendered frame
+    render_ms: HistogramSnapshot     # renderer time per frame
+    name: str
+    renderer: str | None             # the render worker's renderer; None without a worker
+    fps: float
+    latency_budget_ms: float         # the fixed A/V delay L
+    lookahead_ms: float
+    delay_frames: int
+    batch_frames: int
+    buffered_input_ms: float         # pushed input not yet played
+
+    @staticmethod
+    def of(metrics: SessionMetrics, *, name: str, renderer: str | None, fps: float, latency_budget_ms: float,
+           lookahead_ms: float, delay_frames: int, batch_frames: int, buffered_input_ms: float) -> SessionStats:
+        return SessionStats(**metrics.counts(), av_offset_ms=metrics.av_offset_ms,
+                            av_offset_max_abs_ms=metrics.av_offset_max_abs_ms,
+                            latency_ms=metrics.latency_ms.snapshot(), render_ms=metrics.render_ms.snapshot(),
+                            name=name, renderer=renderer, fps=fps, latency_budget_ms=latency_budget_ms,
+                            lookahead_ms=lookahead_ms, delay_frames=delay_frames, batch_frames=batch_frames,
+                            buffered_input_ms=buffered_input_ms)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """`RenderWorker.stats()`: one render worker's totals (or several workers' combined)."""
+
+    renderer: str
+    batches: int = 0              # renderer calls
+    frames_rendered: int = 0      # mouths rendered
+    frames_skipped: int = 0       # jobs dropped: past their deadline
+    errors: int = 0               # renderer calls that failed
+    queued: int = 0               # jobs waiting now
+    busy_s: float = 0.0           # time spent in the renderer
+    est_ms_per_frame: float | None = None  # the scheduler's cost estimate per frame (None: nothing seen)
+    alive: bool = True            # the render thread runs (a dead one is restarted; meanwhile False)
+    restarts: int = 0             # render thread restarts since start
+    mean_batch: float = field(init=False)  # frames per renderer call
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean_batch", self.frames_rendered / self.batches if self.batches else 0.0)
+
+    @staticmethod
+    def combined(parts: Sequence[WorkerStats]) -> WorkerStats:
+        """Several workers as one: counts added, the mean of the cost estimates, the first's renderer."""
+        estimates = [p.est_ms_per_frame for p in parts if p.est_ms_per_frame is not None]
+        return WorkerStats(
+            renderer=parts[0].renderer if parts else "", batches=sum(p.batches for p in parts),
+            frames_rendered=sum(p.frames_rendered for p in parts),
+            frames_skipped=sum(p.frames_skipped for p in parts), errors=sum(p.errors for p in parts),
+            queued=sum(p.queued for p in parts), busy_s=sum(p.busy_s for p in parts),
+            est_ms_per_frame=sum(estimates) / len(estimates) if estimates else None,
+            alive=all(p.alive for p in parts), restarts=sum(p.restarts for p in parts))

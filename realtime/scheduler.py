@@ -47,11 +47,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 
 log = logging.getLogger(__name__)
@@ -320,18 +321,11 @@ class RenderWorker:
     def close(self) -> None:
         pass
 
-    def stats(self) -> dict:
-        return {
-            "renderer": self.name,
-            "batches": self.batches,
-            "frames_rendered": self.frames_rendered,
-            "frames_skipped": self.frames_skipped,
-            "errors": self.errors,
-            "queued": len(self._queue),
-            "mean_batch": (self.frames_rendered / self.batches) if self.batches else 0.0,
-            "busy_s": self.busy_s,
-            "est_ms_per_frame": None if self.cost.per_frame is None else 1000.0 * self.cost.per_frame,
-        }
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            renderer=self.name, batches=self.batches, frames_rendered=self.frames_rendered,
+            frames_skipped=self.frames_skipped, errors=self.errors, queued=len(self._queue), busy_s=self.busy_s,
+            est_ms_per_frame=None if self.cost.per_frame is None else 1000.0 * self.cost.per_frame)
 
     # -- shared internals -----------------------------------------------------------------------
     def _note_owner(self, job: RenderJob) -> None:
@@ -438,9 +432,64 @@ class ThreadedRenderWorker(RenderWorker):
         super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
         self._cond = threading.Condition()
         self._stopped = False
+        self._thread_name = name or f"render-{self.name}"
+        self._restart_timer: threading.Timer | None = None
+        self.restarts = 0             # times the thread died and was started again
+        self.down_since: float | None = None  # clock time the thread died; None while it runs
+        self._deaths_in_a_row = 0
         self._tasks: deque[_WorkerTask] = deque()  # run on the worker thread, one slice per loop turn
-        self._thread = threading.Thread(target=self._run, name=name or f"render-{self.name}", daemon=True)
-        self._thread.start()
+        self._thread = self._start_thread()
+
+    # -- the thread and its restart ---------------------------------------------------------------
+    # A render thread can die from an exception outside the renderer call (those are caught per batch:
+    # a BaseException from a native extension, a bug in the batching policy). Sessions must survive it:
+    # their queued jobs stay queued (late ones are skipped on restart), in the meantime they show held
+    # or idle mouths as for any missed render, and `healthy` is False so /healthz says degraded.
+    # Wait before the 1st, 2nd, 3rd and later restarts in a row.
+    restart_backoff_s: tuple[float, ...] = (0.2, 1.0, 5.0)
+    stable_after_s = 30.0  # a thread that ran this long resets the backoff
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._thread_main, name=self._thread_name, daemon=True)
+        thread.start()
+        return thread
+
+    def _thread_main(self) -> None:
+        started = time.monotonic()
+        try:
+            self._run()
+        except BaseException:
+            log.critical("render worker %s: the thread died; restarting it", self._thread_name, exc_info=True)
+            self._schedule_restart(time.monotonic() - started)
+
+    def _schedule_restart(self, ran_s: float) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self.down_since = self.clock()
+            self._deaths_in_a_row = 1 if ran_s >= self.stable_after_s else self._deaths_in_a_row + 1
+            backoff = self.restart_backoff_s[min(self._deaths_in_a_row, len(self.restart_backoff_s)) - 1]
+            self._restart_timer = threading.Timer(backoff, self._restart)
+            self._restart_timer.daemon = True
+            self._restart_timer.start()
+
+    def _restart(self) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self.restarts += 1
+            self.down_since = None
+            self._restart_timer = None
+            self._thread = self._start_thread()
+        log.warning("render worker %s: thread restarted (%d restart(s) so far)", self._thread_name, self.restarts)
+
+    @property
+    def healthy(self) -> bool:
+        """The render thread is running (False from its death until its restart, and after close)."""
+        return not self._stopped and self.down_since is None and self._thread.is_alive()
+
+    def stats(self) -> WorkerStats:
+        return replace(super().stats(), alive=self.healthy, restarts=self.restarts)
 
     def submit(self, job: RenderJob) -> None:
         with self._cond:
@@ -503,6 +552,8 @@ class ThreadedRenderWorker(RenderWorker):
             self._stopped = True
             self._queue.jobs.clear()
             self._cond.notify_all()
+            if self._restart_timer is not None:
+                self._restart_timer.cancel()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
         with self._cond:

@@ -12,13 +12,16 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
         The constructor calls worker.prepare(avatar) (slow the first time per avatar: build sessions off
         the event loop, or prepare the avatar on the worker beforehand).
 
-    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1) -> int
+    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1, *, utterance=None) -> int
         Any rate, any chunk size; int16 (or int32/uint8) or float32 in [-1, 1]; interleaved when
         channels > 1 (or shaped (N, channels)). Returns the input-timeline index (16 kHz) where the
-        converted chunk starts. Audio pushed faster than real time (TTS) simply queues.
+        converted chunk starts. Audio pushed faster than real time (TTS) simply queues. `utterance`
+        names the speech it belongs to, for the playback events (`session.playback`, a
+        realtime.playback.PlaybackTracker: speech_started / speech_ended with the exact played
+        position); None for untracked audio (a microphone).
     session.end_of_audio() -> None
-        Optional: the current utterance is complete. Its last frames are made right away with the
-        official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
+        Optional: the current utterance is complete (also for the playback events). Its last frames
+        are made right away with the official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
     session.next_video_frame() -> VideoOut
         Call once per video tick (the caller paces it, e.g. every 1/fps s of wall time). Returns frame
         k = 0, 1, 2, ... with pts k / fps. Never waits: a frame whose render is not ready shows the
@@ -29,13 +32,13 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
     session.interrupt() -> None
         Barge-in: drops queued audio and pending renders. The next frame is the resting avatar and the
         next audio block is silent (after a 5 ms fade from the last sample, no click).
-    session.metrics() -> dict        plain data: SessionMetrics.as_dict() (realtime/metrics.py) plus
-                                     name, renderer, fps, latency_budget_ms, lookahead_ms, delay_frames,
-                                     buffered_input_ms
+    session.metrics() -> SessionStats  a snapshot (realtime/metrics.py): the counters, histograms and
+                                     A/V offset, plus name, renderer, fps, latency_budget_ms,
+                                     lookahead_ms, delay_frames, batch_frames, buffered_input_ms
     session.close() -> None          cancels pending renders; later pushes are ignored
     Properties: fps, latency_samples (L), latency_ms, lookahead_ms, timeline.
 
-VideoOut fields: image (read-only BGR), pts_index k, pts (s), state "rendered" | "held" | "idle",
+VideoOut fields: image (read-only BGR), pts_index k, pts (s), state (FrameState: RENDERED | HELD | IDLE),
 speech, dropped, avatar_index, audio_start (input sample of the frame's own time, None without audio),
 mel (the (80, 16) window of the frame, None without audio), mouth_alpha.
 
@@ -69,7 +72,8 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from typing import Any, Callable
 
@@ -80,32 +84,61 @@ from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import WINDOW_SAMPLES, Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.mel import MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
-from realtime.metrics import SessionMetrics
+from realtime.metrics import SessionMetrics, SessionStats
+from realtime.playback import PlaybackTracker
 from realtime.renderers.base import MouthPatch
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
 from realtime.vad import SpeechDetector, SpeechTrack
 
 log = logging.getLogger(__name__)
 
-RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
-HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
-IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+class FrameState(StrEnum):
+    """What a video frame shows. A StrEnum: its members equal their strings ("rendered", ...), as before."""
+    RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
+    HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
+    IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
+
+
+RENDERED, HELD, IDLE = FrameState.RENDERED, FrameState.HELD, FrameState.IDLE  # the short names used below
 
 _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
 
 
 @dataclass
 class VideoOut:
-    image: np.ndarray            # (H, W, 3) uint8 BGR; read-only (may be the avatar's own frame)
     pts_index: int               # k: pts = k / fps on the output timeline
     pts: float                   # seconds
-    state: str                   # RENDERED | HELD | IDLE
+    state: FrameState
     speech: bool                 # the speech decision for this frame
     dropped: bool                # a speech frame whose render was not ready in time
     avatar_index: int            # which avatar frame is underneath
     audio_start: int | None      # input-timeline sample of this frame's own audio time (None: no audio)
     mel: np.ndarray | None       # (80, 16) window this frame's mouth is made from (None: no audio)
     mouth_alpha: float           # strength the mouth patch was pasted with (0 = untouched avatar)
+    compose: Callable[[], np.ndarray] = field(repr=False, compare=False)  # makes `image`
+    _image: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 BGR, read-only (may be the avatar's own frame). The mouth is pasted on first
+        access, from values fixed when the frame was made: the server reads it on a worker thread, so
+        the paste stays off its event loop, and a frame nobody looks at (a skipped tick) costs nothing."""
+        if self._image is None:
+            self._image = self.compose()
+        return self._image
+
+
+def _composed(base: np.ndarray, patch: MouthPatch, mode: str, strength: float) -> np.ndarray:
+    image = compositor.paste(base, patch, mode, strength=strength)
+    image.flags.writeable = False
+    return image
+
+
+def _as_is(base: np.ndarray) -> np.ndarray:
+    image = base.view()
+    image.flags.writeable = False
+    return image
 
 
 @dataclass
@@ -221,6 +254,8 @@ class LipSyncSession:
         self._last_sample = 0.0
         self._fade_from: float | None = None
         self._closed = False
+        # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
+        self.playback = PlaybackTracker(self._L)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -240,7 +275,8 @@ class LipSyncSession:
         return self.timeline.lookahead_ms
 
     # -- input ------------------------------------------------------------------------------------
-    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> int:
+    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
+                   utterance: str | None = None) -> int:
         if self._closed:
             log.warning("session %s: push_audio after close ignored", self.name)
             return self._in_head
@@ -256,12 +292,14 @@ class LipSyncSession:
         self._note_chunk(len(x), start, now_out)
         kept = self._ring.append(x, start, now)
         self._in_head += kept
+        self.playback.on_input(utterance, start, kept, now)
         self._metrics.audio_in_samples += len(x)
         self._metrics.audio_refused_samples += len(x) - kept
         self._advance(now)
         return start
 
     def end_of_audio(self) -> None:
+        self.playback.finish(self._clock())
         if self._segments and self._segments[-1].end is None:
             seg = self._segments[-1]
             seg.end = self._in_head - seg.start
@@ -403,19 +441,18 @@ class LipSyncSession:
         if plan is not None:
             m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
         if show is not None and self._gain > 0.0:
-            image = compositor.paste(base, show, self.config.paste_mode, strength=self._gain)
+            compose = partial(_composed, base, show, self.config.paste_mode, self._gain)
         else:
-            image = base.view()
-        image.flags.writeable = False
+            compose = partial(_as_is, base)
         return VideoOut(
-            image=image, pts_index=k, pts=k / self.fps, state=state,
+            compose=compose, pts_index=k, pts=k / self.fps, state=state,
             speech=bool(plan is not None and plan.speech), dropped=dropped, avatar_index=idx,
             audio_start=plan.audio_start if plan is not None else None,
             mel=plan.mel if plan is not None else None,
             mouth_alpha=self._gain if show is not None else 0.0,
         )
 
-    def _hold_or_fade(self, idx: int) -> tuple[str, MouthPatch | None]:
+    def _hold_or_fade(self, idx: int) -> tuple[FrameState, MouthPatch | None]:
         """A speech frame without its own mouth: re-show the last one (bounded), else fade to rest."""
         if self._held is not None and self._hold_count < self.config.max_hold_frames and self._gain > 0:
             self._hold_count += 1
@@ -477,6 +514,7 @@ class LipSyncSession:
         self._audio_now = j
         self._audio_pos = j + n
         self._metrics.audio_out_samples += n
+        self.playback.on_output(j, n, now)
         self._advance(now)
         return out
 
@@ -507,6 +545,7 @@ class LipSyncSession:
         self._fade_from = self._last_sample if self._last_sample != 0.0 else None
         self._last_sample = 0.0
         self._metrics.interrupts += 1
+        self.playback.on_interrupt(self._audio_pos, self._clock())
         log.debug("session %s: interrupted", self.name)
 
     def close(self) -> None:
@@ -516,18 +555,11 @@ class LipSyncSession:
         self._metrics.interrupts -= 1
         self._closed = True
 
-    def metrics(self) -> dict:
+    def metrics(self) -> SessionStats:
         self._drain()
-        out = self._metrics.as_dict()
-        out.update({
-            "name": self.name,
-            "renderer": None if self._worker is None else self._worker.name,
-            "fps": self.fps,
-            "latency_budget_ms": self.latency_ms,
-            "lookahead_ms": self.lookahead_ms,
-            "delay_frames": self.timeline.delay_frames,
-            "batch_frames": self.timeline.batch_frames,
-            "buffered_input_ms": (1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
-                                  if self._ring.stored else 0.0),
-        })
-        return out
+        return SessionStats.of(
+            self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
+            fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
+            delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
+            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
+                               if self._ring.stored else 0.0))

@@ -47,8 +47,9 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 
 if [ "$mode" = test ]; then
-    log "installing the project with its test extra"
-    pip install -q -e '.[test]'
+    # The framework extras too: their tests (tests/test_integration_*.py, tests/test_examples_*.py) run in CI.
+    log "installing the project with its test, pipecat and livekit extras"
+    pip install -q -e '.[test,pipecat,livekit]'
     # System packages the tests use: espeak-ng makes test speech, chromium runs the browser test.
     need=()
     command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import avatars_api, encoders, push_api, signaling
+from server import avatars_api, encoders, events_api, push_api, signaling
 from server.auth import Guard, OperatorAuth
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine import Engine, engine_health
 from server.errors import json_errors
+from server.heap import HeapTrimmer
 from server.ice import client_ice_servers
 from server.limits import ClientLimits, WorkPool
 from server.metrics import render_metrics
@@ -35,7 +36,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
-                              disconnect_grace_s=config.disconnect_grace_s)
+                              disconnect_grace_s=config.disconnect_grace_s, trimmer=HeapTrimmer())
     operator = OperatorAuth.from_config(config)
     guard = Guard(config, operator, session_token_of=lambda sid: _session_token(sessions, sid))
     app = web.Application(client_max_size=config.max_upload_bytes + 64 * 1024,
@@ -55,11 +56,14 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_get("/config", client_config)
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
+    events_api.add_routes(app)
     avatars_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_response_prepare.append(guard.add_cors_headers)
+    app.on_startup.append(_start_monitors)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_pool)
+    app.on_cleanup.append(_stop_monitors)
     return app
 
 
@@ -72,6 +76,16 @@ def _session_token(sessions: SessionManager, session_id: str) -> str | None:
 
 async def _close_pool(app: web.Application) -> None:
     app[STATE].pool.close()
+
+
+async def _start_monitors(app: web.Application) -> None:
+    app[STATE].loop_lag.start()
+
+
+async def _stop_monitors(app: web.Application) -> None:
+    await app[STATE].loop_lag.stop()
+    app[STATE].sessions.trimmer.close()
+    app[STATE].frame_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -109,17 +123,23 @@ def _default_avatar_id(engine: Engine) -> str:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 ok; 503 "degraded" while a render thread is down (it is being restarted: sessions show held
+    or idle mouths meanwhile), 503 "shutting down" once shutdown began."""
     state = state_of(request)
+    health = engine_health(state.engine)
+    status = "shutting down" if state.closing else "ok" if health.ok else "degraded"
     return web.json_response({
-        "status": "shutting down" if state.closing else "ok",
+        "status": status,
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
         "free_slots": max(state.sessions.max_sessions - len(state.sessions), 0),
         "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
+        "render_workers_down": health.workers_down,
+        "render_worker_restarts": health.restarts,
         **{k: str(v) for k, v in state.engine.info.items()},
-    }, status=503 if state.closing else 200)
+    }, status=200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -3,7 +3,8 @@
 The engine queues audio pushed faster than real time, so pushed audio (an upload, `say`, PCM chunks
 from a TTS) goes straight in. Microphone frames arrive in real time; while pushed audio is playing they
 are dropped, so the bot's speech is never delayed behind (or mixed with) the microphone, and the
-microphone picks up where the pushed audio ends. `interrupt()` drops what the engine has queued.
+microphone picks up where the pushed audio ends (as played: counted on the engine's output timeline).
+`interrupt()` drops what the engine has queued.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ class AudioInput:
         self._engine.push_audio(samples, sample_rate, channels)
 
     def push(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
-             complete: bool = False) -> float:
-        """Queue interleaved PCM (int16 or float32); `complete` marks the end of an utterance.
-        Returns its duration in seconds."""
+             complete: bool = False, utterance: str | None = None) -> float:
+        """Queue interleaved PCM (int16 or float32) of the utterance named `utterance` (for the
+        playback events); `complete` marks its end. Returns its duration in seconds."""
         if sample_rate <= 0 or channels <= 0:
             raise ValueError("sample rate and channels must be positive")
         samples = np.asarray(samples).reshape(-1)
@@ -54,7 +55,10 @@ class AudioInput:
         if self.queued_s + duration > self.max_queued_s:
             raise QueueFull(f"more than {self.max_queued_s:g} s of audio would be queued; "
                             "interrupt or wait")
-        self._engine.push_audio(samples[: frames * channels], sample_rate, channels)
+        if utterance is None:
+            self._engine.push_audio(samples[: frames * channels], sample_rate, channels)
+        else:
+            self._engine.push_audio(samples[: frames * channels], sample_rate, channels, utterance=utterance)
         now = time.monotonic()
         self._speaking_until = max(self._speaking_until, now) + duration
         self.pushed_s += duration
@@ -77,7 +81,12 @@ class AudioInput:
 
     @property
     def queued_s(self) -> float:
-        """Pushed audio that has not played yet (estimated from wall time)."""
+        """Pushed audio that has not played yet: exact from the engine's output timeline when it tracks
+        utterances (realtime/playback.py; every push through here names one), else estimated from wall
+        time."""
+        tracker = getattr(self._engine, "playback", None)
+        if tracker is not None:
+            return float(tracker.queued_s)
         return max(0.0, self._speaking_until - time.monotonic())
 
     @property

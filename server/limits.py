@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,17 @@ class PoolBusy(ApiError):
                          {"Retry-After": "1"}, retry_after_s=1)
 
 
+def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads all exist from the start (ThreadPoolExecutor adds them lazily), so the
+    server's thread count is flat from its first session on and a leak check compares like with like."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers)
+    for future in [pool.submit(barrier.wait) for _ in range(workers)]:
+        future.result()
+    return pool
+
+
+
 class WorkPool:
     """`size` threads and `size` admission slots; `run` and `slot` refuse (503) when all are taken."""
 
@@ -91,7 +103,7 @@ class WorkPool:
         self.size = size
         self.busy = 0
         self.refused_total = 0
-        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="lipsync-decode")
+        self._executor = started_pool(size, "lipsync-decode")
 
     def check_free(self) -> None:
         """503 now when every slot is taken: called before a request's body is read, so a refused

@@ -1,50 +1,28 @@
 """The /metrics page: live sessions, the render worker and ended sessions, in Prometheus text.
 
 The page is built on request from the live objects (SessionManager, the engine, the histograms the
-handlers feed), so there is no second copy of the state to keep in step.
+handlers feed), so there is no second copy of the state to keep in step. The engine's figures arrive as
+dataclasses (realtime/metrics.py SessionStats and WorkerStats, server/engine.py EngineStats); the tables
+below map some of their fields (by field name, checked by tests/test_stats.py) to metric names.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Mapping
 
-from server.prometheus import Histogram, Page, merge_histograms
-
-if TYPE_CHECKING:
-    from server.state import ServerState
+from realtime.metrics import HistogramSnapshot, SessionCounters, SessionStats
+from server.engine import EngineStats, WorkerLoad, engine_health
+from server.loop_monitor import live_tasks
+from server.prometheus import Histogram, Page
+from server.sessions import Session, safe_metrics
+from server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer
+SERVER_COUNTERS = ("frames", "frames_rendered", "frames_dropped", "frames_starved")  # SessionCounters fields
 
-
-class Totals:
-    """Engine counters and histograms of sessions that have ended, kept for the server-wide figures."""
-
-    COUNTERS = ("frames", "frames_rendered", "frames_held", "frames_idle", "frames_dropped",
-                "frames_starved", "audio_in_samples", "audio_out_samples", "audio_underrun_samples",
-                "interrupts")
-    HISTOGRAMS = ("latency_ms", "render_ms")
-
-    def __init__(self) -> None:
-        self.counters: dict[str, float] = {name: 0 for name in self.COUNTERS}
-        self.histograms: dict[str, dict] = {name: merge_histograms([]) for name in self.HISTOGRAMS}
-
-    def add(self, metrics: Mapping) -> None:
-        for name in self.COUNTERS:
-            value = metrics.get(name)
-            if isinstance(value, (int, float)):
-                self.counters[name] += value
-        for name in self.HISTOGRAMS:
-            if isinstance(metrics.get(name), Mapping):
-                self.histograms[name] = merge_histograms([self.histograms[name], metrics[name]])
-
-
-# -- the /metrics page -------------------------------------------------------------------------------
-
-# engine counter -> (metric name, help): summed over live sessions as gauges (they fall when a session
-# ends), no labels.
+# SessionStats field -> (metric name, help): summed over live sessions as gauges (they fall when a
+# session ends), no labels.
 SESSION_COUNTERS = {
     "frames_rendered": ("lipsync_live_frames_rendered", "Frames showing a freshly rendered mouth."),
     "frames_dropped": ("lipsync_live_frames_dropped",
@@ -57,11 +35,14 @@ SESSION_COUNTERS = {
 }
 
 
-def render_metrics(state: "ServerState") -> str:
+def render_metrics(state: ServerState) -> str:
     page = Page()
     sessions = state.sessions
-    live = [(s, _engine_metrics(s.engine)) for s in sessions]
+    live = [(s, safe_metrics(s.engine)) for s in sessions]
+    stats = [m for _, m in live if m is not None]
     page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing else 1)
+    page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
+               len(engine_health(state.engine).workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
     page.gauge("lipsync_sessions_max", "The --max-sessions limit.", sessions.max_sessions)
     page.counter("lipsync_sessions_opened_total", "Sessions opened.", sessions.opened_total)
@@ -71,27 +52,36 @@ def render_metrics(state: "ServerState") -> str:
         page.counter("lipsync_sessions_closed_total", "Sessions closed, by reason.", count,
                      {"reason": reason})
     page.histogram("lipsync_offer_seconds", "Time to answer an offer.", state.offer_seconds)
+    page.cumulative_histogram("lipsync_event_loop_lag_seconds",
+                              "How late the event loop ran a due timer (sampled every 50 ms).",
+                              state.loop_lag.lag.snapshot())
+    page.gauge("lipsync_event_loop_lag_p99_seconds", "p99 of the event-loop lag over the last minute.",
+               state.loop_lag.p99_s())
+    page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired
-    for name in ("frames", "frames_rendered", "frames_dropped", "frames_starved"):
-        value = retired.counters[name] + sum(_num(m.get(name)) for _, m in live)
+    totals = SessionCounters()
+    for counters in (retired.counters, *stats):
+        totals.add(counters)
+    for name in SERVER_COUNTERS:
         page.counter(f"lipsync_{name}_total", f"Video frames ({name.replace('_', ' ')}), all sessions.",
-                     value)
+                     getattr(totals, name))
     page.cumulative_histogram(
         "lipsync_latency_milliseconds",
         "Audio in to mouth on screen (server side), per rendered frame, all sessions.",
-        merge_histograms([retired.histograms["latency_ms"], *(m.get("latency_ms") for _, m in live)]))
+        HistogramSnapshot.merge([retired.latency_ms, *(m.latency_ms for m in stats)]))
     page.cumulative_histogram(
         "lipsync_render_milliseconds", "Renderer time per frame, all sessions.",
-        merge_histograms([retired.histograms["render_ms"], *(m.get("render_ms") for _, m in live)]))
+        HistogramSnapshot.merge([retired.render_ms, *(m.render_ms for m in stats)]))
 
-    worker = _worker_metrics(state)
-    for key, (name, help_text, kind) in WORKER_METRICS.items():
-        stat = worker.get(key)
-        if isinstance(stat, (int, float)) and not isinstance(stat, bool):
-            (page.counter if kind == "counter" else page.gauge)(name, help_text, stat)
-    _per_worker(page, worker.get("workers"))
+    engine = _engine_stats(state)
+    if engine is not None:
+        for key, (name, help_text, kind) in WORKER_METRICS.items():
+            stat = getattr(engine.total, key)
+            if stat is not None:
+                (page.counter if kind == "counter" else page.gauge)(name, help_text, stat)
+        _per_worker(page, engine.workers)
 
     _live_sessions(page, live)
     return page.render()
@@ -100,11 +90,12 @@ def render_metrics(state: "ServerState") -> str:
 SESSION_FPS_BUCKETS = (5.0, 10.0, 15.0, 20.0, 22.0, 24.0, 26.0, 30.0)
 
 
-def _live_sessions(page: Page, live: list) -> None:
+def _live_sessions(page: Page, live: list[tuple[Session, SessionStats | None]]) -> None:
     """Live sessions in aggregate. No series carries a session label: ids are secrets' neighbours (an
     id plus a leaked token is a session), and per-session series grow without bound. Per-session
     detail is GET /sessions/{id}."""
     now = time.monotonic()
+    stats = [m for _, m in live if m is not None]
     fps = Histogram(SESSION_FPS_BUCKETS)
     for session, _ in live:
         fps.observe(session.video.stats.fps(now))
@@ -115,9 +106,9 @@ def _live_sessions(page: Page, live: list) -> None:
     page.gauge("lipsync_live_pacer_skipped", "Video ticks skipped by a late sender, live sessions.",
                sum(s.video.stats.skipped for s, _ in live))
     for key, (name, help_text) in SESSION_COUNTERS.items():
-        page.gauge(name, f"{help_text} Live sessions, summed.", sum(_num(m.get(key)) for _, m in live))
+        page.gauge(name, f"{help_text} Live sessions, summed.", sum(getattr(m, key) for m in stats))
     page.gauge("lipsync_live_av_offset_max_abs_milliseconds", "Largest |A/V offset| of any live session.",
-               max((abs(_num(m.get("av_offset_max_abs_ms"))) for _, m in live), default=0))
+               max((abs(m.av_offset_max_abs_ms) for m in stats), default=0))
     page.gauge("lipsync_live_pacer_av_offset_max_abs_seconds",
                "Largest |video minus audio hand-over lateness| of any live session.",
                max((abs(s.pacer_av_offset_s()) for s, _ in live), default=0.0))
@@ -125,12 +116,14 @@ def _live_sessions(page: Page, live: list) -> None:
                sum(s.input.queued_s for s, _ in live))
 
 
-WORKER_METRICS = {
+WORKER_METRICS = {  # WorkerStats field -> (metric name, help, kind)
     "batches": ("lipsync_render_batches_total", "Renderer calls.", "counter"),
     "frames_rendered": ("lipsync_render_frames_total", "Mouths rendered.", "counter"),
     "frames_skipped": ("lipsync_render_skipped_total", "Render jobs skipped: past their deadline.",
                        "counter"),
     "errors": ("lipsync_render_errors_total", "Renderer calls that failed.", "counter"),
+    "restarts": ("lipsync_render_thread_restarts_total", "Render threads that died and were restarted.",
+                 "counter"),
     "busy_s": ("lipsync_render_busy_seconds_total", "Time spent in the renderer.", "counter"),
     "queued": ("lipsync_render_queue", "Render jobs waiting.", "gauge"),
     "mean_batch": ("lipsync_render_mean_batch", "Mean frames per renderer call.", "gauge"),
@@ -139,40 +132,24 @@ WORKER_METRICS = {
 }
 
 
-def _per_worker(page: Page, workers) -> None:
+def _per_worker(page: Page, workers: tuple[WorkerLoad, ...]) -> None:
     """One labelled series per render worker (one per GPU), families grouped as the text format wants.
     The unlabelled lipsync_render_* families above are the all-worker totals."""
-    if not isinstance(workers, list) or not workers:
-        return
-    labelled = [(w, {"worker": str(w.get("worker", i)), "device": str(w.get("device", ""))})
-                for i, w in enumerate(workers) if isinstance(w, Mapping)]
+    labelled = [(w, {"worker": str(w.worker), "device": w.device}) for w in workers]
     for w, labels in labelled:
-        page.gauge("lipsync_worker_sessions", "Open sessions placed on this render worker.",
-                   _num(w.get("sessions")), labels)
+        page.gauge("lipsync_worker_sessions", "Open sessions placed on this render worker.", w.sessions, labels)
     for key, (name, help_text, kind) in WORKER_METRICS.items():
         for w, labels in labelled:
-            value = w.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = getattr(w.stats, key)
+            if value is not None:
                 (page.counter if kind == "counter" else page.gauge)(
                     name.replace("lipsync_render_", "lipsync_worker_", 1), f"{help_text} Per render worker.",
                     value, labels)
 
 
-def _num(value) -> float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
-def _engine_metrics(engine) -> dict:
+def _engine_stats(state: ServerState) -> EngineStats | None:
     try:
-        return dict(engine.metrics())
+        return state.engine.metrics()
     except Exception:  # metrics must never take the page down
-        log.exception("engine session metrics failed")
-        return {}
-
-
-def _worker_metrics(state: "ServerState") -> dict:
-    try:
-        return dict(state.engine.metrics())
-    except Exception:
         log.exception("engine metrics failed")
-        return {}
+        return None

@@ -5,6 +5,8 @@ import bisect
 import math
 from typing import Iterable, Mapping
 
+from realtime.metrics import HistogramSnapshot
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -83,15 +85,15 @@ class Page:
         lines.append(f"{name}_sum{_labels(base)} {_number(hist.sum)}")
         lines.append(f"{name}_count{_labels(base)} {hist.count}")
 
-    def cumulative_histogram(self, name: str, help_text: str, data: Mapping,
+    def cumulative_histogram(self, name: str, help_text: str, data: HistogramSnapshot,
                              labels: Mapping[str, str] | None = None) -> None:
-        """A histogram given as the engine reports it: {"buckets": {le: cumulative}, "sum", "count"}."""
+        """A histogram as the engine reports it: cumulative counts by upper bound, sum and count."""
         lines = self._declare(name, "histogram", help_text)
         base = dict(labels or {})
-        for bound, cumulative in data.get("buckets", {}).items():
-            lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {int(cumulative)}")
-        lines.append(f"{name}_sum{_labels(base)} {_number(float(data.get('sum', 0.0)))}")
-        lines.append(f"{name}_count{_labels(base)} {int(data.get('count', 0))}")
+        for bound, cumulative in data.buckets.items():
+            lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {cumulative}")
+        lines.append(f"{name}_sum{_labels(base)} {_number(data.sum)}")
+        lines.append(f"{name}_count{_labels(base)} {data.count}")
 
     @staticmethod
     def __bounds(hist: Histogram) -> list[str]:
@@ -100,16 +102,3 @@ class Page:
     def render(self) -> str:
         return "\n".join(line for lines in self._families.values() for line in lines) + "\n"
 
-
-def merge_histograms(parts: Iterable[Mapping | None]) -> dict:
-    """Sum engine histogram dicts that share bucket bounds (the sessions of one server do)."""
-    buckets: dict[str, int] = {}
-    total_sum, total_count = 0.0, 0
-    for part in parts:
-        if not isinstance(part, Mapping) or "buckets" not in part:
-            continue
-        for bound, count in part["buckets"].items():
-            buckets[bound] = buckets.get(bound, 0) + int(count)
-        total_sum += float(part.get("sum", 0.0))
-        total_count += int(part.get("count", 0))
-    return {"buckets": buckets, "sum": total_sum, "count": total_count}

@@ -4,15 +4,22 @@
     GET    /sessions/{id}                 one session's state and metrics
     DELETE /sessions/{id}                 end it
     POST   /sessions/{id}/audio           a wav/mp3/ogg/... upload (body or multipart field), or raw
-                                          PCM with ?rate=R&channels=C[&format=s16|f32]
+                                          PCM with ?rate=R&channels=C[&format=s16|f32]; ?utterance=ID
     GET    /sessions/{id}/stream          WebSocket: binary messages are PCM chunks (?rate=&channels=
                                           &format= as above); text messages are JSON commands:
+                                          {"type": "start", "utterance"?: ID} (a new utterance),
                                           {"type": "end"} (utterance complete), {"type": "interrupt"},
-                                          {"type": "status"}
+                                          {"type": "status"}; the server also sends the playback
+                                          events (server/events_api.py) as text messages
     POST   /sessions/{id}/interrupt       stop talking now: drop queued and pending audio
-    POST   /sessions/{id}/say             {"text": "...", "voice"?: "en", "wpm"?: 160}, when a local TTS exists
+    POST   /sessions/{id}/say             {"text": "...", "voice"?: "en", "wpm"?: 160, "utterance"?: ID},
+                                          when a local TTS exists
+    GET    /sessions/{id}/events          the playback events as Server-Sent Events (server/events_api.py)
 
-Pushed audio goes through the session's AudioInput, the same path as the microphone.
+Pushed audio goes through the session's AudioInput, the same path as the microphone. Every upload, `say`
+and WebSocket utterance is named: the client's ID, or one the server makes and returns ("utterance" in
+the reply; {"type": "started", "utterance": ID} on the WebSocket, also when PCM arrives with no utterance
+open). The playback events name it when it starts and ends playing.
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ import logging
 import numpy as np
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from realtime.playback import new_utterance_id, valid_utterance_id
 from server.audio_input import QueueFull
 from server.errors import BODY_LIMIT, ApiError, read_body, read_json
+from server.event_feed import EventFeed, SlowSubscriber, tracker_of
 from server.sessions import Session, UnknownSession
 from server.state import state_of
 from server.tts import SayRequest, TtsError, TtsTimeout
@@ -74,10 +83,19 @@ def decode_pcm(data: bytes, channels: int, dtype: type) -> np.ndarray:
     return samples
 
 
+def utterance_id(value: object) -> str:
+    """The client's utterance ID, or a new one when none is given; 400 when it is not a short token."""
+    if value is None:
+        return new_utterance_id()
+    if not valid_utterance_id(value):
+        raise ApiError(400, "utterance must be 1-128 printable characters without spaces")
+    return str(value)
+
+
 def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
-           complete: bool = False) -> float:
+           complete: bool = False, utterance: str | None = None) -> float:
     try:
-        return session.input.push(samples, rate, channels, complete=complete)
+        return session.input.push(samples, rate, channels, complete=complete, utterance=utterance)
     except QueueFull as exc:
         raise ApiError(413, str(exc)) from None
 
@@ -132,6 +150,7 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
 
 async def push_audio(request: web.Request) -> web.Response:
     session = session_of(request)
+    utterance = utterance_id(request.query.get("utterance"))
     if "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm"):
         data, _ = await _read_upload(request)
         if not data:
@@ -142,8 +161,8 @@ async def push_audio(request: web.Request) -> web.Response:
         samples, rate, channels = await _decode_file(request, session), TARGET_RATE, 1
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
-    duration = _queue(session, samples, rate, channels, complete=True)
-    return web.json_response({"session_id": session.id, "queued_s": round(duration, 3),
+    duration = _queue(session, samples, rate, channels, complete=True, utterance=utterance)
+    return web.json_response({"session_id": session.id, "utterance": utterance, "queued_s": round(duration, 3),
                               "pending_s": round(session.input.queued_s, 3)})
 
 
@@ -177,7 +196,9 @@ async def say(request: web.Request) -> web.Response:
     session = session_of(request)
     if not state.tts.available:
         raise ApiError(501, "no local TTS on this server (install espeak-ng)")
-    request_ = SayRequest.from_dict(await read_json(request))
+    body = await read_json(request)
+    request_ = SayRequest.from_dict(body)
+    utterance = utterance_id(body.get("utterance"))
     room_s = session.input.max_queued_s - session.input.queued_s
     if request_.min_duration_s > room_s:
         raise ApiError(413, f"this text takes at least {request_.min_duration_s:.0f} s to say; the "
@@ -197,51 +218,104 @@ async def say(request: web.Request) -> web.Response:
         state.saying.discard(session.id)
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
-    duration = _queue(session, samples, rate, 1, complete=True)
-    return web.json_response({"session_id": session.id, "queued_s": round(duration, 3)})
+    duration = _queue(session, samples, rate, 1, complete=True, utterance=utterance)
+    return web.json_response({"session_id": session.id, "utterance": utterance, "queued_s": round(duration, 3)})
+
+
+class _Stream:
+    """One /stream WebSocket: the utterance its PCM belongs to, and one writer for replies and events."""
+
+    def __init__(self, session: Session, ws: web.WebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+        self.utterance: str | None = None
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, message: dict) -> None:
+        async with self._send_lock:
+            await self.ws.send_json(message)
+
+    async def forward_events(self, feed: EventFeed) -> None:
+        try:
+            while not self.ws.closed:
+                await self.send(await feed.next())
+        except SlowSubscriber:
+            await self.ws.close(message=b"too many playback events pending")
+        except ConnectionResetError:
+            pass
+
+    async def pcm(self, samples: np.ndarray, rate: int, channels: int) -> float:
+        if self.utterance is None:
+            await self.start(None)
+        return _queue(self.session, samples, rate, channels, utterance=self.utterance)
+
+    async def start(self, requested: object) -> None:
+        utterance = utterance_id(requested)
+        if self.utterance is not None:
+            self.session.input.end_of_audio()  # a new utterance completes the open one
+        self.utterance = utterance
+        await self.send({"type": "started", "utterance": utterance})
+
+    async def command(self, text: str) -> None:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        command: dict = parsed if isinstance(parsed, dict) else {}
+        kind = command.get("type")
+        if kind == "start":
+            await self.start(command.get("utterance"))
+        elif kind == "interrupt":
+            self.session.input.interrupt()
+            self.utterance = None
+            await self.send({"type": "interrupted"})
+        elif kind == "end":
+            self.session.input.end_of_audio()
+            ended, self.utterance = self.utterance, None
+            await self.send({"type": "ended", "utterance": ended})
+        elif kind == "status":
+            await self.send({"type": "status", "pending_s": round(self.session.input.queued_s, 3),
+                             "speaking": self.session.input.speaking, "utterance": self.utterance})
+        else:
+            await self.send({"type": "error", "error": "unknown command; expected {\"type\": "
+                                                       "\"start\"|\"end\"|\"interrupt\"|\"status\"}"})
 
 
 async def stream(request: web.Request) -> web.WebSocketResponse:
-    """PCM chunks over a WebSocket as a TTS synthesises them; ends when either side closes."""
+    """PCM chunks over a WebSocket as a TTS synthesises them, commands, and the playback events back;
+    ends when either side closes."""
     session = session_of(request)
     rate, channels, dtype = pcm_params(request.query)
     ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
-    watcher = asyncio.get_running_loop().create_task(_close_with_session(ws, session))
+    conn = _Stream(session, ws)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_close_with_session(ws, session))]
+    feed: EventFeed | None = None
+    try:
+        feed = EventFeed(tracker_of(session))
+        tasks.append(loop.create_task(conn.forward_events(feed)))
+    except ApiError:
+        log.debug("session %s: engine without playback events", session.id)
     received = 0.0
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                try:
-                    received += _queue(session, decode_pcm(msg.data, channels, dtype), rate, channels)
-                except ApiError as exc:
-                    await ws.send_json({"type": "error", "error": exc.message, "status": exc.status})
-            elif msg.type == WSMsgType.TEXT:
-                await ws.send_json(_command(session, msg.data))
-            elif msg.type == WSMsgType.ERROR:
-                break
+            try:
+                if msg.type == WSMsgType.BINARY:
+                    received += await conn.pcm(decode_pcm(msg.data, channels, dtype), rate, channels)
+                elif msg.type == WSMsgType.TEXT:
+                    await conn.command(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+            except ApiError as exc:
+                await conn.send({"type": "error", "error": exc.message, "status": exc.status})
     finally:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        if feed is not None:
+            feed.close()
     log.debug("session %s: stream closed after %.2f s of audio", session.id, received)
     return ws
-
-
-def _command(session: Session, text: str) -> dict:
-    try:
-        command = json.loads(text)
-        kind = command.get("type") if isinstance(command, dict) else None
-    except ValueError:
-        kind = None
-    if kind == "interrupt":
-        session.input.interrupt()
-        return {"type": "interrupted"}
-    if kind == "end":
-        session.input.end_of_audio()
-        return {"type": "ended"}
-    if kind == "status":
-        return {"type": "status", "pending_s": round(session.input.queued_s, 3),
-                "speaking": session.input.speaking}
-    return {"type": "error", "error": "unknown command; expected {\"type\": \"interrupt\"|\"end\"|\"status\"}"}
 
 
 async def _close_with_session(ws: web.WebSocketResponse, session: Session) -> None:

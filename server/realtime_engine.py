@@ -27,10 +27,12 @@ from typing import Any, Callable, Sequence
 from realtime.avatar import Avatar
 from realtime.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
+from realtime.metrics import WorkerStats
 from realtime.renderers.factory import RendererSpec, build_renderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 from server.config import ServerConfig, device_list
+from server.engine import Engine, EngineHealth, EngineStats, WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +72,6 @@ class _PlacedSession(LipSyncSession):
             super().close()
         finally:
             self._placement_on_close(self)
-
-
-# Worker statistics that add up over workers (the rest are recomputed or per worker only).
-_SUMMED_STATS = ("batches", "frames_rendered", "frames_skipped", "errors", "queued", "busy_s", "sessions")
-
-
-def combined_stats(per_worker: list[dict]) -> dict:
-    """All-worker totals with the keys of one worker's `stats()`, plus `sessions` and the list itself."""
-    out: dict[str, Any] = {"renderer": per_worker[0].get("renderer") if per_worker else None}
-    for key in _SUMMED_STATS:
-        out[key] = sum(w.get(key) or 0 for w in per_worker)
-    out["mean_batch"] = out["frames_rendered"] / out["batches"] if out["batches"] else 0.0
-    estimates = [w["est_ms_per_frame"] for w in per_worker if w.get("est_ms_per_frame") is not None]
-    out["est_ms_per_frame"] = sum(estimates) / len(estimates) if estimates else None
-    out["workers"] = per_worker
-    return out
 
 
 def gpu_curve_sizes(max_batch: int) -> tuple[int, ...]:
@@ -198,13 +184,18 @@ class RealtimeEngine:
         with self._lock:
             return [len(placed) for placed in self._placed]
 
-    def metrics(self) -> dict:
-        """All-worker totals (the keys of `ThreadedRenderWorker.stats()`, plus `sessions`) and, under
-        `workers`, one dict per worker with its index, device and open sessions."""
+    def metrics(self) -> EngineStats:
+        """All-worker totals and each worker with its device and open sessions."""
         counts = self.sessions_per_worker()
-        per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
-                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True))]
-        return combined_stats(per_worker)
+        loads = tuple(WorkerLoad(i, device, n, worker.stats())
+                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True)))
+        return EngineStats(WorkerStats.combined([w.stats for w in loads]), sum(counts), loads)
+
+    def health(self) -> EngineHealth:
+        """Render threads that are down now (died, restart pending) and restarts so far."""
+        down = [f"{i}:{device}" for i, (worker, device) in enumerate(zip(self.workers, self.devices, strict=True))
+                if not worker.healthy]
+        return EngineHealth(workers_down=down, restarts=sum(w.restarts for w in self.workers))
 
     def close(self) -> None:
         avatars = getattr(self, "avatars", None)  # absent when the constructor failed
@@ -319,3 +310,9 @@ def torch_devices(entries: list[str]) -> list[Any]:
     if len(set(gpus)) != len(gpus):
         raise CheckpointError(f"--device {','.join(entries)}: a GPU is listed twice")
     return out
+
+
+def load_engine(config: ServerConfig) -> Engine:
+    """Load avatar, renderer and workers as configured. Slow (model load, face detection): call it
+    from a thread, not the event loop."""
+    return RealtimeEngine.load(config)

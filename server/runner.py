@@ -9,12 +9,14 @@ import ssl
 
 from aiohttp import web
 
+from server import heap
 from server.app import create_app
 from server.auth import OperatorAuth, RedactingAccessLogger
 from server.config import ServerConfig
-from server.engine import Engine, load_engine
+from server.engine import Engine
 from server.ice import is_loopback, use_host_addresses
 from server.logs import setup_logging
+from server.realtime_engine import load_engine
 from server.state import STATE
 from server.udp_ports import port_range_loop_factory
 
@@ -102,6 +104,7 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/heap.py)
     try:
         with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
             runner.run(serve_async(config))

@@ -12,14 +12,16 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Coroutine
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
+from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
 from server.engine import EngineSession
-from server.metrics import Totals
+from server.heap import HeapTrimmer
+from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Session:
 
     def describe(self) -> dict:
         now = time.monotonic()
+        stats = safe_metrics(self.engine)
         return {
             "id": self.id,
             "state": self.state,
@@ -95,7 +98,7 @@ class Session:
             "video_frames": self.video.stats.frames,
             "video_skipped": self.video.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
-            "engine": safe_metrics(self.engine),
+            "engine": {} if stats is None else asdict(stats),
         }
 
     def pacer_av_offset_s(self) -> float:
@@ -103,12 +106,12 @@ class Session:
         return self.video.stats.lateness_s - self.audio.stats.lateness_s
 
 
-def safe_metrics(engine: EngineSession) -> dict:
+def safe_metrics(engine: EngineSession) -> SessionStats | None:
     try:
-        return dict(engine.metrics())
+        return engine.metrics()
     except Exception:  # metrics must never take a request down
         log.exception("engine metrics failed")
-        return {}
+        return None
 
 
 def new_session_id(instance_id: str = "") -> str:
@@ -119,8 +122,9 @@ def new_session_id(instance_id: str = "") -> str:
 
 
 class SessionManager:
-    def __init__(self, max_sessions: int, connect_timeout_s: float = 30.0,
-                 peer_timeout_s: float = 8.0, disconnect_grace_s: float = 5.0) -> None:
+    def __init__(self, max_sessions: int, connect_timeout_s: float = 10.0,
+                 peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
+                 trimmer: HeapTrimmer | None = None) -> None:
         self.max_sessions = max_sessions
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
@@ -131,7 +135,8 @@ class SessionManager:
         self.opened_total = 0
         self.rejected_total = 0
         self.closed_total: dict[str, int] = {}
-        self.retired = Totals()  # engine figures of ended sessions
+        self.retired = SessionTotals()  # engine figures of ended sessions
+        self.trimmer = trimmer or HeapTrimmer(enabled=False)  # gives ended sessions' memory back
 
     # -- capacity ----------------------------------------------------------------------------------
 
@@ -167,6 +172,8 @@ class SessionManager:
         self._sessions[session.id] = session
         self.opened_total += 1
         session.pc.on("connectionstatechange", lambda: self._on_state(session))
+        for track in (session.video, session.audio):
+            track.on("ended", lambda kind=track.kind: self._on_track_ended(session, kind))
         session.spawn(self._watch(session), "watchdog")
 
     def close(self, session_id: str, reason: str) -> asyncio.Task | None:
@@ -207,7 +214,9 @@ class SessionManager:
             except Exception:
                 log.exception("session %s: closing the peer connection failed", session.id)
             await asyncio.gather(*owned, return_exceptions=True)
-            self.retired.add(safe_metrics(session.engine))
+            stats = safe_metrics(session.engine)
+            if stats is not None:
+                self.retired.add(stats)
             try:
                 session.engine.close()
             except Exception:
@@ -217,6 +226,7 @@ class SessionManager:
             self._closing.pop(session.id, None)
             key = reason.split(":", 1)[0]
             self.closed_total[key] = self.closed_total.get(key, 0) + 1
+            self.trimmer.request()
         log.info("session closed", extra={"session": session.id, "reason": reason,
                                           "duration_s": round(time.monotonic() - session.created, 2),
                                           "sessions": len(self._sessions)})
@@ -231,18 +241,43 @@ class SessionManager:
         elif state in ("failed", "closed"):
             self.close(session.id, f"connection {state}")
 
+    def _on_track_ended(self, session: Session, kind: str) -> None:
+        """An outgoing track stopped while the session is live: aiortc's sender stops its track when the
+        encoder (or anything else in its send loop) raises, and then sends nothing more, ever. End that
+        session with a reason instead of leaving a frozen peer; the others are untouched. (When the
+        session closes for any other reason it is already closing here, and this does nothing.)"""
+        if session.id in self._closing or session.closed.is_set():
+            return
+        if session.pc.signalingState == "closed":
+            return  # the peer connection is closing (it stops its senders first): "connection closed" follows
+        transport = dtls_state(session.pc)
+        if transport != "connected":
+            # The peer hung up (DTLS close_notify): the send loop ended on the closed transport before
+            # aiortc's own close reports the connection state.
+            self.close(session.id, f"connection {transport}")
+            return
+        self.close(session.id, f"error: the {kind} sender stopped (encoder failed)")
+
     async def _watch(self, session: Session) -> None:
         """Reap a peer that never connects, stays disconnected, or stops sending anything."""
         deadline = session.created + self.connect_timeout_s
         while session.connected is None:
             if time.monotonic() >= deadline:
-                self.close(session.id, "timeout: peer never connected")
+                self.close(session.id, f"timeout: peer never connected in {self.connect_timeout_s:g} s")
                 return
             await asyncio.sleep(0.25)
+        await self._watch_connected(session)
+
+    async def _watch_connected(self, session: Session) -> None:
+        """Media inactivity, not ICE consent: a live peer sends RTCP receiver reports for the avatar
+        video at least every ~1.5 s (aiortc: 0.5-1.5 s; Chrome: ~1 s for video, plus transport-cc
+        feedback), and RTP when it has a microphone. No packet at all for `peer_timeout_s` means it is
+        gone; ICE consent expiry alone would take ~30 s (and aiortc never fails it on a silent peer)."""
         last_packets, last_change = -1, time.monotonic()
         disconnected_since: float | None = None
+        period = min(0.5, self.peer_timeout_s / 4)
         while True:
-            await asyncio.sleep(min(1.0, self.peer_timeout_s / 4))
+            await asyncio.sleep(period)
             now = time.monotonic()
             if session.pc.connectionState == "disconnected":
                 disconnected_since = disconnected_since or now
@@ -257,6 +292,15 @@ class SessionManager:
             elif now - last_change >= self.peer_timeout_s:
                 self.close(session.id, f"timeout: nothing received for {self.peer_timeout_s:g} s")
                 return
+
+
+def dtls_state(pc: RTCPeerConnection) -> str:
+    """The state of the connection's (bundled) DTLS transport: "connected" while media can flow."""
+    states = {t.sender.transport.state for t in pc.getTransceivers() if t.sender.transport is not None}
+    for state in ("failed", "closed", "connecting", "new"):
+        if state in states:
+            return state
+    return "connected" if states else "new"
 
 
 async def received_packets(pc: RTCPeerConnection) -> int:

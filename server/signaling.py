@@ -253,7 +253,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         clock = MediaClock()
         # Our transceivers exist before the offer is applied, so it binds to them (and our codec
         # preference counts when the answer is made).
-        video = AvatarVideoTrack(engine_session, fps, clock, engine_failed)
+        video = AvatarVideoTrack(engine_session, fps, clock, engine_failed, executor=state.frame_pool)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
         if offer.options.video_codec:
             video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -9,11 +10,13 @@ from aiohttp import web
 from server.auth import OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine
-from server.limits import ClientLimits, WorkPool
-from server.metrics import OFFER_BUCKETS_S
+from server.limits import ClientLimits, WorkPool, started_pool
+from server.loop_monitor import LoopLagMonitor
 from server.prometheus import Histogram
 from server.sessions import SessionManager
 from server.tts import LocalTts
+
+OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
 
 
 @dataclass
@@ -30,6 +33,10 @@ class ServerState:
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)
     closing: bool = False
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
+    # and apart from aiortc's encoders (the default executor) and upload decodes.
+    frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
 
 
 STATE = web.AppKey("state", ServerState)

@@ -6,7 +6,7 @@ arrives at the end of its own chunk), pulls 20 ms of output audio, and pulls a v
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pytest
@@ -159,21 +159,21 @@ def test_frames_windows_and_audio_match_offline(speech_16k):
     assert not out[:L].any()
     assert session.latency_ms == pytest.approx(1000 * L / SR)
     m = session.metrics()
-    assert m["av_offset_max_abs_ms"] <= 20.0
-    assert m["av_offset_max_abs_ms"] == 0.0  # 25 fps: exact by construction
-    assert m["frames_dropped"] == 0 and m["frames_rendered"] > 0.5 * len(frames)
+    assert m.av_offset_max_abs_ms <= 20.0
+    assert m.av_offset_max_abs_ms == 0.0  # 25 fps: exact by construction
+    assert m.frames_dropped == 0 and m.frames_rendered > 0.5 * len(frames)
     # The renderer saw exactly the speech frames' windows.
-    assert renderer.frames == m["frames_submitted"] == m["frames_rendered"]
+    assert renderer.frames == m.frames_submitted == m.frames_rendered
 
 
 def test_latency_is_lookahead_plus_budget(speech_16k):
     session, clock, _ = make_session()
     drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
-    lat = session.metrics()["latency_ms"]
-    assert lat["count"] > 50
+    lat = session.metrics().latency_ms
+    assert lat.count > 50
     # Audio arrives at the end of each 20 ms chunk, so a frame's own sample waits L - 20 ms.
-    assert lat["p50"] == pytest.approx(session.latency_ms - 20.0, abs=1.0)
-    assert lat["p99"] <= session.latency_ms + 1e-6
+    assert lat.p50 == pytest.approx(session.latency_ms - 20.0, abs=1.0)
+    assert lat.p99 <= session.latency_ms + 1e-6
     assert session.latency_ms <= 1000 * LOOKAHEAD_SAMPLES / SR + 3 * 1000 / session.fps
 
 
@@ -189,14 +189,14 @@ def test_renderer_twice_too_slow_keeps_latency_and_reports_drops(speech_16k, sha
     session = LipSyncSession(FakeAvatar(), worker, clock=clock)
     run = drive(session, clock, np.concatenate([speech_16k, speech_16k]), 2 * len(speech_16k) / SR + 1.0)
     m = session.metrics()
-    speech_frames = m["frames_rendered"] + m["frames_dropped"]
-    assert m["frames_dropped"] > 0.3 * speech_frames          # reported, roughly every other frame
-    assert m["frames_rendered"] > 0.3 * speech_frames          # the mouth still moves at ~half rate
-    assert m["latency_ms"]["p95"] <= session.lookahead_ms + 3 * 1000 / fps
+    speech_frames = m.frames_rendered + m.frames_dropped
+    assert m.frames_dropped > 0.3 * speech_frames          # reported, roughly every other frame
+    assert m.frames_rendered > 0.3 * speech_frames          # the mouth still moves at ~half rate
+    assert m.latency_ms.p95 <= session.lookahead_ms + 3 * 1000 / fps
     # No accumulation: the last rendered frames are as fresh as the first ones.
-    assert m["latency_ms"]["p99"] <= session.latency_ms + 1e-6
+    assert m.latency_ms.p99 <= session.latency_ms + 1e-6
     # Drops are held mouths (bounded), never a growing queue; every tick still produced a frame.
-    assert m["frames_held"] > 0 and sum(f.state == HELD for f in run.frames) == m["frames_held"]
+    assert m.frames_held > 0 and sum(f.state == HELD for f in run.frames) == m.frames_held
     ks = [f.pts_index for f in run.frames]
     assert ks == list(range(len(ks)))
     assert all(f.dropped == (f.speech and f.state != RENDERED) for f in run.frames)
@@ -220,10 +220,10 @@ def test_latency_stays_bounded_when_sessions_overload_a_shared_worker(speech_16k
                 s.next_video_frame()
     for s in sessions:
         m = s.metrics()
-        assert m["frames_rendered"] > 10, m            # every session keeps a moving mouth
-        assert m["frames_dropped"] > m["frames_rendered"]
-        assert m["latency_ms"]["p99"] <= s.latency_ms + 1e-6
-    assert worker.stats()["frames_skipped"] > 0
+        assert m.frames_rendered > 10, m            # every session keeps a moving mouth
+        assert m.frames_dropped > m.frames_rendered
+        assert m.latency_ms.p99 <= s.latency_ms + 1e-6
+    assert worker.stats().frames_skipped > 0
 
 
 def test_silence_makes_no_renderer_calls():
@@ -276,32 +276,32 @@ def test_interrupt_returns_to_idle_within_one_frame(speech_16k):
     assert np.all(np.abs(audio[:80]) <= np.abs(run.audio[-1][-1]) + 1e-6)
     assert renderer.frames == calls_before                    # pending renders were dropped
     m = session.metrics()
-    assert m["interrupts"] == 1 and m["buffered_input_ms"] == 0.0
+    assert m.interrupts == 1 and m.buffered_input_ms == 0.0
     # Speaking again after the interrupt has the normal latency.
-    base = session.metrics()["audio_out_samples"]
+    base = session.metrics().audio_out_samples
     again = drive(session, clock, speech_16k, len(speech_16k) / SR + 0.5)
     start, L = again.starts[0], session.latency_samples
     assert abs(start - base) <= 2 * 640                        # anchored at the clock, no backlog
     out = again.audio_out
     np.testing.assert_array_equal(out[start + L - base:start + L - base + len(speech_16k)], speech_16k)
     assert any(f.state == RENDERED for f in again.frames)
-    assert session.metrics()["latency_ms"]["p99"] <= session.latency_ms + 1e-6
+    assert session.metrics().latency_ms.p99 <= session.latency_ms + 1e-6
 
 
 def test_input_stall_gives_idle_frames_and_no_latency_growth(speech_16k):
     session, clock, _ = make_session()
     run = drive(session, clock, speech_16k, len(speech_16k) / SR)
-    lat_before = session.metrics()["latency_ms"]["p95"]
-    n_before = session.metrics()["latency_ms"]["count"]
+    lat_before = session.metrics().latency_ms.p95
+    n_before = session.metrics().latency_ms.count
     stall = drive(session, clock, None, 1.0)                    # 1 s with no input at all
     idle_tail = [f for f in stall.frames if f.audio_start is None]
     assert len(idle_tail) >= 15 and all(f.state == IDLE for f in idle_tail)
     assert not stall.audio_out[-SR // 2:].any()
     resumed = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     m = session.metrics()
-    assert m["stalls"] >= 1 and m["segments"] == 2
-    assert m["latency_ms"]["count"] > n_before + 50
-    assert m["latency_ms"]["p99"] <= lat_before + 1e-6          # no growth after the stall
+    assert m.stalls >= 1 and m.segments == 2
+    assert m.latency_ms.count > n_before + 50
+    assert m.latency_ms.p99 <= lat_before + 1e-6          # no growth after the stall
     # The second utterance leaves with the same fixed delay: input index s plays at s + L.
     start = resumed.starts[0]
     out = np.concatenate([run.audio_out, stall.audio_out, resumed.audio_out])
@@ -334,15 +334,15 @@ def test_any_input_format_plays_in_sync(speech_16k, rate, channels):
     # Same speech (up to resampling): strongly correlated at (nearly) zero lag.
     lag = np.argmax(np.correlate(out[4000:20000], speech_16k[4000:20000 - 64], mode="valid"))
     assert lag <= 32
-    assert session.metrics()["frames_rendered"] > 20
+    assert session.metrics().frames_rendered > 20
 
 
 def test_av_offset_at_non_integer_samples_per_frame(speech_16k):
     session, clock, _ = make_session(fps=29.97)
     drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     m = session.metrics()
-    assert m["frames_rendered"] > 20
-    assert m["av_offset_max_abs_ms"] <= 1000.0 / SR  # within one sample
+    assert m.frames_rendered > 20
+    assert m.av_offset_max_abs_ms <= 1000.0 / SR  # within one sample
 
 
 def test_end_of_audio_flushes_without_waiting(speech_16k):
@@ -356,7 +356,7 @@ def test_end_of_audio_flushes_without_waiting(speech_16k):
     assert abs(len(frames) - len(speech_16k) / SR * session.fps) <= 1
     for i, f in enumerate(frames):
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)])
-    assert session.metrics()["stalls"] == 0
+    assert session.metrics().stalls == 0
 
 
 def test_tts_burst_does_not_count_as_latency(speech_16k):
@@ -366,8 +366,8 @@ def test_tts_burst_does_not_count_as_latency(speech_16k):
     session.push_audio(np.concatenate([speech_16k, speech_16k]), SR)
     drive(session, clock, None, 2 * len(speech_16k) / SR + 0.5)
     m = session.metrics()
-    assert m["frames_dropped"] == 0
-    assert m["latency_ms"]["p99"] == pytest.approx(session.latency_ms, abs=1e-6)
+    assert m.frames_dropped == 0
+    assert m.latency_ms.p99 == pytest.approx(session.latency_ms, abs=1e-6)
 
 
 def test_metrics_are_plain_data(speech_16k):
@@ -376,11 +376,11 @@ def test_metrics_are_plain_data(speech_16k):
     session, clock, _ = make_session()
     drive(session, clock, speech_16k[:SR], 1.5)
     m = session.metrics()
-    json.dumps(m)
-    assert m["frames"] == m["frames_rendered"] + m["frames_held"] + m["frames_idle"]
-    assert m["latency_ms"]["buckets"]["+Inf"] == m["latency_ms"]["count"]
-    assert set(m["latency_ms"]) >= {"p50", "p95", "p99", "count", "sum", "buckets"}
-    assert m["render_ms"]["count"] == m["frames_rendered"]
+    json.dumps(asdict(m))  # a dataclass of plain values: asdict is the JSON (GET /sessions/{id})
+    assert m.frames == m.frames_rendered + m.frames_held + m.frames_idle
+    assert m.latency_ms.buckets["+Inf"] == m.latency_ms.count
+    assert set(asdict(m.latency_ms)) >= {"p50", "p95", "p99", "count", "sum", "buckets"}  # the JSON keys
+    assert m.render_ms.count == m.frames_rendered
 
 
 def test_session_without_worker_only_idles(speech_16k):
@@ -410,8 +410,8 @@ def test_two_sessions_share_one_worker(speech_16k):
             if step % 2 == 0:
                 r.frames.append(s.next_video_frame())
     ma, mb = a.metrics(), b.metrics()
-    assert ma["frames_rendered"] == mb["frames_rendered"] > 20
-    assert renderer.frames == ma["frames_rendered"] + mb["frames_rendered"]
+    assert ma.frames_rendered == mb.frames_rendered > 20
+    assert renderer.frames == ma.frames_rendered + mb.frames_rendered
     np.testing.assert_array_equal(ra.audio_out, rb.audio_out)
 
 
@@ -421,7 +421,7 @@ def test_real_time_chunks_of_any_size_play_continuously(speech_16k, chunk_ms):
     session, clock, _ = make_session()
     run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0, chunk_s=chunk_ms / 1000)
     m = session.metrics()
-    assert m["segments"] == 1 and m["audio_underrun_samples"] == 0
+    assert m.segments == 1 and m.audio_underrun_samples == 0
     L, start = session.latency_samples, run.starts[0]
     assert start <= chunk_ms * 16                               # anchored where the clock was
     np.testing.assert_array_equal(run.audio_out[start + L:start + L + len(speech_16k)], speech_16k)
@@ -433,7 +433,7 @@ def test_real_time_chunks_of_any_size_play_continuously(speech_16k, chunk_ms):
         i = f.pts_index - frames[0].pts_index
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)])
     if chunk_ms <= 20:
-        assert m["frames_dropped"] == 0
+        assert m.frames_dropped == 0
 
 
 def test_memory_stays_bounded_on_a_long_live_session(speech_16k):
@@ -452,7 +452,7 @@ def test_memory_stays_bounded_on_a_long_live_session(speech_16k):
     assert len(session._results) <= 2 * session.timeline.delay_frames
     seg = session._segments[0]
     assert seg._cols.shape[1] < 64 and len(seg.speech._decisions) < 64
-    assert session.metrics()["segments"] == 1
+    assert session.metrics().segments == 1
 
 
 def test_budget_can_be_fitted_to_a_slow_renderer_at_session_start(speech_16k):
@@ -467,8 +467,8 @@ def test_budget_can_be_fitted_to_a_slow_renderer_at_session_start(speech_16k):
     assert fitted.latency_ms >= 212.5 + 20 + 1.5 * 200 and fitted.latency_ms <= 212.5 + 20 + 1000 + 40
     drive(fitted, clock, speech_16k, len(speech_16k) / SR + 1.5)
     m = fitted.metrics()
-    assert m["frames_rendered"] > 10                                   # the mouth moves, at ~5 fps
-    assert m["latency_ms"]["p99"] <= fitted.latency_ms + 1e-6
+    assert m.frames_rendered > 10                                   # the mouth moves, at ~5 fps
+    assert m.latency_ms.p99 <= fitted.latency_ms + 1e-6
 
 
 # --- deadline-aware batching (one session, a renderer that only keeps up in batches) ----------------
@@ -515,15 +515,15 @@ def test_single_session_keeps_up_by_batching_a_renderer_too_slow_per_frame(speec
     wav = np.concatenate([speech_16k, speech_16k])
     run = drive(session, clock, wav, len(wav) / SR + 1.5)
     m = session.metrics()
-    speech = m["frames_rendered"] + m["frames_dropped"]
+    speech = m.frames_rendered + m.frames_dropped
     assert speech > 50
-    assert m["frames_rendered"] >= 0.95 * speech, m                    # keeps up
-    assert m["frames_dropped"] <= 2                                     # at most at startup
-    lat = m["latency_ms"]
-    assert lat["p95"] - lat["p50"] < 1000 * period                      # constant latency
-    assert lat["p99"] <= session.latency_ms + 1e-6                      # nothing accumulates
-    assert m["av_offset_max_abs_ms"] == 0.0
-    assert worker.stats()["mean_batch"] >= 2.0                          # it did batch
+    assert m.frames_rendered >= 0.95 * speech, m                    # keeps up
+    assert m.frames_dropped <= 2                                     # at most at startup
+    lat = m.latency_ms
+    assert lat.p95 - lat.p50 < 1000 * period                      # constant latency
+    assert lat.p99 <= session.latency_ms + 1e-6                      # nothing accumulates
+    assert m.av_offset_max_abs_ms == 0.0
+    assert worker.stats().mean_batch >= 2.0                          # it did batch
     assert max(renderer.batch_sizes) <= worker.max_batch
     ks = [f.pts_index for f in run.frames]
     assert ks == list(range(len(ks)))
@@ -541,9 +541,9 @@ def test_same_renderer_without_batching_drops(speech_16k):
     wav = np.concatenate([speech_16k, speech_16k])
     drive(session, clock, wav, len(wav) / SR + 1.5)
     m = session.metrics()
-    speech = m["frames_rendered"] + m["frames_dropped"]
-    assert m["frames_dropped"] > 0.2 * speech, m
-    assert m["latency_ms"]["p99"] <= session.latency_ms + 1e-6
+    speech = m.frames_rendered + m.frames_dropped
+    assert m.frames_dropped > 0.2 * speech, m
+    assert m.latency_ms.p99 <= session.latency_ms + 1e-6
 
 
 def test_gathering_leaves_the_worker_headroom(speech_16k):
@@ -558,8 +558,8 @@ def test_gathering_leaves_the_worker_headroom(speech_16k):
         session, clock, _, worker = _affine_session(config)
         drive(session, clock, wav, len(wav) / SR + 1.5)
         m = session.metrics()
-        assert m["frames_dropped"] <= 2
-        busy[keep_up] = worker.stats()["busy_s"] / m["frames_rendered"]
+        assert m.frames_dropped <= 2
+        busy[keep_up] = worker.stats().busy_s / m.frames_rendered
     assert busy[True] < 0.8 / 25 < 0.95 / 25 < busy[False]
 
 
@@ -570,5 +570,5 @@ def test_cheap_renderer_keeps_the_default_latency_and_batch_one(speech_16k):
                                                   fixed=0.002, per_frame=0.002)
     assert session.latency_ms == 320.0 and session.timeline.batch_frames == 1
     drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
-    assert session.metrics()["frames_dropped"] == 0
+    assert session.metrics().frames_dropped == 0
     assert set(renderer.batch_sizes) == {1}

@@ -14,8 +14,9 @@ import pytest
 from test_server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 from models.checkpoints import CheckpointError
+from realtime.metrics import WorkerStats
 from server.config import ServerConfig, device_list
-from server.realtime_engine import RealtimeEngine, combined_stats, gpu_curve_sizes, torch_devices
+from server.realtime_engine import RealtimeEngine, gpu_curve_sizes, torch_devices
 
 
 def named_renderer(name: str) -> LoudnessRenderer:
@@ -33,7 +34,7 @@ def engine():
 
 
 def placement(session) -> str:
-    return session.metrics()["renderer"]
+    return session.metrics().renderer
 
 
 def test_sessions_spread_and_closing_frees_a_slot(engine):
@@ -69,8 +70,8 @@ def test_metrics_report_totals_and_each_worker(engine):
     speech = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
     deadline = time.monotonic() + 10.0   # generous: only "both workers rendered", never a rate
     while time.monotonic() < deadline:
-        stats = engine.metrics()["workers"]
-        if all(w["frames_rendered"] > 0 for w in stats):
+        loads = engine.metrics().workers
+        if all(w.stats.frames_rendered > 0 for w in loads):
             break
         for s in (a, b):
             s.push_audio(speech[:320], 16000)
@@ -78,13 +79,13 @@ def test_metrics_report_totals_and_each_worker(engine):
             s.next_video_frame()
         time.sleep(0.02)
     m = engine.metrics()
-    assert [(w["worker"], w["device"], w["sessions"], w["renderer"]) for w in m["workers"]] == [
+    assert [(w.worker, w.device, w.sessions, w.stats.renderer) for w in m.workers] == [
         (0, "cpu", 1, "r0"), (1, "cpu", 1, "r1")]
-    assert all(w["frames_rendered"] > 0 for w in m["workers"])
-    assert m["sessions"] == 2
+    assert all(w.stats.frames_rendered > 0 for w in m.workers)
+    assert m.sessions == 2
     for key in ("batches", "frames_rendered", "frames_skipped", "errors", "busy_s"):
-        assert m[key] == pytest.approx(sum(w[key] for w in m["workers"]))
-    assert m["mean_batch"] == pytest.approx(m["frames_rendered"] / m["batches"])
+        assert getattr(m.total, key) == pytest.approx(sum(getattr(w.stats, key) for w in m.workers))
+    assert m.total.mean_batch == pytest.approx(m.total.frames_rendered / m.total.batches)
 
 
 def test_one_worker_totals_equal_its_own_stats():
@@ -92,11 +93,11 @@ def test_one_worker_totals_equal_its_own_stats():
     try:
         m = engine.metrics()
         stats = engine.worker.stats()
-        assert {k: m[k] for k in stats} == stats
-        assert len(m["workers"]) == 1 and m["workers"][0]["device"] == "cpu"
+        assert m.total == stats
+        assert len(m.workers) == 1 and m.workers[0].device == "cpu" and m.workers[0].stats == stats
     finally:
         engine.close()
-    assert combined_stats([])["mean_batch"] == 0.0
+    assert WorkerStats.combined([]).mean_batch == 0.0
 
 
 async def test_metrics_page_has_a_series_per_worker(engine, http, loopback_only):

@@ -59,10 +59,10 @@ def test_realtime_session_renders_on_the_worker_thread(speech_16k):
         frames = run_realtime(session, wav, 2.6)
         m = session.metrics()
         assert renderer.threads == {worker._thread.name}
-        assert m["frames_rendered"] > 20
-        assert m["frames_dropped"] <= 0.2 * (m["frames_rendered"] + m["frames_dropped"])
-        assert m["latency_ms"]["p95"] <= session.latency_ms + 40.0
-        assert m["av_offset_max_abs_ms"] <= 20.0
+        assert m.frames_rendered > 20
+        assert m.frames_dropped <= 0.2 * (m.frames_rendered + m.frames_dropped)
+        assert m.latency_ms.p95 <= session.latency_ms + 40.0
+        assert m.av_offset_max_abs_ms <= 20.0
         assert any(f.state == RENDERED for f in frames)
     finally:
         worker.close()
@@ -172,7 +172,7 @@ def test_worker_batches_sessions_sharing_an_avatar_and_serves_earliest_deadline_
         # A job that cannot finish in time is skipped, not rendered late.
         worker.submit(_job(object(), 99, avatar, time.monotonic() - 1.0, results))
         time.sleep(0.1)
-        assert 99 not in [r.key for r in results] and worker.stats()["frames_skipped"] == 1
+        assert 99 not in [r.key for r in results] and worker.stats().frames_skipped == 1
     finally:
         worker.close()
     assert not worker._thread.is_alive()
@@ -191,7 +191,7 @@ def test_renderer_errors_are_contained():
             if results:
                 break
             time.sleep(0.01)
-        assert results and results[0].patch is None and worker.stats()["errors"] == 1
+        assert results and results[0].patch is None and worker.stats().errors == 1
     finally:
         worker.close()
 

@@ -144,7 +144,7 @@ def test_threaded_worker_renders_aligned_ticks_as_one_batch(n, max_batch):
             else:
                 assert result.completed_at >= job.ready_at + h.worker.max_wait_s + cost(n) - 1e-9
             assert result.completed_at <= job.deadline
-        assert h.worker.stats()["frames_skipped"] == 0
+        assert h.worker.stats().frames_skipped == 0
     finally:
         h.close()
 
@@ -187,7 +187,7 @@ def test_threaded_fill_wait_never_costs_a_later_tighter_job_its_deadline():
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:     # X is either rendered or counted as skipped
             now = h.worker.stats()
-            if sum(now[k] - before[k] for k in ("frames_rendered", "frames_skipped")) >= 2:
+            if (now.frames_rendered - before.frames_rendered) + (now.frames_skipped - before.frames_skipped) >= 2:
                 break
             time.sleep(0.01)
         assert x in [job for job, _ in h.results]
@@ -239,13 +239,13 @@ def run_sessions(speech: np.ndarray, n: int, offsets_s: list[float], max_batch: 
 def check_sessions(sessions, worker) -> None:
     for s in sessions:
         m = s.metrics()
-        speech = m["frames_rendered"] + m["frames_dropped"]
+        speech = m.frames_rendered + m.frames_dropped
         assert speech > 40, m
-        assert m["frames_dropped"] == 0, m
-        assert m["latency_ms"]["p99"] <= s.latency_ms + 1e-6      # within the session's fixed budget
-        assert m["av_offset_max_abs_ms"] == 0.0
+        assert m.frames_dropped == 0, m
+        assert m.latency_ms.p99 <= s.latency_ms + 1e-6      # within the session's fixed budget
+        assert m.av_offset_max_abs_ms == 0.0
         assert s.timeline.batch_frames == 1                          # cheap per frame: no gathering
-    assert worker.stats()["frames_skipped"] == 0
+    assert worker.stats().frames_skipped == 0
 
 
 @pytest.mark.parametrize("n", [8, 24])
@@ -254,7 +254,7 @@ def test_aligned_sessions_share_batches_without_drops(speech_16k, n):
     check_sessions(sessions, worker)
     # Sessions share batches. (The inline driver has no bounded wait for other sessions, so it renders
     # the first job of a tick alone and the other n - 1 together: the mean is about n / 2.)
-    assert worker.stats()["mean_batch"] >= n / 2 - 0.5
+    assert worker.stats().mean_batch >= n / 2 - 0.5
     assert max(renderer.batch_sizes) <= n
 
 
@@ -264,7 +264,7 @@ def test_with_the_servers_fill_wait_aligned_sessions_render_as_one_batch_per_tic
     server runs it): each tick's frames from all n sessions go out as one batch."""
     sessions, worker, renderer = run_sessions(speech_16k, n, [0.0] * n, max_wait_s=0.010)
     check_sessions(sessions, worker)
-    assert worker.stats()["mean_batch"] >= n - 0.5, worker.stats()
+    assert worker.stats().mean_batch >= n - 0.5, worker.stats()
     assert max(renderer.batch_sizes) <= n
 
 

@@ -18,7 +18,7 @@ from realtime.render_tier.remote_renderer import RemoteRenderer
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
 from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession
+from realtime.session import RENDERED, LipSyncSession
 
 ray = pytest.importorskip("ray")  # the test extra installs ray[serve]: this runs in CI
 from server.ray_render_tier import RayRenderTier, RayTierSettings  # noqa: E402
@@ -39,7 +39,7 @@ def test_a_session_rendered_through_ray_equals_the_local_backend(tier, speech_16
     speech = speech_16k[: SR * 3]
     local = run_session(DefaultRenderer(), speech, 3.5)
     remote = run_session(RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0), speech, 3.5)
-    assert sum(f.state == "rendered" for f in local.frames) > 50
+    assert sum(f.state is RENDERED for f in local.frames) > 50
     assert [f.state for f in remote.frames] == [f.state for f in local.frames]
     for a, b in zip(local.frames, remote.frames, strict=True):
         assert np.array_equal(a.image, b.image)
@@ -92,10 +92,10 @@ def test_a_killed_replica_is_survived(tier, speech_16k):
         session.close()
         worker.close()
     before = [s for t, s in states if t0 + 1.0 < t < killed_at]
-    assert before.count("rendered") > 0.5 * len(before), "the tier rendered before the kill"
+    assert before.count(RENDERED) > 0.5 * len(before), "the tier rendered before the kill"
     assert rendered_again is not None, "no rendered frame after the replica was killed"
     after = [s for t, s in states if t > rendered_again + 0.2]
-    assert after and after.count("rendered") > 0.5 * len(after)
+    assert after and after.count(RENDERED) > 0.5 * len(after)
     assert renderer.stats.outages >= 1 or renderer.stats.late_frames > 0
     print(f"recovered {rendered_again - killed_at:.1f} s after the kill")
 

@@ -25,7 +25,7 @@ from realtime.render_tier.wire import (
 )
 from realtime.renderers.default import DefaultRenderer
 from realtime.scheduler import CostModel, InlineRenderWorker
-from realtime.session import LipSyncSession
+from realtime.session import RENDERED, LipSyncSession
 
 SR = 16000
 
@@ -221,7 +221,7 @@ def test_a_session_through_the_tier_equals_the_local_renderer(speech_16k):
     finally:
         tier.close()
     assert len(remote.frames) == len(local.frames)
-    assert sum(f.state == "rendered" for f in local.frames) > 50
+    assert sum(f.state is RENDERED for f in local.frames) > 50
     for a, b in zip(local.frames, remote.frames, strict=True):
         assert a.state == b.state
         assert np.array_equal(a.image, b.image)

@@ -111,10 +111,13 @@ async def test_push_raw_pcm_and_websocket_stream(server, http, speech_16k):
         for chunk in np.array_split(stereo.astype(np.float32), 10):
             await ws.send_bytes(chunk.tobytes())
         await ws.send_str('{"type": "status"}')
-        status = await ws.receive_json(timeout=5)
+        # The first chunk opens an utterance ({"type": "started"}); playback events come in between.
+        while (status := await ws.receive_json(timeout=5))["type"] in ("started", "queue", "speech_started"):
+            pass
         assert status["type"] == "status" and status["speaking"] is True
         await ws.send_bytes(b"\x00\x01\x02")  # not a whole number of frames: an error, not a disconnect
-        error = await ws.receive_json(timeout=5)
+        while (error := await ws.receive_json(timeout=5))["type"] in ("queue", "speech_started"):
+            pass
         assert error["type"] == "error" and error["status"] == 400
     metrics = await session_metrics(client, http)
     assert metrics["engine"]["audio_in_samples"] >= 32000 - 320  # both seconds reached the engine

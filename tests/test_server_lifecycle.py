@@ -87,6 +87,8 @@ async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
         assert len(peers) == 21
         assert all(pc.connectionState == "closed" for pc in peers)
         assert manager.opened_total == 21
+        # Hang-ups are "connection closed", never mistaken for a failed sender (its send loop ends first).
+        assert set(manager.closed_total) <= {"deleted", "connection closed", "microphone ended"}, manager.closed_total
         assert await settle(lambda: not (other_tasks() - tasks_before), within_s=10)
         # Threads other than the loop's bounded executor pool (aiortc encodes there) are all gone.
         assert await settle(lambda: own_threads() <= threads_before), threading.enumerate()
@@ -147,6 +149,54 @@ async def test_vanished_client_is_reaped_within_seconds(engine):
             proc.kill()
             await proc.wait()
         await server.stop()
+
+
+async def test_killed_client_is_reaped_within_5_s_by_default(engine):
+    """Default settings: media inactivity (no RTP/RTCP for --peer-timeout 4 s), not ICE consent (~30 s)."""
+    server = await start_server(engine)
+    manager = server.app[STATE].sessions
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT_SCRIPT, server.url, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        session_id = line.decode().strip()
+        assert manager.get(session_id).state == "connected"
+        await asyncio.sleep(2.0)  # connected for a while: RTCP flowing, the watchdog has seen packets
+        assert manager.get(session_id)
+        proc.kill()
+        await proc.wait()
+        killed = time.monotonic()
+        assert await settle(lambda: len(manager) == 0, within_s=15)
+        reaped_after = time.monotonic() - killed
+        assert reaped_after <= 5.0, reaped_after
+        assert manager.closed_total == {"timeout": 1}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await server.stop()
+
+
+async def test_peer_that_never_connects_is_reaped_after_10_s_by_default(engine):
+    server = await start_server(engine)
+    manager = server.app[STATE].sessions
+    async with aiohttp.ClientSession() as http:
+        client = Client(server, http)
+        client.pc.addTransceiver("video", direction="recvonly")
+        await client.pc.setLocalDescription(await client.pc.createOffer())
+        async with http.post(server.endpoint("/offer"),
+                             json={"sdp": client.pc.localDescription.sdp, "type": "offer"}) as resp:
+            assert resp.status == 200
+            session_id = (await resp.json())["session_id"]
+        offered = time.monotonic()
+        await client.pc.close()  # never connects: the slot must not be held past 10 s
+        await asyncio.sleep(8.0)
+        assert manager.get(session_id)
+        assert await settle(lambda: len(manager) == 0, within_s=6)
+        assert 9.0 <= time.monotonic() - offered <= 11.5
+        assert manager.closed_total == {"timeout": 1}
+    await server.stop()
 
 
 async def test_peer_that_never_connects_is_reaped(engine):

@@ -1,0 +1,132 @@
+"""LipSyncVideoGenerator: a self-hosted lip-synced avatar for LiveKit Agents, the engine in-process.
+
+A `livekit.agents.voice.avatar.VideoGenerator`, wired the way the in-process bitHuman plugin is: the
+agent's audio goes to a `QueueAudioOutput`, an `AvatarRunner` feeds it to this generator and publishes
+what the generator yields (examples/livekit_avatar_agent.py):
+
+    generator = await LipSyncVideoGenerator.load(avatar=None, checkpoint=None, device="auto")
+    audio_out = QueueAudioOutput(sample_rate=generator.audio_sample_rate)
+    runner = AvatarRunner(room, audio_recv=audio_out, video_gen=generator, options=generator.avatar_options())
+
+- `push_audio(rtc.AudioFrame)`: any rate, s16, mono or interleaved; frames up to an `AudioSegmentEnd` are
+  one utterance of the engine; `push_audio(AudioSegmentEnd())` completes it;
+- `clear_buffer()`: barge-in; the engine drops what is queued: the next frame is the resting avatar and
+  no more audio of that segment is yielded (the runner reports the interruption itself);
+- iterating yields, paced by the generator's clock at the avatar's fps, one `rtc.VideoFrame` (RGB24, the
+  avatar's size) per tick, followed, while an utterance plays, by that tick's delayed speech as an
+  `rtc.AudioFrame` (16 kHz mono: exactly the utterance's samples, so the runner's playback position, the
+  sum of the audio frames' durations, is the engine's), and `AudioSegmentEnd` right after the last audio
+  frame of a segment that played to its end.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from livekit import rtc
+from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarOptions, VideoGenerator
+
+from integrations.local_engine import LocalEngine, load_local_engine
+from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
+from realtime.session import LipSyncSession
+
+log = logging.getLogger(__name__)
+
+OUTPUT_RATE = 16000
+
+Output = rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd
+
+
+class LipSyncVideoGenerator(VideoGenerator):
+    def __init__(self, engine: LocalEngine, *, owns_engine: bool = False) -> None:
+        """`engine`: a loaded LocalEngine (see `load`); closed by `aclose()` when `owns_engine`."""
+        self._engine = engine
+        self._owns_engine = owns_engine
+        self._session: LipSyncSession = engine.open_session("livekit")
+        self._events: list[PlaybackEvent] = []
+        self._session.playback.subscribe(self._events.append)
+        self._utterance: str | None = None
+
+    @classmethod
+    async def load(cls, avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
+                   renderer: Any = None) -> LipSyncVideoGenerator:
+        """Load the avatar and renderer in a thread (seconds) and make a generator that owns them."""
+        engine = await asyncio.to_thread(load_local_engine, avatar, checkpoint, device, renderer=renderer)
+        return cls(engine, owns_engine=True)
+
+    # -- what AvatarOptions needs -------------------------------------------------------------------------
+    @property
+    def video_resolution(self) -> tuple[int, int]:
+        return self._engine.size
+
+    @property
+    def video_fps(self) -> float:
+        return self._engine.fps
+
+    @property
+    def audio_sample_rate(self) -> int:
+        return OUTPUT_RATE
+
+    @property
+    def latency_s(self) -> float:
+        return self._session.latency_ms / 1000.0
+
+    def avatar_options(self) -> AvatarOptions:
+        width, height = self.video_resolution
+        return AvatarOptions(video_width=width, video_height=height, video_fps=self.video_fps,
+                             audio_sample_rate=OUTPUT_RATE, audio_channels=1)
+
+    # -- VideoGenerator ---------------------------------------------------------------------------------
+    async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
+        if isinstance(frame, AudioSegmentEnd):
+            if self._utterance is not None:
+                self._session.end_of_audio()
+                self._utterance = None
+            return
+        if self._utterance is None:
+            self._utterance = new_utterance_id()
+        samples = np.frombuffer(frame.data, dtype=np.int16)
+        self._session.push_audio(samples, frame.sample_rate, frame.num_channels, utterance=self._utterance)
+
+    def clear_buffer(self) -> None:
+        self._session.interrupt()
+        self._utterance = None
+
+    def __aiter__(self) -> AsyncIterator[Output]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncGenerator[Output, None]:
+        fps = self._engine.fps
+        width, height = self._engine.size
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            delay = t0 + k / fps - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
+            out = self._session.next_video_frame()
+            audio = self._session.next_audio(n)
+            voiced = self._session.playback.last_block_voiced
+            rgb = cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB)
+            yield rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, rgb.tobytes())
+            if voiced is not None:
+                lo, hi = voiced
+                pcm = np.clip(audio[lo:hi] * 32767.0, -32768, 32767).astype(np.int16)
+                yield rtc.AudioFrame(pcm.tobytes(), OUTPUT_RATE, 1, hi - lo)
+            events, self._events[:] = list(self._events), []
+            for event in events:
+                if isinstance(event, SpeechEnded) and not event.interrupted:
+                    yield AudioSegmentEnd()
+            k += 1
+
+    async def aclose(self) -> None:
+        self._session.close()
+        if self._owns_engine:
+            await asyncio.to_thread(self._engine.close)

@@ -1,0 +1,209 @@
+"""LipSyncVideoService: a self-hosted lip-synced avatar for Pipecat, the engine in-process (no server).
+
+    from integrations.pipecat import LipSyncVideoService
+    avatar = LipSyncVideoService(avatar=None, checkpoint=None, device="auto")
+    pipeline = Pipeline([transport.input(), stt, llm, tts, avatar, transport.output()])
+
+Like Pipecat's hosted avatar services (Simli, Tavus, HeyGen), it takes the TTS audio and returns synced
+video and audio, and the transport plays the service's audio, not the TTS's:
+- consumes `TTSAudioRawFrame` (any rate, mono or interleaved stereo s16) and `TTSStoppedFrame`; each TTS
+  context (`context_id`, or the audio up to a `TTSStoppedFrame`) is one utterance of the engine;
+- on `InterruptionFrame` the engine drops what is queued (the next frame is the resting avatar and the
+  audio stops within one frame); the frame is passed on;
+- emits, paced by its own clock at the avatar's fps: one `OutputImageRawFrame` (RGB, the avatar's size)
+  per tick and, while an utterance plays, the delayed speech as `SpeechOutputAudioRawFrame` (16 kHz mono
+  s16: the output transport resamples), exactly the utterance's samples, aligned with the images; the
+  `TTSStoppedFrame` goes on when its utterance has finished playing (or was interrupted);
+- passes every other frame on.
+Output frames carry `pts` (ns) on the engine's output timeline: image k at k / fps, audio sample j at
+j / 16000.
+
+Loading (avatar preparation, renderer warm-up) runs in a thread at `StartFrame`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    SpeechOutputAudioRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.ai_service import AIService
+from pipecat.services.settings import ServiceSettings
+
+from integrations.local_engine import LocalEngine, load_local_engine
+from realtime.config import EngineConfig
+from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
+from realtime.session import LipSyncSession
+
+log = logging.getLogger(__name__)
+
+OUTPUT_RATE = 16000
+NS = 1_000_000_000
+
+
+class LipSyncVideoService(AIService):
+    def __init__(self, avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
+                 renderer: Any = None, engine_config: EngineConfig | None = None,
+                 engine: LocalEngine | None = None, **kwargs: Any) -> None:
+        """`avatar`: None (embedded default), a video/image path, or a prepared avatar. `checkpoint`: a
+        Wav2Lip checkpoint (None: the no-weights renderer). `renderer`: a ready MouthRenderer (tests).
+        `engine`: an already loaded LocalEngine shared by several bots (then the others are ignored and
+        the engine is left open at the end)."""
+        super().__init__(settings=ServiceSettings(model=None), **kwargs)
+        self._load_args = (avatar, checkpoint, device, renderer, engine_config)
+        self._shared_engine = engine
+        self._engine: LocalEngine | None = None
+        self._session: LipSyncSession | None = None
+        self._pacer: asyncio.Task | None = None
+        self._utterance: str | None = None
+        self._context: str | None = None
+        self._events: list[PlaybackEvent] = []
+        self._stops: dict[str, TTSStoppedFrame] = {}   # held back until their utterance has played
+        self._latency_s = 0.0
+
+    # -- properties ------------------------------------------------------------------------------------
+    @property
+    def fps(self) -> float:
+        return self._engine.fps if self._engine is not None else 0.0
+
+    @property
+    def latency_s(self) -> float:
+        """The engine's fixed delay from TTS audio in to the same audio (and its mouth) out (0 before
+        StartFrame)."""
+        return self._latency_s
+
+    def can_generate_metrics(self) -> bool:
+        return False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        avatar, checkpoint, device, renderer, config = self._load_args
+        if self._shared_engine is not None:
+            self._engine = self._shared_engine
+        else:
+            self._engine = await asyncio.to_thread(load_local_engine, avatar, checkpoint, device,
+                                                   renderer=renderer, config=config)
+        self._session = self._engine.open_session(self.name)
+        self._session.playback.subscribe(self._events.append)
+        self._latency_s = self._session.latency_ms / 1000.0
+        self._pacer = self.create_task(self._pace(), name="lipsync-pacer")
+
+    async def stop(self, frame: EndFrame) -> None:
+        await super().stop(frame)
+        await self._shutdown()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        await super().cancel(frame)
+        await self._shutdown()
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._pacer is not None:
+            await self.cancel_task(self._pacer)
+            self._pacer = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._engine is not None and self._engine is not self._shared_engine:
+            await asyncio.to_thread(self._engine.close)
+        self._engine = None
+
+    # -- frames in -------------------------------------------------------------------------------------
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
+            self._push_tts(frame)
+        elif isinstance(frame, TTSStoppedFrame) and direction is FrameDirection.DOWNSTREAM:
+            await self._end_utterance(frame)
+        elif isinstance(frame, InterruptionFrame):
+            self._interrupt()
+            await self.push_frame(frame, direction)
+        else:
+            await self.push_frame(frame, direction)
+
+    def _push_tts(self, frame: TTSAudioRawFrame) -> None:
+        if self._session is None:
+            return
+        context = frame.context_id
+        if self._utterance is None or (context is not None and context != self._context):
+            self._utterance = context or new_utterance_id()
+            self._context = context
+        samples = np.frombuffer(frame.audio, dtype=np.int16)
+        self._session.push_audio(samples, frame.sample_rate, frame.num_channels, utterance=self._utterance)
+
+    async def _end_utterance(self, frame: TTSStoppedFrame) -> None:
+        if self._session is None or self._utterance is None:
+            await self.push_frame(frame)
+            return
+        self._stops[self._utterance] = frame
+        self._session.end_of_audio()
+        self._utterance = None
+        self._context = None
+        await self._flush_events()   # an utterance that had already played out ends now
+
+    def _interrupt(self) -> None:
+        if self._session is not None:
+            self._session.interrupt()
+        self._utterance = None
+        self._context = None
+
+    # -- frames out ------------------------------------------------------------------------------------
+    async def _pace(self) -> None:
+        """One image per tick at the avatar's fps, and the audio of that tick, on one clock."""
+        session = self._session
+        assert session is not None and self._engine is not None
+        fps = self._engine.fps
+        width, height = self._engine.size
+        t0 = time.monotonic()
+        k = 0
+        j = 0
+        while True:
+            delay = t0 + k / fps - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
+            out = session.next_video_frame()
+            audio = session.next_audio(n)
+            voiced = session.playback.last_block_voiced
+            late = time.monotonic() - (t0 + (k + 1) / fps) > 0
+            if not late:  # behind by a whole frame: skip the image, never the audio
+                image = OutputImageRawFrame(image=cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB).tobytes(),
+                                            size=(width, height), format="RGB")
+                image.pts = round(k * NS / fps)
+                await self.push_frame(image)
+            if voiced is not None:
+                lo, hi = voiced
+                pcm = np.clip(audio[lo:hi] * 32767.0, -32768, 32767).astype(np.int16)
+                speech = SpeechOutputAudioRawFrame(audio=pcm.tobytes(), sample_rate=OUTPUT_RATE, num_channels=1)
+                speech.pts = round((j + lo) * NS / OUTPUT_RATE)
+                await self.push_frame(speech)
+            await self._flush_events()
+            k += 1
+            j += n
+
+    async def _flush_events(self) -> None:
+        events, self._events[:] = list(self._events), []
+        for event in events:
+            if isinstance(event, SpeechEnded):
+                stop = self._stops.pop(event.utterance, None)
+                if stop is not None:
+                    await self.push_frame(stop)

@@ -1,0 +1,253 @@
+"""Playback events from the session's output timeline: when each utterance is actually played.
+
+A chatbot needs to know when the avatar has finished speaking and how much of an utterance was heard
+before a barge-in. `queued_s` from wall-clock arithmetic cannot say that: the engine delays every sample
+by L, opens a new segment a frame later after an input stall, and drops the queue on interrupt. This
+module follows the audio the session hands out instead (`LipSyncSession.next_audio`), sample by sample.
+
+Timelines (realtime/clock.py): input sample n is played as output sample n + L. An utterance is a named
+set of input spans (several when its source stalled and the engine re-anchored it a frame later); its
+played amount at output position j is the part of its spans below j - L. So `position_s` is exact to the
+sample on the output timeline (the video shows the same samples one frame at a time, so it is exact to
+one frame for the picture too).
+
+Events (dataclasses; `as_json()` gives the wire shapes of the push API):
+    SpeechStarted(utterance, t)                          first sample of the utterance handed out
+    SpeechEnded(utterance, position_s, interrupted, t)   last sample handed out, or cut by interrupt();
+                                                         an utterance dropped before it started gets only
+                                                         this, with position_s 0
+    QueueChanged(queued_s, t)                            utterance audio not yet played, on a step change:
+                                                         audio queued, the queue ran empty, interrupt
+`t` is when the sample leaves on the session clock (`clock`, default time.monotonic), on the output
+schedule: origin + (output sample) / 16000, where the origin is the earliest `now - j / 16000` seen over
+the blocks pulled (the pullers pace blocks at origin + j / 16000 and wake late, never early; taking each
+pull's own `now` instead put events out of order by the wake-up jitter, 10-15 ms on a loaded machine).
+Events are delivered to subscribers synchronously, from the thread that calls the session (the server's
+event loop), at most one audio block (20 ms) before `t`.
+
+Who calls what (the session does; see the hooks in realtime/session.py):
+    on_input(utterance, start, n)   push_audio of n samples at input index `start` tagged `utterance`
+                                    (None: untracked audio such as a microphone)
+    finish()                        end_of_audio(): the current utterance is complete
+    on_output(j, n, now)            next_audio handed out output samples [j, j + n) at `now`
+    on_interrupt(j, now)            interrupt() with output samples [0, j) handed out
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+MAX_UTTERANCE_ID_CHARS = 128
+
+
+def new_utterance_id() -> str:
+    return "u-" + secrets.token_urlsafe(6)
+
+
+def valid_utterance_id(value: object) -> bool:
+    """Printable, short, no spaces: safe to echo back in JSON and logs."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_UTTERANCE_ID_CHARS and value.isprintable()
+            and not any(c.isspace() for c in value))
+
+
+class EventType(str, Enum):
+    SPEECH_STARTED = "speech_started"
+    SPEECH_ENDED = "speech_ended"
+    QUEUE = "queue"
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    utterance: str
+    t: float
+    type: EventType = EventType.SPEECH_STARTED
+
+    def as_json(self, t_offset: float = 0.0) -> dict:
+        return {"type": self.type.value, "utterance": self.utterance, "t": round(self.t + t_offset, 4)}
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    utterance: str
+    position_s: float   # how much of the utterance was played (exact to a sample, 1/16000 s)
+    interrupted: bool
+    t: float
+    type: EventType = EventType.SPEECH_ENDED
+
+    def as_json(self, t_offset: float = 0.0) -> dict:
+        return {"type": self.type.value, "utterance": self.utterance, "position_s": round(self.position_s, 5),
+                "interrupted": self.interrupted, "t": round(self.t + t_offset, 4)}
+
+
+@dataclass(frozen=True)
+class QueueChanged:
+    queued_s: float
+    t: float
+    type: EventType = EventType.QUEUE
+
+    def as_json(self, t_offset: float = 0.0) -> dict:
+        return {"type": self.type.value, "queued_s": round(self.queued_s, 3), "t": round(self.t + t_offset, 4)}
+
+
+PlaybackEvent = SpeechStarted | SpeechEnded | QueueChanged
+Listener = Callable[[PlaybackEvent], None]
+
+
+class _State(Enum):
+    PENDING = 0    # queued, nothing played yet
+    PLAYING = 1    # first sample handed out
+
+
+@dataclass
+class _Utterance:
+    id: str
+    spans: list[list[int]] = field(default_factory=list)   # [start, end) on the input timeline
+    complete: bool = False
+    state: _State = _State.PENDING
+
+    @property
+    def total(self) -> int:
+        return sum(b - a for a, b in self.spans)
+
+    def played(self, x: int) -> int:
+        """Samples of the utterance below input index x."""
+        return sum(max(0, min(b, x) - a) for a, b in self.spans)
+
+
+class PlaybackTracker:
+    def __init__(self, delay_samples: int, sample_rate: int = SAMPLE_RATE) -> None:
+        self._L = int(delay_samples)
+        self._rate = sample_rate
+        self._utterances: list[_Utterance] = []   # in input order; finished ones are removed
+        self._open: _Utterance | None = None      # the one new input is appended to
+        self._listeners: list[Listener] = []
+        self._out = 0                             # output samples handed out so far
+        self._origin: float | None = None         # session-clock time of output sample 0
+        self._last_queued = 0
+        # Offsets within the last output block that carry utterance audio: [lo, hi), or None.
+        self.last_block_voiced: tuple[int, int] | None = None
+
+    # -- subscribers --------------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(event)` for every event from now on; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, event: PlaybackEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken subscriber must not stop the media
+                log.exception("playback listener failed")
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def queued_samples(self) -> int:
+        """Utterance samples not handed out yet."""
+        x = self._out - self._L
+        return sum(u.total - u.played(x) for u in self._utterances)
+
+    @property
+    def queued_s(self) -> float:
+        return self.queued_samples / self._rate
+
+    @property
+    def current(self) -> str | None:
+        """The utterance new input is appended to, if it is still open."""
+        return self._open.id if self._open is not None else None
+
+    @property
+    def speaking(self) -> bool:
+        return any(u.state is _State.PLAYING for u in self._utterances)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def on_input(self, utterance: str | None, start: int, n: int, now: float) -> None:
+        if utterance is None or n <= 0:
+            return
+        if self._open is None or self._open.id != utterance:
+            self.finish(now)
+            self._open = _Utterance(utterance)
+            self._utterances.append(self._open)
+        spans = self._open.spans
+        if spans and spans[-1][1] == start:
+            spans[-1][1] = start + n
+        else:
+            spans.append([start, start + n])
+        self._queue_changed(now)
+
+    def finish(self, now: float) -> None:
+        """The open utterance gets no more input. One that never got any ends here, position 0."""
+        u, self._open = self._open, None
+        if u is None:
+            return
+        u.complete = True
+        if not u.spans:
+            self._utterances.remove(u)
+            self._emit(SpeechEnded(u.id, 0.0, False, now))
+        else:
+            self._advance(now, self._out, 0)
+
+    def on_output(self, j: int, n: int, now: float) -> None:
+        """Output samples [j, j + n) were handed out at `now` (the time sample j leaves)."""
+        self._out = j + n
+        origin = now - j / self._rate
+        self._origin = origin if self._origin is None else min(self._origin, origin)
+        self.last_block_voiced = self._voiced(j, n)
+        self._advance(now, j, n)
+
+    def on_interrupt(self, j: int, now: float) -> None:
+        """interrupt() after output samples [0, j) were handed out: every queued utterance ends here, at
+        the time the last handed-out sample leaves."""
+        x = j - self._L
+        if self._origin is not None:
+            now = self._origin + j / self._rate
+        for u in self._utterances:
+            self._emit(SpeechEnded(u.id, u.played(x) / self._rate, True, now))
+        self._utterances.clear()
+        self._open = None
+        self._queue_changed(now)
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _advance(self, now: float, j: int, n: int) -> None:
+        """Events for samples up to output position j + n, in sample order."""
+        x_end = j + n - self._L
+        for u in list(self._utterances):
+            first = u.spans[0][0] if u.spans else None
+            if first is None:
+                continue
+            if u.state is _State.PENDING and first < x_end:
+                u.state = _State.PLAYING
+                self._emit(SpeechStarted(u.id, self._time_of(first, now)))
+            last = u.spans[-1][1]
+            if u.state is _State.PLAYING and u.complete and last <= x_end:
+                self._utterances.remove(u)
+                self._emit(SpeechEnded(u.id, u.total / self._rate, False, self._time_of(last, now)))
+        if self._last_queued and not self.queued_samples:
+            self._queue_changed(now)
+
+    def _time_of(self, x: int, now: float) -> float:
+        """When input sample x leaves on the output schedule (`now` before any block was pulled)."""
+        if self._origin is None:
+            return now
+        return self._origin + (x + self._L) / self._rate
+
+    def _voiced(self, j: int, n: int) -> tuple[int, int] | None:
+        x0, x1 = j - self._L, j + n - self._L
+        lo, hi = n, 0
+        for u in self._utterances:
+            for a, b in u.spans:
+                if a < x1 and b > x0:
+                    lo, hi = min(lo, max(a, x0) - x0), max(hi, min(b, x1) - x0)
+        return (lo, hi) if hi > lo else None
+
+    def _queue_changed(self, now: float) -> None:
+        queued = self.queued_samples
+        if queued != self._last_queued:
+            self._last_queued = queued
+            self._emit(QueueChanged(queued / self._rate, now))

@@ -1,0 +1,135 @@
+"""The project's import graph: no cycles, and data flows one way (server -> realtime -> models).
+
+The graph is read from the source with `ast` (nothing is imported), counting every import of a project
+module: at module level, under `if TYPE_CHECKING:` and inside functions alike, because a cycle that only
+a deferred import keeps from failing at start-up still ties the modules together.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("server", "realtime", "models", "cli", "integrations")
+# package -> project packages it must never import (ARCHITECTURE.md: client_web -> server -> realtime ->
+# models; integrations are adapters over realtime/, beside the server, not on top of it).
+FORBIDDEN = {
+    "realtime": {"server", "cli", "integrations"},
+    "models": {"server", "realtime", "cli", "integrations"},
+    "integrations": {"server", "cli"},
+    "server": {"cli", "integrations"},
+}
+PROJECT = {*PACKAGES, "bench", "tests", "client_web", "scripts"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))
+            if "__pycache__" not in p.parts}
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The project module `name` refers to: itself, or the nearest enclosing module that exists
+    (`from pkg.mod import Class` names `pkg.mod.Class`, which resolves to `pkg.mod`)."""
+    while name:
+        if name in known or (ROOT / (name.replace(".", "/") + ".py")).exists():
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Project modules `module` imports. Importing `pkg.sub` runs `pkg/__init__.py` first, but that is
+    not counted: a package that re-exports its submodules would otherwise be in a cycle with each."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # `from pkg import sub` imports pkg.sub; `from pkg.mod import name` imports pkg.mod.
+            names = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in PROJECT:
+                continue
+            target = _resolve(name, known)
+            if target is not None and target != module:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = project_modules()
+    return {module: imports_of(module, path, known) for module, path in known.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (as a closed path a -> ... -> a), or None."""
+    done: set[str] = set()
+    stack: list[str] = []
+    on_stack: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in on_stack:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in done and nxt in graph:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        on_stack.discard(node)
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_checker_sees_imports_and_cycles():
+    """The checks below can fail: the graph has the edges we know of, and a planted cycle is found."""
+    graph = import_graph()
+    assert "realtime.session" in graph["server.realtime_engine"]
+    assert "models.wav2lip" in graph["realtime.renderers.wav2lip"]
+    assert "realtime.renderers.base" in graph["realtime.renderers.wav2lip"]  # `from pkg.mod import X`
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layering(package):
+    wrong = sorted(f"{module} imports {target}" for module, targets in import_graph().items()
+                   if module.split(".")[0] == package for target in targets
+                   if target.split(".")[0] in FORBIDDEN[package])
+    assert not wrong, wrong
+
+
+def test_library_code_never_imports_bench_or_tests():
+    wrong = sorted(f"{module} imports {target}" for module, targets in import_graph().items()
+                   for target in targets if target.split(".")[0] in {"bench", "tests", "scripts"})
+    assert not wrong, wrong
