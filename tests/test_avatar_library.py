@@ -154,8 +154,8 @@ def test_sessions_on_two_avatars_share_batches_when_the_renderer_mixes(speech_16
     a, b, shown = two_avatar_sessions(renderer, speech_16k)
     mixed = [c for c in renderer.calls if len(set(c)) == 2]
     assert len(mixed) >= 20, renderer.calls  # most ticks: both sessions' frames in one call
-    assert a.metrics()["frames_rendered"] > 20 and b.metrics()["frames_rendered"] > 20
-    assert a.metrics()["frames_dropped"] == b.metrics()["frames_dropped"] == 0
+    assert a.metrics().frames_rendered > 20 and b.metrics().frames_rendered > 20
+    assert a.metrics().frames_dropped == b.metrics().frames_dropped == 0
     # Each session shows its own avatar's mouth.
     assert shown["a"] and all(abs(v - 40) < 1 for v in shown["a"])
     assert shown["b"] and all(abs(v - 220) < 1 for v in shown["b"])
@@ -165,7 +165,7 @@ def test_a_renderer_that_does_not_mix_gets_one_avatar_per_batch(speech_16k):
     renderer = SeparateRenderer()
     a, b, _shown = two_avatar_sessions(renderer, speech_16k)
     assert renderer.calls and all(len(set(c)) == 1 for c in renderer.calls)
-    assert a.metrics()["frames_rendered"] > 20 and b.metrics()["frames_rendered"] > 20
+    assert a.metrics().frames_rendered > 20 and b.metrics().frames_rendered > 20
 
 
 def test_default_renderer_mixed_batch_equals_separate_calls(default_avatar):
