@@ -246,11 +246,14 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
             sent: list[tuple[str, str]] = []
             page.on("request", lambda request: sent.append((request.method, request.url)))
             page.click("#record")
+            started = time.monotonic()
             assert page.inner_text("#record") == "Stop recording"
             page.wait_for_timeout(2500)
             page.screenshot(path=str(artifacts_dir / f"browser-recording-{container}.png"))
-            page.wait_for_timeout(2500)
+            page.wait_for_timeout(max(0, 5000 - round(1000 * (time.monotonic() - started))))
             page.click("#record")
+            # ~5 s, or longer when a loaded machine made the screenshot or the clicks slow
+            recorded_s = time.monotonic() - started
             page.wait_for_function("!document.getElementById('recording').hidden", timeout=10000)
             shown = page.inner_text("#recording-details")
             shown_ms = int(page.get_attribute("#recording", "data-duration-ms") or 0)
@@ -271,11 +274,12 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
     info = read_recording(saved)
     (artifacts_dir / f"browser-recording-{container}.txt").write_text(f"{saved.name}: {info}, shown {shown!r}\n")
     assert saved.suffix == f".{container}", saved.name
-    assert shown.startswith("0:05"), shown
-    assert 4500 <= shown_ms <= 6500, shown_ms
+    assert shown.startswith(f"0:{round(shown_ms / 1000):02d}"), (shown, shown_ms)
+    assert abs(shown_ms / 1000 - recorded_s) <= 0.75, (shown_ms, recorded_s)  # the page shows what it recorded
+    assert 4500 <= shown_ms <= 8000, shown_ms
     assert info["video_streams"] == 1 and info["audio_streams"] == 1, info
-    assert 4.0 <= info["video_s"] <= 6.5, info      # the video plays for about the 5 s recorded
-    assert 4.0 <= info["audio_s"] <= 6.5, info      # and so does the avatar's audio
+    assert recorded_s - 1.0 <= info["video_s"] <= recorded_s + 1.5, (info, recorded_s)  # plays for what was recorded
+    assert recorded_s - 1.0 <= info["audio_s"] <= recorded_s + 1.5, (info, recorded_s)  # so does the avatar's audio
     assert info["video_frames"] >= 50, info          # at least 10 fps on a loaded machine
     assert info["audio_peak"] > 0.01, info           # the avatar speaks in it: not a silent track
     # Nothing was uploaded: while recording and downloading the page only polled its status (GET).
