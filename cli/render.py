@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--paste", choices=["official", "feather"], default="official",
                    help="official hard paste (parity) or a feathered, seamless blend")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (fp16)")
+    p.add_argument("--mel-alignment", choices=["official", "training"], default="official",
+                   help="where each frame's mel window starts: official (at the frame, as the official "
+                        "inference script; default) or training (one frame earlier, as Wav2Lip's training code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CheckpointError
     from models.wav2lip import load_wav2lip
     from realtime.media_io import MediaError
+    from realtime.mel import MelAlignment
     from realtime.offline import RenderOptions, render_video
 
     for label, path in (("--face", args.face), ("--audio", args.audio), ("--checkpoint", args.checkpoint)):
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         batch = args.batch_size or (128 if device.type == "cuda" else 32)
         options = RenderOptions(box=tuple(args.box) if args.box else None, pads=tuple(args.pads),
                                 smooth=not args.nosmooth, fps=args.fps, batch_size=batch,
-                                max_height=args.max_height, paste=args.paste)
+                                max_height=args.max_height, paste=args.paste,
+                                mel_alignment=MelAlignment(args.mel_alignment))
         bar = Progress("rendering", 1)
         with bar:
             def progress(done: int, total: int) -> None:

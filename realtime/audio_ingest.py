@@ -81,8 +81,8 @@ class AudioIngest:
 
     def _resample(self, mono: np.ndarray) -> np.ndarray:
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono)[None, :], format="flt", layout="mono")
+        assert self._rate is not None and self._resampler is not None
         frame.sample_rate = self._rate
-        assert self._resampler is not None
         return _frames_to_array(self._resampler.resample(frame))
 
     def _flush(self) -> np.ndarray:
@@ -180,6 +180,18 @@ class AudioRing:
         if i >= 0 and index < self._starts[i] + len(self._chunks[i]):
             return self._arrivals[i]
         return None
+
+    def move_from(self, index: int, delta: int) -> None:
+        """Move every chunk stored at or after `index` by `delta` samples (an utterance whose place on
+        the timeline was provisional). It must not overlap the chunks before it."""
+        i = bisect.bisect_left(self._starts, index)
+        if i == len(self._starts) or delta == 0:
+            return
+        if i > 0 and self._starts[i] + delta < self._starts[i - 1] + len(self._chunks[i - 1]):
+            raise ValueError(f"moving the chunks from {index} by {delta} would overlap stored audio")
+        for j in range(i, len(self._starts)):
+            self._starts[j] += delta
+        self.head += delta
 
     def discard_before(self, index: int) -> None:
         """Forget whole chunks that end at or before `index`."""

@@ -197,6 +197,7 @@ class RealtimeEngine:
             devices = ["cpu"] * len(renderers)
         else:
             from models.wav2lip import load_wav2lip
+            from realtime.mel import MelAlignment
             from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
             devices = [str(d) for d in torch_devices(entries)]
@@ -208,7 +209,8 @@ class RealtimeEngine:
             rows_from = 0 if config.paste_mode == "official" else PASTED_ROWS_FROM
             renderers = [Wav2LipRenderer(model, device=d, precision=config.precision, rows_from=rows_from,
                                          runtime=config.runtime,
-                                         min_psnr_db=config.min_psnr_db)
+                                         min_psnr_db=config.min_psnr_db,
+                                         mel_alignment=MelAlignment(config.mel_alignment))
                          for d in devices]
             if devices[0].startswith("cuda"):
                 # One GPU batch of many sessions' frames costs little more than one frame: let a worker
