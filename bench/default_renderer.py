@@ -26,16 +26,18 @@ import time
 import wave
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import cv2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from realtime.compositor import paste
+from realtime.media_io import load_audio
 from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
-from realtime.renderers.default import DefaultRenderer, render_speech_video
+from realtime.offline_builtin import frame_windows, render_avatar_speech
+from realtime.renderers.default import DefaultRenderer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.default_renderer")
 
@@ -126,7 +128,7 @@ def measure(avatar=None, wav: np.ndarray | None = None, repeats: int = 7) -> dic
     speech_s = _min_time(lambda: render_all(indices[speaking], windows[speaking]), repeats)
     params_s = _min_time(lambda: [renderer.params(windows[s:s + BATCH]) for s in range(0, n, BATCH)], repeats)
     patches = render_all(indices, windows)
-    paste_s = _min_time(lambda: [paste(avatar.frames[i], p) for i, p in zip(indices, patches)], repeats)
+    paste_s = _min_time(lambda: [paste(avatar.frames[i], p) for i, p in zip(indices, patches, strict=True)], repeats)
     h, w = avatar.frames.shape[1:3]
     y1, y2, x1, x2 = renderer.patch_box(avatar, 0)
     return {
@@ -154,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.mp4 is not None:
-        audio = args.audio if args.audio is not None else speech(args.text)
-        summary = render_speech_video(audio, args.mp4, avatar=load_avatar())
-        p = summary["params"]
+        wav = load_audio(args.audio, SAMPLE_RATE) if args.audio is not None else speech(args.text)
+        avatar = load_avatar()
+        renderer = DefaultRenderer()
+        frames = render_avatar_speech(avatar, wav, args.mp4, renderer)
+        p = renderer.params(frame_windows(wav, avatar.fps))
         log.info("%s: %d frames, %.2f s; open mean %.2f max %.2f, frames open > 0.05: %d", args.mp4,
-                 summary["frames"], summary["seconds"], p[:, 0].mean(), p[:, 0].max(), int((p[:, 0] > 0.05).sum()))
+                 frames, frames / avatar.fps, p[:, 0].mean(), p[:, 0].max(), int((p[:, 0] > 0.05).sum()))
         return 0
     result = measure(repeats=args.repeats)
     log.info("default renderer at %s (patch %s), one thread: %.2f ms/frame, %.2f ms/speech frame "

@@ -26,8 +26,8 @@ does, on one asyncio loop:
   SRTP-protected, one UDP datagram each (to a local socket nobody reads).
 
 Sessions start staggered by 1/(N fps) (independent peers connect at arbitrary phases). Not included:
-RTCP, ICE/DTLS/SCTP housekeeping, the Opus decode of a microphone. `--baseline yes` measures the server as it was before its encode
-path was tuned (bgr24 frames, aiortc's default encoder settings); `interleave` alternates both, so an
+RTCP, ICE/DTLS/SCTP housekeeping, the Opus decode of a microphone. `--baseline yes` measures the server as it was
+before its encode path was tuned (bgr24 frames, aiortc's default encoder settings); `interleave` alternates both, so an
 A/B sees the same machine load. Other processes' CPU use during each trial is reported
 (`other_processes_cores`, from /proc/stat): the machine may be shared.
 
@@ -186,7 +186,7 @@ def timed_paste(clock: StageClock) -> Iterator[None]:
 
 
 class TimedSource:
-    """The session as the tracks see it (server.tracks.MediaSource), timing the engine's calls."""
+    """The session as the tracks see it (server.engine.EngineSession), timing the engine's calls."""
 
     def __init__(self, session: Any, clock: StageClock) -> None:
         self.session = session

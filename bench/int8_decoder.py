@@ -191,8 +191,8 @@ def int8_qconfig(reduce_range: bool = False, histogram: bool = True, transposed:
 
 @torch.no_grad()
 def quantize_decoder(fast: CachedWav2Lip, calibration: Iterable[tuple[Tensor, list[Tensor]]], rows_from: int = 36,
-                     *, float_parts: Sequence[str] = DEFAULT_FLOAT_PARTS, reduce_range: bool = False, histogram: bool = True,
-                     engine: str = "x86") -> Int8BandDecoder:
+                     *, float_parts: Sequence[str] = DEFAULT_FLOAT_PARTS, reduce_range: bool = False,
+                     histogram: bool = True, engine: str = "x86") -> Int8BandDecoder:
     """CachedWav2Lip (cache_heads=True, fp32) -> calibrated int8 Int8BandDecoder for that row band.
 
     calibration: (mel (B, 1, 80, 16) float, `FaceCache.select(...)` tensors) pairs, a few hundred frames.

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        paths["onnxruntime"] = lambda idx, mel: session.run(None, dict(zip(names, [mel, *(a[idx] for a in arrays)])))[0]
+        paths["onnxruntime"] = lambda idx, mel: session.run(
+            None, dict(zip(names, [mel, *(a[idx] for a in arrays)], strict=True)))[0]
     except ImportError:
         log.info("onnxruntime not installed: skipped")
     for precision in ("fp32",) if args.fp32_only else ("fp32", "bf16"):

@@ -94,7 +94,7 @@ def eager_uint8(model: Wav2Lip, crops: np.ndarray, mels: np.ndarray, device: str
 def best_fps(fns: dict[str, callable], frames: int, rounds: int) -> dict[str, float]:
     """Interleaved rounds, best per name; each call renders `frames` frames."""
     best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn()  # warm-up
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -111,9 +111,10 @@ def throughput(model, renderers, avatar, crops, mels, rounds, device="cpu") -> d
         calls = max(1, 16 // batch)  # >= 16 frames per timed call at small batches
         idx = [np.arange(c * batch, (c + 1) * batch) % n for c in range(calls)]
         win = [mels[np.arange(c * batch, (c + 1) * batch) % len(mels)] for c in range(calls)]
-        fns = {"eager": lambda: [eager_uint8(model, crops[i], w, device) for i, w in zip(idx, win)]}
+        fns = {"eager": lambda idx=idx, win=win: [eager_uint8(model, crops[i], w, device)
+                                                  for i, w in zip(idx, win, strict=True)]}
         for name, r in renderers.items():
-            fns[name] = (lambda r=r: [r.render(avatar, i, w) for i, w in zip(idx, win)])
+            fns[name] = (lambda r=r, idx=idx, win=win: [r.render(avatar, i, w) for i, w in zip(idx, win, strict=True)])
         for name, fps in best_fps(fns, calls * batch, rounds).items():
             out[name][str(batch)] = fps
         log.info("batch %2d: %s", batch, "  ".join(f"{k} {v[str(batch)]:.1f} fps" for k, v in out.items()))
@@ -242,8 +243,9 @@ def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int, wav: np.ndarra
     for batch in BATCHES:
         idx = np.arange(batch) % n
         win = mels[np.arange(batch) % len(mels)]
-        fps = best_fps({"eager_fp32": sync(lambda: eager_uint8(gmodel, crops[idx], win, device)),
-                        "wav2lip_fp16": sync(lambda: renderer.render(avatar, idx, win))}, batch, max(rounds, 5))
+        fns = {"eager_fp32": sync(lambda idx=idx, win=win: eager_uint8(gmodel, crops[idx], win, device)),
+               "wav2lip_fp16": sync(lambda idx=idx, win=win: renderer.render(avatar, idx, win))}
+        fps = best_fps(fns, batch, max(rounds, 5))
         for k, v in fps.items():
             out[k][str(batch)] = v
     acc = accuracy(model, {"wav2lip_fp16": renderer}, avatar, crops, mels)
@@ -347,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "default_sessions_25fps": sessions.get("default", {}).get("sessions_25fps"),
         "wav2lip_sessions_25fps": sessions.get("wav2lip", {}).get("sessions_25fps"),
         "gpu_wav2lip_sessions_25fps": gpu.get("sessions_25fps") if gpu else None,
-        "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)" + (f"; gpu: {gpu['device']}" if gpu and "device" in gpu else ""),
+        "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
+                  + (f"; gpu: {gpu['device']}" if gpu and "device" in gpu else ""),
         "fps_unit": "frames/s per batch size (keys: batch)",
         "variants_fps": fps, "accuracy": acc,
         "sessions": {k: v["sessions_25fps"] for k, v in sessions.items()},

@@ -42,3 +42,31 @@ class Progress:
         end = "\n" if final or not self._tty else ""
         self.stream.write(("\r" if self._tty else "") + line + end)
         self.stream.flush()
+
+
+class PhaseBars:
+    """One bar per phase of a job (`update(phase, done, total)`); a new phase closes the previous bar."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream
+        self._phase: object = None
+        self._bar: Progress | None = None
+
+    def __enter__(self) -> "PhaseBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, phase: object, done: int, total: int) -> None:
+        if phase != self._phase or self._bar is None:
+            self.close()
+            self._phase = phase
+            self._bar = Progress(str(getattr(phase, "value", phase)), total, stream=self.stream).__enter__()
+        self._bar.total = max(int(total), done, 1)
+        self._bar.update(done - self._bar.done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None

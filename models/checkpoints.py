@@ -21,11 +21,14 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # load_into and place return the module they are given
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _ZIP_END = b"PK\x05\x06"  # zip end-of-central-directory record: the last thing written, first lost in a cut download
@@ -201,7 +204,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | 
                           f"{len(own)} expected); " + "; ".join(parts))
 
 
-def load_into(model: nn.Module, path: str | os.PathLike, expected: str) -> nn.Module:
+def load_into(model: ModuleT, path: str | os.PathLike, expected: str) -> ModuleT:
     """Load checkpoint `path` into `model` (strictly, after checking), return `model`. `expected`: ARCHITECTURES key."""
     state = extract_state_dict(load_checkpoint_file(path), path)
     check_state_dict(model, state, path, expected)
@@ -221,7 +224,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def place(model: nn.Module, device: str | torch.device) -> nn.Module:
+def place(model: ModuleT, device: str | torch.device) -> ModuleT:
     """Move an eval-mode model to `device`: fp16 on CUDA (the speed path), fp32 on CPU."""
     dev = resolve_device(device)
     model = model.to(dev)

@@ -7,10 +7,14 @@ keys such as `face_encoder_blocks.1.0.conv_block.0.weight` (the conv) and `...co
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # the functions below return the module type they are given
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ def _fold_pair(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None
     """Rewrite `conv` in place so that conv'(x) == bn(conv(x)) with the BatchNorm's running statistics."""
     if conv.groups != 1:
         raise ValueError("fold_batchnorm only handles groups=1 convolutions")
+    if bn.weight is None or bn.bias is None or bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm needs an affine BatchNorm2d with running statistics")
     # float64 for the arithmetic: the folded weights then differ from the exact product by one rounding.
     scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
     weight = conv.weight.detach().double()
@@ -63,7 +69,7 @@ def _fold_pair(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
 
 
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(model: ModuleT, inplace: bool = False) -> ModuleT:
     """Fold every eval-mode BatchNorm2d into the conv right before it in the same nn.Sequential.
 
     Inference only: the BatchNorm is replaced by nn.Identity, so the result's state_dict no longer
@@ -77,7 +83,7 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
-        for (_, first), (name, second) in zip(children, children[1:]):
+        for (_, first), (name, second) in itertools.pairwise(children):
             if isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(second, nn.BatchNorm2d):
                 _fold_pair(first, second)
                 setattr(module, name, nn.Identity())
@@ -112,7 +118,7 @@ class InferConv(nn.Module):
         return out.relu_()
 
 
-def to_infer_blocks(module: nn.Module) -> nn.Module:
+def to_infer_blocks(module: ModuleT) -> ModuleT:
     """Replace every (folded) ConvBlock / ConvTransposeBlock inside `module` by an InferConv, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, (ConvBlock, ConvTransposeBlock)):

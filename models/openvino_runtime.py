@@ -17,6 +17,7 @@ the output is (B, 3, 96 - rows_from, 96) float32 in (0, 1), like `CachedWav2Lip.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import warnings
@@ -36,7 +37,7 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 def available() -> bool:
     """True when the `openvino` package imports (it is a dependency, but keep the torch path as fallback)."""
     try:
-        import openvino
+        importlib.import_module("openvino")
     except Exception:  # a broken install must not take the server down: torch still works
         return False
     return True
@@ -73,8 +74,6 @@ def export_frame_model(net: CachedWav2Lip, cached_example: Sequence[Tensor], row
 
     cached_example: one frame's (or a few frames') cached tensors, as `FaceCache.select` returns them.
     """
-    import openvino as ov
-
     if net.channels_last:
         raise ValueError("export an NCHW CachedWav2Lip (channels_last=False): ONNX graphs are NCHW")
     graph = _FrameGraph(net, rows_from).eval().float()
@@ -84,7 +83,9 @@ def export_frame_model(net: CachedWav2Lip, cached_example: Sequence[Tensor], row
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the shape checks in forward (constant here)
-        torch.onnx.export(graph, (audio, *cached), buffer, input_names=names, output_names=["patch"],
+        # The TorchScript exporter (dynamo=False) writes to file objects; torch annotates `f` as a path only.
+        torch.onnx.export(graph, (audio, *cached), buffer,  # type: ignore[arg-type]
+                          input_names=names, output_names=["patch"],
                           dynamic_axes={n: {0: "batch"} for n in [*names, "patch"]},
                           opset_version=17, dynamo=False)
     return _core().read_model(buffer.getvalue())

@@ -28,7 +28,7 @@ import contextlib
 import inspect
 import logging
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     while b < max_batch:  # beyond the table: keep doubling
         sizes.append(b)
         b *= 2
-    return tuple(sizes) + (max_batch,)
+    return (*sizes, max_batch)
 
 
 def _static_like(t: Tensor, rows: int) -> Tensor:
@@ -137,7 +137,7 @@ class StaticBatchRunner:
         """Whether `cache` has the layout the static row buffers were made for."""
         return (cache.heads == self.heads and len(cache.tensors) == len(self._rows)
                 and all(t.shape[1:] == r.shape[1:] and t.dtype == r.dtype and t.device == r.device
-                        for t, r in zip(cache.tensors, self._rows)))
+                        for t, r in zip(cache.tensors, self._rows, strict=True)))
 
     def capture(self) -> bool:
         """Capture every bucket as a CUDA graph (once). False, with graphs off, on CPU or on failure."""
@@ -181,7 +181,7 @@ class StaticBatchRunner:
                 self._host_index[b:n] = int(indices[-1])
             self._mel[:n].copy_(self._host_mel[:n], non_blocking=True)
             self._index[:n].copy_(self._host_index[:n], non_blocking=True)
-            for src, dst in zip(cache.tensors, self._rows):
+            for src, dst in zip(cache.tensors, self._rows, strict=True):
                 _gather_rows(src, self._index[:n], dst[:n])
             graph = self._graphs.get(n)
             if graph is not None:
@@ -209,7 +209,7 @@ class StaticBatchRunner:
 
     def _capture_all(self) -> dict[int, tuple[torch.cuda.CUDAGraph, Tensor]]:
         graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        kwargs = {"capture_error_mode": "thread_local"} if _CAPTURE_ERROR_MODE else {}
+        kwargs: dict[str, Any] = {"capture_error_mode": "thread_local"} if _CAPTURE_ERROR_MODE else {}
         with torch.inference_mode(), self._on_device():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -137,7 +137,7 @@ class Wav2Lip(nn.Module):
     def decode(self, audio: Tensor, face_features: list[Tensor]) -> Tensor:
         """Mel window (B, 1, 80, 16) or audio embedding (B, 512, 1, 1) + encoder features -> (B, 3, 96, 96)."""
         x = self.encode_audio(audio) if audio.shape[-2:] == (MEL_BINS, MEL_STEPS) else audio
-        for block, skip in zip(self.face_decoder_blocks, reversed(face_features)):
+        for block, skip in zip(self.face_decoder_blocks, reversed(face_features), strict=True):
             x = torch.cat((block(x), skip), dim=1)  # [decoder output, encoder feature]
         return self.output_block(x)
 
@@ -207,7 +207,7 @@ def cache_values(cache_heads: bool, rows_from: int = 0) -> int:
     shapes = _HEAD_SHAPES if cache_heads else _FEATURE_SHAPES
     plan = _static_band_plan(rows_from)
     return sum(c * (size - (out if cache_heads else inp)) * size
-               for (c, size), (inp, out) in zip(shapes, plan))
+               for (c, size), (inp, out) in zip(shapes, plan, strict=True))
 
 
 def _static_band_plan(rows_from: int) -> list[tuple[int, int]]:
@@ -241,17 +241,24 @@ def _split_input_channels(conv: nn.Conv2d | nn.ConvTranspose2d, n_first: int) ->
 
 def _conv_like(conv: nn.Conv2d | nn.ConvTranspose2d, weight: Tensor, bias: Tensor | None) -> nn.Module:
     """A conv with `conv`'s geometry and the given weight (its in/out channels follow from the weight)."""
+    kernel, stride, padding = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
     if isinstance(conv, nn.ConvTranspose2d):
-        new: nn.Module = nn.ConvTranspose2d(weight.shape[0], weight.shape[1], conv.kernel_size, conv.stride,
-                                            conv.padding, conv.output_padding, bias=bias is not None,
-                                            device="meta")
+        new: nn.Module = nn.ConvTranspose2d(weight.shape[0], weight.shape[1], kernel, stride, padding,
+                                            _pair(conv.output_padding), bias=bias is not None, device="meta")
     else:
-        new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+        new = nn.Conv2d(weight.shape[1], weight.shape[0], kernel, stride, padding,
                         bias=bias is not None, device="meta")
     new.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return new
+
+
+def _pair(value: str | tuple[int, ...]) -> tuple[int, int]:
+    """A 2-d conv's (h, w) geometry attribute; torch types them as tuples of any length (or a padding mode)."""
+    if isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"expected a 2-d conv geometry, got {value!r}")
+    return value[0], value[1]
 
 
 @dataclass
@@ -281,7 +288,7 @@ class FaceCache:
         """
         if rows is None:
             return [t.index_select(0, index) for t in self.tensors]
-        return [t[:, :, r:].index_select(0, index) for t, r in zip(self.tensors, rows)]
+        return [t[:, :, r:].index_select(0, index) for t, r in zip(self.tensors, rows, strict=True)]
 
 
 class CachedWav2Lip(nn.Module):
@@ -314,10 +321,10 @@ class CachedWav2Lip(nn.Module):
         self.face_encoder_blocks = folded.face_encoder_blocks
         self.audio_encoder = folded.audio_encoder
         self.stage0 = folded.face_decoder_blocks[0]
-        stages = list(folded.face_decoder_blocks[1:]) + [folded.output_block]
+        stages = [*folded.face_decoder_blocks[1:], folded.output_block]
         skip_channels = [_out_channels(block) for block in reversed(folded.face_encoder_blocks)]
         self.full_heads, self.dec_heads, self.face_heads, self.tails = (nn.ModuleList() for _ in range(4))
-        for stage, n_skip in zip(stages, skip_channels):
+        for stage, n_skip in zip(stages, skip_channels, strict=True):
             conv = stage[0].conv  # its ReLU runs in forward, after the cached term is added
             self.full_heads.append(conv)
             head_x, head_f = _split_input_channels(conv, conv.in_channels - n_skip)
@@ -330,7 +337,8 @@ class CachedWav2Lip(nn.Module):
         else:
             self.dec_heads, self.face_heads = nn.ModuleList(), nn.ModuleList()
         if channels_last:
-            self.to(memory_format=torch.channels_last)
+            # Module.to accepts memory_format (documented); torch's overloads for it omit the keyword.
+            self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.eval()
 
     def encode_face(self, face: Tensor) -> list[Tensor]:
@@ -350,9 +358,9 @@ class CachedWav2Lip(nn.Module):
             feats = self.encode_face(face[start:start + batch_size].contiguous(memory_format=fmt))
             # Stage k (1..6) takes encoder feature 7-k, deepest first; the output block takes feature 0.
             skips = list(reversed(feats))
-            terms = [head(f) for head, f in zip(self.face_heads, skips)] if self.cache_heads else skips
-            chunks.append([t[:, :, r:] for t, r in zip(terms, rows)])
-        tensors = [torch.cat(parts, dim=0).contiguous(memory_format=fmt) for parts in zip(*chunks)]
+            terms = [head(f) for head, f in zip(self.face_heads, skips, strict=True)] if self.cache_heads else skips
+            chunks.append([t[:, :, r:] for t, r in zip(terms, rows, strict=True)])
+        tensors = [torch.cat(parts, dim=0).contiguous(memory_format=fmt) for parts in zip(*chunks, strict=True)]
         return FaceCache(tensors, heads=self.cache_heads, rows_from=rows_from)
 
     def _heads(self) -> nn.ModuleList:
@@ -371,8 +379,8 @@ class CachedWav2Lip(nn.Module):
             raise ValueError(f"rows_from must be in [0, {FACE_SIZE}), got {rows_from}")
         plan: list[tuple[int, int]] = []
         need = rows_from  # first row that must be exact at the current stage's output
-        for head, tail in zip(reversed(self._heads()), reversed(self.tails)):
-            halo = sum(m.padding[0] for m in tail.modules() if isinstance(m, nn.Conv2d))
+        for head, tail in zip(reversed(self._heads()), reversed(self.tails), strict=True):
+            halo = sum(_pair(m.padding)[0] for m in tail.modules() if isinstance(m, nn.Conv2d))
             need_head = max(need - halo, 0)
             if isinstance(head, nn.ConvTranspose2d):
                 if head.stride[0] == 1:  # 1x1 -> 3x3 (stage 1): tiny, always whole
@@ -382,11 +390,13 @@ class CachedWav2Lip(nn.Module):
                         raise ValueError("band decoding assumes kernel 3, stride 2, padding 1 upsampling")
                     first_in = need_head // 2
                     first_out = 2 * first_in
-            else:
+            elif isinstance(head, nn.Conv2d):
                 if head.stride[0] != 1:
                     raise ValueError("band decoding assumes stride-1 convs")
-                first_in = max(need_head - head.padding[0], 0)
+                first_in = max(need_head - _pair(head.padding)[0], 0)
                 first_out = first_in
+            else:
+                raise TypeError(f"band decoding expects conv heads, got {type(head).__name__}")
             plan.append((first_in, first_out))
             need = first_in
         return plan[::-1]
@@ -407,7 +417,7 @@ class CachedWav2Lip(nn.Module):
         """
         x = self.stage0(self.audio_encoder(audio))
         if rows_from == 0:
-            for k, (tail, term) in enumerate(zip(self.tails, cached)):
+            for k, (tail, term) in enumerate(zip(self.tails, cached, strict=True)):
                 if self.cache_heads:
                     x = self.dec_heads[k](x)
                     x += term
@@ -416,7 +426,8 @@ class CachedWav2Lip(nn.Module):
                 x = tail(x.relu_())
             return x
         start = 0  # global row of x's first row
-        for k, ((first_in, first_out), tail, term) in enumerate(zip(self.band_plan(rows_from), self.tails, cached)):
+        bands = zip(self.band_plan(rows_from), self.tails, cached, strict=True)
+        for k, ((first_in, first_out), tail, term) in enumerate(bands):
             if first_in > start:
                 x = x[:, :, first_in - start:]
             rows = x.shape[2] * (2 if isinstance(self._heads()[k], nn.ConvTranspose2d) and k else 1)
@@ -433,5 +444,9 @@ class CachedWav2Lip(nn.Module):
         return x[:, :, rows_from - start:]
 
 
-def _out_channels(stage: nn.Sequential) -> int:
-    return stage[-1].conv.out_channels
+def _out_channels(stage: nn.Module) -> int:
+    """Output channels of a face-encoder stage (an nn.Sequential of InferConv blocks): its last conv's."""
+    conv = stage[-1].conv if isinstance(stage, nn.Sequential) else None
+    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+        raise TypeError(f"expected a stage of folded conv blocks, got {type(stage).__name__}")
+    return conv.out_channels

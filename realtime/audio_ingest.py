@@ -76,13 +76,13 @@ class AudioIngest:
         if self._resampler is None:
             pieces.append(np.array(mono, dtype=np.float32, copy=True))
         else:
-            pieces.append(self._resample(mono))
+            pieces.append(self._resample(mono, sample_rate))
         return _concat(pieces)
 
-    def _resample(self, mono: np.ndarray) -> np.ndarray:
+    def _resample(self, mono: np.ndarray, sample_rate: int) -> np.ndarray:
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono)[None, :], format="flt", layout="mono")
-        assert self._rate is not None and self._resampler is not None
-        frame.sample_rate = self._rate
+        frame.sample_rate = sample_rate
+        assert self._resampler is not None
         return _frames_to_array(self._resampler.resample(frame))
 
     def _flush(self) -> np.ndarray:

@@ -20,10 +20,10 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -254,7 +254,7 @@ class Track:
         return ~np.isnan(self.boxes[:, 0])
 
 
-def track_faces(frames: Iterator[np.ndarray] | Sequence[np.ndarray], detector, total: int,
+def track_faces(frames: Iterable[np.ndarray], detector, total: int,
                 keep: list[np.ndarray] | None = None, progress: Progress | None = None) -> Track:
     """Detect on every frame, tracking from the previous one; `keep` collects the frames seen."""
     boxes: list[np.ndarray] = []
@@ -395,11 +395,10 @@ def lower_face_masks(landmarks: np.ndarray, boxes: np.ndarray, size: int = CROP_
     for i, (y1, y2, x1, x2) in enumerate(boxes):
         pts = landmarks[i]
         sx, sy = size / max(1, x2 - x1), size / max(1, y2 - y1)
-        to_crop = lambda p: np.stack([(p[:, 0] - x1) * sx, (p[:, 1] - y1) * sy], axis=1)
-        poly = to_crop(pts[list(FACE_OVAL)])
-        mask = np.zeros((size, size), np.float32)
+        poly = _to_crop(pts[list(FACE_OVAL)], x1, y1, sx, sy)
+        mask: np.ndarray = np.zeros((size, size), np.float32)
         cv2.fillPoly(mask, [np.round(poly * 4).astype(np.int32)], 1.0, lineType=cv2.LINE_AA, shift=2)
-        nose_y = float(to_crop(pts[[NOSE_BOTTOM]])[0, 1])
+        nose_y = float(_to_crop(pts[[NOSE_BOTTOM]], x1, y1, sx, sy)[0, 1])
         rows = np.clip((np.arange(size) - nose_y) / ramp + 0.5, 0, 1)  # soft edge under the nose
         mask *= rows[:, None]
         # Keep the feather inside the outline, then soften: the patch fades out before the cheek edge.
@@ -407,6 +406,11 @@ def lower_face_masks(landmarks: np.ndarray, boxes: np.ndarray, size: int = CROP_
         mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=size / 48)
         out[i] = np.clip(mask * 255 + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+def _to_crop(points: np.ndarray, x1: float, y1: float, sx: float, sy: float) -> np.ndarray:
+    """Frame-pixel (x, y[, z]) points -> (N, 2) coordinates in a crop whose corner is (x1, y1), scaled by (sx, sy)."""
+    return np.stack([(points[:, 0] - x1) * sx, (points[:, 1] - y1) * sy], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,18 +495,18 @@ def _build(frames: np.ndarray, face: FaceTrack, fps: float, loop: str, source: s
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray:
     """Stack without holding two copies of a long clip: each frame is freed once copied."""
-    out = np.empty((len(frames),) + frames[0].shape, np.uint8)
+    out = np.empty((len(frames), *frames[0].shape), np.uint8)
     for i in range(len(frames)):
         out[i] = frames[i]
         frames[i] = None  # type: ignore[call-overload]
     return out
 
 
-def _prepare_fresh(path: Path, config: AvatarConfig, progress: Progress | None) -> Avatar:
+def _prepare_fresh(path: Path, config: AvatarConfig, loop: str, progress: Progress | None) -> Avatar:
     detector = _detector(config)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        image, native = _read_still(path, config)
-        return _prepare_still(image, native, detector, config, str(path), progress)
+        image, still_height = _read_still(path, config)
+        return _prepare_still(image, still_height, detector, config, loop, str(path), progress)
     fps, expected, frames_iter = _iter_video(path, config)
     native = _native_height(path)
     kept: list[np.ndarray] = []
@@ -510,10 +514,10 @@ def _prepare_fresh(path: Path, config: AvatarConfig, progress: Progress | None) 
     if not kept:
         raise AvatarError(f"{path}: the video stream holds zero frames; give a video with at least one frame")
     if len(kept) == 1:  # a one-frame video is a still
-        return _prepare_still(kept[0], native, detector, config, str(path), progress)
+        return _prepare_still(kept[0], native, detector, config, loop, str(path), progress)
     h, w = kept[0].shape[:2]
     face = finish_track(track, config, w, h, str(path), native)
-    return _build(_stack(kept), face, fps, config.loop, path.name)
+    return _build(_stack(kept), face, fps, loop, path.name)
 
 
 def _native_height(path: Path) -> int | None:
@@ -528,18 +532,18 @@ def _native_height(path: Path) -> int | None:
         return None
 
 
-def _prepare_still(image: np.ndarray, native: int | None, detector, config: AvatarConfig, source: str,
-                   progress: Progress | None) -> Avatar:
+def _prepare_still(image: np.ndarray, native: int | None, detector, config: AvatarConfig, loop: str,
+                   source: str, progress: Progress | None) -> Avatar:
     h, w = image.shape[:2]
     first = track_faces([image], detector, 1)
     face = finish_track(first, config, w, h, source, native)  # raises for no face / too small
     name = Path(source).name
     n = max(1, round(config.still_seconds * config.fps))
     if n == 1:
-        return _build(image[None].copy(), face, config.fps, config.loop, name)
+        return _build(image[None].copy(), face, config.fps, loop, name)
     frames = animate_still(image, first.boxes[0], n, progress=progress)
     track = track_faces(frames, detector, n)
-    return _build(frames, finish_track(track, config, w, h, source), config.fps, config.loop, name)
+    return _build(frames, finish_track(track, config, w, h, source), config.fps, loop, name)
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], header: dict, loop: str) -> Avatar:
@@ -602,7 +606,7 @@ def prepare_avatar(path: str | Path, *, config: AvatarConfig | None = None, cach
             except avatar_cache.CacheFormatError as exc:
                 log.warning("ignoring a damaged cache entry (%s); preparing again", exc)
     start = time.perf_counter()
-    avatar = _prepare_fresh(path, replace(config, loop=loop), progress)
+    avatar = _prepare_fresh(path, config, loop, progress)
     log.info("%s: prepared %d frames %dx%d at %.2f fps in %.1f s", path.name, len(avatar), *avatar.size,
              avatar.fps, time.perf_counter() - start)
     if entry is not None and write_cache:

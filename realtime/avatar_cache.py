@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def load(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     try:
         for name in header.get("arrays", []):
-            mode = "r" if name == "frames" else None
+            mode: Literal["r"] | None = "r" if name == "frames" else None
             arrays[name] = np.load(directory / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CacheFormatError(f"{directory}: damaged array file ({exc})") from None

@@ -71,7 +71,7 @@ def paste(frame: np.ndarray, patch: MouthPatch, mode: str = "feather", strength:
         region[...] = resized
         return out
     if mode == "official":
-        alpha = np.full(region.shape[:2], strength, dtype=np.float32)
+        alpha: np.ndarray = np.full(region.shape[:2], strength, dtype=np.float32)
     elif patch.alpha is not None:
         alpha = patch.alpha.astype(np.float32, copy=False)
         if alpha.shape != (h, w):

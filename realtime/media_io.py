@@ -161,6 +161,7 @@ class Mp4Writer:
             self._audio = self._container.add_stream("aac", rate=48000)
             self._audio.layout = "mono"
         self.frames_written = 0
+        self._closed = False
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -198,9 +199,9 @@ class Mp4Writer:
         self._pending_audio = None
 
     def close(self) -> None:
-        if self._container is None:
+        if self._closed:
             return
         self._container.mux(self._video.encode(None))
         self._write_audio()
         self._container.close()
-        self._container = None
+        self._closed = True

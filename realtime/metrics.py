@@ -45,7 +45,7 @@ class Histogram:
     def as_dict(self) -> dict:
         with self._lock:
             cumulative, running = {}, 0
-            for bound, c in zip(self.buckets, self._counts):
+            for bound, c in zip(self.buckets, self._counts[:-1], strict=True):  # [-1]: +Inf, below
                 running += c
                 cumulative[_fmt(bound)] = running
             cumulative["+Inf"] = running + self._counts[-1]

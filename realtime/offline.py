@@ -19,6 +19,7 @@ import torch
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_model, to_uint8
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
 from realtime.mel import MelAlignment, mel_windows, melspectrogram
+from realtime.renderers.base import int_box
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _face_boxes(frames: list[np.ndarray], options: RenderOptions, face: Path) ->
         return np.array([_fixed_box(options.box, frames[0].shape, face)] * len(frames), dtype=np.int32)
     from realtime.avatar import AvatarConfig, detect_face_boxes  # detector loads only when needed
 
-    config = AvatarConfig(pads=tuple(options.pads), smooth=options.smooth)
+    config = AvatarConfig(pads=options.pads, smooth=options.smooth)
     boxes, _mouth = detect_face_boxes(frames, config, source=str(face))
     return np.asarray(boxes, dtype=np.int32)
 
@@ -106,9 +107,9 @@ def render_video(face: str | Path, audio: str | Path, model: Wav2Lip, output: st
             idx = [i % len(frames) for i in range(start, min(n_out, start + options.batch_size))]
             crops = np.stack([cv2.resize(_crop(frames[i], boxes[i]), (96, 96)) for i in idx])
             mouths = predict_mouths(model, crops, windows[start:start + len(idx)])
-            for i, mouth in zip(idx, mouths):
+            for i, mouth in zip(idx, mouths, strict=True):
                 frame = frames[i].copy()
-                box = tuple(int(v) for v in boxes[i])
+                box = int_box(boxes[i])
                 if compositor is None:
                     paste_official(frame, mouth, box)
                 else:

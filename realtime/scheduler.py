@@ -87,12 +87,12 @@ class CostModel:
         if not self.by_size:
             return 0.0 if self.per_frame is None else self.per_frame * b
         sizes = sorted(self.by_size)
-        lo = max((s for s in sizes if s < b), default=None)
-        hi = min((s for s in sizes if s > b), default=None)
-        if lo is None:
-            return self.by_size[sizes[0]]  # below the smallest seen size (hi is sizes[0])
-        if hi is None:
-            return self.by_size[lo] * b / lo
+        below, above = [s for s in sizes if s < b], [s for s in sizes if s > b]
+        if not below:
+            return self.by_size[above[0]]
+        if not above:
+            return self.by_size[below[-1]] * b / below[-1]
+        lo, hi = below[-1], above[0]
         c_lo, c_hi = self.by_size[lo], self.by_size[hi]
         return c_lo + (c_hi - c_lo) * (b - lo) / (hi - lo)
 
@@ -195,7 +195,7 @@ class RenderWorker:
 
     probe_after_s = 0.5  # render at least one job this often so the cost estimate can recover
     gather_safety = 1.25  # a gathering batch stops waiting when 1.25x the cost of one more would miss
-    curve_sizes = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
+    curve_sizes: tuple[int, ...] = (2, 4, 8)  # batch sizes measured at warm-up (capped at max_batch): the cost curve
 
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
                  clock: Clock = time.monotonic) -> None:

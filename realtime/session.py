@@ -70,6 +70,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -406,19 +407,16 @@ class LipSyncSession:
                 self._worker.submit(RenderJob(
                     owner=self, key=k, avatar=self.avatar, avatar_index=plan.avatar_index, mel=mel,
                     deadline=self._vclock.expected_time(k, now) - self._margin, ready_at=now,
-                    deliver=self._deliverer(self._gen),
+                    deliver=partial(self._receive, self._gen),
                     batch_hint=self.timeline.batch_frames, starts_utterance=starts_utterance))
                 self._metrics.frames_submitted += 1
         i_next = seg.next_i
         seg.discard_columns_before(tl.window_start_column(i_next))
         seg.speech.discard_before(round(i_next * self._spf) - self._hangover)
 
-    def _deliverer(self, gen: int) -> Callable[[RenderResult], None]:
-        """The job's delivery callback (runs on the worker thread): only hands the result over, tagged
-        with the interrupt generation it was asked for."""
-        def deliver(result: RenderResult) -> None:
-            self._inbox.append((gen, result))
-        return deliver
+    def _receive(self, gen: int, result: RenderResult) -> None:
+        """The worker thread's delivery: tagged with the generation its job was submitted in."""
+        self._inbox.append((gen, result))
 
     def _drain(self) -> None:
         while self._inbox:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import make_speech
 from bench.sessions import to_16k
 from realtime.mel import mel_windows, melspectrogram
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = ("Peter picked a few bright purple plums. How much would you pay for them? "
         "Maybe, oh yes, we all agree: five fine figs and a cheese sandwich.")

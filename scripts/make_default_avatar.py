@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("wrote %s (%.0f KB): %d frames, box %s", DEFAULT_AVATAR_TRACK,
              DEFAULT_AVATAR_TRACK.stat().st_size / 1024, len(decoded), result.boxes[0].tolist())
     if args.preview:
-        picks = np.linspace(0, len(decoded) - 1, 6).astype(int).tolist() + [BLINKS[0] + 2]
+        picks = [*np.linspace(0, len(decoded) - 1, 6).astype(int).tolist(), BLINKS[0] + 2]
         sheet = np.concatenate([decoded[i] for i in picks], axis=1)
         cv2.imwrite(str(args.preview), sheet)
     return 0

@@ -23,7 +23,7 @@ aiortc.rtcrtpsender looks up for each new sender (audio and other codecs are pas
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import aiortc.rtcrtpsender
 from aiortc.codecs import get_encoder as aiortc_get_encoder
@@ -65,8 +65,8 @@ class _Tuned:
     """Mixin for an aiortc encoder that keeps its codec context in `self.codec` (created lazily on
     the first frame and again on a size or bitrate change): each new context gets the overrides."""
 
-    OPTIONS: dict[str, str] = {}
-    THREADS: int | None = None
+    OPTIONS: ClassVar[dict[str, str]] = {}
+    THREADS: ClassVar[int | None] = None
 
     @property
     def codec(self) -> Any:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class EngineSession(Protocol):
     """The calls the server makes on a realtime.session.LipSyncSession."""
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> None: ...
+    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> int: ...
 
     def next_video_frame(self) -> Any: ...  # VideoOut: .image (H, W, 3) BGR uint8
 

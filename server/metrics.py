@@ -28,7 +28,7 @@ class Totals:
     HISTOGRAMS = ("latency_ms", "render_ms")
 
     def __init__(self) -> None:
-        self.counters = {name: 0 for name in self.COUNTERS}
+        self.counters: dict[str, float] = {name: 0 for name in self.COUNTERS}
         self.histograms: dict[str, dict] = {name: merge_histograms([]) for name in self.HISTOGRAMS}
 
     def add(self, metrics: Mapping) -> None:
@@ -79,16 +79,16 @@ def render_metrics(state: "ServerState") -> str:
     page.cumulative_histogram(
         "lipsync_latency_milliseconds",
         "Audio in to mouth on screen (server side), per rendered frame, all sessions.",
-        merge_histograms([retired.histograms["latency_ms"]] + [m.get("latency_ms") for _, m in live]))
+        merge_histograms([retired.histograms["latency_ms"], *(m.get("latency_ms") for _, m in live)]))
     page.cumulative_histogram(
         "lipsync_render_milliseconds", "Renderer time per frame, all sessions.",
-        merge_histograms([retired.histograms["render_ms"]] + [m.get("render_ms") for _, m in live]))
+        merge_histograms([retired.histograms["render_ms"], *(m.get("render_ms") for _, m in live)]))
 
     worker = _worker_metrics(state)
     for key, (name, help_text, kind) in WORKER_METRICS.items():
-        value = worker.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            (page.counter if kind == "counter" else page.gauge)(name, help_text, value)
+        stat = worker.get(key)
+        if isinstance(stat, (int, float)) and not isinstance(stat, bool):
+            (page.counter if kind == "counter" else page.gauge)(name, help_text, stat)
     _per_worker(page, worker.get("workers"))
 
     now = time.monotonic()

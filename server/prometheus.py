@@ -77,7 +77,7 @@ class Page:
         lines = self._declare(name, "histogram", help_text)
         base = dict(labels or {})
         cumulative = 0
-        for bound, count in zip(self.__bounds(hist), hist.counts):
+        for bound, count in zip(self.__bounds(hist), hist.counts, strict=True):
             cumulative += count
             lines.append(f"{name}_bucket{_labels({**base, 'le': bound})} {cumulative}")
         lines.append(f"{name}_sum{_labels(base)} {_number(hist.sum)}")
@@ -101,15 +101,15 @@ class Page:
         return "\n".join(line for lines in self._families.values() for line in lines) + "\n"
 
 
-def merge_histograms(parts: Iterable[Mapping]) -> dict:
+def merge_histograms(parts: Iterable[Mapping | None]) -> dict:
     """Sum engine histogram dicts that share bucket bounds (the sessions of one server do)."""
     buckets: dict[str, int] = {}
-    total = {"buckets": buckets, "sum": 0.0, "count": 0}
+    total_sum, total_count = 0.0, 0
     for part in parts:
         if not isinstance(part, Mapping) or "buckets" not in part:
             continue
         for bound, count in part["buckets"].items():
             buckets[bound] = buckets.get(bound, 0) + int(count)
-        total["sum"] += float(part.get("sum", 0.0))
-        total["count"] += int(part.get("count", 0))
-    return total
+        total_sum += float(part.get("sum", 0.0))
+        total_count += int(part.get("count", 0))
+    return {"buckets": buckets, "sum": total_sum, "count": total_count}

@@ -21,7 +21,7 @@ import json
 import logging
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 from realtime.media_io import MediaError, load_audio
 from server.audio_input import QueueFull
@@ -67,7 +67,7 @@ def decode_pcm(data: bytes, channels: int, dtype: type) -> np.ndarray:
     if len(data) % width:
         raise ApiError(400, f"raw PCM length {len(data)} is not a multiple of {width} bytes "
                             f"({channels} channel(s) of {np.dtype(dtype).name})")
-    samples = np.frombuffer(data, dtype=dtype)
+    samples: np.ndarray = np.frombuffer(data, dtype=dtype)
     if dtype is np.float32:
         if not np.all(np.isfinite(samples)):
             raise ApiError(400, "float PCM contains NaN or infinity")
@@ -117,6 +117,8 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         async for part in reader:
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not a file field
+                continue
             if part.filename is not None or part.name in ("audio", "file"):
                 data = bytearray()
                 while chunk := await part.read_chunk():

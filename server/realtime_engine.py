@@ -89,7 +89,7 @@ class RealtimeEngine:
 
     def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
                  info: dict[str, str] | None = None, devices: Sequence[str] | None = None) -> None:
-        renderers = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
+        renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar
@@ -103,7 +103,7 @@ class RealtimeEngine:
         self._lock = threading.Lock()
         try:
             t0 = time.monotonic()
-            for i, (r, device) in enumerate(zip(renderers, self.devices)):
+            for i, (r, device) in enumerate(zip(renderers, self.devices, strict=True)):
                 worker = ThreadedRenderWorker(r, max_batch=self.config.max_batch,
                                               max_wait_s=self.config.max_batch_wait_ms / 1000.0,
                                               name=f"render-{i}-{device}")
@@ -161,7 +161,7 @@ class RealtimeEngine:
         `workers`, one dict per worker with its index, device and open sessions."""
         counts = self.sessions_per_worker()
         per_worker = [{"worker": i, "device": device, "sessions": n, **worker.stats()}
-                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts))]
+                      for i, (worker, device, n) in enumerate(zip(self.workers, self.devices, counts, strict=True))]
         return combined_stats(per_worker)
 
     def close(self) -> None:

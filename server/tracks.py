@@ -13,12 +13,14 @@ import asyncio
 import fractions
 import logging
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 import av
 import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from server.engine import EngineSession
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,6 @@ AUDIO_RATE = 16000
 AUDIO_PTIME = 0.020
 AUDIO_SAMPLES = int(AUDIO_RATE * AUDIO_PTIME)  # 320 samples = 20 ms
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
-
-
-class MediaSource(Protocol):
-    """What the tracks need from a LipSyncSession."""
-
-    def next_video_frame(self): ...  # -> VideoOut with .image (H, W, 3) BGR uint8
-
-    def next_audio(self, n_samples: int) -> np.ndarray: ...  # float32 16 kHz mono
-
-    def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1) -> None: ...
 
 
 class MediaClock:
@@ -108,7 +100,8 @@ def video_frame(image: np.ndarray) -> av.VideoFrame:
     height, width = image.shape[:2]
     if height % 2 or width % 2:
         return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-    return av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
+    yuv: np.ndarray = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
 
 class _EngineTrack(MediaStreamTrack):
@@ -131,7 +124,7 @@ class AvatarVideoTrack(_EngineTrack):
 
     kind = "video"
 
-    def __init__(self, source: MediaSource, fps: float, clock: MediaClock,
+    def __init__(self, source: EngineSession, fps: float, clock: MediaClock,
                  on_error: OnError | None = None) -> None:
         super().__init__(on_error)
         self._source = source
@@ -180,7 +173,7 @@ class SyncedAudioTrack(_EngineTrack):
 
     kind = "audio"
 
-    def __init__(self, source: MediaSource, clock: MediaClock, on_error: OnError | None = None) -> None:
+    def __init__(self, source: EngineSession, clock: MediaClock, on_error: OnError | None = None) -> None:
         super().__init__(on_error)
         self._source = source
         self._clock = clock
@@ -222,7 +215,7 @@ def frame_to_pcm(frame: av.AudioFrame) -> tuple[np.ndarray, int, int]:
 
 
 async def pump_microphone(track: MediaStreamTrack, sink: Callable[[np.ndarray, int, int], None],
-                          on_end: Callable[[], None] | None = None) -> None:
+                          on_end: Callable[[], object] | None = None) -> None:
     """Read the browser's microphone track into `sink(samples, rate, channels)` until the track ends."""
     frames = 0
     try:
@@ -231,6 +224,8 @@ async def pump_microphone(track: MediaStreamTrack, sink: Callable[[np.ndarray, i
                 frame = await track.recv()
             except MediaStreamError:
                 break
+            if not isinstance(frame, av.AudioFrame):  # an audio track yields audio frames; typed as any frame
+                continue
             sink(*frame_to_pcm(frame))
             frames += 1
     finally:

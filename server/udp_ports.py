@@ -29,10 +29,11 @@ class PortRangeEventLoop(asyncio.SelectorEventLoop):
         super().__init__()
         self.ports = ports
 
-    async def create_datagram_endpoint(self, protocol_factory: Callable[[], Any],
-                                       local_addr: tuple | None = None, remote_addr: tuple | None = None,
-                                       **kwargs: Any):
-        if local_addr is None or local_addr[1] != 0:
+    async def create_datagram_endpoint(
+            self, protocol_factory: Callable[[], Any], local_addr: tuple[str, int] | str | None = None,
+            remote_addr: tuple[str, int] | str | None = None, **kwargs: Any,
+    ) -> tuple[asyncio.DatagramTransport, Any]:
+        if not isinstance(local_addr, tuple) or local_addr[1] != 0:
             return await super().create_datagram_endpoint(protocol_factory, local_addr, remote_addr,
                                                           **kwargs)
         lo, hi = self.ports

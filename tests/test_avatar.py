@@ -1,6 +1,7 @@
 """Avatar preparation: stable boxes, gap filling, ping-pong loop, cache, bad inputs, default avatar, CLI."""
 from __future__ import annotations
 
+import itertools
 import wave
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def clip(tmp_path_factory, face_frames) -> Path:
 def test_pingpong_never_repeats_a_frame_at_the_turns():
     seq = [loop_index(t, 4) for t in range(14)]
     assert seq == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]
-    assert all(abs(a - b) == 1 for a, b in zip(seq, seq[1:]))
+    assert all(abs(a - b) == 1 for a, b in itertools.pairwise(seq))
     assert [loop_index(t, 3, "forward") for t in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     assert loop_index(99, 1) == 0
 

@@ -188,3 +188,88 @@ def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifa
                 page.click("#stop")
         finally:
             browser.close()
+
+
+def read_recording(path: Path) -> dict:
+    """What a player sees in a downloaded recording: its streams, and the decoded video and audio."""
+    import av
+
+    with av.open(str(path)) as container:
+        info: dict = {"format": container.format.name,
+                      "container_s": container.duration / 1e6 if container.duration else None,
+                      "video_streams": len(container.streams.video), "audio_streams": len(container.streams.audio)}
+        video = container.streams.video[0]
+        info["codecs"] = [s.codec_context.name for s in container.streams]
+        times = [float(f.pts * f.time_base) for f in container.decode(video) if f.pts is not None]
+    with av.open(str(path)) as container:
+        audio = container.streams.audio[0]
+        samples, rate, peak = 0, audio.rate, 0.0
+        for frame in container.decode(audio):
+            pcm = frame.to_ndarray()
+            samples += frame.samples
+            peak = max(peak, float(abs(pcm).max()) if pcm.size else 0.0)
+    info.update(video_frames=len(times), video_s=(max(times) - min(times)) if times else 0.0,
+                audio_s=samples / rate, audio_peak=peak)
+    return info
+
+
+@pytest.mark.parametrize("container", ["mp4", "webm"])
+def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_path, artifacts_dir, container):
+    """Record 5 s of the returned stream in the page, download it, and play it back with PyAV. Chromium
+    records mp4; "webm" hides that ability (as in Firefox, which records webm only) to test the fallback."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=chromium_args(speech_wav))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            if container == "webm":
+                page.add_init_script("""{
+                    const native = MediaRecorder.isTypeSupported.bind(MediaRecorder);
+                    MediaRecorder.isTypeSupported = (type) => !type.startsWith("video/mp4") && native(type);
+                }""")
+            page.goto(server_url)
+            assert page.is_disabled("#record")  # nothing to record before a stream plays
+            page.click("#start")
+            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+                                   timeout=30000)
+            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            page.wait_for_function("!document.getElementById('record').disabled", timeout=10000)
+            sent: list[tuple[str, str]] = []
+            page.on("request", lambda request: sent.append((request.method, request.url)))
+            page.click("#record")
+            assert page.inner_text("#record") == "Stop recording"
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(artifacts_dir / f"browser-recording-{container}.png"))
+            page.wait_for_timeout(2500)
+            page.click("#record")
+            page.wait_for_function("!document.getElementById('recording').hidden", timeout=10000)
+            shown = page.inner_text("#recording-details")
+            shown_ms = int(page.get_attribute("#recording", "data-duration-ms") or 0)
+            page.screenshot(path=str(artifacts_dir / f"browser-recorded-{container}.png"))
+            with page.expect_download() as download_info:
+                page.click("#recording-link")
+            download = download_info.value
+            saved = tmp_path / download.suggested_filename
+            download.save_as(str(saved))
+            during_recording = list(sent)
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.screenshot(path=str(artifacts_dir / f"browser-recorded-{container}-phone.png"), full_page=True)
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status-state').textContent === 'idle'")
+            assert page.is_disabled("#record") and page.is_visible("#recording-link")
+        finally:
+            browser.close()
+    info = read_recording(saved)
+    (artifacts_dir / f"browser-recording-{container}.txt").write_text(f"{saved.name}: {info}, shown {shown!r}\n")
+    assert saved.suffix == f".{container}", saved.name
+    assert shown.startswith("0:05"), shown
+    assert 4500 <= shown_ms <= 6500, shown_ms
+    assert info["video_streams"] == 1 and info["audio_streams"] == 1, info
+    assert 4.0 <= info["video_s"] <= 6.5, info      # the video plays for about the 5 s recorded
+    assert 4.0 <= info["audio_s"] <= 6.5, info      # and so does the avatar's audio
+    assert info["video_frames"] >= 50, info          # at least 10 fps on a loaded machine
+    assert info["audio_peak"] > 0.01, info           # the avatar speaks in it: not a silent track
+    # Nothing was uploaded: while recording and downloading the page only polled its status (GET).
+    assert all(method == "GET" for method, _url in during_recording), during_recording

@@ -21,8 +21,9 @@ from scipy.signal import lfilter
 
 from realtime.compositor import paste
 from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.offline_builtin import frame_windows, render_avatar_speech
 from realtime.renderers.base import MouthPatch, MouthRenderer
-from realtime.renderers.default import DefaultRenderer, MissingLandmarksError, render_speech_video
+from realtime.renderers.default import DefaultRenderer, MissingLandmarksError
 from realtime.renderers.mouth_params import mouth_params
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def composite(avatar, renderer: DefaultRenderer, mels: np.ndarray) -> tuple[np.n
     out, plain = [], []
     for start in range(0, len(mels), 16):
         patches = renderer.render(avatar, indices[start:start + 16], mels[start:start + 16])
-        for i, patch in zip(indices[start:start + 16], patches):
+        for i, patch in zip(indices[start:start + 16], patches, strict=True):
             out.append(paste(avatar.frames[i], patch, mode="feather"))
             plain.append(avatar.frames[i])
     return np.stack(out), np.stack(plain), indices
@@ -201,7 +202,7 @@ def test_is_a_mouth_renderer(renderer):
 
 def test_avatar_without_landmarks_is_refused_clearly():
     bare = synthetic_avatar(n_frames=2, with_mouth=False)
-    with pytest.raises(MissingLandmarksError, match="synthetic-face.*no lip landmarks"):
+    with pytest.raises(MissingLandmarksError, match=r"synthetic-face.*no lip landmarks"):
         DefaultRenderer().prepare(bare)
     with pytest.raises(MissingLandmarksError):  # render() prepares lazily and says the same
         DefaultRenderer().render(bare, np.array([0]), np.full((1, 80, 16), -4.0, np.float32))
@@ -268,7 +269,7 @@ def test_opening_has_fast_attack_and_slower_release():
 # --- parameters -> image ------------------------------------------------------------------------
 def test_rest_patch_is_the_avatar_itself(renderer, avatar):
     silent = np.full((3, 80, 16), -4.0, np.float32)
-    for i, patch in zip([0, 5, 11], renderer.render(avatar, np.array([0, 5, 11]), silent)):
+    for i, patch in zip([0, 5, 11], renderer.render(avatar, np.array([0, 5, 11]), silent), strict=True):
         y1, y2, x1, x2 = patch.box
         np.testing.assert_array_equal(patch.image, avatar.frames[i][y1:y2, x1:x2])
         np.testing.assert_array_equal(paste(avatar.frames[i], patch), avatar.frames[i])
@@ -370,7 +371,7 @@ def test_concurrent_sessions_share_one_renderer(avatar, speech_16k):
     with ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda job: [p.image for p in r.render(avatar, *job)], jobs * 3))
     for k, images in enumerate(got):
-        for a, b in zip(images, expected[k % 2]):
+        for a, b in zip(images, expected[k % 2], strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -425,7 +426,7 @@ def test_mouth_rests_within_100ms_of_silence(gap_render, avatar, renderer, speec
 
 
 def test_nothing_changes_outside_mouth_and_jaw(gap_render, avatar):
-    w, out, plain, indices = gap_render
+    _, out, plain, indices = gap_render
     worst = 0
     for k in range(len(out)):
         ys, xs = mouth_region(avatar.mouth[indices[k]], out[k].shape)
@@ -454,7 +455,7 @@ def test_batching_does_not_change_pixels(avatar, renderer, speech_16k):
     idx = np.array([avatar.frame_index(k) for k in range(20)])
     one = renderer.render(avatar, idx, w)
     split = renderer.render(avatar, idx[:7], w[:7]) + renderer.render(avatar, idx[7:], w[7:])
-    for a, b in zip(one, split):
+    for a, b in zip(one, split, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
 
 
@@ -518,6 +519,5 @@ def test_default_avatar_speaks(speech_with_gap_16k, artifacts_dir):
              r_dark, worst, talking, silent, talking / max(silent, 1e-6))
     assert r_dark >= 0.6 and worst <= 3
     assert talking >= 2.0 * silent
-    summary = render_speech_video(speech_with_gap_16k, artifacts_dir / "default_renderer_speech.mp4", avatar=av,
-                                  renderer=r)
-    assert summary["frames"] == len(w)
+    frames = render_avatar_speech(av, speech_with_gap_16k, artifacts_dir / "default_renderer_speech.mp4", renderer=r)
+    assert frames == len(frame_windows(speech_with_gap_16k, FPS)) == round(len(speech_with_gap_16k) / SAMPLE_RATE * FPS)

@@ -5,6 +5,7 @@ arrives at the end of its own chunk), pulls 20 ms of output audio, and pulls a v
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_gap_in_speech_is_idle_and_onset_is_ramped(speech_with_gap_16k):
     # Onset / offset: the mouth alpha moves by at most 1/ramp_frames per frame, no pop.
     alphas = [f.mouth_alpha for f in run.frames]
     step = 1.0 / session.config.ramp_frames
-    assert max(abs(a - b) for a, b in zip(alphas, alphas[1:])) <= step + 1e-6
+    assert max(abs(a - b) for a, b in itertools.pairwise(alphas)) <= step + 1e-6
     assert max(alphas) == 1.0
 
 
@@ -325,7 +326,7 @@ def test_any_input_format_plays_in_sync(speech_16k, rate, channels):
     pcm = np.clip(np.round(wav * 32767), -32768, 32767).astype(np.int16)
     if channels == 2:
         pcm = np.repeat(pcm, 2)
-    session, clock, renderer = make_session()
+    session, clock, _ = make_session()
     run = drive(session, clock, pcm, len(speech_16k) / SR + 1.0, rate=rate, channels=channels)
     frames = with_audio(run.frames)
     assert abs(len(frames) - len(speech_16k) / SR * session.fps) <= 2
@@ -345,7 +346,7 @@ def test_av_offset_at_non_integer_samples_per_frame(speech_16k):
 
 
 def test_end_of_audio_flushes_without_waiting(speech_16k):
-    session, clock, renderer = make_session()
+    session, clock, _ = make_session()
     clock.set(0.0)
     session.push_audio(speech_16k, SR)
     session.end_of_audio()
@@ -539,7 +540,7 @@ def test_same_renderer_without_batching_drops(speech_16k):
     """The control for the test above: it can fail. With batches of one (max_batch=1) the same renderer,
     given the per-frame fitted budget, drops about a third of the speech frames."""
     config = EngineConfig(fit_budget_to_renderer=True, max_batch=1)
-    session, clock, renderer, worker = _affine_session(config)
+    session, clock, _, _ = _affine_session(config)
     assert session.timeline.batch_frames == 1
     wav = np.concatenate([speech_16k, speech_16k])
     drive(session, clock, wav, len(wav) / SR + 1.5)
@@ -558,7 +559,7 @@ def test_gathering_leaves_the_worker_headroom(speech_16k):
     busy = {}
     for keep_up in (True, False):
         config = EngineConfig(fit_budget_to_renderer=True, batch_to_keep_up=keep_up)
-        session, clock, renderer, worker = _affine_session(config)
+        session, clock, _, worker = _affine_session(config)
         drive(session, clock, wav, len(wav) / SR + 1.5)
         m = session.metrics()
         assert m["frames_dropped"] <= 2
@@ -569,8 +570,8 @@ def test_gathering_leaves_the_worker_headroom(speech_16k):
 def test_cheap_renderer_keeps_the_default_latency_and_batch_one(speech_16k):
     """The default path is untouched: a renderer cheaper than a period gets L = 320 ms at 25 fps and is
     never held back to gather a batch."""
-    session, clock, renderer, worker = _affine_session(EngineConfig(fit_budget_to_renderer=True),
-                                                       fixed=0.002, per_frame=0.002)
+    session, clock, renderer, _ = _affine_session(EngineConfig(fit_budget_to_renderer=True),
+                                                  fixed=0.002, per_frame=0.002)
     assert session.latency_ms == 320.0 and session.timeline.batch_frames == 1
     drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     assert session.metrics()["frames_dropped"] == 0

@@ -148,13 +148,13 @@ def test_s3fd_with_module_prefix_loads(tmp_path, s3fd_weights):
 def test_s3fd_rejects_wrong_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth: not a readable"):
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable"):
         load_s3fd(junk)
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, other)
-    with pytest.raises(ValueError, match="other.pth: not the official S3FD"):
+    with pytest.raises(ValueError, match=r"other\.pth: not the official S3FD"):
         load_s3fd(other)
-    with pytest.raises(DetectorError, match="other.pth"):
+    with pytest.raises(DetectorError, match=r"other\.pth"):
         create_detector("s3fd", other)
 
 

@@ -129,7 +129,7 @@ def test_threaded_worker_renders_aligned_ticks_as_one_batch(n, max_batch):
         ticks = 12
         for tick in range(ticks):
             h.clock.set(t)
-            for i, owner in enumerate(h.owners):
+            for owner in h.owners:
                 h.submit(owner, tick, ready_at=t, deadline=t + BUDGET_S)
             if n == max_batch:
                 h.wait_for((tick + 1) * n)

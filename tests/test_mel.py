@@ -58,7 +58,7 @@ def test_window_rule_matches_official_loop(fps):
         expected = official_windows(mel, fps)
         got = mel_windows(mel, fps)
         assert got.shape == (len(expected), 80, 16)
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             np.testing.assert_array_equal(a, b)
 
 

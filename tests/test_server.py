@@ -194,7 +194,7 @@ async def test_sessions_listing_health_and_metrics(server, http):
         text = await resp.text()
     assert "# TYPE lipsync_sessions gauge" in text
     assert "lipsync_sessions 1" in text
-    line = next(l for l in text.splitlines() if l.startswith("lipsync_session_fps{"))
+    line = next(s for s in text.splitlines() if s.startswith("lipsync_session_fps{"))
     assert 20 <= float(line.rsplit(" ", 1)[1]) <= 30
     assert 'lipsync_offer_seconds_bucket{le="+Inf"} 1' in text
     async with http.get(server.endpoint("/config")) as resp:

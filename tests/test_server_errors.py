@@ -60,7 +60,7 @@ async def test_malformed_offers_get_400(server, http, live):
     async with http.post(url, json={"sdp": live.pc.localDescription.sdp, "type": "answer"}) as resp:
         await expect_error(resp, 400, "type")
     # An SDP that parses but has no ICE credentials is refused by the peer connection.
-    sdp = "\r\n".join(l for l in live.pc.localDescription.sdp.split("\r\n") if not l.startswith("a=ice-"))
+    sdp = "\r\n".join(s for s in live.pc.localDescription.sdp.split("\r\n") if not s.startswith("a=ice-"))
     async with http.post(url, json={"sdp": sdp, "type": "offer"}) as resp:
         await expect_error(resp, 400, "offer")
     audio_only = live.pc.localDescription.sdp.split("m=video")[0]

@@ -56,7 +56,7 @@ class LoudnessRenderer:
 
     def render(self, avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         patches = []
-        for i, mel in zip(frame_indices, mels):
+        for i, mel in zip(frame_indices, mels, strict=True):
             y1, y2, x1, x2 = (int(v) for v in avatar.boxes[int(i)])
             level = int(np.clip(90 + (float(mel.mean()) + 4.0) * 50.0, 0, 255))
             image = np.full((y2 - y1, x2 - x1, 3), level, dtype=np.uint8)
@@ -194,8 +194,8 @@ class Client:
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
         return self.answer
 
-    async def wait_for_video(self, frames: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_video(self, frames: int, within_s: float = 15.0) -> None:
+        deadline = time.monotonic() + within_s
         while len(self.received.video) < frames:
             assert time.monotonic() < deadline, f"got {len(self.received.video)} of {frames} frames"
             await asyncio.sleep(0.05)

@@ -38,8 +38,8 @@ def record_peers(server) -> list:
     return peers
 
 
-async def settle(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
+async def settle(predicate, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if predicate():
             return True
@@ -87,7 +87,7 @@ async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
         assert len(peers) == 21
         assert all(pc.connectionState == "closed" for pc in peers)
         assert manager.opened_total == 21
-        assert await settle(lambda: not (other_tasks() - tasks_before), timeout=10)
+        assert await settle(lambda: not (other_tasks() - tasks_before), within_s=10)
         # Threads other than the loop's bounded executor pool (aiortc encodes there) are all gone.
         assert await settle(lambda: own_threads() <= threads_before), threading.enumerate()
     finally:
@@ -137,7 +137,7 @@ async def test_vanished_client_is_reaped_within_seconds(engine):
         proc.kill()  # no goodbye: no DTLS close, no DELETE, no ICE failure for a while
         await proc.wait()
         killed = time.monotonic()
-        assert await settle(lambda: len(manager) == 0, timeout=15)
+        assert await settle(lambda: len(manager) == 0, within_s=15)
         reaped_after = time.monotonic() - killed
         assert reaped_after < 8.0, reaped_after
         assert peers[0].connectionState == "closed"
@@ -162,7 +162,7 @@ async def test_peer_that_never_connects_is_reaped(engine):
             session_id = (await resp.json())["session_id"]
         await client.pc.close()  # the answer is never applied: the server's ICE never completes
         assert manager.get(session_id)
-        assert await settle(lambda: len(manager) == 0, timeout=8)
+        assert await settle(lambda: len(manager) == 0, within_s=8)
         assert manager.closed_total == {"timeout": 1}
     await server.stop()
 

@@ -26,7 +26,7 @@ class FakeAvatar:
     def face_crops(self, size: int = 96) -> np.ndarray:
         self.crop_calls += 1
         return np.stack([cv2.resize(f[y1:y2, x1:x2], (size, size)) for f, (y1, y2, x1, x2) in
-                         zip(self.frames, self.boxes)])
+                         zip(self.frames, self.boxes, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_render_matches_eager_generator(model, avatar, runtime):
     mels = mel_windows(len(indices))
     patches = renderer.render(avatar, indices, mels)
     assert len(patches) == 4
-    for patch, idx in zip(patches, indices):
+    for patch, idx in zip(patches, indices, strict=True):
         assert patch.image.shape == (96, 96, 3) and patch.image.dtype == np.uint8
         assert patch.box == tuple(int(v) for v in avatar.boxes[idx])
         assert all(type(v) is int for v in patch.box)
@@ -218,7 +218,7 @@ def test_band_patch_top_is_the_reference_crop(model, avatar, rows_from, runtime)
     indices, mels = np.array([0, 2, 3, 1]), mel_windows(4, seed=8)
     patches = renderer.render(avatar, indices, mels)
     crops = avatar.face_crops(96)
-    for patch, idx in zip(patches, indices):
+    for patch, idx in zip(patches, indices, strict=True):
         assert patch.image.shape == (96, 96, 3) and patch.image.dtype == np.uint8 and patch.alpha is None
         np.testing.assert_array_equal(patch.image[:rows_from], crops[idx][:rows_from])
     assert_close_uint8(patches, eager_patches(model, avatar, indices, mels), rows_from)

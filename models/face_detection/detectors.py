@@ -155,8 +155,8 @@ class MeshDetector:
         for y in _tile_starts(h, side):
             for x in _tile_starts(w, side):
                 for face in self.short.detect(image[y:y + side, x:x + side]):
-                    boxes.append(face.box + [x, y, x, y])
-                    keypoints.append(face.keypoints + [x, y])
+                    boxes.append([*face.box, x, y, x, y])
+                    keypoints.append([*face.keypoints, x, y])
                     scores.append(face.score)
         if not boxes:
             return None
@@ -194,7 +194,8 @@ class HaarDetector:
     WORK_HEIGHT = 480  # detect on a downscaled copy: the cascade's cost grows with the pixel count
 
     def __init__(self) -> None:
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        # cv2.data exists at runtime (opencv-python ships the cascades) but opencv's stubs omit it.
+        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
         self.cascade = cv2.CascadeClassifier(str(path))
         if self.cascade.empty():
             raise DetectorError(f"OpenCV's face cascade {path} is missing: reinstall opencv-python-headless 4.x")
@@ -223,12 +224,12 @@ class HaarDetector:
         if expected is not None:  # the previous face's size, in the work image's pixels
             side = expected * scale
             lo, hi = (int(side * 0.7),) * 2, (int(side * 1.5) + 1,) * 2
-        found, _, weights = self.cascade.detectMultiScale3(gray, scaleFactor=1.1, minNeighbors=5, minSize=lo,
+        found, _, levels = self.cascade.detectMultiScale3(gray, scaleFactor=1.1, minNeighbors=5, minSize=lo,
                                                            maxSize=hi, outputRejectLevels=True)
         if len(found) == 0:
             return None
         # The largest hit is often a false positive on clothing; the cascade's confidence is not.
-        weights = np.asarray(weights, np.float64).reshape(-1)
+        weights = np.asarray(levels, np.float64).reshape(-1)
         best = float(weights.max())
         order = [i for i in np.argsort(-weights) if weights[i] >= best - 0.5 * abs(best)]
         boxes = [np.array([found[i][0], found[i][1], found[i][0] + found[i][2], found[i][1] + found[i][3]],

@@ -171,9 +171,9 @@ class S3FD:
         rgb = image_bgr[..., ::-1].astype(np.float32) - np.array(MEAN_RGB, np.float32)
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
         levels = self.net(x)
-        dets = [decode_level(p[0].float().cpu().numpy(), l[0].float().cpu().numpy(), 2 ** (i + 2))
-                for i, (p, l) in enumerate(levels)]
-        dets = np.concatenate(dets) if dets else np.zeros((0, 5), np.float32)
+        per_level = [decode_level(scores[0].float().cpu().numpy(), offsets[0].float().cpu().numpy(), 2 ** (i + 2))
+                     for i, (scores, offsets) in enumerate(levels)]
+        dets = np.concatenate(per_level) if per_level else np.zeros((0, 5), np.float32)
         if len(dets) == 0:
             return dets
         dets = nms(dets)

@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
 from realtime.mel import HOP, MEL_STEP, N_FFT, SAMPLE_RATE
 
+Box = tuple[int, int, int, int]  # (y1, y2, x1, x2) in avatar-frame pixels
+
+
+def int_box(values: Iterable[Any]) -> Box:
+    """Four numbers (a row of an avatar's float or int box array) as an int (y1, y2, x1, x2) box."""
+    y1, y2, x1, x2 = (int(v) for v in values)
+    return y1, y2, x1, x2
+
 
 @dataclass
 class MouthPatch:
     image: np.ndarray  # (h, w, 3) uint8 BGR
-    # (y1, y2, x1, x2) in avatar-frame pixels; the compositor resizes image to the box
-    box: tuple[int, int, int, int]
+    box: Box  # the compositor resizes image to the box
     # (h, w) float32 in [0, 1] in image space; None = the compositor's default feathered lower-face mask
     alpha: np.ndarray | None = None
 

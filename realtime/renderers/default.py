@@ -19,8 +19,6 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -129,7 +127,7 @@ class DefaultRenderer:
             raise ValueError(f"expected {len(indices)} mel windows of shape (80, 16), got {mels.shape}")
         return self.render_params(avatar, indices, mouth_params(mels, self.config.params))
 
-    # -- building blocks (also used by tests, the bench and the mp4 script) ------------------------
+    # -- building blocks (also used by tests, the bench and offline rendering) ---------------------
     def params(self, mels: np.ndarray) -> np.ndarray:
         """(B, 80, 16) mel windows -> (B, 3) [open, spread, round]."""
         return mouth_params(mels, self.config.params)
@@ -138,8 +136,7 @@ class DefaultRenderer:
         prepared = self._get(avatar)
         n = len(prepared.geometry)
         patches = []
-        for index, p in zip(np.asarray(frame_indices).reshape(-1), np.asarray(params, dtype=np.float32),
-                            strict=True):
+        for index, p in zip(np.asarray(frame_indices).reshape(-1), np.asarray(params, dtype=np.float32), strict=True):
             i = int(index)
             if not 0 <= i < n:
                 raise IndexError(f"avatar frame index {i} out of range (avatar has {n} frames)")
@@ -197,45 +194,3 @@ class DefaultRenderer:
                  _describe(avatar), len(points), 2 * geometry[0].half_width,
                  geometry[0].box[3] - geometry[0].box[2], geometry[0].box[1] - geometry[0].box[0])
         return _Prepared(points=points, geometry=geometry, palette=palette, alphas=alphas)
-
-
-def render_speech_video(audio: str | Path | np.ndarray, output: str | Path, avatar=None,
-                        renderer: DefaultRenderer | None = None, batch_size: int = 25,
-                        progress: Callable[[int, int], None] | None = None) -> dict:
-    """Offline: speech (a file, or 16 kHz float32 samples) -> H.264 + AAC mp4 of the avatar speaking.
-
-    Follows the engine's data path without the engine: official mel windows per output frame, the
-    avatar's ping-pong loop, `render`, the feathered compositor paste. Returns a summary with the
-    per-frame [open, spread, round] so callers can report or plot them.
-    """
-    from realtime.compositor import paste
-    from realtime.media_io import Mp4Writer, load_audio
-    from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
-
-    if avatar is None:
-        from realtime.avatar import load_default_avatar
-
-        avatar = load_default_avatar()
-    renderer = renderer or DefaultRenderer()
-    wav = np.asarray(audio, np.float32) if isinstance(audio, np.ndarray) else load_audio(audio, SAMPLE_RATE)
-    fps = float(avatar.fps)
-    windows = mel_windows(melspectrogram(wav), fps)
-    params = renderer.params(windows)
-    n_out = len(windows)
-    height, width = avatar.frames.shape[1:3]
-    with Mp4Writer(output, width, height, fps, audio=wav, audio_rate=SAMPLE_RATE) as writer:
-        for start in range(0, n_out, batch_size):
-            ticks = range(start, min(n_out, start + batch_size))
-            indices = np.array([_loop_index(avatar, k) for k in ticks])
-            patches = renderer.render_params(avatar, indices, params[start:start + len(indices)])
-            for i, patch in zip(indices, patches, strict=True):
-                writer.write(paste(avatar.frames[i], patch, mode="feather"))
-            if progress:
-                progress(start + len(indices), n_out)
-    log.info("wrote %s: %d frames at %g fps", output, n_out, fps)
-    return {"frames": n_out, "fps": fps, "seconds": n_out / fps, "params": params}
-
-
-def _loop_index(avatar, tick: int) -> int:
-    frame_index = getattr(avatar, "frame_index", None)
-    return int(frame_index(tick)) if callable(frame_index) else tick % len(avatar.frames)

@@ -81,7 +81,7 @@ class OpenVinoFrames:
             try:
                 if self.precision is None:
                     self._settle_precision(avatar, heads, len(crops))
-                self._model(heads, self.precision)  # compile now, not on the first live frame
+                self._model(heads, self._settled_precision())  # compile now, not on the first live frame
             except BaseException:
                 self._caches.pop(avatar, None)  # not served: a failed prepare leaves nothing behind
                 raise
@@ -123,4 +123,10 @@ class OpenVinoFrames:
     def generate(self, avatar: Any, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """uint8 (B, 96 - rows_from, 96, 3) for a prepared avatar."""
         heads = self._caches[avatar][0]
-        return self._run(avatar, heads, self.precision, indices, mels)
+        return self._run(avatar, heads, self._settled_precision(), indices, mels)
+
+    def _settled_precision(self) -> str:
+        """The precision in use: given at construction, or chosen by the first `prepare` ("auto")."""
+        if self.precision is None:
+            raise RuntimeError("OpenVINO precision 'auto' is settled by the first prepare(); none ran yet")
+        return self.precision

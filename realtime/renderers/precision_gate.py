@@ -92,7 +92,7 @@ def choose_precision(reference: tuple[str, Generate], candidates: dict[str, Gene
     for name, fn in candidates.items():
         got = render_all(fn)
         report.psnr_db[name] = round(psnr_db(got, expected), 2)
-        report.worst_frame_psnr_db[name] = round(min(psnr_db(g, e) for g, e in zip(got, expected)), 2)
+        report.worst_frame_psnr_db[name] = round(min(psnr_db(g, e) for g, e in zip(got, expected, strict=True)), 2)
         report.max_abs_diff[name] = int(np.abs(got.astype(np.int16) - expected).max())
         report.ms_per_frame[name] = timer(fn, indices, mels)
         fast_enough = report.ms_per_frame[name] * MIN_SPEEDUP <= report.ms_per_frame[ref_name]

@@ -41,7 +41,7 @@ import torch
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
 from realtime.mel import MelAlignment
-from realtime.renderers.base import AudioNeeds, MouthPatch
+from realtime.renderers.base import AudioNeeds, MouthPatch, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB
 
@@ -230,11 +230,12 @@ class Wav2LipRenderer:
         if not self._is_prepared(avatar):
             log.warning("wav2lip: render() on an avatar that was not prepared; preparing it now")
             self.prepare(avatar)
-        if self._ov is not None:
-            n_frames = self._ov.frames(avatar)
+        ov = self._ov
+        if ov is not None:
+            n_frames = ov.frames(avatar)
 
             def generate(i: np.ndarray, m: np.ndarray) -> np.ndarray:
-                return self._ov.generate(avatar, i, m)
+                return ov.generate(avatar, i, m)
         else:
             cache = self._caches[avatar]
             n_frames = len(cache)
@@ -245,12 +246,14 @@ class Wav2LipRenderer:
         if len(indices) and (indices.min() < 0 or indices.max() >= n_frames):
             raise IndexError(f"frame index out of range for an avatar of {n_frames} frames: "
                              f"{indices.min()}..{indices.max()}")
+        if not len(indices):
+            return []
         images = np.concatenate([generate(indices[s:s + self.max_batch], mels[s:s + self.max_batch])
-                                 for s in range(0, len(indices), self.max_batch)]) if len(indices) else []
-        if len(indices) and self.rows_from:
+                                 for s in range(0, len(indices), self.max_batch)])
+        if self.rows_from:
             images = np.concatenate([tops[indices], images], axis=1)
         boxes = np.asarray(avatar.boxes)
-        return [MouthPatch(image=images[i], box=tuple(int(v) for v in boxes[idx]))
+        return [MouthPatch(image=images[i], box=int_box(boxes[idx]))
                 for i, idx in enumerate(indices)]
 
     def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
