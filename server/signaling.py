@@ -17,6 +17,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
+from server import audio_jitter
 from server.audio_input import AudioInput
 from server.errors import ApiError, read_json
 from server.ice import rtc_configuration
@@ -131,6 +132,7 @@ async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: 
         except Exception as exc:
             raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()) from None
         await pc.setLocalDescription(await pc.createAnswer())
+        audio_jitter.install(pc)  # the microphone's delay must not creep up after a lost packet
     except BaseException:
         await pc.close()
         if engine_session is not None:
