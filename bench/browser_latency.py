@@ -31,7 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.latency import RATE, loadavg, pcm16, speech_clip, start_server, summary  # noqa: E402
+from bench.common import espeak_clip_16k, loadavg, pcm16, start_server, summary  # noqa: E402
+
+RATE = 16000
 
 log = logging.getLogger("bench.browser_latency")
 
@@ -81,7 +83,7 @@ async (block) => {
 
 
 def fake_microphone(path: Path, text: str) -> Path:
-    clip = speech_clip(text)
+    clip = espeak_clip_16k(text)
     x = np.concatenate([clip, np.zeros(2 * RATE, np.float32)])
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)

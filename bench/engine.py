@@ -32,42 +32,21 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import TEXT, make_speech
 from realtime.config import EngineConfig
 from realtime.renderers.base import audio_needs_of
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.engine")
-
-TEXT = ("Hello, and welcome. This is a short test of the real time lip sync engine, "
-        "speaking a few sentences so that the mouth has something to do.")
-
-
-def make_speech(text: str, repeat: int) -> tuple[np.ndarray, int]:
-    """espeak-ng speech as float32 mono at espeak's own rate (22.05 kHz)."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise SystemExit("bench/engine.py: espeak-ng is not installed (apt-get install espeak-ng)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run([exe, "-s", "160", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path), "rb") as w:
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    wav = (pcm.reshape(-1, channels).mean(axis=1) / 32768.0).astype(np.float32)
-    return np.tile(wav, repeat), rate
 
 
 class CpuTimedRenderer:

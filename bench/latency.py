@@ -19,8 +19,8 @@ the decoded frame over, i.e. after its jitter buffer, plus the onset's offset in
 Each measure: p50 and p95 over --trials trials (>= 10), plus every trial's value. Also the session's
 look-ahead and delays as the server reports them (GET /sessions/{id}).
 
-Wav2Lip runs with random weights (timing only: bench.generator.realistic_random_wav2lip, saved like the
-released checkpoints), on the CPU, in the server's default configuration otherwise; `wav2lip:training`
+Wav2Lip runs with random weights (timing only: He init + calibrated BatchNorm, models/random_init.py, saved
+like the released checkpoints), on the CPU, in the server's default configuration otherwise; `wav2lip:training`
 and `wav2lip:official` choose --mel-alignment. The machine may be shared: /proc/loadavg is reported
 before and after each renderer.
 
@@ -35,8 +35,6 @@ import fractions
 import json
 import logging
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ from aiortc.mediastreams import MediaStreamError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary  # noqa: E402
+
 log = logging.getLogger("bench.latency")
 
 TEXT = "Hello there, how are you today?"
@@ -64,18 +64,6 @@ SILENT_RMS = 0.002      # ... quieter than this is silence (Opus of digital sile
 
 # -- media --------------------------------------------------------------------------------------------
 
-def speech_clip(text: str) -> np.ndarray:
-    """espeak-ng speech at 16 kHz, leading and trailing silence trimmed (onset at sample 0)."""
-    from bench.engine import make_speech
-    from realtime.audio_ingest import AudioIngest
-
-    wav, rate = make_speech(text, 1)
-    x = AudioIngest(RATE).convert(wav, rate)
-    x = np.concatenate([x, AudioIngest(RATE).convert(np.zeros(0, np.float32), rate)])
-    loud = np.flatnonzero(np.abs(x) > 0.02)
-    return x[loud[0]:loud[-1] + 1].astype(np.float32)
-
-
 def wav_bytes(x: np.ndarray) -> bytes:
     with tempfile.NamedTemporaryFile(suffix=".wav") as f:
         with wave.open(f.name, "wb") as w:
@@ -84,10 +72,6 @@ def wav_bytes(x: np.ndarray) -> bytes:
             w.setframerate(RATE)
             w.writeframes(pcm16(x).tobytes())
         return Path(f.name).read_bytes()
-
-
-def pcm16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * 32767), -32768, 32767).astype(np.int16)
 
 
 def speech_onset(samples: np.ndarray, rms: float = SPEECH_RMS, block: int = 160) -> int | None:
@@ -102,49 +86,15 @@ def speech_onset(samples: np.ndarray, rms: float = SPEECH_RMS, block: int = 160)
 
 # -- the server --------------------------------------------------------------------------------------
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def endpoint(self, path: str) -> str:
-        return self.url.rstrip("/") + path
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_server(args: list[str], log_path: Path, timeout_s: float = 600.0) -> Server:
-    """`run_server.py` on a free port, loopback ICE candidates only."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
-                                 "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4", *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = log_path.read_text()
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
-        if match:
-            return Server(proc, match.group(1), log_path)
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"bench/latency.py: the server did not start:\n{text[-3000:]}")
-        time.sleep(0.2)
-
-
 def random_wav2lip_checkpoint(path: Path) -> Path:
     import torch
 
-    from bench.generator import realistic_random_wav2lip
+    from models.random_init import calibrated_random_
+    from models.wav2lip import Wav2Lip
 
-    torch.save({"state_dict": realistic_random_wav2lip(0).state_dict()}, path)
+    torch.manual_seed(0)
+    model = calibrated_random_(Wav2Lip(), lambda: (torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96)))
+    torch.save({"state_dict": model.state_dict()}, path)
     return path
 
 
@@ -416,22 +366,6 @@ async def interrupt_trials(client: Client, clip: np.ndarray, idle: np.ndarray, t
     return {"interrupt_silence_ms": summary(silence), "interrupt_rest_ms": summary(rest)}
 
 
-def summary(values: list[float | None]) -> dict:
-    good = [v for v in values if v is not None]
-    out: dict[str, Any] = {"trials": [None if v is None else round(v, 1) for v in values]}
-    out["p50"] = round(float(np.percentile(good, 50)), 1) if good else None
-    out["p95"] = round(float(np.percentile(good, 95)), 1) if good else None
-    out["missed"] = len(values) - len(good)
-    return out
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 async def bench_renderer(server: Server, clip: np.ndarray, mouth_box: tuple[int, int, int, int],
                          trials: int, loop_s: float, prefetch: int) -> dict:
     async with aiohttp.ClientSession() as http:
@@ -499,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.trials < 1:
         raise SystemExit("--trials must be >= 1")
-    clip = speech_clip(args.text)
+    clip = espeak_clip_16k(args.text)
     box, loop_s = mouth_box()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled_ov = ovr.CompiledFrameModel(graph, precision, args.threads)
         paths[f"openvino-{precision}"] = (lambda c: lambda idx, mel: c(mel, [a[idx] for a in arrays]))(compiled_ov)
 
-    from bench.sessions import eager_uint8
+    from bench.common import eager_uint8
 
     paths["eager"] = lambda idx, mel: eager_uint8(model, crops[idx], mel[:, 0]).astype(np.float32)
     rng = np.random.default_rng(0)

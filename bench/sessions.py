@@ -29,7 +29,7 @@ speech.
    lasts `--trial-s` seconds of speech; N steps 1-6, 8, 10, 12, 16, .. up to --max-sessions (the largest
    N that passed before the first failure is reported).
 4. With CUDA present: the eager fp32 / renderer fp16 throughput and accuracy on the GPU too, and sessions at
-   25 fps on one GPU worker (bench/gpu_check.py's trials; device name printed).
+   25 fps on one GPU worker (bench.common.session_trials, as bench/gpu_check.py; device name printed).
 
 Last line: one JSON object, {"eager_fps": {batch: fps}, "wav2lip_fps": {batch: fps}, "wav2lip_psnr_db":
 dB (default renderer, rows 36..95), "default_sessions_25fps": N, "wav2lip_sessions_25fps": N, "device": ..,
@@ -52,16 +52,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import eager_uint8, psnr, session_trials, to_16k, trial
 from bench.encoded_sessions import sessions_with_encode
 from bench.engine import TEXT, make_speech
 from bench.generator import realistic_random_wav2lip
-from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
+from models.wav2lip import Wav2Lip
 from realtime.config import EngineConfig
 from realtime.mel import mel_windows, melspectrogram
-from realtime.renderers.precision_gate import psnr_db as psnr
 from realtime.renderers.wav2lip import Wav2LipRenderer
 from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.sessions")
 BATCHES = (1, 8, 32)
@@ -78,17 +77,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
-    """Linear-interpolation resample (good enough to make realistic mel windows for the accuracy check)."""
-    n = round(len(wav) * 16000 / rate)
-    return np.interp(np.arange(n) * (rate / 16000), np.arange(len(wav)), wav).astype(np.float32)
-
-
-def eager_uint8(model: Wav2Lip, crops: np.ndarray, mels: np.ndarray, device: str = "cpu") -> np.ndarray:
-    with torch.no_grad():
-        return to_uint8(model(mels_to_input(mels).to(device), faces_to_input(crops).to(device)))
 
 
 def best_fps(fns: dict[str, callable], frames: int, rounds: int) -> dict[str, float]:
@@ -139,53 +127,6 @@ def accuracy(model, renderers, avatar, crops, mels) -> dict[str, dict[str, float
         }
         log.info("accuracy %-13s %s", name, out[name])
     return out
-
-
-def drive_many(sessions: list[LipSyncSession], wav: np.ndarray, rate: int, seconds: float) -> None:
-    """Every session pushed 20 ms chunks and pulled (audio every 20 ms, video every 1/fps) on the wall clock."""
-    chunk = rate // 50
-    period = 1.0 / sessions[0].fps
-    t0 = time.monotonic()
-    next_push = next_audio = 0.0
-    next_video = 0.0
-    pushed = 0
-    while True:
-        due = min(next_push if pushed < len(wav) else np.inf, next_audio, next_video)
-        if due >= seconds:
-            return
-        delay = t0 + due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        if pushed < len(wav) and next_push <= due:
-            for s in sessions:
-                s.push_audio(wav[pushed:pushed + chunk], rate)
-            pushed += chunk
-            next_push += 0.02
-        if next_audio <= due:
-            for s in sessions:
-                s.next_audio(320)
-            next_audio += 0.02
-        if next_video <= due:
-            for s in sessions:
-                s.next_video_frame()
-            next_video += period
-
-
-def trial(worker, avatar, config, wav, rate, n: int) -> dict:
-    sessions = [LipSyncSession(avatar, worker, config, name=f"s{i}") for i in range(n)]
-    try:
-        drive_many(sessions, wav, rate, len(wav) / rate + 0.6)
-        ms = [s.metrics() for s in sessions]
-    finally:
-        for s in sessions:
-            s.close()
-    speech = sum(m["frames_rendered"] + m["frames_dropped"] for m in ms)
-    drops = sum(m["frames_dropped"] for m in ms)
-    p95 = max((m["latency_ms"]["p95"] or 0.0) for m in ms)
-    budget = min(m["latency_budget_ms"] for m in ms)
-    ok = speech > 0 and drops <= 0.02 * speech and p95 <= budget + 500.0 / config.fps
-    return {"sessions": n, "ok": bool(ok), "speech_frames": speech, "drops": drops,
-            "latency_p95_ms": round(p95, 1), "latency_budget_ms": round(budget, 1)}
 
 
 def sessions_at_25fps(renderer, avatar, wav, rate, max_n: int) -> tuple[int, list[dict]]:
@@ -251,8 +192,6 @@ def gpu_section(model: Wav2Lip, avatar, crops, mels, rounds: int, wav: np.ndarra
     acc = accuracy(model, {"wav2lip_fp16": renderer}, avatar, crops, mels)
     # Sessions at 25 fps on one GPU worker set up as the server sets up a CUDA worker (engine only:
     # at these counts the CPU side, not the GPU, is what runs out first on most machines).
-    from bench.gpu_check import session_trials
-
     trials = session_trials(renderer, avatar, wav, rate, [8, 16, 32, 64, 128], time.monotonic() + 240.0,
                             len(wav) / rate + 2.0)
     sessions = max([t["sessions"] for t in trials if t.get("ok")], default=0)

@@ -6,6 +6,7 @@ loads directly, in milliseconds.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -54,12 +55,32 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def is_prepared_avatar(folder: Path) -> bool:
+    """A folder written by save_avatar: its header names the avatar format, and it holds nothing else
+    than what save_avatar writes."""
+    from realtime import avatar_cache
+
+    header = folder / avatar_cache.HEADER
+    try:
+        meta = json.loads(header.read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {avatar_cache.HEADER} | {f"{name}.npy" for name in avatar_cache.ARRAYS}
+    return (isinstance(meta, dict) and meta.get("format") == avatar_cache.FORMAT
+            and all(entry.name in expected for entry in folder.iterdir()))
+
+
 def run(args: argparse.Namespace) -> int:
     from cli.progress import Progress
     from realtime.avatar import AvatarError, prepare_avatar, save_avatar
 
     if args.output.exists() and not args.output.is_dir():
         print(f"lipsync prepare-avatar: -o {args.output}: exists and is not a folder", file=sys.stderr)
+        return 2
+    if args.output.is_dir() and any(args.output.iterdir()) and not is_prepared_avatar(args.output):
+        # save_avatar replaces the folder: never let a typo in -o delete someone's files.
+        print(f"lipsync prepare-avatar: -o {args.output}: a folder that is not empty and is not a prepared "
+              "avatar; choose a new or empty folder (a prepared avatar's folder is replaced)", file=sys.stderr)
         return 2
     if args.output.resolve() == args.input.resolve():
         print("lipsync prepare-avatar: the output folder must differ from the input", file=sys.stderr)

@@ -31,7 +31,7 @@ const ui = {
 };
 
 let serverConfig = { ice_servers: [], say: false };
-let session = null; // { pc, id, micStream, timers }
+let session = null; // { pc, id, token, micStream, timers }
 
 // -- small helpers -------------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ async function start() {
     if (source === "mic") micStream = await openMicrophone();
 
     pc = new RTCPeerConnection({ iceServers: serverConfig.ice_servers || [] });
-    session = { pc, id: null, micStream, timers: [], lastStats: null };
+    session = { pc, id: null, token: null, micStream, timers: [], lastStats: null };
 
     if (micStream) {
       for (const track of micStream.getAudioTracks()) {
@@ -182,16 +182,18 @@ async function start() {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
     });
-    if (resp.status === 503) {
+    if (resp.status === 503 || resp.status === 429) {
       const body = await resp.json().catch(() => ({}));
       const retry = body.retry_after_s || resp.headers.get("Retry-After") || "a few";
-      throw new Error(`The server is full (${body.max_sessions || "all"} sessions in use). ` +
-                      `Try again in ${retry} seconds.`);
+      const why = resp.status === 429 ? (body.error || "Too many sessions from this address.")
+                                      : `The server is full (${body.max_sessions || "all"} sessions in use).`;
+      throw new Error(`${why} Try again in ${retry} seconds.`);
     }
     if (!resp.ok) throw new Error(`The server refused the connection: ${await readError(resp)}`);
     const answer = await resp.json();
     if (session === null || session.pc !== pc) return; // stopped meanwhile
     session.id = answer.session_id;
+    session.token = answer.session_token; // the session's routes need it; it is never sent again
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     ui.placeholder.hidden = true;
     session.timers.push(setInterval(updateStats, 1000));
@@ -226,8 +228,7 @@ async function stop({ quiet = false } = {}) {
   if (current) {
     for (const timer of current.timers) clearInterval(timer);
     if (current.id) {
-      fetch(`/sessions/${encodeURIComponent(current.id)}`, { method: "DELETE", keepalive: true })
-        .catch(() => {});
+      sessionFetch(current, "", { method: "DELETE", keepalive: true }).catch(() => {});
     }
     if (current.micStream) for (const track of current.micStream.getTracks()) track.stop();
     current.pc.close();
@@ -278,7 +279,7 @@ async function updateStats() {
   let serverDrops = 0, latencyMs = null;
   if (current.id) {
     try {
-      const resp = await fetch(`/sessions/${encodeURIComponent(current.id)}`, { cache: "no-store" });
+      const resp = await sessionFetch(current, "", { cache: "no-store" });
       if (resp.ok) {
         const metrics = await resp.json();
         latencyMs = engineLatencyMs(metrics);
@@ -301,6 +302,12 @@ async function updateStats() {
 
 // -- push API: file and text ---------------------------------------------------------------------
 
+// A request to one of the session's routes (/sessions/{id}...), with its session_token.
+function sessionFetch(current, path, init = {}) {
+  const headers = { ...(init.headers || {}), Authorization: `Bearer ${current.token}` };
+  return fetch(`/sessions/${encodeURIComponent(current.id)}${path}`, { ...init, headers });
+}
+
 async function sendFile() {
   const file = ui.file.files[0];
   if (!file || !session || !session.id) return;
@@ -310,7 +317,7 @@ async function sendFile() {
   }
   ui.sendFile.disabled = true;
   try {
-    const resp = await fetch(`/sessions/${encodeURIComponent(session.id)}/audio`, {
+    const resp = await sessionFetch(session, "/audio", {
       method: "POST",
       headers: { "Content-Type": file.type || "application/octet-stream" },
       body: file,
@@ -331,7 +338,7 @@ async function say() {
   if (!text || !session || !session.id) return;
   ui.say.disabled = true;
   try {
-    const resp = await fetch(`/sessions/${encodeURIComponent(session.id)}/say`, {
+    const resp = await sessionFetch(session, "/say", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ text }),
@@ -345,7 +352,7 @@ async function say() {
 
 async function interrupt() {
   if (!session || !session.id) return;
-  await fetch(`/sessions/${encodeURIComponent(session.id)}/interrupt`, { method: "POST" }).catch(() => {});
+  await sessionFetch(session, "/interrupt", { method: "POST" }).catch(() => {});
 }
 
 // -- wiring --------------------------------------------------------------------------------------

@@ -24,17 +24,29 @@ Two drivers of that policy:
   back to where the render started (the render happened on the "worker", not in the caller's time), so
   the sessions may share the same ManualClock.
 
+Preparation runs where the batches run. `prepare` (the renderer's per-avatar precompute, CUDA graph
+capture, and the warm-up that measures the cost curve) runs on the threaded worker's own thread: cuDNN
+caches its plans per thread, so a warm-up elsewhere would leave the live path to rebuild them on real
+frames, and the cost curve would measure the wrong thing. A renderer with `prepare_steps(avatar)` (an
+iterator of short slices) is prepared one slice per loop turn, between batches, so preparing another
+avatar while serving delays a running session's batch by one slice at most, never by the whole prepare
+(each CUDA graph capture synchronises the device). `warmup_context()`, when the renderer has it, wraps the
+warm-up renders (cuDNN autotuning on CUDA). `ThreadedRenderWorker.call(fn)` runs any callable there.
+
 A session submits `RenderJob`s and receives `RenderResult`s through the job's `deliver` callback; in the
 threaded worker that callback runs on the worker thread, so it must only hand the result over (e.g.
 append to a deque).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -44,6 +56,7 @@ from realtime.renderers.base import MouthPatch, MouthRenderer
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -224,23 +237,35 @@ class RenderWorker:
         measure the cost curve: cost(b) for b = 1 and `curve_sizes` up to max_batch (each size once
         untimed, then the fastest of 3 timed calls for b = 1 and of 2 for larger b, so a noise spike on
         a shared CPU does not set a session's fixed delay), which sessions use to size a fixed delay
-        that allows batching."""
+        that allows batching. Here in the caller's thread; the threaded worker runs it on its own."""
         with self._prepare_lock:
-            if id(avatar) in self._prepared:
-                return
+            if id(avatar) not in self._prepared:
+                for _ in self._prepare_steps(avatar, warmup):
+                    pass
+
+    def _prepare_steps(self, avatar: Any, warmup: bool) -> Iterator[None]:
+        """`prepare` as slices: the renderer's `prepare_steps` when it has them, then one per warm-up size."""
+        steps = getattr(self.renderer, "prepare_steps", None)
+        if steps is not None:
+            yield from steps(avatar)
+        else:
             self.renderer.prepare(avatar)
-            self._prepared[id(avatar)] = avatar
-            if warmup:
-                sizes = [1, *sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})]
-                for b in sizes:
-                    mel = np.full((b, 80, 16), -4.0, dtype=np.float32)
-                    timed = []
-                    for attempt in range(4 if b == 1 else 3):
-                        t0 = self.clock()
-                        self.renderer.render(avatar, np.zeros(b, dtype=np.int64), mel)
-                        if attempt:
-                            timed.append(self.clock() - t0)
-                    self.cost.observe(b, min(timed))
+        self._prepared[id(avatar)] = avatar
+        if not warmup:
+            return
+        context = getattr(self.renderer, "warmup_context", contextlib.nullcontext)
+        sizes = [1, *sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})]
+        for b in sizes:
+            yield
+            mel = np.full((b, 80, 16), -4.0, dtype=np.float32)
+            timed = []
+            with context():
+                for attempt in range(4 if b == 1 else 3):
+                    t0 = self.clock()
+                    self.renderer.render(avatar, np.zeros(b, dtype=np.int64), mel)
+                    if attempt:
+                        timed.append(self.clock() - t0)
+            self.cost.observe(b, min(timed))
 
     def submit(self, job: RenderJob) -> None:
         raise NotImplementedError
@@ -292,9 +317,12 @@ class RenderWorker:
         avatar = batch[0].avatar
         indices = np.fromiter((j.avatar_index for j in batch), dtype=np.int64, count=len(batch))
         mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
+        # A remote renderer (realtime/render_tier) orders its replica's batches by deadline: tell it.
+        extra = ({"deadline_in_s": min(j.deadline for j in batch) - self.clock()}
+                 if getattr(self.renderer, "wants_deadline", False) else {})
         t0 = self.clock()
         try:
-            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels))
+            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels, **extra))
             if len(patches) != len(batch):
                 raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
         except Exception:
@@ -319,6 +347,34 @@ class RenderWorker:
                 log.exception("delivering a render result failed")
 
 
+class _WorkerTask:
+    """Work handed to the worker thread: an iterator of slices, run one per loop turn, and its outcome."""
+
+    def __init__(self, steps: Iterator[Any]) -> None:
+        self.steps = steps
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def step(self) -> None:
+        """Run one slice; the last value the iterator yields is the result."""
+        try:
+            self.result = next(self.steps)
+        except StopIteration:
+            self.done.set()
+        except BaseException as exc:  # handed to the waiting caller, who re-raises it
+            self.error = exc
+            self.done.set()
+
+    def abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            close = getattr(self.steps, "close", None)
+            if close is not None:
+                close()
+        self.error = RuntimeError("the render worker stopped before this task finished")
+        self.done.set()
+
+
 class ThreadedRenderWorker(RenderWorker):
     """The production driver: one daemon thread per renderer, shared by every session using it."""
 
@@ -327,6 +383,7 @@ class ThreadedRenderWorker(RenderWorker):
         super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
         self._cond = threading.Condition()
         self._stopped = False
+        self._tasks: deque[_WorkerTask] = deque()  # run on the worker thread, one slice per loop turn
         self._thread = threading.Thread(target=self._run, name=name or f"render-{self.name}", daemon=True)
         self._thread.start()
 
@@ -342,6 +399,46 @@ class ThreadedRenderWorker(RenderWorker):
         with self._cond:
             return self._queue.remove_owner(owner)
 
+    def prepare(self, avatar: Any, warmup: bool = False) -> None:
+        """`RenderWorker.prepare`, run on the worker thread in slices between batches; waits for it."""
+        with self._prepare_lock:
+            if id(avatar) not in self._prepared:
+                self._run_steps(self._prepare_steps(avatar, warmup))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the worker thread between batches and return its result (or raise its error)."""
+        def once() -> Iterator[T]:
+            yield fn()
+        return self._run_steps(once())
+
+    def _run_steps(self, steps: Iterator[Any]) -> Any:
+        if threading.current_thread() is self._thread:  # already there (e.g. from a deliver callback)
+            result = None
+            for result in steps:  # noqa: B007 (the last value is the result)
+                pass
+            return result
+        task = _WorkerTask(steps)
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("the render worker is closed")
+            self._tasks.append(task)
+            self._cond.notify()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _task_step(self) -> None:
+        """One slice of the oldest queued task (on the worker thread, outside the lock)."""
+        with self._cond:
+            task = self._tasks[0] if self._tasks else None
+        if task is None:
+            return
+        task.step()
+        if task.done.is_set():
+            with self._cond:
+                self._tasks.popleft()
+
     def close(self) -> None:
         with self._cond:
             self._stopped = True
@@ -349,14 +446,24 @@ class ThreadedRenderWorker(RenderWorker):
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
+        with self._cond:
+            if not self._thread.is_alive():
+                tasks, self._tasks = list(self._tasks), deque()
+            else:
+                tasks = []
+        for task in tasks:
+            task.abandon()
 
     def _run(self) -> None:
         while True:
+            self._task_step()  # at most one slice of a prepare/warm-up between two batches
             with self._cond:
-                while not self._stopped and not self._queue:
+                while not self._stopped and not self._queue and not self._tasks:
                     self._cond.wait()
                 if self._stopped:
                     return
+                if not self._queue:
+                    continue  # woken for a task
                 now = self.clock()
                 until = self._wait_until(now)
                 if until is not None:

@@ -12,12 +12,15 @@ from pathlib import Path
 from aiohttp import web
 
 from server import encoders, push_api, signaling
+from server.auth import Guard, OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
+from server.ice import client_ice_servers
+from server.limits import ClientLimits, WorkPool
 from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
-from server.sessions import SessionManager
+from server.sessions import SessionManager, UnknownSession
 from server.state import STATE, ServerState, state_of
 from server.tts import LocalTts
 
@@ -27,14 +30,25 @@ CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
 
 def create_app(config: ServerConfig, engine: Engine) -> web.Application:
+    """The app; every request goes through `json_errors` (JSON errors) and the access policy
+    (server/auth.py: credentials, cross-site checks, body caps)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
-    app = web.Application(client_max_size=config.max_upload_bytes + 64 * 1024,
-                          middlewares=[json_errors])
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
                               disconnect_grace_s=config.disconnect_grace_s)
+    operator = OperatorAuth.from_config(config)
+    guard = Guard(config, operator, session_token_of=lambda sid: _session_token(sessions, sid))
+    app = web.Application(client_max_size=config.max_upload_bytes + 64 * 1024,
+                          middlewares=[json_errors, guard.middleware])
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
-                             tts=LocalTts(config.tts_command))
+                             tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
+                             operator=operator, pool=WorkPool(config.max_concurrent_decodes),
+                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute))
+    for server in config.ice_servers:
+        if server.credential is not None:
+            log.warning("--ice-server %s has a static username and credential: every visitor receives "
+                        "them from /config (an open relay for anyone); use --turn-secret and --turn-url "
+                        "for short-lived TURN REST credentials", server.url)
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -42,8 +56,21 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
+    app.on_response_prepare.append(guard.add_cors_headers)
     app.on_shutdown.append(_close_sessions)
+    app.on_cleanup.append(_close_pool)
     return app
+
+
+def _session_token(sessions: SessionManager, session_id: str) -> str | None:
+    try:
+        return sessions.get(session_id).token
+    except UnknownSession:
+        return None
+
+
+async def _close_pool(app: web.Application) -> None:
+    app[STATE].pool.close()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -63,7 +90,7 @@ async def client_config(request: web.Request) -> web.Response:
     """What the page needs before it makes an offer."""
     state = state_of(request)
     return web.json_response({
-        "ice_servers": [s.to_json() for s in state.config.ice_servers],
+        "ice_servers": client_ice_servers(state.config),
         "say": state.tts.available,
         "fps": state.engine.fps,
         "avatar": state.engine.info.get("avatar", "default"),
@@ -81,6 +108,9 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "shutting down" if state.closing else "ok",
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
+        # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
+        "free_slots": max(state.sessions.max_sessions - len(state.sessions), 0),
+        "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         **{k: str(v) for k, v in state.engine.info.items()},
     }, status=503 if state.closing else 200)

@@ -7,6 +7,7 @@ whitespace-separated list from the variable.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -94,6 +95,35 @@ class ServerConfig:
     connect_timeout_s: float = 30.0  # a peer that never connects is reaped after this
     disconnect_grace_s: float = 5.0  # "disconnected" this long -> reaped
     peer_timeout_s: float = 8.0  # no packet from a connected peer this long -> reaped (it vanished)
+    # Security (SECURITY.md). The operator token guards GET /sessions, /metrics and every session's
+    # routes; each session also gets its own token in the /offer answer. Bound to loopback without a
+    # token, operator routes stay open; bound elsewhere, a token is generated unless no_auth.
+    api_token: str | None = field(default=None, repr=False)
+    no_auth: bool = False
+    allowed_origins: list[str] = field(default_factory=list)  # e.g. ["https://app.example.org"]
+    max_sessions_per_ip: int = 2  # live + negotiating sessions per client address; 0 = no limit
+    max_offers_per_minute: int = 30  # per client address; 0 = no limit
+    max_session_s: float = 3600.0  # a session is ended after this long
+    max_concurrent_decodes: int = 2  # upload decodes + TTS at once; more get 503
+    say_timeout_s: float = 30.0  # a /say synthesis that takes longer gets 504
+    keepalive_timeout_s: float = 15.0  # idle HTTP keep-alive connections are closed after this
+    # TURN REST (coturn use-auth-secret): /config hands out credentials valid for turn_ttl_s.
+    turn_secret: str | None = field(default=None, repr=False)
+    turn_urls: list[str] = field(default_factory=list)
+    turn_ttl_s: float = 3600.0
+    # Scaling out (README "Scaling out"): local = render workers in this process; ray = a Ray Serve render
+    # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
+    render_backend: str = "local"  # local | ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster started in this process
+    ray_replicas: int = 1
+    ray_min_replicas: int | None = None  # autoscaling bounds (by ongoing requests) instead of a fixed count
+    ray_max_replicas: int | None = None
+    ray_cpus_per_replica: float = 1.0
+    ray_gpus_per_replica: float = 0.0
+    ray_app_name: str = "lipsync-render"
+    # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
+    # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
+    instance_id: str = ""
     # Operations.
     log_level: str = "info"
     log_format: str = "text"  # text | json
@@ -137,6 +167,44 @@ class ServerConfig:
             raise ValueError("--max-upload-mb must be positive")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
+        self._validate_security()
+        self._validate_scaling()
+
+    def _validate_security(self) -> None:
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ValueError("--api-token must be at least 16 characters")
+        if self.api_token is not None and self.no_auth:
+            raise ValueError("--api-token and --no-auth contradict each other")
+        for origin in self.allowed_origins:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"--allowed-origin {origin!r}: expected scheme://host[:port]")
+        if min(self.max_sessions_per_ip, self.max_offers_per_minute) < 0:
+            raise ValueError("--max-sessions-per-ip and --max-offers-per-minute must be >= 0 (0: no limit)")
+        if self.max_concurrent_decodes < 1:
+            raise ValueError("--max-concurrent-decodes must be at least 1")
+        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s) <= 0:
+            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout and --turn-ttl "
+                             "must be positive")
+        if bool(self.turn_secret) != bool(self.turn_urls):
+            raise ValueError("--turn-secret and --turn-url go together")
+        for url in self.turn_urls:
+            if not re.fullmatch(r"turns?:[^@\s]+", url):
+                raise ValueError(f"--turn-url {url!r}: expected turn:host[:port][?transport=udp|tcp] "
+                                 "(no user:password; --turn-secret makes the credentials)")
+
+    def _validate_scaling(self) -> None:
+        if self.render_backend not in ("local", "ray"):
+            raise ValueError("--render-backend must be local or ray")
+        if self.ray_replicas < 1:
+            raise ValueError("--ray-replicas must be at least 1")
+        low, high = self.ray_min_replicas, self.ray_max_replicas
+        if (low is not None and low < 0) or (high is not None and high < 1) or (
+                low is not None and high is not None and low > high):
+            raise ValueError("--ray-min-replicas / --ray-max-replicas: need 0 <= min <= max, max >= 1")
+        if self.ray_cpus_per_replica < 0 or self.ray_gpus_per_replica < 0:
+            raise ValueError("--ray-cpus-per-replica / --ray-gpus-per-replica must not be negative")
+        if not re.fullmatch(r"[A-Za-z0-9_.]{0,32}", self.instance_id):
+            raise ValueError("--instance-id: up to 32 letters, digits, '_' or '.'")
 
     # -- command line and environment --------------------------------------------------------------
 
@@ -183,6 +251,45 @@ class ServerConfig:
         add("--peer-timeout", dest="peer_timeout_s", type=float,
             help=f"seconds without a packet from a connected peer before its session is reaped "
                  f"(default {d.peer_timeout_s:g})")
+        add("--api-token", help="operator token (>= 16 characters): `Authorization: Bearer TOKEN` opens "
+                                "GET /sessions, /metrics and every session's routes; bound beyond "
+                                "loopback without one, a token is generated and printed once")
+        add("--no-auth", action="store_true", default=None,
+            help="bound beyond loopback, leave the operator routes open to anyone (unsafe; session "
+                 "routes still need their session_token)")
+        add("--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+            help="another web origin (https://app.example.org) whose pages may call this server, repeatable")
+        add("--max-sessions-per-ip", type=int,
+            help=f"sessions per client address (default {d.max_sessions_per_ip}; 0 = no limit)")
+        add("--max-offers-per-minute", type=int,
+            help=f"offers per client address per minute, more get 429 (default {d.max_offers_per_minute}; "
+                 f"0 = no limit)")
+        add("--max-session-s", type=float,
+            help=f"a session is ended after this many seconds (default {d.max_session_s:g})")
+        add("--max-concurrent-decodes", type=int,
+            help=f"upload decodes and TTS syntheses at once, more get 503 (default {d.max_concurrent_decodes})")
+        add("--say-timeout", dest="say_timeout_s", type=float,
+            help=f"seconds a /say synthesis may take before it gets 504 (default {d.say_timeout_s:g})")
+        add("--keepalive-timeout", dest="keepalive_timeout_s", type=float,
+            help=f"seconds an idle HTTP keep-alive connection is kept (default {d.keepalive_timeout_s:g})")
+        add("--turn-secret", help="coturn use-auth-secret shared secret: /config hands out short-lived "
+                                  "TURN REST credentials instead of a password")
+        add("--turn-url", dest="turn_urls", action="append", metavar="URL",
+            help="TURN server for --turn-secret, repeatable: turn:turn.example.org:3478?transport=udp")
+        add("--turn-ttl", dest="turn_ttl_s", type=float,
+            help=f"lifetime of TURN REST credentials in seconds (default {d.turn_ttl_s:g})")
+        add("--render-backend", choices=["local", "ray"],
+            help="local: render in this process (default); ray: a Ray Serve render tier shared by front-ends")
+        add("--ray-address", help="Ray cluster to join (host:port of `ray start --head`; default RAY_ADDRESS, "
+                                  "else a local cluster in this process)")
+        add("--ray-replicas", type=int, help=f"render replicas (default {d.ray_replicas})")
+        add("--ray-min-replicas", type=int, help="autoscaling: fewest render replicas")
+        add("--ray-max-replicas", type=int, help="autoscaling: most render replicas")
+        add("--ray-cpus-per-replica", type=float, help=f"CPUs per render replica (default {d.ray_cpus_per_replica:g})")
+        add("--ray-gpus-per-replica", type=float,
+            help="GPUs per render replica (default 0; 1 puts each replica on its own GPU, 0.5 two per GPU)")
+        add("--ray-app-name", help=f"Serve application of the render tier (default {d.ray_app_name})")
+        add("--instance-id", help="this front-end's name, the prefix of its session ids (for routing)")
         add("--log-level", help="debug, info, warning, error (default info)")
         add("--log-format", choices=["text", "json"], help="log line format (default text)")
         add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
@@ -231,7 +338,9 @@ def device_list(spec: str) -> list[str]:
 
 
 _FLAG_NAMES = {"connect_timeout_s": "connect-timeout", "disconnect_grace_s": "disconnect-grace",
-               "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server"}
+               "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server",
+               "allowed_origins": "allowed-origin", "say_timeout_s": "say-timeout",
+               "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl"}
 
 
 def _flag_name(name: str) -> str:
@@ -250,14 +359,27 @@ def _split(value: str | list[str]) -> list[str]:
 def _convert(name: str, value):
     if name == "ice_servers":
         return [IceServer.parse(item) for item in _split(value)]
-    if name == "ice_host_addresses":
+    if name in ("ice_host_addresses", "turn_urls"):
         return _split(value)
+    if name == "allowed_origins":
+        return [origin.rstrip("/").lower() for origin in _split(value)]
+    if name == "no_auth":
+        return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)
     if name in ("checkpoint", "avatar", "cert_file", "key_file"):
         return Path(value)
-    if name in ("port", "max_sessions"):
+    if name in ("port", "max_sessions", "max_sessions_per_ip", "max_offers_per_minute",
+                "max_concurrent_decodes", "ray_replicas", "ray_min_replicas", "ray_max_replicas"):
         return int(value)
-    if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s"):
-        return float(value)
+    if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
+                "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
+                "ray_cpus_per_replica", "ray_gpus_per_replica"):
+        return _finite(float(value))
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
     return value

@@ -1,6 +1,7 @@
 """Every error the server returns is JSON: `{"error": "...", "status": N, ...}`, never aiohttp's HTML."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -48,11 +49,29 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return json_error(500, "internal server error")
 
 
+DEFAULT_JSON_LIMIT = 16 * 1024
+BODY_LIMIT = web.RequestKey("body_limit", int)  # the route's body cap, set by the access middleware
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, read in chunks and refused (413) as soon as it passes `limit` bytes, whatever the
+    Content-Length said (a chunked body has none)."""
+    data = bytearray()
+    while chunk := await request.content.read(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"request body over this route's {limit} byte limit", limit_bytes=limit)
+    return bytes(data)
+
+
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    """The request body as a JSON object, or a 400 that says what is wrong with it. The body is
+    capped (413) before it is parsed: the route's cap set by the access middleware, else 16 KB."""
+    limit = request.get(BODY_LIMIT, DEFAULT_JSON_LIMIT)
+    raw = await read_body(request, limit)
     try:
-        body = await request.json()
-    except ValueError as exc:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON object")

@@ -6,17 +6,27 @@ aiortc falls back to a public STUN server when a configuration names none; we al
 aioice gathers host candidates from `aioice.ice.get_host_addresses`, which skips loopback. A local
 server (or a test inside a loopback-only network namespace) needs 127.0.0.1 offered, and a deployment
 may want to offer only some interfaces; `use_host_addresses` installs that policy process-wide.
+
+TURN without giving a password away: with `--turn-secret` and `--turn-url`, every /config answer (and
+every server-side peer connection) gets credentials in the TURN REST scheme that coturn checks with
+`use-auth-secret` / `static-auth-secret`: username `<unix expiry>:<tag>`, credential
+base64(HMAC-SHA1(secret, username)). They stop working at the expiry (`--turn-ttl`), so a visitor
+cannot hand out a lasting relay.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
+import time
 from typing import Callable, Iterable
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
-from server.config import IceServer
+from server.config import IceServer, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +37,30 @@ def rtc_configuration(servers: Iterable[IceServer]) -> RTCConfiguration:
     return RTCConfiguration(iceServers=[
         RTCIceServer(urls=s.url, username=s.username, credential=s.credential) for s in servers
     ])
+
+
+def turn_rest_credentials(secret: str, ttl_s: float, tag: str = "lipsync",
+                          now: float | None = None) -> tuple[str, str]:
+    """(username, credential) valid until now + ttl_s, as coturn's use-auth-secret expects."""
+    expiry = int((time.time() if now is None else now) + ttl_s)
+    username = f"{expiry}:{tag}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def ice_servers(config: ServerConfig) -> list[IceServer]:
+    """The STUN/TURN servers for one peer connection: --ice-server entries plus, with --turn-secret,
+    the --turn-url servers with fresh short-lived credentials."""
+    servers = list(config.ice_servers)
+    if config.turn_secret and config.turn_urls:
+        username, credential = turn_rest_credentials(config.turn_secret, config.turn_ttl_s)
+        servers += [IceServer(url=url, username=username, credential=credential) for url in config.turn_urls]
+    return servers
+
+
+def client_ice_servers(config: ServerConfig) -> list[dict]:
+    """The browser's RTCIceServer list, for /config."""
+    return [server.to_json() for server in ice_servers(config)]
 
 
 def use_host_addresses(addresses: Iterable[str], *, add_loopback: bool = False) -> Callable[[], None]:

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Mapping
 
-from server.prometheus import Page, merge_histograms
+from server.prometheus import Histogram, Page, merge_histograms
 
 if TYPE_CHECKING:
     from server.state import ServerState
@@ -43,15 +43,17 @@ class Totals:
 
 # -- the /metrics page -------------------------------------------------------------------------------
 
-SESSION_COUNTERS = {  # engine counter -> (metric name, help)
-    "frames_rendered": ("lipsync_session_frames_rendered_total", "Frames showing a freshly rendered mouth."),
-    "frames_dropped": ("lipsync_session_frames_dropped_total",
+# engine counter -> (metric name, help): summed over live sessions as gauges (they fall when a session
+# ends), no labels.
+SESSION_COUNTERS = {
+    "frames_rendered": ("lipsync_live_frames_rendered", "Frames showing a freshly rendered mouth."),
+    "frames_dropped": ("lipsync_live_frames_dropped",
                        "Speech frames whose render missed its tick (held or idle mouth shown)."),
-    "frames_held": ("lipsync_session_frames_held_total", "Frames re-showing the last mouth."),
-    "frames_starved": ("lipsync_session_frames_starved_total", "Frames whose audio arrived too late."),
-    "audio_underrun_samples": ("lipsync_session_audio_underrun_samples_total",
+    "frames_held": ("lipsync_live_frames_held", "Frames re-showing the last mouth."),
+    "frames_starved": ("lipsync_live_frames_starved", "Frames whose audio arrived too late."),
+    "audio_underrun_samples": ("lipsync_live_audio_underrun_samples",
                                "Output samples of an open utterance whose input had not arrived."),
-    "interrupts": ("lipsync_session_interrupts_total", "Interrupts."),
+    "interrupts": ("lipsync_live_interrupts", "Interrupts."),
 }
 
 
@@ -91,34 +93,36 @@ def render_metrics(state: "ServerState") -> str:
             (page.counter if kind == "counter" else page.gauge)(name, help_text, stat)
     _per_worker(page, worker.get("workers"))
 
-    now = time.monotonic()
-    for session, metrics in live:
-        labels = {"session": session.id}
-        page.gauge("lipsync_session_fps", "Video frames sent per second (last 2 s).",
-                   round(session.video.stats.fps(now), 3), labels)
-        page.counter("lipsync_session_frames_total", "Video frames sent.", session.video.stats.frames,
-                     labels)
-        page.counter("lipsync_session_pacer_skipped_total", "Video ticks skipped by a late sender.",
-                     session.video.stats.skipped, labels)
-        for key, (name, help_text) in SESSION_COUNTERS.items():
-            page.counter(name, help_text, _num(metrics.get(key)), labels)
-        page.gauge("lipsync_session_av_offset_milliseconds",
-                   "A/V offset of the last speech frame from its timestamps (engine).",
-                   _num(metrics.get("av_offset_ms")), labels)
-        page.gauge("lipsync_session_av_offset_max_abs_milliseconds", "Largest |A/V offset| so far.",
-                   _num(metrics.get("av_offset_max_abs_ms")), labels)
-        page.gauge("lipsync_session_pacer_av_offset_seconds",
-                   "Video hand-over lateness minus audio hand-over lateness (sender side).",
-                   session.pacer_av_offset_s(), labels)
-        page.gauge("lipsync_session_latency_budget_milliseconds", "The session's fixed A/V delay.",
-                   _num(metrics.get("latency_budget_ms")), labels)
-        page.gauge("lipsync_session_audio_queued_seconds", "Pushed audio not played yet.",
-                   session.input.queued_s, labels)
-        if isinstance(metrics.get("latency_ms"), Mapping):
-            page.cumulative_histogram("lipsync_session_latency_milliseconds",
-                                      "Audio in to mouth on screen (server side), per rendered frame.",
-                                      metrics["latency_ms"], labels)
+    _live_sessions(page, live)
     return page.render()
+
+
+SESSION_FPS_BUCKETS = (5.0, 10.0, 15.0, 20.0, 22.0, 24.0, 26.0, 30.0)
+
+
+def _live_sessions(page: Page, live: list) -> None:
+    """Live sessions in aggregate. No series carries a session label: ids are secrets' neighbours (an
+    id plus a leaked token is a session), and per-session series grow without bound. Per-session
+    detail is GET /sessions/{id}."""
+    now = time.monotonic()
+    fps = Histogram(SESSION_FPS_BUCKETS)
+    for session, _ in live:
+        fps.observe(session.video.stats.fps(now))
+    page.histogram("lipsync_live_session_fps", "Video frames sent per second (last 2 s), one "
+                   "observation per live session at scrape time.", fps)
+    page.gauge("lipsync_live_video_frames", "Video frames sent by the live sessions.",
+               sum(s.video.stats.frames for s, _ in live))
+    page.gauge("lipsync_live_pacer_skipped", "Video ticks skipped by a late sender, live sessions.",
+               sum(s.video.stats.skipped for s, _ in live))
+    for key, (name, help_text) in SESSION_COUNTERS.items():
+        page.gauge(name, f"{help_text} Live sessions, summed.", sum(_num(m.get(key)) for _, m in live))
+    page.gauge("lipsync_live_av_offset_max_abs_milliseconds", "Largest |A/V offset| of any live session.",
+               max((abs(_num(m.get("av_offset_max_abs_ms"))) for _, m in live), default=0))
+    page.gauge("lipsync_live_pacer_av_offset_max_abs_seconds",
+               "Largest |video minus audio hand-over lateness| of any live session.",
+               max((abs(s.pacer_av_offset_s()) for s, _ in live), default=0.0))
+    page.gauge("lipsync_live_audio_queued_seconds", "Pushed audio not played yet, live sessions summed.",
+               sum(s.input.queued_s for s, _ in live))
 
 
 WORKER_METRICS = {

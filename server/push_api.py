@@ -23,19 +23,18 @@ import logging
 import numpy as np
 from aiohttp import BodyPartReader, WSMsgType, web
 
-from realtime.media_io import MediaError, load_audio
 from server.audio_input import QueueFull
-from server.errors import ApiError, read_json
+from server.errors import BODY_LIMIT, ApiError, read_body, read_json
 from server.sessions import Session, UnknownSession
 from server.state import state_of
-from server.tts import MAX_TEXT_CHARS, TtsError
+from server.tts import SayRequest, TtsError, TtsTimeout
+from server.uploads import MAX_CHANNELS, MAX_RATE, MIN_RATE, TARGET_RATE, decode_upload
 
 log = logging.getLogger(__name__)
 
 PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
-MAX_RATE = 192000
-MAX_CHANNELS = 8
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+UPLOAD_READ_TIMEOUT_S = 30.0
 
 
 def session_of(request: web.Request) -> Session:
@@ -52,8 +51,8 @@ def pcm_params(query) -> tuple[int, int, type]:
         channels = int(query.get("channels", "1"))
     except ValueError:
         raise ApiError(400, "rate and channels must be integers") from None
-    if not 1000 <= rate <= MAX_RATE:
-        raise ApiError(400, f"rate must be between 1000 and {MAX_RATE} Hz")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise ApiError(400, f"rate must be between {MIN_RATE} and {MAX_RATE} Hz")
     if not 1 <= channels <= MAX_CHANNELS:
         raise ApiError(400, f"channels must be between 1 and {MAX_CHANNELS}")
     fmt = query.get("format", "s16").lower()
@@ -109,8 +108,9 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
-    """The uploaded bytes and file name, from a raw body or the first file of a multipart form."""
-    limit = state_of(request).config.max_upload_bytes
+    """The uploaded bytes and file name, from a raw body or the first file of a multipart form.
+    The route's cap (the access middleware sets it from --max-upload-mb) holds while reading."""
+    limit = request.get(BODY_LIMIT, state_of(request).config.max_upload_bytes)
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"upload of {request.content_length} bytes is over the "
                             f"{limit} byte limit", limit_bytes=limit)
@@ -127,24 +127,19 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
                         raise ApiError(413, f"upload is over the {limit} byte limit", limit_bytes=limit)
                 return bytes(data), part.filename
         raise ApiError(400, "the multipart form has no file field (name it 'audio')")
-    return await request.read(), None
+    return await read_body(request, limit), None
 
 
 async def push_audio(request: web.Request) -> web.Response:
     session = session_of(request)
-    data, filename = await _read_upload(request)
-    if not data:
-        raise ApiError(400, "empty upload")
     if "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm"):
+        data, _ = await _read_upload(request)
+        if not data:
+            raise ApiError(400, "empty upload")
         rate, channels, dtype = pcm_params(request.query)
         samples = decode_pcm(data, channels, dtype)
     else:
-        try:
-            samples = await asyncio.to_thread(load_audio, data, 16000)
-        except MediaError as exc:
-            what = f"{filename}: " if filename else ""
-            raise ApiError(415, f"{what}{exc}".replace("the uploaded data: ", "")) from None
-        rate, channels = 16000, 1
+        samples, rate, channels = await _decode_file(request, session), TARGET_RATE, 1
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
     duration = _queue(session, samples, rate, channels, complete=True)
@@ -152,28 +147,54 @@ async def push_audio(request: web.Request) -> web.Response:
                               "pending_s": round(session.input.queued_s, 3)})
 
 
+async def _decode_file(request: web.Request, session: Session) -> np.ndarray:
+    """A media upload decoded on the WorkPool. The slot is taken before the body is read (503 when
+    none is free), so at most --max-concurrent-decodes bodies are held at once, and the body must
+    arrive within UPLOAD_READ_TIMEOUT_S (408) so a slow sender cannot keep the slot."""
+    pool = state_of(request).pool
+    with pool.slot():
+        try:
+            async with asyncio.timeout(UPLOAD_READ_TIMEOUT_S):
+                data, filename = await _read_upload(request)
+        except TimeoutError:
+            raise ApiError(408, f"the upload did not arrive within {UPLOAD_READ_TIMEOUT_S:g} s") from None
+        if not data:
+            raise ApiError(400, "empty upload")
+        room_s = session.input.max_queued_s - session.input.queued_s
+        try:
+            decoded = await pool.run_in_slot(decode_upload, data, room_s)
+        except ApiError as exc:
+            if filename and exc.status == 415:
+                exc.message = f"{filename}: {exc.message}"
+            raise
+    return decoded.samples
+
+
 async def say(request: web.Request) -> web.Response:
+    """Text to speech into the session: one at a time per session, at most --max-concurrent-decodes
+    syntheses (shared with upload decodes) server-wide, the text's length checked first."""
     state = state_of(request)
     session = session_of(request)
     if not state.tts.available:
         raise ApiError(501, "no local TTS on this server (install espeak-ng)")
-    body = await read_json(request)
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, "missing 'text'")
-    if len(text) > MAX_TEXT_CHARS:
-        raise ApiError(413, f"text longer than {MAX_TEXT_CHARS} characters")
-    voice = body.get("voice")
-    if voice is not None and (not isinstance(voice, str) or not voice.replace("-", "").replace("+", "")
-                              .replace("_", "").isalnum()):
-        raise ApiError(400, "'voice' must be a voice name like 'en' or 'en-us'")
-    wpm = body.get("wpm")
-    if wpm is not None and (not isinstance(wpm, int) or not 80 <= wpm <= 450):
-        raise ApiError(400, "'wpm' must be an integer between 80 and 450")
+    request_ = SayRequest.from_dict(await read_json(request))
+    room_s = session.input.max_queued_s - session.input.queued_s
+    if request_.min_duration_s > room_s:
+        raise ApiError(413, f"this text takes at least {request_.min_duration_s:.0f} s to say; the "
+                            f"session can queue {room_s:.0f} s more", room_s=round(room_s, 3))
+    if session.id in state.saying:
+        raise ApiError(429, "this session is already synthesising a /say; wait for it",
+                       {"Retry-After": "1"}, retry_after_s=1)
+    state.saying.add(session.id)
     try:
-        samples, rate = await state.tts.synthesize(text, voice, wpm)
+        with state.pool.slot():
+            samples, rate = await state.tts.synthesize(request_.text, request_.voice, request_.wpm)
+    except TtsTimeout as exc:
+        raise ApiError(504, str(exc)) from None
     except TtsError as exc:
-        raise ApiError(500, str(exc)) from None
+        raise ApiError(502, str(exc)) from None
+    finally:
+        state.saying.discard(session.id)
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
     duration = _queue(session, samples, rate, 1, complete=True)
@@ -225,7 +246,8 @@ def _command(session: Session, text: str) -> dict:
 
 async def _close_with_session(ws: web.WebSocketResponse, session: Session) -> None:
     await session.closed.wait()
-    await ws.close(message=b"session closed")
+    reason = f"session closed: {session.close_reason}" if session.close_reason else "session closed"
+    await ws.close(message=reason.encode()[:120])
 
 
 def add_routes(app: web.Application) -> None:

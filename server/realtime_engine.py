@@ -10,13 +10,17 @@ server accepts connections.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from realtime.config import EngineConfig
+from realtime.renderers.factory import RendererSpec, build_renderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 from server.config import ServerConfig, device_list
@@ -99,6 +103,7 @@ class RealtimeEngine:
         if len(self.devices) != len(renderers):
             raise ValueError(f"{len(renderers)} renderers but {len(self.devices)} device labels")
         self.workers: list[ThreadedRenderWorker] = []
+        self._closers: list[Callable[[], None]] = []
         self._placed: list[weakref.WeakSet] = [weakref.WeakSet() for _ in renderers]
         self._lock = threading.Lock()
         try:
@@ -167,6 +172,9 @@ class RealtimeEngine:
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
+        for close in self._closers:  # e.g. leave the Ray cluster
+            close()
+        self._closers.clear()
 
     @classmethod
     def load(cls, config: ServerConfig) -> "RealtimeEngine":
@@ -187,38 +195,57 @@ class RealtimeEngine:
         # (still fixed per session, and capped by EngineConfig.max_compute_budget_ms).
         engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
                                      paste_mode=config.paste_mode)
-        if config.checkpoint is None:
-            from realtime.renderers.default import DefaultRenderer
-
+        spec = RendererSpec(checkpoint=config.checkpoint, precision=config.precision, runtime=config.runtime,
+                            min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode,
+                            mel_alignment=config.mel_alignment)
+        closers: list[Callable[[], None]] = []
+        if config.render_backend == "ray":
+            renderers, devices = remote_renderers(config, spec, closers)
+        elif config.checkpoint is None:
             # The no-weights renderer runs on the CPU whatever the device; "cpu" listed k times gives it
             # k worker threads (it is thread-safe, so they share one instance).
-            shared = DefaultRenderer()
-            renderers: list[Any] = [shared] * max(1, entries.count("cpu"))
+            shared = build_renderer(spec)
+            renderers = [shared] * max(1, entries.count("cpu"))
             devices = ["cpu"] * len(renderers)
         else:
             from models.wav2lip import load_wav2lip
-            from realtime.mel import MelAlignment
-            from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
             devices = [str(d) for d in torch_devices(entries)]
-            # Loaded once, in fp32 on the CPU: each renderer folds BatchNorm in fp32 and casts once to
-            # its device's precision (no fp16 copy of the whole model is kept on the GPU).
-            model = load_wav2lip(config.checkpoint, "cpu")
-            # Feathered pastes never show the top rows of a patch, so the generator skips them;
-            # official pastes show the whole 96x96 patch.
-            rows_from = 0 if config.paste_mode == "official" else PASTED_ROWS_FROM
-            renderers = [Wav2LipRenderer(model, device=d, precision=config.precision, rows_from=rows_from,
-                                         runtime=config.runtime,
-                                         min_psnr_db=config.min_psnr_db,
-                                         mel_alignment=MelAlignment(config.mel_alignment))
-                         for d in devices]
+            model = load_wav2lip(config.checkpoint, "cpu")  # once, shared by the renderers of every device
+            renderers = [build_renderer(replace(spec, device=d), model) for d in devices]
             if devices[0].startswith("cuda"):
                 # One GPU batch of many sessions' frames costs little more than one frame: let a worker
                 # take as many as its renderer runs in one call (fixed sizes, CUDA graphs).
                 engine_config = engine_config.with_overrides(max_batch=renderers[0].max_batch)
         info = {"avatar": avatar_name, "device": ",".join(devices),
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
-        return cls(avatar, renderers, engine_config, info=info, devices=devices)
+        try:
+            engine = cls(avatar, renderers, engine_config, info=info, devices=devices)
+        except BaseException:
+            for close in closers:
+                close()
+            raise
+        engine._closers.extend(closers)
+        return engine
+
+
+def remote_renderers(config: ServerConfig, spec: RendererSpec,
+                     closers: list[Callable[[], None]]) -> tuple[list[Any], list[str]]:
+    """`--render-backend ray`: one front-end worker whose renderer is the shared Ray render tier."""
+    from realtime.render_tier.remote_renderer import RemoteRenderer
+    from server.ray_render_tier import RayRenderTier, RayTierSettings
+
+    settings = RayTierSettings(address=config.ray_address, replicas=config.ray_replicas,
+                               min_replicas=config.ray_min_replicas, max_replicas=config.ray_max_replicas,
+                               cpus_per_replica=config.ray_cpus_per_replica,
+                               gpus_per_replica=config.ray_gpus_per_replica, app_name=config.ray_app_name)
+    replica_spec = replace(spec, device="cuda" if config.ray_gpus_per_replica > 0 else "cpu")
+    tier = RayRenderTier.connect(settings, replica_spec)
+    closers.append(tier.close)
+    sender = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from)
+    renderer.audio_needs = replica_spec.audio_needs  # the session's look-ahead is the replica renderer's
+    return [renderer], ["ray"]
 
 
 def torch_devices(entries: list[str]) -> list[Any]:

@@ -10,10 +10,12 @@ import ssl
 from aiohttp import web
 
 from server.app import create_app
+from server.auth import OperatorAuth, RedactingAccessLogger
 from server.config import ServerConfig
 from server.engine import Engine, load_engine
 from server.ice import is_loopback, use_host_addresses
 from server.logs import setup_logging
+from server.state import STATE
 from server.udp_ports import port_range_loop_factory
 
 log = logging.getLogger("server")
@@ -42,7 +44,9 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         log.info("engine ready", extra=engine.info)
         app = create_app(config, engine)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0,
-                               access_log=logging.getLogger("aiohttp.access"))
+                               access_log=logging.getLogger("aiohttp.access"),
+                               access_log_class=RedactingAccessLogger,
+                               keepalive_timeout=config.keepalive_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
         try:
@@ -55,6 +59,7 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         log.info("serving %s", config.url, extra={
             "max_sessions": config.max_sessions, "ice_servers": len(config.ice_servers),
             "udp_ports": "any" if config.udp_ports is None else "%d-%d" % config.udp_ports})
+        announce_operator_token(app[STATE].operator, config)
         if started is not None and not started.done():
             started.set_result(port)
         stop = stop or asyncio.Event()
@@ -78,6 +83,16 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         if own_engine and engine is not None:
             await asyncio.to_thread(engine.close)
         log.info("stopped")
+
+
+def announce_operator_token(operator: OperatorAuth, config: ServerConfig) -> None:
+    """A generated operator token is printed once, to stdout and never to the log (like Jupyter)."""
+    if operator.generated and operator.token:
+        log.warning("bound to %s without --api-token: generated an operator token for GET /sessions, "
+                    "/metrics and any session's routes (printed once on stdout; set --api-token or "
+                    "LIPSYNC_API_TOKEN to choose it)", config.host)
+        print(f"\n    Operator token (this run only): {operator.token}\n"
+              f"    Use: Authorization: Bearer {operator.token}\n", flush=True)
 
 
 def serve(config: ServerConfig) -> int:

@@ -51,6 +51,7 @@ class Session:
     video: AvatarVideoTrack
     audio: SyncedAudioTrack
     remote: str = ""
+    token: str = field(default="", repr=False)  # the session_token: never listed, logged or described
     created: float = field(default_factory=time.monotonic)
     connected: float | None = None
     microphone: MediaStreamTrack | None = None  # the peer's audio track, when it sends one
@@ -110,8 +111,11 @@ def safe_metrics(engine: EngineSession) -> dict:
         return {}
 
 
-def new_session_id() -> str:
-    return secrets.token_urlsafe(12)
+def new_session_id(instance_id: str = "") -> str:
+    """A random id; with an instance id, "<instance>-<random>": the owner's name comes first so a load
+    balancer in front of several front-ends can route a session's routes by prefix (README "Scaling out")."""
+    token = secrets.token_urlsafe(12)
+    return f"{instance_id}-{token}" if instance_id else token
 
 
 class SessionManager:

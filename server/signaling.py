@@ -6,12 +6,19 @@ tracks are added by the same peer connection, so they share one MediaStream (one
 browser lip-syncs them.
 
 Body: `{"sdp": "...", "type": "offer", "avatar": optional name, "options": {"video_codec": "vp8"|"h264",
-...engine options}}`. Answer: `{"sdp", "type": "answer", "session_id", "fps", "ice_servers"}`.
+...engine options}}`, parsed into an `OfferRequest` (every option type- and range-checked, 400 naming
+the bad one). Answer: `{"sdp", "type": "answer", "session_id", "session_token", "fps", "max_session_s"}`:
+`session_token` is the secret the session's routes need (server/auth.py). Offers are rate-limited per
+client address and count against its session limit (server/limits.py).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
@@ -19,8 +26,9 @@ from aiortc.sdp import SessionDescription
 
 from server import audio_jitter
 from server.audio_input import AudioInput
+from server.auth import new_token
 from server.errors import ApiError, read_json
-from server.ice import rtc_configuration
+from server.ice import ice_servers, rtc_configuration
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, drain, pump_microphone
@@ -31,37 +39,118 @@ MAX_SDP_CHARS = 64 * 1024
 VIDEO_CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
 
-def parse_offer(body: dict, state: ServerState) -> tuple[RTCSessionDescription, list[str], dict]:
-    """Validate the request body; returns (offer, media kinds in it, options)."""
-    sdp, kind = body.get("sdp"), body.get("type", "offer")
-    if not isinstance(sdp, str) or not sdp.strip():
-        raise ApiError(400, "missing 'sdp': expected {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
-    if kind != "offer":
-        raise ApiError(400, f"'type' must be 'offer', got {kind!r}")
-    if len(sdp) > MAX_SDP_CHARS:
-        raise ApiError(413, f"SDP larger than {MAX_SDP_CHARS} characters")
-    if not sdp.lstrip().startswith("v=0"):
-        raise ApiError(400, "malformed SDP: it must start with 'v=0'")
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[str, ...]
+
+    def check(self, name: str, value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in self.values:
+            raise ApiError(400, f"options.{name} must be one of {list(self.values)}")
+        return value.lower()
+
+
+@dataclass(frozen=True)
+class Number:
+    kind: type  # int or float
+    low: float
+    high: float
+
+    def check(self, name: str, value: object) -> float | int:
+        ok_type = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            raise ApiError(400, f"options.{name} must be {'an integer' if self.kind is int else 'a number'}")
+        if not math.isfinite(value) or not self.low <= value <= self.high:
+            raise ApiError(400, f"options.{name} must be a finite number in [{self.low:g}, {self.high:g}], "
+                                f"got {value!r}")
+        return self.kind(value)
+
+
+# Every option a client may set in an offer, with its documented range (README "Offer options").
+OPTION_RULES: dict[str, Choice | Number] = {
+    "video_codec": Choice(tuple(VIDEO_CODECS)),
+    "paste_mode": Choice(("feather", "official")),
+    "vad_aggressiveness": Number(int, 0, 3),
+    "energy_gate_dbfs": Number(float, -100.0, 0.0),
+    "compute_budget_frames": Number(float, 0.0, 25.0),  # at most one second of frames at 25 fps
+}
+
+
+@dataclass(frozen=True)
+class OfferOptions:
+    """The validated `options` of an offer: the video codec plus the engine settings a client may choose."""
+
+    video_codec: str | None = None
+    paste_mode: str | None = None
+    vad_aggressiveness: int | None = None
+    energy_gate_dbfs: float | None = None
+    compute_budget_frames: float | None = None
+
+    @classmethod
+    def from_dict(cls, options: object) -> "OfferOptions":
+        if options is None:
+            return cls()
+        if not isinstance(options, dict):
+            raise ApiError(400, "'options' must be a JSON object")
+        unknown = sorted(set(options) - set(OPTION_RULES))
+        if unknown:
+            raise ApiError(400, f"unknown options {unknown}; known: {sorted(OPTION_RULES)}")
+        checked: dict[str, Any] = {name: OPTION_RULES[name].check(name, value)
+                                   for name, value in options.items() if value is not None}
+        return cls(**checked)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine's share (everything but the codec), as `Engine.open_session` takes it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "video_codec" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class OfferRequest:
+    """The body of POST /offer, validated: `{"sdp", "type": "offer", "avatar"?, "options"?}`."""
+
+    sdp: str
+    kinds: tuple[str, ...]  # media kinds of the offer's m-lines
+    options: OfferOptions = field(default_factory=OfferOptions)
+    avatar: str | None = None
+
+    @classmethod
+    def from_dict(cls, body: dict, known_avatar: str = "default") -> "OfferRequest":
+        sdp, kind = body.get("sdp"), body.get("type", "offer")
+        if not isinstance(sdp, str) or not sdp.strip():
+            raise ApiError(400, "missing 'sdp': expected {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
+        if kind != "offer":
+            raise ApiError(400, f"'type' must be 'offer', got {str(kind)[:40]!r}")
+        if len(sdp) > MAX_SDP_CHARS:
+            raise ApiError(413, f"SDP larger than {MAX_SDP_CHARS} characters")
+        if not sdp.lstrip().startswith("v=0"):
+            raise ApiError(400, "malformed SDP: it must start with 'v=0'")
+        kinds = _media_kinds(sdp)
+        options = OfferOptions.from_dict(body.get("options"))
+        avatar = body.get("avatar")
+        if avatar not in (None, "", "default", known_avatar):
+            raise ApiError(400, f"unknown avatar {str(avatar)[:64]!r}; this server has {known_avatar!r}")
+        return cls(sdp=sdp, kinds=kinds, options=options, avatar=avatar or None)
+
+    def description(self) -> RTCSessionDescription:
+        return RTCSessionDescription(sdp=self.sdp, type="offer")
+
+
+def _media_kinds(sdp: str) -> tuple[str, ...]:
     try:
-        kinds = [m.kind for m in SessionDescription.parse(sdp).media]
-    except Exception as exc:
-        raise ApiError(400, f"malformed SDP: {type(exc).__name__} {exc}".rstrip()) from None
+        kinds = tuple(m.kind for m in SessionDescription.parse(sdp).media)
+    except Exception as exc:  # aiortc's parser raises whatever it meets; all of it is a bad request
+        raise ApiError(400, f"malformed SDP: {type(exc).__name__} {exc}".rstrip()[:300]) from None
     if "video" not in kinds:
         raise ApiError(400, "the offer has no video m-line: add a recvonly video transceiver "
                             "to receive the avatar")
     if kinds.count("video") > 1 or kinds.count("audio") > 1:
         raise ApiError(400, "the offer must have one video m-line and at most one audio m-line")
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'options' must be a JSON object")
-    codec = options.get("video_codec")
-    if codec is not None and str(codec).lower() not in VIDEO_CODECS:
-        raise ApiError(400, f"options.video_codec must be one of {sorted(VIDEO_CODECS)}")
-    avatar = body.get("avatar")
-    known = state.engine.info.get("avatar", "default")
-    if avatar not in (None, "", "default", known):
-        raise ApiError(400, f"unknown avatar {avatar!r}; this server has {known!r}")
-    return RTCSessionDescription(sdp=sdp, type="offer"), kinds, options
+    return kinds
+
+
+def parse_offer(body: dict, state: ServerState) -> OfferRequest:
+    """The request body validated against this server (its avatar name)."""
+    return OfferRequest.from_dict(body, state.engine.info.get("avatar", "default"))
 
 
 def video_codecs(codec: str) -> list:
@@ -75,42 +164,45 @@ async def handle_offer(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.closing:
         raise ApiError(503, "the server is shutting down", {"Retry-After": "10"}, retry_after_s=10)
-    body = await read_json(request)
-    offer, kinds, options = parse_offer(body, state)
+    address = request.remote or ""
+    state.limits.check_rate(address)
+    offer = parse_offer(await read_json(request), state)
+    state.limits.check_sessions(address, (s.remote for s in state.sessions))
     try:
         reservation = state.sessions.reserve()
     except ServerFull as exc:
         raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after_s)},
                        retry_after_s=exc.retry_after_s, max_sessions=exc.limit) from None
     started = time.monotonic()
-    with reservation:
-        session = await answer_offer(state, offer, kinds, options, remote=request.remote or "")
+    with reservation, state.limits.negotiating(address):
+        session = await answer_offer(state, offer, remote=address)
         state.sessions.add(session, reservation)
     start_session(state, session)
     state.offer_seconds.observe(time.monotonic() - started)
     log.info("session opened", extra={"session": session.id, "remote": session.remote,
-                                      "media": ",".join(kinds), "microphone": session.has_microphone,
+                                      "media": ",".join(offer.kinds), "microphone": session.has_microphone,
                                       "sessions": len(state.sessions)})
     return web.json_response({
         "sdp": session.pc.localDescription.sdp,
         "type": session.pc.localDescription.type,
         "session_id": session.id,
+        "session_token": session.token,  # the only time it is sent: the session's routes need it
         "fps": state.engine.fps,
+        "max_session_s": state.config.max_session_s,
     })
 
 
-async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: list[str],
-                       options: dict, remote: str) -> Session:
+async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> Session:
     """A peer connection answering `offer`, with the engine session and tracks behind it. On any
     failure everything made so far is closed again."""
-    session_id = new_session_id()
-    pc = RTCPeerConnection(configuration=rtc_configuration(state.config.ice_servers))
+    session_id = new_session_id(state.config.instance_id)
+    pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
     remote_tracks: list = []
     pc.on("track", remote_tracks.append)
     engine_session = None
     try:
         try:
-            engine_session = state.engine.open_session(options, name=session_id)
+            engine_session = state.engine.open_session(offer.options.engine_options(), name=session_id)
         except (ValueError, TypeError) as exc:
             raise ApiError(400, f"bad session options: {exc}") from None
 
@@ -122,15 +214,15 @@ async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: 
         # preference counts when the answer is made).
         video = AvatarVideoTrack(engine_session, state.engine.fps, clock, engine_failed)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
-        if options.get("video_codec"):
-            video_transceiver.setCodecPreferences(video_codecs(str(options["video_codec"])))
+        if offer.options.video_codec:
+            video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))
         audio = SyncedAudioTrack(engine_session, clock, engine_failed)
-        if "audio" in kinds:
+        if "audio" in offer.kinds:
             pc.addTransceiver(audio, direction="sendrecv")
         try:
-            await pc.setRemoteDescription(offer)
+            await pc.setRemoteDescription(offer.description())
         except Exception as exc:
-            raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()) from None
+            raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()[:300]) from None
         await pc.setLocalDescription(await pc.createAnswer())
         audio_jitter.install(pc)  # the microphone's delay must not creep up after a lost packet
     except BaseException:
@@ -140,8 +232,9 @@ async def answer_offer(state: ServerState, offer: RTCSessionDescription, kinds: 
         raise
     microphone = next((t for t in remote_tracks if t.kind == "audio"), None)
     return Session(id=session_id, pc=pc, engine=engine_session, input=AudioInput(engine_session),
-                   clock=clock, video=video, audio=audio, remote=remote,
-                   microphone=microphone if _peer_sends_audio(pc) else None, options=options)
+                   clock=clock, video=video, audio=audio, remote=remote, token=new_token(),
+                   microphone=microphone if _peer_sends_audio(pc) else None,
+                   options=asdict(offer.options))
 
 
 def start_session(state: ServerState, session: Session) -> None:
@@ -152,8 +245,19 @@ def start_session(state: ServerState, session: Session) -> None:
         session.spawn(drain(session.audio, session.clock), "audio-drain")
     if session.microphone is not None:
         session.spawn(pump_microphone(session.microphone, session.input.microphone,
-                                      on_end=lambda: state.sessions.close(session.id, "microphone ended")),
+                                      on_end=lambda: _close(state, session, "microphone ended")),
                       "microphone")
+    session.spawn(_end_after(state, session, state.config.max_session_s), "max-session")
+
+
+def _close(state: ServerState, session: Session, reason: str) -> None:
+    state.sessions.close(session.id, reason)
+
+
+async def _end_after(state: ServerState, session: Session, seconds: float) -> None:
+    """--max-session-s: a session cannot hold its slot forever."""
+    await asyncio.sleep(seconds)
+    state.sessions.close(session.id, f"limit: session reached --max-session-s {seconds:g} s")
 
 
 def _we_send_audio(pc: RTCPeerConnection) -> bool:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from server.auth import OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine
+from server.limits import ClientLimits, WorkPool
 from server.metrics import OFFER_BUCKETS_S
 from server.prometheus import Histogram
 from server.sessions import SessionManager
@@ -20,6 +22,10 @@ class ServerState:
     engine: Engine
     sessions: SessionManager
     tts: LocalTts
+    operator: OperatorAuth
+    pool: WorkPool  # upload decodes and TTS, never asyncio's default executor
+    limits: ClientLimits
+    saying: set[str] = field(default_factory=set)  # session ids with a /say being synthesised
     started: float = field(default_factory=time.monotonic)
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)

@@ -1,21 +1,76 @@
-"""Local text-to-speech for POST /sessions/{id}/say: espeak-ng in a subprocess, never on the loop."""
+"""Local text-to-speech for POST /sessions/{id}/say: espeak-ng in a subprocess, never on the loop.
+
+The request is validated (SayRequest) before anything runs; its length is checked against the
+session's queue room from a lower bound of its spoken duration, so a text too long to queue is refused
+before it is synthesised. A synthesis past the timeout is killed (TtsTimeout -> 504).
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
+import re
 import shutil
+import signal
 import wave
+from dataclasses import dataclass
 
 import numpy as np
+
+from server.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4000
+DEFAULT_WPM = 175  # espeak-ng's default speed
+MIN_WPM, MAX_WPM = 80, 450
+# Spoken English runs at about 5-6 characters (spaces included) per word; 8 per word makes the
+# estimate a lower bound of the duration, so only texts that cannot fit are refused up front.
+CHARS_PER_WORD_UPPER = 8.0
 
 
 class TtsError(Exception):
     pass
+
+
+class TtsTimeout(TtsError):
+    pass
+
+
+@dataclass(frozen=True)
+class SayRequest:
+    """The body of POST /sessions/{id}/say: {"text": "...", "voice"?: "en-us", "wpm"?: 80..450}."""
+
+    text: str
+    voice: str | None = None
+    wpm: int | None = None
+
+    @classmethod
+    def from_dict(cls, body: dict) -> "SayRequest":
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "missing 'text'")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ApiError(413, f"text longer than {MAX_TEXT_CHARS} characters")
+        voice = body.get("voice")
+        if voice is not None and (not isinstance(voice, str) or len(voice) > 32 or not _VOICE.fullmatch(voice)):
+            raise ApiError(400, "'voice' must be a voice name like 'en' or 'en-us'")
+        wpm = body.get("wpm")
+        if wpm is not None and (isinstance(wpm, bool) or not isinstance(wpm, int)
+                                or not MIN_WPM <= wpm <= MAX_WPM):
+            raise ApiError(400, f"'wpm' must be an integer between {MIN_WPM} and {MAX_WPM}")
+        return cls(text, voice, wpm)
+
+    @property
+    def min_duration_s(self) -> float:
+        """A lower bound of how long the text takes to say."""
+        words = len(self.text) / CHARS_PER_WORD_UPPER
+        return 60.0 * words / (self.wpm or DEFAULT_WPM)
+
+
+_VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
 
 
 class LocalTts:
@@ -41,16 +96,26 @@ class LocalTts:
             args += ["-s", str(int(words_per_minute))]
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
             out, err = await asyncio.wait_for(proc.communicate(text.encode("utf-8")), self.timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            proc.kill()
-            await proc.wait()
+        except asyncio.TimeoutError:
+            await _kill(proc)
+            raise TtsTimeout(f"TTS took longer than {self.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            await _kill(proc)
             raise
         if proc.returncode != 0:
             raise TtsError(f"TTS failed: {err.decode(errors='replace').strip() or proc.returncode}")
         return parse_wav(out)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill the TTS and anything it started (its own process group): a child left holding the
+    pipes would keep `wait()` from returning."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 def parse_wav(data: bytes) -> tuple[np.ndarray, int]:

@@ -85,3 +85,28 @@ def test_psnr_db():
     assert psnr_db(a, a) == float("inf")
     assert psnr_db(a, a + 1) == pytest.approx(20 * np.log10(255), abs=1e-6)
     assert precision_gate.DEFAULT_MIN_PSNR_DB == 35.0
+
+
+def test_accuracy_alone_decides_when_no_speedup_is_asked():
+    """The CUDA use (min_speedup=None): fp16 is the default there, so an accurate candidate is kept even
+    when batch-1 timing shows no gain; an inaccurate one, or one with a few broken frames, is not."""
+    accurate, lossy = with_noise(1.0), with_noise(12.0)
+    timer = timer_from({reference: 1.0, accurate: 1.2, lossy: 0.5})
+    kept = choose_precision(("fp32", reference), {"fp16": accurate}, 7, timer=timer, min_speedup=None)
+    assert kept.chosen == "fp16"
+    assert choose_precision(("fp32", reference), {"fp16": accurate}, 7, timer=timer).chosen == "fp32"  # CPU rule
+    dropped = choose_precision(("fp32", reference), {"fp16": lossy}, 7, timer=timer, min_speedup=None)
+    assert dropped.chosen == "fp32"
+
+
+def test_decide_is_a_function_of_the_numbers():
+    report = precision_gate.GateReport(chosen="?", min_psnr_db=35.0,
+                                       psnr_db={"a": 40.0, "b": 36.0, "c": 50.0},
+                                       worst_frame_psnr_db={"a": 38.0, "b": 29.0, "c": 45.0},
+                                       ms_per_frame={"ref": 10.0, "a": 5.0, "b": 2.0, "c": 9.5})
+    assert precision_gate.decide(report, "ref") == "a"                   # b: a frame < 30 dB; c: too slow
+    assert precision_gate.decide(report, "ref", min_speedup=1.0) == "a"  # c at 9.5 ms is slower than a
+    assert precision_gate.decide(report, "ref", min_speedup=None) == "a"  # the first accurate one
+    report.psnr_db["a"] = 30.0
+    assert precision_gate.decide(report, "ref") == "ref"
+    assert precision_gate.decide(report, "ref", min_speedup=None) == "c"

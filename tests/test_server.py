@@ -46,8 +46,8 @@ async def test_frames_arrive_at_avatar_fps(server, http):
     await client.close()
 
 
-async def session_metrics(server, http, session_id: str) -> dict:
-    async with http.get(server.endpoint(f"/sessions/{session_id}")) as resp:
+async def session_metrics(client: Client, http) -> dict:
+    async with http.get(client.url(), headers=client.auth) as resp:
         assert resp.status == 200
         return await resp.json()
 
@@ -69,7 +69,7 @@ async def test_returned_audio_matches_sent_audio(server, http, speech_16k):
     assert len(good) >= 0.8 * len(matches), matches
     # The echo is the sent speech delayed by the engine's fixed latency plus transport; never early.
     assert all(0.3 <= delay <= 1.0 for delay in good), matches
-    metrics = await session_metrics(server, http, client.session_id)
+    metrics = await session_metrics(client, http)
     assert metrics["engine"]["audio_in_samples"] >= 0.9 * speech_16k.size
     await client.close()
 
@@ -80,16 +80,16 @@ async def test_push_upload_drives_the_mouth(server, http, speech_wav):
     await client.wait_for_video(10)
     idle = [mouth_level(img) for _, _, img in client.received.video[-5:]]
     n0 = len(client.received.video)
-    url = server.endpoint(f"/sessions/{client.session_id}/audio")
+    url = client.url("/audio")
     async with http.post(url, data=speech_wav.read_bytes(),
-                         headers={"Content-Type": "audio/wav"}) as resp:
+                         headers={"Content-Type": "audio/wav", **client.auth}) as resp:
         body = await resp.json()
         assert resp.status == 200, body
     assert 2.0 < body["queued_s"] < 6.0
     await asyncio.sleep(2.0)
     talking = [mouth_level(img) for _, _, img in client.received.video[n0:]]
     assert max(talking) > max(idle) + 20, (idle, talking)
-    async with http.get(server.endpoint(f"/sessions/{client.session_id}")) as resp:
+    async with http.get(client.url(), headers=client.auth) as resp:
         state = await resp.json()
         assert state["speaking"] is True and state["microphone"] is False
     await client.close()
@@ -100,13 +100,13 @@ async def test_push_raw_pcm_and_websocket_stream(server, http, speech_16k):
     await client.connect()
     await client.wait_for_video(3)
     pcm = (speech_16k[:16000] * 32767).astype(np.int16)
-    url = server.endpoint(f"/sessions/{client.session_id}/audio?rate=16000&channels=1")
-    async with http.post(url, data=pcm.tobytes()) as resp:
+    url = client.url("/audio", rate="16000", channels="1")
+    async with http.post(url, data=pcm.tobytes(), headers=client.auth) as resp:
         assert resp.status == 200
         assert abs((await resp.json())["queued_s"] - 1.0) < 1e-3
     # The stream: 48 kHz stereo float32 chunks, as a TTS might produce them.
     stereo = np.repeat(np.interp(np.arange(48000) / 3, np.arange(16000), speech_16k[:16000]), 2)
-    ws_url = server.endpoint(f"/sessions/{client.session_id}/stream?rate=48000&channels=2&format=f32")
+    ws_url = client.url("/stream", rate="48000", channels="2", format="f32", token=True)  # no headers on a browser WS
     async with http.ws_connect(ws_url) as ws:
         for chunk in np.array_split(stereo.astype(np.float32), 10):
             await ws.send_bytes(chunk.tobytes())
@@ -116,7 +116,7 @@ async def test_push_raw_pcm_and_websocket_stream(server, http, speech_16k):
         await ws.send_bytes(b"\x00\x01\x02")  # not a whole number of frames: an error, not a disconnect
         error = await ws.receive_json(timeout=5)
         assert error["type"] == "error" and error["status"] == 400
-    metrics = await session_metrics(server, http, client.session_id)
+    metrics = await session_metrics(client, http)
     assert metrics["engine"]["audio_in_samples"] >= 32000 - 320  # both seconds reached the engine
     await client.close()
 
@@ -126,12 +126,12 @@ async def test_interrupt_stops_talking(server, http, speech_16k):
     await client.connect()
     await client.wait_for_video(3)
     long_speech = np.tile(speech_16k, 4)
-    url = server.endpoint(f"/sessions/{client.session_id}/audio?rate=16000")
-    async with http.post(url, data=(long_speech * 32767).astype(np.int16).tobytes()) as resp:
+    url = client.url("/audio", rate="16000")
+    async with http.post(url, data=(long_speech * 32767).astype(np.int16).tobytes(), headers=client.auth) as resp:
         assert resp.status == 200
     await asyncio.sleep(1.5)
     t0 = time.monotonic()
-    async with http.post(server.endpoint(f"/sessions/{client.session_id}/interrupt")) as resp:
+    async with http.post(client.url("/interrupt"), headers=client.auth) as resp:
         assert resp.status == 200 and (await resp.json())["interrupted"] is True
     assert time.monotonic() - t0 < 0.5
     await asyncio.sleep(0.6)  # the delay line and the jitter buffer drain
@@ -142,7 +142,7 @@ async def test_interrupt_stops_talking(server, http, speech_16k):
     assert max(after) < 100, after  # the mouth is back at rest (90)
     tail = np.concatenate([a for _, a in client.received.audio[audio_before:]])
     assert np.sqrt(np.mean(tail ** 2)) < 0.005
-    metrics = await session_metrics(server, http, client.session_id)
+    metrics = await session_metrics(client, http)
     assert metrics["engine"]["interrupts"] == 1
     assert metrics["queued_audio_s"] == 0
     await client.close()
@@ -168,12 +168,12 @@ async def test_say_uses_local_tts(server, http):
     client = Client(server, http)
     await client.connect()
     await client.wait_for_video(3)
-    url = server.endpoint(f"/sessions/{client.session_id}/say")
-    async with http.post(url, json={"text": "Hello from the push API."}) as resp:
+    url = client.url("/say")
+    async with http.post(url, json={"text": "Hello from the push API."}, headers=client.auth) as resp:
         body = await resp.json()
         assert resp.status == 200, body
     assert body["queued_s"] > 0.5
-    async with http.post(url, json={"text": ""}) as resp:
+    async with http.post(url, json={"text": ""}, headers=client.auth) as resp:
         assert resp.status == 400
     await client.close()
 
@@ -194,8 +194,10 @@ async def test_sessions_listing_health_and_metrics(server, http):
         text = await resp.text()
     assert "# TYPE lipsync_sessions gauge" in text
     assert "lipsync_sessions 1" in text
-    line = next(s for s in text.splitlines() if s.startswith("lipsync_session_fps{"))
-    assert 20 <= float(line.rsplit(" ", 1)[1]) <= 30
+    # Live sessions in aggregate, never a series per session (ids and tokens stay out of /metrics).
+    assert client.session_id not in text and client.token not in text and "session=" not in text
+    assert 'lipsync_live_session_fps_bucket{le="15.0"} 0' in text
+    assert 'lipsync_live_session_fps_bucket{le="30.0"} 1' in text
     assert 'lipsync_offer_seconds_bucket{le="+Inf"} 1' in text
     async with http.get(server.endpoint("/config")) as resp:
         config = await resp.json()

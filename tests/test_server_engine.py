@@ -81,7 +81,7 @@ async def test_default_avatar_talks_in_sync(server, http, engine, speech_16k):
     video_onset = times[np.argmax(open_t > 0.04)]
     assert -0.2 < video_onset - audio_onset < 0.1, (video_onset, audio_onset)
 
-    async with http.get(server.endpoint(f"/sessions/{client.session_id}")) as resp:
+    async with http.get(client.url(), headers=client.auth) as resp:
         metrics = (await resp.json())["engine"]
     assert metrics["av_offset_max_abs_ms"] <= 1000 / engine.fps
     assert metrics["frames_rendered"] > 40
@@ -94,14 +94,15 @@ async def test_push_and_interrupt_with_default_avatar(server, http, engine, spee
     await client.connect()
     await client.wait_for_video(10)
     box = mouth_box(engine)
-    url = server.endpoint(f"/sessions/{client.session_id}/audio")
-    async with http.post(url, data=speech_wav.read_bytes(), headers={"Content-Type": "audio/wav"}) as resp:
+    url = client.url("/audio")
+    async with http.post(url, data=speech_wav.read_bytes(),
+                         headers={"Content-Type": "audio/wav", **client.auth}) as resp:
         assert resp.status == 200
     n0 = len(client.received.video)
     await asyncio.sleep(1.5)
     talking = [openness(img, box) for _, _, img in client.received.video[n0:]]
     assert max(talking) > 0.05, talking
-    async with http.post(server.endpoint(f"/sessions/{client.session_id}/interrupt")) as resp:
+    async with http.post(client.url("/interrupt"), headers=client.auth) as resp:
         assert resp.status == 200
     await asyncio.sleep(0.4)
     n1 = len(client.received.video)

@@ -21,6 +21,7 @@ from aiortc.mediastreams import MediaStreamError
 from realtime.avatar import loop_index
 from realtime.renderers.base import MouthPatch
 from server.app import create_app
+from server.auth import RedactingAccessLogger
 from server.config import ServerConfig
 from server.realtime_engine import RealtimeEngine
 
@@ -94,7 +95,9 @@ class RunningServer:
 async def start_server(engine, **overrides) -> RunningServer:
     config = ServerConfig(host="127.0.0.1", port=0, **overrides)
     app = create_app(config, engine)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+    # The production runner's access log class: ?token= values never reach the log.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0,
+                           access_log_class=RedactingAccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -153,6 +156,7 @@ class Client:
         self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.received = Received()
         self.session_id: str | None = None
+        self.token: str | None = None  # the session_token from the answer: the session's routes need it
         self.answer: dict = {}
         self._tasks: list[asyncio.Task] = []
         self.pc.on("track", self._on_track)
@@ -191,8 +195,23 @@ class Client:
         if resp.status != 200:
             return self.answer
         self.session_id = self.answer["session_id"]
+        self.token = self.answer["session_token"]
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
         return self.answer
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authorise this client on its session's routes."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def url(self, path: str = "", token: bool = False, **query: str) -> str:
+        """The session's route `/sessions/{id}{path}`; `token=True` adds ?token= (WebSocket)."""
+        url = self.server.endpoint(f"/sessions/{self.session_id}{path}")
+        if token:
+            query["token"] = self.token or ""
+        if query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return url
 
     async def wait_for_video(self, frames: int, within_s: float = 15.0) -> None:
         deadline = time.monotonic() + within_s

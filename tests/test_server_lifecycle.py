@@ -56,7 +56,7 @@ def other_tasks() -> set[asyncio.Task]:
 
 
 async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
-    server = await start_server(engine, max_sessions=5)
+    server = await start_server(engine, max_sessions=5, max_sessions_per_ip=5)  # all from 127.0.0.1
     peers = record_peers(server)
     manager = server.app[STATE].sessions
     try:
@@ -76,7 +76,7 @@ async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
             await client.connect(microphone=mic)
             await client.wait_for_video(3)
             if i % 3 == 0:
-                async with http.delete(server.endpoint(f"/sessions/{client.session_id}")) as resp:
+                async with http.delete(client.url(), headers=client.auth) as resp:
                     assert resp.status == 200
             await client.close()  # the others end by the client hanging up
 
@@ -188,7 +188,7 @@ async def test_shutdown_closes_every_peer(engine):
         for client in clients:
             await client.connect()
             await client.wait_for_video(3)
-        ws = await http.ws_connect(server.endpoint(f"/sessions/{clients[0].session_id}/stream"))
+        ws = await http.ws_connect(clients[0].url("/stream", token=True))
         t0 = time.monotonic()
         await server.stop()
         assert time.monotonic() - t0 < 5.0

@@ -24,16 +24,25 @@ MAX_BATCH = 6  # not a power of two: the last bucket is the cap itself
 TORCH = {"runtime": "torch"} if "runtime" in inspect.signature(Wav2LipRenderer).parameters else {}
 
 
-@pytest.fixture(scope="module")
-def model() -> Wav2Lip:
-    gen = torch.Generator().manual_seed(5)
+def random_model(seed: int = 5) -> Wav2Lip:
+    """Seeded weights with trained-like activation scale (tests/test_cuda_path.py uses it too)."""
+    gen = torch.Generator().manual_seed(seed)
     return calibrated_random_(Wav2Lip(), lambda: (torch.rand(4, 1, 80, 16, generator=gen) * 8 - 4,
                                                   torch.rand(4, 6, 96, 96, generator=gen)), gen)
 
 
+def random_faces(n: int = 5, seed: int = 2) -> torch.Tensor:
+    return torch.rand(n, 6, 96, 96, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> Wav2Lip:
+    return random_model()
+
+
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
-    return torch.rand(5, 6, 96, 96, generator=torch.Generator().manual_seed(2))
+    return random_faces()
 
 
 def plain_uint8(net: CachedWav2Lip, cache: FaceCache, indices: np.ndarray, mels: np.ndarray,
@@ -118,18 +127,99 @@ def test_failed_capture_falls_back_to_eager_once(model, faces, monkeypatch, capl
     runner = StaticBatchRunner(net, cache, PASTED_ROWS_FROM, 2)
     runner.graphs_enabled = True
 
-    def broken() -> dict:
+    def broken(graphs: dict) -> dict:
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(runner, "_capture_all", broken)
+    monkeypatch.setattr(runner, "_capture_all_steps", broken)
     with caplog.at_level(logging.WARNING, logger="models.static_batches"):
         assert runner.capture() is False
         assert runner.capture() is False
-    assert len([r for r in caplog.records if "capture failed" in r.message]) == 1
+    assert len([r for r in caplog.records if "CUDA graphs on" in r.message and "failed" in r.message]) == 1
     assert not runner.graphs_enabled and "not permitted" in runner.fallback_reason
     indices, mels = np.array([1, 3]), mel_windows(2)
     got = runner.run(cache, indices, mels)
     assert np.abs(got.astype(int) - plain_uint8(net, cache, indices, mels, PASTED_ROWS_FROM)).max() <= 1
+
+
+class FakeGraph:
+    """Stands in for a torch.cuda.CUDAGraph on the CPU: `replay` runs the given function."""
+
+    def __init__(self, replay) -> None:
+        self.replays = 0
+        self._replay = replay
+
+    def replay(self) -> None:
+        self.replays += 1
+        self._replay()
+
+
+def fake_capture(runner: StaticBatchRunner, kind_of: dict[int, str]):
+    """A `_capture_all_steps` whose 'graphs' replay like a real graph ("good"), write nothing ("empty": the
+    empty graph of a capture on the wrong device), return the patch computed at capture time from the
+    zeroed static inputs ("stale"), or are off by 3 levels ("off")."""
+
+    def steps(graphs: dict):
+        for n in runner.buckets:
+            out = torch.zeros((n, 96 - runner.rows_from, 96, 3), dtype=torch.uint8)
+            stale = runner._compute(n).clone()  # the static inputs are still zero here
+            kind = kind_of.get(n, "good")
+            if kind == "good":
+                graph = FakeGraph(lambda out=out, n=n: out.copy_(runner._compute(n)))
+            elif kind == "empty":
+                graph = FakeGraph(lambda: None)
+            elif kind == "stale":
+                graph = FakeGraph(lambda out=out, stale=stale: out.copy_(stale))
+            else:
+                graph = FakeGraph(lambda out=out, n=n: out.copy_((runner._compute(n).int() + 3).clamp(0, 255)))
+            graphs[n] = (graph, out)
+            yield
+    return steps
+
+
+@pytest.mark.parametrize("bad", [{4: "stale"}, {1: "empty", 2: "empty", 4: "empty", 6: "empty"},
+                                 {6: "off"}, {1: "stale", 2: "stale", 4: "stale", 6: "stale"}])
+def test_a_replay_that_differs_from_eager_turns_graphs_off(model, faces, bad, caplog):
+    """The per-bucket check after capture (issue #20 fix 1): one bucket whose replay writes nothing,
+    returns the stale capture-time patch or is off by > 1 level drops every graph; batches still run
+    eagerly and correctly."""
+    net = CachedWav2Lip(model, cache_heads=True)
+    cache = net.precompute(faces, rows_from=PASTED_ROWS_FROM)
+    runner = StaticBatchRunner(net, cache, PASTED_ROWS_FROM, MAX_BATCH)
+    runner.graphs_enabled = True  # as on CUDA
+    runner._capture_all_steps = fake_capture(runner, bad)
+    with caplog.at_level(logging.WARNING, logger="models.static_batches"):
+        assert runner.capture(cache) is False
+    assert runner.captured == () and not runner.graphs_enabled
+    assert set(runner.verified) == set(runner.buckets)
+    for n in runner.buckets:
+        assert (runner.verified[n] > 1) == (n in bad), (n, runner.verified)
+    if "empty" in bad.values():
+        assert "output untouched" in runner.fallback_reason
+    assert "differs from eager" in runner.fallback_reason
+    assert any("running batches eagerly" in r.message for r in caplog.records)
+    for b in range(1, MAX_BATCH + 1):
+        indices, mels = np.arange(b) % len(faces), mel_windows(b, seed=40 + b)
+        got = runner.run(cache, indices, mels)
+        assert np.abs(got.astype(int) - plain_uint8(net, cache, indices, mels, PASTED_ROWS_FROM)).max() <= 1
+
+
+def test_replays_that_match_eager_are_kept_and_used(model, faces):
+    net = CachedWav2Lip(model, cache_heads=True)
+    cache = net.precompute(faces, rows_from=PASTED_ROWS_FROM)
+    runner = StaticBatchRunner(net, cache, PASTED_ROWS_FROM, MAX_BATCH)
+    runner.graphs_enabled = True
+    runner._capture_all_steps = fake_capture(runner, {})
+    steps = list(runner.capture_steps(cache))
+    assert len(steps) == 2 * len(runner.buckets)  # one step per capture and per check: slices for a worker
+    assert runner.captured == runner.buckets and runner.fallback_reason is None
+    assert all(d == 0 for d in runner.verified.values())
+    graph = runner._graphs[4][0]
+    before = graph.replays
+    indices, mels = np.array([1, 2, 3]), mel_windows(3, seed=5)
+    got = runner.run(cache, indices, mels)  # bucket 4
+    assert graph.replays == before + 1
+    assert np.abs(got.astype(int) - plain_uint8(net, cache, indices, mels, PASTED_ROWS_FROM)).max() <= 1
+    assert runner.capture(cache) is True  # once: a second call captures nothing new
 
 
 def test_renderer_uses_the_runner_when_asked(model):

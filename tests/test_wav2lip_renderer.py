@@ -239,3 +239,25 @@ def test_feathered_paste_never_reads_rows_above_the_band():
                 got_a = compositor.paste(frame, MouthPatch(a, box), "feather", strength)
                 got_b = compositor.paste(frame, MouthPatch(b, box), "feather", strength)
                 np.testing.assert_array_equal(got_a, got_b)
+
+
+def test_prepare_in_slices_serves_the_avatar_only_when_done(model):
+    """prepare_steps (what the render worker runs between batches): the face encoder in chunks of
+    PREPARE_CHUNK frames, one slice each; the avatar is served only after the last slice, and then
+    renders exactly as the official model does."""
+    from realtime.renderers.wav2lip import PREPARE_CHUNK
+
+    n = PREPARE_CHUNK + 4
+    avatar = FakeAvatar(n=n, seed=4)
+    renderer = Wav2LipRenderer(model, runtime="torch", precision="fp32")
+    steps = renderer.prepare_steps(avatar)
+    slices = 0
+    for _ in steps:
+        slices += 1
+        assert not renderer._is_prepared(avatar)
+    assert slices >= 3 and renderer._is_prepared(avatar)  # crops, then two encoder chunks
+    assert len(renderer._caches[avatar]) == n
+    indices = np.array([0, PREPARE_CHUNK - 1, PREPARE_CHUNK, n - 1])
+    mels = mel_windows(4, seed=12)
+    assert_close_uint8(renderer.render(avatar, indices, mels), eager_patches(model, avatar, indices, mels))
+    assert list(renderer.prepare_steps(avatar)) == []  # prepared once

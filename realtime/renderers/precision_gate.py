@@ -6,6 +6,11 @@ renders the same calibration set (real speech mel windows shipped in realtime/as
 own frames) with the faithful fp32 path and with each faster candidate, and keeps the fastest candidate
 whose uint8 patches are at least `min_psnr_db` PSNR from fp32 over the set (and no frame more than
 WORST_FRAME_MARGIN_DB below that) and that is really faster on this CPU.
+
+On CUDA the same gate checks fp16 (the default there, not an opt-in for speed) against real fp32 (TF32
+off) with `min_speedup=None`: accuracy alone decides, since at batch 1 a GPU is bound by kernel launches
+and the timing says nothing about fp16's gain at serving batch sizes; fp16 below the bound falls back to
+fp32.
 """
 from __future__ import annotations
 
@@ -68,14 +73,35 @@ def _ms_per_frame(generate: Generate, indices: np.ndarray, mels: np.ndarray, cal
     return 1000.0 * best
 
 
+def is_accurate(report: GateReport, name: str) -> bool:
+    """A candidate's patches are >= min_psnr_db from the reference over the set, and no frame is more
+    than WORST_FRAME_MARGIN_DB below that."""
+    return (report.psnr_db[name] >= report.min_psnr_db
+            and report.worst_frame_psnr_db[name] >= report.min_psnr_db - WORST_FRAME_MARGIN_DB)
+
+
+def decide(report: GateReport, reference: str, min_speedup: float | None = MIN_SPEEDUP) -> str:
+    """The policy, from the measured numbers alone. min_speedup: the fastest accurate candidate at least
+    that many times faster than the reference, else the reference; None: the first accurate candidate
+    (in the order they were measured), whatever its speed, else the reference."""
+    accurate = [name for name in report.psnr_db if is_accurate(report, name)]
+    if min_speedup is None:
+        return accurate[0] if accurate else reference
+    ref_ms = report.ms_per_frame[reference]
+    fast = [name for name in accurate if report.ms_per_frame[name] * min_speedup <= ref_ms]
+    return min(fast, key=lambda name: report.ms_per_frame[name], default=reference)
+
+
 def choose_precision(reference: tuple[str, Generate], candidates: dict[str, Generate], n_frames: int,
                      min_psnr_db: float = DEFAULT_MIN_PSNR_DB, batch: int = 32,
                      mels: np.ndarray | None = None,
-                     timer: Callable[[Generate, np.ndarray, np.ndarray], float] | None = None) -> GateReport:
+                     timer: Callable[[Generate, np.ndarray, np.ndarray], float] | None = None,
+                     min_speedup: float | None = MIN_SPEEDUP) -> GateReport:
     """Render the calibration set with `reference` and every candidate; return the choice and the numbers.
 
     n_frames: the avatar's frame count (the calibration pairs spread over all of its frames).
     timer: ms per frame of a path at batch 1 (default: best of 5 timed calls after a warm-up).
+    min_speedup: see `decide` (None: accuracy alone decides).
     """
     timer = timer or _ms_per_frame
     ref_name, ref_fn = reference
@@ -88,20 +114,16 @@ def choose_precision(reference: tuple[str, Generate], candidates: dict[str, Gene
     report = GateReport(chosen=ref_name, min_psnr_db=min_psnr_db, frames=len(mels))
     expected = render_all(ref_fn)
     report.ms_per_frame[ref_name] = timer(ref_fn, indices, mels)
-    best_ms = report.ms_per_frame[ref_name]
     for name, fn in candidates.items():
         got = render_all(fn)
         report.psnr_db[name] = round(psnr_db(got, expected), 2)
         report.worst_frame_psnr_db[name] = round(min(psnr_db(g, e) for g, e in zip(got, expected, strict=True)), 2)
         report.max_abs_diff[name] = int(np.abs(got.astype(np.int16) - expected).max())
         report.ms_per_frame[name] = timer(fn, indices, mels)
-        fast_enough = report.ms_per_frame[name] * MIN_SPEEDUP <= report.ms_per_frame[ref_name]
-        accurate = (report.psnr_db[name] >= min_psnr_db
-                    and report.worst_frame_psnr_db[name] >= min_psnr_db - WORST_FRAME_MARGIN_DB)
-        if accurate and fast_enough and report.ms_per_frame[name] < best_ms:
-            report.chosen, best_ms = name, report.ms_per_frame[name]
+    report.chosen = decide(report, ref_name, min_speedup)
     log.info("precision gate: %s", report.summary())
     return report
 
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "GateReport", "choose_precision", "load_calibration_mels", "psnr_db"]
+__all__ = ["DEFAULT_MIN_PSNR_DB", "GateReport", "choose_precision", "decide", "is_accurate", "load_calibration_mels",
+           "psnr_db"]

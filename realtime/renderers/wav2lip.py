@@ -16,7 +16,11 @@ Runtime and precision (`runtime`, `precision`, both "auto" by default):
   (precision_gate.py) measures it >= `min_psnr_db` (35) from fp32 on this checkpoint and avatar, and
   faster on this CPU. `runtime="torch"` keeps the PyTorch path (fp32, or bf16 when asked).
 - CUDA: PyTorch fp16 with the cache resident on the GPU, batches at fixed sizes through CUDA graphs
-  (models/static_batches.py).
+  (models/static_batches.py). fp16 is checked, not assumed: with "auto", the first `prepare` checks the
+  folded fp16 weights are finite and runs the same gate, fp16 against real fp32 (TF32 off) on the
+  calibration set over the avatar's frames, accuracy alone deciding (`settle_cuda_precision`); below the
+  bound it serves fp32. fp32 on CUDA means fp32: TF32 is switched off for the process
+  (models/cuda_numerics.py). `describe()` reports the gate, TF32 and the graphs' check (/healthz).
 
 Rows: by default (`rows_from=PASTED_ROWS_FROM`) only rows [36, 96) of each patch are generated
 (CachedWav2Lip's band decode, exact for those rows, ~40% less decoder work); rows above are the
@@ -25,25 +29,32 @@ its bilinear resize would read patch rows < 39, so a feathered paste is unchange
 paste shows the whole patch: construct with `rows_from=0` when any session pastes that way.
 
 Sharing: the per-avatar caches are read-only after `prepare`, so one instance serves any number of
-sessions; `render` is meant to be called from the single render-worker thread.
+sessions; `render` is meant to be called from the single render-worker thread. `prepare_steps` is
+`prepare` in short slices (crops, the gate, chunks of the face encoder, each bucket's capture and check)
+so that the render worker can run it on its own thread between live batches (realtime/scheduler.py):
+cuDNN's plans are cached per thread, and a second avatar prepared while serving must not stall the
+running sessions.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32_enabled
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
 from realtime.mel import MelAlignment
 from realtime.renderers.base import AudioNeeds, MouthPatch, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
-from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB
+from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, Generate, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,45 @@ def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 is for CUDA; on CPU use fp32 (faithful) or bf16 (fast, not faithful)")
     return _DTYPES[precision]
+
+
+# Face-encoder frames per prepare slice: a worker runs one slice between live batches.
+PREPARE_CHUNK = 16
+
+
+def weights_finite(net: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (folding BatchNorm can push a weight past fp16's 65504)."""
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def settle_cuda_precision(half_net: torch.nn.Module, reference: Generate, candidate: Generate, n_frames: int,
+                          min_psnr_db: float) -> tuple[str, GateReport | None, str]:
+    """fp16 or fp32 for a CUDA renderer with precision "auto": (choice, the gate's report, why).
+
+    fp16 only when its folded weights are all finite and the gate (precision_gate, accuracy alone: on a
+    GPU fp16 is the default, not an opt-in for speed) finds its patches within min_psnr_db of fp32.
+    """
+    if not weights_finite(half_net):
+        return "fp32", None, "folded fp16 weights are not finite (overflow): serving fp32"
+    report = choose_precision(("fp32", reference), {"fp16": candidate}, n_frames, min_psnr_db, min_speedup=None)
+    if report.chosen == "fp16":
+        return "fp16", report, f"fp16 within the bound: {report.summary()}"
+    return "fp32", report, f"fp16 below the bound, serving fp32: {report.summary()}"
+
+
+def _uint8_patches(net: CachedWav2Lip, cache: FaceCache, indices: np.ndarray, mels: np.ndarray,
+                   rows_from: int) -> np.ndarray:
+    """The eager per-frame forward for (avatar frame, mel window) pairs -> uint8 (B, rows, 96, 3)."""
+    param = next(net.parameters())
+    with torch.inference_mode():
+        # A copy (not a view of the caller's array): `mels` must not be referenced after return.
+        audio = torch.tensor(mels[:, None]).to(device=param.device, dtype=param.dtype)
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(param.device)
+        pred = net(audio, cache.select(index), rows_from)
+        # Official conversion: float32 x 255 then truncation (astype(uint8)); done on the device
+        # so that only bytes cross to the host.
+        out = (pred.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return out.cpu().numpy()
 
 
 class Wav2LipRenderer:
@@ -126,6 +176,13 @@ class Wav2LipRenderer:
         # Fold BatchNorm in fp32 even when the loaded model is fp16 (load_wav2lip(device="cuda")),
         # then cast once: the folded weights are rounded a single time.
         self._source = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
+        self.min_psnr_db = float(min_psnr_db)
+        # CUDA "auto": fp16 only once the first prepare has checked it (settle_cuda_precision).
+        self._cuda_gate_pending = self.device.type == "cuda" and precision == "auto" and self.runtime == "torch"
+        self.gate: GateReport | None = None
+        self.precision_note: str | None = None
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            disable_tf32("a Wav2Lip renderer runs fp32 on CUDA")
         # CPU through OpenVINO: fp32, bf16, or "auto" (bf16 only where measured accurate and faster).
         self._ov = (OpenVinoFrames(self._source, self.rows_from, precision, max_cache_bytes=self.max_cache_bytes,
                                    min_psnr_db=min_psnr_db, threads=torch.get_num_threads())
@@ -134,7 +191,7 @@ class Wav2LipRenderer:
         self._caches: weakref.WeakKeyDictionary[Any, FaceCache] = weakref.WeakKeyDictionary()
         # Reference crops' rows above rows_from (uint8 (N, rows_from, 96, 3)), the top of every patch.
         self._tops: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held across prepare_steps' slices (re-entered by render's prepare)
         self.cuda_graphs = bool(cuda_graphs)
         self.static_batches = self.cuda_graphs and self.device.type == "cuda"
         self._runners: dict[bool, StaticBatchRunner] = {}  # cache_heads -> runner, made at prepare
@@ -153,25 +210,77 @@ class Wav2LipRenderer:
         """The numerics in use: fp32 / bf16 / fp16 ("auto" until an OpenVINO renderer's first prepare)."""
         if self._ov is not None:
             return self._ov.precision or "auto"
+        if self._cuda_gate_pending:
+            return "auto"
         return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
 
     def describe(self) -> dict[str, str]:
         """Runtime facts for logs and /healthz: runtime, device, precision and the precision gate's numbers."""
         info = {"runtime": self.runtime, "device": str(self.device), "precision": self.precision,
                 "rows_from": str(self.rows_from), "mel_alignment": self.mel_alignment.value}
-        gate = self._ov.gate if self._ov is not None else None
+        gate = self._ov.gate if self._ov is not None else self.gate
         if gate is not None:
             info["precision_gate"] = gate.summary()
+        elif self.precision_note is not None:
+            info["precision_gate"] = self.precision_note
+        if self.device.type == "cuda":
+            info["tf32"] = "on" if tf32_enabled() else "off"
+            runner = next(iter(self._runners.values()), None)
+            if runner is not None:
+                info["cuda_graphs"] = (f"batch sizes {list(runner.captured)}, replay within "
+                                       f"{max(runner.verified.values(), default=0)} level(s) of eager"
+                                       if runner.captured else f"off ({runner.fallback_reason or 'not captured'})")
         return info
+
+    def warmup_context(self) -> contextlib.AbstractContextManager:
+        """Entered by the render worker around its warm-up renders: cuDNN autotuning on CUDA."""
+        return cudnn_autotune() if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _build_net(self, cache_heads: bool, dtype: torch.dtype) -> CachedWav2Lip:
+        net = CachedWav2Lip(self._source, cache_heads=cache_heads, channels_last=True)
+        return net.to(device=self.device, dtype=dtype)
 
     def _net(self, cache_heads: bool) -> CachedWav2Lip:
         if cache_heads not in self._nets:
-            net = CachedWav2Lip(self._source, cache_heads=cache_heads, channels_last=True)
-            self._nets[cache_heads] = net.to(device=self.device, dtype=self.dtype)
+            self._nets[cache_heads] = self._build_net(cache_heads, self.dtype)
         return self._nets[cache_heads]
+
+    def _settle_cuda_precision(self, crops: np.ndarray) -> None:
+        """precision "auto" on CUDA, at the first prepare: fp16 if checked accurate, else fp32."""
+        self._cuda_gate_pending = False
+        # The calibration pairs spread over (at most 96 of) the avatar's frames; only those are encoded.
+        sub = crops[np.unique(np.linspace(0, len(crops) - 1, min(len(crops), 96)).round().astype(np.int64))]
+        half = self._build_net(True, torch.float16)
+        full = self._build_net(True, torch.float32)
+        faces = faces_to_input(sub).to(self.device)
+        with strict_fp32():
+            ref_cache = full.precompute(faces, rows_from=self.rows_from)
+        half_cache = half.precompute(faces.half(), rows_from=self.rows_from)
+
+        def reference(i: np.ndarray, m: np.ndarray) -> np.ndarray:
+            with strict_fp32():
+                return _uint8_patches(full, ref_cache, i, m, self.rows_from)
+
+        def candidate(i: np.ndarray, m: np.ndarray) -> np.ndarray:
+            return _uint8_patches(half, half_cache, i, m, self.rows_from)
+
+        chosen, self.gate, self.precision_note = settle_cuda_precision(half, reference, candidate, len(sub),
+                                                                       self.min_psnr_db)
+        log.log(logging.INFO if chosen == "fp16" else logging.WARNING, "wav2lip on %s: %s",
+                self.device, self.precision_note)
+        self.dtype = _DTYPES[chosen]
+        self._nets = {True: half} if chosen == "fp16" else {True: full}
+        if chosen == "fp32":
+            disable_tf32("the fp16 check fell back to fp32 on CUDA")
 
     def prepare(self, avatar: Any) -> None:
         """Run the face encoder on every avatar frame once and keep the result (on the device)."""
+        for _ in self.prepare_steps(avatar):
+            pass
+
+    def prepare_steps(self, avatar: Any) -> Iterator[None]:
+        """`prepare` in slices, yielding between them (see the module docstring); the avatar is served
+        only once the last slice is done."""
         with self._lock:
             if self._is_prepared(avatar):
                 return
@@ -193,20 +302,32 @@ class Wav2LipRenderer:
                     log.info("wav2lip: prepared %d avatar frames (OpenVINO CPU, %s, %.0f MB cached)",
                              n, self._ov.precision, nbytes / 2**20)
                     return
+            yield
+            if self._cuda_gate_pending:
+                self._settle_cuda_precision(crops)
+                yield
             frame_bytes = cache_values(True, self.rows_from) * torch.finfo(self.dtype).bits // 8
             cache_heads = n * frame_bytes <= self.max_cache_bytes
             if not cache_heads:
                 log.info("avatar cache: %d frames x %.1f MB exceeds %.0f MB, caching encoder features only",
                          n, frame_bytes / 2**20, self.max_cache_bytes / 2**20)
             net = self._net(cache_heads)
-            faces = faces_to_input(crops).to(device=self.device, dtype=self.dtype)
-            cache = net.precompute(faces, rows_from=self.rows_from)  # only the rows the band decode reads
+            faces = faces_to_input(crops)
+            parts: list[FaceCache] = []
+            for start in range(0, n, PREPARE_CHUNK):  # only the rows the band decode reads
+                chunk = faces[start:start + PREPARE_CHUNK].to(device=self.device, dtype=self.dtype)
+                parts.append(net.precompute(chunk, rows_from=self.rows_from))
+                yield
+            cache = parts[0] if len(parts) == 1 else FaceCache(
+                [torch.cat(ts).contiguous(memory_format=torch.channels_last)
+                 for ts in zip(*(p.tensors for p in parts), strict=True)],
+                heads=cache_heads, rows_from=self.rows_from)
             if self.static_batches and cache.heads not in self._runners:
                 # Static buffers and (on CUDA) graphs are made once per cache layout, here rather than
                 # on the first render, so that no session's frame pays for a capture.
                 runner = StaticBatchRunner(net, cache, self.rows_from, self.max_batch,
                                            cuda_graphs=self.cuda_graphs)
-                runner.capture()
+                yield from runner.capture_steps(cache)
                 self._runners[cache.heads] = runner
             self._caches[avatar] = cache
             self._tops[avatar] = np.ascontiguousarray(crops[:, :self.rows_from])
@@ -260,13 +381,4 @@ class Wav2LipRenderer:
         runner = self._runners.get(cache.heads) if self.static_batches else None
         if runner is not None and runner.accepts(cache) and len(indices) <= runner.max_batch:
             return runner.run(cache, indices, mels)
-        net = self._nets[cache.heads]
-        with torch.inference_mode():
-            # A copy (not a view of the caller's array): `mels` must not be referenced after return.
-            audio = torch.tensor(mels[:, None]).to(device=self.device, dtype=self.dtype)
-            index = torch.from_numpy(indices).to(self.device)
-            pred = net(audio, cache.select(index), self.rows_from)
-            # Official conversion: float32 x 255 then truncation (astype(uint8)); done on the device
-            # so that only bytes cross to the host.
-            out = (pred.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-        return out.cpu().numpy()
+        return _uint8_patches(self._nets[cache.heads], cache, indices, mels, self.rows_from)

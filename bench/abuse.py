@@ -1,0 +1,428 @@
+"""Attacks from issue #12 against a real server process: status, time to answer, the server's peak RSS,
+and a live session's frame rate while they run.
+
+    python bench/abuse.py [--repo PATH] [--concurrent 6] [--rss-cap-mb 6000] [--skip six_uploads_1k,...]
+
+`--repo` is the checkout whose `run_server.py` is started (default: this one), so the same script
+measures the server before a change (e.g. `git archive main | tar -x -C /tmp/main`) and after it. The
+server runs the embedded avatar and the no-weights renderer, bound to 127.0.0.1, media on loopback
+only; settings the old server does not know are passed as LIPSYNC_* environment variables, which it
+ignores. The bench is also the one live WebRTC client (aiortc, frames decoded here), so the fps numbers
+include its own CPU use; on a shared machine they are noisy.
+
+A server whose RSS passes `--rss-cap-mb` is killed (to protect a shared machine) and that attack is
+reported with "killed_at_rss_mb"; the server is restarted for the next one.
+
+Attacks (one key each in the JSON):
+- upload_1k: a 30 MB WAV at 1 kHz (15 000 s of audio) POSTed to the session's /audio.
+- upload_8k: a 30 MB WAV at 8 kHz (~1970 s): a plausible rate, far longer than the 300 s queue.
+- six_uploads_1k / six_uploads_8k: `--concurrent` of those at once, with the live session's fps.
+- offer_infinity / offer_1e7: `options.compute_budget_frames` = Infinity / 1e7.
+- csrf_say: POST /sessions/{id}/say, Content-Type text/plain, Origin https://evil.example.
+- list_sessions: GET /sessions without a credential (does it show the live session's id?).
+- offer_32mb: a 32 MB JSON body to /offer.
+- say_flood: 10 concurrent /say of 4000 characters: statuses and the most TTS processes at once.
+- offer_flood: 40 offers in a row from one address: statuses.
+
+Last line: one JSON object with every attack's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "bench-operator-token-0123456789abcdef"
+EVIL = "https://evil.example"
+
+
+# -- the server process ----------------------------------------------------------------------------
+
+
+@dataclass
+class RssWatch:
+    """Samples the server's VmRSS every 10 ms; kills the server past the cap."""
+
+    pid: int
+    cap_mb: float
+    peak_mb: float = 0.0
+    killed_at_mb: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+        except OSError:
+            return 0.0
+        return int(match.group(1)) / 1024 if match else 0.0
+
+    def run(self) -> None:
+        while not self._stop.wait(0.01):
+            rss = self.rss_mb()
+            self.peak_mb = max(self.peak_mb, rss)
+            if rss > self.cap_mb and self.killed_at_mb is None:
+                self.killed_at_mb = rss
+                os.kill(self.pid, signal.SIGKILL)
+
+    def start(self) -> "RssWatch":
+        threading.Thread(target=self.run, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Server:
+    def __init__(self, repo: Path, log_path: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1",
+               "LIPSYNC_API_TOKEN": TOKEN, "LIPSYNC_MAX_SESSIONS_PER_IP": "3"}
+        self.log = open(log_path, "a")
+        self.offset = self.log.tell()  # this run's lines start here
+        self.proc = subprocess.Popen(
+            [sys.executable, str(repo / "run_server.py"), "--port", "0", "--ice-host-addresses", "127.0.0.1",
+             "--max-sessions", "4", "--max-upload-mb", "32"],
+            cwd=repo, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log_path = log_path
+        self.url = ""
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.url:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-2000:]}")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.offset)
+                text = f.read().decode(errors="replace")
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
+            self.url = match.group(1) if match else ""
+            time.sleep(0.2)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# -- the live client -------------------------------------------------------------------------------
+
+
+class LiveClient:
+    """One aiortc peer receiving the avatar; counts frames as they arrive."""
+
+    def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.url, self.http = url, http
+        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        self.frame_times: list[float] = []
+        self.session_id = ""
+        self.token: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.pc.on("track", lambda t: self._tasks.append(asyncio.ensure_future(self._read(t))))
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                await track.recv()
+            except MediaStreamError:
+                return
+            if track.kind == "video":
+                self.frame_times.append(time.monotonic())
+
+    async def connect(self) -> None:
+        from aiortc import RTCSessionDescription
+
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with self.http.post(self.url + "offer", json={"sdp": self.pc.localDescription.sdp,
+                                                           "type": "offer"}) as resp:
+            answer = await resp.json()
+            assert resp.status == 200, answer
+        self.session_id, self.token = answer["session_id"], answer.get("session_token")
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        deadline = time.monotonic() + 30
+        while len(self.frame_times) < 25:
+            assert time.monotonic() < deadline, "no video"
+            await asyncio.sleep(0.1)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def fps(self, start: float, end: float) -> float:
+        frames = [t for t in self.frame_times if start <= t < end]
+        return round(len(frames) / (end - start), 2) if end > start else 0.0
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+# -- attacks ---------------------------------------------------------------------------------------
+
+
+def wav_bytes(total_bytes: int, rate: int) -> bytes:
+    """A mono PCM16 wav of about `total_bytes`: a quiet 100 Hz square wave, not silence (so nothing
+    can shortcut digital zeros)."""
+    samples = (total_bytes - 44) // 2
+    pcm = np.where((np.arange(samples) * 200 // rate) % 2 == 0, 3000, -3000).astype(np.int16)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+async def timed(coro) -> tuple[int | str, float]:
+    t0 = time.monotonic()
+    try:
+        status = await coro
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        status = f"{type(exc).__name__}"
+    return status, round(time.monotonic() - t0, 3)
+
+
+async def post_status(http: aiohttp.ClientSession, url: str, **kwargs) -> int:
+    async with http.post(url, timeout=aiohttp.ClientTimeout(total=300), **kwargs) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def upload(http, client: LiveClient, data: bytes) -> int:
+    return await post_status(http, f"{client.url}sessions/{client.session_id}/audio", data=data,
+                             headers={"Content-Type": "audio/wav", **client.auth})
+
+
+async def interrupt(http, client: LiveClient) -> None:
+    async with http.post(f"{client.url}sessions/{client.session_id}/interrupt", headers=client.auth):
+        pass
+
+
+async def attack_uploads(http, client: LiveClient, data: bytes, n: int, watch: RssWatch) -> dict:
+    base_rss = watch.rss_mb()
+    watch.peak_mb = base_rss
+    t0 = time.monotonic()
+    before_fps = client.fps(t0 - 3.0, t0)
+    results = await asyncio.gather(*(timed(upload(http, client, data)) for _ in range(n)))
+    t1 = time.monotonic()
+    window_end = max(t1, t0 + 5.0)
+    if window_end > time.monotonic():
+        await asyncio.sleep(window_end - time.monotonic())
+    out = {"statuses": [s for s, _ in results], "seconds": [t for _, t in results],
+           "wall_s": round(t1 - t0, 3), "rss_before_mb": round(base_rss), "rss_peak_mb": round(watch.peak_mb),
+           "live_fps_before": before_fps, "live_fps_during": client.fps(t0, window_end)}
+    if watch.killed_at_mb is not None:
+        out["killed_at_rss_mb"] = round(watch.killed_at_mb)
+    return out
+
+
+async def attack_offer_option(http, url: str, value: str) -> dict:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    body = '{"sdp": %s, "type": "offer", "options": {"compute_budget_frames": %s}}' % (
+        json.dumps(pc.localDescription.sdp), value)
+    async with http.post(url + "offer", data=body, headers={"Content-Type": "application/json"}) as resp:
+        text = await resp.text()
+        out = {"status": resp.status}
+        if resp.status == 200:
+            session = json.loads(text)
+            out["session_id_created"] = True
+            async with http.get(f"{url}sessions/{session['session_id']}",
+                                headers={"Authorization": f"Bearer {session.get('session_token') or TOKEN}"}) as r:
+                engine = (await r.json()).get("engine", {})
+                out["latency_budget_ms"] = engine.get("latency_budget_ms")
+            async with http.delete(f"{url}sessions/{session['session_id']}",
+                                   headers={"Authorization": f"Bearer {session.get('session_token') or TOKEN}"}):
+                pass
+        else:
+            out["error"] = text[:160]
+    await pc.close()
+    return out
+
+
+async def attack_csrf(http, client: LiveClient) -> dict:
+    async with http.post(f"{client.url}sessions/{client.session_id}/say", data='{"text": "pwned"}',
+                         headers={"Content-Type": "text/plain", "Origin": EVIL}) as resp:
+        return {"status": resp.status}
+
+
+async def attack_list(http, client: LiveClient) -> dict:
+    async with http.get(client.url + "sessions") as resp:
+        text = await resp.text()
+        return {"status": resp.status, "shows_session_id": client.session_id in text}
+
+
+async def attack_big_json(http, url: str, watch: RssWatch) -> dict:
+    watch.peak_mb = base = watch.rss_mb()
+    body = b'{"sdp": "v=0' + b"x" * (32 * 1024 * 1024 - 64) + b'", "type": "offer"}'
+    status, seconds = await timed(post_status(http, url + "offer", data=body,
+                                              headers={"Content-Type": "application/json"}))
+    return {"status": status, "seconds": seconds, "rss_before_mb": round(base), "rss_peak_mb": round(watch.peak_mb)}
+
+
+def tts_processes(pid: int) -> int:
+    out = subprocess.run(["ps", "-o", "comm=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return sum(1 for line in out.split() if "espeak" in line)
+
+
+async def attack_say_flood(http, client: LiveClient, pid: int) -> dict:
+    text = ("The quick brown fox jumps over the lazy dog. " * 100)[:4000]
+    peak = 0
+    done = asyncio.Event()
+
+    async def count() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tts_processes(pid))
+            await asyncio.sleep(0.05)
+
+    counter = asyncio.ensure_future(count())
+    url = f"{client.url}sessions/{client.session_id}/say"
+    results = await asyncio.gather(*(timed(post_status(http, url, json={"text": text}, headers=client.auth))
+                                     for _ in range(10)))
+    done.set()
+    await counter
+    await interrupt(http, client)
+    return {"statuses": sorted(str(s) for s, _ in results), "max_tts_processes": peak,
+            "wall_s": max(t for _, t in results)}
+
+
+async def attack_offer_flood(http, url: str) -> dict:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    statuses: dict[str, int] = {}
+    for _ in range(40):
+        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+            await resp.read()
+            statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+    await pc.close()
+    return {"statuses": statuses}
+
+
+# -- driver ----------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict:
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+    log_path = Path(args.log)
+    one_k = wav_bytes(30 * 1024 * 1024, 1000)
+    eight_k = wav_bytes(30 * 1024 * 1024, 8000)
+    results: dict = {"repo": str(args.repo), "commit": _commit(args.repo), "concurrent": args.concurrent,
+                     "rss_cap_mb": args.rss_cap_mb}
+    plan = [("upload_1k", lambda h, c, w: attack_uploads(h, c, one_k, 1, w)),
+            ("upload_8k", lambda h, c, w: attack_uploads(h, c, eight_k, 1, w)),
+            ("six_uploads_1k", lambda h, c, w: attack_uploads(h, c, one_k, args.concurrent, w)),
+            ("six_uploads_8k", lambda h, c, w: attack_uploads(h, c, eight_k, args.concurrent, w)),
+            ("offer_infinity", lambda h, c, w: attack_offer_option(h, c.url, "Infinity")),
+            ("offer_1e7", lambda h, c, w: attack_offer_option(h, c.url, "1e7")),
+            ("csrf_say", lambda h, c, w: attack_csrf(h, c)),
+            ("list_sessions", lambda h, c, w: attack_list(h, c)),
+            ("offer_32mb", lambda h, c, w: attack_big_json(h, c.url, w)),
+            ("say_flood", lambda h, c, w: attack_say_flood(h, c, w.pid)),
+            ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url))]
+    server: Server | None = None
+    client: LiveClient | None = None
+    watch: RssWatch | None = None
+    async with aiohttp.ClientSession() as http:
+        try:
+            for name, attack in plan:
+                if name in args.skip:
+                    continue
+                if server is None or not server.alive():
+                    if client is not None:
+                        await client.close()
+                    server = Server(args.repo, log_path)
+                    server.wait_ready()
+                    watch = RssWatch(server.proc.pid, args.rss_cap_mb).start()
+                    client = LiveClient(server.url, http)
+                    await client.connect()
+                    await asyncio.sleep(3.0)  # a steady frame rate before the first attack
+                assert watch is not None and client is not None
+                print(f"{name} ...", file=sys.stderr, flush=True)
+                try:
+                    results[name] = await asyncio.wait_for(attack(http, client, watch), timeout=240)
+                except (aiohttp.ClientError, asyncio.TimeoutError, AssertionError) as exc:
+                    results[name] = {"failed": f"{type(exc).__name__}: {exc}"[:200]}
+                if watch.killed_at_mb is not None:
+                    results[name]["killed_at_rss_mb"] = round(watch.killed_at_mb)
+                    watch.stop()
+                    server.proc.wait()
+                    server.stop()
+                print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+                if server.alive():
+                    await interrupt(http, client)
+                    await asyncio.sleep(1.0)
+        finally:
+            if client is not None:
+                await client.close()
+            if watch is not None:
+                watch.stop()
+            if server is not None:
+                server.stop()
+    return results
+
+
+def _commit(repo: Path) -> str:
+    """The repo's commit: git's, or a COMMIT file next to an exported tree (git archive)."""
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if out.returncode == 0:
+        return out.stdout.strip()
+    marker = repo / "COMMIT"
+    return marker.read_text().strip() if marker.exists() else "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose run_server.py to attack")
+    parser.add_argument("--concurrent", type=int, default=6, help="uploads at once (default 6)")
+    parser.add_argument("--rss-cap-mb", type=float, default=6000.0,
+                        help="kill the server past this RSS (default 6000 MB; protects a shared machine)")
+    parser.add_argument("--skip", default="", help="comma-separated attacks to leave out")
+    parser.add_argument("--log", default="/tmp/abuse-server.log", help="the server's output")
+    args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
+    Path(args.log).write_text("")
+    results = asyncio.run(run(args))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The render tier on Ray Serve (`--render-backend ray`): replicas hold the model, front-ends keep WebRTC.
+
+A front-end (this server process) keeps the sessions' WebRTC peers, clocks, look-ahead, its own render
+worker (deadline order, late-job skipping) and compositing. Rendering goes to a Ray Serve application
+(`APP_NAME`, one deployment `RenderDeployment`) whose replicas each hold one renderer built from the
+same `RendererSpec` (the built-in renderer or Wav2Lip, on CPU or GPU) and batch the due frames of every
+front-end connected to them, earliest deadline first (realtime/render_tier/edf_batcher.py). Serve does
+the rest: replicas placed on nodes with the GPUs and CPUs asked for, autoscaling between bounds by
+ongoing requests, health checks, and a new replica when one dies.
+
+Joining: the first front-end to reach a cluster deploys the application; later ones find it running
+(same name) and use it, after checking it renders the same thing (`describe`). `--ray-address` (or
+`RAY_ADDRESS`) joins an existing cluster (`ray start --head` on one machine, KubeRay on Kubernetes);
+without one, `ray.init` starts a local cluster inside this process, which ends with it.
+
+Replicas import this project: every node needs it installed (the same version), like the front-ends.
+The avatar travels once, through Ray's object store (`share_avatar`), never per frame.
+
+Measured on the 2-core dev machine (bench/scale.py): a round trip through a Serve handle adds ~3 ms to a
+render call.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from realtime.render_tier.remote_renderer import RenderTierError
+from realtime.render_tier.replica import RenderReplica, ReplicaStats
+from realtime.render_tier.wire import (
+    AvatarRef,
+    RenderReply,
+    RenderRequest,
+    avatar_fingerprint,
+    avatar_to_wire,
+)
+from realtime.renderers.factory import RendererSpec, build_renderer
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "lipsync-render"
+
+# Ray reports usage statistics to its authors unless told not to: this server contacts nobody.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+import ray  # noqa: E402  (after the environment above: ray reads it at import)
+from ray import serve  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RayTierSettings:
+    """How to reach the cluster and how Serve should size the deployment (ServerConfig's --ray-* flags)."""
+
+    address: str | None = None       # None: RAY_ADDRESS, else a local cluster started here
+    replicas: int = 1                # fixed replica count (when no autoscaling bounds are given)
+    min_replicas: int | None = None  # autoscaling between these bounds by ongoing requests
+    max_replicas: int | None = None
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_batch: int = 8               # frames per replica renderer call
+    max_wait_ms: float = 4.0         # a replica's wait for other front-ends' frames
+    local_cpus: int | None = None    # CPUs of a local cluster (None: all)
+    app_name: str = APP_NAME
+
+    def deployment_options(self) -> dict[str, Any]:
+        actor = {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica}
+        if self.min_replicas is not None or self.max_replicas is not None:
+            low = self.min_replicas if self.min_replicas is not None else 1
+            high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas)
+            return {"ray_actor_options": actor,
+                    "autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                           "target_ongoing_requests": 4}}
+        return {"ray_actor_options": actor, "num_replicas": self.replicas}
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=2.0, health_check_timeout_s=30.0,
+                  graceful_shutdown_timeout_s=2.0)
+class RenderDeployment:
+    """One replica: a renderer (built here, on the replica's node and device) behind an EDF batcher."""
+
+    def __init__(self, spec: RendererSpec, max_batch: int, max_wait_s: float) -> None:
+        self._spec = spec
+        try:
+            name = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (never in production)
+            name = f"replica-{os.getpid()}"
+        self._replica = RenderReplica(build_renderer(spec), fetch_avatar=ray.get, max_batch=max_batch,
+                                      max_wait_s=max_wait_s, name=str(name))
+
+    async def render(self, request: RenderRequest) -> RenderReply:
+        return await self._replica.render(request)
+
+    def stats(self) -> ReplicaStats:
+        return self._replica.stats()
+
+    def describe(self) -> RendererSpec:
+        return self._spec
+
+
+class RayRenderTier:
+    """The front-end's client of the Ray render tier (a `RenderTierClient`)."""
+
+    def __init__(self, handle: Any, settings: RayTierSettings, started_cluster: bool) -> None:
+        self._handle = handle
+        self.settings = settings
+        self._started_cluster = started_cluster
+
+    @classmethod
+    def connect(cls, settings: RayTierSettings, spec: RendererSpec) -> RayRenderTier:
+        """Join (or start) the cluster and the render application. RenderTierError, with what to do, when
+        the cluster cannot be reached or runs a render tier for another model."""
+        address = settings.address or os.environ.get("RAY_ADDRESS") or None
+        started = False
+        if not ray.is_initialized():
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            try:
+                if address:
+                    host = _probe(address)
+                    # A cluster on loopback: this node is 127.0.0.1 too (Ray would pick an interface address).
+                    node_ip = "127.0.0.1" if host and ipaddress.ip_address(_resolve(host)).is_loopback else None
+                    ray.init(address=address, log_to_driver=False, _node_ip_address=node_ip)
+                else:
+                    # A cluster of this process alone: nothing outside this machine needs to reach it.
+                    ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1")
+                    started = True
+            except Exception as exc:
+                hint = ("Start a cluster with `ray start --head` and pass its address with --ray-address"
+                        if "InvalidAuthToken" not in str(exc) else
+                        "The cluster uses token authentication: set RAY_AUTH_MODE=token and make its token "
+                        "available (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+                raise RenderTierError(f"--render-backend ray: cannot reach {where}: {exc}. {hint}") from None
+        t0 = time.monotonic()
+        try:
+            serve.start(http_options={"location": "NoServer"})
+            handle = cls._existing(settings.app_name)
+            if handle is None:
+                log.info("deploying the render tier", extra={"app": settings.app_name, **settings.deployment_options()})
+                # serve.deployment turns the class into a Deployment (its stubs still say "type").
+                deployment = RenderDeployment.options(**settings.deployment_options())  # type: ignore[attr-defined]
+                app = deployment.bind(spec, settings.max_batch, settings.max_wait_ms / 1000.0)
+                handle = serve.run(app, name=settings.app_name, route_prefix=None)
+            else:
+                running = handle.describe.remote().result(timeout_s=60)
+                if running != spec:
+                    raise RenderTierError(f"the Ray cluster already runs render tier {settings.app_name!r} for "
+                                          f"{running}, not {spec}: use another --ray-app-name")
+        except RenderTierError:
+            raise
+        except Exception as exc:
+            raise RenderTierError(f"--render-backend ray: the render tier did not start: {exc}") from None
+        log.info("render tier ready", extra={"app": settings.app_name, "seconds": round(time.monotonic() - t0, 1),
+                                             "cluster": address or "local"})
+        return cls(handle, settings, started)
+
+    @staticmethod
+    def _existing(app_name: str) -> Any | None:
+        status = serve.status().applications.get(app_name)
+        if status is None or status.status in ("DELETING", "DEPLOY_FAILED"):
+            return None
+        return serve.get_app_handle(app_name)
+
+    def share_avatar(self, avatar: Any) -> AvatarRef:
+        return AvatarRef(avatar_fingerprint(avatar), ray.put(avatar_to_wire(avatar)))
+
+    def render(self, request: RenderRequest, timeout_s: float) -> RenderReply:
+        response = self._handle.render.remote(request)
+        try:
+            return response.result(timeout_s=timeout_s)
+        except Exception as exc:  # dead or restarting replica, timeout, serialisation: all mean "no patches"
+            response.cancel()
+            raise RenderTierError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+    def replica_stats(self, timeout_s: float = 5.0) -> ReplicaStats:
+        """Statistics of one replica (Serve picks which)."""
+        return self._handle.stats.remote().result(timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """Leave the cluster. A local cluster started here ends with it; a shared one keeps serving."""
+        if self._started_cluster:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+def _resolve(host: str) -> str:
+    return str(socket.getaddrinfo(host, None)[0][4][0])
+
+
+def _probe(address: str, timeout_s: float = 3.0) -> str | None:
+    """Fail fast on a `host:port` nobody listens on (ray.init would retry for minutes). Returns the host;
+    None for the forms Ray resolves itself (`auto`, `ray://`)."""
+    if address == "auto" or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, not {address!r}")
+    host = host.strip("[]")
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
+    return host

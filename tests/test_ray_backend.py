@@ -1,0 +1,112 @@
+"""The render tier on Ray Serve with a local cluster (`ray.init(num_cpus=2)`, loopback only): a session
+rendered through it equals the local backend's output, a killed replica is survived, and a front-end
+that cannot reach its cluster fails at once with a clear message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_render_tier import run_session
+
+from realtime.avatar import load_default_avatar
+from realtime.config import EngineConfig
+from realtime.render_tier.remote_renderer import RemoteRenderer
+from realtime.renderers.default import DefaultRenderer
+from realtime.renderers.factory import RendererSpec
+from realtime.scheduler import ThreadedRenderWorker
+from realtime.session import LipSyncSession
+
+ray = pytest.importorskip("ray")  # the test extra installs ray[serve]: this runs in CI
+from server.ray_render_tier import RayRenderTier, RayTierSettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 16000
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tier():
+    tier = RayRenderTier.connect(RayTierSettings(local_cpus=2, app_name="test-render"), RendererSpec())
+    yield tier
+    tier.close()
+
+
+def test_a_session_rendered_through_ray_equals_the_local_backend(tier, speech_16k):
+    speech = speech_16k[: SR * 3]
+    local = run_session(DefaultRenderer(), speech, 3.5)
+    remote = run_session(RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0), speech, 3.5)
+    assert sum(f.state == "rendered" for f in local.frames) > 50
+    assert [f.state for f in remote.frames] == [f.state for f in local.frames]
+    for a, b in zip(local.frames, remote.frames, strict=True):
+        assert np.array_equal(a.image, b.image)
+    assert tier.replica_stats().avatars >= 1
+
+
+def replica_actor_names(app_name: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app_name}#")]
+
+
+def test_a_killed_replica_is_survived(tier, speech_16k):
+    """Real time: a session talks through the tier; its replica is killed; the session never fails or
+    waits (held frames meanwhile) and renders again once Serve has replaced the replica."""
+    avatar = load_default_avatar()
+    renderer = RemoteRenderer(tier, sender="fe-kill")
+    worker = ThreadedRenderWorker(renderer)
+    session = LipSyncSession(avatar, worker, EngineConfig())
+    speech = np.tile(speech_16k, 40)
+    states: list[tuple[float, str]] = []   # (time, state) of every frame that carries speech
+    killed_at = rendered_again = None
+    t0 = time.monotonic()
+    pushed = 0
+    next_frame = t0
+    try:
+        while time.monotonic() - t0 < 90:
+            now = time.monotonic()
+            due = int((now - t0) * SR)
+            if due > pushed:
+                session.push_audio(speech[pushed:due], SR)
+                session.next_audio(due - pushed)
+                pushed = due
+            if now >= next_frame:
+                frame = session.next_video_frame()
+                if frame.speech:
+                    states.append((now, frame.state))
+                next_frame += 0.04
+            if killed_at is None and now - t0 > 3.0:
+                names = replica_actor_names("test-render")
+                assert names, "no replica to kill"
+                ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+                killed_at = time.monotonic()
+            if killed_at is not None and now - killed_at > 1.0 and renderer.stats.last_rendered_at and \
+                    renderer.stats.last_rendered_at > killed_at + 0.5:
+                rendered_again = rendered_again or renderer.stats.last_rendered_at
+                if sum(t > rendered_again + 0.2 for t, _ in states) >= 50:
+                    break
+            time.sleep(0.005)
+    finally:
+        session.close()
+        worker.close()
+    before = [s for t, s in states if t0 + 1.0 < t < killed_at]
+    assert before.count("rendered") > 0.5 * len(before), "the tier rendered before the kill"
+    assert rendered_again is not None, "no rendered frame after the replica was killed"
+    after = [s for t, s in states if t > rendered_again + 0.2]
+    assert after and after.count("rendered") > 0.5 * len(after)
+    assert renderer.stats.outages >= 1 or renderer.stats.late_frames > 0
+    print(f"recovered {rendered_again - killed_at:.1f} s after the kill")
+
+
+def test_the_server_refuses_to_start_without_its_render_tier():
+    """A front-end that cannot reach its cluster says so and exits at once (ray.init alone would retry
+    for minutes). In a process of its own: this module's cluster is already initialised here."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "run_server.py"), "--port", "0", "--render-backend", "ray",
+                           "--ray-address", "127.0.0.1:1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert time.monotonic() - t0 < 60  # interpreter and torch start-up; the probe itself takes milliseconds
