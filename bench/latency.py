@@ -160,6 +160,7 @@ class Client:
         self.mouth_box = mouth_box
         self.received = Received()
         self.session_id = ""
+        self.token = ""
         self._tasks: list[asyncio.Task] = []
         self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
@@ -194,6 +195,7 @@ class Client:
             if resp.status != 200:
                 raise SystemExit(f"bench/latency.py: offer refused: {answer}")
         self.session_id = answer["session_id"]
+        self.token = str(answer.get("session_token") or "")
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         deadline = time.monotonic() + 60
         while len(self.received.video) < 25 or not self.received.audio:
@@ -201,8 +203,13 @@ class Client:
                 raise SystemExit("bench/latency.py: no media from the server")
             await asyncio.sleep(0.05)
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The session's routes need its token (server/auth.py)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     async def metrics(self) -> dict:
-        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}")) as resp:
+        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
             return await resp.json()
 
     async def close(self) -> None:
@@ -282,7 +289,7 @@ async def idle_reference(client: Client, seconds: float) -> tuple[np.ndarray, fl
     return idle, max(4.0, 3.0 * max(noise, default=0.0))
 
 
-async def settle(client: Client, seconds: float = 0.6) -> None:
+async def settle(client: Client, seconds: float = 1.0) -> None:
     """Wait until the returned audio has been silent for `seconds`."""
     await wait_until(lambda: True if client.received.audio and all(
         np.sqrt(np.mean(d.astype(np.float64) ** 2)) < SILENT_RMS
@@ -295,7 +302,7 @@ async def push_trials(client: Client, clip: np.ndarray, idle: np.ndarray, thresh
     for _ in range(n):
         await settle(client)
         async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/audio"), data=body,
-                                    headers={"Content-Type": "audio/wav"}) as resp:
+                                    headers={"Content-Type": "audio/wav", **client.auth}) as resp:
             await resp.read()
             t0 = time.monotonic()
         heard = await wait_until(lambda t0=t0: client.audio_onset_after(t0), 10.0)
@@ -311,7 +318,8 @@ async def push_trials(client: Client, clip: np.ndarray, idle: np.ndarray, thresh
 
 
 async def stream_trials(client: Client, clip: np.ndarray, speed: float, n: int) -> dict:
-    url = client.server.endpoint(f"/sessions/{client.session_id}/stream?rate={RATE}&channels=1&format=s16")
+    url = client.server.endpoint(f"/sessions/{client.session_id}/stream?rate={RATE}&channels=1&format=s16"
+                                 f"&token={client.token}")
     chunk = RATE // 50
     pcm = pcm16(clip)
     values = []
@@ -329,7 +337,7 @@ async def stream_trials(client: Client, clip: np.ndarray, speed: float, n: int) 
             await ws.send_str('{"type": "end"}')
             heard = await wait_until(lambda t0=t0: client.audio_onset_after(t0), 10.0)
             values.append(None if heard is None else 1000 * (heard - t0))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(len(clip) / RATE)
     return summary(values)
 
 
@@ -351,13 +359,14 @@ async def interrupt_trials(client: Client, clip: np.ndarray, idle: np.ndarray, t
     for _ in range(n):
         await settle(client)
         async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/audio"), data=body,
-                                    headers={"Content-Type": "audio/wav"}) as resp:
+                                    headers={"Content-Type": "audio/wav", **client.auth}) as resp:
             await resp.read()
             t_push = time.monotonic()
         await wait_until(lambda t_push=t_push: client.audio_onset_after(t_push), 10.0)
         await asyncio.sleep(0.8)
         t0 = time.monotonic()
-        async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/interrupt")) as resp:
+        async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/interrupt"),
+                                    headers=client.auth) as resp:
             await resp.read()
         quiet = await wait_until(lambda t0=t0: client.silence_after(t0), 5.0)
         still = await wait_until(lambda t0=t0: client.mouth_change(idle, threshold, t0, moving=False), 5.0)
