@@ -208,6 +208,13 @@ class Client:
         """The session's routes need its token (server/auth.py)."""
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
+    async def upload(self, wav: bytes) -> float:
+        """POST a wav to the session; returns the time the POST returned."""
+        async with self.http.post(self.server.endpoint(f"/sessions/{self.session_id}/audio"), data=wav,
+                                  headers={"Content-Type": "audio/wav", **self.auth}) as resp:
+            await resp.read()
+        return time.monotonic()
+
     async def metrics(self) -> dict:
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
             return await resp.json()
@@ -301,10 +308,7 @@ async def push_trials(client: Client, clip: np.ndarray, idle: np.ndarray, thresh
     audio, mouth = [], []
     for _ in range(n):
         await settle(client)
-        async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/audio"), data=body,
-                                    headers={"Content-Type": "audio/wav", **client.auth}) as resp:
-            await resp.read()
-            t0 = time.monotonic()
+        t0 = await client.upload(body)
         heard = await wait_until(lambda t0=t0: client.audio_onset_after(t0), 10.0)
         seen = client.mouth_change(idle, threshold, t0, moving=True)
         if seen is None:
@@ -358,10 +362,7 @@ async def interrupt_trials(client: Client, clip: np.ndarray, idle: np.ndarray, t
     silence, rest = [], []
     for _ in range(n):
         await settle(client)
-        async with client.http.post(client.server.endpoint(f"/sessions/{client.session_id}/audio"), data=body,
-                                    headers={"Content-Type": "audio/wav", **client.auth}) as resp:
-            await resp.read()
-            t_push = time.monotonic()
+        t_push = await client.upload(body)
         await wait_until(lambda t_push=t_push: client.audio_onset_after(t_push), 10.0)
         await asyncio.sleep(0.8)
         t0 = time.monotonic()
