@@ -9,22 +9,21 @@ than rendering late, is what keeps latency fixed under overload: the mouth-updat
 queues up. Batch cost is predicted from an exponential average of measured batch times per batch size
 (interpolated between sizes; the warm-up measures a curve for sizes 1, 2, 4, 8).
 
-Deadline-aware gathering: a job carries the batch size its owner's fixed delay was sized for
-(`batch_hint`, see `Timeline.from_config`). When it is > 1 (a renderer slower than a frame period per
-frame, faster in batches) the worker holds the head job while fewer than that many jobs of its avatar are
-queued and a batch one larger (1.25x its predicted cost) would still meet the earliest deadline; each
-arrival tightens the bound, so the wait always ends in time (`_JobQueue.gather_until`).
+When the next batch starts is one policy, `realtime.batch_wait.batch_wait_until`, a pure function of
+the queued jobs and the time that both drivers call: gathering the frames a job's owner sized its delay
+for (`batch_hint`, see `Timeline.from_config`), filling a batch with other sessions' jobs for up to
+`max_wait_s`, both only while the deadlines allow it, and never for the first frame of an utterance.
 
-Two drivers of the same policy:
-- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; with
-  several sessions it waits up to `max_wait_s` to fill a batch when the deadlines allow it.
+Two drivers of that policy:
+- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; it
+  waits on a condition variable until the policy's time or the next submission, then asks again.
 - `InlineRenderWorker`: no thread; `kick(now)` runs, in the caller's thread, every batch a free worker
-  would have started by `now` (including the bounded wait for other sessions' jobs when constructed with
-  `max_wait_s`, as the server's worker is), in *virtual time*: a batch that starts at t and takes d seconds (measured
-  with the worker's own `clock`) completes at t + d, and the worker is busy until then. With a
-  `ManualClock` that a fake renderer advances, "a renderer 2x too slow" is simulated deterministically;
-  the worker then sets that clock back to where the render started (the render happened on the
-  "worker", not in the caller's time), so the sessions may share the same ManualClock.
+  would have started by `now`, in *virtual time*: a wait jumps to the next job's arrival (or the wait's
+  end), and a batch that starts at t and takes d seconds (measured with the worker's own `clock`)
+  completes at t + d, and the worker is busy until then. With a `ManualClock` that a fake renderer
+  advances, "a renderer 2x too slow" is simulated deterministically; the worker then sets that clock
+  back to where the render started (the render happened on the "worker", not in the caller's time), so
+  the sessions may share the same ManualClock.
 
 Preparation runs where the batches run. `prepare` (the renderer's per-avatar precompute, CUDA graph
 capture, and the warm-up that measures the cost curve) runs on the threaded worker's own thread: cuDNN
@@ -52,6 +51,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
 from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 
@@ -73,6 +73,7 @@ class RenderJob:
     deliver: Callable[["RenderResult"], None]
     batch_hint: int = 1               # frames per batch the owner's fixed delay was sized for: > 1 lets
                                       # the worker wait for that many jobs while deadlines allow it
+    starts_utterance: bool = False    # the first frame of an utterance: never held back for a batch
 
 
 @dataclass
@@ -154,10 +155,6 @@ class _JobQueue:
     def earliest_ready(self) -> float:
         return min(j.ready_at for j in self.jobs)
 
-    def earliest_deadline(self, now: float) -> float:
-        """The tightest deadline among jobs ready at `now` (inf when none is)."""
-        return min((j.deadline for j in self.jobs if j.ready_at <= now), default=float("inf"))
-
     def _share(self, owner: object, now: float) -> float:
         value, at = self._served.get(id(owner), (0.0, now))
         return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
@@ -168,29 +165,6 @@ class _JobQueue:
         if len(self._served) > 4 * (len({id(j.owner) for j in self.jobs}) + 16):
             live = {id(j.owner) for j in self.jobs} | {id(j.owner) for j in batch}
             self._served = {o: v for o, v in self._served.items() if o in live}
-
-    def gather_until(self, now: float, cost: CostModel, max_batch: int, safety: float) -> float | None:
-        """Deadline-aware batching: if the next batch should wait for more jobs, the time until which it
-        may wait; None to start now.
-
-        Only when the head job asks for batches (`batch_hint` > 1, an owner whose fixed delay was sized
-        for gathering), fewer than min(hint, max_batch) jobs of its avatar are ready, no job of another
-        avatar is waiting, and waiting still lets a batch one job larger (predicted `safety` x its cost)
-        finish before the earliest deadline. Each arrival makes the bound tighter, so the wait ends by
-        itself; a deadline is never traded for a larger batch.
-        """
-        ready = [j for j in self.jobs if j.ready_at <= now]
-        if not ready:
-            return None
-        head = min(ready, key=lambda j: j.deadline)
-        target = min(int(max_batch), int(head.batch_hint))
-        if target <= 1 or not all(self.batchable(j, head) for j in ready):
-            return None
-        b = len(ready)
-        if b >= target:
-            return None
-        limit = head.deadline - safety * cost.estimate(b + 1)
-        return limit if limit > now else None
 
     def select(self, now: float, cost: CostModel, max_batch: int, probe: bool,
                peek: bool = False) -> tuple[list[RenderJob], int]:
@@ -252,7 +226,9 @@ class RenderWorker:
         self.max_wait_s = float(max_wait_s)
         self.clock = clock
         self.cost = CostModel()
-        self._queue = _JobQueue(mix_avatars=bool(getattr(renderer, "mixes_avatars", False)))
+        mix = bool(getattr(renderer, "mixes_avatars", False))  # one call may render several avatars' frames
+        self._wait_policy = BatchWaitPolicy(self.max_batch, self.max_wait_s, self.gather_safety, mix_avatars=mix)
+        self._queue = _JobQueue(mix_avatars=mix)
         self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
         self._prepare_lock = threading.Lock()
         self._last_render_at: float | None = None
@@ -336,20 +312,10 @@ class RenderWorker:
         self._recent_owners = {o: t for o, t in self._recent_owners.items() if now - t < 1.0}
         return len(self._recent_owners) > 1
 
-    def _fill_allowed(self, now: float, probe: bool) -> float | None:
-        """The time until which the next batch may wait for other sessions' jobs, or None: only with
-        several sessions, a batch below max_batch, and while every ready job's deadline leaves room for
-        the largest batch after the wait."""
-        if self.max_wait_s <= 0 or not self._several_owners(now):
-            return None
-        batch, _ = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
-        if not batch or len(batch) >= self.max_batch:
-            return None
-        fill_until = now + self.max_wait_s
-        return fill_until if self._fill_may_continue(now, fill_until) else None
-
-    def _fill_may_continue(self, now: float, fill_until: float) -> bool:
-        return self._queue.earliest_deadline(now) - fill_until > self.cost.estimate(self.max_batch)
+    def _wait_until(self, now: float) -> float | None:
+        """The batching-wait policy (realtime/batch_wait.py) for the queue as it is at `now`."""
+        return batch_wait_until(self._queue.jobs, now, self.cost.estimate, self._wait_policy,
+                                several_owners=self._several_owners(now))
 
     def _probe(self, now: float) -> bool:
         """Render one job even if predicted late when nothing was rendered for a while (the estimate may
@@ -574,31 +540,14 @@ class ThreadedRenderWorker(RenderWorker):
                     return
                 if not self._queue:
                     continue  # woken for a task
-                # Deadline-aware gathering for owners whose delay was sized for batches (see gather_until).
-                until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
-                while until is not None and not self._stopped:
-                    self._cond.wait(timeout=max(until - self.clock(), 0.0))
-                    until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
-                if self._stopped:
-                    return
                 now = self.clock()
-                probe = self._probe(now)
-                batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
-                fill_until = self._fill_allowed(now, probe) if batch else None
-                if fill_until is not None:
-                    # Bounded wait for other sessions' jobs, only while every ready job's deadline allows
-                    # it: re-checked after each arrival, since a tighter job may arrive during the wait.
-                    while (not self._stopped and self.clock() < fill_until
-                           and self._fill_may_continue(self.clock(), fill_until)):
-                        self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
-                        same = [j for j in self._queue.jobs if self._queue.batchable(j, batch[0])]
-                        if len(same) >= self.max_batch:
-                            break
-                if self._stopped:
-                    return
-                if batch:
-                    batch, more_skipped = self._queue.select(self.clock(), self.cost, self.max_batch, probe)
-                    skipped += more_skipped
+                until = self._wait_until(now)
+                if until is not None:
+                    # Wait for more jobs; a submission wakes the thread early and the policy is asked
+                    # again (a tighter job that arrives during the wait shortens it).
+                    self._cond.wait(timeout=max(until - now, 0.0))
+                    continue
+                batch, skipped = self._queue.select(now, self.cost, self.max_batch, self._probe(now))
                 self.frames_skipped += skipped
             if not batch:
                 continue
@@ -628,39 +577,10 @@ class InlineRenderWorker(RenderWorker):
             start = max(self.free_at, self._queue.earliest_ready())
             if start > now:
                 return
-            # Deadline-aware gathering in virtual time: follow the jobs that arrived while the worker
-            # would have been waiting; if it would still be waiting at `now`, a later kick decides.
-            while True:
-                until = self._queue.gather_until(start, self.cost, self.max_batch, self.gather_safety)
-                if until is None:
-                    break
-                arrival = min((j.ready_at for j in self._queue.jobs if j.ready_at > start), default=None)
-                if arrival is not None and arrival <= until:
-                    start = arrival
-                    continue
-                if until > now:
-                    return
-                start = until
-                break
-            # The threaded worker's bounded wait for other sessions' jobs, in virtual time: follow the
-            # arrivals until the batch is full, the wait's end, or a deadline that cannot wait longer.
-            fill_until = self._fill_allowed(start, self._probe(start))
-            if fill_until is not None:
-                head = self._queue.select(start, self.cost, self.max_batch, self._probe(start), peek=True)[0][0]
-                while True:
-                    ready = sum(1 for j in self._queue.jobs if j.ready_at <= start and self._queue.batchable(j, head))
-                    if ready >= self.max_batch:
-                        break
-                    arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= fill_until),
-                                  default=None)
-                    if arrival is None:
-                        if fill_until > now:
-                            return  # still waiting at `now`: a later kick (with later submissions) decides
-                        start = fill_until
-                        break
-                    start = arrival
-                    if not self._fill_may_continue(start, fill_until):
-                        break
+            start_at = self._wait_in_virtual_time(start, now)
+            if start_at is None:
+                return  # still waiting at `now`: a later kick (with later submissions) decides
+            start = start_at
             batch, skipped = self._queue.select(start, self.cost, self.max_batch, self._probe(start))
             self.frames_skipped += skipped
             if not batch:
@@ -674,3 +594,16 @@ class InlineRenderWorker(RenderWorker):
             self.free_at = start + seconds
             self._last_render_at = self.free_at
             self._deliver(batch, patches, self.free_at, seconds)
+
+    def _wait_in_virtual_time(self, start: float, now: float) -> float | None:
+        """When a worker free at `start` begins its next batch under the batching-wait policy: follow
+        the jobs that arrive while it waits; None if it would still be waiting at `now`."""
+        while True:
+            until = self._wait_until(start)
+            if until is None:
+                return start
+            arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= until), default=None)
+            if arrival is not None:
+                start = arrival
+                continue
+            return None if until > now else until

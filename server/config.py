@@ -83,6 +83,10 @@ class ServerConfig:
     # How mouth patches are pasted: feather (seamless) or official (hard paste, parity with the
     # original tool; Wav2Lip then generates whole 96x96 patches instead of only the pasted rows).
     paste_mode: str = "feather"
+    # Where Wav2Lip's mel window of each frame starts: training (one frame before the frame, as the
+    # network was trained; 172.5 ms look-ahead at 25 fps) or official (at the frame, as the official
+    # inference script; 212.5 ms). training answers a live stream 40 ms sooner (bench/latency.py).
+    mel_alignment: str = "training"  # training | official
     max_sessions: int = 4
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = None
@@ -170,6 +174,8 @@ class ServerConfig:
             raise ValueError("--min-psnr-db must be between 0 and 100")
         if self.paste_mode not in ("feather", "official"):
             raise ValueError("--paste-mode must be feather or official")
+        if self.mel_alignment not in ("training", "official"):
+            raise ValueError("--mel-alignment must be training or official")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
         if self.max_upload_mb <= 0:
@@ -253,6 +259,9 @@ class ServerConfig:
             help="Wav2Lip runtime: auto (OpenVINO on CPU, PyTorch on CUDA), openvino (CPU), torch")
         add("--paste-mode", choices=["feather", "official"],
             help="feather (seamless, default) or official (the original tool's hard paste)")
+        add("--mel-alignment", choices=["training", "official"],
+            help="Wav2Lip: each frame's mel window starts one frame before it, as in training (default; "
+                 "40 ms less look-ahead), or at the frame, as the official inference script")
         add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
         add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
         add("--key-file", type=Path, help="TLS private key (PEM)")

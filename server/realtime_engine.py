@@ -227,7 +227,8 @@ class RealtimeEngine:
         engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
                                      paste_mode=config.paste_mode)
         spec = RendererSpec(checkpoint=config.checkpoint, precision=config.precision, runtime=config.runtime,
-                            min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode)
+                            min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode,
+                            mel_alignment=config.mel_alignment)
         closers: list[Callable[[], None]] = []
         if config.render_backend == "ray":
             renderers, devices = remote_renderers(config, spec, closers)
@@ -283,6 +284,7 @@ def remote_renderers(config: ServerConfig, spec: RendererSpec,
     closers.append(tier.close)
     sender = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
     renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from)
+    renderer.audio_needs = replica_spec.audio_needs  # the session's look-ahead is the replica renderer's
     return [renderer], ["ray"]
 
 

@@ -27,6 +27,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
+from server import audio_jitter
 from server.audio_input import AudioInput
 from server.auth import new_token
 from server.errors import ApiError, read_json
@@ -265,6 +266,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         except Exception as exc:
             raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()[:300]) from None
         await pc.setLocalDescription(await pc.createAnswer())
+        audio_jitter.install(pc)  # the microphone's delay must not creep up after a lost packet
     except BaseException:
         await pc.close()
         if engine_session is not None:

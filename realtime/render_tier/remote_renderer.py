@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RemoteRenderer:
     left until the batch's deadline (realtime/scheduler.py), which the replica orders batches by."""
 
     wants_deadline = True
+    audio_needs: AudioNeeds = OFFICIAL_WINDOW  # set to the replica renderer's (its look-ahead sizes the delay)
 
     def __init__(self, client: RenderTierClient, *, sender: str, name: str = "remote", rows_from: int = 0,
                  timeout_margin_s: float = 0.25, prepare_timeout_s: float = 300.0,

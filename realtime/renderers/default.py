@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.mel import MEL_STEP, N_MELS
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import AudioNeeds, MouthPatch
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
     FrameGeometry,
@@ -108,6 +108,8 @@ class DefaultRenderer:
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
+        # Only the kernel's columns are read: the engine waits for 75 ms of future audio, not 212.5 ms.
+        self.audio_needs = AudioNeeds(columns=self.config.params.window_columns)
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
