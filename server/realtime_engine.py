@@ -283,8 +283,8 @@ def remote_renderers(config: ServerConfig, spec: RendererSpec,
     tier = RayRenderTier.connect(settings, replica_spec)
     closers.append(tier.close)
     sender = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from)
-    renderer.audio_needs = replica_spec.audio_needs  # the session's look-ahead is the replica renderer's
+    renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from,
+                              audio_needs=replica_spec.audio_needs)
     return [renderer], ["ray"]
 
 
