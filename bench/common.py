@@ -7,7 +7,16 @@ at module level (a fresh GPU machine may lack them until scripts/gpu_check.sh in
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,8 +31,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bench.common")
 
-__all__ = ["drive_many", "eager_uint8", "psnr", "session_trials", "speech_clip", "sync", "synthetic_speech",
-           "to_16k", "trial"]
+REPO = Path(__file__).resolve().parents[1]
+
+TEXT = ("Hello, and welcome. This is a short test of the real time lip sync engine, "
+        "speaking a few sentences so that the mouth has something to do.")
+
+__all__ = ["TEXT", "Server", "drive_many", "eager_uint8", "espeak_clip_16k", "loadavg", "make_speech", "pcm16", "psnr",
+           "session_trials", "speech_clip", "start_server", "summary", "sync", "synthetic_speech", "to_16k",
+           "trial"]
 
 
 def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
@@ -69,8 +84,6 @@ def speech_clip(synthetic: bool) -> tuple[np.ndarray, int, str]:
     """espeak-ng speech (bench/engine.py), else the synthetic voiced signal: (samples, rate, kind)."""
     if not synthetic:
         try:
-            from bench.engine import TEXT, make_speech
-
             wav, rate = make_speech(TEXT, 1)
             return wav, rate, "espeak-ng"
         except (SystemExit, ImportError) as exc:  # make_speech exits when espeak-ng is missing
@@ -174,3 +187,87 @@ def session_trials(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, count
     finally:
         worker.close()
     return out
+
+
+def make_speech(text: str, repeat: int) -> tuple[np.ndarray, int]:
+    """espeak-ng speech as float32 mono at espeak's own rate (22.05 kHz)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise SystemExit("bench: espeak-ng is not installed (apt-get install espeak-ng)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run([exe, "-s", "160", "-w", str(path), text], check=True, capture_output=True)
+        with wave.open(str(path), "rb") as w:
+            rate, channels = w.getframerate(), w.getnchannels()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    wav = (pcm.reshape(-1, channels).mean(axis=1) / 32768.0).astype(np.float32)
+    return np.tile(wav, repeat), rate
+
+# -- live-server benches (bench/latency.py, bench/browser_latency.py) ---------------------------------
+
+def espeak_clip_16k(text: str) -> np.ndarray:
+    """espeak-ng speech at 16 kHz, leading and trailing silence trimmed (onset at sample 0)."""
+    from realtime.audio_ingest import AudioIngest
+
+    wav, rate = make_speech(text, 1)
+    x = AudioIngest(16000).convert(wav, rate)
+    x = np.concatenate([x, AudioIngest(16000).convert(np.zeros(0, np.float32), rate)])
+    loud = np.flatnonzero(np.abs(x) > 0.02)
+    return x[loud[0]:loud[-1] + 1].astype(np.float32)
+
+
+def pcm16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 32767), -32768, 32767).astype(np.int16)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def endpoint(self, path: str) -> str:
+        return self.url.rstrip("/") + path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(args: list[str], log_path: Path, timeout_s: float = 600.0) -> Server:
+    """`run_server.py` on a free port, loopback ICE candidates only."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
+                                 "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4", *args],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = log_path.read_text()
+        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
+        if match:
+            return Server(proc, match.group(1), log_path)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"bench/latency.py: the server did not start:\n{text[-3000:]}")
+        time.sleep(0.2)
+
+
+def summary(values: list[float | None]) -> dict:
+    good = [v for v in values if v is not None]
+    out: dict[str, Any] = {"trials": [None if v is None else round(v, 1) for v in values]}
+    out["p50"] = round(float(np.percentile(good, 50)), 1) if good else None
+    out["p95"] = round(float(np.percentile(good, 95)), 1) if good else None
+    out["missed"] = len(values) - len(good)
+    return out
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"

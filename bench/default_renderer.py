@@ -77,7 +77,8 @@ def _vowel_sequence(seconds: float = 4.0) -> np.ndarray:
 
 
 def load_avatar():
-    from realtime.avatar import AvatarError, load_default_avatar
+    from realtime.avatar import AvatarError
+    from realtime.default_avatar import load_default_avatar
 
     try:
         return load_default_avatar()

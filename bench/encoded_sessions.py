@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("only --renderer default is supported (Wav2Lip needs bench/sessions.py's weights)")
 
     from bench.engine import TEXT, make_speech
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
     avatar = load_default_avatar()

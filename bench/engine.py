@@ -17,8 +17,10 @@ latency instead of dropping every frame; `--fixed-budget` keeps the default budg
 When one frame costs more than a frame period but batches are cheaper per frame (the warm-up measures
 cost(1), cost(2), cost(4), cost(8)), the budget is sized for gathering `batch_frames` frames per renderer
 call and the worker waits for them (deadline-aware batching); `--no-batching` sizes it per frame instead.
-`latency_budget_ms` in the output is the session's fixed delay L; `mean_batch` the frames per renderer
-call; `cost_curve_ms` the warm-up cost per batch size.
+`latency_budget_ms` in the output is the session's fixed delay L (sized from the renderer's look-ahead:
+75 ms for the default renderer, 212.5 ms for Wav2Lip's official window, which this bench uses);
+`mean_batch` the frames per renderer call; `cost_curve_ms` the warm-up cost per batch size.
+Measured (shared 2-core machine, load ~9): default renderer p50 141 ms, p95 147 ms (L 160 ms).
 
 The last line printed is one JSON object:
     {"renderers": {NAME: {"latency_ms": {"p50", "p95", "p99"}, "av_offset_ms", "drops", "frames",
@@ -30,12 +32,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import wave
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,29 +41,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import TEXT, make_speech
 from realtime.config import EngineConfig
+from realtime.renderers.base import audio_needs_of
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.engine")
-
-TEXT = ("Hello, and welcome. This is a short test of the real time lip sync engine, "
-        "speaking a few sentences so that the mouth has something to do.")
-
-
-def make_speech(text: str, repeat: int) -> tuple[np.ndarray, int]:
-    """espeak-ng speech as float32 mono at espeak's own rate (22.05 kHz)."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise SystemExit("bench/engine.py: espeak-ng is not installed (apt-get install espeak-ng)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run([exe, "-s", "160", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path), "rb") as w:
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    wav = (pcm.reshape(-1, channels).mean(axis=1) / 32768.0).astype(np.float32)
-    return np.tile(wav, repeat), rate
 
 
 class CpuTimedRenderer:
@@ -74,6 +56,7 @@ class CpuTimedRenderer:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.name = getattr(inner, "name", type(inner).__name__)
+        self.audio_needs = audio_needs_of(inner)  # the look-ahead the engine sizes its delay from
         self.cpu_s = 0.0
         self.frames = 0
 
@@ -189,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     wav, rate = make_speech(args.text, args.repeat)
-    from realtime.avatar import load_default_avatar  # lazily: fails clearly if it is missing
+    from realtime.default_avatar import load_default_avatar  # lazily: fails clearly if it is missing
 
     avatar = load_default_avatar()
     config = EngineConfig(fps=float(getattr(avatar, "fps", 25.0) or 25.0),

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu_name = torch.cuda.get_device_name(device) if cuda else "none (smoke run on CPU)"
     log.info("device %s, torch %s, precision %s", gpu_name, torch.__version__, precision)
 
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     if args.smoke:

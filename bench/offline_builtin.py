@@ -37,7 +37,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.default_renderer import speech  # noqa: E402
-from realtime.avatar import load_default_avatar  # noqa: E402
+from realtime.default_avatar import load_default_avatar  # noqa: E402
 from realtime.media_io import Mp4Writer  # noqa: E402
 from realtime.mel import SAMPLE_RATE  # noqa: E402
 from realtime.offline_builtin import RenderSummary, render_builtin  # noqa: E402

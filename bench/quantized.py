@@ -66,7 +66,7 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(rounds: int, threads: int, n_calib: int, variants: list[str], seed: int = 0) -> dict:
     torch.set_num_threads(threads)
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
     faces = faces_to_input(load_default_avatar().face_crops(96))
     calib_mels, test_mels = speech_mels(TEXT), speech_mels(HELD_OUT_TEXT)[-100:]
     gen = torch.Generator().manual_seed(0)

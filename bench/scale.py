@@ -85,7 +85,7 @@ def front_end(args: argparse.Namespace) -> None:
         from server.ray_render_tier import RayRenderTier, RayTierSettings
 
         tier = RayRenderTier.connect(RayTierSettings(address=args.ray_address, app_name=APP), RendererSpec())
-        renderer = RemoteRenderer(tier, sender=f"fe-{os.getpid()}")
+        renderer = RemoteRenderer(tier, sender=f"fe-{os.getpid()}", audio_needs=RendererSpec().audio_needs)
     else:
         from realtime.renderers.default import DefaultRenderer
 

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()
 
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     crops = avatar.face_crops(96)

@@ -1,4 +1,4 @@
-"""`lipsync`: the command-line front door (render, prepare-avatar, serve).
+"""`lipsync`: the command-line front door (render, prepare-avatar, serve, avatars).
 
 Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`;
 they are imported lazily so `lipsync --help` stays instant (torch and PyAV load only when needed).
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "render": "cli.render",
     "prepare-avatar": "cli.prepare_avatar",
     "serve": "cli.serve",
+    "avatars": "cli.avatars",
 }
 
 

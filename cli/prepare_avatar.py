@@ -72,7 +72,8 @@ def is_prepared_avatar(folder: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from cli.progress import Progress
-    from realtime.avatar import AvatarError, prepare_avatar, save_avatar
+    from realtime.avatar import AvatarError
+    from realtime.avatar_prepare import prepare_avatar, save_avatar
 
     if args.output.exists() and not args.output.is_dir():
         print(f"lipsync prepare-avatar: -o {args.output}: exists and is not a folder", file=sys.stderr)

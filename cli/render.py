@@ -57,6 +57,10 @@ def add_parser(subparsers: Any) -> None:
     wav2lip.add_argument("--paste", choices=["official", "feather"], default="official",
                          help="official hard paste (parity) or a feathered, seamless blend")
     wav2lip.add_argument("--device", default="auto", help="auto, cpu or cuda (fp16)")
+    wav2lip.add_argument("--mel-alignment", choices=["official", "training"], default="official",
+                         help="where each frame's mel window starts: official (at the frame, as the official "
+                              "inference script; default) or training (one frame earlier, as Wav2Lip's training "
+                              "code)")
 
 
 def chosen_renderer(args: argparse.Namespace) -> Renderer:
@@ -134,6 +138,7 @@ def _run_wav2lip(args: argparse.Namespace) -> int:
     from models.wav2lip import load_wav2lip
     from realtime.avatar import AvatarError
     from realtime.media_io import MediaError
+    from realtime.mel import MelAlignment
     from realtime.offline import RenderOptions, render_video
 
     try:
@@ -142,7 +147,8 @@ def _run_wav2lip(args: argparse.Namespace) -> int:
         batch = args.batch_size or (128 if device.type == "cuda" else 32)
         options = RenderOptions(box=tuple(args.box) if args.box else None, pads=tuple(args.pads),
                                 smooth=not args.nosmooth, fps=args.fps, batch_size=batch,
-                                max_height=args.max_height, paste=args.paste)
+                                max_height=args.max_height, paste=args.paste,
+                                mel_alignment=MelAlignment(args.mel_alignment))
         bar = Progress("rendering", 1)
         with bar:
             summary = render_video(args.face, args.audio, model, args.output, options, _bar_callback(bar))

@@ -180,7 +180,8 @@ async function start() {
     const resp = await fetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type,
+                             options: window.avatarPicker ? window.avatarPicker.offerOptions() : {} }),
     });
     if (resp.status === 503 || resp.status === 429) {
       const body = await resp.json().catch(() => ({}));

@@ -181,6 +181,18 @@ class AudioRing:
             return self._arrivals[i]
         return None
 
+    def move_from(self, index: int, delta: int) -> None:
+        """Move every chunk stored at or after `index` by `delta` samples (an utterance whose place on
+        the timeline was provisional). It must not overlap the chunks before it."""
+        i = bisect.bisect_left(self._starts, index)
+        if i == len(self._starts) or delta == 0:
+            return
+        if i > 0 and self._starts[i] + delta < self._starts[i - 1] + len(self._chunks[i - 1]):
+            raise ValueError(f"moving the chunks from {index} by {delta} would overlap stored audio")
+        for j in range(i, len(self._starts)):
+            self._starts[j] += delta
+        self.head += delta
+
     def discard_before(self, index: int) -> None:
         """Forget whole chunks that end at or before `index`."""
         drop = 0

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +31,10 @@ FORMAT_VERSION = 1
 HEADER = "avatar.json"
 CACHE_ENV = "LIPSYNC_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/lipsync/avatars")
-ARRAYS = ("frames", "boxes", "mouth", "crops96", "masks96")
+# "frames" holds raw pixels; a library avatar holds "jpeg" (the frames' JPEG bytes back to back) and
+# "jpeg_offsets" (N + 1 bounds) instead: see realtime/encoded_frames.py.
+ARRAYS = ("frames", "jpeg", "jpeg_offsets", "boxes", "mouth", "crops96", "masks96")
+PER_FRAME = ("frames", "boxes", "mouth", "crops96", "masks96")
 
 
 class CacheFormatError(Exception):
@@ -108,11 +111,17 @@ def load(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     try:
         for name in header.get("arrays", []):
-            mode: Literal["r"] | None = "r" if name == "frames" else None
-            arrays[name] = np.load(directory / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+            path = directory / f"{name}.npy"
+            arrays[name] = (np.load(path, mmap_mode="r", allow_pickle=False) if name == "frames"
+                            else np.load(path, allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise CacheFormatError(f"{directory}: damaged array file ({exc})") from None
-    n = len(arrays.get("frames", ()))
-    if n == 0 or any(len(a) != n for a in arrays.values()):
+    if "frames" in arrays:
+        n = len(arrays["frames"])
+    else:
+        n = len(arrays.get("jpeg_offsets", ())) - 1
+        if "jpeg" not in arrays or n < 1 or not isinstance(header.get("frame_shape"), list):
+            raise CacheFormatError(f"{directory}: neither raw nor encoded frames (an incomplete copy?)")
+    if n <= 0 or any(len(a) != n for name, a in arrays.items() if name in PER_FRAME):
         raise CacheFormatError(f"{directory}: arrays of different lengths (an incomplete copy?)")
     return arrays, header

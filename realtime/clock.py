@@ -7,11 +7,15 @@ Input sample `n` is played as output sample `n + L`; the frame that shows the au
 sample `n` is the frame with `frame_start(k) == n + L`. Both tracks therefore leave with the same delay L,
 which makes the A/V offset zero by construction (up to the rounding of `k * 16000 / fps` to a sample).
 
-Why L is fixed per session. A frame can be drawn once its mel window is complete: the window of a frame
-starting at sample n ends with mel column c + 15 (c = 80 n / 16000 columns), and that column is final once
-sample 200 (c + 15) + 400 has arrived, i.e. LOOKAHEAD_SAMPLES = 3400 samples (212.5 ms) after the frame's
-own time. Add an allowance for chunked input (one 20 ms WebRTC frame) and a compute budget (2 frame
-periods by default) and round up to whole frames: L = 8 frames = 320 ms at 25 fps. Choosing L once means
+Why L is fixed per session. A frame can be drawn once the part of its mel window that the renderer reads
+is complete: the official window of a frame starting at sample n ends with mel column c + 15 (c = 80 n /
+16000 columns), and that column is final once sample 200 (c + 15) + 400 has arrived, i.e.
+LOOKAHEAD_SAMPLES = 3400 samples (212.5 ms) after the frame's own time. Each renderer declares what it
+reads (`realtime.renderers.base.AudioNeeds`): Wav2Lip the whole window (212.5 ms; 172.5 ms with the
+training alignment, whose window starts a frame earlier), the built-in renderer its first 5 columns
+(75 ms). Add an allowance for chunked input (one 20 ms WebRTC frame) and a compute budget (1.5 frame
+periods by default) and round up to whole frames: L = 8 frames = 320 ms at 25 fps for Wav2Lip's official
+window, 4 frames = 160 ms for the built-in renderer. Choosing L once means
 the audio track is a plain delay line that never stretches, skips or waits, so A/V sync cannot drift and
 latency cannot accumulate; a frame that is not ready in time is dropped or held instead (see session.py).
 An adaptive L would have to resample or cut audio every time it moved. (With
@@ -20,6 +24,12 @@ worker's measured per-frame cost, so a slow CPU renderer gets a larger but still
 costs more than a frame period but batches are cheaper per frame (Wav2Lip on CPU, any GPU model), the
 budget instead covers gathering k frames, (k - 1) periods, plus 1.5 cost(k): the render worker then waits
 for k consecutive frames before rendering them together, and keeps up; see `Timeline.from_config`.)
+
+L is the delay of audio that arrives in real time. Audio that is already here (an upload, `say`, a TTS
+stream faster than real time) needs no look-ahead wait: at a start from silence the session may place the
+utterance so that it plays only the compute budget after it arrived (realtime/utterance_start.py). The
+input -> output mapping (input n plays at n + L) never changes; such an utterance is simply placed on the
+input timeline less than L after the output clock, so audio and video stay sample-exact.
 
 `ManualClock` is a settable clock for simulated-time tests and benchmarks.
 """
@@ -31,7 +41,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from realtime.config import EngineConfig
-from realtime.mel import COLUMNS_PER_SECOND, HOP, MEL_STEP, N_FFT, SAMPLE_RATE
+from realtime.mel import HOP, MEL_STEP, N_FFT, SAMPLE_RATE, window_start_column
+from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds
 
 # Samples after a frame's own time that its mel window needs: the last column (start + 15) covers
 # samples up to 200 (start + 15) + 400, and start * 200 <= the frame's own sample.
@@ -47,11 +58,15 @@ class Timeline:
     fps: float
     delay_frames: int
     batch_frames: int = 1   # frames the render worker may gather per batch (> 1 only when sized for it)
+    lookahead_samples: int = LOOKAHEAD_SAMPLES  # future audio a frame's window needs (the renderer's)
+    budget_samples: int = 0  # compute budget: "its audio is complete" -> "shown" (the quick-start delay)
+    needs: AudioNeeds = OFFICIAL_WINDOW  # the part of each window the renderer reads
 
     @classmethod
     def from_config(cls, config: EngineConfig, fps: float | None = None,
                     render_cost_s: float | None = None,
-                    batch_cost: Callable[[int], float] | None = None, max_batch: int = 1) -> "Timeline":
+                    batch_cost: Callable[[int], float] | None = None, max_batch: int = 1,
+                    needs: AudioNeeds = OFFICIAL_WINDOW) -> "Timeline":
         """The session's timeline. With `config.fit_budget_to_renderer` and a measured per-frame render
         cost, the compute budget is widened to fit that renderer (still fixed for the session).
 
@@ -74,8 +89,10 @@ class Timeline:
             if plan is not None:
                 batch, fitted_s = plan
             budget = max(budget, min(fitted_s, cap_s) * SAMPLE_RATE)
-        need = LOOKAHEAD_SAMPLES + config.input_jitter_ms * SAMPLE_RATE / 1000.0 + budget
-        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)), batch_frames=batch)
+        lookahead = needs.lookahead_samples(fps)
+        need = lookahead + config.input_jitter_ms * SAMPLE_RATE / 1000.0 + budget
+        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)), batch_frames=batch,
+                   lookahead_samples=lookahead, budget_samples=math.ceil(budget), needs=needs)
 
     @staticmethod
     def _batch_plan(config: EngineConfig, fps: float, cost_1: float, batch_cost: Callable[[int], float],
@@ -110,7 +127,7 @@ class Timeline:
 
     @property
     def lookahead_ms(self) -> float:
-        return 1000.0 * LOOKAHEAD_SAMPLES / SAMPLE_RATE
+        return 1000.0 * self.lookahead_samples / SAMPLE_RATE
 
     @property
     def frame_period_s(self) -> float:
@@ -133,8 +150,13 @@ class Timeline:
         return k
 
     def window_start_column(self, i: int) -> int:
-        """Official inference.py rule: int(i * 80 / fps), float product then truncation."""
-        return int(i * (COLUMNS_PER_SECOND / self.fps))
+        """Official inference.py rule: int(i * 80 / fps), float product then truncation (shifted by the
+        renderer's window offset: a negative start lies before the audio and reads as silence)."""
+        return window_start_column(i, self.fps, self.needs.offset_frames)
+
+    def frame_at_or_after(self, sample: int) -> int:
+        """The frame boundary at or after `sample` (as a sample index)."""
+        return self.frame_start(self.first_frame_at_or_after(sample))
 
 
 class VideoClock:

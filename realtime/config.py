@@ -21,7 +21,7 @@ class EngineConfig:
 
     # Latency budget (see realtime/clock.py): delay = mel lookahead + input jitter + compute budget,
     # rounded up to whole video frames, fixed for the life of a session.
-    compute_budget_frames: float = 2.0   # time a frame may take from "its audio is complete" to "shown"
+    compute_budget_frames: float = 1.5   # time a frame may take from "its audio is complete" to "shown"
     input_jitter_ms: float = 20.0        # allowance for chunked / jittery input (one 20 ms WebRTC frame)
     deadline_margin_ms: float = 5.0      # a render must finish this long before its tick
     fit_budget_to_renderer: bool = False  # at session start, widen the compute budget to the worker's

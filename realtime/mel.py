@@ -10,6 +10,8 @@ librosa is deliberately not used: its first call compiles for ~30 s and its padd
 """
 from __future__ import annotations
 
+import math
+from enum import Enum
 from functools import lru_cache
 
 import numpy as np
@@ -134,8 +136,36 @@ def window_starts(num_columns: int, fps: float) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def mel_windows(mel: np.ndarray, fps: float) -> np.ndarray:
-    """(N, 80, 16) windows, one per output video frame, per the official rule.
+class MelAlignment(Enum):
+    """Where a frame's mel window starts relative to the frame.
+
+    OFFICIAL: at the frame, as the official inference.py does (`int(i * 80 / fps)`).
+    TRAINING: one frame before it, as Wav2Lip's training code does (`get_segmented_mels` crops the window
+    of 1-indexed face frame i at frame i - 2, i.e. 0-indexed frame f gets the window of frame f - 1), so
+    the network sees what it learned from, and the window ends one frame (40 ms at 25 fps) earlier: one
+    frame less look-ahead. The first frame's window starts before the audio: silence columns fill it.
+    """
+
+    OFFICIAL = "official"
+    TRAINING = "training"
+
+    @property
+    def offset_frames(self) -> int:
+        return -1 if self is MelAlignment.TRAINING else 0
+
+
+def window_start_column(frame: int, fps: float, offset_frames: int = 0) -> int:
+    """Start column of frame `frame`'s window: int(j * 80 / fps) for j = frame + offset_frames (the
+    official float product then truncation); floor for j < 0 (a window that starts before the audio)."""
+    j = frame + offset_frames
+    x = j * (COLUMNS_PER_SECOND / fps)
+    return int(x) if j >= 0 else math.floor(x)
+
+
+def mel_windows(mel: np.ndarray, fps: float,
+                alignment: MelAlignment = MelAlignment.OFFICIAL) -> np.ndarray:
+    """(N, 80, 16) windows, one per output video frame, per the official rule (or, with
+    `MelAlignment.TRAINING`, each frame's window starting one frame earlier; same N).
 
     Audio shorter than one window (< 200 ms), which the official code does not handle, is padded
     on the right with silence so that it still yields one window.
@@ -146,6 +176,13 @@ def mel_windows(mel: np.ndarray, fps: float) -> np.ndarray:
     if mel.shape[1] < MEL_STEP:
         mel = np.pad(mel, ((0, 0), (0, MEL_STEP - mel.shape[1])), constant_values=SILENCE)
     starts = window_starts(mel.shape[1], fps)
+    if alignment is not MelAlignment.OFFICIAL:
+        last = mel.shape[1] - MEL_STEP
+        starts = np.asarray([min(window_start_column(i, fps, alignment.offset_frames), last)
+                             for i in range(len(starts))], dtype=np.int64)
+        pad = max(0, -int(starts.min()))
+        mel = np.pad(mel, ((0, 0), (pad, 0)), constant_values=SILENCE)
+        starts = starts + pad
     index = starts[:, None] + np.arange(MEL_STEP)[None, :]
     return np.ascontiguousarray(mel[:, index].transpose(1, 0, 2))
 

@@ -156,18 +156,22 @@ class SessionStats(SessionCounters):
     fps: float
     latency_budget_ms: float         # the fixed A/V delay L
     lookahead_ms: float
+    utterance_delay_ms: float | None  # the latest utterance's delay (L, or less for audio already here); None: none yet
+    quick_starts: int                # utterances started with less than L (their audio was already here)
     delay_frames: int
     batch_frames: int
     buffered_input_ms: float         # pushed input not yet played
 
     @staticmethod
     def of(metrics: SessionMetrics, *, name: str, renderer: str | None, fps: float, latency_budget_ms: float,
-           lookahead_ms: float, delay_frames: int, batch_frames: int, buffered_input_ms: float) -> SessionStats:
+           lookahead_ms: float, utterance_delay_ms: float | None, quick_starts: int, delay_frames: int,
+           batch_frames: int, buffered_input_ms: float) -> SessionStats:
         return SessionStats(**metrics.counts(), av_offset_ms=metrics.av_offset_ms,
                             av_offset_max_abs_ms=metrics.av_offset_max_abs_ms,
                             latency_ms=metrics.latency_ms.snapshot(), render_ms=metrics.render_ms.snapshot(),
                             name=name, renderer=renderer, fps=fps, latency_budget_ms=latency_budget_ms,
-                            lookahead_ms=lookahead_ms, delay_frames=delay_frames, batch_frames=batch_frames,
+                            lookahead_ms=lookahead_ms, utterance_delay_ms=utterance_delay_ms,
+                            quick_starts=quick_starts, delay_frames=delay_frames, batch_frames=batch_frames,
                             buffered_input_ms=buffered_input_ms)
 
 

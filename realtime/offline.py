@@ -18,7 +18,7 @@ import torch
 
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_model, to_uint8
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
-from realtime.mel import mel_windows, melspectrogram
+from realtime.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import int_box
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class RenderOptions:
     max_height: int | None = None    # downscale taller inputs (None: keep, like the official tool)
     paste: str = "official"          # "official" hard paste, or "feather"
     output_audio_rate: int = 48000
+    mel_alignment: MelAlignment = MelAlignment.OFFICIAL  # official inference, or one frame earlier (training)
 
 
 def _read_frames(face: Path, needed: int, max_height: int | None) -> list[np.ndarray]:
@@ -64,7 +65,8 @@ def _fixed_box(box: Box, shape: tuple[int, ...], face: Path) -> Box:
 def _face_boxes(frames: list[np.ndarray], options: RenderOptions, face: Path) -> np.ndarray:
     if options.box is not None:
         return np.array([_fixed_box(options.box, frames[0].shape, face)] * len(frames), dtype=np.int32)
-    from realtime.avatar import AvatarConfig, detect_face_boxes  # detector loads only when needed
+    from realtime.avatar import AvatarConfig
+    from realtime.face_tracking import detect_face_boxes  # detector loads only when needed
 
     config = AvatarConfig(pads=options.pads, smooth=options.smooth)
     boxes, _mouth = detect_face_boxes(frames, config, source=str(face))
@@ -92,7 +94,7 @@ def render_video(face: str | Path, audio: str | Path, model: Wav2Lip, output: st
     info = probe_video(face)
     fps = options.fps if info.is_image else info.fps
     wav = load_audio(audio, 16000)
-    windows = mel_windows(melspectrogram(wav), fps)
+    windows = mel_windows(melspectrogram(wav), fps, options.mel_alignment)
     n_out = len(windows)
     frames = _read_frames(face, n_out, options.max_height)
     boxes = _face_boxes(frames, options, face)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.avatar import Avatar, AvatarConfig, prepare_avatar
+from realtime.avatar import Avatar, AvatarConfig
+from realtime.avatar_prepare import prepare_avatar
 from realtime.compositor import paste
 from realtime.media_io import Mp4Writer, load_audio
 from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram

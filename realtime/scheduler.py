@@ -2,28 +2,28 @@
 
 One worker per renderer (model / device); sessions share it. Jobs carry a deadline (the wall time of the
 video tick that will show them). The worker serves the earliest deadline first, batches jobs for the same
-avatar up to `max_batch` while the predicted batch time still meets the earliest deadline, and skips jobs
+avatar (for any avatars when the renderer `mixes_avatars`: one `render_mixed` call) up to `max_batch`
+while the predicted batch time still meets the earliest deadline, and skips jobs
 that can no longer finish in time (a drop: the session shows the held mouth instead). Skipping, rather
 than rendering late, is what keeps latency fixed under overload: the mouth-update rate falls, nothing
 queues up. Batch cost is predicted from an exponential average of measured batch times per batch size
 (interpolated between sizes; the warm-up measures a curve for sizes 1, 2, 4, 8).
 
-Deadline-aware gathering: a job carries the batch size its owner's fixed delay was sized for
-(`batch_hint`, see `Timeline.from_config`). When it is > 1 (a renderer slower than a frame period per
-frame, faster in batches) the worker holds the head job while fewer than that many jobs of its avatar are
-queued and a batch one larger (1.25x its predicted cost) would still meet the earliest deadline; each
-arrival tightens the bound, so the wait always ends in time (`_JobQueue.gather_until`).
+When the next batch starts is one policy, `realtime.batch_wait.batch_wait_until`, a pure function of
+the queued jobs and the time that both drivers call: gathering the frames a job's owner sized its delay
+for (`batch_hint`, see `Timeline.from_config`), filling a batch with other sessions' jobs for up to
+`max_wait_s`, both only while the deadlines allow it, and never for the first frame of an utterance.
 
-Two drivers of the same policy:
-- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; with
-  several sessions it waits up to `max_wait_s` to fill a batch when the deadlines allow it.
+Two drivers of that policy:
+- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; it
+  waits on a condition variable until the policy's time or the next submission, then asks again.
 - `InlineRenderWorker`: no thread; `kick(now)` runs, in the caller's thread, every batch a free worker
-  would have started by `now` (including the bounded wait for other sessions' jobs when constructed with
-  `max_wait_s`, as the server's worker is), in *virtual time*: a batch that starts at t and takes d seconds (measured
-  with the worker's own `clock`) completes at t + d, and the worker is busy until then. With a
-  `ManualClock` that a fake renderer advances, "a renderer 2x too slow" is simulated deterministically;
-  the worker then sets that clock back to where the render started (the render happened on the
-  "worker", not in the caller's time), so the sessions may share the same ManualClock.
+  would have started by `now`, in *virtual time*: a wait jumps to the next job's arrival (or the wait's
+  end), and a batch that starts at t and takes d seconds (measured with the worker's own `clock`)
+  completes at t + d, and the worker is busy until then. With a `ManualClock` that a fake renderer
+  advances, "a renderer 2x too slow" is simulated deterministically; the worker then sets that clock
+  back to where the render started (the render happened on the "worker", not in the caller's time), so
+  the sessions may share the same ManualClock.
 
 Preparation runs where the batches run. `prepare` (the renderer's per-avatar precompute, CUDA graph
 capture, and the warm-up that measures the cost curve) runs on the threaded worker's own thread: cuDNN
@@ -51,6 +51,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
 from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 
@@ -72,6 +73,7 @@ class RenderJob:
     deliver: Callable[["RenderResult"], None]
     batch_hint: int = 1               # frames per batch the owner's fixed delay was sized for: > 1 lets
                                       # the worker wait for that many jobs while deadlines allow it
+    starts_utterance: bool = False    # the first frame of an utterance: never held back for a batch
 
 
 @dataclass
@@ -128,8 +130,10 @@ class _JobQueue:
 
     half_life_s = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, mix_avatars: bool = False) -> None:
         self.jobs: list[RenderJob] = []
+        # Whether one batch may hold frames of different avatars (the renderer's `mixes_avatars`).
+        self.mix_avatars = mix_avatars
         self._served: dict[int, tuple[float, float]] = {}  # id(owner) -> (decayed frames, at time)
 
     def __len__(self) -> int:
@@ -144,12 +148,12 @@ class _JobQueue:
         self._served.pop(id(owner), None)
         return before - len(self.jobs)
 
+    def batchable(self, job: RenderJob, head: RenderJob) -> bool:
+        """Whether `job` may join a batch led by `head`."""
+        return self.mix_avatars or job.avatar is head.avatar
+
     def earliest_ready(self) -> float:
         return min(j.ready_at for j in self.jobs)
-
-    def earliest_deadline(self, now: float) -> float:
-        """The tightest deadline among jobs ready at `now` (inf when none is)."""
-        return min((j.deadline for j in self.jobs if j.ready_at <= now), default=float("inf"))
 
     def _share(self, owner: object, now: float) -> float:
         value, at = self._served.get(id(owner), (0.0, now))
@@ -161,29 +165,6 @@ class _JobQueue:
         if len(self._served) > 4 * (len({id(j.owner) for j in self.jobs}) + 16):
             live = {id(j.owner) for j in self.jobs} | {id(j.owner) for j in batch}
             self._served = {o: v for o, v in self._served.items() if o in live}
-
-    def gather_until(self, now: float, cost: CostModel, max_batch: int, safety: float) -> float | None:
-        """Deadline-aware batching: if the next batch should wait for more jobs, the time until which it
-        may wait; None to start now.
-
-        Only when the head job asks for batches (`batch_hint` > 1, an owner whose fixed delay was sized
-        for gathering), fewer than min(hint, max_batch) jobs of its avatar are ready, no job of another
-        avatar is waiting, and waiting still lets a batch one job larger (predicted `safety` x its cost)
-        finish before the earliest deadline. Each arrival makes the bound tighter, so the wait ends by
-        itself; a deadline is never traded for a larger batch.
-        """
-        ready = [j for j in self.jobs if j.ready_at <= now]
-        if not ready:
-            return None
-        head = min(ready, key=lambda j: j.deadline)
-        target = min(int(max_batch), int(head.batch_hint))
-        if target <= 1 or any(j.avatar is not head.avatar for j in ready):
-            return None
-        b = len(ready)
-        if b >= target:
-            return None
-        limit = head.deadline - safety * cost.estimate(b + 1)
-        return limit if limit > now else None
 
     def select(self, now: float, cost: CostModel, max_batch: int, probe: bool,
                peek: bool = False) -> tuple[list[RenderJob], int]:
@@ -216,7 +197,7 @@ class _JobQueue:
 
         ready.sort(key=key)
         head = ready[0]
-        same = [j for j in ready if j.avatar is head.avatar][:max_batch]
+        same = [j for j in ready if self.batchable(j, head)][:max_batch]
         b = len(same)
         while b > 1 and now + cost.estimate(b) > min(j.deadline for j in same[:b]):
             b -= 1
@@ -245,7 +226,9 @@ class RenderWorker:
         self.max_wait_s = float(max_wait_s)
         self.clock = clock
         self.cost = CostModel()
-        self._queue = _JobQueue()
+        mix = bool(getattr(renderer, "mixes_avatars", False))  # one call may render several avatars' frames
+        self._wait_policy = BatchWaitPolicy(self.max_batch, self.max_wait_s, self.gather_safety, mix_avatars=mix)
+        self._queue = _JobQueue(mix_avatars=mix)
         self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
         self._prepare_lock = threading.Lock()
         self._last_render_at: float | None = None
@@ -293,6 +276,14 @@ class RenderWorker:
                         timed.append(self.clock() - t0)
             self.cost.observe(b, min(timed))
 
+    def forget(self, avatar: Any) -> None:
+        """Drop a removed avatar: the worker's reference and the renderer's per-avatar data (if it can)."""
+        with self._prepare_lock:
+            self._prepared.pop(id(avatar), None)
+        release = getattr(self.renderer, "release", None)
+        if release is not None:
+            release(avatar)
+
     def submit(self, job: RenderJob) -> None:
         raise NotImplementedError
 
@@ -321,20 +312,10 @@ class RenderWorker:
         self._recent_owners = {o: t for o, t in self._recent_owners.items() if now - t < 1.0}
         return len(self._recent_owners) > 1
 
-    def _fill_allowed(self, now: float, probe: bool) -> float | None:
-        """The time until which the next batch may wait for other sessions' jobs, or None: only with
-        several sessions, a batch below max_batch, and while every ready job's deadline leaves room for
-        the largest batch after the wait."""
-        if self.max_wait_s <= 0 or not self._several_owners(now):
-            return None
-        batch, _ = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
-        if not batch or len(batch) >= self.max_batch:
-            return None
-        fill_until = now + self.max_wait_s
-        return fill_until if self._fill_may_continue(now, fill_until) else None
-
-    def _fill_may_continue(self, now: float, fill_until: float) -> bool:
-        return self._queue.earliest_deadline(now) - fill_until > self.cost.estimate(self.max_batch)
+    def _wait_until(self, now: float) -> float | None:
+        """The batching-wait policy (realtime/batch_wait.py) for the queue as it is at `now`."""
+        return batch_wait_until(self._queue.jobs, now, self.cost.estimate, self._wait_policy,
+                                several_owners=self._several_owners(now))
 
     def _probe(self, now: float) -> bool:
         """Render one job even if predicted late when nothing was rendered for a while (the estimate may
@@ -351,7 +332,12 @@ class RenderWorker:
                  if getattr(self.renderer, "wants_deadline", False) else {})
         t0 = self.clock()
         try:
-            patches: list[MouthPatch | None] = list(self.renderer.render(avatar, indices, mels, **extra))
+            patches: list[MouthPatch | None]
+            if all(j.avatar is avatar for j in batch):
+                patches = list(self.renderer.render(avatar, indices, mels, **extra))
+            else:  # only with a renderer that `mixes_avatars`: one call for every session's frames
+                render_mixed = getattr(self.renderer, "render_mixed")  # noqa: B009 (optional: base.py)
+                patches = list(render_mixed([j.avatar for j in batch], indices, mels))
             if len(patches) != len(batch):
                 raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
         except Exception:
@@ -483,6 +469,10 @@ class ThreadedRenderWorker(RenderWorker):
         with self._cond:
             return self._queue.remove_owner(owner)
 
+    def forget(self, avatar: Any) -> None:
+        """`RenderWorker.forget` on the worker thread, between batches (a renderer frees device memory there)."""
+        self.call(lambda: RenderWorker.forget(self, avatar))
+
     def prepare(self, avatar: Any, warmup: bool = False) -> None:
         """`RenderWorker.prepare`, run on the worker thread in slices between batches; waits for it."""
         with self._prepare_lock:
@@ -550,31 +540,14 @@ class ThreadedRenderWorker(RenderWorker):
                     return
                 if not self._queue:
                     continue  # woken for a task
-                # Deadline-aware gathering for owners whose delay was sized for batches (see gather_until).
-                until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
-                while until is not None and not self._stopped:
-                    self._cond.wait(timeout=max(until - self.clock(), 0.0))
-                    until = self._queue.gather_until(self.clock(), self.cost, self.max_batch, self.gather_safety)
-                if self._stopped:
-                    return
                 now = self.clock()
-                probe = self._probe(now)
-                batch, skipped = self._queue.select(now, self.cost, self.max_batch, probe, peek=True)
-                fill_until = self._fill_allowed(now, probe) if batch else None
-                if fill_until is not None:
-                    # Bounded wait for other sessions' jobs, only while every ready job's deadline allows
-                    # it: re-checked after each arrival, since a tighter job may arrive during the wait.
-                    while (not self._stopped and self.clock() < fill_until
-                           and self._fill_may_continue(self.clock(), fill_until)):
-                        self._cond.wait(timeout=max(fill_until - self.clock(), 0.0))
-                        same = [j for j in self._queue.jobs if j.avatar is batch[0].avatar]
-                        if len(same) >= self.max_batch:
-                            break
-                if self._stopped:
-                    return
-                if batch:
-                    batch, more_skipped = self._queue.select(self.clock(), self.cost, self.max_batch, probe)
-                    skipped += more_skipped
+                until = self._wait_until(now)
+                if until is not None:
+                    # Wait for more jobs; a submission wakes the thread early and the policy is asked
+                    # again (a tighter job that arrives during the wait shortens it).
+                    self._cond.wait(timeout=max(until - now, 0.0))
+                    continue
+                batch, skipped = self._queue.select(now, self.cost, self.max_batch, self._probe(now))
                 self.frames_skipped += skipped
             if not batch:
                 continue
@@ -604,40 +577,10 @@ class InlineRenderWorker(RenderWorker):
             start = max(self.free_at, self._queue.earliest_ready())
             if start > now:
                 return
-            # Deadline-aware gathering in virtual time: follow the jobs that arrived while the worker
-            # would have been waiting; if it would still be waiting at `now`, a later kick decides.
-            while True:
-                until = self._queue.gather_until(start, self.cost, self.max_batch, self.gather_safety)
-                if until is None:
-                    break
-                arrival = min((j.ready_at for j in self._queue.jobs if j.ready_at > start), default=None)
-                if arrival is not None and arrival <= until:
-                    start = arrival
-                    continue
-                if until > now:
-                    return
-                start = until
-                break
-            # The threaded worker's bounded wait for other sessions' jobs, in virtual time: follow the
-            # arrivals until the batch is full, the wait's end, or a deadline that cannot wait longer.
-            fill_until = self._fill_allowed(start, self._probe(start))
-            if fill_until is not None:
-                head_avatar = self._queue.select(start, self.cost, self.max_batch, self._probe(start),
-                                                 peek=True)[0][0].avatar
-                while True:
-                    ready = sum(1 for j in self._queue.jobs if j.ready_at <= start and j.avatar is head_avatar)
-                    if ready >= self.max_batch:
-                        break
-                    arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= fill_until),
-                                  default=None)
-                    if arrival is None:
-                        if fill_until > now:
-                            return  # still waiting at `now`: a later kick (with later submissions) decides
-                        start = fill_until
-                        break
-                    start = arrival
-                    if not self._fill_may_continue(start, fill_until):
-                        break
+            start_at = self._wait_in_virtual_time(start, now)
+            if start_at is None:
+                return  # still waiting at `now`: a later kick (with later submissions) decides
+            start = start_at
             batch, skipped = self._queue.select(start, self.cost, self.max_batch, self._probe(start))
             self.frames_skipped += skipped
             if not batch:
@@ -651,3 +594,16 @@ class InlineRenderWorker(RenderWorker):
             self.free_at = start + seconds
             self._last_render_at = self.free_at
             self._deliver(batch, patches, self.free_at, seconds)
+
+    def _wait_in_virtual_time(self, start: float, now: float) -> float | None:
+        """When a worker free at `start` begins its next batch under the batching-wait policy: follow
+        the jobs that arrive while it waits; None if it would still be waiting at `now`."""
+        while True:
+            until = self._wait_until(start)
+            if until is None:
+                return start
+            arrival = min((j.ready_at for j in self._queue.jobs if start < j.ready_at <= until), default=None)
+            if arrival is not None:
+                start = arrival
+                continue
+            return None if until > now else until

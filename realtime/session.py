@@ -81,13 +81,14 @@ import numpy as np
 
 from realtime import compositor
 from realtime.audio_ingest import AudioIngest, AudioRing
-from realtime.clock import WINDOW_SAMPLES, Timeline, VideoClock
+from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
-from realtime.mel import MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
+from realtime.mel import HOP, MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
 from realtime.metrics import SessionMetrics, SessionStats
 from realtime.playback import PlaybackTracker
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
+from realtime.utterance_start import PendingStart, choose_start
 from realtime.vad import SpeechDetector, SpeechTrack
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,19 @@ class _FramePlan:
     speech: bool
     avatar_index: int
     arrival: float | None
+    delay_frames: int     # its utterance's delay: frames from "its audio reached the output clock" to shown
 
 
 class _Segment:
     """A contiguous run of input audio and its streaming features."""
 
-    def __init__(self, start: int, first_k: int, config: EngineConfig) -> None:
+    def __init__(self, start: int, first_k: int, config: EngineConfig, delay_frames: int,
+                 pending: PendingStart | None = None) -> None:
         self.start = start              # input-timeline index of the segment's first sample
         self.first_k = first_k          # output frame that shows it
+        self.delay_frames = delay_frames  # its delay in frames (the latency reference of its frames)
+        self.pending = pending          # a start from silence not decided yet: stored, not fed
+        self.last_speech = False        # was the last planned frame speech (the next one starts none)
         self.end: int | None = None     # length in samples, once the segment is closed
         self.fed = 0                    # samples given to the mel / VAD so far
         self.flushed = False
@@ -187,19 +193,20 @@ class _Segment:
             return None
         return math.ceil((self.end or 0) / spf - 1e-9)
 
-    def window(self, start_col: int) -> np.ndarray | None:
-        """The (80, 16) window starting at `start_col` (clamped at the end once flushed), or None."""
+    def window(self, start_col: int, columns: int = MEL_STEP) -> np.ndarray | None:
+        """The (80, 16) window starting at `start_col` (clamped at the end once flushed), or None while
+        its first `columns` columns (what the renderer reads) are not final. Columns before the audio
+        (a negative start), past a short flushed segment, or past `columns` read as silence."""
         total = self.mel.columns_emitted
         if self.flushed:
-            if total < MEL_STEP:  # shorter than one window: pad with silence, as mel_windows does
-                out = np.full((N_MELS, MEL_STEP), SILENCE, dtype=np.float32)
-                out[:, :self._cols.shape[1]] = self._cols
-                return out
-            start_col = min(start_col, total - MEL_STEP)
-        elif start_col + MEL_STEP > total:
+            start_col = min(start_col, max(total - MEL_STEP, 0))
+        elif start_col + columns > total:
             return None
-        lo = start_col - self._col_base
-        return self._cols[:, lo:lo + MEL_STEP].copy()
+        out = np.full((N_MELS, MEL_STEP), SILENCE, dtype=np.float32)
+        lo, hi = max(start_col, 0), min(start_col + columns, total)
+        if hi > lo:
+            out[:, lo - start_col:hi - start_col] = self._cols[:, lo - self._col_base:hi - self._col_base]
+        return out
 
     def discard_columns_before(self, col: int) -> None:
         col = min(col, self.mel.columns_emitted - MEL_STEP)
@@ -223,8 +230,9 @@ class LipSyncSession:
         cost = (worker.cost.estimate(1) or None) if worker is not None else None
         curve = worker.cost.estimate if worker is not None and cost else None
         max_batch = min(self.config.max_batch, worker.max_batch) if worker is not None else 1
+        needs = audio_needs_of(worker.renderer) if worker is not None else OFFICIAL_WINDOW
         self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,
-                                             max_batch=max_batch)
+                                             max_batch=max_batch, needs=needs)
         self._L = self.timeline.delay_samples
         self._spf = self.timeline.samples_per_frame
         self._vclock = VideoClock(self.timeline)
@@ -239,9 +247,19 @@ class LipSyncSession:
         self._hangover = round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000)
         self._margin = self.config.deadline_margin_ms / 1000.0
         self._gain_step = 1.0 / self.config.ramp_frames
+        # Samples of a frame's audio the speech decision looks at: what the renderer reads, whole VAD
+        # blocks only, so the decision never waits for audio beyond the renderer's look-ahead.
+        block = round(self.config.vad_block_ms * SAMPLE_RATE / 1000)
+        span = needs.columns * HOP + round(needs.offset_frames * self._spf)
+        self._speech_span = max(block, span // block * block)
+        self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
+        self._quick_starts = 0                          # utterances that started with the compute budget only
 
         self._segments: deque[_Segment] = deque()
-        self._in_head = 0               # input index after the last pushed sample (or the next start)
+        # Input index after the last pushed sample (or the next start): it ends playing at in_head + L.
+        # Before any input, -L: nothing is queued to play.
+        self._in_head = -self._L
+        self._ring.clear(head=self._in_head)
         self._audio_pos = 0             # output samples returned so far
         self._audio_now = 0             # output position of the start of the last audio block pulled
         self._plans: dict[int, _FramePlan] = {}
@@ -306,15 +324,51 @@ class LipSyncSession:
             self._advance(self._clock())
 
     def _open_segment(self, now_out: int) -> None:
+        """A new segment, placed with the look-ahead delay: right after the input before it, or (a start
+        from silence) at the output clock minus the jitter allowance. A start from silence stays pending
+        until `_settle_start` decides whether it may start sooner (realtime/utterance_start.py)."""
+        from_silence = self._in_head + self._L <= self._next_free_out()   # nothing queued to play
         earliest = max(self._in_head, now_out - self._jitter)
         k0 = self.timeline.first_frame_at_or_after(earliest + self._L)
         k0 = max(k0, self._vclock.next_index)
         start = self.timeline.frame_start(k0) - self._L
-        self._segments.append(_Segment(start, k0, self.config))
+        pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(k0),
+                               earliest=self._in_head + self._L) if from_silence else None
+        self._segments.append(_Segment(start, k0, self.config, self.timeline.delay_frames, pending))
         self._in_head = start
         self._metrics.segments += 1
-        log.debug("session %s: segment %d starts at input %d (frame %d)", self.name,
-                  self._metrics.segments, start, k0)
+        if pending is None:
+            self._utterance_delay_ms = self.latency_ms
+        log.debug("session %s: segment %d starts at input %d (frame %d)%s", self.name,
+                  self._metrics.segments, start, k0, " (pending)" if pending else "")
+
+    def _next_free_out(self) -> int:
+        """The first output sample that is neither shown nor played yet."""
+        return max(self.timeline.frame_start(self._vclock.next_index), self._audio_pos)
+
+    def _settle_start(self, seg: _Segment, now_out: int) -> None:
+        """Decide a pending segment's start (the per-utterance delay) when `choose_start` can, and move
+        it there: its stored audio, its first frame and the input head move together, so the mapping
+        input n -> output n + L stays exact."""
+        assert seg.pending is not None
+        received = (seg.end if seg.end is not None else self._in_head - seg.start)
+        out_start = choose_start(seg.pending, received=received, ended=seg.end is not None, now_out=now_out,
+                                 next_free=self._next_free_out(), timeline=self.timeline, jitter=self._jitter)
+        if out_start is None:
+            return
+        delta = out_start - self._L - seg.start
+        if delta:
+            self._ring.move_from(seg.start, delta)
+            seg.start += delta
+            self._in_head += delta
+            seg.first_k = self.timeline.first_frame_at_or_after(out_start)
+            arrived_k = self.timeline.first_frame_at_or_after(seg.pending.opened_out + 1) - 1
+            seg.delay_frames = seg.first_k - max(arrived_k, 0)
+            self._quick_starts += 1
+        self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
+        seg.pending = None
+        log.debug("session %s: utterance starts at output %d (delay %.0f ms)", self.name, out_start,
+                  self._utterance_delay_ms)
 
     def _note_chunk(self, n: int, start: int, now_out: int) -> None:
         """Learn the pacing of the source: a real-time source pushing C-sample chunks lags by up to C
@@ -342,6 +396,10 @@ class LipSyncSession:
         self._check_stall(now_out)
         horizon = now_out + self._L  # features further ahead are not needed yet (bounds work per call)
         for seg in list(self._segments):
+            if seg.pending is not None:
+                self._settle_start(seg, now_out)
+                if seg.pending is not None:
+                    continue  # stored, not fed: its place on the timeline is not decided yet
             limit = seg.end if seg.end is not None else self._in_head - seg.start
             upto = min(limit, horizon - seg.start)
             if upto > seg.fed:
@@ -366,11 +424,11 @@ class LipSyncSession:
         n_frames = seg.n_frames(self._spf)
         while n_frames is None or seg.next_i < n_frames:
             i = seg.next_i
-            mel = seg.window(tl.window_start_column(i))
+            mel = seg.window(tl.window_start_column(i), tl.needs.columns)
             if mel is None:
                 break
             a = round(i * self._spf)
-            speech = seg.speech.speech_in(a - self._hangover, a + WINDOW_SAMPLES)
+            speech = seg.speech.speech_in(a - self._hangover, a + self._speech_span)
             if speech is None:
                 break
             seg.next_i += 1
@@ -379,14 +437,16 @@ class LipSyncSession:
                 continue  # its tick has passed: the input came too late (counted as starved)
             audio_start = tl.frame_start(k) - self._L
             plan = _FramePlan(k, audio_start, mel, speech, self.avatar.frame_index(k),
-                              self._ring.arrival_of(audio_start))
+                              self._ring.arrival_of(audio_start), seg.delay_frames)
             self._plans[k] = plan
+            starts_utterance = speech and not seg.last_speech
+            seg.last_speech = speech
             if speech and self._worker is not None:
                 self._worker.submit(RenderJob(
                     owner=self, key=k, avatar=self.avatar, avatar_index=plan.avatar_index, mel=mel,
                     deadline=self._vclock.expected_time(k, now) - self._margin, ready_at=now,
                     deliver=partial(self._receive, self._gen),
-                    batch_hint=self.timeline.batch_frames))
+                    batch_hint=self.timeline.batch_frames, starts_utterance=starts_utterance))
                 self._metrics.frames_submitted += 1
         i_next = seg.next_i
         seg.discard_columns_before(tl.window_start_column(i_next))
@@ -492,7 +552,7 @@ class LipSyncSession:
         if plan.arrival is None:
             return
         arrival = plan.arrival
-        slot = self._vclock.time_of(k - self.timeline.delay_frames)
+        slot = self._vclock.time_of(k - plan.delay_frames)
         if slot is not None:
             arrival = max(arrival, slot)
         self._metrics.latency_ms.observe(1000.0 * (now - arrival))
@@ -560,6 +620,7 @@ class LipSyncSession:
         return SessionStats.of(
             self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
             fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
+            utterance_delay_ms=self._utterance_delay_ms, quick_starts=self._quick_starts,
             delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
             buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
                                if self._ring.stored else 0.0))

@@ -1,7 +1,7 @@
 """The aiohttp application: routes, JSON errors, operations endpoints, graceful shutdown.
 
-`create_app(config, engine)` takes an already loaded engine (one avatar, one renderer, one render
-worker for the whole server) and never loads anything itself; `server.runner.serve` does the loading.
+`create_app(config, engine)` takes an already loaded engine (its avatars, renderers and render
+workers for the whole server) and never loads anything itself; `server.runner.serve` does the loading.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import encoders, events_api, push_api, signaling
+from server import avatars_api, encoders, events_api, push_api, signaling
 from server.auth import Guard, OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine, engine_health
@@ -57,6 +57,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
     events_api.add_routes(app)
+    avatars_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_response_prepare.append(guard.add_cors_headers)
     app.on_startup.append(_start_monitors)
@@ -107,13 +108,18 @@ async def client_config(request: web.Request) -> web.Response:
         "ice_servers": client_ice_servers(state.config),
         "say": state.tts.available,
         "fps": state.engine.fps,
-        "avatar": state.engine.info.get("avatar", "default"),
+        "avatar": _default_avatar_id(state.engine),
         "renderer": state.engine.info.get("renderer", ""),
         "runtime": state.engine.info.get("runtime", ""),      # Wav2Lip only: openvino / torch
         "precision": state.engine.info.get("precision", ""),  # Wav2Lip only: fp32 / bf16 / fp16
         "max_sessions": state.sessions.max_sessions,
         "max_upload_bytes": state.config.max_upload_bytes,
     })
+
+
+def _default_avatar_id(engine: Engine) -> str:
+    library = getattr(engine, "avatars", None)
+    return library.default_id if library is not None else engine.info.get("avatar", "default")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -3,7 +3,8 @@
 Every route falls in one of three classes, decided here from the route's template alone, so a route a
 later change adds is covered without touching its handler:
 
-- PUBLIC: the page, its static files, `/healthz`, `/config`, `POST /offer`, `GET /avatars[/{id}]`.
+- PUBLIC: the page, its static files, `/healthz`, `/config`, `POST /offer`, `GET /avatars[/{id}]` and
+  `GET /avatars/{id}/poster.jpg`.
 - SESSION: any route under `/sessions/{id}/...` (and `/sessions/{id}` itself). It needs that
   session's `session_token` (handed out once, in the /offer answer) or the operator token, as
   `Authorization: Bearer TOKEN`; GET requests (WebSocket upgrades, EventSource) may pass `?token=`.
@@ -74,6 +75,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("POST", "/offer"),
     ("GET", "/avatars"),
     ("GET", "/avatars/{id}"),
+    ("GET", "/avatars/{id}/poster.jpg"),  # the page's avatar picker shows these to every visitor
 })
 
 BODY_RULES: dict[tuple[str, str], BodyRule] = {

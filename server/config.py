@@ -64,6 +64,13 @@ class ServerConfig:
     # Model and avatar: no checkpoint selects the no-weights default renderer.
     checkpoint: Path | None = None
     avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
+    # More avatars: a folder of prepared avatars, videos and photos, prepared (and cached) at start;
+    # sessions choose one by id (POST /offer options.avatar). The embedded default is always there.
+    avatars_dir: Path | None = None
+    avatar_cache_dir: Path | None = None  # prepared avatars' cache (default $LIPSYNC_CACHE_DIR or ~/.cache)
+    # POST /avatars uploads (size: max_upload_mb): checked from the container before any frame is decoded.
+    max_avatar_seconds: float = 30.0
+    max_avatar_side: int = 4096  # px, width and height
     # auto | cpu | cuda | cuda:N | mps, or a comma-separated list (one render worker each, sessions go to
     # the least-loaded one); cuda:all = one worker per visible GPU. See `device_list`.
     device: str = "auto"
@@ -76,6 +83,10 @@ class ServerConfig:
     # How mouth patches are pasted: feather (seamless) or official (hard paste, parity with the
     # original tool; Wav2Lip then generates whole 96x96 patches instead of only the pasted rows).
     paste_mode: str = "feather"
+    # Where Wav2Lip's mel window of each frame starts: training (one frame before the frame, as the
+    # network was trained; 172.5 ms look-ahead at 25 fps) or official (at the frame, as the official
+    # inference script; 212.5 ms). training answers a live stream 40 ms sooner (bench/latency.py).
+    mel_alignment: str = "training"  # training | official
     max_sessions: int = 4
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = None
@@ -150,7 +161,8 @@ class ServerConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("--cert-file and --key-file go together")
         for path, flag in ((self.cert_file, "--cert-file"), (self.key_file, "--key-file"),
-                           (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar")):
+                           (self.checkpoint, "--checkpoint"), (self.avatar, "--avatar"),
+                           (self.avatars_dir, "--avatars")):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file or directory")
         device_list(self.device)
@@ -162,10 +174,16 @@ class ServerConfig:
             raise ValueError("--min-psnr-db must be between 0 and 100")
         if self.paste_mode not in ("feather", "official"):
             raise ValueError("--paste-mode must be feather or official")
+        if self.mel_alignment not in ("training", "official"):
+            raise ValueError("--mel-alignment must be training or official")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
         if self.max_upload_mb <= 0:
             raise ValueError("--max-upload-mb must be positive")
+        if self.avatars_dir is not None and not Path(self.avatars_dir).is_dir():
+            raise ValueError(f"--avatars {self.avatars_dir}: not a folder")
+        if self.max_avatar_seconds <= 0 or self.max_avatar_side < 64:
+            raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
         self._validate_security()
@@ -220,6 +238,15 @@ class ServerConfig:
                                             "without it the no-weights renderer is used")
         add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
                                         "(default: the embedded avatar)")
+        add("--avatars", dest="avatars_dir", type=Path, metavar="DIR",
+            help="more avatars: a folder of prepared avatars, videos and photos, prepared and cached at "
+                 "start; sessions pick one by id (GET /avatars). The embedded avatar is always there")
+        add("--avatar-cache-dir", type=Path,
+            help="cache of prepared avatars (default $LIPSYNC_CACHE_DIR or ~/.cache/lipsync/avatars)")
+        add("--max-avatar-seconds", type=float,
+            help=f"longest avatar video accepted by POST /avatars (default {d.max_avatar_seconds:g})")
+        add("--max-avatar-side", type=int,
+            help=f"largest avatar width or height accepted by POST /avatars (default {d.max_avatar_side} px)")
         add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto); a comma-separated "
                              "list (cuda:0,cuda:1) or cuda:all runs one render worker per GPU, and each "
                              "new session goes to the worker with the fewest sessions")
@@ -232,6 +259,9 @@ class ServerConfig:
             help="Wav2Lip runtime: auto (OpenVINO on CPU, PyTorch on CUDA), openvino (CPU), torch")
         add("--paste-mode", choices=["feather", "official"],
             help="feather (seamless, default) or official (the original tool's hard paste)")
+        add("--mel-alignment", choices=["training", "official"],
+            help="Wav2Lip: each frame's mel window starts one frame before it, as in training (default; "
+                 "40 ms less look-ahead), or at the frame, as the official inference script")
         add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
         add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
         add("--key-file", type=Path, help="TLS private key (PEM)")
@@ -338,7 +368,8 @@ def device_list(spec: str) -> list[str]:
     return items
 
 
-_FLAG_NAMES = {"connect_timeout_s": "connect-timeout", "disconnect_grace_s": "disconnect-grace",
+_FLAG_NAMES = {"avatars_dir": "avatars", "connect_timeout_s": "connect-timeout",
+               "disconnect_grace_s": "disconnect-grace",
                "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server",
                "allowed_origins": "allowed-origin", "say_timeout_s": "say-timeout",
                "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl"}
@@ -368,14 +399,15 @@ def _convert(name: str, value):
         return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)
-    if name in ("checkpoint", "avatar", "cert_file", "key_file"):
+    if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
     if name in ("port", "max_sessions", "max_sessions_per_ip", "max_offers_per_minute",
-                "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas"):
+                "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
+                "max_avatar_side"):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
                 "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica"):
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds"):
         return _finite(float(value))
     return value
 

@@ -1,6 +1,11 @@
-"""RealtimeEngine: the server's one avatar, its renderer(s) and one render worker per device, over `realtime/`.
+"""RealtimeEngine: the server's avatars, its renderer(s) and one render worker per device, over `realtime/`.
 
-Every session gets a `realtime.session.LipSyncSession` on the shared avatar and on one worker: the one
+Avatars: an `realtime.avatar_library.AvatarLibrary` holds the server's default avatar (the embedded one,
+or --avatar), the embedded one always, the avatars of --avatars DIR, and those added over the API. A
+session names one (`options.avatar`, an id; default: the server's default). Sessions on different
+avatars share the render workers; renderers that `mixes_avatars` batch their frames together.
+
+Every session gets a `realtime.session.LipSyncSession` on its avatar and on one worker: the one
 with the fewest open sessions (ties: the first listed), so sessions spread evenly over the GPUs and a
 closed session frees its slot. Each worker batches the due mouth frames of all of its sessions
 (realtime/scheduler.py). With one device (the default) there is one worker, as before. The per-avatar
@@ -19,6 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from realtime.avatar import Avatar
+from realtime.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
 from realtime.metrics import WorkerStats
 from realtime.renderers.factory import RendererSpec, build_renderer
@@ -54,9 +61,11 @@ def session_overrides(options: dict) -> dict[str, Any]:
 class _PlacedSession(LipSyncSession):
     """A LipSyncSession that gives its worker slot back when it is closed."""
 
-    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], avatar_id: str,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._placement_on_close = on_close
+        self.avatar_id = avatar_id
 
     def close(self) -> None:
         try:
@@ -74,11 +83,14 @@ def gpu_curve_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 class RealtimeEngine:
-    """avatar: the one avatar. renderer: one renderer, or a list (one render worker each: one per GPU).
-    devices: a label per renderer (default: the renderer's `device`, else "cpu")."""
+    """avatar: the default avatar (id `info["avatar"]`, else "default"). renderer: one renderer, or a list
+    (one render worker each: one per GPU). devices: a label per renderer (default: the renderer's
+    `device`, else "cpu"). avatar_cache_dir: where prepared library avatars are cached (default: the
+    avatar cache's default)."""
 
     def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
-                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None) -> None:
+                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None,
+                 avatar_cache_dir: Path | None = None) -> None:
         renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
@@ -118,30 +130,55 @@ class RealtimeEngine:
             "workers": str(len(self.workers)),
             **(info or {}),
         }
+        self.avatars = AvatarLibrary(avatar, default_id=slug(self.info["avatar"]),
+                                     default_name=self.info["avatar"].capitalize(), cache_dir=avatar_cache_dir,
+                                     prepare=self._prepare_on_workers, on_removed=self._forget_on_workers)
         describe = getattr(self.worker.renderer, "describe", None)
         if describe is not None:  # Wav2Lip: runtime and the precision its start-up gate settled on
             self.info.update({k: v for k, v in describe().items() if k != "device"})
             log.info("renderer ready", extra=describe())
 
+    def _prepare_on_workers(self, avatar: Avatar) -> None:
+        """A new library avatar's renderer work (Wav2Lip: encoder features; built-in: lip geometry)."""
+        for worker in self.workers:
+            worker.prepare(avatar)
+
+    def _forget_on_workers(self, avatar: Avatar) -> None:
+        for worker in self.workers:
+            worker.forget(avatar)
+
     def open_session(self, options: dict, name: str = "") -> LipSyncSession:
-        """A session on the least-loaded worker (fewest open sessions; ties go to the first)."""
+        """A session on its avatar (`options["avatar"]`, an id; realtime.avatar_library errors when unknown
+        or not ready) and on the least-loaded worker (fewest open sessions; ties go to the first)."""
+        wanted = options.get("avatar")
+        if wanted is not None and not isinstance(wanted, str):
+            raise ValueError("options.avatar must be a string (an id from GET /avatars)")
         overrides = session_overrides(options)
         if overrides.get("paste_mode") == "official" and getattr(self.worker.renderer, "rows_from", 0) > 0:
             raise ValueError("options.paste_mode 'official' needs whole Wav2Lip patches: "
                              "start the server with --paste-mode official")
         config = self.config.with_overrides(**overrides)
-        with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
-            i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
-            session = _PlacedSession(self.avatar, self.workers[i], config, name=name, on_close=self._release)
-            self._placed[i].add(session)
+        avatar_id, avatar = self.avatars.acquire(wanted)
+        try:
+            with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
+                i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
+                session = _PlacedSession(avatar, self.workers[i], config, name=name, on_close=self._release,
+                                         avatar_id=avatar_id)
+                self._placed[i].add(session)
+        except BaseException:
+            self.avatars.release(avatar_id)
+            raise
         if len(self.workers) > 1:
             log.debug("session %s placed on render worker %d (%s)", name, i, self.devices[i])
         return session
 
     def _release(self, session: LipSyncSession) -> None:
         with self._lock:
+            found = any(session in placed for placed in self._placed)
             for placed in self._placed:
                 placed.discard(session)
+        if found and isinstance(session, _PlacedSession):  # close() twice gives the avatar back once
+            self.avatars.release(session.avatar_id)
 
     def sessions_per_worker(self) -> list[int]:
         with self._lock:
@@ -161,6 +198,9 @@ class RealtimeEngine:
         return EngineHealth(workers_down=down, restarts=sum(w.restarts for w in self.workers))
 
     def close(self) -> None:
+        avatars = getattr(self, "avatars", None)  # absent when the constructor failed
+        if avatars is not None:
+            avatars.close()
         for worker in self.workers:
             worker.close()
         for close in self._closers:  # e.g. leave the Ray cluster
@@ -171,13 +211,13 @@ class RealtimeEngine:
     def load(cls, config: ServerConfig) -> "RealtimeEngine":
         """The avatar (embedded default or --avatar) and the renderers (no-weights or --checkpoint), one
         per --device entry."""
-        from realtime import avatar as avatars
+        from realtime import avatar_prepare, default_avatar
 
         t0 = time.monotonic()
         if config.avatar is None:
-            avatar, avatar_name = avatars.load_default_avatar(), "default"
+            avatar, avatar_name = default_avatar.load_default_avatar(), "default"
         else:
-            avatar, avatar_name = avatars.prepare_avatar(config.avatar), Path(config.avatar).stem
+            avatar, avatar_name = avatar_prepare.prepare_avatar(config.avatar), Path(config.avatar).stem
         log.info("avatar loaded", extra={"avatar": avatar_name, "frames": len(avatar.frames),
                                          "seconds": round(time.monotonic() - t0, 2)})
         entries = device_list(config.device)
@@ -187,7 +227,8 @@ class RealtimeEngine:
         engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
                                      paste_mode=config.paste_mode)
         spec = RendererSpec(checkpoint=config.checkpoint, precision=config.precision, runtime=config.runtime,
-                            min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode)
+                            min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode,
+                            mel_alignment=config.mel_alignment)
         closers: list[Callable[[], None]] = []
         if config.render_backend == "ray":
             renderers, devices = remote_renderers(config, spec, closers)
@@ -210,12 +251,21 @@ class RealtimeEngine:
         info = {"avatar": avatar_name, "device": ",".join(devices),
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
         try:
-            engine = cls(avatar, renderers, engine_config, info=info, devices=devices)
+            engine = cls(avatar, renderers, engine_config, info=info, devices=devices,
+                         avatar_cache_dir=config.avatar_cache_dir)
         except BaseException:
             for close in closers:
                 close()
             raise
         engine._closers.extend(closers)
+        try:
+            if config.avatar is not None:  # the embedded one is always there, beside --avatar
+                engine.avatars.add_builtin(default_avatar.load_default_avatar(), "default", "Default")
+            if config.avatars_dir is not None:
+                engine.avatars.add_folder(config.avatars_dir)
+        except BaseException:
+            engine.close()
+            raise
         return engine
 
 
@@ -233,7 +283,8 @@ def remote_renderers(config: ServerConfig, spec: RendererSpec,
     tier = RayRenderTier.connect(settings, replica_spec)
     closers.append(tier.close)
     sender = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from)
+    renderer = RemoteRenderer(tier, sender=sender, name=f"ray:{replica_spec.kind}", rows_from=replica_spec.rows_from,
+                              audio_needs=replica_spec.audio_needs)
     return [renderer], ["ray"]
 
 

@@ -5,11 +5,13 @@ it asks to receive audio, the session sends the input audio delayed to match the
 tracks are added by the same peer connection, so they share one MediaStream (one msid) and the
 browser lip-syncs them.
 
-Body: `{"sdp": "...", "type": "offer", "avatar": optional name, "options": {"video_codec": "vp8"|"h264",
-...engine options}}`, parsed into an `OfferRequest` (every option type- and range-checked, 400 naming
-the bad one). Answer: `{"sdp", "type": "answer", "session_id", "session_token", "fps", "max_session_s"}`:
-`session_token` is the secret the session's routes need (server/auth.py). Offers are rate-limited per
-client address and count against its session limit (server/limits.py).
+Body: `{"sdp": "...", "type": "offer", "options": {"avatar": an id from GET /avatars (default: the
+server's), "video_codec": "vp8"|"h264", ...engine options}}` (a top-level "avatar" is read as
+options.avatar), parsed into an `OfferRequest` (every option type- and range-checked, 400 naming the bad
+one; an unknown avatar 404, one still being prepared or failed 409). Answer: `{"sdp", "type": "answer",
+"session_id", "session_token", "fps", "avatar", "max_session_s"}`: `session_token` is the secret the
+session's routes need (server/auth.py). Offers are rate-limited per client address and count against
+its session limit (server/limits.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
+from realtime.avatar_library import AvatarNotReady, UnknownAvatar
+from server import audio_jitter
 from server.audio_input import AudioInput
 from server.auth import new_token
 from server.errors import ApiError, read_json
@@ -64,8 +68,22 @@ class Number:
         return self.kind(value)
 
 
+@dataclass(frozen=True)
+class Identifier:
+    """A short id (an avatar's, from GET /avatars): letters, digits, '-' and '_'."""
+    max_chars: int = 80
+
+    def check(self, name: str, value: object) -> str:
+        if not isinstance(value, str) or not 0 < len(value) <= self.max_chars \
+                or not value.replace("-", "").replace("_", "").isalnum() or not value.isascii():
+            raise ApiError(400, f"options.{name} must be an id (letters, digits, '-', '_'; at most "
+                                f"{self.max_chars} characters), as GET /avatars lists them")
+        return value
+
+
 # Every option a client may set in an offer, with its documented range (README "Offer options").
-OPTION_RULES: dict[str, Choice | Number] = {
+OPTION_RULES: dict[str, Choice | Number | Identifier] = {
+    "avatar": Identifier(),
     "video_codec": Choice(tuple(VIDEO_CODECS)),
     "paste_mode": Choice(("feather", "official")),
     "vad_aggressiveness": Number(int, 0, 3),
@@ -78,6 +96,7 @@ OPTION_RULES: dict[str, Choice | Number] = {
 class OfferOptions:
     """The validated `options` of an offer: the video codec plus the engine settings a client may choose."""
 
+    avatar: str | None = None  # an id from GET /avatars; None: the server's default
     video_codec: str | None = None
     paste_mode: str | None = None
     vad_aggressiveness: int | None = None
@@ -105,15 +124,15 @@ class OfferOptions:
 
 @dataclass(frozen=True)
 class OfferRequest:
-    """The body of POST /offer, validated: `{"sdp", "type": "offer", "avatar"?, "options"?}`."""
+    """The body of POST /offer, validated: `{"sdp", "type": "offer", "options"?}` (a top-level "avatar"
+    is read as options.avatar)."""
 
     sdp: str
     kinds: tuple[str, ...]  # media kinds of the offer's m-lines
     options: OfferOptions = field(default_factory=OfferOptions)
-    avatar: str | None = None
 
     @classmethod
-    def from_dict(cls, body: dict, known_avatar: str = "default") -> "OfferRequest":
+    def from_dict(cls, body: dict) -> "OfferRequest":
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if not isinstance(sdp, str) or not sdp.strip():
             raise ApiError(400, "missing 'sdp': expected {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
@@ -124,11 +143,10 @@ class OfferRequest:
         if not sdp.lstrip().startswith("v=0"):
             raise ApiError(400, "malformed SDP: it must start with 'v=0'")
         kinds = _media_kinds(sdp)
-        options = OfferOptions.from_dict(body.get("options"))
-        avatar = body.get("avatar")
-        if avatar not in (None, "", "default", known_avatar):
-            raise ApiError(400, f"unknown avatar {str(avatar)[:64]!r}; this server has {known_avatar!r}")
-        return cls(sdp=sdp, kinds=kinds, options=options, avatar=avatar or None)
+        raw = body.get("options")
+        if body.get("avatar") and (raw is None or (isinstance(raw, dict) and "avatar" not in raw)):
+            raw = {**(raw or {}), "avatar": body["avatar"]}
+        return cls(sdp=sdp, kinds=kinds, options=OfferOptions.from_dict(raw))
 
     def description(self) -> RTCSessionDescription:
         return RTCSessionDescription(sdp=self.sdp, type="offer")
@@ -148,8 +166,27 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
 
 
 def parse_offer(body: dict, state: ServerState) -> OfferRequest:
-    """The request body validated against this server (its avatar name)."""
-    return OfferRequest.from_dict(body, state.engine.info.get("avatar", "default"))
+    """The request body validated against this server (its avatars: 404 unknown, 409 not ready)."""
+    offer = OfferRequest.from_dict(body)
+    if offer.options.avatar is not None:
+        check_avatar(state, offer.options.avatar)
+    return offer
+
+
+def check_avatar(state: ServerState, avatar_id: str) -> None:
+    """404 for an avatar id the server does not have, 409 for one that is not ready (before any work)."""
+    library = getattr(state.engine, "avatars", None)
+    if library is None:
+        if avatar_id not in ("default", state.engine.info.get("avatar", "default")):
+            raise ApiError(404, f"unknown avatar {avatar_id!r}")
+        return
+    try:
+        entry = library.get(avatar_id)
+    except UnknownAvatar as exc:
+        raise ApiError(404, str(exc)) from None
+    if entry.error is not None or entry.avatar is None:
+        detail = f": {entry.error}" if entry.error else ""
+        raise ApiError(409, f"avatar {avatar_id!r} is {entry.state.value}{detail}")
 
 
 def video_codecs(codec: str) -> list:
@@ -186,7 +223,8 @@ async def handle_offer(request: web.Request) -> web.Response:
         "type": session.pc.localDescription.type,
         "session_id": session.id,
         "session_token": session.token,  # the only time it is sent: the session's routes need it
-        "fps": state.engine.fps,
+        "fps": float(getattr(session.engine, "fps", 0) or state.engine.fps),  # its avatar's
+        "avatar": getattr(session.engine, "avatar_id", offer.options.avatar or "default"),
         "max_session_s": state.config.max_session_s,
     })
 
@@ -202,8 +240,13 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     try:
         try:
             engine_session = state.engine.open_session(offer.options.engine_options(), name=session_id)
+        except UnknownAvatar as exc:  # removed between the check and here
+            raise ApiError(404, str(exc)) from None
+        except AvatarNotReady as exc:
+            raise ApiError(409, str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise ApiError(400, f"bad session options: {exc}") from None
+        fps = float(getattr(engine_session, "fps", 0) or state.engine.fps)  # the session's avatar's
 
         def engine_failed(exc: BaseException) -> None:
             state.sessions.close(session_id, f"error: engine failed ({type(exc).__name__})")
@@ -211,7 +254,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         clock = MediaClock()
         # Our transceivers exist before the offer is applied, so it binds to them (and our codec
         # preference counts when the answer is made).
-        video = AvatarVideoTrack(engine_session, state.engine.fps, clock, engine_failed, executor=state.frame_pool)
+        video = AvatarVideoTrack(engine_session, fps, clock, engine_failed, executor=state.frame_pool)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
         if offer.options.video_codec:
             video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))
@@ -223,6 +266,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         except Exception as exc:
             raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()[:300]) from None
         await pc.setLocalDescription(await pc.createAnswer())
+        audio_jitter.install(pc)  # the microphone's delay must not creep up after a lost packet
     except BaseException:
         await pc.close()
         if engine_session is not None:

@@ -12,23 +12,13 @@ import pytest
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
-from realtime import avatar as avatar_mod
-from realtime import avatar_cache
-from realtime.avatar import (
-    DEFAULT_AVATAR,
-    DEFAULT_AVATAR_TRACK,
-    MOUTH_POINTS,
-    Avatar,
-    AvatarConfig,
-    AvatarError,
-    detect_face_boxes,
-    fill_gaps,
-    load_default_avatar,
-    loop_index,
-    prepare_avatar,
-    smooth_series,
-)
+from realtime import avatar_cache, avatar_prepare, face_tracking
+from realtime.avatar import MOUTH_POINTS, Avatar, AvatarConfig, AvatarError, loop_index
+from realtime.avatar_prepare import prepare_avatar, save_avatar
+from realtime.default_avatar import DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, load_default_avatar
+from realtime.face_tracking import detect_face_boxes
 from realtime.media_io import Mp4Writer
+from realtime.track_smoothing import fill_gaps, smooth_series
 
 needs_mesh = pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)
 
@@ -98,7 +88,7 @@ def test_still_head_box_jitter_at_most_2px(tmp_path, face_frames):
 def test_blanked_frame_is_filled_from_neighbours(tmp_path, face_frames):
     frames = face_frames[:20].copy()
     frames[10] = 128
-    found = avatar_mod.track_faces(frames, avatar_mod._detector(AvatarConfig()), len(frames)).found
+    found = face_tracking.track_faces(frames, face_tracking.avatar_detector(AvatarConfig()), len(frames)).found
     assert not found[10] and found[np.arange(20) != 10].all()
     boxes, mouth = detect_face_boxes(list(frames), AvatarConfig(smooth=False))
     assert boxes.dtype == np.int32 and boxes.shape == (20, 4) and mouth.shape == (20, len(MOUTH_POINTS), 2)
@@ -138,8 +128,8 @@ def test_prepare_video_and_face_crops(tmp_path, clip):
 @needs_mesh
 def test_cache_round_trip_is_bit_identical_and_invalidates(tmp_path, clip, monkeypatch):
     calls = []
-    real = avatar_mod._prepare_fresh
-    monkeypatch.setattr(avatar_mod, "_prepare_fresh", lambda *a: calls.append(1) or real(*a))
+    real = avatar_prepare.prepare_fresh
+    monkeypatch.setattr(avatar_prepare, "prepare_fresh", lambda *a: calls.append(1) or real(*a))
     first = prepare_avatar(clip, cache_dir=tmp_path)
     second = prepare_avatar(clip, cache_dir=tmp_path, config=AvatarConfig(loop="forward"))
     assert len(calls) == 1 and second.loop == "forward"
@@ -171,7 +161,7 @@ def test_cache_dir_env_and_damaged_entry(tmp_path, clip, monkeypatch):
 @needs_mesh
 def test_prepared_folder_loads_directly(tmp_path, clip):
     avatar = prepare_avatar(clip, use_cache=False)
-    avatar_mod.save_avatar(avatar, tmp_path / "avatars" / "me")
+    save_avatar(avatar, tmp_path / "avatars" / "me")
     loaded = prepare_avatar(tmp_path / "avatars" / "me")
     assert np.array_equal(loaded.frames, avatar.frames) and np.array_equal(loaded.boxes, avatar.boxes)
     header = avatar_cache.load(tmp_path / "avatars" / "me")[1]

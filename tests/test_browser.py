@@ -7,12 +7,14 @@ skipped when /usr/bin/chromium is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -48,19 +50,15 @@ def chromium_args(fake_audio: Path) -> list[str]:
     ]
 
 
-@pytest.fixture
-def server_url(tmp_path, artifacts_dir):
-    """`python run_server.py` on a free port, offering only 127.0.0.1 as ICE candidate (media on UDP
-    45000-45999), one session at a time."""
-    log_path = artifacts_dir / "browser-server.log"
+@contextlib.contextmanager
+def running_server(args: list[str], log_path: Path, start_s: float = 120.0) -> Iterator[str]:
+    """`python run_server.py ARGS` until the block ends; yields its URL (read from its log)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "run_server.py"), "--port", "0", "--ice-host-addresses",
-             "127.0.0.1", "--max-sessions", "1", "--udp-ports", "45000-45999"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, str(REPO / "run_server.py"), *args],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_s
         url = None
         while url is None:
             if proc.poll() is not None:
@@ -80,6 +78,15 @@ def server_url(tmp_path, artifacts_dir):
             proc.wait()
     assert proc.returncode == 0, log_path.read_text()
     assert "stopped" in log_path.read_text()
+
+
+@pytest.fixture
+def server_url(tmp_path, artifacts_dir):
+    """`python run_server.py` on a free port, offering only 127.0.0.1 as ICE candidate (media on UDP
+    45000-45999), one session at a time."""
+    with running_server(["--port", "0", "--ice-host-addresses", "127.0.0.1", "--max-sessions", "1",
+                         "--udp-ports", "45000-45999"], artifacts_dir / "browser-server.log") as url:
+        yield url
 
 
 def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifacts_dir):

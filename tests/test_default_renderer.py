@@ -475,7 +475,8 @@ def test_cost_per_frame_is_small(renderer, avatar, speech_16k):
 
 # --- the default avatar and the mp4 ---------------------------------------------------------------
 def _default_avatar():
-    from realtime.avatar import AvatarError, load_default_avatar
+    from realtime.avatar import AvatarError
+    from realtime.default_avatar import load_default_avatar
 
     try:
         return load_default_avatar()

@@ -25,6 +25,7 @@ from server.ray_render_tier import RayRenderTier, RayTierSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
+BUILTIN_NEEDS = RendererSpec().audio_needs  # the built-in renderer's look-ahead, as a replica has it
 pytestmark = pytest.mark.slow
 
 
@@ -38,7 +39,8 @@ def tier():
 def test_a_session_rendered_through_ray_equals_the_local_backend(tier, speech_16k):
     speech = speech_16k[: SR * 3]
     local = run_session(DefaultRenderer(), speech, 3.5)
-    remote = run_session(RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0), speech, 3.5)
+    remote_renderer = RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0, audio_needs=BUILTIN_NEEDS)
+    remote = run_session(remote_renderer, speech, 3.5)
     assert sum(f.state is RENDERED for f in local.frames) > 50
     assert [f.state for f in remote.frames] == [f.state for f in local.frames]
     for a, b in zip(local.frames, remote.frames, strict=True):
@@ -55,7 +57,7 @@ def test_a_killed_replica_is_survived(tier, speech_16k):
     """Real time: a session talks through the tier; its replica is killed; the session never fails or
     waits (held frames meanwhile) and renders again once Serve has replaced the replica."""
     avatar = load_default_avatar()
-    renderer = RemoteRenderer(tier, sender="fe-kill")
+    renderer = RemoteRenderer(tier, sender="fe-kill", audio_needs=BUILTIN_NEEDS)
     worker = ThreadedRenderWorker(renderer)
     session = LipSyncSession(avatar, worker, EngineConfig())
     speech = np.tile(speech_16k, 40)

@@ -24,10 +24,12 @@ from realtime.render_tier.wire import (
     avatar_to_wire,
 )
 from realtime.renderers.default import DefaultRenderer
+from realtime.renderers.factory import RendererSpec
 from realtime.scheduler import CostModel, InlineRenderWorker
 from realtime.session import RENDERED, LipSyncSession
 
 SR = 16000
+BUILTIN_NEEDS = RendererSpec().audio_needs  # the built-in renderer's look-ahead, as a replica has it
 
 
 def waiting(deadline: float, key: str = "a", frames: int = 1, sender: str = "fe1") -> Waiting:
@@ -217,7 +219,8 @@ def test_a_session_through_the_tier_equals_the_local_renderer(speech_16k):
     local = run_session(DefaultRenderer(), speech, 3.5)
     tier = InProcessTier(DefaultRenderer())
     try:
-        remote = run_session(RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0), speech, 3.5)
+        remote_renderer = RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0, audio_needs=BUILTIN_NEEDS)
+        remote = run_session(remote_renderer, speech, 3.5)
     finally:
         tier.close()
     assert len(remote.frames) == len(local.frames)

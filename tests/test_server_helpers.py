@@ -66,8 +66,8 @@ class LoudnessRenderer:
         return patches
 
 
-def tiny_engine() -> RealtimeEngine:
-    return RealtimeEngine(TinyAvatar(), LoudnessRenderer(), info={"avatar": "tiny", "device": "cpu"})
+def tiny_engine(**kwargs) -> RealtimeEngine:
+    return RealtimeEngine(TinyAvatar(), LoudnessRenderer(), info={"avatar": "tiny", "device": "cpu"}, **kwargs)
 
 
 def mouth_level(image: np.ndarray) -> float:

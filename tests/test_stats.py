@@ -24,7 +24,8 @@ def field_names(cls) -> set[str]:
 
 def stats_of(metrics: SessionMetrics, name: str = "s") -> SessionStats:
     return SessionStats.of(metrics, name=name, renderer="r", fps=25.0, latency_budget_ms=320.0,
-                           lookahead_ms=200.0, delay_frames=8, batch_frames=1, buffered_input_ms=0.0)
+                           lookahead_ms=200.0, utterance_delay_ms=None, quick_starts=0, delay_frames=8,
+                           batch_frames=1, buffered_input_ms=0.0)
 
 
 def test_the_metrics_page_reads_only_existing_fields():

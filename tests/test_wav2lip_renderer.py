@@ -241,6 +241,23 @@ def test_feathered_paste_never_reads_rows_above_the_band():
                 np.testing.assert_array_equal(got_a, got_b)
 
 
+def test_mixed_batch_uses_each_avatars_own_features(model):
+    """Sessions on two avatars in one worker batch: every frame comes from its own avatar's cache."""
+    first, second = FakeAvatar(n=4, seed=0), FakeAvatar(n=4, seed=5)
+    renderer = Wav2LipRenderer(model, runtime="torch", precision="fp32")
+    assert renderer.mixes_avatars
+    renderer.prepare(first)
+    renderer.prepare(second)
+    avatars = [first, second, second, first, second]
+    indices = np.array([1, 0, 3, 2, 1])
+    mels = mel_windows(len(indices), seed=4)
+    patches = renderer.render_mixed(avatars, indices, mels)
+    assert len(patches) == 5
+    for k, avatar in enumerate(avatars):
+        assert patches[k].box == tuple(int(v) for v in avatar.boxes[indices[k]])
+        assert_close_uint8([patches[k]], eager_patches(model, avatar, indices[k:k + 1], mels[k:k + 1]))
+
+
 def test_prepare_in_slices_serves_the_avatar_only_when_done(model):
     """prepare_steps (what the render worker runs between batches): the face encoder in chunks of
     PREPARE_CHUNK frames, one slice each; the avatar is served only after the last slice, and then

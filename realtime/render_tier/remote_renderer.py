@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,12 @@ class RemoteRenderer:
     wants_deadline = True
 
     def __init__(self, client: RenderTierClient, *, sender: str, name: str = "remote", rows_from: int = 0,
-                 timeout_margin_s: float = 0.25, prepare_timeout_s: float = 300.0,
-                 default_deadline_s: float = 0.2, min_deadline_s: float = 0.0) -> None:
+                 audio_needs: AudioNeeds = OFFICIAL_WINDOW, timeout_margin_s: float = 0.25,
+                 prepare_timeout_s: float = 300.0, default_deadline_s: float = 0.2,
+                 min_deadline_s: float = 0.0) -> None:
         self.client = client
+        # The replica renderer's: the session's look-ahead (and so its delay) is sized from it.
+        self.audio_needs = audio_needs
         self.sender = sender
         self.name = name
         self.rows_from = rows_from  # as the replica's renderer (RealtimeEngine checks it for official pastes)

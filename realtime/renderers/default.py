@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.mel import MEL_STEP, N_MELS
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import AudioNeeds, MouthPatch
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
     FrameGeometry,
@@ -104,9 +104,12 @@ class DefaultRenderer:
     """MouthRenderer that needs no learned weights (see the module docstring)."""
 
     name = "default"
+    mixes_avatars = True  # per-frame work on per-avatar data: frames of any avatars share a batch
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
+        # Only the kernel's columns are read: the engine waits for 75 ms of future audio, not 212.5 ms.
+        self.audio_needs = AudioNeeds(columns=self.config.params.window_columns)
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
@@ -124,6 +127,16 @@ class DefaultRenderer:
         if mels.ndim != 3 or mels.shape[1:] != (N_MELS, MEL_STEP) or len(mels) != len(indices):
             raise ValueError(f"expected {len(indices)} mel windows of shape (80, 16), got {mels.shape}")
         return self.render_params(avatar, indices, mouth_params(mels, self.config.params))
+
+    def render_mixed(self, avatars: list, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k)."""
+        mels = np.asarray(mels, dtype=np.float32)
+        indices = np.asarray(frame_indices).reshape(-1)
+        if mels.ndim != 3 or mels.shape[1:] != (N_MELS, MEL_STEP) or not len(mels) == len(indices) == len(avatars):
+            raise ValueError(f"expected {len(indices)} avatars and mel windows of shape (80, 16), got "
+                             f"{len(avatars)} and {mels.shape}")
+        params = mouth_params(mels, self.config.params)
+        return [self.render_params(avatar, indices[k:k + 1], params[k:k + 1])[0] for k, avatar in enumerate(avatars)]
 
     # -- building blocks (also used by tests, the bench and offline rendering) ---------------------
     def params(self, mels: np.ndarray) -> np.ndarray:
@@ -152,6 +165,14 @@ class DefaultRenderer:
     def patch_box(self, avatar, frame_index: int) -> tuple[int, int, int, int]:
         """The (y1, y2, x1, x2) region this renderer may change on avatar frame `frame_index`."""
         return self._get(avatar).geometry[int(frame_index)].box
+
+    def release(self, avatar) -> None:
+        """Drop an avatar's prepared data now (it also goes when the avatar is garbage-collected)."""
+        with self._lock:
+            try:
+                self._prepared.pop(avatar, None)
+            except TypeError:
+                self._strong.pop(id(avatar), None)
 
     # -- per-avatar cache --------------------------------------------------------------------------
     def _get(self, avatar) -> _Prepared:

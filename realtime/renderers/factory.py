@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realtime.renderers.base import MouthRenderer
+from realtime.mel import MelAlignment
+from realtime.renderers.base import AudioNeeds, MouthRenderer
 
 
 @dataclass(frozen=True)
@@ -17,10 +18,20 @@ class RendererSpec:
     runtime: str = "auto"
     min_psnr_db: float = 35.0
     paste_mode: str = "feather"      # official: Wav2Lip generates whole patches (rows_from = 0)
+    mel_alignment: str = "official"  # Wav2Lip: where each frame's mel window starts (realtime.mel.MelAlignment)
 
     @property
     def kind(self) -> str:
         return "builtin" if self.checkpoint is None else "wav2lip"
+
+    @property
+    def audio_needs(self) -> AudioNeeds:
+        """The look-ahead of the renderer this spec builds (the built-in renderer's: its config's)."""
+        if self.checkpoint is None:
+            from realtime.renderers.mouth_params import MouthParamsConfig
+
+            return AudioNeeds(columns=MouthParamsConfig().window_columns)
+        return AudioNeeds(offset_frames=MelAlignment(self.mel_alignment).offset_frames)
 
     @property
     def rows_from(self) -> int:
@@ -45,4 +56,5 @@ def build_renderer(spec: RendererSpec, model: Any | None = None) -> MouthRendere
     # precision (no fp16 copy of the whole model is kept on the GPU).
     model = model if model is not None else load_wav2lip(spec.checkpoint, "cpu")
     return Wav2LipRenderer(model, device=spec.device, precision=spec.precision, rows_from=spec.rows_from,
-                           runtime=spec.runtime, min_psnr_db=spec.min_psnr_db)
+                           runtime=spec.runtime, min_psnr_db=spec.min_psnr_db,
+                           mel_alignment=MelAlignment(spec.mel_alignment))

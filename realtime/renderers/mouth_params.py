@@ -16,7 +16,9 @@ How (a viseme pipeline on the 80 Slaney mel bins that Wav2Lip already computes):
    the high band differ a lot between voices and TTS engines, formant positions much less.
 3. open = loudness gate x the viseme's openness; spread / round = the viseme's lip shape.
 4. Temporal smoothing is **stateless over the window** (the design choice of this module): the window
-   for video frame i starts at the frame's own time, so its columns are now..+200 ms. An asymmetric
+   for video frame i starts at the frame's own time, and only its first `window_columns` (5) columns,
+   now..+62.5 ms, are read, so a frame waits for 75 ms of future audio (the engine's look-ahead for this
+   renderer), not the whole window's 212.5 ms. An asymmetric
    kernel peaked slightly ahead of "now" (`lead_ms`) takes a weighted *max* over the columns: columns
    later than the peak fade quickly (attack: the jaw is fully open `lead_ms` before a syllable and
    starts ~2 x `attack_ms` earlier, as real lips do), columns between now and the peak fade more slowly
@@ -72,6 +74,10 @@ class MouthParamsConfig:
     attack_ms: float = 35.0        # decay of the look-ahead side: how early an opening is anticipated
     release_ms: float = 90.0       # decay of the past side: how long a stopped sound holds the mouth open
     shape_attack_ms: float = 30.0  # lip shape: a weighted mean over a slightly narrower kernel
+    # Columns of the window read: 5 = now..+62.5 ms, final 75 ms after the frame's time (the
+    # renderer's look-ahead, hence the delay of a live stream). The attack side of the kernel past
+    # them weighs < 0.5 of the peak; the mouth still opens ~1 frame before a syllable.
+    window_columns: int = 5
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,9 @@ def _bin_centres() -> np.ndarray:
     return (basis @ freqs) / basis.sum(axis=1)
 
 
-def _kernel(lead_ms: float, attack_ms: float, release_ms: float) -> np.ndarray:
-    """Asymmetric weights over the 16 columns: 1 at the lead column, exponential tails either side."""
+def _kernel(lead_ms: float, attack_ms: float, release_ms: float, columns: int = MEL_STEP) -> np.ndarray:
+    """Asymmetric weights over the 16 columns: 1 at the lead column, exponential tails either side,
+    zero past the first `columns` (audio the renderer does not wait for)."""
     t_ms = (np.arange(MEL_STEP) + 0.5) * 1000.0 / COLUMNS_PER_SECOND  # column centre after the frame time
     ahead = t_ms - lead_ms
     w = np.where(ahead >= 0, np.exp(-ahead / attack_ms), np.exp(ahead / release_ms))
@@ -98,6 +105,7 @@ def _kernel(lead_ms: float, attack_ms: float, release_ms: float) -> np.ndarray:
     # so the last frame before a silence does not jump from "half open" straight to rest.
     taper = np.clip(t_ms / max(lead_ms, 1e-3), 0.0, 1.0) ** 0.7
     w = np.where(ahead >= 0, w, w * taper)
+    w[columns:] = 0.0
     return (w / w.max()).astype(np.float32)  # a steady sound gives its full value
 
 
@@ -115,8 +123,8 @@ def _analysis(config: MouthParamsConfig) -> _Analysis:
     }
     return _Analysis(
         freqs=f, bands=bands,
-        open_kernel=_kernel(config.lead_ms, config.attack_ms, config.release_ms),
-        shape_kernel=_kernel(config.lead_ms, config.shape_attack_ms, config.release_ms),
+        open_kernel=_kernel(config.lead_ms, config.attack_ms, config.release_ms, config.window_columns),
+        shape_kernel=_kernel(config.lead_ms, config.shape_attack_ms, config.release_ms, config.window_columns),
     )
 
 
@@ -217,15 +225,17 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     if len(mels) == 0:
         return np.zeros((0, len(PARAMS)), dtype=np.float32)
     a = _analysis(config)
-    gate, col_shape = column_features(mels, config)  # (B, 16), (B, 3, 16)
+    cols = config.window_columns  # the columns read (the rest of the window may be padding)
+    gate, col_shape = column_features(mels[:, :, :cols], config)  # (B, cols), (B, 3, cols)
+    open_kernel, shape_kernel = a.open_kernel[:cols], a.shape_kernel[:cols]
 
     # Jaw: weighted max of (gate x viseme openness) -> envelope-follower behaviour (module doc, 4.).
-    opening = np.max(gate * col_shape[:, 0, :] * a.open_kernel, axis=1)
+    opening = np.max(gate * col_shape[:, 0, :] * open_kernel, axis=1)
 
     # Lip shape: loudness- and kernel-weighted mean of the column shapes, then scaled by how much
     # sound is near "now", so the lips relax together with the jaw.
-    vote = a.shape_kernel * gate
+    vote = shape_kernel * gate
     total = vote.sum(axis=1)
     shape = np.einsum("bt,bpt->bp", vote, col_shape[:, 1:, :]) / np.maximum(total, 1e-6)[:, None]
-    shape *= np.max(gate * a.shape_kernel, axis=1)[:, None]
+    shape *= np.max(gate * shape_kernel, axis=1)[:, None]
     return np.concatenate([opening[:, None], shape], axis=1).astype(np.float32)

@@ -51,7 +51,8 @@ import torch
 from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32_enabled
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
-from realtime.renderers.base import MouthPatch, int_box
+from realtime.mel import MelAlignment
+from realtime.renderers.base import AudioNeeds, MouthPatch, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, Generate, choose_precision
 
@@ -149,12 +150,18 @@ class Wav2LipRenderer:
     """
 
     name = "wav2lip"
+    mixes_avatars = True  # render_mixed: one call per avatar within the worker's batch
 
     def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
                  max_cache_mb: float = 1024.0, max_batch: int | None = None,
                  rows_from: int = PASTED_ROWS_FROM, cuda_graphs: bool = True, runtime: str = "auto",
-                 min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> None:
+                 min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
+                 mel_alignment: MelAlignment = MelAlignment.OFFICIAL) -> None:
         param = next(model.parameters())
+        # Where each frame's window starts (official inference or the training code's alignment, one
+        # frame earlier): the engine's look-ahead follows it (212.5 ms or 172.5 ms at 25 fps).
+        self.mel_alignment = MelAlignment(mel_alignment)
+        self.audio_needs = AudioNeeds(offset_frames=self.mel_alignment.offset_frames)
         self.device = torch.device(device) if device is not None else param.device
         self.runtime = _resolve_runtime(runtime, self.device)
         self._runtime_chosen = runtime != "auto"  # an explicit choice is never swapped for another
@@ -211,7 +218,7 @@ class Wav2LipRenderer:
     def describe(self) -> dict[str, str]:
         """Runtime facts for logs and /healthz: runtime, device, precision and the precision gate's numbers."""
         info = {"runtime": self.runtime, "device": str(self.device), "precision": self.precision,
-                "rows_from": str(self.rows_from)}
+                "rows_from": str(self.rows_from), "mel_alignment": self.mel_alignment.value}
         gate = self._ov.gate if self._ov is not None else self.gate
         if gate is not None:
             info["precision_gate"] = gate.summary()
@@ -370,6 +377,19 @@ class Wav2LipRenderer:
         boxes = np.asarray(avatar.boxes)
         return [MouthPatch(image=images[i], box=int_box(boxes[idx]))
                 for i, idx in enumerate(indices)]
+
+    def render_mixed(self, avatars: list[Any], frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+        """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k): each
+        avatar's cached features serve its frames, one generator call per avatar, results in order."""
+        indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+        groups: dict[int, list[int]] = {}
+        for k, avatar in enumerate(avatars):
+            groups.setdefault(id(avatar), []).append(k)
+        out: list[MouthPatch | None] = [None] * len(indices)
+        for ks in groups.values():
+            for k, patch in zip(ks, self.render(avatars[ks[0]], indices[ks], mels[ks]), strict=True):
+                out[k] = patch
+        return [p for p in out if p is not None]
 
     def _generate(self, cache: FaceCache, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         runner = self._runners.get(cache.heads) if self.static_batches else None

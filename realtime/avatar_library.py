@@ -1,0 +1,298 @@
+"""AvatarLibrary: many avatars by id, prepared off the caller's thread, used and removed safely.
+
+A server holds the embedded default avatar plus any number of others: a folder of prepared avatars,
+videos and photos read at start (`add_folder`, progress in the log), and files added while it runs
+(`add_file`, prepared on one background thread: the caller gets the id at once and polls `get(id)`).
+
+Lifecycle of an entry: PREPARING (progress 0..1) -> READY, or -> FAILED with the error's message (e.g.
+"no face found in any of its 30 frame(s) ..."). Sessions take a ready avatar with `acquire(id)` and give
+it back with `release(id)`; `remove(id)` refuses while any session holds it (AvatarInUse), so a running
+session is never disturbed. Removing drops the library's reference; the renderers' per-avatar data goes
+with it (`on_removed`).
+
+Memory: library avatars keep their frames JPEG-encoded (realtime/encoded_frames.py) plus what the
+renderers need (boxes, lip landmarks, 96x96 crops and masks); bench/avatars.py measures the RSS per
+added avatar and the load time of a cached one.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from realtime import avatar_cache
+from realtime.avatar import Avatar, AvatarConfig, AvatarError
+from realtime.media_io import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ID = "default"
+POSTER_WIDTH = 256
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
+
+
+class AvatarState(Enum):
+    PREPARING = "preparing"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class UnknownAvatar(KeyError):
+    """No avatar with this id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else "unknown avatar"
+
+
+class AvatarNotReady(Exception):
+    """The avatar exists but is still being prepared, or its preparation failed."""
+
+
+class AvatarInUse(Exception):
+    """Sessions are using the avatar; it can be removed once they end."""
+
+
+class LibraryBusy(Exception):
+    """Too many avatars are waiting to be prepared; try again later."""
+
+
+@dataclass
+class AvatarEntry:
+    id: str
+    name: str
+    source: str                          # the file or folder it came from (a file name for uploads)
+    builtin: bool = False                # the embedded default: never removed
+    state: AvatarState = AvatarState.PREPARING
+    progress: float = 0.0                # 0..1 while preparing
+    error: str | None = None
+    avatar: Avatar | None = None
+    poster: bytes | None = None          # a JPEG of one frame, POSTER_WIDTH wide
+    added_at: float = field(default_factory=time.time)
+    prepare_s: float | None = None
+    users: int = 0                       # sessions holding it
+
+    def describe(self) -> dict:
+        """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
+        out: dict = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
+                     "sessions": self.users}
+        if self.state is AvatarState.PREPARING:
+            out["progress"] = round(self.progress, 3)
+        if self.error is not None:
+            out["error"] = self.error
+        if self.avatar is not None:
+            frames = self.avatar.frames
+            height, width = frames[0].shape[:2]
+            fps = float(self.avatar.fps)
+            out.update(width=int(width), height=int(height), fps=fps, frames=len(frames),
+                       seconds=round(len(frames) / fps, 2), loop=getattr(self.avatar, "loop", "pingpong"))
+        if self.prepare_s is not None:
+            out["prepare_s"] = round(self.prepare_s, 2)
+        return out
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A URL-safe id part: lower-case letters, digits and '-'."""
+    out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return out or "avatar"
+
+
+def poster_jpeg(avatar: Avatar, width: int = POSTER_WIDTH) -> bytes:
+    """A small JPEG of the avatar's first frame (the page's picker shows it)."""
+    frame = np.asarray(avatar.frames[0])
+    h, w = frame.shape[:2]
+    size = (width, max(2, round(h * width / w)))
+    ok, buf = cv2.imencode(".jpg", cv2.resize(frame, size, interpolation=cv2.INTER_AREA),
+                           [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise AvatarError("could not encode the poster image")
+    return buf.tobytes()
+
+
+def is_avatar_source(path: Path) -> bool:
+    """A prepared avatar folder, a video or a photo (by name; the preparation says what is wrong)."""
+    if path.name.startswith("."):
+        return False
+    if path.is_dir():
+        return avatar_cache.is_prepared_dir(path)
+    return path.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES
+
+
+class AvatarLibrary:
+    """default: the avatar used when a session names none. prepare: per-avatar renderer work (the render
+    workers' `prepare`), run on the preparing thread before an avatar is READY; its errors fail it.
+    on_removed: called with a removed avatar (renderers drop their per-avatar data)."""
+
+    def __init__(self, default: Avatar, *, default_id: str = DEFAULT_ID, default_name: str = "Default",
+                 config: AvatarConfig | None = None, cache_dir: Path | None = None,
+                 prepare: Callable[[Avatar], None] | None = None,
+                 on_removed: Callable[[Avatar], None] | None = None, max_pending: int = 4) -> None:
+        self.config = replace(config or AvatarConfig(), encode_frames=True)
+        self.cache_dir = cache_dir
+        self._prepare = prepare
+        self._on_removed = on_removed
+        self._max_pending = int(max_pending)
+        self._lock = threading.Lock()
+        self._entries: dict[str, AvatarEntry] = {}
+        self._pending = 0
+        self._executor: ThreadPoolExecutor | None = None
+        entry = AvatarEntry(id=default_id, name=default_name, source=str(getattr(default, "source", "")),
+                            builtin=True)
+        self._finish(entry, default, 0.0)
+        self._entries[default_id] = entry
+        self.default_id = default_id
+
+    # -- adding ----------------------------------------------------------------------------------
+    def add_builtin(self, avatar: Avatar, avatar_id: str, name: str) -> AvatarEntry:
+        """Another always-present avatar (e.g. the server's --avatar beside the embedded one)."""
+        entry = AvatarEntry(id=self._free_id(avatar_id), name=name, source=str(getattr(avatar, "source", "")),
+                            builtin=True)
+        self._finish(entry, avatar, 0.0)
+        with self._lock:
+            self._entries[entry.id] = entry
+        return entry
+
+    def add_folder(self, folder: Path) -> list[AvatarEntry]:
+        """Prepare every avatar source in `folder` now (one at a time, progress in the log). A file that
+        fails is logged and listed as FAILED; it does not stop the others."""
+        sources = sorted(p for p in Path(folder).iterdir() if is_avatar_source(p))
+        log.info("avatars: %d source(s) in %s", len(sources), folder)
+        added = []
+        for k, path in enumerate(sources, 1):
+            entry = self._new_entry(slug(path.stem), path.stem, str(path))
+            log.info("avatars: [%d/%d] preparing %s as %r", k, len(sources), path.name, entry.id)
+            self._run(entry, path, keep_file=True, log_progress=True)
+            added.append(entry)
+        return added
+
+    def add_file(self, path: Path, name: str, *, keep_file: bool = False) -> AvatarEntry:
+        """Start preparing `path` on the library's thread; returns the PREPARING entry at once.
+        `keep_file=False`: the file is deleted when done (an upload's temporary copy)."""
+        with self._lock:
+            if self._pending >= self._max_pending:
+                raise LibraryBusy(f"{self._pending} avatars are already being prepared; try again later")
+            self._pending += 1
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
+            executor = self._executor
+        entry = self._new_entry(f"{slug(name)}-{secrets.token_hex(3)}", name, Path(name).name)
+        future: Future = executor.submit(self._run, entry, path, keep_file, False)
+        future.add_done_callback(lambda _f: self._done_pending())
+        return entry
+
+    def _done_pending(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _new_entry(self, wanted_id: str, name: str, source: str) -> AvatarEntry:
+        with self._lock:
+            entry = AvatarEntry(id=self._free_id(wanted_id), name=name, source=source)
+            self._entries[entry.id] = entry
+        return entry
+
+    def _free_id(self, wanted: str) -> str:
+        candidate, k = wanted, 2
+        while candidate in self._entries:
+            candidate, k = f"{wanted}-{k}", k + 1
+        return candidate
+
+    def _run(self, entry: AvatarEntry, path: Path, keep_file: bool, log_progress: bool) -> None:
+        from realtime.avatar_prepare import prepare_avatar
+
+        start = time.perf_counter()
+        last_logged = [-1.0]
+
+        def progress(done: int, total: int) -> None:
+            entry.progress = min(0.95, 0.95 * done / max(total, 1))  # the renderer's prepare is the rest
+            if log_progress and entry.progress - last_logged[0] >= 0.25:
+                last_logged[0] = entry.progress
+                log.info("avatars: %s %d%%", entry.id, round(100 * entry.progress))
+
+        try:
+            avatar = prepare_avatar(path, config=self.config, cache_dir=self.cache_dir, progress=progress)
+            avatar = avatar.with_encoded_frames()  # a no-op unless it was a prepared folder of raw frames
+            if self._prepare is not None:
+                self._prepare(avatar)
+            self._finish(entry, avatar, time.perf_counter() - start)
+            log.info("avatars: %s ready (%d frames %dx%d, %.1f MB held, %.2f s)", entry.id, len(avatar),
+                     *avatar.size, avatar.nbytes / 2**20, entry.prepare_s)
+        except Exception as exc:  # the message is the answer of GET /avatars/{id}
+            message = str(exc) if isinstance(exc, (AvatarError, ValueError)) else \
+                f"preparing the avatar failed ({type(exc).__name__}: {exc})"
+            entry.error = message.replace(str(path), entry.source)  # an upload's temporary name means nothing
+            entry.state = AvatarState.FAILED
+            log.warning("avatars: %s failed: %s", entry.id, entry.error,
+                        exc_info=not isinstance(exc, (AvatarError, ValueError)))
+        finally:
+            if not keep_file:
+                path.unlink(missing_ok=True)
+
+    def _finish(self, entry: AvatarEntry, avatar: Avatar, seconds: float) -> None:
+        entry.poster = poster_jpeg(avatar)
+        entry.avatar = avatar
+        entry.prepare_s = seconds
+        entry.progress = 1.0
+        entry.state = AvatarState.READY
+
+    # -- using -----------------------------------------------------------------------------------
+    def get(self, avatar_id: str) -> AvatarEntry:
+        with self._lock:
+            entry = self._entries.get(avatar_id)
+        if entry is None:
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+        return entry
+
+    def entries(self) -> list[AvatarEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def acquire(self, avatar_id: str | None = None) -> tuple[str, Avatar]:
+        """(id, avatar) for a new session, counted as in use until `release(id)`."""
+        avatar_id = avatar_id or self.default_id
+        with self._lock:
+            entry = self._entries.get(avatar_id)
+            if entry is None:
+                raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+            if entry.state is not AvatarState.READY or entry.avatar is None:
+                detail = f": {entry.error}" if entry.error else f" ({round(100 * entry.progress)}% prepared)"
+                raise AvatarNotReady(f"avatar {avatar_id!r} is {entry.state.value}{detail}")
+            entry.users += 1
+            return entry.id, entry.avatar
+
+    def release(self, avatar_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(avatar_id)
+            if entry is not None and entry.users > 0:
+                entry.users -= 1
+
+    def remove(self, avatar_id: str) -> None:
+        """Forget an avatar no session uses (AvatarInUse otherwise). A preparing one cannot be removed
+        until it is ready or failed; the built-in ones never."""
+        with self._lock:
+            entry = self._entries.get(avatar_id)
+            if entry is None:
+                raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+            if entry.builtin:
+                raise AvatarInUse(f"avatar {avatar_id!r} is built in and cannot be removed")
+            if entry.state is AvatarState.PREPARING:
+                raise AvatarInUse(f"avatar {avatar_id!r} is still being prepared; remove it when it is done")
+            if entry.users:
+                raise AvatarInUse(f"avatar {avatar_id!r} is used by {entry.users} session(s); "
+                                  "remove it when they have ended")
+            del self._entries[avatar_id]
+        if entry.avatar is not None and self._on_removed is not None:
+            self._on_removed(entry.avatar)
+        log.info("avatars: %s removed", avatar_id)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,181 @@
+"""The avatars as a resource: list them, add one by upload, watch it being prepared, remove it.
+
+    GET    /avatars                  public: every avatar (id, name, state, size, fps, frames, poster URL)
+    GET    /avatars/{id}             public: one avatar; while preparing its progress, then ready or the error
+    GET    /avatars/{id}/poster.jpg  public: a small picture of it (the page's picker shows these)
+    POST   /avatars                  operator: a video or photo upload (multipart field "file", optional
+                                     field "name"; or the raw body with ?name=). Checked from its headers
+                                     (size, duration, dimensions) before any frame is decoded, then
+                                     prepared on the library's thread: 202 with the id at once
+    DELETE /avatars/{id}             operator: remove it (409 while a session uses it)
+
+A session picks an avatar with POST /offer {"options": {"avatar": id}}. The preparation and the renderer
+work happen off the event loop (realtime/avatar_library.py); running sessions are never disturbed.
+
+Who may call which: the server's access policy (server/auth.py) classifies these routes; POST and
+DELETE are operator-only (`--api-token`), the GETs public.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from aiohttp import BodyPartReader, web
+
+from realtime.avatar_library import (
+    AvatarEntry,
+    AvatarInUse,
+    AvatarLibrary,
+    LibraryBusy,
+    UnknownAvatar,
+)
+from server.avatar_uploads import UploadFacts, UploadLimits, check_upload
+from server.errors import ApiError
+from server.state import state_of
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+MAX_NAME_CHARS = 80
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/avatars", list_avatars)
+    app.router.add_post("/avatars", add_avatar)
+    app.router.add_get("/avatars/{id}", get_avatar)
+    app.router.add_delete("/avatars/{id}", remove_avatar)
+    app.router.add_get("/avatars/{id}/poster.jpg", poster)
+
+
+def library_of(request: web.Request) -> AvatarLibrary:
+    avatars = getattr(state_of(request).engine, "avatars", None)
+    if avatars is None:
+        raise ApiError(404, "this server's engine has no avatar library")
+    return avatars
+
+
+def entry_of(request: web.Request) -> AvatarEntry:
+    try:
+        return library_of(request).get(request.match_info["id"])
+    except UnknownAvatar as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+def describe(request: web.Request, entry: AvatarEntry) -> dict:
+    out = entry.describe()
+    out["url"] = f"/avatars/{entry.id}"
+    if entry.poster is not None:
+        out["poster_url"] = f"/avatars/{entry.id}/poster.jpg"
+    return out
+
+
+async def list_avatars(request: web.Request) -> web.Response:
+    library = library_of(request)
+    return web.json_response({"default": library.default_id,
+                              "avatars": [describe(request, e) for e in library.entries()]})
+
+
+async def get_avatar(request: web.Request) -> web.Response:
+    return web.json_response(describe(request, entry_of(request)))
+
+
+async def poster(request: web.Request) -> web.Response:
+    entry = entry_of(request)
+    if entry.poster is None:
+        raise ApiError(404, f"avatar {entry.id!r} has no poster yet ({entry.state.value})")
+    return web.Response(body=entry.poster, content_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})
+
+
+async def remove_avatar(request: web.Request) -> web.Response:
+    library = library_of(request)
+    avatar_id = request.match_info["id"]
+    try:
+        await asyncio.to_thread(library.remove, avatar_id)  # renderers free their caches: not on the loop
+    except UnknownAvatar as exc:
+        raise ApiError(404, str(exc)) from None
+    except AvatarInUse as exc:
+        raise ApiError(409, str(exc)) from None
+    return web.json_response({"id": avatar_id, "removed": True})
+
+
+async def add_avatar(request: web.Request) -> web.Response:
+    state = state_of(request)
+    library = library_of(request)
+    limit = state.config.max_upload_bytes
+    fd, name_of_file = tempfile.mkstemp(prefix="lipsync-avatar-", suffix=".upload")
+    os.close(fd)
+    path = typed = Path(name_of_file)
+    try:
+        name = await _receive(request, path, limit)
+        limits = UploadLimits(state.config.max_avatar_seconds, state.config.max_avatar_side)
+        facts, typed = await asyncio.to_thread(_checked, path, limits)
+        try:
+            entry = library.add_file(typed, name)
+        except LibraryBusy as exc:
+            raise ApiError(503, str(exc), {"Retry-After": "30"}, retry_after_s=30) from None
+    except BaseException:
+        await asyncio.to_thread(_discard, path, typed)
+        raise
+    # From here the library owns the file and deletes it when the preparation is done.
+    log.info("avatar upload accepted", extra={"avatar": entry.id, "kind": facts.kind.value,
+                                             "size": f"{facts.width}x{facts.height}", "seconds": facts.seconds})
+    body = describe(request, entry)
+    return web.json_response(body, status=202, headers={"Location": body["url"]})
+
+
+async def _receive(request: web.Request, path: Path, limit: int) -> str:
+    """Write the upload to `path` (at most `limit` bytes); returns the avatar's name."""
+    name = request.query.get("name", "")
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        got_file = False
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "name":
+                name = (await part.text())[:MAX_NAME_CHARS * 4]
+            elif part.name == "file" and not got_file:
+                name = name or Path(part.filename or "").stem
+                await _copy(part, path, limit)
+                got_file = True
+        if not got_file:
+            raise ApiError(400, "multipart upload without a 'file' field")
+    else:
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, f"upload larger than {limit // (1024 * 1024)} MB", max_bytes=limit)
+        await _copy(request.content, path, limit)
+    name = " ".join(name.split())[:MAX_NAME_CHARS] or "avatar"
+    return name
+
+
+async def _copy(source, path: Path, limit: int) -> None:
+    """Stream a body (or a multipart part) to a file, refusing it once it passes `limit` bytes."""
+    total = 0
+    with open(path, "wb") as out:  # noqa: ASYNC230 (small writes into the page cache)
+        while True:
+            chunk = await (source.read_chunk(CHUNK) if isinstance(source, BodyPartReader)
+                           else source.read(CHUNK))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"upload larger than {limit // (1024 * 1024)} MB", max_bytes=limit)
+            out.write(chunk)
+    if total == 0:
+        raise ApiError(400, "empty upload; send a video or photo of a face")
+
+
+def _checked(path: Path, limits: UploadLimits) -> tuple[UploadFacts, Path]:
+    """Check the upload's headers; the preparation reads a photo or a video by its suffix, so the file
+    gets the one its headers say."""
+    facts = check_upload(path, limits)
+    return facts, path.rename(path.with_suffix(facts.suffix))
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
