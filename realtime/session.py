@@ -69,11 +69,9 @@ first audio sample), zero by construction.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -83,63 +81,21 @@ from realtime import compositor
 from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
-from realtime.mel import HOP, MEL_STEP, N_MELS, SAMPLE_RATE, SILENCE, StreamingMel
+from realtime.input_segment import InputSegment
+from realtime.mel import HOP, SAMPLE_RATE
 from realtime.metrics import SessionMetrics, SessionStats
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
 from realtime.utterance_start import PendingStart, choose_start
-from realtime.vad import SpeechDetector, SpeechTrack
+from realtime.video_out import HELD, IDLE, RENDERED, FrameState, VideoOut, composed_image, unchanged_image
+
+__all__ = ["HELD", "IDLE", "RENDERED", "FrameState", "LipSyncSession", "VideoOut"]
 
 log = logging.getLogger(__name__)
 
 
-class FrameState(StrEnum):
-    """What a video frame shows. A StrEnum: its members equal their strings ("rendered", ...), as before."""
-    RENDERED = "rendered"   # a fresh mouth, rendered for this frame's audio
-    HELD = "held"           # speech, but the render missed its tick: the last mouth is shown again
-    IDLE = "idle"           # the avatar loop with the mouth at rest (possibly fading out the last mouth)
-
-
-RENDERED, HELD, IDLE = FrameState.RENDERED, FrameState.HELD, FrameState.IDLE  # the short names used below
-
 _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
-
-
-@dataclass
-class VideoOut:
-    pts_index: int               # k: pts = k / fps on the output timeline
-    pts: float                   # seconds
-    state: FrameState
-    speech: bool                 # the speech decision for this frame
-    dropped: bool                # a speech frame whose render was not ready in time
-    avatar_index: int            # which avatar frame is underneath
-    audio_start: int | None      # input-timeline sample of this frame's own audio time (None: no audio)
-    mel: np.ndarray | None       # (80, 16) window this frame's mouth is made from (None: no audio)
-    mouth_alpha: float           # strength the mouth patch was pasted with (0 = untouched avatar)
-    compose: Callable[[], np.ndarray] = field(repr=False, compare=False)  # makes `image`
-    _image: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def image(self) -> np.ndarray:
-        """(H, W, 3) uint8 BGR, read-only (may be the avatar's own frame). The mouth is pasted on first
-        access, from values fixed when the frame was made: the server reads it on a worker thread, so
-        the paste stays off its event loop, and a frame nobody looks at (a skipped tick) costs nothing."""
-        if self._image is None:
-            self._image = self.compose()
-        return self._image
-
-
-def _composed(base: np.ndarray, patch: MouthPatch, mode: str, strength: float) -> np.ndarray:
-    image = compositor.paste(base, patch, mode, strength=strength)
-    image.flags.writeable = False
-    return image
-
-
-def _as_is(base: np.ndarray) -> np.ndarray:
-    image = base.view()
-    image.flags.writeable = False
-    return image
 
 
 @dataclass
@@ -151,69 +107,6 @@ class _FramePlan:
     avatar_index: int
     arrival: float | None
     delay_frames: int     # its utterance's delay: frames from "its audio reached the output clock" to shown
-
-
-class _Segment:
-    """A contiguous run of input audio and its streaming features."""
-
-    def __init__(self, start: int, first_k: int, config: EngineConfig, delay_frames: int,
-                 pending: PendingStart | None = None) -> None:
-        self.start = start              # input-timeline index of the segment's first sample
-        self.first_k = first_k          # output frame that shows it
-        self.delay_frames = delay_frames  # its delay in frames (the latency reference of its frames)
-        self.pending = pending          # a start from silence not decided yet: stored, not fed
-        self.last_speech = False        # was the last planned frame speech (the next one starts none)
-        self.end: int | None = None     # length in samples, once the segment is closed
-        self.fed = 0                    # samples given to the mel / VAD so far
-        self.flushed = False
-        self.mel = StreamingMel()
-        self.speech = SpeechTrack(SpeechDetector(config.vad_aggressiveness, config.vad_block_ms,
-                                                 config.energy_gate_dbfs))
-        self._cols = np.zeros((N_MELS, 0), dtype=np.float32)
-        self._col_base = 0
-        self.next_i = 0                 # next segment frame to plan
-
-    def feed(self, samples: np.ndarray) -> None:
-        if len(samples):
-            self._add(self.mel.push(samples))
-            self.speech.push(samples)
-            self.fed += len(samples)
-
-    def flush(self) -> None:
-        self._add(self.mel.flush())
-        self.speech.end()
-        self.flushed = True
-
-    def _add(self, cols: np.ndarray) -> None:
-        if cols.shape[1]:
-            self._cols = np.concatenate([self._cols, cols], axis=1)
-
-    def n_frames(self, spf: float) -> int | None:
-        if not self.flushed:
-            return None
-        return math.ceil((self.end or 0) / spf - 1e-9)
-
-    def window(self, start_col: int, columns: int = MEL_STEP) -> np.ndarray | None:
-        """The (80, 16) window starting at `start_col` (clamped at the end once flushed), or None while
-        its first `columns` columns (what the renderer reads) are not final. Columns before the audio
-        (a negative start), past a short flushed segment, or past `columns` read as silence."""
-        total = self.mel.columns_emitted
-        if self.flushed:
-            start_col = min(start_col, max(total - MEL_STEP, 0))
-        elif start_col + columns > total:
-            return None
-        out = np.full((N_MELS, MEL_STEP), SILENCE, dtype=np.float32)
-        lo, hi = max(start_col, 0), min(start_col + columns, total)
-        if hi > lo:
-            out[:, lo - start_col:hi - start_col] = self._cols[:, lo - self._col_base:hi - self._col_base]
-        return out
-
-    def discard_columns_before(self, col: int) -> None:
-        col = min(col, self.mel.columns_emitted - MEL_STEP)
-        drop = col - self._col_base
-        if drop > 0:
-            self._cols = self._cols[:, drop:]
-            self._col_base += drop
 
 
 class LipSyncSession:
@@ -255,7 +148,7 @@ class LipSyncSession:
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
 
-        self._segments: deque[_Segment] = deque()
+        self._segments: deque[InputSegment] = deque()
         # Input index after the last pushed sample (or the next start): it ends playing at in_head + L.
         # Before any input, -L: nothing is queued to play.
         self._in_head = -self._L
@@ -334,7 +227,7 @@ class LipSyncSession:
         start = self.timeline.frame_start(k0) - self._L
         pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(k0),
                                earliest=self._in_head + self._L) if from_silence else None
-        self._segments.append(_Segment(start, k0, self.config, self.timeline.delay_frames, pending))
+        self._segments.append(InputSegment(start, k0, self.config, self.timeline.delay_frames, pending))
         self._in_head = start
         self._metrics.segments += 1
         if pending is None:
@@ -346,7 +239,7 @@ class LipSyncSession:
         """The first output sample that is neither shown nor played yet."""
         return max(self.timeline.frame_start(self._vclock.next_index), self._audio_pos)
 
-    def _settle_start(self, seg: _Segment, now_out: int) -> None:
+    def _settle_start(self, seg: InputSegment, now_out: int) -> None:
         """Decide a pending segment's start (the per-utterance delay) when `choose_start` can, and move
         it there: its stored audio, its first frame and the input head move together, so the mapping
         input n -> output n + L stays exact."""
@@ -361,9 +254,9 @@ class LipSyncSession:
             self._ring.move_from(seg.start, delta)
             seg.start += delta
             self._in_head += delta
-            seg.first_k = self.timeline.first_frame_at_or_after(out_start)
+            seg.first_frame = self.timeline.first_frame_at_or_after(out_start)
             arrived_k = self.timeline.first_frame_at_or_after(seg.pending.opened_out + 1) - 1
-            seg.delay_frames = seg.first_k - max(arrived_k, 0)
+            seg.delay_frames = seg.first_frame - max(arrived_k, 0)
             self._quick_starts += 1
         self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
         seg.pending = None
@@ -407,7 +300,7 @@ class LipSyncSession:
             if seg.end is not None and seg.fed >= seg.end and not seg.flushed:
                 seg.flush()
             self._plan(seg, now)
-            if seg.flushed and seg.next_i >= (seg.n_frames(self._spf) or 0):
+            if seg.flushed and seg.next_frame >= (seg.frame_count(self._spf) or 0):
                 self._segments.remove(seg)
         # Input still needed: by the audio track (which may lag the video a little, or not run at all)
         # and by the features of the oldest segment.
@@ -419,11 +312,11 @@ class LipSyncSession:
             self._worker.kick(now)
         self._drain()
 
-    def _plan(self, seg: _Segment, now: float) -> None:
+    def _plan(self, seg: InputSegment, now: float) -> None:
         tl = self.timeline
-        n_frames = seg.n_frames(self._spf)
-        while n_frames is None or seg.next_i < n_frames:
-            i = seg.next_i
+        n_frames = seg.frame_count(self._spf)
+        while n_frames is None or seg.next_frame < n_frames:
+            i = seg.next_frame
             mel = seg.window(tl.window_start_column(i), tl.needs.columns)
             if mel is None:
                 break
@@ -431,8 +324,8 @@ class LipSyncSession:
             speech = seg.speech.speech_in(a - self._hangover, a + self._speech_span)
             if speech is None:
                 break
-            seg.next_i += 1
-            k = seg.first_k + i
+            seg.next_frame += 1
+            k = seg.first_frame + i
             if k < self._vclock.next_index:
                 continue  # its tick has passed: the input came too late (counted as starved)
             audio_start = tl.frame_start(k) - self._L
@@ -448,7 +341,7 @@ class LipSyncSession:
                     deliver=partial(self._receive, self._gen),
                     batch_hint=self.timeline.batch_frames, starts_utterance=starts_utterance))
                 self._metrics.frames_submitted += 1
-        i_next = seg.next_i
+        i_next = seg.next_frame
         seg.discard_columns_before(tl.window_start_column(i_next))
         seg.speech.discard_before(round(i_next * self._spf) - self._hangover)
 
@@ -501,9 +394,9 @@ class LipSyncSession:
         if plan is not None:
             m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
         if show is not None and self._gain > 0.0:
-            compose = partial(_composed, base, show, self.config.paste_mode, self._gain)
+            compose = partial(composed_image, base, show, self.config.paste_mode, self._gain)
         else:
-            compose = partial(_as_is, base)
+            compose = partial(unchanged_image, base)
         return VideoOut(
             compose=compose, pts_index=k, pts=k / self.fps, state=state,
             speech=bool(plan is not None and plan.speech), dropped=dropped, avatar_index=idx,
@@ -543,10 +436,7 @@ class LipSyncSession:
     def _covers_input(self, k: int) -> bool:
         """Does frame k fall inside a segment (audio expected) whose features were not ready?"""
         x = self.timeline.frame_start(k) - self._L
-        for seg in self._segments:
-            if seg.start <= x and (seg.end is None or x < seg.start + seg.end):
-                return True
-        return False
+        return any(seg.covers(x) for seg in self._segments)
 
     def _observe_latency(self, plan: _FramePlan, k: int, now: float) -> None:
         if plan.arrival is None:
