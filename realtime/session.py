@@ -77,13 +77,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from realtime import compositor
 from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.input_segment import InputSegment
 from realtime.mel import HOP, SAMPLE_RATE
 from realtime.metrics import SessionMetrics, SessionStats
+from realtime.mouth_hold import MouthHold
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderJob, RenderResult, RenderWorker
@@ -139,7 +139,6 @@ class LipSyncSession:
         self._paced_chunks: deque[int] = deque(maxlen=16)
         self._hangover = round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000)
         self._margin = self.config.deadline_margin_ms / 1000.0
-        self._gain_step = 1.0 / self.config.ramp_frames
         # Samples of a frame's audio the speech decision looks at: what the renderer reads, whole VAD
         # blocks only, so the decision never waits for audio beyond the renderer's look-ahead.
         block = round(self.config.vad_block_ms * SAMPLE_RATE / 1000)
@@ -159,9 +158,7 @@ class LipSyncSession:
         self._results: dict[int, RenderResult] = {}
         self._inbox: deque[tuple[int, RenderResult]] = deque()  # filled by the worker thread
         self._gen = 0                   # bumped by interrupt(): results of older jobs are ignored
-        self._gain = 0.0                # current mouth alpha
-        self._held: tuple[MouthPatch, int] | None = None  # last rendered patch and its avatar frame
-        self._hold_count = 0
+        self._mouth = MouthHold(avatar, self.config.ramp_frames, self.config.max_hold_frames)
         self._last_sample = 0.0
         self._fade_from: float | None = None
         self._closed = False
@@ -375,9 +372,7 @@ class LipSyncSession:
             if result is not None and result.patch is not None and result.completed_at <= now:
                 state = RENDERED
                 show = result.patch
-                self._held = (result.patch, idx)
-                self._hold_count = 0
-                self._gain = min(1.0, self._gain + self._gain_step)
+                self._mouth.rendered(result.patch, idx)
                 m.frames_rendered += 1
                 self._observe_latency(plan, k, now)
             else:
@@ -389,12 +384,12 @@ class LipSyncSession:
                 m.frames_starved += 1
                 state, show = self._hold_or_fade(idx)
             else:
-                state, show = IDLE, self._fade(idx)
+                state, show = IDLE, self._mouth.fade(idx)
                 m.frames_idle += 1
         if plan is not None:
             m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
-        if show is not None and self._gain > 0.0:
-            compose = partial(composed_image, base, show, self.config.paste_mode, self._gain)
+        if show is not None and self._mouth.gain > 0.0:
+            compose = partial(composed_image, base, show, self.config.paste_mode, self._mouth.gain)
         else:
             compose = partial(unchanged_image, base)
         return VideoOut(
@@ -402,36 +397,16 @@ class LipSyncSession:
             speech=bool(plan is not None and plan.speech), dropped=dropped, avatar_index=idx,
             audio_start=plan.audio_start if plan is not None else None,
             mel=plan.mel if plan is not None else None,
-            mouth_alpha=self._gain if show is not None else 0.0,
+            mouth_alpha=self._mouth.gain if show is not None else 0.0,
         )
 
     def _hold_or_fade(self, idx: int) -> tuple[FrameState, MouthPatch | None]:
-        """A speech frame without its own mouth: re-show the last one (bounded), else fade to rest."""
-        if self._held is not None and self._hold_count < self.config.max_hold_frames and self._gain > 0:
-            self._hold_count += 1
+        state, show = self._mouth.hold_or_fade(idx)
+        if state == HELD:
             self._metrics.frames_held += 1
-            return HELD, self._moved_held(idx)
-        self._metrics.frames_idle += 1
-        return IDLE, self._fade(idx)
-
-    def _fade(self, idx: int) -> MouthPatch | None:
-        self._gain = max(0.0, self._gain - self._gain_step)
-        if self._gain <= 0.0 or self._held is None:
-            self._held = None
-            self._gain = 0.0
-            return None
-        return self._moved_held(idx)
-
-    def _moved_held(self, idx: int) -> MouthPatch | None:
-        if self._held is None:
-            return None
-        patch, from_idx = self._held
-        boxes = getattr(self.avatar, "boxes", None)
-        if boxes is None or from_idx == idx:
-            return patch
-        dy = int(boxes[idx][0]) - int(boxes[from_idx][0])
-        dx = int(boxes[idx][2]) - int(boxes[from_idx][2])
-        return compositor.shifted(patch, dy, dx)
+        else:
+            self._metrics.frames_idle += 1
+        return state, show
 
     def _covers_input(self, k: int) -> bool:
         """Does frame k fall inside a segment (audio expected) whose features were not ready?"""
@@ -489,9 +464,7 @@ class LipSyncSession:
         # New input starts after everything already shown or played.
         self._in_head = max(self._audio_pos, self.timeline.frame_start(self._vclock.next_index)) - self._L
         self._ring.clear(head=min(self._ring.head, self._in_head))
-        self._gain = 0.0
-        self._held = None
-        self._hold_count = 0
+        self._mouth.reset()
         self._fade_from = self._last_sample if self._last_sample != 0.0 else None
         self._last_sample = 0.0
         self._metrics.interrupts += 1
