@@ -71,7 +71,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -80,13 +79,14 @@ import numpy as np
 from realtime.audio_ingest import AudioIngest, AudioRing
 from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
+from realtime.frame_planner import FramePlan, FramePlanner
 from realtime.input_segment import InputSegment
-from realtime.mel import HOP, SAMPLE_RATE
+from realtime.mel import SAMPLE_RATE
 from realtime.metrics import SessionMetrics, SessionStats
 from realtime.mouth_hold import MouthHold
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
-from realtime.scheduler import RenderJob, RenderResult, RenderWorker
+from realtime.scheduler import RenderWorker
 from realtime.utterance_start import PendingStart, choose_start
 from realtime.video_out import HELD, IDLE, RENDERED, FrameState, VideoOut, composed_image, unchanged_image
 
@@ -96,17 +96,6 @@ log = logging.getLogger(__name__)
 
 
 _FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
-
-
-@dataclass
-class _FramePlan:
-    k: int
-    audio_start: int
-    mel: np.ndarray
-    speech: bool
-    avatar_index: int
-    arrival: float | None
-    delay_frames: int     # its utterance's delay: frames from "its audio reached the output clock" to shown
 
 
 class LipSyncSession:
@@ -137,13 +126,6 @@ class LipSyncSession:
         self._stall = round(self.config.stall_after_ms * SAMPLE_RATE / 1000)
         self._stall_tol = self._stall   # grows with the source's chunk size (see _note_chunk)
         self._paced_chunks: deque[int] = deque(maxlen=16)
-        self._hangover = round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000)
-        self._margin = self.config.deadline_margin_ms / 1000.0
-        # Samples of a frame's audio the speech decision looks at: what the renderer reads, whole VAD
-        # blocks only, so the decision never waits for audio beyond the renderer's look-ahead.
-        block = round(self.config.vad_block_ms * SAMPLE_RATE / 1000)
-        span = needs.columns * HOP + round(needs.offset_frames * self._spf)
-        self._speech_span = max(block, span // block * block)
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
 
@@ -154,10 +136,8 @@ class LipSyncSession:
         self._ring.clear(head=self._in_head)
         self._audio_pos = 0             # output samples returned so far
         self._audio_now = 0             # output position of the start of the last audio block pulled
-        self._plans: dict[int, _FramePlan] = {}
-        self._results: dict[int, RenderResult] = {}
-        self._inbox: deque[tuple[int, RenderResult]] = deque()  # filled by the worker thread
-        self._gen = 0                   # bumped by interrupt(): results of older jobs are ignored
+        self._planner = FramePlanner(self, avatar, worker, self.config, self.timeline, self._vclock,
+                                     self._ring, self._metrics)
         self._mouth = MouthHold(avatar, self.config.ramp_frames, self.config.max_hold_frames)
         self._last_sample = 0.0
         self._fade_from: float | None = None
@@ -296,7 +276,7 @@ class LipSyncSession:
                 seg.feed(self._ring.read(seg.start + seg.fed, upto - seg.fed))
             if seg.end is not None and seg.fed >= seg.end and not seg.flushed:
                 seg.flush()
-            self._plan(seg, now)
+            self._planner.plan(seg, now)
             if seg.flushed and seg.next_frame >= (seg.frame_count(self._spf) or 0):
                 self._segments.remove(seg)
         # Input still needed: by the audio track (which may lag the video a little, or not run at all)
@@ -307,61 +287,14 @@ class LipSyncSession:
         self._ring.discard_before(keep_from)
         if self._worker is not None:
             self._worker.kick(now)
-        self._drain()
-
-    def _plan(self, seg: InputSegment, now: float) -> None:
-        tl = self.timeline
-        n_frames = seg.frame_count(self._spf)
-        while n_frames is None or seg.next_frame < n_frames:
-            i = seg.next_frame
-            mel = seg.window(tl.window_start_column(i), tl.needs.columns)
-            if mel is None:
-                break
-            a = round(i * self._spf)
-            speech = seg.speech.speech_in(a - self._hangover, a + self._speech_span)
-            if speech is None:
-                break
-            seg.next_frame += 1
-            k = seg.first_frame + i
-            if k < self._vclock.next_index:
-                continue  # its tick has passed: the input came too late (counted as starved)
-            audio_start = tl.frame_start(k) - self._L
-            plan = _FramePlan(k, audio_start, mel, speech, self.avatar.frame_index(k),
-                              self._ring.arrival_of(audio_start), seg.delay_frames)
-            self._plans[k] = plan
-            starts_utterance = speech and not seg.last_speech
-            seg.last_speech = speech
-            if speech and self._worker is not None:
-                self._worker.submit(RenderJob(
-                    owner=self, key=k, avatar=self.avatar, avatar_index=plan.avatar_index, mel=mel,
-                    deadline=self._vclock.expected_time(k, now) - self._margin, ready_at=now,
-                    deliver=partial(self._receive, self._gen),
-                    batch_hint=self.timeline.batch_frames, starts_utterance=starts_utterance))
-                self._metrics.frames_submitted += 1
-        i_next = seg.next_frame
-        seg.discard_columns_before(tl.window_start_column(i_next))
-        seg.speech.discard_before(round(i_next * self._spf) - self._hangover)
-
-    def _receive(self, gen: int, result: RenderResult) -> None:
-        """The worker thread's delivery: tagged with the generation its job was submitted in."""
-        self._inbox.append((gen, result))
-
-    def _drain(self) -> None:
-        while self._inbox:
-            gen, res = self._inbox.popleft()
-            if gen != self._gen or res.key < self._vclock.next_index:
-                continue
-            self._results[res.key] = res
-            if res.patch is not None:
-                self._metrics.render_ms.observe(1000.0 * res.render_s / max(res.batch_size, 1))
+        self._planner.drain()
 
     # -- output -----------------------------------------------------------------------------------
     def next_video_frame(self) -> VideoOut:
         now = self._clock()
         k = self._vclock.tick(now)
         self._advance(now)
-        plan = self._plans.pop(k, None)
-        result = self._results.pop(k, None)
+        plan, result = self._planner.take(k)
         m = self._metrics
         m.frames += 1
         idx = plan.avatar_index if plan is not None else int(self.avatar.frame_index(k))
@@ -413,7 +346,7 @@ class LipSyncSession:
         x = self.timeline.frame_start(k) - self._L
         return any(seg.covers(x) for seg in self._segments)
 
-    def _observe_latency(self, plan: _FramePlan, k: int, now: float) -> None:
+    def _observe_latency(self, plan: FramePlan, k: int, now: float) -> None:
         if plan.arrival is None:
             return
         arrival = plan.arrival
@@ -453,12 +386,9 @@ class LipSyncSession:
 
     # -- control ----------------------------------------------------------------------------------
     def interrupt(self) -> None:
-        self._gen += 1
         if self._worker is not None:
             self._worker.cancel(self)
-        self._inbox.clear()
-        self._plans.clear()
-        self._results.clear()
+        self._planner.cancel()
         self._segments.clear()
         self._ingest.reset()
         # New input starts after everything already shown or played.
@@ -479,7 +409,7 @@ class LipSyncSession:
         self._closed = True
 
     def metrics(self) -> SessionStats:
-        self._drain()
+        self._planner.drain()
         return SessionStats.of(
             self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
             fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,

@@ -245,7 +245,7 @@ def test_gap_in_speech_is_idle_and_onset_is_ramped(speech_with_gap_16k):
     frames = with_audio(run.frames)
     speech_len = (len(speech_with_gap_16k) - 24000) // 2
     in_gap = [f for f in frames
-              if f.audio_start - session._hangover > speech_len + 200          # after the first speech
+              if f.audio_start - session._planner.hangover_samples > speech_len + 200          # after the first speech
               and f.audio_start + 3400 < speech_len + 24000]                    # before the second
     assert len(in_gap) > 10
     assert all(not f.speech and f.state == IDLE for f in in_gap)
@@ -452,8 +452,8 @@ def test_memory_stays_bounded_on_a_long_live_session(speech_16k):
         if step % 2 == 0:
             session.next_video_frame()
     assert session._ring.stored < 2 * SR
-    assert len(session._plans) <= 2 * session.timeline.delay_frames
-    assert len(session._results) <= 2 * session.timeline.delay_frames
+    assert len(session._planner.plans) <= 2 * session.timeline.delay_frames
+    assert len(session._planner.results) <= 2 * session.timeline.delay_frames
     seg = session._segments[0]
     assert seg._cols.shape[1] < 64 and len(seg.speech._decisions) < 64
     assert session.metrics().segments == 1
