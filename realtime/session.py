@@ -115,16 +115,16 @@ class LipSyncSession:
         needs = audio_needs_of(worker.renderer) if worker is not None else OFFICIAL_WINDOW
         self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,
                                              max_batch=max_batch, needs=needs)
-        self._L = self.timeline.delay_samples
-        self._spf = self.timeline.samples_per_frame
+        self._delay_samples = self.timeline.delay_samples
+        self._samples_per_frame = self.timeline.samples_per_frame
         self._vclock = VideoClock(self.timeline)
         self._ingest = AudioIngest(SAMPLE_RATE)
         self._ring = AudioRing(int(self.config.max_buffered_s * SAMPLE_RATE))
         self._metrics = SessionMetrics(self.config.latency_buckets_ms, self.config.render_buckets_ms,
                                        self.config.latency_window)
-        self._jitter = round(self.config.input_jitter_ms * SAMPLE_RATE / 1000)
-        self._stall = round(self.config.stall_after_ms * SAMPLE_RATE / 1000)
-        self._stall_tol = self._stall   # grows with the source's chunk size (see _note_chunk)
+        self._jitter_samples = round(self.config.input_jitter_ms * SAMPLE_RATE / 1000)
+        self._stall_samples = round(self.config.stall_after_ms * SAMPLE_RATE / 1000)
+        self._stall_tolerance = self._stall_samples   # grows with the source's chunk size (see _note_chunk)
         self._paced_chunks: deque[int] = deque(maxlen=16)
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
@@ -132,7 +132,7 @@ class LipSyncSession:
         self._segments: deque[InputSegment] = deque()
         # Input index after the last pushed sample (or the next start): it ends playing at in_head + L.
         # Before any input, -L: nothing is queued to play.
-        self._in_head = -self._L
+        self._in_head = -self._delay_samples
         self._ring.clear(head=self._in_head)
         self._audio_pos = 0             # output samples returned so far
         self._audio_now = 0             # output position of the start of the last audio block pulled
@@ -143,7 +143,7 @@ class LipSyncSession:
         self._fade_from: float | None = None
         self._closed = False
         # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
-        self.playback = PlaybackTracker(self._L)
+        self.playback = PlaybackTracker(self._delay_samples)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -152,7 +152,7 @@ class LipSyncSession:
 
     @property
     def latency_samples(self) -> int:
-        return self._L
+        return self._delay_samples
 
     @property
     def latency_ms(self) -> float:
@@ -169,20 +169,20 @@ class LipSyncSession:
             log.warning("session %s: push_audio after close ignored", self.name)
             return self._in_head
         now = self._clock()
-        x = self._ingest.convert(samples, sample_rate, channels)
-        if len(x) == 0:
+        converted = self._ingest.convert(samples, sample_rate, channels)
+        if len(converted) == 0:
             return self._in_head
         now_out = self._now_out()
         self._check_stall(now_out)
         if not self._segments or self._segments[-1].end is not None:
             self._open_segment(now_out)
         start = self._in_head
-        self._note_chunk(len(x), start, now_out)
-        kept = self._ring.append(x, start, now)
+        self._note_chunk(len(converted), start, now_out)
+        kept = self._ring.append(converted, start, now)
         self._in_head += kept
         self.playback.on_input(utterance, start, kept, now)
-        self._metrics.audio_in_samples += len(x)
-        self._metrics.audio_refused_samples += len(x) - kept
+        self._metrics.audio_in_samples += len(converted)
+        self._metrics.audio_refused_samples += len(converted) - kept
         self._advance(now)
         return start
 
@@ -197,13 +197,13 @@ class LipSyncSession:
         """A new segment, placed with the look-ahead delay: right after the input before it, or (a start
         from silence) at the output clock minus the jitter allowance. A start from silence stays pending
         until `_settle_start` decides whether it may start sooner (realtime/utterance_start.py)."""
-        from_silence = self._in_head + self._L <= self._next_free_out()   # nothing queued to play
-        earliest = max(self._in_head, now_out - self._jitter)
-        k0 = self.timeline.first_frame_at_or_after(earliest + self._L)
+        from_silence = self._in_head + self._delay_samples <= self._next_free_out()   # nothing queued to play
+        earliest = max(self._in_head, now_out - self._jitter_samples)
+        k0 = self.timeline.first_frame_at_or_after(earliest + self._delay_samples)
         k0 = max(k0, self._vclock.next_index)
-        start = self.timeline.frame_start(k0) - self._L
+        start = self.timeline.frame_start(k0) - self._delay_samples
         pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(k0),
-                               earliest=self._in_head + self._L) if from_silence else None
+                               earliest=self._in_head + self._delay_samples) if from_silence else None
         self._segments.append(InputSegment(start, k0, self.config, self.timeline.delay_frames, pending))
         self._in_head = start
         self._metrics.segments += 1
@@ -223,10 +223,10 @@ class LipSyncSession:
         assert seg.pending is not None
         received = (seg.end if seg.end is not None else self._in_head - seg.start)
         out_start = choose_start(seg.pending, received=received, ended=seg.end is not None, now_out=now_out,
-                                 next_free=self._next_free_out(), timeline=self.timeline, jitter=self._jitter)
+                                 next_free=self._next_free_out(), timeline=self.timeline, jitter=self._jitter_samples)
         if out_start is None:
             return
-        delta = out_start - self._L - seg.start
+        delta = out_start - self._delay_samples - seg.start
         if delta:
             self._ring.move_from(seg.start, delta)
             seg.start += delta
@@ -244,9 +244,10 @@ class LipSyncSession:
         """Learn the pacing of the source: a real-time source pushing C-sample chunks lags by up to C
         between pushes, so the stall threshold becomes 1.5 C (at least stall_after_ms, at most L / 2).
         Chunks pushed ahead of the clock (TTS bursts) or longer than L / 2 say nothing about pacing."""
-        if start <= now_out + n and n <= self._L // 2:
+        if start <= now_out + n and n <= self._delay_samples // 2:
             self._paced_chunks.append(n)
-            self._stall_tol = min(max(self._stall, int(1.5 * max(self._paced_chunks))), self._L // 2)
+            paced = int(1.5 * max(self._paced_chunks))
+            self._stall_tolerance = min(max(self._stall_samples, paced), self._delay_samples // 2)
 
     def _now_out(self) -> int:
         last = self._vclock.next_index - 1
@@ -254,7 +255,7 @@ class LipSyncSession:
         return max(video, self._audio_now)
 
     def _check_stall(self, now_out: int) -> None:
-        if self._segments and self._segments[-1].end is None and self._in_head < now_out - self._stall_tol:
+        if self._segments and self._segments[-1].end is None and self._in_head < now_out - self._stall_tolerance:
             seg = self._segments[-1]
             seg.end = self._in_head - seg.start
             self._metrics.stalls += 1
@@ -264,7 +265,7 @@ class LipSyncSession:
     def _advance(self, now: float) -> None:
         now_out = self._now_out()
         self._check_stall(now_out)
-        horizon = now_out + self._L  # features further ahead are not needed yet (bounds work per call)
+        horizon = now_out + self._delay_samples  # features further ahead are not needed yet (bounds work per call)
         for seg in list(self._segments):
             if seg.pending is not None:
                 self._settle_start(seg, now_out)
@@ -277,11 +278,11 @@ class LipSyncSession:
             if seg.end is not None and seg.fed >= seg.end and not seg.flushed:
                 seg.flush()
             self._planner.plan(seg, now)
-            if seg.flushed and seg.next_frame >= (seg.frame_count(self._spf) or 0):
+            if seg.flushed and seg.next_frame >= (seg.frame_count(self._samples_per_frame) or 0):
                 self._segments.remove(seg)
         # Input still needed: by the audio track (which may lag the video a little, or not run at all)
         # and by the features of the oldest segment.
-        keep_from = max(self._audio_pos, now_out - SAMPLE_RATE) - self._L
+        keep_from = max(self._audio_pos, now_out - SAMPLE_RATE) - self._delay_samples
         if self._segments:
             keep_from = min(keep_from, self._segments[0].start + self._segments[0].fed)
         self._ring.discard_before(keep_from)
@@ -320,7 +321,7 @@ class LipSyncSession:
                 state, show = IDLE, self._mouth.fade(idx)
                 m.frames_idle += 1
         if plan is not None:
-            m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._L) / SAMPLE_RATE))
+            m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._delay_samples) / SAMPLE_RATE))
         if show is not None and self._mouth.gain > 0.0:
             compose = partial(composed_image, base, show, self.config.paste_mode, self._mouth.gain)
         else:
@@ -343,8 +344,8 @@ class LipSyncSession:
 
     def _covers_input(self, k: int) -> bool:
         """Does frame k fall inside a segment (audio expected) whose features were not ready?"""
-        x = self.timeline.frame_start(k) - self._L
-        return any(seg.covers(x) for seg in self._segments)
+        audio_start = self.timeline.frame_start(k) - self._delay_samples
+        return any(seg.covers(audio_start) for seg in self._segments)
 
     def _observe_latency(self, plan: FramePlan, k: int, now: float) -> None:
         if plan.arrival is None:
@@ -360,29 +361,30 @@ class LipSyncSession:
         if n <= 0:
             return np.zeros(0, dtype=np.float32)
         now = self._clock()
-        j = self._audio_pos
-        x = j - self._L
-        out = self._ring.read(x, n)
-        self._count_underrun(x, n)
+        out_start = self._audio_pos
+        in_start = out_start - self._delay_samples   # output sample j plays input sample j - delay
+        out = self._ring.read(in_start, n)
+        self._count_underrun(in_start, n)
         if self._fade_from is not None:
-            m = min(_FADE_SAMPLES, n)
-            out[:m] += self._fade_from * np.linspace(1.0, 0.0, m, endpoint=False, dtype=np.float32)
+            fade = min(_FADE_SAMPLES, n)
+            out[:fade] += self._fade_from * np.linspace(1.0, 0.0, fade, endpoint=False, dtype=np.float32)
             self._fade_from = None
         self._last_sample = float(out[-1])
-        self._audio_now = j
-        self._audio_pos = j + n
+        self._audio_now = out_start
+        self._audio_pos = out_start + n
         self._metrics.audio_out_samples += n
-        self.playback.on_output(j, n, now)
+        self.playback.on_output(out_start, n, now)
         self._advance(now)
         return out
 
-    def _count_underrun(self, x: int, n: int) -> None:
+    def _count_underrun(self, in_start: int, n: int) -> None:
+        """Samples of [in_start, in_start + n) that an open segment expected but did not receive yet."""
         if not self._segments or self._segments[-1].end is not None:
             return
         seg = self._segments[-1]
-        lo = max(x, self._in_head, seg.start)
-        if x + n > lo:
-            self._metrics.audio_underrun_samples += x + n - lo
+        missing_from = max(in_start, self._in_head, seg.start)
+        if in_start + n > missing_from:
+            self._metrics.audio_underrun_samples += in_start + n - missing_from
 
     # -- control ----------------------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -392,7 +394,7 @@ class LipSyncSession:
         self._segments.clear()
         self._ingest.reset()
         # New input starts after everything already shown or played.
-        self._in_head = max(self._audio_pos, self.timeline.frame_start(self._vclock.next_index)) - self._L
+        self._in_head = max(self._audio_pos, self.timeline.frame_start(self._vclock.next_index)) - self._delay_samples
         self._ring.clear(head=min(self._ring.head, self._in_head))
         self._mouth.reset()
         self._fade_from = self._last_sample if self._last_sample != 0.0 else None
@@ -415,5 +417,5 @@ class LipSyncSession:
             fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
             utterance_delay_ms=self._utterance_delay_ms, quick_starts=self._quick_starts,
             delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
-            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._L)) / SAMPLE_RATE
+            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._delay_samples)) / SAMPLE_RATE
                                if self._ring.stored else 0.0))
