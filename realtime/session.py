@@ -84,6 +84,7 @@ from realtime.input_segment import InputSegment
 from realtime.mel import SAMPLE_RATE
 from realtime.metrics import SessionMetrics, SessionStats
 from realtime.mouth_hold import MouthHold
+from realtime.output_audio import DelayedAudioOut
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderWorker
@@ -93,9 +94,6 @@ from realtime.video_out import HELD, IDLE, RENDERED, FrameState, VideoOut, compo
 __all__ = ["HELD", "IDLE", "RENDERED", "FrameState", "LipSyncSession", "VideoOut"]
 
 log = logging.getLogger(__name__)
-
-
-_FADE_SAMPLES = 80      # 5 ms audio fade after an interrupt
 
 
 class LipSyncSession:
@@ -134,13 +132,10 @@ class LipSyncSession:
         # Before any input, -L: nothing is queued to play.
         self._in_head = -self._delay_samples
         self._ring.clear(head=self._in_head)
-        self._audio_pos = 0             # output samples returned so far
-        self._audio_now = 0             # output position of the start of the last audio block pulled
+        self._audio_out = DelayedAudioOut(self._ring, self._delay_samples)
         self._planner = FramePlanner(self, avatar, worker, self.config, self.timeline, self._vclock,
                                      self._ring, self._metrics)
         self._mouth = MouthHold(avatar, self.config.ramp_frames, self.config.max_hold_frames)
-        self._last_sample = 0.0
-        self._fade_from: float | None = None
         self._closed = False
         # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
         self.playback = PlaybackTracker(self._delay_samples)
@@ -214,7 +209,7 @@ class LipSyncSession:
 
     def _next_free_out(self) -> int:
         """The first output sample that is neither shown nor played yet."""
-        return max(self.timeline.frame_start(self._vclock.next_index), self._audio_pos)
+        return max(self.timeline.frame_start(self._vclock.next_index), self._audio_out.position)
 
     def _settle_start(self, seg: InputSegment, now_out: int) -> None:
         """Decide a pending segment's start (the per-utterance delay) when `choose_start` can, and move
@@ -252,7 +247,7 @@ class LipSyncSession:
     def _now_out(self) -> int:
         last = self._vclock.next_index - 1
         video = self.timeline.frame_start(last) if last >= 0 else 0
-        return max(video, self._audio_now)
+        return max(video, self._audio_out.block_start)
 
     def _check_stall(self, now_out: int) -> None:
         if self._segments and self._segments[-1].end is None and self._in_head < now_out - self._stall_tolerance:
@@ -282,7 +277,7 @@ class LipSyncSession:
                 self._segments.remove(seg)
         # Input still needed: by the audio track (which may lag the video a little, or not run at all)
         # and by the features of the oldest segment.
-        keep_from = max(self._audio_pos, now_out - SAMPLE_RATE) - self._delay_samples
+        keep_from = max(self._audio_out.position, now_out - SAMPLE_RATE) - self._delay_samples
         if self._segments:
             keep_from = min(keep_from, self._segments[0].start + self._segments[0].fed)
         self._ring.discard_before(keep_from)
@@ -361,17 +356,8 @@ class LipSyncSession:
         if n <= 0:
             return np.zeros(0, dtype=np.float32)
         now = self._clock()
-        out_start = self._audio_pos
-        in_start = out_start - self._delay_samples   # output sample j plays input sample j - delay
-        out = self._ring.read(in_start, n)
-        self._count_underrun(in_start, n)
-        if self._fade_from is not None:
-            fade = min(_FADE_SAMPLES, n)
-            out[:fade] += self._fade_from * np.linspace(1.0, 0.0, fade, endpoint=False, dtype=np.float32)
-            self._fade_from = None
-        self._last_sample = float(out[-1])
-        self._audio_now = out_start
-        self._audio_pos = out_start + n
+        out_start, out = self._audio_out.read(n)
+        self._count_underrun(out_start - self._delay_samples, n)
         self._metrics.audio_out_samples += n
         self.playback.on_output(out_start, n, now)
         self._advance(now)
@@ -394,13 +380,12 @@ class LipSyncSession:
         self._segments.clear()
         self._ingest.reset()
         # New input starts after everything already shown or played.
-        self._in_head = max(self._audio_pos, self.timeline.frame_start(self._vclock.next_index)) - self._delay_samples
+        self._in_head = self._next_free_out() - self._delay_samples
         self._ring.clear(head=min(self._ring.head, self._in_head))
         self._mouth.reset()
-        self._fade_from = self._last_sample if self._last_sample != 0.0 else None
-        self._last_sample = 0.0
+        self._audio_out.interrupt()
         self._metrics.interrupts += 1
-        self.playback.on_interrupt(self._audio_pos, self._clock())
+        self.playback.on_interrupt(self._audio_out.position, self._clock())
         log.debug("session %s: interrupted", self.name)
 
     def close(self) -> None:
@@ -412,10 +397,12 @@ class LipSyncSession:
 
     def metrics(self) -> SessionStats:
         self._planner.drain()
+        # Input stored but not played yet: from the input sample the audio track plays next to the head.
+        unplayed = self._ring.head - (self._audio_out.position - self._delay_samples)
         return SessionStats.of(
             self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
             fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
             utterance_delay_ms=self._utterance_delay_ms, quick_starts=self._quick_starts,
             delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
-            buffered_input_ms=(1000.0 * max(0, self._ring.head - (self._audio_pos - self._delay_samples)) / SAMPLE_RATE
+            buffered_input_ms=(1000.0 * max(0, unplayed) / SAMPLE_RATE
                                if self._ring.stored else 0.0))
