@@ -42,6 +42,11 @@ VideoOut fields: image (read-only BGR), pts_index k, pts (s), state (FrameState:
 speech, dropped, avatar_index, audio_start (input sample of the frame's own time, None without audio),
 mel (the (80, 16) window of the frame, None without audio), mouth_alpha.
 
+Parts (the session coordinates them): realtime/input_segment.py (a segment's mel and VAD),
+realtime/frame_planner.py (per-frame windows, speech decisions, render jobs and results),
+realtime/mouth_hold.py (held / idle mouth and its alpha ramp), realtime/output_audio.py (the delayed
+output track), realtime/video_out.py (VideoOut, FrameState; re-exported here).
+
 Simulated time (tests, benchmarks): pass `clock=ManualClock()` (realtime/clock.py) and an
 `InlineRenderWorker` (realtime/scheduler.py); set the clock before each call. Nothing else reads time.
 
