@@ -45,7 +45,8 @@ mel (the (80, 16) window of the frame, None without audio), mouth_alpha.
 Parts (the session coordinates them): realtime/input_segment.py (a segment's mel and VAD),
 realtime/frame_planner.py (per-frame windows, speech decisions, render jobs and results),
 realtime/mouth_hold.py (held / idle mouth and its alpha ramp), realtime/output_audio.py (the delayed
-output track), realtime/video_out.py (VideoOut, FrameState; re-exported here).
+output track), realtime/stall_threshold.py (when a pause closes a segment), realtime/video_out.py
+(VideoOut, FrameState; re-exported here).
 
 Simulated time (tests, benchmarks): pass `clock=ManualClock()` (realtime/clock.py) and an
 `InlineRenderWorker` (realtime/scheduler.py); set the clock before each call. Nothing else reads time.
@@ -93,6 +94,7 @@ from realtime.output_audio import DelayedAudioOut
 from realtime.playback import PlaybackTracker
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderWorker
+from realtime.stall_threshold import StallThreshold
 from realtime.utterance_start import PendingStart, choose_start
 from realtime.video_out import HELD, IDLE, RENDERED, FrameState, VideoOut, composed_image, unchanged_image
 
@@ -126,9 +128,7 @@ class LipSyncSession:
         self._metrics = SessionMetrics(self.config.latency_buckets_ms, self.config.render_buckets_ms,
                                        self.config.latency_window)
         self._jitter_samples = round(self.config.input_jitter_ms * SAMPLE_RATE / 1000)
-        self._stall_samples = round(self.config.stall_after_ms * SAMPLE_RATE / 1000)
-        self._stall_tolerance = self._stall_samples   # grows with the source's chunk size (see _note_chunk)
-        self._paced_chunks: deque[int] = deque(maxlen=16)
+        self._stall = StallThreshold(self.config.stall_after_ms, self._delay_samples)
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
 
@@ -177,7 +177,7 @@ class LipSyncSession:
         if not self._segments or self._segments[-1].end is not None:
             self._open_segment(now_out)
         start = self._in_head
-        self._note_chunk(len(converted), start, now_out)
+        self._stall.note_chunk(len(converted), start, now_out)
         kept = self._ring.append(converted, start, now)
         self._in_head += kept
         self.playback.on_input(utterance, start, kept, now)
@@ -240,22 +240,13 @@ class LipSyncSession:
         log.debug("session %s: utterance starts at output %d (delay %.0f ms)", self.name, out_start,
                   self._utterance_delay_ms)
 
-    def _note_chunk(self, n: int, start: int, now_out: int) -> None:
-        """Learn the pacing of the source: a real-time source pushing C-sample chunks lags by up to C
-        between pushes, so the stall threshold becomes 1.5 C (at least stall_after_ms, at most L / 2).
-        Chunks pushed ahead of the clock (TTS bursts) or longer than L / 2 say nothing about pacing."""
-        if start <= now_out + n and n <= self._delay_samples // 2:
-            self._paced_chunks.append(n)
-            paced = int(1.5 * max(self._paced_chunks))
-            self._stall_tolerance = min(max(self._stall_samples, paced), self._delay_samples // 2)
-
     def _now_out(self) -> int:
         last = self._vclock.next_index - 1
         video = self.timeline.frame_start(last) if last >= 0 else 0
         return max(video, self._audio_out.block_start)
 
     def _check_stall(self, now_out: int) -> None:
-        if self._segments and self._segments[-1].end is None and self._in_head < now_out - self._stall_tolerance:
+        if self._segments and self._segments[-1].end is None and self._in_head < now_out - self._stall.samples:
             seg = self._segments[-1]
             seg.end = self._in_head - seg.start
             self._metrics.stalls += 1
