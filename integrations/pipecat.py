@@ -47,7 +47,7 @@ from pipecat.services.settings import ServiceSettings
 
 from integrations.local_engine import LocalEngine, load_local_engine
 from realtime.config import EngineConfig
-from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
+from realtime.playback import PlaybackEvent, SpeechEnded, SpeechStarted, new_utterance_id
 from realtime.session import LipSyncSession
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class LipSyncVideoService(AIService):
         self._utterance: str | None = None
         self._context: str | None = None
         self._events: list[PlaybackEvent] = []
+        self._utterance_delay_s: float | None = None
         self._stops: dict[str, TTSStoppedFrame] = {}   # held back until their utterance has played
         self._latency_s = 0.0
 
@@ -86,6 +87,12 @@ class LipSyncVideoService(AIService):
         """The engine's fixed delay from TTS audio in to the same audio (and its mouth) out (0 before
         StartFrame)."""
         return self._latency_s
+
+    @property
+    def utterance_delay_s(self) -> float | None:
+        """The delay the latest utterance started with: `latency_s`, or less when its TTS audio arrived
+        ahead of real time (realtime/utterance_start.py). None before any utterance started playing."""
+        return self._utterance_delay_s
 
     def can_generate_metrics(self) -> bool:
         return False
@@ -203,6 +210,9 @@ class LipSyncVideoService(AIService):
     async def _flush_events(self) -> None:
         events, self._events[:] = list(self._events), []
         for event in events:
+            if isinstance(event, SpeechStarted) and self._session is not None:
+                delay_ms = self._session.metrics().utterance_delay_ms
+                self._utterance_delay_s = None if delay_ms is None else delay_ms / 1000.0
             if isinstance(event, SpeechEnded):
                 stop = self._stops.pop(event.utterance, None)
                 if stop is not None:

@@ -201,6 +201,16 @@ class PlaybackTracker:
         self.last_block_voiced = self._voiced(j, n)
         self._advance(now, j, n)
 
+    def on_input_moved(self, from_x: int, delta: int) -> None:
+        """The session moved its input from index `from_x` on by `delta` samples (a start from silence
+        that plays sooner, realtime/utterance_start.py): the spans there follow, so positions and event
+        times stay exact."""
+        for u in self._utterances:
+            for span in u.spans:
+                if span[0] >= from_x:
+                    span[0] += delta
+                    span[1] += delta
+
     def on_interrupt(self, j: int, now: float) -> None:
         """interrupt() after output samples [0, j) were handed out: every queued utterance ends here, at
         the time the last handed-out sample leaves."""

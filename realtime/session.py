@@ -229,6 +229,7 @@ class LipSyncSession:
         delta = out_start - self._delay_samples - seg.start
         if delta:
             self._ring.move_from(seg.start, delta)
+            self.playback.on_input_moved(seg.start, delta)
             seg.start += delta
             self._in_head += delta
             seg.first_frame = self.timeline.first_frame_at_or_after(out_start)

@@ -45,11 +45,16 @@ def test_gap_skipping_buffer_returns_to_its_prefetch_after_a_loss():
     assert 10 not in out and sorted(x for x in out if x is not None) == [x for x in out if x is not None]
 
 
-def test_install_replaces_aiortcs_audio_receive_buffer():
-    """Guards the private aiortc attribute the server relies on (RTCRtpReceiver.__jitter_buffer)."""
+async def test_install_replaces_aiortcs_audio_receive_buffer():
+    """Guards the private aiortc attribute the server relies on (RTCRtpReceiver.__jitter_buffer).
+    Async: aiortc's peer connection needs a running event loop (a sync test fails once another test
+    has closed the default loop)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    audio = pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="sendonly")
-    assert isinstance(audio.receiver._RTCRtpReceiver__jitter_buffer, JitterBuffer)
-    assert install(pc) == 1
-    assert isinstance(audio.receiver._RTCRtpReceiver__jitter_buffer, GapSkippingJitterBuffer)
+    try:
+        audio = pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="sendonly")
+        assert isinstance(audio.receiver._RTCRtpReceiver__jitter_buffer, JitterBuffer)
+        assert install(pc) == 1
+        assert isinstance(audio.receiver._RTCRtpReceiver__jitter_buffer, GapSkippingJitterBuffer)
+    finally:
+        await pc.close()

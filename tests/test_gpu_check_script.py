@@ -113,8 +113,9 @@ def test_the_fetched_wheels_cover_what_the_installer_needs():
     assert not fetched & {"torch", "numpy", "opencv_python", "opencv_python_headless", "aiohttp"}
 
 
-def run_gpu_check_sh(tmp_path: Path, *args: str, timeout: float) -> tuple[dict, subprocess.CompletedProcess]:
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}
+def run_gpu_check_sh(tmp_path: Path, *args: str, timeout: float,
+                     python: str = sys.executable) -> tuple[dict, subprocess.CompletedProcess]:
+    env = {**os.environ, "PYTHON": python, "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", *args, "--out", str(tmp_path / "out")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -139,8 +140,13 @@ def test_cpu_smoke_dry_run_within_60_s(tmp_path):
 
 @pytest.mark.slow
 def test_the_wall_clock_budget_is_hard(tmp_path):
-    """A budget too small for the work: the steps are cut, and the JSON line still comes, in time."""
-    result, _ = run_gpu_check_sh(tmp_path, "--cpu-smoke", "--budget-s", "12", timeout=60)
+    """A step that overruns the budget (a GPU check that hangs, played by a Python that sleeps 60 s before
+    bench/gpu_check.py) is cut, and the JSON line still comes, in time. (The smoke run itself fits in
+    12 s on a quiet machine, so it cannot stand for the overrun.)"""
+    hanging = tmp_path / "python-hanging-gpu-check"
+    hanging.write_text(f'#!/bin/sh\ncase "$*" in *bench/gpu_check.py*) sleep 60 ;; esac\nexec {sys.executable} "$@"\n')
+    hanging.chmod(0o755)
+    result, _ = run_gpu_check_sh(tmp_path, "--cpu-smoke", "--budget-s", "12", timeout=60, python=str(hanging))
     sh = result["gpu_check_sh"]
     assert sh["budget_s"] == 12 and sh["wall_s"] <= 12 + 4  # timeout's kill grace at most
     assert "gpu_check" in sh["timed_out"] and not sh["ok"] and result["gpu_check"] is None

@@ -97,13 +97,16 @@ async def test_images_at_fps_audio_delayed_mouth_moves(speech_16k):
     audio_pts = [f.pts for _, f in audio]
     spans = np.diff(audio_pts)
     assert np.all(spans == 40_000_000), spans   # one 40 ms block per tick, no gaps
-    # Delayed by the engine's fixed latency L: the first audio leaves L after the TTS audio came in, less
-    # the engine's 20 ms input-jitter allowance, rounded up to the next frame boundary (up to 40 ms);
-    # 10-30 ms of tolerance for the pacing task's wake-ups on a loaded machine.
+    # Delayed by the utterance's delay: TTS audio that arrives ahead of real time starts after the
+    # compute budget only (realtime/utterance_start.py), never later than the fixed latency L. The first
+    # audio leaves that long after the TTS audio came in, less the engine's 20 ms input-jitter allowance,
+    # rounded up to the next frame boundary (up to 40 ms); 10-30 ms of tolerance for the pacing task's
+    # wake-ups on a loaded machine.
     assert audio_pts[0] % 40_000_000 == 0
     delay = audio[0][0] - seen.tts_in[0]
-    assert service.latency_s > 0
-    assert service.latency_s - 0.02 - 0.01 <= delay <= service.latency_s + 0.04 + 0.03, (delay, service.latency_s)
+    utterance_delay = service.utterance_delay_s
+    assert service.latency_s > 0 and utterance_delay is not None and 0 < utterance_delay <= service.latency_s
+    assert utterance_delay - 0.02 - 0.01 <= delay <= utterance_delay + 0.04 + 0.03, (delay, utterance_delay)
     # Mouth moves with speech, rests otherwise.
     image_at = {f.pts: rgb(f) for _, f in images}
     talking = [mouth_level(image_at[p]) for p in range(audio_pts[0], audio_pts[-1], 40_000_000) if p in image_at]
