@@ -199,18 +199,18 @@ class LipSyncSession:
         until `_settle_start` decides whether it may start sooner (realtime/utterance_start.py)."""
         from_silence = self._in_head + self._delay_samples <= self._next_free_out()   # nothing queued to play
         earliest = max(self._in_head, now_out - self._jitter_samples)
-        k0 = self.timeline.first_frame_at_or_after(earliest + self._delay_samples)
-        k0 = max(k0, self._vclock.next_index)
-        start = self.timeline.frame_start(k0) - self._delay_samples
-        pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(k0),
+        first_frame = self.timeline.first_frame_at_or_after(earliest + self._delay_samples)
+        first_frame = max(first_frame, self._vclock.next_index)
+        start = self.timeline.frame_start(first_frame) - self._delay_samples
+        pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(first_frame),
                                earliest=self._in_head + self._delay_samples) if from_silence else None
-        self._segments.append(InputSegment(start, k0, self.config, self.timeline.delay_frames, pending))
+        self._segments.append(InputSegment(start, first_frame, self.config, self.timeline.delay_frames, pending))
         self._in_head = start
         self._metrics.segments += 1
         if pending is None:
             self._utterance_delay_ms = self.latency_ms
         log.debug("session %s: segment %d starts at input %d (frame %d)%s", self.name,
-                  self._metrics.segments, start, k0, " (pending)" if pending else "")
+                  self._metrics.segments, start, first_frame, " (pending)" if pending else "")
 
     def _next_free_out(self) -> int:
         """The first output sample that is neither shown nor played yet."""
@@ -233,8 +233,9 @@ class LipSyncSession:
             seg.start += delta
             self._in_head += delta
             seg.first_frame = self.timeline.first_frame_at_or_after(out_start)
-            arrived_k = self.timeline.first_frame_at_or_after(seg.pending.opened_out + 1) - 1
-            seg.delay_frames = seg.first_frame - max(arrived_k, 0)
+            # The last frame whose tick had started when the utterance's audio reached the output clock.
+            arrived_frame = self.timeline.first_frame_at_or_after(seg.pending.opened_out + 1) - 1
+            seg.delay_frames = seg.first_frame - max(arrived_frame, 0)
             self._quick_starts += 1
         self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
         seg.pending = None
@@ -288,8 +289,8 @@ class LipSyncSession:
         k = self._vclock.tick(now)
         self._advance(now)
         plan, result = self._planner.take(k)
-        m = self._metrics
-        m.frames += 1
+        metrics = self._metrics
+        metrics.frames += 1
         idx = plan.avatar_index if plan is not None else int(self.avatar.frame_index(k))
         base = self.avatar.frames[idx]
         show: MouthPatch | None = None
@@ -299,21 +300,21 @@ class LipSyncSession:
                 state = RENDERED
                 show = result.patch
                 self._mouth.rendered(result.patch, idx)
-                m.frames_rendered += 1
+                metrics.frames_rendered += 1
                 self._observe_latency(plan, k, now)
             else:
                 dropped = True
-                m.frames_dropped += 1
+                metrics.frames_dropped += 1
                 state, show = self._hold_or_fade(idx)
         else:
             if plan is None and self._covers_input(k):
-                m.frames_starved += 1
+                metrics.frames_starved += 1
                 state, show = self._hold_or_fade(idx)
             else:
                 state, show = IDLE, self._mouth.fade(idx)
-                m.frames_idle += 1
+                metrics.frames_idle += 1
         if plan is not None:
-            m.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._delay_samples) / SAMPLE_RATE))
+            metrics.observe_av_offset(1000.0 * (k / self.fps - (plan.audio_start + self._delay_samples) / SAMPLE_RATE))
         if show is not None and self._mouth.gain > 0.0:
             compose = partial(composed_image, base, show, self.config.paste_mode, self._mouth.gain)
         else:

@@ -245,8 +245,8 @@ def test_gap_in_speech_is_idle_and_onset_is_ramped(speech_with_gap_16k):
     frames = with_audio(run.frames)
     speech_len = (len(speech_with_gap_16k) - 24000) // 2
     in_gap = [f for f in frames
-              if f.audio_start - session._planner.hangover_samples > speech_len + 200          # after the first speech
-              and f.audio_start + 3400 < speech_len + 24000]                    # before the second
+              if f.audio_start - session._planner.hangover_samples > speech_len + 200  # after the first speech
+              and f.audio_start + 3400 < speech_len + 24000]                            # before the second
     assert len(in_gap) > 10
     assert all(not f.speech and f.state == IDLE for f in in_gap)
     assert renderer.frames == sum(f.speech for f in frames)   # no renders outside speech frames
