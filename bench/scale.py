@@ -51,6 +51,7 @@ from realtime.config import EngineConfig  # noqa: E402
 from realtime.renderers.base import MouthPatch  # noqa: E402
 from realtime.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
 from realtime.session import FrameState, LipSyncSession  # noqa: E402
+from server.realtime_engine import REMOTE_BATCH_WAIT_MS  # noqa: E402
 
 APP = "bench-scale"
 # The bench's cluster uses Ray's token authentication with a token of this run's own, handed to every
@@ -90,7 +91,9 @@ def front_end(args: argparse.Namespace) -> None:
         from realtime.renderers.default import DefaultRenderer
 
         renderer = DefaultRenderer()
-    worker = TimedWorker(renderer)
+    # As the server does (server/realtime_engine.py): with the tier, the replica does the waiting for batches.
+    worker = (TimedWorker(renderer, max_wait_s=REMOTE_BATCH_WAIT_MS / 1000.0) if args.backend == "ray"
+              else TimedWorker(renderer))
     worker.prepare(avatar, warmup=True)
     sessions = [LipSyncSession(avatar, worker, EngineConfig()) for _ in range(args.sessions)]
     wav, rate = make_speech(TEXT, 20)

@@ -36,6 +36,8 @@ from server.engine import Engine, EngineHealth, EngineStats, WorkerLoad
 
 log = logging.getLogger(__name__)
 
+REMOTE_BATCH_WAIT_MS = 2.0  # a front-end's wait to batch its own sessions' frames when rendering on the tier
+
 # Engine settings a client may choose per session (POST /offer {"options": {...}}).
 SESSION_OPTIONS = {
     "paste_mode": str,
@@ -232,6 +234,10 @@ class RealtimeEngine:
         closers: list[Callable[[], None]] = []
         if config.render_backend == "ray":
             renderers, devices = remote_renderers(config, spec, closers)
+            # The replica gathers due frames across every front-end by deadline; this front-end waits only
+            # long enough to send its own sessions' simultaneous frames in one request (one call in flight
+            # at a time), not the local 10 ms (bench/scale.py: +12 ms p50 with both waits).
+            engine_config = engine_config.with_overrides(max_batch_wait_ms=REMOTE_BATCH_WAIT_MS)
         elif config.checkpoint is None:
             # The no-weights renderer runs on the CPU whatever the device; "cpu" listed k times gives it
             # k worker threads (it is thread-safe, so they share one instance).
