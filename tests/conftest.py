@@ -95,3 +95,16 @@ async def http():
 
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def server():
+    """A live server on loopback with the tiny test engine (tests/test_server_helpers.py), up to 3 sessions.
+    Test files that need another configuration define their own `server`."""
+    from test_server_helpers import start_server, tiny_engine
+
+    engine = tiny_engine()
+    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)
+    yield running
+    await running.stop()
+    engine.close()

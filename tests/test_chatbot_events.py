@@ -8,21 +8,12 @@ import json
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client, start_server, tiny_engine
+from test_server_helpers import Client
 
 from bench.playback_events import TONES, run_scenario
 from server.state import STATE
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
-
-
-@pytest.fixture
-async def server():
-    engine = tiny_engine()
-    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)
-    yield running
-    await running.stop()
-    engine.close()
 
 
 async def test_two_utterances_interrupted_match_the_received_audio(server, http):

@@ -10,18 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level, start_server, tiny_engine
+from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
-
-
-@pytest.fixture
-async def server():
-    engine = tiny_engine()
-    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)
-    yield running
-    await running.stop()
-    engine.close()
 
 
 async def test_frames_arrive_at_avatar_fps(server, http):
