@@ -102,9 +102,12 @@ def random_wav2lip_checkpoint(path: Path) -> Path:
 
 class Microphone(MediaStreamTrack):
     """A microphone stand-in: 20 ms frames in real time, silence until `say(clip)`; remembers when it
-    handed aiortc the frame holding the clip's first sample."""
+    handed aiortc the frame holding the clip's first sample. Frames are 48 kHz, as a browser captures:
+    aiortc's Opus encoder sends those in the call that gets them, while 16 kHz frames would each wait
+    for the next one (server/opus_encoder.py)."""
 
     kind = "audio"
+    rate = 48000
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,30 +120,31 @@ class Microphone(MediaStreamTrack):
     def say(self, clip: np.ndarray) -> None:
         self.onset_sent_at = None
         self._onset_in_queue = len(self._queue)
-        self._queue = np.concatenate([self._queue, pcm16(clip)])
+        up = np.interp(np.arange(len(clip) * self.rate // RATE) * RATE / self.rate, np.arange(len(clip)), clip)
+        self._queue = np.concatenate([self._queue, pcm16(up)])
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
             self._start = time.monotonic()
-        wait = self._start + self._pos / RATE - time.monotonic()
+        wait = self._start + self._pos / self.rate - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        n = RATE // 50
+        n = self.rate // 50
         chunk, self._queue = self._queue[:n], self._queue[n:]
         if self._onset_in_queue is not None:
             if self._onset_in_queue < n:
                 # The onset sample is "captured" (n - offset) samples before the frame is complete.
-                self.onset_sent_at = time.monotonic() - (n - self._onset_in_queue) / RATE
+                self.onset_sent_at = time.monotonic() - (n - self._onset_in_queue) / self.rate
                 self._onset_in_queue = None
             else:
                 self._onset_in_queue -= n
         chunk = np.pad(chunk, (0, n - len(chunk)))
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
+        frame.sample_rate = self.rate
         frame.pts = self._pos
-        frame.time_base = fractions.Fraction(1, RATE)
+        frame.time_base = fractions.Fraction(1, self.rate)
         self._pos += n
         return frame
 

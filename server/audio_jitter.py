@@ -1,12 +1,21 @@
-"""The microphone's receive jitter buffer: aiortc's audio buffer without its latency creep.
+"""The microphone's receive jitter buffer: packets in order, on arrival, without aiortc's latency creep.
 
-aiortc's audio `JitterBuffer(capacity=16, prefetch=4)` hands out at most one frame per arriving packet
-and stops at a missing packet until 16 packets have piled up behind it. One lost or reordered packet (a
-loaded machine drops UDP datagrams) therefore adds up to 15 x 20 ms = 300 ms to every later microphone
-frame, and the delay never comes back down. Measured with bench/browser_latency.py (headless Chromium,
-built-in renderer, shared 2-core machine): the first mic -> returned audio trial took 168 ms, the next
-ones 412-552 ms, in steps, never recovering. `GapSkippingJitterBuffer` gives a missing packet up once a
-few packets wait behind it, so after a loss the delay returns to aiortc's prefetch.
+aiortc's audio `JitterBuffer(capacity=16, prefetch=4)` holds every packet until 4 more wait behind it
+(80 ms), hands out at most one frame per arriving packet, and stops at a missing packet until 16 packets
+have piled up behind it. One lost or reordered packet (a loaded machine drops UDP datagrams) therefore
+adds up to 15 x 20 ms = 300 ms to every later microphone frame, and the delay never comes back down.
+Measured with bench/browser_latency.py (headless Chromium, built-in renderer, shared 2-core machine): the
+first mic -> returned audio trial took 168 ms, the next ones 412-552 ms, in steps, never recovering.
+
+A count of packets is not a jitter buffer: packet k leaves when packet k + 4 arrives, so a late packet
+delays the ones before it as much as without the hold, and only the 80 ms are added. Timing jitter is the
+engine's to absorb (its input jitter allowance and stall threshold, realtime/session.py), on the arrival
+times it is given. So `GapSkippingJitterBuffer` releases an in-order packet as soon as it arrives
+(prefetch 0), holds later packets only while one before them is missing (reordering), and gives the
+missing packet up once `skip_after` packets wait behind it. After a loss it stays at most
+`skip_after - 1` packets (80 ms) behind, one frame per arriving packet as in aiortc, and never further:
+further losses do not add up (tests/test_audio_jitter.py). Catching that up would mean dropping or
+time-compressing microphone audio; not done.
 
 `install` replaces the buffer of a peer connection's audio receivers; it relies on aiortc's private
 `RTCRtpReceiver.__jitter_buffer` and `JitterBuffer` internals (aiortc < 2, guarded by
@@ -25,11 +34,11 @@ _RECEIVER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 
 
 class GapSkippingJitterBuffer(JitterBuffer):
-    """aiortc's audio jitter buffer (same capacity and prefetch; audio: one packet per frame) that
-    releases the oldest packet once `prefetch` packets wait behind it, whether or not all of them are
+    """aiortc's audio jitter buffer (same capacity; audio: one packet per frame) that releases the oldest
+    packet once `prefetch` packets wait behind it (0: on arrival), whether or not all of them are
     consecutive, and gives a missing oldest packet up once `skip_after` packets wait behind it."""
 
-    def __init__(self, capacity: int = 16, prefetch: int = 4, skip_after: int = 5) -> None:
+    def __init__(self, capacity: int = 16, prefetch: int = 0, skip_after: int = 5) -> None:
         super().__init__(capacity=capacity, prefetch=prefetch)
         self.skip_after = skip_after
         self.skipped = 0

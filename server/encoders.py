@@ -17,8 +17,12 @@ So only these change: H.264 preset veryfast and one thread per encoder (sessions
 slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser. Everything else
 (bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's.
 
+Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which upsamples the server's
+16 kHz frames itself so that no packet waits for the next frame (20 ms less on every returned sound);
+G.711 and other codecs are aiortc's.
+
 `install()` makes aiortc's RTCRtpSender create these encoders: it replaces the `get_encoder` that
-aiortc.rtcrtpsender looks up for each new sender (audio and other codecs are passed through).
+aiortc.rtcrtpsender looks up for each new sender.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from aiortc.codecs.base import Encoder
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+from server.opus_encoder import RealtimeOpusEncoder
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +95,14 @@ class RealtimeVp8Encoder(_Tuned, Vp8Encoder):
 
 
 def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
-    """aiortc's encoder for `codec`, with the real-time settings above for H.264 and VP8."""
+    """aiortc's encoder for `codec`, with the real-time settings above for H.264, VP8 and Opus."""
     mime = codec.mimeType.lower()
     if mime == "video/h264":
         return RealtimeH264Encoder()
     if mime == "video/vp8":
         return RealtimeVp8Encoder()
+    if mime == "audio/opus":
+        return RealtimeOpusEncoder()
     return aiortc_get_encoder(codec)
 
 
@@ -102,5 +110,5 @@ def install() -> None:
     """Make every RTCRtpSender created from now on use `get_encoder` (idempotent)."""
     if aiortc.rtcrtpsender.get_encoder is not get_encoder:
         aiortc.rtcrtpsender.get_encoder = get_encoder
-        log.debug("aiortc video encoders: H.264 %s, %d thread(s); VP8 %s",
+        log.debug("aiortc encoders: H.264 %s, %d thread(s); VP8 %s; Opus without the frame hold-back",
                   H264_OPTIONS, H264_THREADS, VP8_OPTIONS)

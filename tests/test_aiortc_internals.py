@@ -22,6 +22,7 @@ from av import AudioFrame, VideoFrame
 
 from server import encoders
 from server.ice import rtc_configuration, use_host_addresses
+from server.opus_encoder import RealtimeOpusEncoder
 
 
 class _MovingPattern(VideoStreamTrack):
@@ -145,7 +146,8 @@ async def test_offer_media_kinds_come_from_aiortcs_sdp_parser():
 
 
 
-@pytest.mark.parametrize(("encoder_class", "rtp_rate"), [(OpusEncoder, 48000), (PcmuEncoder, 8000)])
+@pytest.mark.parametrize(("encoder_class", "rtp_rate"),
+                         [(OpusEncoder, 48000), (RealtimeOpusEncoder, 48000), (PcmuEncoder, 8000)])
 def test_audio_rtp_timestamps_follow_frame_pts_across_a_skip(encoder_class: type, rtp_rate: int) -> None:
     """SyncedAudioTrack skips a starved span by jumping frame.pts; the receiver sees the gap (and conceals
     it as loss) only while aiortc's audio encoders derive the RTP timestamp from frame.pts (through PyAV's

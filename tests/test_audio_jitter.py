@@ -36,13 +36,26 @@ def test_aiortc_alone_creeps_after_one_lost_packet():
     assert out[-1] is not None and LOST_ONE[-1] - out[-1] >= 14
 
 
-def test_gap_skipping_buffer_returns_to_its_prefetch_after_a_loss():
+def test_gap_skipping_buffer_releases_in_order_packets_on_arrival():
+    assert delivered(GapSkippingJitterBuffer(), range(60)) == list(range(60))
+
+
+def test_gap_skipping_buffer_waits_for_a_reordered_packet():
+    out = delivered(GapSkippingJitterBuffer(), [0, 1, 3, 2, 4, 5])
+    assert out == [0, 1, None, 2, 3, 4]   # 3 waits for 2; from then on one frame (20 ms) behind
+
+
+def test_gap_skipping_buffer_stays_bounded_behind_after_losses():
+    """After a loss it lags by skip_after - 1 packets at most, and more losses do not add to that."""
     buffer = GapSkippingJitterBuffer()
     out = delivered(buffer, LOST_ONE)
-    steady = delivered(GapSkippingJitterBuffer(), range(60))
-    assert LOST_ONE[-1] - out[-1] == 59 - steady[-1] <= 5   # as far behind as without the loss
+    assert LOST_ONE[-1] - out[-1] == buffer.skip_after - 1
     assert buffer.skipped == 1
     assert 10 not in out and sorted(x for x in out if x is not None) == [x for x in out if x is not None]
+    lost_three = [n for n in range(200) if n not in (10, 70, 130)]
+    buffer = GapSkippingJitterBuffer()
+    out = delivered(buffer, lost_three)
+    assert lost_three[-1] - out[-1] == buffer.skip_after - 1 and buffer.skipped == 3
 
 
 async def test_install_replaces_aiortcs_audio_receive_buffer():

@@ -17,6 +17,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from realtime.renderers.precision_gate import psnr_db as psnr
 from server import encoders
+from server.opus_encoder import RealtimeOpusEncoder
 from server.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_frame
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
@@ -113,7 +114,7 @@ def test_install_makes_senders_create_the_realtime_encoders(monkeypatch):
     assert make is encoders.get_encoder
     assert isinstance(make(VP8), encoders.RealtimeVp8Encoder) and isinstance(make(VP8), Vp8Encoder)
     assert isinstance(make(H264), encoders.RealtimeH264Encoder) and isinstance(make(H264), H264Encoder)
-    assert type(make(OPUS)) is OpusEncoder
+    assert type(make(OPUS)) is RealtimeOpusEncoder and isinstance(make(OPUS), OpusEncoder)
 
 
 def frames_at(fps: float, n: int, make=video_frame) -> list[av.VideoFrame]:

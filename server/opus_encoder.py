@@ -1,0 +1,60 @@
+"""`RealtimeOpusEncoder`: aiortc's Opus encoder without its one-frame hold-back.
+
+aiortc's `OpusEncoder` resamples every frame to 48 kHz stereo with PyAV's `AudioResampler(frame_size=960)`;
+for the server's 16 kHz frames the resampler completes each 960-sample frame only on the next call, so
+every audio packet left 20 ms after its frame was handed over (measured: onset in frame j comes out of
+frame j + 1's `encode`; tests/test_opus_encoder.py). This encoder upsamples 16 kHz mono s16 frames itself
+(`server.audio_upsample.Upsampler3x`, no frame held) and hands libopus 960-sample 48 kHz stereo frames,
+which it encodes in the same call. Everything else is aiortc's: the codec context and its settings
+(96 kb/s, "voip"), and the RTP timestamp, derived from frame.pts (a skipped span keeps its gap:
+tests/test_aiortc_internals.py). Frames of any other shape go through aiortc's own path.
+"""
+from __future__ import annotations
+
+import fractions
+from typing import Optional
+
+import numpy as np
+from aiortc.codecs.opus import OpusEncoder
+from av import AudioFrame
+from av.frame import Frame
+
+from server.audio_upsample import FACTOR, IN_RATE, OUT_RATE, Upsampler3x
+
+OUT_TIME_BASE = fractions.Fraction(1, OUT_RATE)
+
+
+class RealtimeOpusEncoder(OpusEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self._upsampler = Upsampler3x()
+        self._next_pts: Optional[int] = None   # input pts that continues the last frame (16 kHz)
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        if not self._takes(frame):
+            return super().encode(frame, force_keyframe)
+        assert isinstance(frame, AudioFrame) and frame.pts is not None
+        pcm = frame.to_ndarray().reshape(-1)
+        if frame.pts != self._next_pts:
+            self._upsampler.reset()   # a skipped span: the filter must not smear old audio across it
+        self._next_pts = frame.pts + len(pcm)
+        up = np.clip(np.rint(self._upsampler.process(pcm)), -32768, 32767).astype(np.int16)
+        out = AudioFrame.from_ndarray(np.repeat(up, 2).reshape(1, -1), format="s16", layout="stereo")
+        out.sample_rate = OUT_RATE
+        out.pts = frame.pts * FACTOR
+        out.time_base = OUT_TIME_BASE
+        packets = list(self.codec.encode(out))
+        if not packets or packets[0].pts is None:
+            return [], 0   # nothing to send yet (aiortc's sender skips an empty payload list)
+        if self.first_packet_pts is None:
+            self.first_packet_pts = packets[0].pts
+        return [bytes(p) for p in packets], int(packets[0].pts - self.first_packet_pts)
+
+    @staticmethod
+    def _takes(frame: Frame) -> bool:
+        """16 kHz mono s16 in whole 20 ms frames (the server's SyncedAudioTrack)."""
+        return (isinstance(frame, AudioFrame) and frame.sample_rate == IN_RATE and frame.format.name == "s16"
+                and frame.layout.name == "mono" and frame.samples == IN_RATE // 50 and frame.pts is not None)
+
+
+__all__ = ["RealtimeOpusEncoder"]
