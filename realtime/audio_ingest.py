@@ -98,6 +98,14 @@ class AudioIngest:
         self._rate = None
 
 
+def convert_clip(samples: np.ndarray, sample_rate: int, channels: int = 1,
+                 target_rate: int = TARGET_RATE) -> np.ndarray:
+    """A whole clip to 16 kHz mono float32, resampler flushed (its tail kept): what `AudioIngest` gives
+    chunk by chunk, in one call that can run off the event loop (server/push_api.py)."""
+    ingest = AudioIngest(target_rate)
+    return _concat([ingest.convert(samples, sample_rate, channels), ingest._flush()])
+
+
 def _frames_to_array(frames: list[av.AudioFrame]) -> np.ndarray:
     if not frames:
         return np.zeros(0, dtype=np.float32)

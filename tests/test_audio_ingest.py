@@ -96,3 +96,16 @@ def test_ring_reads_stamps_and_gaps():
     assert ring.refused == 1100
     ring.clear(head=10)
     assert ring.stored == 0 and ring.head == 10
+
+
+def test_convert_clip_is_the_streaming_conversion_with_its_tail():
+    from realtime.audio_ingest import convert_clip
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(48000 * 2) * 3000).astype(np.int16)   # 1 s of 48 kHz stereo
+    whole = convert_clip(x, 48000, 2)
+    streamed = AudioIngest().convert(x, 48000, 2)
+    assert len(whole) == 16000 and len(streamed) < len(whole)
+    np.testing.assert_array_equal(whole[:len(streamed)], streamed)
+    same = convert_clip(x[::2], 16000, 1)    # 16 kHz mono passes through, sample for sample
+    np.testing.assert_array_equal(same, x[::2].astype(np.float32) / 32768.0)

@@ -200,3 +200,32 @@ async def test_sessions_listing_health_and_metrics(server, http):
     async with http.get(server.endpoint("/")) as resp:
         assert resp.status == 200 and "<video" in await resp.text()
     await client.close()
+
+
+async def test_a_long_raw_pcm_upload_is_converted_off_the_event_loop(server, http, speech_16k, monkeypatch):
+    """Resampling a long clip costs the loop ~1 ms per second of 48 kHz audio: it runs on the WorkPool."""
+    import threading
+
+    from server import push_api
+
+    threads: list[str] = []
+
+    def recording_convert(*args):
+        threads.append(threading.current_thread().name)
+        return convert_clip(*args)
+
+    convert_clip = push_api.convert_clip
+    monkeypatch.setattr(push_api, "convert_clip", recording_convert)
+    client = Client(server, http)
+    await client.connect()
+    await client.wait_for_video(3)
+    clip = np.tile(speech_16k[:16000], 2)
+    stereo48 = np.repeat(np.interp(np.arange(3 * clip.size) / 3, np.arange(clip.size), clip), 2)
+    url = client.url("/audio", rate="48000", channels="2")
+    async with http.post(url, data=(stereo48 * 32767).astype(np.int16).tobytes(), headers=client.auth) as resp:
+        assert resp.status == 200
+        assert abs((await resp.json())["queued_s"] - 2.0) < 2e-3
+    assert threads and threads[0] != threading.main_thread().name, threads
+    metrics = await session_metrics(client, http)
+    assert abs(metrics["engine"]["audio_in_samples"] - 32000) <= 16
+    await client.close()
