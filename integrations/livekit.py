@@ -14,9 +14,11 @@ what the generator yields (examples/livekit_avatar_agent.py):
   no more audio of that segment is yielded (the runner reports the interruption itself);
 - iterating yields, paced by the generator's clock at the avatar's fps, one `rtc.VideoFrame` (RGB24, the
   avatar's size) per tick, followed, while an utterance plays, by that tick's delayed speech as an
-  `rtc.AudioFrame` (16 kHz mono: exactly the utterance's samples, so the runner's playback position, the
-  sum of the audio frames' durations, is the engine's), and `AudioSegmentEnd` right after the last audio
-  frame of a segment that played to its end.
+  `rtc.AudioFrame` (16 kHz mono: the utterance's samples, the first frame from the tick's start with
+  the silence before the utterance's first sample, which the engine places between ticks; so the runner,
+  which publishes frames back to back, keeps audio and images in sync, and its playback position, the sum
+  of the audio frames' durations, is the engine's plus that silence, under one frame), and
+  `AudioSegmentEnd` right after the last audio frame of a segment that played to its end.
 """
 from __future__ import annotations
 
@@ -117,9 +119,12 @@ class LipSyncVideoGenerator(VideoGenerator):
             rgb = cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB)
             yield rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, rgb.tobytes())
             if voiced is not None:
-                lo, hi = voiced
-                pcm = np.clip(audio[lo:hi] * 32767.0, -32768, 32767).astype(np.int16)
-                yield rtc.AudioFrame(pcm.tobytes(), OUTPUT_RATE, 1, hi - lo)
+                # From the tick's start, with the silence before an utterance's first sample (it starts
+                # where it was placed, between ticks): the runner publishes frames back to back, so the
+                # first sample keeps its place relative to the images.
+                _, hi = voiced
+                pcm = np.clip(audio[:hi] * 32767.0, -32768, 32767).astype(np.int16)
+                yield rtc.AudioFrame(pcm.tobytes(), OUTPUT_RATE, 1, hi)
             events, self._events[:] = list(self._events), []
             for event in events:
                 if isinstance(event, SpeechEnded) and not event.interrupted:

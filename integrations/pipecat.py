@@ -198,10 +198,13 @@ class LipSyncVideoService(AIService):
                 image.pts = round(k * NS / fps)
                 await self.push_frame(image)
             if voiced is not None:
-                lo, hi = voiced
-                pcm = np.clip(audio[lo:hi] * 32767.0, -32768, 32767).astype(np.int16)
+                # From the tick's start, with the silence before an utterance's first sample (it starts
+                # where it was placed, between ticks): the transport plays frames back to back, so the
+                # first sample keeps its place relative to the images.
+                _, hi = voiced
+                pcm = np.clip(audio[:hi] * 32767.0, -32768, 32767).astype(np.int16)
                 speech = SpeechOutputAudioRawFrame(audio=pcm.tobytes(), sample_rate=OUTPUT_RATE, num_channels=1)
-                speech.pts = round((j + lo) * NS / OUTPUT_RATE)
+                speech.pts = round(j * NS / OUTPUT_RATE)
                 await self.push_frame(speech)
             await self._flush_events()
             k += 1

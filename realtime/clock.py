@@ -15,7 +15,10 @@ reads (`realtime.renderers.base.AudioNeeds`): Wav2Lip the whole window (212.5 ms
 training alignment, whose window starts a frame earlier), the built-in renderer its first 5 columns
 (75 ms). Add an allowance for chunked input (one 20 ms WebRTC frame) and a compute budget (1.5 frame
 periods by default) and round up to whole frames: L = 8 frames = 320 ms at 25 fps for Wav2Lip's official
-window, 4 frames = 160 ms for the built-in renderer. Choosing L once means
+window, 4 frames = 160 ms for the built-in renderer. (The rounding is the renderer's slack: it is what lets
+a renderer slower than the budget still draw every other frame. Where an utterance starts is not
+rounded: a start from silence plays its first sample exactly where it was placed, and its first frame is
+the one at or before it, with silence in between; see session.py.) Choosing L once means
 the audio track is a plain delay line that never stretches, skips or waits, so A/V sync cannot drift and
 latency cannot accumulate; a frame that is not ready in time is dropped or held instead (see session.py).
 An adaptive L would have to resample or cut audio every time it moved. (With
@@ -120,6 +123,11 @@ class Timeline:
     def delay_samples(self) -> int:
         """L: output sample j plays input sample j - L."""
         return self.frame_start(self.delay_frames)
+
+    def frame_at_or_before(self, sample: int) -> int:
+        """Largest k with frame_start(k) <= sample (0 for a sample before frame 0)."""
+        k = self.first_frame_at_or_after(sample)
+        return k if self.frame_start(k) == sample or k == 0 else k - 1
 
     @property
     def delay_ms(self) -> float:

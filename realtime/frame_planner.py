@@ -34,7 +34,7 @@ class FramePlan:
     speech: bool
     avatar_index: int
     arrival: float | None  # when the frame's first audio sample arrived (None: no audio stored there)
-    delay_frames: int     # its utterance's delay: frames from "its audio reached the output clock" to shown
+    delay_samples: int    # its utterance's delay: from "its audio reached the output clock" to shown
 
 
 class FramePlanner:
@@ -82,7 +82,7 @@ class FramePlanner:
                 continue  # its tick has passed: the input came too late (counted as starved)
             audio_start = tl.frame_start(k) - tl.delay_samples
             plan = FramePlan(k, audio_start, mel, speech, self._avatar.frame_index(k),
-                             self._ring.arrival_of(audio_start), seg.delay_frames)
+                             self._ring.arrival_of(audio_start), seg.delay_samples)
             self.plans[k] = plan
             starts_utterance = speech and not seg.last_speech
             seg.last_speech = speech

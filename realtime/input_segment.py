@@ -20,11 +20,11 @@ from realtime.vad import SpeechDetector, SpeechTrack
 class InputSegment:
     """A contiguous run of input audio and its streaming features."""
 
-    def __init__(self, start: int, first_frame: int, config: EngineConfig, delay_frames: int,
+    def __init__(self, start: int, first_frame: int, config: EngineConfig, delay_samples: int,
                  pending: PendingStart | None = None) -> None:
         self.start = start              # input-timeline index of the segment's first sample
         self.first_frame = first_frame  # output frame that shows it
-        self.delay_frames = delay_frames  # its delay in frames (the latency reference of its frames)
+        self.delay_samples = delay_samples  # its delay (the latency reference of its frames)
         self.pending = pending          # a start from silence not decided yet: stored, not fed
         self.last_speech = False        # was the last planned frame speech (the next one starts none)
         self.end: int | None = None     # length in samples, once the segment is closed

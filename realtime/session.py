@@ -56,9 +56,12 @@ Timing model (see realtime/clock.py for why L is fixed)
 The output clock is whatever paces the caller; "now" on the output timeline is the start of the latest
 video tick or audio block pulled. Live input sample n is expected to arrive around output position n and
 is played at n + L. Input is stored in *segments*: contiguous runs of pushed audio. A segment starts on
-a frame boundary of the output (its first sample is shown by frame k0 and played at frame_start(k0)) at
-the current output position, so a source that starts, or resumes after a stall, gets exactly latency L,
-never more. A segment ends when input stops arriving for `stall_after_ms` (raised to 1.5x the chunk of
+a frame boundary of the output (its first sample is shown by frame k0 and played at frame_start(k0)). A
+start from silence is placed exactly (look-ahead delay L from the output clock minus the jitter
+allowance, or sooner for audio already here: realtime/utterance_start.py) and its segment begins at the
+frame at or before that point with leading silence, so no sound waits for the next frame boundary; audio
+that resumes after a stall while earlier audio still plays starts at the next frame boundary after it.
+A segment ends when input stops arriving for `stall_after_ms` (raised to 1.5x the chunk of
 a source pushing bigger chunks in real time, at most L / 2) or on end_of_audio(): its
 mel is flushed with the offline end padding and its frames follow the official rule, so each frame's mel
 window equals `mel_windows(melspectrogram(segment audio), fps)` (frames past the official count reuse the
@@ -75,6 +78,7 @@ first audio sample), zero by construction.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from functools import partial
@@ -131,6 +135,7 @@ class LipSyncSession:
         self._stall = StallThreshold(self.config.stall_after_ms, self._delay_samples)
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
+        self._out_anchor: tuple[int, float] | None = None   # (output position, wall time) of the latest pull
 
         self._segments: deque[InputSegment] = deque()
         # Input index after the last pushed sample (or the next start): it ends playing at in_head + L.
@@ -175,7 +180,7 @@ class LipSyncSession:
         now_out = self._now_out()
         self._check_stall(now_out)
         if not self._segments or self._segments[-1].end is not None:
-            self._open_segment(now_out)
+            self._open_segment(now_out, self._output_position(now))
         start = self._in_head
         self._stall.note_chunk(len(converted), start, now_out)
         kept = self._ring.append(converted, start, now)
@@ -193,54 +198,79 @@ class LipSyncSession:
             seg.end = self._in_head - seg.start
             self._advance(self._clock())
 
-    def _open_segment(self, now_out: int) -> None:
-        """A new segment, placed with the look-ahead delay: right after the input before it, or (a start
-        from silence) at the output clock minus the jitter allowance. A start from silence stays pending
-        until `_settle_start` decides whether it may start sooner (realtime/utterance_start.py)."""
+    def _open_segment(self, now_out: int, position: int) -> None:
+        """A new segment. Audio that continues the input before it (no silence between) is placed with
+        the look-ahead delay right after it, from the next frame on. A start from silence is stored where
+        it arrived (the output clock minus the jitter allowance) and stays pending until `_settle_start`
+        decides where it plays (realtime/utterance_start.py). `position`: the output clock now (not the
+        start of the latest tick or block, `now_out`, which is up to a block behind: a start placed from
+        that would eat into the compute budget of every frame of the utterance)."""
         from_silence = self._in_head + self._delay_samples <= self._next_free_out()   # nothing queued to play
-        earliest = max(self._in_head, now_out - self._jitter_samples)
-        first_frame = self.timeline.first_frame_at_or_after(earliest + self._delay_samples)
-        first_frame = max(first_frame, self._vclock.next_index)
-        start = self.timeline.frame_start(first_frame) - self._delay_samples
-        pending = PendingStart(opened_out=now_out, lookahead_start=self.timeline.frame_start(first_frame),
-                               earliest=self._in_head + self._delay_samples) if from_silence else None
-        self._segments.append(InputSegment(start, first_frame, self.config, self.timeline.delay_frames, pending))
+        if from_silence:
+            start, first_frame = max(self._in_head, position - self._jitter_samples), -1   # frame: with the start
+            pending = PendingStart(opened_out=position, lookahead_start=start + self._delay_samples,
+                                   earliest=self._in_head + self._delay_samples)
+        else:
+            earliest = max(self._in_head, now_out - self._jitter_samples)
+            first_frame = self.timeline.first_frame_at_or_after(earliest + self._delay_samples)
+            first_frame = max(first_frame, self._vclock.next_index)
+            start, pending = self.timeline.frame_start(first_frame) - self._delay_samples, None
+            self._utterance_delay_ms = self.latency_ms
+        self._segments.append(InputSegment(start, first_frame, self.config, self._delay_samples, pending))
         self._in_head = start
         self._metrics.segments += 1
-        if pending is None:
-            self._utterance_delay_ms = self.latency_ms
-        log.debug("session %s: segment %d starts at input %d (frame %d)%s", self.name,
-                  self._metrics.segments, start, first_frame, " (pending)" if pending else "")
+        log.debug("session %s: segment %d starts at input %d%s", self.name, self._metrics.segments, start,
+                  " (pending)" if pending else f" (frame {first_frame})")
 
     def _next_free_out(self) -> int:
         """The first output sample that is neither shown nor played yet."""
         return max(self.timeline.frame_start(self._vclock.next_index), self._audio_out.position)
 
-    def _settle_start(self, seg: InputSegment, now_out: int) -> None:
-        """Decide a pending segment's start (the per-utterance delay) when `choose_start` can, and move
-        it there: its stored audio, its first frame and the input head move together, so the mapping
-        input n -> output n + L stays exact."""
+    def _settle_start(self, seg: InputSegment, position: int) -> None:
+        """Decide a pending segment's start (the per-utterance delay) when `choose_start` can, and place
+        it there: its first sample plays exactly at the chosen output sample (its stored audio and the
+        input head move with it, so the mapping input n -> output n + L stays exact), and its frames start
+        with the frame at or before that sample, the audio in between being silence (leading zeros of
+        the segment, as in a clip that starts with a pause): no wait for the next frame boundary."""
         assert seg.pending is not None
         received = (seg.end if seg.end is not None else self._in_head - seg.start)
-        out_start = choose_start(seg.pending, received=received, ended=seg.end is not None, now_out=now_out,
+        out_start = choose_start(seg.pending, received=received, ended=seg.end is not None, now_out=position,
                                  next_free=self._next_free_out(), timeline=self.timeline, jitter=self._jitter_samples)
         if out_start is None:
             return
+        first_frame = max(self.timeline.frame_at_or_before(out_start),
+                          self.timeline.first_frame_at_or_after(self._next_free_out()))
+        out_start = max(out_start, self.timeline.frame_start(first_frame))
         delta = out_start - self._delay_samples - seg.start
         if delta:
             self._ring.move_from(seg.start, delta)
             self.playback.on_input_moved(seg.start, delta)
-            seg.start += delta
             self._in_head += delta
-            seg.first_frame = self.timeline.first_frame_at_or_after(out_start)
-            # The last frame whose tick had started when the utterance's audio reached the output clock.
-            arrived_frame = self.timeline.first_frame_at_or_after(seg.pending.opened_out + 1) - 1
-            seg.delay_frames = seg.first_frame - max(arrived_frame, 0)
+        lead = out_start - self.timeline.frame_start(first_frame)   # silence before its first sample
+        seg.start += delta - lead
+        if seg.end is not None:
+            seg.end += lead
+        seg.first_frame = first_frame
+        if out_start < seg.pending.lookahead_start:
             self._quick_starts += 1
+            # Its frames' latency counts from when its audio reached the output clock (it was here before
+            # real time would have brought it), i.e. is its delay.
+            seg.delay_samples = out_start - seg.pending.opened_out
         self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
         seg.pending = None
-        log.debug("session %s: utterance starts at output %d (delay %.0f ms)", self.name, out_start,
-                  self._utterance_delay_ms)
+        log.debug("session %s: utterance starts at output %d, frame %d (delay %.0f ms)", self.name, out_start,
+                  first_frame, self._utterance_delay_ms)
+
+    def _output_position(self, now: float) -> int:
+        """The output clock at wall time `now`: the latest tick or block pulled, plus the time since."""
+        if self._out_anchor is None:
+            return self._now_out()
+        position, at = self._out_anchor
+        return max(self._now_out(), position + int((now - at) * SAMPLE_RATE))
+
+    def _note_output(self, position: int, now: float) -> None:
+        if self._out_anchor is None or position >= self._out_anchor[0]:
+            self._out_anchor = (position, now)
 
     def _now_out(self) -> int:
         last = self._vclock.next_index - 1
@@ -261,7 +291,7 @@ class LipSyncSession:
         horizon = now_out + self._delay_samples  # features further ahead are not needed yet (bounds work per call)
         for seg in list(self._segments):
             if seg.pending is not None:
-                self._settle_start(seg, now_out)
+                self._settle_start(seg, self._output_position(now))
                 if seg.pending is not None:
                     continue  # stored, not fed: its place on the timeline is not decided yet
             limit = seg.end if seg.end is not None else self._in_head - seg.start
@@ -287,6 +317,7 @@ class LipSyncSession:
     def next_video_frame(self) -> VideoOut:
         now = self._clock()
         k = self._vclock.tick(now)
+        self._note_output(self.timeline.frame_start(k), now)
         self._advance(now)
         plan, result = self._planner.take(k)
         metrics = self._metrics
@@ -344,9 +375,11 @@ class LipSyncSession:
         if plan.arrival is None:
             return
         arrival = plan.arrival
-        slot = self._vclock.time_of(k - plan.delay_frames)
+        # The reference: the tick whole frames before k, plus the rest of the delay (so a late tick counts).
+        frames = max(1, math.ceil(plan.delay_samples / self._samples_per_frame - 1e-9))
+        slot = self._vclock.time_of(k - frames)
         if slot is not None:
-            arrival = max(arrival, slot)
+            arrival = max(arrival, slot + (frames * self._samples_per_frame - plan.delay_samples) / SAMPLE_RATE)
         self._metrics.latency_ms.observe(1000.0 * (now - arrival))
 
     def next_audio(self, n_samples: int) -> np.ndarray:
@@ -355,6 +388,7 @@ class LipSyncSession:
             return np.zeros(0, dtype=np.float32)
         now = self._clock()
         out_start, out = self._audio_out.read(n)
+        self._note_output(out_start, now)
         self._count_underrun(out_start - self._delay_samples, n)
         self._metrics.audio_out_samples += n
         self.playback.on_output(out_start, n, now)

@@ -31,18 +31,19 @@ class PendingStart:
     """An utterance whose start is not decided yet (all positions in output samples)."""
 
     opened_out: int          # output position when its first audio arrived
-    lookahead_start: int     # where it plays with the look-ahead delay (a frame start)
+    lookahead_start: int     # where its first sample plays with the look-ahead delay
     earliest: int            # where the audio queued before it ends (it may not start earlier)
 
 
 def choose_start(pending: PendingStart, *, received: int, ended: bool, now_out: int, next_free: int,
                  timeline: Timeline, jitter: int) -> int | None:
-    """The output sample (a frame start) where the utterance starts playing, or None to decide later.
+    """The output sample where the utterance's first sample plays, or None to decide later (the session
+    starts its frames at the frame at or before it; realtime/session.py).
 
     received: samples of it stored so far; ended: it is complete (end_of_audio or a stall);
     now_out: the output position now; next_free: the first output sample not yet shown or played;
     jitter: the input jitter allowance in samples."""
-    quick = timeline.frame_at_or_after(max(next_free + timeline.budget_samples, pending.earliest))
+    quick = max(next_free + timeline.budget_samples, pending.earliest)
     if quick >= pending.lookahead_start:
         return pending.lookahead_start   # waiting longer cannot make it start sooner
     ahead = received - (now_out - pending.opened_out)   # samples beyond what real time would have brought

@@ -131,6 +131,21 @@ def with_audio(frames: list[VideoOut]) -> list[VideoOut]:
     return [f for f in frames if f.audio_start is not None]
 
 
+def segment_audio(session: LipSyncSession, run: Run, clip: np.ndarray, audio_out: np.ndarray | None = None,
+                  frames: list[VideoOut] | None = None) -> np.ndarray:
+    """The audio played with the frames of an utterance that started from silence: from its first frame's
+    start, silence up to the clip's first sample (the start is placed exactly, not at the next frame
+    boundary), then the clip. `audio_out` (default run.audio_out) starts at output sample 0 and holds the
+    clip after its last earlier sound; `frames` default to run.frames."""
+    audio_out = run.audio_out if audio_out is None else audio_out
+    frames = run.frames if frames is None else frames
+    played = int(np.flatnonzero(audio_out)[-1]) - int(np.flatnonzero(clip)[-1])   # the clip is last
+    np.testing.assert_array_equal(audio_out[played:played + len(clip)], clip)
+    lead = played - session.timeline.frame_start(with_audio(frames)[0].pts_index)
+    assert 0 <= lead < SR / session.fps
+    return np.concatenate([np.zeros(lead, np.float32), clip])
+
+
 # --- the issue's acceptance tests -----------------------------------------------------------------
 
 def test_frames_windows_and_audio_match_offline(speech_16k):
@@ -138,11 +153,14 @@ def test_frames_windows_and_audio_match_offline(speech_16k):
     duration = len(speech_16k) / SR
     run = drive(session, clock, speech_16k, duration + 1.0)
     frames = with_audio(run.frames)
-    # One frame per tick for the clip's duration.
-    assert abs(len(frames) - duration * session.fps) <= 1
-    # Each frame's window is the official per-frame window of the whole clip (frames past the
+    # What plays with the frames: the clip, after up to a frame of silence (its first frame starts at or
+    # before its first sample).
+    played = segment_audio(session, run, speech_16k)
+    # One frame per tick for that audio's duration.
+    assert abs(len(frames) - len(played) / SR * session.fps) <= 1
+    # Each frame's window is the official per-frame window of the audio played with it (frames past the
     # official count reuse its last window, as the official loop's last frame does).
-    ref = mel_windows(melspectrogram(speech_16k), session.fps)
+    ref = mel_windows(melspectrogram(played), session.fps)
     assert len(ref) <= len(frames) <= len(ref) + 4
     for i, f in enumerate(frames):
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)], err_msg=f"frame {i}")
@@ -309,9 +327,9 @@ def test_input_stall_gives_idle_frames_and_no_latency_growth(speech_16k):
     np.testing.assert_array_equal(out[start + L:start + L + len(speech_16k)], speech_16k)
     # ... and its start is where the clock was when it arrived (no jump, no backlog).
     assert abs(start - (len(run.audio_out) + len(stall.audio_out))) <= 2 * 640
-    # Its windows are the official windows of the second clip.
+    # Its windows are the official windows of the second clip as played (after up to a frame of silence).
     frames = [f for f in resumed.frames if f.audio_start is not None]
-    ref = mel_windows(melspectrogram(speech_16k), session.fps)
+    ref = mel_windows(melspectrogram(segment_audio(session, resumed, speech_16k, out)), session.fps)
     for i, f in enumerate(frames):
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)])
 
@@ -352,8 +370,9 @@ def test_end_of_audio_flushes_without_waiting(speech_16k):
     session.end_of_audio()
     run = drive(session, clock, None, len(speech_16k) / SR + 1.0)
     frames = with_audio(run.frames)
-    ref = mel_windows(melspectrogram(speech_16k), session.fps)
-    assert abs(len(frames) - len(speech_16k) / SR * session.fps) <= 1
+    played = segment_audio(session, run, speech_16k)
+    ref = mel_windows(melspectrogram(played), session.fps)
+    assert abs(len(frames) - len(played) / SR * session.fps) <= 1
     for i, f in enumerate(frames):
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)])
     assert session.metrics().stalls == 0
@@ -430,8 +449,9 @@ def test_real_time_chunks_of_any_size_play_continuously(speech_16k, chunk_ms):
     assert start <= chunk_ms * 16                               # anchored where the clock was
     np.testing.assert_array_equal(run.audio_out[start + L:start + L + len(speech_16k)], speech_16k)
     frames = with_audio(run.frames)
-    ref = mel_windows(melspectrogram(speech_16k), session.fps)
-    assert abs(len(frames) - len(speech_16k) / SR * session.fps) <= 1
+    played = segment_audio(session, run, speech_16k)
+    ref = mel_windows(melspectrogram(played), session.fps)
+    assert abs(len(frames) - len(played) / SR * session.fps) <= 1
     # Windows follow the official rule for every frame that was planned in time.
     for f in frames:
         i = f.pts_index - frames[0].pts_index

@@ -68,10 +68,11 @@ async def test_default_avatar_talks_in_sync(server, http, engine, speech_16k):
     talking = open_t[(times > PRE_S + 0.5) & (times < PRE_S + speech_16k.size / 16000)]
     assert idle.max() < 0.02 and talking.max() > 0.05, (idle.max(), talking.max())
 
-    # The returned audio is the sent speech, delayed by the engine's fixed latency.
+    # The returned audio is the sent speech, delayed by the engine's fixed latency (at least L minus the
+    # 20 ms jitter allowance: 140 ms for the built-in renderer) plus the transport.
     matches = echo_delays(signal, client.audio_signal()[::3], t0 - client.received.audio[0][0])
     good = [delay for corr, delay in matches if corr > 0.8]
-    assert len(good) >= 0.8 * len(matches) and all(0.3 < d < 1.0 for d in good), matches
+    assert len(good) >= 0.8 * len(matches) and all(0.14 < d < 1.0 for d in good), matches
 
     # A/V: mouth movement and sound arrive together. aiortc's receiver holds audio back by its
     # 4-packet prefetch (80 ms), so video arriving up to ~150 ms earlier is still in sync.

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import SR, AffineRenderer, FakeAvatar, RecordingRenderer, Run, drive, make_session, with_audio
+from test_engine import (
+    SR,
+    AffineRenderer,
+    FakeAvatar,
+    RecordingRenderer,
+    Run,
+    drive,
+    make_session,
+    segment_audio,
+    with_audio,
+)
 
 from realtime.clock import ManualClock, Timeline
 from realtime.config import EngineConfig
@@ -15,6 +25,8 @@ from realtime.renderers.base import AudioNeeds
 from realtime.scheduler import InlineRenderWorker, RenderJob, RenderResult
 from realtime.session import LipSyncSession
 from realtime.utterance_start import PendingStart, choose_start
+
+JITTER_MS = EngineConfig().input_jitter_ms   # a live stream's first chunk arrives this long after its first sample
 
 
 def played_at(out: np.ndarray, clip: np.ndarray) -> int:
@@ -38,7 +50,7 @@ def assert_frames_show_their_audio(session: LipSyncSession, frames) -> None:
 
 def test_delay_is_chosen_at_starts_from_silence_only(speech_16k):
     session, clock, _ = make_session()
-    budget_frames = -(-session.timeline.budget_samples // 640)
+    budget_ms = 1000 * session.timeline.budget_samples / SR
     L = session.latency_samples
     run = Run()
     drive(session, clock, None, 0.5, run)                       # idle avatar, nothing queued
@@ -46,7 +58,8 @@ def test_delay_is_chosen_at_starts_from_silence_only(speech_16k):
     t_push = clock.t
     session.push_audio(speech_16k, SR)
     first_delay = session.metrics().utterance_delay_ms
-    assert first_delay <= 1000 * (budget_frames + 1) / 25 < session.latency_ms
+    # The compute budget after the first output sample not yet played (<= one 20 ms block away).
+    assert budget_ms <= first_delay <= budget_ms + 20 < session.latency_ms
     # 2. More audio while the first still plays: not a start from silence, so no new choice; it plays
     #    right after the first clip, on the same timeline.
     drive(session, clock, None, 0.5, run)
@@ -56,16 +69,17 @@ def test_delay_is_chosen_at_starts_from_silence_only(speech_16k):
     drive(session, clock, None, 2 * len(speech_16k) / SR + 0.5, run)
     out = run.audio_out
     start = played_at(out, speech_16k)
-    # The delay counts from the output position when the audio arrived (the last tick, <= 40 ms ago).
-    assert first_delay / 1000 - 0.04 <= start / SR - t_push <= first_delay / 1000
+    # The delay counts from the output clock when the audio arrived: exactly.
+    assert start / SR - t_push == pytest.approx(first_delay / 1000, abs=1 / SR)
     np.testing.assert_array_equal(out[start + len(speech_16k):start + 2 * len(speech_16k)], speech_16k)
-    # 3. After silence, a real-time stream: a new choice, the look-ahead delay.
+    # 3. After silence, a real-time stream: a new choice, the look-ahead placement (L after its first
+    #    sample's capture, one 20 ms chunk before it arrived).
     stream = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
-    assert session.metrics().utterance_delay_ms == pytest.approx(session.latency_ms)
+    assert session.metrics().utterance_delay_ms == pytest.approx(session.latency_ms - JITTER_MS)
     assert session.metrics().quick_starts == 1
     # 4. After silence again, a burst: the compute budget again.
     session.push_audio(speech_16k, SR)
-    assert session.metrics().utterance_delay_ms == first_delay
+    assert budget_ms <= session.metrics().utterance_delay_ms <= budget_ms + 20
     later = drive(session, clock, None, len(speech_16k) / SR + 0.5)
     for part in (run, stream, later):
         assert_frames_show_their_audio(session, part.frames)
@@ -95,8 +109,8 @@ def test_a_stream_faster_than_real_time_starts_early_and_keeps_its_delay(speech_
     assert m.quick_starts == 1
     assert m.utterance_delay_ms < session.latency_ms - 100
     start = played_at(run.audio_out, speech_16k) / SR     # run.audio_out starts at t0
-    # The delay counts from the output position when the audio arrived (the last tick, <= 40 ms ago).
-    assert m.utterance_delay_ms / 1000 - 0.04 <= start <= m.utterance_delay_ms / 1000
+    # The delay counts from the output clock when its first chunk arrived (t0 + 5 ms): exactly.
+    assert start == pytest.approx(0.005 + m.utterance_delay_ms / 1000, abs=1 / SR)
     assert m.frames_starved == 0 and m.frames_dropped == 0 and m.audio_underrun_samples == 0
     assert_frames_show_their_audio(session, run.frames)
 
@@ -114,12 +128,17 @@ def test_quick_start_is_sample_exact_and_fixed_within_the_utterance(speech_16k):
     # The returned audio is the input, sample for sample, from the utterance's start.
     start = played_at(run.audio_out, speech_16k)
     assert start == round(m.utterance_delay_ms * SR / 1000)
-    # Each frame shows the window of its own audio: the official windows of the clip, in order.
-    ref = mel_windows(melspectrogram(speech_16k), session.fps)
-    assert abs(len(frames) - len(speech_16k) / SR * session.fps) <= 1
+    # Its frames start at the frame at or before its first sample; the audio between is silence.
+    first = session.timeline.frame_start(frames[0].pts_index)
+    lead = start - first
+    assert 0 <= lead < SR / session.fps
+    # Each frame shows the window of its own audio: the official windows of that audio, in order.
+    segment = np.concatenate([np.zeros(lead, np.float32), speech_16k])
+    ref = mel_windows(melspectrogram(segment), session.fps)
+    assert abs(len(frames) - len(segment) / SR * session.fps) <= 1
     for i, f in enumerate(frames):
         np.testing.assert_array_equal(f.mel, ref[min(i, len(ref) - 1)])
-        assert session.timeline.frame_start(f.pts_index) == start + round(i * SR / session.fps)
+        assert session.timeline.frame_start(f.pts_index) == first + round(i * SR / session.fps)
     assert_frames_show_their_audio(session, run.frames)
     # One delay for the whole utterance: every frame's latency is the same.
     lat = m.latency_ms
@@ -138,9 +157,11 @@ def test_a_real_time_stream_keeps_the_lookahead_delay(speech_16k, needs):
     run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     m = session.metrics()
     assert m.quick_starts == 0
-    assert m.utterance_delay_ms == pytest.approx(session.latency_ms)
-    # Audio arrives at the end of each 20 ms chunk, so a frame's own sample waits L - 20 ms.
-    assert m.latency_ms.p50 == pytest.approx(session.latency_ms - 20.0, abs=1.0)
+    assert m.utterance_delay_ms == pytest.approx(session.latency_ms - JITTER_MS)
+    # Audio arrives at the end of each 20 ms chunk, so a frame's own sample waits L - 20 ms plus where
+    # in its chunk it lies (the same for every frame).
+    assert session.latency_ms - 20.0 - 1.0 <= m.latency_ms.p50 < session.latency_ms
+    assert m.latency_ms.p99 == pytest.approx(m.latency_ms.p50, abs=1.0)
     assert m.frames_dropped == 0 and m.frames_starved == 0
     L = session.latency_samples
     np.testing.assert_array_equal(run.audio_out[L:L + len(speech_16k)], speech_16k)
@@ -165,8 +186,9 @@ def test_training_alignment_windows_start_a_frame_earlier(speech_16k):
     session, clock, _ = make_session(renderer)
     run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     frames = with_audio(run.frames)
-    ref = mel_windows(melspectrogram(speech_16k), session.fps, MelAlignment.TRAINING)
-    official = mel_windows(melspectrogram(speech_16k), session.fps)
+    segment = segment_audio(session, run, speech_16k)
+    ref = mel_windows(melspectrogram(segment), session.fps, MelAlignment.TRAINING)
+    official = mel_windows(melspectrogram(segment), session.fps)
     assert len(ref) == len(official)
     np.testing.assert_array_equal(ref[5], official[4])
     for i, f in enumerate(frames):
@@ -181,9 +203,10 @@ def test_choose_start_rules():
     assert choose_start(pending, received=640, ended=False, now_out=6720, next_free=7040, **kw) is None
     assert choose_start(pending, received=2240, ended=False, now_out=8320, next_free=8320,
                         **kw) == pending.lookahead_start
-    # Ahead of real time by look-ahead + jitter, or complete: the compute budget from the next free sample.
-    assert choose_start(pending, received=1520, ended=False, now_out=6400, next_free=6400, **kw) == 7680
-    assert choose_start(pending, received=200, ended=True, now_out=6400, next_free=6400, **kw) == 7680
+    # Ahead of real time by look-ahead + jitter, or complete: the compute budget from the next free sample
+    # (exactly: the session starts the frames at the frame before, with silence up to it).
+    assert choose_start(pending, received=1520, ended=False, now_out=6400, next_free=6400, **kw) == 7360
+    assert choose_start(pending, received=200, ended=True, now_out=6400, next_free=6400, **kw) == 7360
     # Never before the audio queued ahead of it.
     late = PendingStart(opened_out=6400, lookahead_start=8960, earliest=8320)
     assert choose_start(late, received=9999, ended=True, now_out=6400, next_free=6400, **kw) == 8320
@@ -245,7 +268,7 @@ def test_mic_and_push_share_one_timeline(speech_16k):
     run = drive(session, clock, mic, 0.5 + 0.01)
     session.push_audio(speech_16k, SR)                            # queued behind the microphone's audio
     m = session.metrics()
-    assert m.quick_starts == 0 and m.utterance_delay_ms == pytest.approx(session.latency_ms)
+    assert m.quick_starts == 0 and m.utterance_delay_ms == pytest.approx(session.latency_ms - JITTER_MS)
     drive(session, clock, None, len(speech_16k) / SR + 1.0, run)
     out = run.audio_out
     L = session.latency_samples
