@@ -4,7 +4,11 @@ client on loopback, per renderer, in one run.
     python bench/latency.py [--renderers default,wav2lip:training,wav2lip:official] [--trials 10]
 
 Measured at the client (time.monotonic of the bench process; received media is timed when aiortc hands
-the decoded frame over, i.e. after its jitter buffer, plus the onset's offset inside its 20 ms frame):
+the decoded frame over, i.e. after its jitter buffer, plus the onset's offset inside its 20 ms frame). The
+client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: audio
+plays after 1 packet (`--client-audio-prefetch`; aiortc holds 4), and a video frame is complete at its
+marker bit (`MarkerJitterBuffer`; aiortc waits for the next frame's first packet, 40 ms). The microphone
+stand-in sends 48 kHz frames, as a browser captures (aiortc's Opus encoder holds 16 kHz frames back 20 ms).
 - push: a speech file (16 kHz wav, leading silence trimmed) is uploaded with POST /sessions/{id}/audio;
   from the POST's return to the first returned audio above the speech threshold (`push_audio_ms`) and
   to the first video frame whose mouth differs from every idle frame of the avatar loop (`push_mouth_ms`);
@@ -47,6 +51,7 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +197,8 @@ class Client:
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
                 set_audio_prefetch(transceiver.receiver, self.audio_prefetch)
+            else:
+                transceiver.receiver._RTCRtpReceiver__jitter_buffer = MarkerJitterBuffer(capacity=512, is_video=True)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         async with self.http.post(self.server.endpoint("/offer"), json=body) as resp:
@@ -266,9 +273,32 @@ def set_audio_prefetch(receiver: Any, prefetch: int) -> None:
     """The client's audio jitter buffer: aiortc holds 4 packets (80 ms) before playing any; a browser's
     adaptive buffer (NetEq) holds far less on a clean loopback. This is the bench client's own setting
     (aiortc internals, aiortc 1.x), reported in the output; the server is untouched."""
-    from aiortc.jitterbuffer import JitterBuffer
 
     receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
+
+
+class MarkerJitterBuffer(JitterBuffer):
+    """The bench client's video receive buffer: a frame is complete at its last packet (the RTP marker
+    bit), as in a browser. aiortc's own buffer completes a frame only when the next frame's first packet
+    arrives, one frame period (40 ms) later, which no browser adds; a missing packet still holds the
+    frame, and a frame whose marker was lost completes at the next timestamp as in aiortc."""
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        packets: list[Any] = []
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self._capacity]  # type: ignore[operator]
+            if packet is None:
+                return None
+            if packets and packet.timestamp != packets[0].timestamp:
+                return self._take(packets, count)
+            packets.append(packet)
+            if packet.marker:
+                return self._take(packets, count + 1)
+        return None
+
+    def _take(self, packets: list[Any], count: int) -> JitterFrame:
+        self.remove(count)
+        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
 def idle_distance(idle: np.ndarray, crop: np.ndarray) -> float:
