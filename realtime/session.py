@@ -234,12 +234,12 @@ class LipSyncSession:
         the segment, as in a clip that starts with a pause): no wait for the next frame boundary."""
         assert seg.pending is not None
         received = (seg.end if seg.end is not None else self._in_head - seg.start)
+        next_free = self._next_free_out()
         out_start = choose_start(seg.pending, received=received, ended=seg.end is not None, now_out=position,
-                                 next_free=self._next_free_out(), timeline=self.timeline, jitter=self._jitter_samples)
+                                 next_free=next_free, timeline=self.timeline, jitter=self._jitter_samples)
         if out_start is None:
             return
-        first_frame = max(self.timeline.frame_at_or_before(out_start),
-                          self.timeline.first_frame_at_or_after(self._next_free_out()))
+        first_frame = max(self.timeline.frame_at_or_before(out_start), self.timeline.first_frame_at_or_after(next_free))
         out_start = max(out_start, self.timeline.frame_start(first_frame))
         delta = out_start - self._delay_samples - seg.start
         if delta:

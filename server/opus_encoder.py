@@ -4,10 +4,11 @@ aiortc's `OpusEncoder` resamples every frame to 48 kHz stereo with PyAV's `Audio
 for the server's 16 kHz frames the resampler completes each 960-sample frame only on the next call, so
 every audio packet left 20 ms after its frame was handed over (measured: onset in frame j comes out of
 frame j + 1's `encode`; tests/test_opus_encoder.py). This encoder upsamples 16 kHz mono s16 frames itself
-(`server.audio_upsample.Upsampler3x`, no frame held) and hands libopus 960-sample 48 kHz stereo frames,
-which it encodes in the same call. Everything else is aiortc's: the codec context and its settings
-(96 kb/s, "voip"), and the RTP timestamp, derived from frame.pts (a skipped span keeps its gap:
-tests/test_aiortc_internals.py). Frames of any other shape go through aiortc's own path.
+(`server.audio_upsample.Upsampler3x`, no frame held) and hands aiortc's own `encode` 960-sample 48 kHz
+stereo frames, which its resampler passes through, so they are encoded in the same call. Everything else
+is aiortc's: the codec context and its settings (96 kb/s, "voip"), and the RTP timestamp, derived from
+frame.pts (a skipped span keeps its gap: tests/test_aiortc_internals.py). Frames of any other shape go
+through aiortc's own path unchanged.
 """
 from __future__ import annotations
 
@@ -43,12 +44,9 @@ class RealtimeOpusEncoder(OpusEncoder):
         out.sample_rate = OUT_RATE
         out.pts = frame.pts * FACTOR
         out.time_base = OUT_TIME_BASE
-        packets = list(self.codec.encode(out))
-        if not packets or packets[0].pts is None:
-            return [], 0   # nothing to send yet (aiortc's sender skips an empty payload list)
-        if self.first_packet_pts is None:
-            self.first_packet_pts = packets[0].pts
-        return [bytes(p) for p in packets], int(packets[0].pts - self.first_packet_pts)
+        # A 960-sample 48 kHz stereo frame is what aiortc's resampler emits itself: it passes it through,
+        # and aiortc's own encode (codec, payloads, RTP timestamp from pts) sends it in this call.
+        return super().encode(out, force_keyframe)
 
     @staticmethod
     def _takes(frame: Frame) -> bool:
