@@ -73,9 +73,9 @@ def load_local_engine(avatar: Any = None, checkpoint: str | Path | None = None, 
     """Load the avatar and renderer and warm the worker up (seconds; call it from a thread)."""
     avatar_obj = _load_avatar(avatar)
     mouth = renderer if renderer is not None else _load_renderer(checkpoint, device)
-    # A Wav2Lip checkpoint on a small CPU is slower than the default compute budget: size the (fixed)
-    # delay from its measured cost, as the server does.
-    engine_config = config or EngineConfig(fit_budget_to_renderer=checkpoint is not None)
+    # Size the (fixed) delay from the renderer's measured cost, as the server does: a Wav2Lip checkpoint
+    # on a small CPU needs more than the default compute budget, the built-in renderer much less.
+    engine_config = config or EngineConfig(fit_budget_to_renderer=True)
     worker = ThreadedRenderWorker(mouth, max_batch=engine_config.max_batch,
                                   max_wait_s=engine_config.max_batch_wait_ms / 1000.0, name="render-local")
     try:

@@ -23,10 +23,13 @@ the audio track is a plain delay line that never stretches, skips or waits, so A
 latency cannot accumulate; a frame that is not ready in time is dropped or held instead (see session.py).
 An adaptive L would have to resample or cut audio every time it moved. (With
 `EngineConfig.fit_budget_to_renderer`, the compute budget is sized once, at session start, from the render
-worker's measured per-frame cost, so a slow CPU renderer gets a larger but still fixed L. When one frame
-costs more than a frame period but batches are cheaper per frame (Wav2Lip on CPU, any GPU model), the
-budget instead covers gathering k frames, (k - 1) periods, plus 1.5 cost(k): the render worker then waits
-for k consecutive frames before rendering them together, and keeps up; see `Timeline.from_config`.)
+worker's measured per-frame cost, 1.5 cost + one frame period: a slow CPU renderer gets a larger, a cheap
+one a smaller, still fixed L, and L is then exact to the sample, the frame period in the budget being the
+slack that rounding gives a fixed budget. The built-in renderer, ~0.6 ms a frame, gets a 41 ms budget and
+L = 75 + 20 + 41 = 136 ms instead of 160. When one frame costs more than a frame period but batches are
+cheaper per frame (Wav2Lip on CPU, any GPU model), the budget instead covers gathering k frames, (k - 1)
+periods, plus 1.5 cost(k): the render worker then waits for k consecutive frames before rendering them
+together, and keeps up; see `Timeline.from_config`.)
 
 L is the delay of audio that arrives in real time. Audio that is already here (an upload, `say`, a TTS
 stream faster than real time) needs no look-ahead wait: at a start from silence the session may place the
@@ -59,7 +62,7 @@ class Timeline:
     """Frame/sample arithmetic of one session; immutable once the session starts."""
 
     fps: float
-    delay_frames: int
+    delay_samples: int      # L: output sample j plays input sample j - L
     batch_frames: int = 1   # frames the render worker may gather per batch (> 1 only when sized for it)
     lookahead_samples: int = LOOKAHEAD_SAMPLES  # future audio a frame's window needs (the renderer's)
     budget_samples: int = 0  # compute budget: "its audio is complete" -> "shown" (the quick-start delay)
@@ -71,31 +74,56 @@ class Timeline:
                     batch_cost: Callable[[int], float] | None = None, max_batch: int = 1,
                     needs: AudioNeeds = OFFICIAL_WINDOW) -> "Timeline":
         """The session's timeline. With `config.fit_budget_to_renderer` and a measured per-frame render
-        cost, the compute budget is widened to fit that renderer (still fixed for the session).
-
-        With also a cost curve `batch_cost(b)` (seconds for a batch of b, measured at warm-up) and
-        `config.batch_to_keep_up`: if one frame takes more than `batch_max_utilization` frame periods,
-        the smallest k <= max_batch with cost(k) <= batch_max_utilization * k periods is chosen and the
-        budget covers gathering k frames plus rendering them, (k - 1) periods + 1.5 cost(k), if that fits
-        under `max_compute_budget_ms`; `batch_frames` = k tells the worker to gather."""
+        cost, the compute budget is sized to that renderer (`_fitted_budget`; still fixed for the
+        session) and L is exact; otherwise the budget is `compute_budget_frames` and L whole frames."""
         fps = float(fps or config.fps)
         spf = SAMPLE_RATE / fps
         budget = config.compute_budget_frames * spf
         batch = 1
         if config.fit_budget_to_renderer and batch_cost is not None and not render_cost_s:
             render_cost_s = batch_cost(1)
-        if config.fit_budget_to_renderer and render_cost_s:
-            cap_s = config.max_compute_budget_ms / 1000.0
-            fitted_s = 1.5 * render_cost_s + 1.0 / fps
-            plan = (cls._batch_plan(config, fps, render_cost_s, batch_cost, max_batch)
-                    if config.batch_to_keep_up and batch_cost is not None else None)
-            if plan is not None:
-                batch, fitted_s = plan
-            budget = max(budget, min(fitted_s, cap_s) * SAMPLE_RATE)
+        fitted = bool(config.fit_budget_to_renderer and render_cost_s)
+        if fitted:
+            assert render_cost_s is not None
+            batch, budget_s = cls._fitted_budget(config, fps, render_cost_s, batch_cost, max_batch)
+            budget = min(budget_s, config.max_compute_budget_ms / 1000.0) * SAMPLE_RATE
         lookahead = needs.lookahead_samples(fps)
         need = lookahead + config.input_jitter_ms * SAMPLE_RATE / 1000.0 + budget
-        return cls(fps=fps, delay_frames=max(1, math.ceil(need / spf - 1e-9)), batch_frames=batch,
+        # A fitted budget carries its own slack (one frame period, or the batch's gathering time), so L is
+        # exact to the sample. A fixed budget knows nothing of the renderer: L rounds up to whole frames,
+        # and that rounding is the slack that lets a renderer slower than the budget still draw every
+        # other frame.
+        delay = (math.ceil(need - 1e-9) if fitted
+                 else round(max(1, math.ceil(need / spf - 1e-9)) * SAMPLE_RATE / fps))
+        return cls(fps=fps, delay_samples=max(1, delay), batch_frames=batch,
                    lookahead_samples=lookahead, budget_samples=math.ceil(budget), needs=needs)
+
+    @classmethod
+    def _fitted_budget(cls, config: EngineConfig, fps: float, cost_1: float,
+                       batch_cost: Callable[[int], float] | None, max_batch: int) -> tuple[int, float]:
+        """(batch frames, compute budget in seconds) sized to the renderer.
+
+        One frame at a time: 1.5 cost(1) + one frame period (the period: a job may wait for the one
+        before it). That is less than the fixed budget for a cheap renderer (the built-in one: ~41 ms,
+        not 60) and more for a slow one. It is at least the room the worker needs to wait
+        `max_batch_wait_ms` for other sessions' frames and still render a full batch before the
+        deadline margin (what `batch_wait._fill_until` asks), but never more than the fixed budget for
+        that: where filling costs more, the worker simply does not wait to fill, as with the fixed one.
+
+        With a cost curve `batch_cost(b)` (seconds for a batch of b, measured at warm-up) and
+        `config.batch_to_keep_up`: if one frame takes more than `batch_max_utilization` frame periods,
+        the smallest k <= max_batch with cost(k) <= batch_max_utilization * k periods is chosen and the
+        budget covers gathering k frames plus rendering them, (k - 1) periods + 1.5 cost(k), if that fits
+        under `max_compute_budget_ms`; k > 1 tells the worker to gather."""
+        if config.batch_to_keep_up and batch_cost is not None:
+            plan = cls._batch_plan(config, fps, cost_1, batch_cost, max_batch)
+            if plan is not None:
+                return plan
+        budget_s = 1.5 * cost_1 + 1.0 / fps
+        if batch_cost is not None and max_batch > 1 and config.max_batch_wait_ms > 0:
+            fill_room_s = (config.max_batch_wait_ms + config.deadline_margin_ms) / 1000.0 + batch_cost(max_batch)
+            budget_s = max(budget_s, min(fill_room_s, config.compute_budget_frames / fps))
+        return 1, budget_s
 
     @staticmethod
     def _batch_plan(config: EngineConfig, fps: float, cost_1: float, batch_cost: Callable[[int], float],
@@ -120,9 +148,9 @@ class Timeline:
         return SAMPLE_RATE / self.fps
 
     @property
-    def delay_samples(self) -> int:
-        """L: output sample j plays input sample j - L."""
-        return self.frame_start(self.delay_frames)
+    def delay_frames(self) -> int:
+        """L in frame periods, rounded up."""
+        return self.first_frame_at_or_after(self.delay_samples)
 
     def frame_at_or_before(self, sample: int) -> int:
         """Largest k with frame_start(k) <= sample (0 for a sample before frame 0)."""

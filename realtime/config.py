@@ -20,12 +20,14 @@ class EngineConfig:
     fps: float = 25.0
 
     # Latency budget (see realtime/clock.py): delay = mel lookahead + input jitter + compute budget,
-    # rounded up to whole video frames, fixed for the life of a session.
+    # fixed for the life of a session; rounded up to whole video frames unless the budget is fitted.
     compute_budget_frames: float = 1.5   # time a frame may take from "its audio is complete" to "shown"
     input_jitter_ms: float = 20.0        # allowance for chunked / jittery input (one 20 ms WebRTC frame)
     deadline_margin_ms: float = 5.0      # a render must finish this long before its tick
-    fit_budget_to_renderer: bool = False  # at session start, widen the compute budget to the worker's
-                                         # measured per-frame cost (1.5x + 1 frame), up to the cap below
+    fit_budget_to_renderer: bool = False  # at session start, size the compute budget from the worker's
+                                         # measured per-frame cost (1.5x + 1 frame: less than the fixed
+                                         # budget for a cheap renderer, more for a slow one, up to the cap
+                                         # below); L is then exact, not rounded to frames
     max_compute_budget_ms: float = 1000.0
     batch_to_keep_up: bool = True        # with fit_budget_to_renderer: when one frame costs more than
                                          # batch_max_utilization x the frame period but a batch of k <=

@@ -57,6 +57,9 @@ def session_overrides(options: dict) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
             raise ValueError(f"options.{name} must be a {kind.__name__}")
         out[name] = kind(value)
+    if "compute_budget_frames" in out:
+        # A client that chooses its compute budget gets exactly that one, not one fitted to the renderer.
+        out["fit_budget_to_renderer"] = False
     return out
 
 
@@ -223,11 +226,11 @@ class RealtimeEngine:
         log.info("avatar loaded", extra={"avatar": avatar_name, "frames": len(avatar.frames),
                                          "seconds": round(time.monotonic() - t0, 2)})
         entries = device_list(config.device)
-        # A generator slower than the default compute budget (Wav2Lip on a small CPU) would otherwise
-        # drop every mouth frame: size each session's fixed delay from the measured render cost instead
-        # (still fixed per session, and capped by EngineConfig.max_compute_budget_ms).
-        engine_config = EngineConfig(fit_budget_to_renderer=config.checkpoint is not None,
-                                     paste_mode=config.paste_mode)
+        # Size each session's fixed delay from the measured render cost: a generator slower than the
+        # default compute budget (Wav2Lip on a small CPU) would otherwise drop every mouth frame, and the
+        # built-in renderer (~0.6 ms a frame) needs a third less (still fixed per session, and capped by
+        # EngineConfig.max_compute_budget_ms).
+        engine_config = EngineConfig(fit_budget_to_renderer=True, paste_mode=config.paste_mode)
         spec = RendererSpec(checkpoint=config.checkpoint, precision=config.precision, runtime=config.runtime,
                             min_psnr_db=config.min_psnr_db, paste_mode=config.paste_mode,
                             mel_alignment=config.mel_alignment)

@@ -587,12 +587,19 @@ def test_gathering_leaves_the_worker_headroom(speech_16k):
     assert busy[True] < 0.8 / 25 < 0.95 / 25 < busy[False]
 
 
-def test_cheap_renderer_keeps_the_default_latency_and_batch_one(speech_16k):
-    """The default path is untouched: a renderer cheaper than a period gets L = 320 ms at 25 fps and is
-    never held back to gather a batch."""
+def test_cheap_renderer_gets_a_smaller_exact_delay_and_batch_one(speech_16k):
+    """A renderer much cheaper than a period (4 ms a frame) gets a renderer-sized budget, 1.5 cost + one
+    period = 46 ms (less than the fixed 60 ms), and L exact to the sample, 212.5 + 20 + 46 = 278.5 ms (not
+    rounded up to 320); it is never held back to gather a batch, drops nothing, and A/V stays exact."""
     session, clock, renderer, _ = _affine_session(EngineConfig(fit_budget_to_renderer=True),
                                                   fixed=0.002, per_frame=0.002)
-    assert session.latency_ms == 320.0 and session.timeline.batch_frames == 1
-    drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
-    assert session.metrics().frames_dropped == 0
+    assert session.latency_ms == pytest.approx(278.5, abs=1 / 16) and session.timeline.batch_frames == 1
+    assert session.latency_samples % 640 != 0                        # not a whole number of frames
+    run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
+    m = session.metrics()
+    assert m.frames_dropped == 0 and m.frames_rendered > 30
+    assert m.av_offset_max_abs_ms == 0.0
+    assert m.latency_ms.p99 <= session.latency_ms + 1e-6
     assert set(renderer.batch_sizes) == {1}
+    L = session.latency_samples
+    np.testing.assert_array_equal(run.audio_out[L:L + len(speech_16k)], speech_16k)
