@@ -114,17 +114,11 @@ class LipSyncVideoGenerator(VideoGenerator):
                 await asyncio.sleep(delay)
             n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
             out = self._session.next_video_frame()
-            audio = self._session.next_audio(n)
-            voiced = self._session.playback.last_block_voiced
+            pcm = self._session.playback.last_block_pcm16(self._session.next_audio(n))
             rgb = cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB)
             yield rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, rgb.tobytes())
-            if voiced is not None:
-                # From the tick's start, with the silence before an utterance's first sample (it starts
-                # where it was placed, between ticks): the runner publishes frames back to back, so the
-                # first sample keeps its place relative to the images.
-                _, hi = voiced
-                pcm = np.clip(audio[:hi] * 32767.0, -32768, 32767).astype(np.int16)
-                yield rtc.AudioFrame(pcm.tobytes(), OUTPUT_RATE, 1, hi)
+            if pcm is not None:
+                yield rtc.AudioFrame(pcm, OUTPUT_RATE, 1, len(pcm) // 2)
             events, self._events[:] = list(self._events), []
             for event in events:
                 if isinstance(event, SpeechEnded) and not event.interrupted:

@@ -189,21 +189,15 @@ class LipSyncVideoService(AIService):
                 await asyncio.sleep(delay)
             n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
             out = session.next_video_frame()
-            audio = session.next_audio(n)
-            voiced = session.playback.last_block_voiced
+            pcm = session.playback.last_block_pcm16(session.next_audio(n))
             late = time.monotonic() - (t0 + (k + 1) / fps) > 0
             if not late:  # behind by a whole frame: skip the image, never the audio
                 image = OutputImageRawFrame(image=cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB).tobytes(),
                                             size=(width, height), format="RGB")
                 image.pts = round(k * NS / fps)
                 await self.push_frame(image)
-            if voiced is not None:
-                # From the tick's start, with the silence before an utterance's first sample (it starts
-                # where it was placed, between ticks): the transport plays frames back to back, so the
-                # first sample keeps its place relative to the images.
-                _, hi = voiced
-                pcm = np.clip(audio[:hi] * 32767.0, -32768, 32767).astype(np.int16)
-                speech = SpeechOutputAudioRawFrame(audio=pcm.tobytes(), sample_rate=OUTPUT_RATE, num_channels=1)
+            if pcm is not None:
+                speech = SpeechOutputAudioRawFrame(audio=pcm, sample_rate=OUTPUT_RATE, num_channels=1)
                 speech.pts = round(j * NS / OUTPUT_RATE)
                 await self.push_frame(speech)
             await self._flush_events()

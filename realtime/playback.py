@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -200,6 +202,17 @@ class PlaybackTracker:
         self._origin = origin if self._origin is None else min(self._origin, origin)
         self.last_block_voiced = self._voiced(j, n)
         self._advance(now, j, n)
+
+    def last_block_pcm16(self, audio: np.ndarray) -> bytes | None:
+        """What a framework adapter forwards of the block just handed out (`audio`, float samples): the
+        utterance audio as int16 PCM, or None when the block carries none. It runs from the block's start,
+        with the silence before an utterance's first sample (an utterance starts where it was placed,
+        between ticks), so a transport that plays blocks back to back keeps that sample's place relative
+        to the images; it ends at the utterance's last sample."""
+        if self.last_block_voiced is None:
+            return None
+        _, hi = self.last_block_voiced
+        return np.clip(audio[:hi] * 32767.0, -32768, 32767).astype(np.int16).tobytes()
 
     def on_input_moved(self, from_x: int, delta: int) -> None:
         """The session moved its input from index `from_x` on by `delta` samples (a start from silence
