@@ -752,6 +752,7 @@ async def mic_phase(run: SoakRun, speech: np.ndarray, seconds: float, seed: int,
     return {
         "latency_p95_ms": _round(latency.get("p95"), 1),
         "latency_p50_ms": _round(latency.get("p50"), 1),
+        "latency_budget_ms": _round(_engine(d1).get("latency_budget_ms"), 1),   # the session's fixed L
         "rendered_frames": _engine(d1).get("frames_rendered", 0),
         "frames_dropped": _engine(d1).get("frames_dropped", 0) - _engine(d0).get("frames_dropped", 0),
         "pacer_skipped": d1.get("video_skipped", 0) - d0.get("video_skipped", 0),

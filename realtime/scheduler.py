@@ -225,7 +225,11 @@ class RenderWorker:
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.clock = clock
-        self.cost = CostModel()
+        self.cost = CostModel()          # live: every batch updates it (deadline predictions, batching)
+        # The curve measured at warm-up only: sessions size their fixed delay from it, so a session's L
+        # does not depend on how busy the worker happened to be when it opened (sized from `cost`, two
+        # mic sessions of one server opened a minute apart got L 22 ms apart: bench/soak.py --isolation).
+        self.warmup_cost = CostModel()
         mix = bool(getattr(renderer, "mixes_avatars", False))  # one call may render several avatars' frames
         self._wait_policy = BatchWaitPolicy(self.max_batch, self.max_wait_s, self.gather_safety, mix_avatars=mix)
         self._queue = _JobQueue(mix_avatars=mix)
@@ -275,6 +279,7 @@ class RenderWorker:
                     if attempt:
                         timed.append(self.clock() - t0)
             self.cost.observe(b, min(timed))
+            self.warmup_cost.observe(b, min(timed))
 
     def forget(self, avatar: Any) -> None:
         """Drop a removed avatar: the worker's reference and the renderer's per-avatar data (if it can)."""

@@ -118,8 +118,9 @@ class LipSyncSession:
         if worker is not None:
             worker.prepare(avatar)
         fps = float(getattr(avatar, "fps", 0) or self.config.fps)
-        cost = (worker.cost.estimate(1) or None) if worker is not None else None
-        curve = worker.cost.estimate if worker is not None and cost else None
+        sizing = None if worker is None else (worker.warmup_cost if worker.warmup_cost.by_size else worker.cost)
+        cost = (sizing.estimate(1) or None) if sizing is not None else None
+        curve = sizing.estimate if sizing is not None and cost else None
         max_batch = min(self.config.max_batch, worker.max_batch) if worker is not None else 1
         needs = audio_needs_of(worker.renderer) if worker is not None else OFFICIAL_WINDOW
         self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,

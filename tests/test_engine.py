@@ -603,3 +603,15 @@ def test_cheap_renderer_gets_a_smaller_exact_delay_and_batch_one(speech_16k):
     assert set(renderer.batch_sizes) == {1}
     L = session.latency_samples
     np.testing.assert_array_equal(run.audio_out[L:L + len(speech_16k)], speech_16k)
+
+
+def test_a_sessions_delay_comes_from_the_warmup_curve_not_the_live_cost(speech_16k):
+    """Sessions opened while the worker happens to be slow get the same fixed delay as the others: L is
+    sized from the cost measured at warm-up, while the live estimate (batching, deadlines) moves."""
+    first, _, _, worker = _affine_session(EngineConfig(fit_budget_to_renderer=True), fixed=0.002, per_frame=0.002)
+    for _ in range(10):
+        worker.cost.observe(1, 0.030)                 # a busy spell: renders took 30 ms
+    assert worker.cost.estimate(1) > 0.025
+    later = LipSyncSession(first.avatar, worker, EngineConfig(fit_budget_to_renderer=True), clock=ManualClock())
+    assert later.latency_samples == first.latency_samples
+    assert later.timeline.budget_samples == first.timeline.budget_samples
