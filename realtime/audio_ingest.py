@@ -126,8 +126,9 @@ class AudioRing:
     chunks return zeros. `discard_before` releases what nobody will read again, so memory stays bounded.
     """
 
-    def __init__(self, max_samples: int) -> None:
+    def __init__(self, max_samples: int, sample_rate: int = 16000) -> None:
         self.max_samples = int(max_samples)
+        self.sample_rate = sample_rate
         self._starts: list[int] = []
         self._chunks: list[np.ndarray] = []
         self._arrivals: list[float] = []
@@ -183,11 +184,20 @@ class AudioRing:
         return total
 
     def arrival_of(self, index: int) -> float | None:
-        """Arrival time of the chunk holding sample `index`, or None if it is not stored."""
+        """When sample `index` arrived, or None if it is not stored: its chunk's arrival time, less the
+        real time its chunk holds after it, but never before the chunk that precedes it without a gap
+        arrived (a chunk after a gap, or the first: all its samples arrived with it). For audio arriving
+        in real time that is when the sample was due, whatever the chunk size and however the chunks fall
+        against the video frames; stamping the whole chunk with its arrival made the latency of a
+        microphone session depend on that phase (0-20 ms, fixed per session: bench/soak.py --isolation
+        saw two identical sessions 21 ms apart). Audio pushed ahead of real time arrives with its chunk."""
         i = bisect.bisect_right(self._starts, index) - 1
-        if i >= 0 and index < self._starts[i] + len(self._chunks[i]):
-            return self._arrivals[i]
-        return None
+        if i < 0 or index >= self._starts[i] + len(self._chunks[i]):
+            return None
+        end = self._starts[i] + len(self._chunks[i])
+        due = self._arrivals[i] - (end - index) / self.sample_rate
+        contiguous = i > 0 and self._starts[i - 1] + len(self._chunks[i - 1]) == self._starts[i]
+        return max(due, self._arrivals[i - 1] if contiguous else self._arrivals[i])
 
     def move_from(self, index: int, delta: int) -> None:
         """Move every chunk stored at or after `index` by `delta` samples (an utterance whose place on

@@ -80,6 +80,20 @@ def test_rate_change_mid_stream_keeps_going():
     assert abs(len(a) + len(b) + len(c) - 3 * 3200) <= 40
 
 
+def test_a_samples_arrival_is_when_real_time_brought_it_within_its_chunk():
+    """Real-time chunks: each sample arrives when it was due (its chunk's arrival less the time after it),
+    so where a frame's first sample falls in a chunk does not shift its latency. Never before the previous
+    contiguous chunk arrived (a chunk ahead of real time), and the first chunk's samples arrive with it."""
+    ring = AudioRing(max_samples=1000, sample_rate=100)
+    ring.append(np.ones(10, np.float32), 0, arrival=1.0)
+    ring.append(np.ones(10, np.float32), 10, arrival=1.1)      # real time: 10 samples in 0.1 s
+    ring.append(np.ones(10, np.float32), 20, arrival=1.12)     # 5x faster than real time
+    assert ring.arrival_of(0) == 1.0 and ring.arrival_of(9) == 1.0
+    assert ring.arrival_of(10) == pytest.approx(1.0) and ring.arrival_of(15) == pytest.approx(1.05)
+    assert ring.arrival_of(19) == pytest.approx(1.09)
+    assert ring.arrival_of(20) == pytest.approx(1.1) and ring.arrival_of(29) == pytest.approx(1.11)
+
+
 def test_ring_reads_stamps_and_gaps():
     ring = AudioRing(max_samples=1000)
     ring.append(np.ones(100, np.float32), 0, arrival=1.0)
