@@ -12,7 +12,8 @@ queues up. Batch cost is predicted from an exponential average of measured batch
 When the next batch starts is one policy, `realtime.batch_wait.batch_wait_until`, a pure function of
 the queued jobs and the time that both drivers call: gathering the frames a job's owner sized its delay
 for (`batch_hint`, see `Timeline.from_config`), filling a batch with other sessions' jobs for up to
-`max_wait_s`, both only while the deadlines allow it, and never for the first frame of an utterance.
+`max_wait_s`, both only while the deadlines allow it, and never for the first frame of an utterance,
+which is also rendered without its own session's later frames (`_JobQueue.select`).
 
 Two drivers of that policy:
 - `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; it
@@ -197,7 +198,12 @@ class _JobQueue:
 
         ready.sort(key=key)
         head = ready[0]
-        same = [j for j in ready if self.batchable(j, head)][:max_batch]
+        # The first frame of an utterance goes without its own session's later frames: it sets when the
+        # avatar is seen talking, and a batch of them (a quick start has all its frames ready at once)
+        # would finish it later and, when the renderer runs slower than its estimate, miss its tick with
+        # the whole batch. Other sessions' due frames may still join it (GPU batching across sessions).
+        same = [j for j in ready if self.batchable(j, head)
+                and not (head.starts_utterance and j is not head and j.owner is head.owner)][:max_batch]
         b = len(same)
         while b > 1 and now + cost.estimate(b) > min(j.deadline for j in same[:b]):
             b -= 1

@@ -231,6 +231,26 @@ class RecordingWorker(InlineRenderWorker):
         super().submit(job)
 
 
+def test_a_bursts_first_frame_is_rendered_alone(speech_16k):
+    """An upload (a quick start) has all its frames ready at once: the first frame of the utterance still
+    goes without them (alone: no other session here), the frames after it in batches. A batch would finish the first frame later, and miss its
+    tick together with the whole batch whenever the renderer runs slower than its estimate."""
+    config = EngineConfig(fit_budget_to_renderer=True)
+    clock = ManualClock()
+    worker = RecordingWorker(AffineRenderer(clock, fixed=0.008, per_frame=0.004), max_batch=config.max_batch,
+                             clock=clock)
+    avatar = FakeAvatar()
+    worker.prepare(avatar, warmup=True)
+    session = LipSyncSession(avatar, worker, config, clock=clock)
+    drive(session, clock, None, 0.5)
+    session.push_audio(speech_16k, SR)
+    drive(session, clock, None, len(speech_16k) / SR + 0.5)
+    assert session.metrics().quick_starts == 1 and session.metrics().frames_dropped == 0
+    firsts = [r for j, r in worker.log if j.starts_utterance]
+    assert firsts and all(r.batch_size == 1 for r in firsts)
+    assert max(r.batch_size for j, r in worker.log if not j.starts_utterance) > 1   # the rest do batch
+
+
 def test_first_frame_of_an_utterance_is_not_batched(speech_with_gap_16k):
     """A renderer that only keeps up in batches (the session's delay is sized for gathering k frames):
     later frames wait for company, but the first frame of each utterance starts rendering the moment it
