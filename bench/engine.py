@@ -12,15 +12,17 @@ offset from the stamps, drops, frames, and CPU per frame (whole process CPU time
                            [--no-batching]
 
 Each session sizes its compute budget from the worker's warm-up cost (`fit_budget_to_renderer`), so a
-renderer slower than the default 2-frame budget (Wav2Lip on a small CPU) gets a larger, still fixed,
-latency instead of dropping every frame; `--fixed-budget` keeps the default budget for every renderer.
+renderer slower than the default 1.5-frame budget (Wav2Lip on a small CPU) gets a larger, still fixed,
+latency instead of dropping every frame, and a cheap one a smaller; `--fixed-budget` keeps the default budget for every renderer.
 When one frame costs more than a frame period but batches are cheaper per frame (the warm-up measures
 cost(1), cost(2), cost(4), cost(8)), the budget is sized for gathering `batch_frames` frames per renderer
 call and the worker waits for them (deadline-aware batching); `--no-batching` sizes it per frame instead.
 `latency_budget_ms` in the output is the session's fixed delay L (sized from the renderer's look-ahead:
 75 ms for the default renderer, 212.5 ms for Wav2Lip's official window, which this bench uses);
 `mean_batch` the frames per renderer call; `cost_curve_ms` the warm-up cost per batch size.
-Measured (shared 2-core machine, load ~9): default renderer p50 141 ms, p95 147 ms (L 160 ms).
+Measured (quiet 2-core machine, 2026-12-01, budget sized from the warm-up cost): default renderer p50 135.3 ms,
+p95 135.5 ms, 0 drops (L 135.5 ms; cost curve 0.32 / 0.37 / 0.45 / 0.66 ms for 1 / 2 / 4 / 8 frames). Earlier
+(shared 2-core machine, load ~9, fixed budget): p50 141 ms, p95 147 ms (L 160 ms).
 
 The last line printed is one JSON object:
     {"renderers": {NAME: {"latency_ms": {"p50", "p95", "p99"}, "av_offset_ms", "drops", "frames",
