@@ -201,7 +201,7 @@ class ServerProcess:
                 "--max-sessions", str(max_sessions), "--ice-host-addresses", "127.0.0.1",
                 "--log-level", "warning"]
         if "--api-token" in flags:
-            args += ["--api-token", self.operator_token]
+            args.append(f"--api-token={self.operator_token}")   # "=": a token may start with "-"
         if "--max-sessions-per-ip" in flags:  # every client comes from 127.0.0.1
             args += ["--max-sessions-per-ip", str(max_sessions)]
         if "--max-offers-per-minute" in flags:
