@@ -13,7 +13,8 @@ offset from the stamps, drops, frames, and CPU per frame (whole process CPU time
 
 Each session sizes its compute budget from the worker's warm-up cost (`fit_budget_to_renderer`), so a
 renderer slower than the default 1.5-frame budget (Wav2Lip on a small CPU) gets a larger, still fixed,
-latency instead of dropping every frame, and a cheap one a smaller; `--fixed-budget` keeps the default budget for every renderer.
+latency instead of dropping every frame, and a cheap one a smaller; `--fixed-budget` keeps the default
+budget for every renderer.
 When one frame costs more than a frame period but batches are cheaper per frame (the warm-up measures
 cost(1), cost(2), cost(4), cost(8)), the budget is sized for gathering `batch_frames` frames per renderer
 call and the worker waits for them (deadline-aware batching); `--no-batching` sizes it per frame instead.

@@ -72,8 +72,9 @@ gathers up to k frames, never past what the job's deadline allows.
 
 Latency reported per rendered frame = tick time - arrival time of the frame's own first audio sample
 (when real time brought it, within its chunk: `AudioRing.arrival_of`); audio pushed ahead of real time
-counts from when the output clock reached it (its queueing time is the source's, not ours). A/V offset per frame = pts(frame) - pts(output audio sample that carries the frame's
-first audio sample), zero by construction.
+counts from when the output clock reached it (its queueing time is the source's, not ours).
+A/V offset per frame = pts(frame) - pts(output audio sample that carries the frame's first audio sample),
+zero by construction.
 """
 from __future__ import annotations
 

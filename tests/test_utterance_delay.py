@@ -233,8 +233,9 @@ class RecordingWorker(InlineRenderWorker):
 
 def test_a_bursts_first_frame_is_rendered_alone(speech_16k):
     """An upload (a quick start) has all its frames ready at once: the first frame of the utterance still
-    goes without them (alone: no other session here), the frames after it in batches. A batch would finish the first frame later, and miss its
-    tick together with the whole batch whenever the renderer runs slower than its estimate."""
+    goes without them (alone: no other session here), the frames after it in batches. A batch would finish
+    the first frame later, and miss its tick together with the whole batch whenever the renderer runs
+    slower than its estimate."""
     config = EngineConfig(fit_budget_to_renderer=True)
     clock = ManualClock()
     worker = RecordingWorker(AffineRenderer(clock, fixed=0.008, per_frame=0.004), max_batch=config.max_batch,
