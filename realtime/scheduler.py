@@ -233,8 +233,8 @@ class RenderWorker:
         self.clock = clock
         self.cost = CostModel()          # live: every batch updates it (deadline predictions, batching)
         # The curve measured at warm-up only: sessions size their fixed delay from it, so a session's L
-        # does not depend on how busy the worker happened to be when it opened (sized from `cost`, two
-        # mic sessions of one server opened a minute apart got L 22 ms apart: bench/soak.py --isolation).
+        # does not depend on how busy the worker happened to be when it opened (the live estimate moves
+        # with every batch: a busy spell of slow renders would give the next sessions a longer delay).
         self.warmup_cost = CostModel()
         mix = bool(getattr(renderer, "mixes_avatars", False))  # one call may render several avatars' frames
         self._wait_policy = BatchWaitPolicy(self.max_batch, self.max_wait_s, self.gather_safety, mix_avatars=mix)
