@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from server.errors import ApiError
+from server.media_executor import MediaExecutor
 
 T = TypeVar("T")
 
@@ -97,15 +97,12 @@ def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
 
 
 def start_default_executor(loop: asyncio.AbstractEventLoop) -> ThreadPoolExecutor:
-    """Give `loop` a default executor of asyncio's own size whose threads all exist now. aiortc encodes
-    every audio and video frame there, and ThreadPoolExecutor adds a thread only when a submission finds
-    none idle: under steady load the count crept up by one after 25 minutes (bench/soak.py, 30 minutes
-    with 4 sessions: "leaked" threads 1), a bounded pool filling up, not a leak, but indistinguishable
-    from one to an operator watching the thread count. `asyncio.Runner.close` shuts it down."""
-    pool = started_pool(min(32, (os.cpu_count() or 1) + 4), "asyncio-default")
+    """Give `loop` the default executor aiortc encodes every frame on: a `MediaExecutor` (as many threads
+    as the cores the loop leaves, all started now, audio encodes first; server/media_executor.py).
+    `asyncio.Runner.close` shuts it down."""
+    pool = MediaExecutor()
     loop.set_default_executor(pool)
     return pool
-
 
 
 class WorkPool:

@@ -19,6 +19,7 @@ from realtime.session import RENDERED, LipSyncSession
 from server import heap
 from server.limits import start_default_executor
 from server.loop_monitor import LoopLagMonitor
+from server.media_executor import encoder_threads
 from server.tracks import AvatarVideoTrack, MediaClock
 
 
@@ -116,18 +117,19 @@ def test_heap_settings_apply_on_glibc():
 def test_the_default_executor_has_all_its_threads_before_any_work():
     """aiortc encodes every frame on the loop's default executor. ThreadPoolExecutor adds threads one by
     one as submissions find none idle, which a 30-minute soak saw as a thread leaked; the server's loop
-    gets one whose threads all exist from the start, so work never changes the thread count."""
+    gets a MediaExecutor whose threads all exist from the start (as many as the cores the loop leaves),
+    so work never changes the thread count."""
     def pool_threads() -> int:
-        return sum(t.name.startswith("asyncio-default") for t in threading.enumerate())
+        return sum(t.name.startswith("media-encode") for t in threading.enumerate())
 
     loop = asyncio.new_event_loop()
     try:
         pool = start_default_executor(loop)
         size = pool._max_workers
-        assert size >= 5 and pool_threads() == size
+        assert size == encoder_threads() and pool_threads() == size
 
         async def burst() -> None:
-            await asyncio.gather(*[loop.run_in_executor(None, time.sleep, 0.005) for _ in range(3 * size)])
+            await asyncio.gather(*[loop.run_in_executor(None, time.sleep, 0.005) for _ in range(3 * size + 4)])
 
         loop.run_until_complete(burst())
         assert pool_threads() == size

@@ -1,0 +1,114 @@
+"""The loop's default executor (server/media_executor.py): audio encodes first, threads fixed, shutdown clean.
+
+These also guard what it borrows from CPython's ThreadPoolExecutor (its workers read `_work_queue` with
+`get`, shutdown writes None there and drains it with `get_nowait`) and the call shape of aiortc's sender
+(`loop.run_in_executor(None, encoder.encode, frame, force_keyframe)`)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from aiortc.codecs.g711 import PcmuEncoder
+from aiortc.codecs.opus import OpusEncoder
+from aiortc.codecs.vpx import Vp8Encoder
+
+from server.media_executor import MediaExecutor, encoder_threads, is_audio_encode
+from server.opus_encoder import RealtimeOpusEncoder
+
+
+class _Recording:
+    """An encoder whose encode records its tag instead of encoding (no codec is opened)."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+
+    def encode(self, tag: str, force_keyframe: bool = False) -> str:
+        self.order.append(tag)
+        return tag
+
+
+class FakeOpus(_Recording, OpusEncoder):
+    pass
+
+
+class FakeVp8(_Recording, Vp8Encoder):
+    pass
+
+
+def pool_threads(prefix: str) -> int:
+    return sum(t.name.startswith(prefix) for t in threading.enumerate())
+
+
+def test_audio_encoders_are_recognised_and_video_ones_are_not():
+    assert is_audio_encode(RealtimeOpusEncoder().encode)
+    assert is_audio_encode(PcmuEncoder().encode)
+    assert not is_audio_encode(Vp8Encoder().encode)
+    assert not is_audio_encode(print)
+    assert encoder_threads() >= 1
+
+
+def test_an_audio_encode_overtakes_queued_video_work_through_run_in_executor():
+    """One thread busy, four video frames queued, then an audio frame: the audio frame runs next, the
+    video frames keep their order (one 8-session tick used to make each audio frame wait for all of them)."""
+    order: list[str] = []
+    gate = threading.Event()
+    loop = asyncio.new_event_loop()
+    pool = MediaExecutor(workers=1, name="test-media")
+    loop.set_default_executor(pool)
+    audio, video = FakeOpus(order), FakeVp8(order)
+
+    async def scenario() -> list[str]:
+        blocker = loop.run_in_executor(None, gate.wait)
+        await asyncio.sleep(0.05)  # the one thread is now inside gate.wait
+        jobs = [loop.run_in_executor(None, video.encode, f"v{i}", False) for i in range(4)]
+        jobs.append(loop.run_in_executor(None, audio.encode, "a0", False))
+        jobs.append(loop.run_in_executor(None, video.encode, "v4", False))
+        gate.set()
+        await blocker
+        return list(await asyncio.gather(*jobs))
+
+    try:
+        results = loop.run_until_complete(scenario())
+    finally:
+        gate.set()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    assert results == ["v0", "v1", "v2", "v3", "a0", "v4"]  # each caller gets its own result
+    assert order == ["a0", "v0", "v1", "v2", "v3", "v4"]
+
+
+def test_every_thread_exists_before_any_work_and_shutdown_joins_them():
+    pool = MediaExecutor(workers=3, name="test-threads")
+    assert pool_threads("test-threads") == 3
+    futures = [pool.submit(sum, [i, 1]) for i in range(30)]
+    assert [f.result(timeout=5) for f in futures] == [i + 1 for i in range(30)]
+    assert pool_threads("test-threads") == 3
+    pool.shutdown(wait=True)
+    assert pool_threads("test-threads") == 0
+    with pytest.raises(RuntimeError):
+        pool.submit(sum, [1])
+
+
+def test_an_exception_reaches_its_caller_and_the_thread_goes_on():
+    pool = MediaExecutor(workers=1, name="test-errors")
+    try:
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(lambda: 1 / 0).result(timeout=5)
+        assert pool.submit(sum, [2, 3]).result(timeout=5) == 5
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_shutdown_with_cancel_futures_cancels_what_is_still_queued():
+    gate, started = threading.Event(), threading.Event()
+    pool = MediaExecutor(workers=1, name="test-cancel")
+    running = pool.submit(lambda: started.set() or gate.wait())
+    assert started.wait(5)
+    queued = [pool.submit(sum, [i]) for i in range(5)]
+    pool.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    assert running.result(timeout=5) is True
+    assert all(f.cancelled() for f in queued)
+    pool.shutdown(wait=True)
+    assert pool_threads("test-cancel") == 0
