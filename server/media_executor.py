@@ -24,6 +24,11 @@ p99 reached 90-96 ms and the audio track skipped ~12 500 frames (lost audio) in 
 | 1 thread, FIFO              | 18.4              | 7 720                | 479                 |
 | 1 thread, audio first (this)| 16.9, 28.2, 23.6  | 0, 327, 128          | 2 749, 10 964, 6 544|
 
+Only encodes run on these threads (`is_encode`). Everything else asyncio's default executor is asked to
+run goes to a separate small pool (`OTHER_THREADS`): aioice resolves STUN/TURN host names there with
+`socket.gethostbyname`, and aiohttp reads files there; a DNS lookup that hangs for seconds must never
+hold every session's encoder.
+
 Eight sessions are more than this box holds with its clients in it (the video is what gives); the loop
 and the audio are what this protects. Giving the threads a lower OS priority instead (nice 10) changed
 nothing, nor did a 0.5 ms GIL switch interval.
@@ -40,13 +45,20 @@ import itertools
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from aiortc.codecs.base import Encoder
 from aiortc.codecs.g711 import PcmEncoder
 from aiortc.codecs.opus import OpusEncoder
 
-AUDIO_FIRST, OTHER, SHUTDOWN = 0, 1, 2
+AUDIO, VIDEO, SHUTDOWN = 0, 1, 2
+OTHER_THREADS = 2  # DNS lookups for ICE servers, file reads: rare, and never on the encoder threads
+
+
+def is_encode(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` is an aiortc encoder's bound method (what RTCRtpSender runs in the executor)."""
+    return isinstance(getattr(fn, "__self__", None), Encoder)
 
 
 def is_audio_encode(fn: Callable[..., Any]) -> bool:
@@ -65,7 +77,7 @@ def encoder_threads() -> int:
 
 class _PriorityWorkQueue:
     """The `queue.SimpleQueue` interface ThreadPoolExecutor uses (put, get, get_nowait), served by class:
-    audio encodes, then other work, then the shutdown sentinel (None), FIFO within a class."""
+    audio encodes, then video encodes, then the shutdown sentinel (None), FIFO within a class."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Any]] = []
@@ -76,7 +88,7 @@ class _PriorityWorkQueue:
         if item is None:
             rank = SHUTDOWN
         else:
-            rank = AUDIO_FIRST if is_audio_encode(item.fn) else OTHER
+            rank = AUDIO if is_audio_encode(item.fn) else VIDEO
         with self._ready:
             heapq.heappush(self._heap, (rank, next(self._order), item))
             self._ready.notify()
@@ -98,15 +110,27 @@ class _PriorityWorkQueue:
 
 
 class MediaExecutor(ThreadPoolExecutor):
-    """A ThreadPoolExecutor of `workers` threads, all started now, that runs audio encodes first."""
+    """`workers` threads, all started now, for encodes (audio first); other work goes to a small pool of
+    its own (`OTHER_THREADS`, also started now)."""
 
     def __init__(self, workers: int | None = None, name: str = "media-encode") -> None:
         workers = encoder_threads() if workers is None else workers
         super().__init__(max_workers=workers, thread_name_prefix=name)
         self._work_queue = _PriorityWorkQueue()  # type: ignore[assignment]  # before any thread exists
-        barrier = threading.Barrier(workers)
-        for future in [self.submit(barrier.wait) for _ in range(workers)]:
-            future.result()
+        self._other = ThreadPoolExecutor(max_workers=OTHER_THREADS, thread_name_prefix=f"{name}-other")
+        for pool, size in ((self, workers), (self._other, OTHER_THREADS)):
+            barrier = threading.Barrier(size)
+            for future in [ThreadPoolExecutor.submit(pool, barrier.wait) for _ in range(size)]:
+                future.result()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if is_encode(fn):
+            return super().submit(fn, *args, **kwargs)
+        return self._other.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._other.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode"]
+__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode", "is_encode"]

@@ -13,17 +13,20 @@ from aiortc.codecs.g711 import PcmuEncoder
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 
-from server.media_executor import MediaExecutor, encoder_threads, is_audio_encode
+from server.media_executor import OTHER_THREADS, MediaExecutor, encoder_threads, is_audio_encode, is_encode
 from server.opus_encoder import RealtimeOpusEncoder
 
 
 class _Recording:
-    """An encoder whose encode records its tag instead of encoding (no codec is opened)."""
+    """An encoder whose encode records its tag instead of encoding (no codec is opened); a tag that is
+    a callable is called (to block, or to raise)."""
 
-    def __init__(self, order: list[str]) -> None:
-        self.order = order
+    def __init__(self, order: list[str] | None = None) -> None:
+        self.order = [] if order is None else order
 
-    def encode(self, tag: str, force_keyframe: bool = False) -> str:
+    def encode(self, tag, force_keyframe: bool = False):
+        if callable(tag):
+            return tag()
         self.order.append(tag)
         return tag
 
@@ -40,11 +43,11 @@ def pool_threads(prefix: str) -> int:
     return sum(t.name.startswith(prefix) for t in threading.enumerate())
 
 
-def test_audio_encoders_are_recognised_and_video_ones_are_not():
-    assert is_audio_encode(RealtimeOpusEncoder().encode)
+def test_encoders_are_recognised_by_kind():
+    assert is_audio_encode(RealtimeOpusEncoder().encode) and is_encode(RealtimeOpusEncoder().encode)
     assert is_audio_encode(PcmuEncoder().encode)
-    assert not is_audio_encode(Vp8Encoder().encode)
-    assert not is_audio_encode(print)
+    assert is_encode(Vp8Encoder().encode) and not is_audio_encode(Vp8Encoder().encode)
+    assert not is_encode(print) and not is_encode(threading.Event().wait)
     assert encoder_threads() >= 1
 
 
@@ -59,8 +62,8 @@ def test_an_audio_encode_overtakes_queued_video_work_through_run_in_executor():
     audio, video = FakeOpus(order), FakeVp8(order)
 
     async def scenario() -> list[str]:
-        blocker = loop.run_in_executor(None, gate.wait)
-        await asyncio.sleep(0.05)  # the one thread is now inside gate.wait
+        blocker = loop.run_in_executor(None, video.encode, gate.wait, False)
+        await asyncio.sleep(0.05)  # the one encoder thread is now inside gate.wait
         jobs = [loop.run_in_executor(None, video.encode, f"v{i}", False) for i in range(4)]
         jobs.append(loop.run_in_executor(None, audio.encode, "a0", False))
         jobs.append(loop.run_in_executor(None, video.encode, "v4", False))
@@ -78,24 +81,47 @@ def test_an_audio_encode_overtakes_queued_video_work_through_run_in_executor():
     assert order == ["a0", "v0", "v1", "v2", "v3", "v4"]
 
 
+def test_a_hanging_dns_lookup_never_holds_the_encoders():
+    """aioice resolves STUN/TURN names with socket.gethostbyname on the default executor: work that is
+    not an encode runs on its own threads, so encodes go on while all of those hang, and the other way."""
+    gate = threading.Event()
+    pool = MediaExecutor(workers=1, name="test-split")
+    try:
+        hung = [pool.submit(gate.wait) for _ in range(OTHER_THREADS + 1)]
+        assert pool.submit(FakeVp8().encode, "v0", False).result(timeout=5) == "v0"
+        assert pool.submit(FakeOpus().encode, "a0", False).result(timeout=5) == "a0"
+        assert not any(f.done() for f in hung)
+        gate.set()
+        assert all(f.result(timeout=5) for f in hung)
+        gate.clear()
+        busy = pool.submit(FakeVp8().encode, gate.wait, False)   # the encoder thread hangs now
+        assert pool.submit(sum, [2, 3]).result(timeout=5) == 5
+        assert not busy.done()
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+
+
 def test_every_thread_exists_before_any_work_and_shutdown_joins_them():
     pool = MediaExecutor(workers=3, name="test-threads")
-    assert pool_threads("test-threads") == 3
-    futures = [pool.submit(sum, [i, 1]) for i in range(30)]
-    assert [f.result(timeout=5) for f in futures] == [i + 1 for i in range(30)]
-    assert pool_threads("test-threads") == 3
+    assert pool_threads("test-threads") == 3 + OTHER_THREADS
+    encodes = [pool.submit(FakeVp8().encode, f"v{i}", False) for i in range(30)]
+    others = [pool.submit(sum, [i, 1]) for i in range(30)]
+    assert [f.result(timeout=5) for f in encodes] == [f"v{i}" for i in range(30)]
+    assert [f.result(timeout=5) for f in others] == [i + 1 for i in range(30)]
+    assert pool_threads("test-threads") == 3 + OTHER_THREADS
     pool.shutdown(wait=True)
     assert pool_threads("test-threads") == 0
     with pytest.raises(RuntimeError):
-        pool.submit(sum, [1])
+        pool.submit(FakeVp8().encode, "late", False)
 
 
 def test_an_exception_reaches_its_caller_and_the_thread_goes_on():
     pool = MediaExecutor(workers=1, name="test-errors")
     try:
         with pytest.raises(ZeroDivisionError):
-            pool.submit(lambda: 1 / 0).result(timeout=5)
-        assert pool.submit(sum, [2, 3]).result(timeout=5) == 5
+            pool.submit(FakeVp8().encode, lambda: 1 / 0, False).result(timeout=5)
+        assert pool.submit(FakeVp8().encode, "v0", False).result(timeout=5) == "v0"
     finally:
         pool.shutdown(wait=True)
 
@@ -103,9 +129,9 @@ def test_an_exception_reaches_its_caller_and_the_thread_goes_on():
 def test_shutdown_with_cancel_futures_cancels_what_is_still_queued():
     gate, started = threading.Event(), threading.Event()
     pool = MediaExecutor(workers=1, name="test-cancel")
-    running = pool.submit(lambda: started.set() or gate.wait())
+    running = pool.submit(FakeVp8().encode, lambda: started.set() or gate.wait(), False)
     assert started.wait(5)
-    queued = [pool.submit(sum, [i]) for i in range(5)]
+    queued = [pool.submit(FakeOpus().encode, f"a{i}", False) for i in range(5)]
     pool.shutdown(wait=False, cancel_futures=True)
     gate.set()
     assert running.result(timeout=5) is True
