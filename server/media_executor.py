@@ -23,7 +23,7 @@ p99 reached 90-96 ms and the audio track skipped ~12 500 frames (lost audio) in 
 | 2 threads, audio first      | 49.4              | 4 078                | 4 538               |
 | 1 thread, FIFO              | 18.4              | 7 720                | 479                 |
 | 1 thread, audio first (this)| 16.9, 28.2, 23.6  | 0, 327, 128          | 2 749, 10 964, 6 544|
-| the same + other work apart | 13.4              | 0                    | 1 529               |
+| the same + other work apart | 13.4, 22.5, 37.8  | 0, 64, 846           | 1 529, 7 121, 9 439 |
 
 Only encodes run on these threads (`is_encode`). Everything else asyncio's default executor is asked to
 run goes to a separate small pool (`OTHER_THREADS`): aioice resolves STUN/TURN host names there with
