@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from server.errors import ApiError
-from server.media_executor import MediaExecutor
+from server.media_executor import start_every_thread
 
 T = TypeVar("T")
 
@@ -87,21 +86,9 @@ class PoolBusy(ApiError):
 
 
 def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads all exist from the start (ThreadPoolExecutor adds them lazily), so the
-    server's thread count is flat from its first session on and a leak check compares like with like."""
+    """A thread pool whose threads all exist from the start (`start_every_thread`)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-    barrier = threading.Barrier(workers)
-    for future in [pool.submit(barrier.wait) for _ in range(workers)]:
-        future.result()
-    return pool
-
-
-def start_default_executor(loop: asyncio.AbstractEventLoop) -> ThreadPoolExecutor:
-    """Give `loop` the default executor aiortc encodes every frame on: a `MediaExecutor` (as many threads
-    as the cores the loop leaves, all started now, audio encodes first; server/media_executor.py).
-    `asyncio.Runner.close` shuts it down."""
-    pool = MediaExecutor()
-    loop.set_default_executor(pool)
+    start_every_thread(pool)
     return pool
 
 

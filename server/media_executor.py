@@ -41,6 +41,7 @@ the thread count is flat from the first session on (a lazily grown pool looked l
 """
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import os
@@ -76,6 +77,16 @@ def encoder_threads() -> int:
     return max(1, cores - 1)
 
 
+def start_every_thread(pool: ThreadPoolExecutor) -> None:
+    """Create all of `pool`'s threads now (ThreadPoolExecutor adds them lazily, one per submission that
+    finds none idle), so the server's thread count is flat from its first session on and a leak check
+    compares like with like. Uses the base class's submit, so it fills the pool it is given."""
+    size = pool._max_workers
+    barrier = threading.Barrier(size)
+    for future in [ThreadPoolExecutor.submit(pool, barrier.wait) for _ in range(size)]:
+        future.result()
+
+
 class _PriorityWorkQueue:
     """The `queue.SimpleQueue` interface ThreadPoolExecutor uses (put, get, get_nowait), served by class:
     audio encodes, then video encodes, then the shutdown sentinel (None), FIFO within a class."""
@@ -105,10 +116,6 @@ class _PriorityWorkQueue:
     def get_nowait(self) -> Any:
         return self.get(block=False)
 
-    def qsize(self) -> int:
-        with self._ready:
-            return len(self._heap)
-
 
 class MediaExecutor(ThreadPoolExecutor):
     """`workers` threads, all started now, for encodes (audio first); other work goes to a small pool of
@@ -119,10 +126,8 @@ class MediaExecutor(ThreadPoolExecutor):
         super().__init__(max_workers=workers, thread_name_prefix=name)
         self._work_queue = _PriorityWorkQueue()  # type: ignore[assignment]  # before any thread exists
         self._other = ThreadPoolExecutor(max_workers=OTHER_THREADS, thread_name_prefix=f"{name}-other")
-        for pool, size in ((self, workers), (self._other, OTHER_THREADS)):
-            barrier = threading.Barrier(size)
-            for future in [ThreadPoolExecutor.submit(pool, barrier.wait) for _ in range(size)]:
-                future.result()
+        start_every_thread(self)
+        start_every_thread(self._other)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         if is_encode(fn):
@@ -134,4 +139,12 @@ class MediaExecutor(ThreadPoolExecutor):
         self._other.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode", "is_encode"]
+def start_default_executor(loop: asyncio.AbstractEventLoop) -> MediaExecutor:
+    """Give `loop` a `MediaExecutor` as its default executor; `asyncio.Runner.close` shuts it down."""
+    pool = MediaExecutor()
+    loop.set_default_executor(pool)
+    return pool
+
+
+__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode", "is_encode", "start_default_executor",
+           "start_every_thread"]

@@ -15,8 +15,8 @@ from server.auth import OperatorAuth, RedactingAccessLogger
 from server.config import ServerConfig
 from server.engine import Engine
 from server.ice import is_loopback, use_host_addresses
-from server.limits import start_default_executor
 from server.logs import setup_logging
+from server.media_executor import start_default_executor
 from server.realtime_engine import load_engine
 from server.state import STATE
 from server.udp_ports import port_range_loop_factory
@@ -108,7 +108,7 @@ def serve(config: ServerConfig) -> int:
     heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/heap.py)
     try:
         with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
-            start_default_executor(runner.get_loop())   # aiortc's encoders run there (server/limits.py)
+            start_default_executor(runner.get_loop())   # aiortc's encoders run there (server/media_executor.py)
             runner.run(serve_async(config))
     except KeyboardInterrupt:
         pass

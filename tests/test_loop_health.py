@@ -17,9 +17,8 @@ from realtime.config import EngineConfig
 from realtime.scheduler import InlineRenderWorker
 from realtime.session import RENDERED, LipSyncSession
 from server import heap
-from server.limits import start_default_executor
 from server.loop_monitor import LoopLagMonitor
-from server.media_executor import OTHER_THREADS, encoder_threads
+from server.media_executor import OTHER_THREADS, encoder_threads, start_default_executor
 from server.tracks import AvatarVideoTrack, MediaClock
 
 
