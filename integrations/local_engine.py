@@ -47,12 +47,13 @@ class LocalEngine:
 
 
 def _load_avatar(avatar: Any) -> Any:
-    from realtime import avatar as avatars
+    from realtime.avatar_prepare import prepare_avatar
+    from realtime.default_avatar import load_default_avatar
 
     if avatar is None:
-        return avatars.load_default_avatar()
+        return load_default_avatar()
     if isinstance(avatar, (str, Path)):
-        return avatars.prepare_avatar(avatar)
+        return prepare_avatar(avatar)
     return avatar
 
 
