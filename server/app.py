@@ -14,7 +14,7 @@ from aiohttp import web
 from server import avatars_api, encoders, events_api, push_api, signaling
 from server.auth import Guard, OperatorAuth
 from server.config import ServerConfig
-from server.engine import Engine, engine_health
+from server.engine import Engine
 from server.errors import json_errors
 from server.heap import HeapTrimmer
 from server.ice import client_ice_servers
@@ -118,15 +118,14 @@ async def client_config(request: web.Request) -> web.Response:
 
 
 def _default_avatar_id(engine: Engine) -> str:
-    library = getattr(engine, "avatars", None)
-    return library.default_id if library is not None else engine.info.get("avatar", "default")
+    return engine.avatars.default_id
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 ok; 503 "degraded" while a render thread is down (it is being restarted: sessions show held
     or idle mouths meanwhile), 503 "shutting down" once shutdown began."""
     state = state_of(request)
-    health = engine_health(state.engine)
+    health = state.engine.health()
     status = "shutting down" if state.closing else "ok" if health.ok else "degraded"
     return web.json_response({
         "status": status,

@@ -9,7 +9,6 @@ import threading
 import time
 
 from realtime.playback import PlaybackEvent, PlaybackTracker
-from server.errors import ApiError
 from server.sessions import Session
 
 MAX_PENDING_EVENTS = 1024   # a subscriber this far behind is cut off rather than growing without bound
@@ -61,7 +60,4 @@ class EventFeed:
 
 
 def tracker_of(session: Session) -> PlaybackTracker:
-    tracker = getattr(session.engine, "playback", None)
-    if not isinstance(tracker, PlaybackTracker):
-        raise ApiError(501, "this engine reports no playback events")
-    return tracker
+    return session.engine.playback
