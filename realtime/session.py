@@ -100,6 +100,7 @@ from realtime.metrics import SessionMetrics, SessionStats
 from realtime.mouth_hold import MouthHold
 from realtime.output_audio import DelayedAudioOut
 from realtime.playback import PlaybackTracker
+from realtime.rate_limited_log import RateLimitedLog
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderWorker
 from realtime.stall_threshold import StallThreshold
@@ -157,6 +158,7 @@ class LipSyncSession:
                                      self._ring, self._metrics)
         self._mouth = MouthHold(avatar, self.config.ramp_frames, self.config.max_hold_frames)
         self._closed = False
+        self._closed_log = RateLimitedLog(log)
         # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
         self.playback = PlaybackTracker(self._delay_samples)
 
@@ -181,7 +183,7 @@ class LipSyncSession:
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
                    utterance: str | None = None) -> int:
         if self._closed:
-            log.warning("session %s: push_audio after close ignored", self.name)
+            self._closed_log("session %s: push_audio after close ignored", self.name)
             return self._in_head
         now = self._clock()
         converted = self._ingest.convert(samples, sample_rate, channels)
@@ -200,6 +202,7 @@ class LipSyncSession:
         self.playback.on_input(utterance, start, kept, now)
         self._metrics.audio_in_samples += len(converted)
         self._metrics.audio_refused_samples += len(converted) - kept
+        self._metrics.audio_refused_chunks += int(kept < len(converted))
         self._advance(now)
         return start
 
