@@ -185,14 +185,16 @@ class LipSyncSession:
         if self._closed:
             self._closed_log("session %s: push_audio after close ignored", self.name)
             return self._in_head
-        now = self._clock()
-        converted = self._ingest.convert(samples, sample_rate, channels)
-        if len(converted) == 0:
+        if np.size(samples) == 0:
             return self._in_head
+        now = self._clock()
         now_out = self._now_out()
         self._check_stall(now_out)
         opens = not self._segments or self._segments[-1].end is not None
-        self._check_room(opens, utterance)
+        self._check_room(opens, utterance)   # before the resampler sees the chunk: a refusal changes nothing
+        converted = self._ingest.convert(samples, sample_rate, channels)
+        if len(converted) == 0:
+            return self._in_head
         if opens:
             self._open_segment(now_out, self._output_position(now))
         start = self._in_head

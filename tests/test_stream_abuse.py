@@ -326,7 +326,7 @@ async def test_a_body_aborted_mid_read_is_quiet(server, http):
     """On main: an ERROR with a ConnectionResetError traceback per aborted body (log spam for anyone)."""
     host, port = server.url.removeprefix("http://").rstrip("/").split(":")
     for head in (b"Content-Length: 5000\r\n", b"Transfer-Encoding: chunked\r\n"):
-        reader, writer = await asyncio.open_connection(host, int(port))
+        _reader, writer = await asyncio.open_connection(host, int(port))
         body = b'{"sdp": "v=0' if b"Length" in head else b'100\r\n{"sdp": "v=0'
         writer.write(b"POST /offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + head
                      + b"\r\n" + body)
