@@ -38,6 +38,7 @@ from server.ice import ice_servers, rtc_configuration
 from server.ice_filter import CandidatePolicy, screen_offer
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
+from server.surface import public_text
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, drain, pump_microphone
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def check_avatar(state: ServerState, avatar_id: str) -> None:
     except UnknownAvatar as exc:
         raise ApiError(404, str(exc)) from None
     if entry.error is not None or entry.avatar is None:
-        detail = f": {entry.error}" if entry.error else ""
+        detail = f": {public_text(entry.error)}" if entry.error else ""
         raise ApiError(409, f"avatar {avatar_id!r} is {entry.state.value}{detail}")
 
 
