@@ -58,13 +58,15 @@ class CandidatePolicy:
     max_per_mline: int = MAX_CANDIDATES_PER_MLINE
 
     @classmethod
-    def for_bind(cls, host: str, allow_private: bool = False) -> "CandidatePolicy":
+    def for_bind(cls, host: str, allow_private: bool = False, public: bool = False) -> "CandidatePolicy":
         """The policy of a server bound to `host` (--host): loopback binds allow loopback and private
         candidates, private binds private ones, public and wildcard binds (0.0.0.0, ::, a global
-        address, a name) only global ones unless `allow_private` (--ice-allow-private)."""
+        address, a name) only global ones unless `allow_private` (--ice-allow-private). `public`: the
+        server is reached from the internet whatever its bind (behind a reverse proxy on loopback)."""
         address = _literal(host)
-        loopback = host == "localhost" or (address is not None and address.is_loopback)
-        private_bind = address is not None and not address.is_unspecified and not address.is_global
+        loopback = not public and (host == "localhost" or (address is not None and address.is_loopback))
+        private_bind = not public and address is not None and not address.is_unspecified \
+            and not address.is_global
         return cls(allow_loopback=loopback, allow_private=loopback or private_bind or allow_private)
 
 

@@ -185,7 +185,8 @@ def parse_offer(body: dict, state: ServerState) -> OfferRequest:
 
 
 def candidate_policy(config: ServerConfig) -> CandidatePolicy:
-    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private."""
+    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. (A
+    server behind a reverse proxy is bound to loopback but public: pass `public=True` for it.)"""
     return CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private)
 
 

@@ -55,6 +55,8 @@ def test_the_bind_decides_the_policy():
     for public in ("0.0.0.0", "::", "8.8.8.8", "lipsync.example.org"):
         assert CandidatePolicy.for_bind(public) == CandidatePolicy(allow_loopback=False, allow_private=False)
     assert CandidatePolicy.for_bind("0.0.0.0", allow_private=True).allow_private
+    # Behind a reverse proxy: bound to loopback, reached from the internet.
+    assert CandidatePolicy.for_bind("127.0.0.1", public=True) == PUBLIC
 
 
 @pytest.mark.parametrize(("address", "local", "public", "public_lan"), [
