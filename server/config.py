@@ -97,6 +97,9 @@ class ServerConfig:
     # HTTP host is loopback); otherwise exactly these, e.g. ["127.0.0.1"].
     ice_host_addresses: list[str] = field(default_factory=list)
     udp_ports: tuple[int, int] | None = None  # (first, last) UDP ports for media; None = any
+    # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
+    # unless this is set (a server on 0.0.0.0 that also serves its LAN).
+    ice_allow_private: bool = False
     # Limits and timeouts.
     max_upload_mb: float = 32.0
     connect_timeout_s: float = 10.0  # a peer that never connects is reaped after this
@@ -272,6 +275,10 @@ class ServerConfig:
             help="only offer these local addresses as ICE host candidates (e.g. 127.0.0.1)")
         add("--udp-ports", metavar="FIRST-LAST",
             help="UDP port range for WebRTC media, e.g. 40000-40099 (default: any free port)")
+        add("--ice-allow-private", action="store_true", default=None,
+            help="on a public or wildcard bind (0.0.0.0), still send connectivity checks to remote ICE "
+                 "candidates in private ranges (10/8, 192.168/16, fc00::/7, ...): for a server that also "
+                 "serves its LAN. Loopback and private binds allow them anyway")
         add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
         add("--connect-timeout", dest="connect_timeout_s", type=float,
             help=f"seconds a peer may take to connect before its session is reaped "
@@ -395,7 +402,7 @@ def _convert(name: str, value):
         return _split(value)
     if name == "allowed_origins":
         return [origin.rstrip("/").lower() for origin in _split(value)]
-    if name == "no_auth":
+    if name in ("no_auth", "ice_allow_private"):
         return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)
