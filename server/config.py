@@ -126,7 +126,7 @@ class ServerConfig:
     turn_secret: str | None = field(default=None, repr=False)
     turn_urls: list[str] = field(default_factory=list)
     turn_ttl_s: float = 3600.0
-    # Scaling out (README "Scaling out"): local = render workers in this process; ray = a Ray Serve render
+    # Scaling out (docs/scaling.md): local = render workers in this process; ray = a Ray Serve render
     # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
     render_backend: str = "local"  # local | ray
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster started in this process
