@@ -46,7 +46,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
                           middlewares=[json_errors, guard.middleware])
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
                              tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
-                             operator=operator, pool=WorkPool(config.max_concurrent_decodes),
+                             operator=operator, pool=WorkPool(config.max_concurrent_decodes, config.max_decodes_per_ip),
                              limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute),
                              streams=StreamSlots(config.max_sessions))
     for server in config.ice_servers:

@@ -31,7 +31,6 @@ class ServerState:
     pool: WorkPool  # upload decodes and TTS, never asyncio's default executor
     limits: ClientLimits
     streams: StreamSlots  # open event streams and /stream WebSockets (server/stream_limits.py)
-    saying: set[str] = field(default_factory=set)  # session ids with a /say being synthesised
     started: float = field(default_factory=time.monotonic)
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)

@@ -446,15 +446,20 @@ async def test_decodes_run_on_their_own_bounded_pool(engine, http, clean_log, mo
         headers = {"Content-Type": "audio/wav", **client.auth}
         first = asyncio.create_task(http.post(client.url("/audio"), data=upload, headers=headers))
         assert await settle(lambda: bool(threads))
-        async with http.post(client.url("/audio"), data=upload, headers=headers) as resp:
+        other = await connected(server, http, clean_log)
+        async with http.post(other.url("/audio"), data=upload,
+                             headers={"Content-Type": "audio/wav", **other.auth}) as resp:
             await expect_error(resp, 503, "busy")
             assert resp.headers["Retry-After"] == "1"
+        async with http.post(client.url("/audio"), data=upload, headers=headers) as resp:
+            await expect_error(resp, 429, "already")  # one decode per session at a time
         release.set()
         resp = await first
         assert resp.status == 200
         resp.release()
         assert threads == ["lipsync-decode_0"]  # never asyncio's default executor (aiortc's encoders)
         await client.close()
+        await other.close()
     finally:
         await server.stop()
 
@@ -520,7 +525,7 @@ async def test_say_timeout_is_a_504(engine, http, clean_log, tmp_path):
         async with http.post(client.url("/say"), json={"text": "hello"}, headers=client.auth) as resp:
             await expect_error(resp, 504, "longer than")
         assert time.monotonic() - t0 < 3.0
-        assert server.app[STATE].pool.busy == 0 and not server.app[STATE].saying
+        assert server.app[STATE].pool.busy == 0 and not server.app[STATE].pool.sessions
         await client.close()
     finally:
         await server.stop()
