@@ -91,9 +91,10 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
 def announce_operator_token(operator: OperatorAuth, config: ServerConfig) -> None:
     """A generated operator token is printed once, to stdout and never to the log (like Jupyter)."""
     if operator.generated and operator.token:
-        log.warning("bound to %s without --api-token: generated an operator token for GET /sessions, "
-                    "/metrics and any session's routes (printed once on stdout; set --api-token or "
-                    "LIPSYNC_API_TOKEN to choose it)", config.host)
+        reach = "a public name or trusted proxy" if is_loopback(config.host) else config.host
+        log.warning("reachable through %s without --api-token: generated an operator token for GET "
+                    "/sessions, /metrics and any session's routes (printed once on stdout; set --api-token "
+                    "or LIPSYNC_API_TOKEN to choose it)", reach)
         print(f"\n    Operator token (this run only): {operator.token}\n"
               f"    Use: Authorization: Bearer {operator.token}\n", flush=True)
 
