@@ -8,13 +8,13 @@ server (or a test inside a loopback-only network namespace) needs 127.0.0.1 offe
 may want to offer only some interfaces; `use_host_addresses` installs that policy process-wide.
 
 TURN without giving a password away: with `--turn-secret` and `--turn-url`, `GET /ice-servers` (which
-the page calls just before its offer, under the same per-address rate limit as offers) and every
-server-side peer connection get credentials in the TURN REST scheme that coturn checks with
-`use-auth-secret` / `static-auth-secret`: username `<unix expiry>:<ticket>`, credential
-base64(HMAC-SHA1(secret, username)). They stop working at the expiry (`--turn-ttl`, 10 minutes by
-default; coturn checks it at allocation and at every refresh), so a visitor cannot hand out a lasting
-relay. The ticket names what the credential was issued for (a session id, or a random ticket logged with
-the client address it went to), so an operator can attribute a relay in coturn's log and block it.
+the page calls just before its offer, under the same per-address rate limit as offers) hands out
+credentials in the TURN REST scheme that coturn checks with `use-auth-secret` / `static-auth-secret`:
+username `<unix expiry>:<ticket>`, credential base64(HMAC-SHA1(secret, username)). They stop working at
+the expiry (`--turn-ttl`, 10 minutes by default; coturn checks it at allocation and at every refresh),
+so a visitor cannot hand out a lasting relay. The ticket is random and logged with the client address
+it went to, so a relay in coturn's log can be tied to a client and blocked. The server's own peer
+connections take no TURN allocation (server/signaling.py says why).
 """
 from __future__ import annotations
 

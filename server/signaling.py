@@ -233,7 +233,10 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     """A peer connection answering `offer`, with the engine session and tracks behind it. On any
     failure everything made so far is closed again."""
     session_id = new_session_id(state.config.instance_id)
-    pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config, ticket=session_id)))
+    # The server's own side takes --ice-server entries only, no TURN REST allocation: the relay runs beside
+    # the server, whose host candidates it reaches, so a server-side allocation per session would only
+    # double the relay's load and quota.
+    pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
     remote_tracks: list = []
     pc.on("track", remote_tracks.append)
     engine_session = None
