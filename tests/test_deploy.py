@@ -134,6 +134,7 @@ async def test_operator_routes_through_the_proxy_need_the_token(deployment):
     assert "token=" not in deployment.nginx.access_log
 
 
+@pytest.mark.usefixtures("loopback_only")
 async def test_per_address_limits_count_the_clients_nginx_names(deployment):
     """--max-sessions-per-ip 1: two visitors behind the proxy get a slot each; a forged X-Forwarded-For
     (through nginx, or straight to the server from an address that is not a trusted proxy) changes nothing."""
@@ -251,6 +252,7 @@ async def _until(condition, within_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.usefixtures("loopback_only")
 async def test_aiortc_client_relay_only_through_coturn(deployment):
     await wait_no_sessions(deployment)
     username, credential = turn_credentials(await ice_servers(deployment))
