@@ -300,10 +300,16 @@ async function updateStats() {
         latencyMs = engineLatencyMs(metrics);
         const engine = metrics.engine || {};
         serverDrops = (engine.frames_dropped || 0) + (metrics.video_skipped || 0);
+        if (metrics.server_notice && session === current) {  // draining before a restart
+          current.notice = metrics.server_notice.message;
+          showMessage(`The ${metrics.server_notice.message}: this session ends in ` +
+                      `${Math.ceil(metrics.server_notice.ends_in_s)} s. Press Start again after it.`, "info");
+        }
       } else if (resp.status === 404 && session === current) {
         await stop({ quiet: true });
         setState("closed");
-        showMessage("The server ended this session.", "info");
+        showMessage(current.notice ? `The ${current.notice}: press Start again in a few seconds.`
+                                   : "The server ended this session.", "info");
         return;
       }
     } catch (_) { /* the status line is best effort */ }

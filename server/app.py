@@ -143,10 +143,12 @@ def _default_avatar_id(engine: Engine) -> str:
 
 async def healthz(request: web.Request) -> web.Response:
     """200 ok; 503 "degraded" while a render thread is down (it is being restarted: sessions show held
-    or idle mouths meanwhile), 503 "shutting down" once shutdown began."""
+    or idle mouths meanwhile), 503 "draining" after SIGTERM (a load balancer sends new visitors
+    elsewhere while live sessions finish), 503 "shutting down" once shutdown began."""
     state = state_of(request)
     health = engine_health(state.engine)
-    status = "shutting down" if state.closing else "ok" if health.ok else "degraded"
+    status = "shutting down" if state.closing else "draining" if state.draining else \
+        "ok" if health.ok else "degraded"
     return web.json_response({
         "status": status,
         "sessions": len(state.sessions),

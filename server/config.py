@@ -145,7 +145,8 @@ class ServerConfig:
     # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
     # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
     instance_id: str = ""
-    # Operations.
+    # Operations. SIGTERM drains: no new sessions, live ones run up to drain_s, then the process exits.
+    drain_s: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # text | json
     tts_command: str = "espeak-ng"  # local TTS for /say; empty disables /say
@@ -193,6 +194,8 @@ class ServerConfig:
             raise ValueError(f"--avatars {self.avatars_dir}: not a folder")
         if self.max_avatar_seconds <= 0 or self.max_avatar_side < 64:
             raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
+        if self.drain_s < 0:
+            raise ValueError("--drain-s must be 0 or more")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
         self._validate_security()
@@ -345,6 +348,9 @@ class ServerConfig:
             help="GPUs per render replica (default 0; 1 puts each replica on its own GPU, 0.5 two per GPU)")
         add("--ray-app-name", help=f"Serve application of the render tier (default {d.ray_app_name})")
         add("--instance-id", help="this front-end's name, the prefix of its session ids (for routing)")
+        add("--drain-s", type=float,
+            help=f"on SIGTERM, refuse new sessions and let live ones run this many seconds before ending "
+                 f"them (default {d.drain_s:g}; 0: end them at once); a second SIGTERM exits at once")
         add("--log-level", help="debug, info, warning, error (default info)")
         add("--log-format", choices=["text", "json"], help="log line format (default text)")
         add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
@@ -434,7 +440,7 @@ def _convert(name: str, value):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
                 "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds"):
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "drain_s"):
         return _finite(float(value))
     return value
 

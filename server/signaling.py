@@ -198,8 +198,8 @@ def video_codecs(codec: str) -> list:
 
 async def handle_offer(request: web.Request) -> web.Response:
     state = state_of(request)
-    if state.closing:
-        raise ApiError(503, "the server is shutting down", {"Retry-After": "10"}, retry_after_s=10)
+    if state.closing or state.draining:
+        raise ApiError(503, "the server is restarting", {"Retry-After": "10"}, retry_after_s=10)
     address = client_address(request)
     state.limits.check_rate(address)
     offer = parse_offer(await read_json(request), state)
