@@ -115,7 +115,11 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(session_of(request).describe())
+    body = session_of(request).describe()
+    notice = state_of(request).notice()
+    if notice is not None:  # the page polls this every second and shows the notice
+        body["server_notice"] = notice
+    return web.json_response(body)
 
 
 async def delete_session(request: web.Request) -> web.Response:

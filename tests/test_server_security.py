@@ -618,10 +618,18 @@ async def test_config_hands_out_turn_rest_credentials(engine, http, clean_log, c
                                 turn_ttl_s=600, ice_servers=[IceServer.parse("turn:bob:hunter2@relay.example")])
     try:
         async with http.get(server.endpoint("/config")) as resp:
+            config = await resp.json()
+        # The page's config carries no relay credential: those come from /ice-servers, one per attempt.
+        assert config["turn"] is True and all("credential" not in s or s["urls"] == ["turn:relay.example"]
+                                              for s in config["ice_servers"])
+        async with http.get(server.endpoint("/ice-servers")) as resp:
+            assert resp.headers["Cache-Control"] == "no-store"
             servers = (await resp.json())["ice_servers"]
         rest = next(s for s in servers if s["urls"] == ["turn:turn.example.org:3478"])
         expiry, tag = rest["username"].split(":")
         assert abs(float(expiry) - (time.time() + 600)) < 5 and tag
+        assert any(r.getMessage() == "TURN credentials issued" and getattr(r, "ticket", None) == tag
+                   and getattr(r, "remote", None) == "127.0.0.1" for r in caplog.records)
         digest = hmac.new(secret.encode(), rest["username"].encode(), hashlib.sha1).digest()
         assert rest["credential"] == base64.b64encode(digest).decode()
         assert any("every visitor" in r.getMessage() and "relay.example" in r.getMessage()
