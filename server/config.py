@@ -101,6 +101,9 @@ class ServerConfig:
     # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
     # unless this is set (a server on 0.0.0.0 that also serves its LAN).
     ice_allow_private: bool = False
+    # Remote candidates on loopback, even when the server is public (a --public-url or --trusted-proxy makes a
+    # loopback bind public): only for a whole deployment on one machine, as the deployment tests run it.
+    ice_allow_loopback: bool = False
     # Limits and timeouts.
     max_upload_mb: float = 32.0
     connect_timeout_s: float = 10.0  # a peer that never connects is reaped after this
@@ -308,6 +311,9 @@ class ServerConfig:
             help="on a public or wildcard bind (0.0.0.0), still send connectivity checks to remote ICE "
                  "candidates in private ranges (10/8, 192.168/16, fc00::/7, ...): for a server that also "
                  "serves its LAN. Loopback and private binds allow them anyway")
+        add("--ice-allow-loopback", action="store_true", default=None,
+            help="send connectivity checks to remote ICE candidates on loopback even when the server is "
+                 "public (--public-url / --trusted-proxy): only for a deployment tested on one machine")
         add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
         add("--connect-timeout", dest="connect_timeout_s", type=float,
             help=f"seconds a peer may take to connect before its session is reaped "
@@ -452,7 +458,7 @@ def _convert(name: str, value):
         return [url.rstrip("/").lower() for url in _split(value)]
     if name == "allowed_origins":
         return [origin.rstrip("/").lower() for origin in _split(value)]
-    if name in ("no_auth", "ice_allow_private"):
+    if name in ("no_auth", "ice_allow_private", "ice_allow_loopback"):
         return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -185,9 +185,14 @@ def parse_offer(body: dict, state: ServerState) -> OfferRequest:
 
 
 def candidate_policy(config: ServerConfig) -> CandidatePolicy:
-    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. (A
-    server behind a reverse proxy is bound to loopback but public: pass `public=True` for it.)"""
-    return CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private)
+    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. A server
+    behind a reverse proxy or with a public name is bound to loopback but reached from the internet: a
+    stranger's offer must not make it probe its own machine, so it is screened as a public bind."""
+    public = bool(config.public_urls) or bool(config.trusted_proxies)
+    policy = CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private, public=public)
+    if config.ice_allow_loopback:
+        return replace(policy, allow_loopback=True)
+    return policy
 
 
 def check_avatar(state: ServerState, avatar_id: str) -> None:
