@@ -14,6 +14,7 @@ for anything else.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -111,6 +112,10 @@ def _ice_servers(value: str | list[str]) -> list[IceServer]:
 def _origins(value: str | list[str]) -> list[str]:
     return [origin.rstrip("/").lower() for origin in _split(value)]
 
+
+def _urls(value: str | list[str]) -> list[str]:
+    return [url.rstrip("/").lower() for url in _split(value)]
+
 @dataclass
 class ServerConfig:
     host: str = flag("127.0.0.1", "address to listen on (default {default}; 0.0.0.0 for every interface)")
@@ -120,7 +125,7 @@ class ServerConfig:
                                          "no-weights renderer is used")
     # a prepared avatar dir, a video or an image; None = embedded default
     avatar: Path | None = flag(None, "avatar: a prepared avatar directory, a video or an image (default: the "
-                                     "embedded avatar)", metavar="DIR|VIDEO|PHOTO")
+                                     "embedded avatar)")
     # More avatars: a folder of prepared avatars, videos and photos, prepared (and cached) at start;
     # sessions choose one by id (POST /offer options.avatar). The embedded default is always there.
     avatars_dir: Path | None = flag(None, "more avatars: a folder of prepared avatars, videos and photos, "
@@ -180,6 +185,11 @@ class ServerConfig:
                                           "to remote ICE candidates in private ranges (10/8, 192.168/16, "
                                           "fc00::/7, ...): for a server that also serves its LAN. Loopback and "
                                           "private binds allow them anyway")
+    # Remote candidates on loopback, even when the server is public (a --public-url or --trusted-proxy makes a
+    # loopback bind public): only for a whole deployment on one machine, as the deployment tests run it.
+    ice_allow_loopback: bool = flag(False, "send connectivity checks to remote ICE candidates on loopback even "
+                                           "when the server is public (--public-url / --trusted-proxy): only for "
+                                           "a deployment tested on one machine")
     # Limits and timeouts.
     max_upload_mb: float = flag(32.0, "largest audio upload (default {default} MB)")
     connect_timeout_s: float = flag(10.0, "seconds a peer may take to connect before its session is reaped "
@@ -211,6 +221,16 @@ class ServerConfig:
     max_session_s: float = flag(3600.0, "a session is ended after this many seconds (default {default})")
     max_concurrent_decodes: int = flag(2, "upload decodes and TTS syntheses at once, more get 503 "
                                           "(default {default})")
+    # of those, per client address (429 beyond); 0 = no per-address share
+    max_decodes_per_ip: int = flag(1, "of those, how many one client address may hold, more get 429 (default "
+                                      "{default}; 0 = no per-address share)")
+    # Every upload body (server/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
+    # grace at min_upload_rate_kb KB/s on average (128 kbit/s: below any mobile uplink, far above a
+    # sender that stalls), else 408; it is read before a decode slot is taken.
+    upload_timeout_s: float = flag(120.0, "seconds an upload's whole body may take to arrive, else 408 "
+                                          "(default {default})", name="upload-timeout")
+    min_upload_rate_kb: float = flag(16.0, "slowest average upload rate after 5 s, else 408 (default {default} "
+                                           "KB/s)", name="min-upload-rate", metavar="KB_PER_S")
     say_timeout_s: float = flag(30.0, "seconds a /say synthesis may take before it gets 504 (default {default})",
                                 name="say-timeout")
     keepalive_timeout_s: float = flag(15.0, "seconds an idle HTTP keep-alive connection is kept "
@@ -221,8 +241,23 @@ class ServerConfig:
     turn_urls: list[str] = flag(help="TURN server for --turn-secret, repeatable: "
                                      "turn:turn.example.org:3478?transport=udp", factory=list, name="turn-url",
                                 metavar="URL", repeatable=True, convert=_split)
-    turn_ttl_s: float = flag(3600.0, "lifetime of TURN REST credentials in seconds (default {default})",
+    # Ten minutes: long enough to connect (coturn checks the credential at allocation and at each refresh,
+    # so a live relay lasts past it only until its next refresh), short enough that a leaked one is stale.
+    turn_ttl_s: float = flag(600.0, "lifetime of TURN REST credentials in seconds (default {default})",
                              name="turn-ttl")
+    # Behind a reverse proxy (docs/deploying.md). public_urls: where browsers reach this server
+    # (https://avatar.example.org); the Host and same-origin checks accept them, and with any of them the
+    # operator routes need a token. trusted_proxies: addresses / CIDRs whose X-Forwarded-For, Forwarded
+    # and X-Forwarded-Proto are believed (server/auth.py `ForwardedClients`); from anyone else ignored.
+    public_urls: list[str] = flag(help="where browsers reach this server through a proxy "
+                                       "(https://avatar.example.org), repeatable: the Host and same-origin checks "
+                                       "accept it, and operator routes then need a token", factory=list,
+                                  name="public-url", metavar="URL", repeatable=True, convert=_urls)
+    trusted_proxies: list[str] = flag(help="reverse proxy whose X-Forwarded-For / Forwarded / X-Forwarded-Proto "
+                                           "are believed, repeatable (e.g. 127.0.0.1): the client address they "
+                                           "name is the one limits, logs and metrics use; from anyone else these "
+                                           "headers are ignored", factory=list, name="trusted-proxy",
+                                      metavar="ADDR|CIDR", repeatable=True, convert=_split)
     # Scaling out (docs/scaling.md): local = render workers in this process; ray = a Ray Serve render
     # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
     render_backend: str = flag("local", "local: render in this process (default); ray: a Ray Serve render tier "
@@ -240,7 +275,10 @@ class ServerConfig:
     # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
     # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
     instance_id: str = flag("", "this front-end's name, the prefix of its session ids (for routing)")
-    # Operations.
+    # Operations. SIGTERM drains: no new sessions, live ones run up to drain_s, then the process exits.
+    drain_s: float = flag(30.0, "on SIGTERM, refuse new sessions and let live ones run this many seconds before "
+                                "ending them (default {default}; 0: end them at once); a second SIGTERM exits at "
+                                "once")
     log_level: str = flag("info", "debug, info, warning, error (default {default})")
     log_format: str = flag("text", "log line format (default {default})", choices=("text", "json"))
     tts_command: str = flag("espeak-ng", "local TTS program for /say (default {default}; empty disables)",
@@ -291,6 +329,8 @@ class ServerConfig:
             raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
+        if self.drain_s < 0:
+            raise ValueError("--drain-s must be 0 or more")
         self._validate_security()
         self._validate_scaling()
 
@@ -306,11 +346,23 @@ class ServerConfig:
             raise ValueError("--max-sessions-per-ip and --max-offers-per-minute must be >= 0 (0: no limit)")
         if self.max_concurrent_decodes < 1:
             raise ValueError("--max-concurrent-decodes must be at least 1")
-        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s) <= 0:
-            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout and --turn-ttl "
-                             "must be positive")
+        if self.max_decodes_per_ip < 0:
+            raise ValueError("--max-decodes-per-ip must be >= 0 (0: no per-address share)")
+        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s,
+               self.upload_timeout_s, self.min_upload_rate_kb) <= 0:
+            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout, --turn-ttl, "
+                             "--upload-timeout and --min-upload-rate must be positive")
         if bool(self.turn_secret) != bool(self.turn_urls):
             raise ValueError("--turn-secret and --turn-url go together")
+
+        for url in self.public_urls:
+            if not re.fullmatch(r"https?://[^/\s?#@]+/?", url):
+                raise ValueError(f"--public-url {url!r}: expected https://host[:port] (no path)")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"--trusted-proxy {proxy!r}: expected an IP address or CIDR") from None
         for url in self.turn_urls:
             if not re.fullmatch(r"turns?:[^@\s]+", url):
                 raise ValueError(f"--turn-url {url!r}: expected turn:host[:port][?transport=udp|tcp] "
