@@ -79,7 +79,7 @@ SELF = Path(__file__).resolve()
 ROOT = SELF.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import make_speech  # noqa: E402
+from bench.common import make_speech  # noqa: E402
 from server.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("soak")

@@ -99,9 +99,9 @@ async def http():
 
 @pytest.fixture
 async def server():
-    """A live server on loopback with the tiny test engine (tests/test_server_helpers.py), up to 3 sessions.
+    """A live server on loopback with the tiny test engine (tests/server_helpers.py), up to 3 sessions.
     Test files that need another configuration define their own `server`."""
-    from test_server_helpers import start_server, tiny_engine
+    from server_helpers import start_server, tiny_engine
 
     engine = tiny_engine()
     running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)

@@ -1,7 +1,7 @@
 """The avatars as a resource over HTTP: list, upload (good and bad), progress, poster, offer by id, delete,
 operator token; and two sessions on two avatars at once over real WebRTC (loopback only).
 
-The engine is the real one with the tiny grey avatar and the loudness renderer (test_server_helpers);
+The engine is the real one with the tiny grey avatar and the loudness renderer (server_helpers);
 uploads go through the real preparation (face mesh tracking) on the library's thread.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
+from server_helpers import Client, start_server, tiny_engine
 from test_avatar import write_clip
-from test_server_helpers import Client, start_server, tiny_engine
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from test_server_helpers import Client, PcmTrack, echo_delays, start_server
+from server_helpers import Client, PcmTrack, echo_delays, start_server
 
 from realtime.session_options import SessionOptions
 from server.config import ServerConfig

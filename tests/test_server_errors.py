@@ -6,7 +6,7 @@ import asyncio
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client, start_server, tiny_engine
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 

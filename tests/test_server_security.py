@@ -22,7 +22,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client, start_server, tiny_engine
 
 from server.auth import Access, OperatorAuth, access_for, redact_query
 from server.config import IceServer, ServerConfig

@@ -22,7 +22,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client, start_server, tiny_engine
 
 from realtime.config import EngineConfig
 from server import events_api
