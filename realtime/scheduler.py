@@ -52,7 +52,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
+from realtime.batch_wait import BatchWaitPolicy, batch_wait_until, edf_batch, too_late
 from realtime.clock import ManualClock
 from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
@@ -183,7 +183,7 @@ class _JobQueue:
         for j in self.jobs:
             if j.ready_at > now:
                 keep.append(j)
-            elif j.deadline < now + single:
+            elif too_late(j.deadline, now, single):
                 skipped += 1
             else:
                 ready.append(j)
@@ -204,11 +204,8 @@ class _JobQueue:
         # would finish it later and, when the renderer runs slower than its estimate, miss its tick with
         # the whole batch. Other sessions' due frames may still join it (GPU batching across sessions).
         same = [j for j in ready if self.batchable(j, head)
-                and not (head.starts_utterance and j is not head and j.owner is head.owner)][:max_batch]
-        b = len(same)
-        while b > 1 and now + cost.estimate(b) > min(j.deadline for j in same[:b]):
-            b -= 1
-        batch = same[:b]
+                and not (head.starts_utterance and j is not head and j.owner is head.owner)]
+        batch = edf_batch(same, now, cost.estimate, max_batch, deadline=lambda j: j.deadline)
         if peek:
             self.jobs = keep + ready
             return batch, skipped

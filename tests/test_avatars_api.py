@@ -71,13 +71,16 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.fixture
-async def server(tmp_path):
+def server_engine(tmp_path):
     engine = tiny_engine(avatar_cache_dir=tmp_path / "cache")
-    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0, api_token=TOKEN,
-                                 max_upload_mb=2.0, max_avatar_seconds=2.0)
-    yield running
-    await running.stop()
+    yield engine
     engine.close()
+
+
+@pytest.fixture
+def server_settings() -> dict:
+    return {"max_sessions": 3, "connect_timeout_s": 10.0, "api_token": TOKEN, "max_upload_mb": 2.0,
+            "max_avatar_seconds": 2.0}
 
 
 async def upload(http: aiohttp.ClientSession, server, path: Path, name: str | None = None,

@@ -60,10 +60,13 @@ async def engine():
 
 
 @pytest.fixture
-async def server(engine, clean_log):
-    running = await start_server(engine, max_sessions=4, api_token=OPERATOR, max_sessions_per_ip=4)
-    yield running
-    await running.stop()
+def server_engine(engine):
+    return engine  # the module's engine (it closes it)
+
+
+@pytest.fixture
+def server_settings(clean_log) -> dict:  # clean_log checks the log after the server has stopped
+    return {"max_sessions": 4, "api_token": OPERATOR, "max_sessions_per_ip": 4}
 
 
 async def connected(server, http, clean_log) -> Client:
