@@ -6,6 +6,7 @@ at module level (a fresh GPU machine may lack them until scripts/gpu_check.sh in
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ __all__ = [
     "synthetic_speech",
     "to_16k",
     "trial",
+    "wav_bytes",
 ]
 
 
@@ -270,6 +272,17 @@ def realistic_random_wav2lip(seed: int = 0) -> Wav2Lip:
     """Seeded Wav2Lip whose activations have trained-like scale (He init + calibrated BatchNorm)."""
     torch.manual_seed(seed)
     return calibrated_random_(Wav2Lip(), lambda: (torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96)))
+
+
+def wav_bytes(pcm: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    """A PCM16 wav file in memory: `pcm` int16 samples (interleaved when `channels` > 1)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(pcm, dtype=np.int16).tobytes())
+    return buffer.getvalue()
 
 
 def pcm16(x: np.ndarray) -> np.ndarray:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from realtime.batch_wait import edf_batch, too_late, waits_for_others
+from realtime.render_queue import CostModel
 from realtime.renderers.base import MouthPatch
-from realtime.scheduler import CostModel
 
 log = logging.getLogger(__name__)
 
