@@ -26,7 +26,6 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -34,8 +33,10 @@ from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarOptions, VideoGenerator
 
 from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
+from realtime.avatar import Avatar
 from realtime.config import SAMPLE_RATE
 from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
+from realtime.renderers.base import MouthRenderer
 from realtime.session import LipSyncSession
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class LipSyncVideoGenerator(VideoGenerator):
         self._utterance: str | None = None
 
     @classmethod
-    async def load(cls, avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
-                   renderer: Any = None) -> LipSyncVideoGenerator:
+    async def load(cls, avatar: Avatar | str | Path | None = None, checkpoint: str | Path | None = None,
+                   device: str = "auto", *, renderer: MouthRenderer | None = None) -> LipSyncVideoGenerator:
         """Load the avatar and renderer in a thread (seconds) and make a generator that owns them."""
         engine = await asyncio.to_thread(load_local_engine, avatar, checkpoint, device, renderer=renderer)
         return cls(engine, owns_engine=True)

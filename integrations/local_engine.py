@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from realtime.avatar import Avatar
 from realtime.config import SAMPLE_RATE, EngineConfig
+from realtime.renderers.base import MouthRenderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession, VideoOut
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LocalEngine:
-    avatar: Any
+    avatar: Avatar
     worker: ThreadedRenderWorker
     config: EngineConfig
 
@@ -49,7 +50,7 @@ class LocalEngine:
         self.worker.close()
 
 
-def _load_avatar(avatar: Any) -> Any:
+def _load_avatar(avatar: Avatar | str | Path | None) -> Avatar:
     from realtime.avatar_prepare import prepare_avatar
     from realtime.default_avatar import load_default_avatar
 
@@ -60,7 +61,7 @@ def _load_avatar(avatar: Any) -> Any:
     return avatar
 
 
-def _load_renderer(checkpoint: str | Path | None, device: str) -> Any:
+def _load_renderer(checkpoint: str | Path | None, device: str) -> MouthRenderer:
     if checkpoint is None:
         from realtime.renderers.default import DefaultRenderer
 
@@ -72,8 +73,9 @@ def _load_renderer(checkpoint: str | Path | None, device: str) -> Any:
     return Wav2LipRenderer(load_wav2lip(checkpoint, "cpu"), device=resolve_device(device))
 
 
-def load_local_engine(avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
-                      renderer: Any = None, config: EngineConfig | None = None) -> LocalEngine:
+def load_local_engine(avatar: Avatar | str | Path | None = None, checkpoint: str | Path | None = None,
+                      device: str = "auto", *, renderer: MouthRenderer | None = None,
+                      config: EngineConfig | None = None) -> LocalEngine:
     """Load the avatar and renderer and warm the worker up (seconds; call it from a thread)."""
     avatar_obj = _load_avatar(avatar)
     mouth = renderer if renderer is not None else _load_renderer(checkpoint, device)

@@ -45,8 +45,10 @@ from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
+from realtime.avatar import Avatar
 from realtime.config import SAMPLE_RATE, EngineConfig
 from realtime.playback import PlaybackEvent, SpeechEnded, SpeechStarted, new_utterance_id
+from realtime.renderers.base import MouthRenderer
 from realtime.session import LipSyncSession
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,10 @@ NS = 1_000_000_000
 
 
 class LipSyncVideoService(AIService):
-    def __init__(self, avatar: Any = None, checkpoint: str | Path | None = None, device: str = "auto", *,
-                 renderer: Any = None, engine_config: EngineConfig | None = None,
-                 engine: LocalEngine | None = None, **kwargs: Any) -> None:
+    def __init__(self, avatar: Avatar | str | Path | None = None, checkpoint: str | Path | None = None,
+                 device: str = "auto", *, renderer: MouthRenderer | None = None,
+                 engine_config: EngineConfig | None = None, engine: LocalEngine | None = None,
+                 **kwargs: Any) -> None:
         """`avatar`: None (embedded default), a video/image path, or a prepared avatar. `checkpoint`: a
         Wav2Lip checkpoint (None: the no-weights renderer). `renderer`: a ready MouthRenderer (tests).
         `engine`: an already loaded LocalEngine shared by several bots (then the others are ignored and

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 
 from realtime.audio_ingest import AudioRing
+from realtime.avatar import Avatar
 from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.input_segment import InputSegment
@@ -39,7 +39,7 @@ class FramePlan:
 
 
 class FramePlanner:
-    def __init__(self, owner: object, avatar: Any, worker: RenderWorker | None, config: EngineConfig,
+    def __init__(self, owner: object, avatar: Avatar, worker: RenderWorker | None, config: EngineConfig,
                  timeline: Timeline, video_clock: VideoClock, ring: AudioRing,
                  metrics: SessionMetrics) -> None:
         self._owner = owner             # the session: the worker cancels its jobs by it

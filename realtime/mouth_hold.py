@@ -7,15 +7,14 @@ mouth fades out over the idle frames.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from realtime import compositor
+from realtime.avatar import Avatar
 from realtime.renderers.base import MouthPatch
 from realtime.video_out import HELD, IDLE, FrameState
 
 
 class MouthHold:
-    def __init__(self, avatar: Any, ramp_frames: int, max_hold_frames: int) -> None:
+    def __init__(self, avatar: Avatar, ramp_frames: int, max_hold_frames: int) -> None:
         self._avatar = avatar
         self._gain_step = 1.0 / ramp_frames
         self._max_hold_frames = max_hold_frames

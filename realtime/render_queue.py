@@ -8,10 +8,11 @@ realtime/scheduler.py use it; the render tier's replica uses the same rules (ren
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.batch_wait import edf_batch, too_late
 from realtime.renderers.base import MouthPatch
 
@@ -20,7 +21,7 @@ from realtime.renderers.base import MouthPatch
 class RenderJob:
     owner: object                     # the submitting session (cancel() removes all of its jobs)
     key: int                          # the owner's id for this frame (its video frame index)
-    avatar: Any
+    avatar: Avatar
     avatar_index: int
     mel: np.ndarray                   # (80, 16) float32
     deadline: float                   # clock time by which the patch must be delivered

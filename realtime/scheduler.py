@@ -52,6 +52,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
 from realtime.clock import ManualClock
 from realtime.metrics import WorkerStats
@@ -98,7 +99,7 @@ class RenderWorker:
         self.busy_s = 0.0
 
     # -- API used by sessions -------------------------------------------------------------------
-    def prepare(self, avatar: Any, warmup: bool = False) -> None:
+    def prepare(self, avatar: Avatar, warmup: bool = False) -> None:
         """Run the renderer's per-avatar precompute once (slow: call it off the event loop).
         With `warmup`, also render throw-away frames so the first real frame is not the slow one, and
         measure the cost curve: cost(b) for b = 1 and `curve_sizes` up to max_batch (each size once
@@ -110,7 +111,7 @@ class RenderWorker:
                 for _ in self._prepare_steps(avatar, warmup):
                     pass
 
-    def _prepare_steps(self, avatar: Any, warmup: bool) -> Generator[None, None, None]:
+    def _prepare_steps(self, avatar: Avatar, warmup: bool) -> Generator[None, None, None]:
         """`prepare` as slices: the renderer's `prepare_steps`, then one per warm-up size."""
         yield from self.renderer.prepare_steps(avatar)
         self._prepared[id(avatar)] = avatar
@@ -123,7 +124,7 @@ class RenderWorker:
         self.cost.observe(b, seconds)
         self.warmup_cost.observe(b, seconds)
 
-    def forget(self, avatar: Any) -> None:
+    def forget(self, avatar: Avatar) -> None:
         """Drop a removed avatar: the worker's reference and the renderer's per-avatar data (if it can)."""
         with self._prepare_lock:
             self._prepared.pop(id(avatar), None)
@@ -311,11 +312,11 @@ class ThreadedRenderWorker(RenderWorker):
         with self._cond:
             return self._queue.remove_owner(owner)
 
-    def forget(self, avatar: Any) -> None:
+    def forget(self, avatar: Avatar) -> None:
         """`RenderWorker.forget` on the worker thread, between batches (a renderer frees device memory there)."""
         self.call(lambda: RenderWorker.forget(self, avatar))
 
-    def prepare(self, avatar: Any, warmup: bool = False) -> None:
+    def prepare(self, avatar: Avatar, warmup: bool = False) -> None:
         """`RenderWorker.prepare`, run on the worker thread in slices between batches; waits for it."""
         with self._prepare_lock:
             if id(avatar) not in self._prepared:

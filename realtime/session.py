@@ -86,11 +86,12 @@ import math
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from realtime.audio_ingest import AudioIngest, AudioRing
+from realtime.avatar import Avatar
 from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.frame_planner import FramePlan, FramePlanner
@@ -118,7 +119,7 @@ class QueueLimit(Exception):
 
 
 class LipSyncSession:
-    def __init__(self, avatar: Any, worker: RenderWorker | None, config: EngineConfig | None = None,
+    def __init__(self, avatar: Avatar, worker: RenderWorker | None, config: EngineConfig | None = None,
                  clock: Callable[[], float] = time.monotonic, name: str = "", *, avatar_id: str = "default",
                  on_close: Callable[[LipSyncSession], None] | None = None) -> None:
         """`avatar_id`: the id the avatar has in its library (what the server answers with); `on_close`:

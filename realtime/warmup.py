@@ -9,14 +9,14 @@ size, so a worker that is already serving renders between them (realtime/schedul
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.renderers.base import MouthRenderer
 
 
-def warmup_steps(renderer: MouthRenderer, avatar: Any, sizes: Sequence[int], clock: Callable[[], float],
+def warmup_steps(renderer: MouthRenderer, avatar: Avatar, sizes: Sequence[int], clock: Callable[[], float],
                  observe: Callable[[int, float], None]) -> Generator[None, None, None]:
     """For each batch size: yield (a slice boundary), then render it untimed once and timed 3 times (b = 1)
     or twice (larger b) inside the renderer's `warmup_context`, and `observe(b, fastest)`."""

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from realtime.avatar import Avatar
 from realtime.render_tier.remote_renderer import RenderTierError
 from realtime.render_tier.replica import RenderReplica, ReplicaStats
 from realtime.render_tier.wire import (
@@ -174,7 +175,7 @@ class RayRenderTier:
             return None
         return serve.get_app_handle(app_name)
 
-    def share_avatar(self, avatar: Any) -> AvatarRef:
+    def share_avatar(self, avatar: Avatar) -> AvatarRef:
         return AvatarRef(avatar_fingerprint(avatar), ray.put(avatar_to_wire(avatar)))
 
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply:

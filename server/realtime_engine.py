@@ -29,6 +29,7 @@ from realtime.avatar import Avatar
 from realtime.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
 from realtime.metrics import WorkerStats
+from realtime.renderers.base import MouthRenderer
 from realtime.renderers.factory import RendererSpec, build_renderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
@@ -55,10 +56,11 @@ class RealtimeEngine:
     avatar cache's default). uploads_dir: where POST /avatars uploads are kept across restarts (None:
     not kept)."""
 
-    def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
-                 info: dict[str, str] | None = None, devices: Sequence[str] | None = None,
-                 avatar_cache_dir: Path | None = None, uploads_dir: Path | None = None) -> None:
-        renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
+    def __init__(self, avatar: Avatar, renderer: MouthRenderer | Sequence[MouthRenderer],
+                 config: EngineConfig | None = None, info: dict[str, str] | None = None,
+                 devices: Sequence[str] | None = None, avatar_cache_dir: Path | None = None,
+                 uploads_dir: Path | None = None) -> None:
+        renderers: list[MouthRenderer] = [renderer] if isinstance(renderer, MouthRenderer) else list(renderer)
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.batch_wait import edf_batch, too_late, waits_for_others
 from realtime.render_queue import CostModel
 from realtime.renderers.base import MouthPatch
@@ -39,7 +40,7 @@ class Waiting:
 
     sender: str
     key: str                    # avatar fingerprint: only the same avatar batches together
-    avatar: Any
+    avatar: Avatar
     indices: np.ndarray         # (B,)
     mels: np.ndarray            # (B, 80, 16)
     deadline: float             # batcher clock
@@ -118,7 +119,7 @@ class EdfBatcher:
         self._senders: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
-    async def submit(self, sender: str, key: str, avatar: Any, indices: np.ndarray, mels: np.ndarray,
+    async def submit(self, sender: str, key: str, avatar: Avatar, indices: np.ndarray, mels: np.ndarray,
                      deadline: float) -> Outcome:
         now = self.clock()
         future: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest
 from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
 
@@ -33,7 +34,7 @@ class RenderTierError(RuntimeError):
 class RenderTierClient(Protocol):
     """A transport to the render tier (server/ray_render_tier.py implements it on Ray Serve)."""
 
-    def share_avatar(self, avatar: Any) -> AvatarRef: ...  # once per avatar: make it fetchable by replicas
+    def share_avatar(self, avatar: Avatar) -> AvatarRef: ...  # once per avatar: make it fetchable by replicas
 
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply: ...  # RenderTierError
 
@@ -80,7 +81,7 @@ class RemoteRenderer(MouthRenderer):
         self._lock = threading.Lock()
         self._down_since: float | None = None
 
-    def prepare(self, avatar: Any) -> None:
+    def prepare(self, avatar: Avatar) -> None:
         """Share the avatar with the tier and have a replica prepare it now (a one-frame render), so the
         first live frame is not the slow one. RenderTierError when the tier cannot do it."""
         with self._lock:
@@ -93,11 +94,11 @@ class RemoteRenderer(MouthRenderer):
         if reply.patches is None:
             raise RenderTierError("the render tier did not render a warm-up frame")
 
-    def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
+    def render(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray,
                deadline_in_s: float | None = None) -> list[MouthPatch | None]:
         return self.render_before(avatar, frame_indices, mels, deadline_in_s)
 
-    def render_before(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
+    def render_before(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray,
                       deadline_in_s: float | None) -> list[MouthPatch | None]:
         ref = self._refs[id(avatar)][1]
         budget = self.default_deadline_s if deadline_in_s is None else float(deadline_in_s)

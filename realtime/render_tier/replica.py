@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.render_tier.edf_batcher import EdfBatcher
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest, avatar_from_wire
 from realtime.renderers.base import MouthPatch, MouthRenderer
@@ -98,7 +99,7 @@ class RenderReplica:
                  len(avatar.frames), time.monotonic() - t0)
         return avatar
 
-    async def _render_batch(self, avatar: Any, indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+    async def _render_batch(self, avatar: Avatar, indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         loop = asyncio.get_running_loop()
         patches = await loop.run_in_executor(self._executor, self.renderer.render, avatar, indices, mels)
         done = [p for p in patches if p is not None]

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.mel import HOP, MEL_STEP, N_FFT, SAMPLE_RATE
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2) in avatar-frame pixels
@@ -102,10 +103,10 @@ class MouthRenderer:
     def label(self) -> str:
         return self.name or type(self).__name__
 
-    def prepare(self, avatar: Any) -> None:
+    def prepare(self, avatar: Avatar) -> None:
         """Per-avatar precompute, once, before its first render (off the event loop)."""
 
-    def prepare_steps(self, avatar: Any) -> Iterator[None]:
+    def prepare_steps(self, avatar: Avatar) -> Iterator[None]:
         """`prepare` in slices the render worker runs between batches; default: in one piece."""
         self.prepare(avatar)
         yield from ()
@@ -114,23 +115,23 @@ class MouthRenderer:
         """Entered around the worker's warm-up renders (e.g. cuDNN autotuning)."""
         return contextlib.nullcontext()
 
-    def release(self, avatar: Any) -> None:
+    def release(self, avatar: Avatar) -> None:
         """Drop a removed avatar's prepared data."""
 
     def describe(self) -> dict[str, str]:
         """Runtime facts for logs and /healthz (runtime, precision, ...)."""
         return {}
 
-    def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> Sequence[MouthPatch | None]:
+    def render(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray) -> Sequence[MouthPatch | None]:
         """mels (B, 80, 16) float32 -> B patches in order (None: this frame could not be rendered)."""
         raise NotImplementedError
 
-    def render_before(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
+    def render_before(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray,
                       deadline_in_s: float) -> Sequence[MouthPatch | None]:
         """`render` for a batch due in `deadline_in_s`; called instead of it with traits.wants_deadline."""
         return self.render(avatar, frame_indices, mels)
 
-    def render_mixed(self, avatars: list[Any], frame_indices: np.ndarray,
+    def render_mixed(self, avatars: list[Avatar], frame_indices: np.ndarray,
                      mels: np.ndarray) -> Sequence[MouthPatch | None]:
         """`render` with one avatar per frame; only with traits.mixes_avatars."""
         raise NotImplementedError(f"{self.label} does not mix avatars (traits.mixes_avatars is False)")

@@ -19,6 +19,7 @@ import torch
 
 from models import openvino_runtime as ovr
 from models.wav2lip import CachedWav2Lip, Wav2Lip, cache_values, faces_to_input
+from realtime.avatar import Avatar
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, choose_precision
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class OpenVinoFrames:
             self._compiled[key] = ovr.CompiledFrameModel(self._graphs[heads], precision, self.threads)
         return self._compiled[key]
 
-    def prepare(self, avatar: Any, crops: np.ndarray) -> int:
+    def prepare(self, avatar: Avatar, crops: np.ndarray) -> int:
         """Cache the avatar's decoder inputs; on the first avatar, settle the precision. Returns bytes cached."""
         with self._lock:
             if avatar in self._caches:
@@ -87,7 +88,7 @@ class OpenVinoFrames:
                 raise
             return sum(a.nbytes for a in arrays)
 
-    def _settle_precision(self, avatar: Any, heads: bool, n_frames: int) -> None:
+    def _settle_precision(self, avatar: Avatar, heads: bool, n_frames: int) -> None:
         candidates = {}
         if ovr.cpu_supports_bf16():
             candidates["bf16"] = lambda i, m: self._run(avatar, heads, "bf16", i, m)
@@ -100,27 +101,27 @@ class OpenVinoFrames:
         for key in [k for k in self._compiled if k[1] != self.precision]:
             del self._compiled[key]
 
-    def _run(self, avatar: Any, heads: bool, precision: str, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    def _run(self, avatar: Avatar, heads: bool, precision: str, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         arrays = self._caches[avatar][1]
         pred = self._model(heads, precision)(mels[:, None], [a[indices] for a in arrays])
         # Official conversion: x 255 then truncation (astype(uint8)); NCHW -> NHWC (BGR order kept).
         return np.ascontiguousarray((pred * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
 
-    def has(self, avatar: Any) -> bool:
+    def has(self, avatar: Avatar) -> bool:
         return avatar in self._caches
 
     def serves_any(self) -> bool:
         """Whether some avatar is prepared (a renderer then keeps this runtime for good)."""
         return len(self._caches) > 0
 
-    def release(self, avatar: Any) -> None:
+    def release(self, avatar: Avatar) -> None:
         with self._lock:
             self._caches.pop(avatar, None)
 
-    def frames(self, avatar: Any) -> int:
+    def frames(self, avatar: Avatar) -> int:
         return len(self._caches[avatar][1][0])
 
-    def generate(self, avatar: Any, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    def generate(self, avatar: Avatar, indices: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """uint8 (B, 96 - rows_from, 96, 3) for a prepared avatar."""
         heads = self._caches[avatar][0]
         return self._run(avatar, heads, self._settled_precision(), indices, mels)

@@ -51,6 +51,7 @@ import torch
 from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32_enabled
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
+from realtime.avatar import Avatar
 from realtime.mel import MelAlignment
 from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
@@ -204,7 +205,7 @@ class Wav2LipRenderer(MouthRenderer):
         self.runtime = "torch"
         self.dtype = _resolve_dtype(self._requested_precision, self.device)
 
-    def _is_prepared(self, avatar: Any) -> bool:
+    def _is_prepared(self, avatar: Avatar) -> bool:
         return avatar in self._caches or (self._ov is not None and self._ov.has(avatar))
 
     @property
@@ -275,12 +276,12 @@ class Wav2LipRenderer(MouthRenderer):
         if chosen == "fp32":
             disable_tf32("the fp16 check fell back to fp32 on CUDA")
 
-    def prepare(self, avatar: Any) -> None:
+    def prepare(self, avatar: Avatar) -> None:
         """Run the face encoder on every avatar frame once and keep the result (on the device)."""
         for _ in self.prepare_steps(avatar):
             pass
 
-    def prepare_steps(self, avatar: Any) -> Iterator[None]:
+    def prepare_steps(self, avatar: Avatar) -> Iterator[None]:
         """`prepare` in slices, yielding between them (see the module docstring); the avatar is served
         only once the last slice is done."""
         with self._lock:
@@ -336,7 +337,7 @@ class Wav2LipRenderer(MouthRenderer):
             log.info("wav2lip: prepared %d avatar frames on %s (%s, %.0f MB cached)",
                      n, self.device, str(self.dtype).removeprefix("torch."), cache.nbytes / 2**20)
 
-    def release(self, avatar: Any) -> None:
+    def release(self, avatar: Avatar) -> None:
         """Drop an avatar's cache now (it also goes when the avatar object is garbage-collected)."""
         with self._lock:
             self._caches.pop(avatar, None)
@@ -344,7 +345,7 @@ class Wav2LipRenderer(MouthRenderer):
             if self._ov is not None:
                 self._ov.release(avatar)
 
-    def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+    def render(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """One 96x96 uint8 BGR patch per (avatar frame, mel window (80, 16)), with the frame's face box."""
         indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
         mels = np.asarray(mels, dtype=np.float32)
@@ -379,7 +380,7 @@ class Wav2LipRenderer(MouthRenderer):
         return [MouthPatch(image=images[i], box=int_box(boxes[idx]))
                 for i, idx in enumerate(indices)]
 
-    def render_mixed(self, avatars: list[Any], frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+    def render_mixed(self, avatars: list[Avatar], frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k): each
         avatar's cached features serve its frames, one generator call per avatar, results in order."""
         indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
