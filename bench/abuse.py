@@ -1,4 +1,4 @@
-"""Attacks from issue #12 against a real server process: status, time to answer, the server's peak RSS,
+"""Attacks from issues #12 and #25 against a real server process: status, time to answer, the server's peak RSS,
 and a live session's frame rate while they run.
 
     python bench/abuse.py [--repo PATH] [--concurrent 6] [--rss-cap-mb 6000] [--skip six_uploads_1k,...]
@@ -23,6 +23,11 @@ Attacks (one key each in the JSON):
 - offer_32mb: a 32 MB JSON body to /offer.
 - say_flood: 10 concurrent /say of 4000 characters: statuses and the most TTS processes at once.
 - offer_flood: 40 offers in a row from one address: statuses.
+- ws_flood (issue #25): 1 200 utterances of one sample each over the session's /stream WebSocket (a 2-byte
+  chunk, then {"type": "end"}, as fast as the socket takes them): the longest wait of another client's
+  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps.
+- stream_count (issue #25): one session token opens 400 event streams and 100 /stream WebSockets: how many
+  the server accepted, and how many are still open a second later.
 Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/auth.py):
 - ice_probe_950 / ice_probe_public: an offer naming 950 (over the cap) / 20 loopback UDP ports as remote
   candidates, sent to a server configured as a public bind (`--host 0.0.0.0 --no-auth`, but its socket
@@ -368,6 +373,97 @@ async def attack_offer_flood(http, url: str) -> dict:
     return {"statuses": statuses}
 
 
+async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
+    ws_url = f"{client.url.replace('http', 'ws', 1)}sessions/{client.session_id}/stream?rate=16000"
+    waits: list[float] = []
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        while not done.is_set():
+            t0 = time.monotonic()
+            async with http.get(client.url + "healthz") as resp:
+                await resp.read()
+            waits.append(time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+
+    poller = asyncio.ensure_future(poll())
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    refused: dict[str, int] = {}
+    async with http.ws_connect(ws_url, headers=client.auth) as ws:
+        for _ in range(n):
+            await ws.send_bytes(b"\x00\x00")
+            await ws.send_str('{"type": "end"}')
+        sent_s = time.monotonic() - t0
+        await ws.send_str('{"type": "status"}')
+        while True:
+            msg = await ws.receive(timeout=120)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            reply = json.loads(msg.data)
+            if reply["type"] == "error":
+                refused[str(reply.get("status"))] = refused.get(str(reply.get("status")), 0) + 1
+            if reply["type"] == "status":
+                break
+    t1 = time.monotonic()
+    await asyncio.sleep(0.3)
+    done.set()
+    await poller
+    return {"utterances": n, "longest_healthz_wait_s": round(max(waits), 3), "healthz_polls": len(waits),
+            "errors": refused, "sent_s": round(sent_s, 3), "handled_s": round(t1 - t0, 3),
+            "live_fps_during": client.fps(t0, t1)}
+
+
+async def attack_stream_count(client: LiveClient, n_sse: int = 400, n_ws: int = 100) -> dict:
+    """Streams of one session token, on their own connections (no client-side connection limit)."""
+    base = f"{client.url}sessions/{client.session_id}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as own:
+        sse: list[aiohttp.ClientResponse] = []
+        statuses: dict[str, int] = {}
+        for _ in range(n_sse):
+            try:
+                resp = await own.get(f"{base}/events", headers=client.auth, timeout=aiohttp.ClientTimeout(total=None))
+            except aiohttp.ClientError as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+                continue
+            statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+            if resp.status == 200:
+                sse.append(resp)
+            else:
+                resp.close()
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        ws_statuses: dict[str, int] = {}
+        for _ in range(n_ws):
+            try:
+                sockets.append(await own.ws_connect(f"{base.replace('http', 'ws', 1)}/stream", headers=client.auth))
+                ws_statuses["101"] = ws_statuses.get("101", 0) + 1
+            except aiohttp.WSServerHandshakeError as exc:
+                ws_statuses[str(exc.status)] = ws_statuses.get(str(exc.status), 0) + 1
+        await asyncio.sleep(1.0)
+
+        async def ended(resp: aiohttp.ClientResponse) -> bool:
+            try:
+                async with asyncio.timeout(0.2):
+                    while await resp.content.readany():
+                        pass
+                return True
+            except TimeoutError:
+                return False
+
+        async def closed(ws: aiohttp.ClientWebSocketResponse) -> bool:
+            try:
+                msg = await ws.receive(timeout=0.2)
+            except TimeoutError:
+                return False
+            return msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+        sse_ended = sum(await asyncio.gather(*(ended(r) for r in sse)))
+        ws_closed = sum(await asyncio.gather(*(closed(w) for w in sockets)))
+        for resp in sse:
+            resp.close()
+        await asyncio.gather(*(w.close() for w in sockets), return_exceptions=True)
+    return {"sse_statuses": statuses, "sse_accepted": len(sse), "sse_open_after_1s": len(sse) - sse_ended,
+            "ws_statuses": ws_statuses, "ws_accepted": len(sockets), "ws_open_after_1s": len(sockets) - ws_closed}
 # -- issue #25: the public surface -----------------------------------------------------------------
 
 
@@ -562,6 +658,8 @@ async def run(args: argparse.Namespace) -> dict:
             ("offer_32mb", lambda h, c, w: attack_big_json(h, c.url, w)),
             ("say_flood", lambda h, c, w: attack_say_flood(h, c, w.pid)),
             ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url)),
+            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
+            ("stream_count", lambda h, c, w: attack_stream_count(c)),
             ("ice_probe_loopback", lambda h, c, w: attack_ice_probe(h, c.url, 20)),
             ("ice_ufrag", lambda h, c, w: attack_ice_ufrag(h, c.url)),
             ("data_channel", lambda h, c, w: attack_data_channel(h, c.url)),

@@ -23,6 +23,7 @@ from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
 from server.sessions import SessionManager, UnknownSession
 from server.state import STATE, ServerState, state_of
+from server.stream_limits import StreamSlots
 from server.surface import add_security_headers, hide_server_version, public_text
 from server.tts import LocalTts
 
@@ -46,7 +47,8 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
                              tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
                              operator=operator, pool=WorkPool(config.max_concurrent_decodes),
-                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute))
+                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute),
+                             streams=StreamSlots(config.max_sessions))
     for server in config.ice_servers:
         if server.credential is not None:
             log.warning("--ice-server %s has a static username and credential: every visitor receives "

@@ -10,7 +10,9 @@
                                           {"type": "start", "utterance"?: ID} (a new utterance),
                                           {"type": "end"} (utterance complete), {"type": "interrupt"},
                                           {"type": "status"}; the server also sends the playback
-                                          events (server/events_api.py) as text messages
+                                          events (server/events_api.py) as text messages. One per
+                                          session (a newer one closes the older), messages paced
+                                          (server/stream_limits.py)
     POST   /sessions/{id}/interrupt       stop talking now: drop queued and pending audio
     POST   /sessions/{id}/say             {"text": "...", "voice"?: "en", "wpm"?: 160, "utterance"?: ID},
                                           when a local TTS exists
@@ -24,7 +26,6 @@ open). The playback events name it when it starts and ends playing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import numpy as np
@@ -32,11 +33,13 @@ from aiohttp import BodyPartReader, WSMsgType, web
 
 from realtime.audio_ingest import convert_clip
 from realtime.playback import new_utterance_id, valid_utterance_id
+from realtime.session import QueueLimit
 from server.audio_input import QueueFull
-from server.errors import BODY_LIMIT, ApiError, read_body, read_json
+from server.errors import BODY_LIMIT, ApiError, parse_json_object, read_body, read_json
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
 from server.sessions import Session
 from server.state import session_of, state_of
+from server.stream_limits import MessagePacer, StreamKind, StreamSlot
 from server.tts import SayRequest, TtsError, TtsTimeout
 from server.uploads import MAX_CHANNELS, MAX_RATE, MIN_RATE, TARGET_RATE, decode_upload
 
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+MAX_COMMAND_CHARS = 4096   # a JSON command is a few dozen characters; parsing costs what it holds
 UPLOAD_READ_TIMEOUT_S = 30.0
 # A clip longer than this that is not 16 kHz mono is converted on the WorkPool, not on the event loop:
 # resampling costs the loop ~1 ms per second of 48 kHz audio (a 300 s raw PCM upload stalled every
@@ -96,6 +100,8 @@ def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
         return session.input.push(samples, rate, channels, complete=complete, utterance=utterance)
     except QueueFull as exc:
         raise ApiError(413, str(exc)) from None
+    except QueueLimit as exc:   # too many utterances or segments queued: try again once some played
+        raise ApiError(429, str(exc), {"Retry-After": "1"}, retry_after_s=1) from None
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -272,11 +278,9 @@ class _Stream:
         await self.send({"type": "started", "utterance": utterance})
 
     async def command(self, text: str) -> None:
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        command: dict = parsed if isinstance(parsed, dict) else {}
+        if len(text) > MAX_COMMAND_CHARS:
+            raise ApiError(400, f"a command is at most {MAX_COMMAND_CHARS} characters")
+        command = parse_json_object(text)
         kind = command.get("type")
         if kind == "start":
             await self.start(command.get("utterance"))
@@ -298,23 +302,39 @@ class _Stream:
 
 async def stream(request: web.Request) -> web.WebSocketResponse:
     """PCM chunks over a WebSocket as a TTS synthesises them, commands, and the playback events back;
-    ends when either side closes."""
+    ends when either side closes, when the session ends, or when a newer /stream of the session takes
+    its place. Every message costs the same bounded work; the loop yields after each one and paces a
+    client that sends faster than `MessagePacer` allows, so a flood of tiny messages cannot hold the
+    event loop. Bad input of any kind is answered with {"type": "error"} and the socket stays usable."""
     session = session_of(request)
     rate, channels, dtype = pcm_params(request.query)
+    slot = state_of(request).streams.acquire(session.id, StreamKind.STREAM)   # 429: server-wide cap
+    try:
+        return await _serve_stream(request, session, slot, rate, channels, dtype)
+    finally:
+        slot.release()
+
+
+async def _serve_stream(request: web.Request, session: Session, slot: StreamSlot, rate: int, channels: int,
+                        dtype: type) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
     conn = _Stream(session, ws)
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_close_with_session(ws, session))]
+    tasks = [loop.create_task(_close_with_session(ws, session)), loop.create_task(_close_when_displaced(ws, slot))]
     feed: EventFeed | None = None
     try:
         feed = EventFeed(tracker_of(session))
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)
+    pacer = MessagePacer()
+    bytes_per_s = np.dtype(dtype).itemsize * channels * rate
     received = 0.0
     try:
         async for msg in ws:
+            audio_s = len(msg.data) / bytes_per_s if msg.type == WSMsgType.BINARY else 0.0
+            await asyncio.sleep(pacer.delay(audio_s))   # sleep(0) too: other clients run between messages
             try:
                 if msg.type == WSMsgType.BINARY:
                     received += await conn.pcm(decode_pcm(msg.data, channels, dtype), rate, channels)
@@ -329,8 +349,14 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
             task.cancel()
         if feed is not None:
             feed.close()
-    log.debug("session %s: stream closed after %.2f s of audio", session.id, received)
+    log.debug("session %s: stream closed after %.2f s of audio (paced %.2f s)", session.id, received,
+              pacer.waited_s)
     return ws
+
+
+async def _close_when_displaced(ws: web.WebSocketResponse, slot: StreamSlot) -> None:
+    await slot.displaced.wait()
+    await ws.close(code=4000, message=slot.reason.encode()[:120])
 
 
 async def _close_with_session(ws: web.WebSocketResponse, session: Session) -> None:
