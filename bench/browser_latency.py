@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 page.goto(url)
                 page.click("#start")
                 page.wait_for_function(
-                    "document.getElementById('status-state').textContent === 'connected'", timeout=60000)
-                page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=30000)
+                    "() => document.getElementById('status-state').textContent === 'connected'", timeout=60000)
+                page.wait_for_function("() => document.getElementById('avatar').videoWidth > 0", timeout=30000)
                 rate = float(page.evaluate(RECORD_SCRIPT, BLOCK))
                 t_end = time.monotonic() + args.seconds
                 while time.monotonic() < t_end:

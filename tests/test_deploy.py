@@ -377,9 +377,9 @@ def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query:
                 page.add_init_script(KEEP_ONLY % json.dumps(keep))
             page.goto(deployment.public_url + "/" + query)
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=45000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            page.wait_for_function("() => document.getElementById('avatar').videoWidth > 0", timeout=20000)
             page.wait_for_timeout(1000)
             first = page.evaluate(SELECTED_PAIR)
             page.wait_for_timeout(4000)
