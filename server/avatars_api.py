@@ -36,6 +36,7 @@ from realtime.avatar_library import (
 from server.avatar_uploads import UploadFacts, UploadLimits, check_upload
 from server.errors import ApiError
 from server.state import state_of
+from server.surface import public_text
 from server.upload_body import form_parts, receive, upload_policy
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def entry_of(request: web.Request) -> AvatarEntry:
 
 def describe(request: web.Request, entry: AvatarEntry) -> dict:
     out = entry.describe()
+    if "error" in out:  # a failed --avatars file is named in it: by its name, never its path
+        out["error"] = public_text(out["error"])
     out["url"] = f"/avatars/{entry.id}"
     if entry.poster is not None:
         out["poster_url"] = f"/avatars/{entry.id}/poster.jpg"

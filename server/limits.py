@@ -2,6 +2,8 @@
 
 - `ClientLimits`: at most `--max-sessions-per-ip` live or negotiating sessions and
   `--max-offers-per-minute` offers (sliding 60 s window) per client address; 429 + Retry-After beyond.
+  "Address" is `address_key`: an IPv4 address, or an IPv6 address's /64 (one subscriber's prefix holds
+  2^64 addresses, so keying on the exact address would limit nobody).
 - `WorkPool`: the server's own small thread pool (`--max-concurrent-decodes` threads) for upload
   decodes and TTS. It is never asyncio's default executor, which aiortc's video encoders use, so a
   burst of uploads cannot starve live sessions' encoders. When every slot is busy the request gets 503
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import math
 import time
 from collections import OrderedDict, deque
@@ -33,7 +36,23 @@ WINDOW_S = 60.0
 MAX_TRACKED_ADDRESSES = 10000  # the rate limiter forgets the least recently seen address beyond this
 
 
+def address_key(address: str) -> str:
+    """The key per-address limits count under: IPv4 as is, IPv6 by its /64 ('2001:db8::/64'), an
+    IPv4-mapped IPv6 address as its IPv4; anything else (a Unix socket's empty remote) as given."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class ClientLimits:
+    """Every method takes the client's address as the server sees it and counts it under `address_key`."""
+
     def __init__(self, max_sessions_per_ip: int, max_offers_per_minute: int) -> None:
         self.max_sessions_per_ip = max_sessions_per_ip
         self.max_offers_per_minute = max_offers_per_minute
@@ -45,6 +64,7 @@ class ClientLimits:
         """Count one offer from `address`; 429 when it makes more than the per-minute limit."""
         if self.max_offers_per_minute <= 0:
             return
+        address = address_key(address)
         now = time.monotonic() if now is None else now
         times = self._offers.pop(address, None) or deque()
         while times and times[0] <= now - WINDOW_S:
@@ -63,7 +83,9 @@ class ClientLimits:
         """429 when `address` already holds its share of live and negotiating sessions."""
         if self.max_sessions_per_ip <= 0:
             return
-        held = sum(1 for remote in live_remotes if remote == address) + self._negotiating.get(address, 0)
+        address = address_key(address)
+        held = sum(1 for remote in live_remotes if address_key(remote) == address) + \
+            self._negotiating.get(address, 0)
         if held >= self.max_sessions_per_ip:
             self.refused_total += 1
             raise ApiError(429, f"this address already has {held} session(s), the limit is "
@@ -73,6 +95,7 @@ class ClientLimits:
     @contextlib.contextmanager
     def negotiating(self, address: str) -> Iterator[None]:
         """Count an offer being answered against its address until it is a live session (or failed)."""
+        address = address_key(address)
         self._negotiating[address] = self._negotiating.get(address, 0) + 1
         try:
             yield

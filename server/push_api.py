@@ -10,7 +10,9 @@
                                           {"type": "start", "utterance"?: ID} (a new utterance),
                                           {"type": "end"} (utterance complete), {"type": "interrupt"},
                                           {"type": "status"}; the server also sends the playback
-                                          events (server/events_api.py) as text messages
+                                          events (server/events_api.py) as text messages. One per
+                                          session (a newer one closes the older), messages paced
+                                          (server/stream_limits.py)
     POST   /sessions/{id}/interrupt       stop talking now: drop queued and pending audio
     POST   /sessions/{id}/say             {"text": "...", "voice"?: "en", "wpm"?: 160, "utterance"?: ID},
                                           when a local TTS exists
@@ -24,7 +26,6 @@ open). The playback events name it when it starts and ends playing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import numpy as np
@@ -32,12 +33,15 @@ from aiohttp import WSMsgType, web
 
 from realtime.audio_ingest import convert_clip
 from realtime.playback import new_utterance_id, valid_utterance_id
+from realtime.session import QueueLimit
 from server.audio_input import QueueFull
-from server.errors import ApiError, read_json
+from server.auth import client_address
+from server.errors import ApiError, parse_json_object, read_json
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
-from server.limits import Holder
-from server.sessions import Session, UnknownSession
-from server.state import state_of
+from server.limits import Holder, address_key
+from server.sessions import Session
+from server.state import session_of, state_of
+from server.stream_limits import MessagePacer, StreamKind, StreamSlot
 from server.tts import SayRequest, TtsError, TtsTimeout
 from server.upload_body import form_parts, read_all, upload_policy
 from server.uploads import MAX_CHANNELS, MAX_RATE, MIN_RATE, TARGET_RATE, decode_upload
@@ -46,23 +50,17 @@ log = logging.getLogger(__name__)
 
 PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+MAX_COMMAND_CHARS = 4096   # a JSON command is a few dozen characters; parsing costs what it holds
 # A clip longer than this that is not 16 kHz mono is converted on the WorkPool, not on the event loop:
 # resampling costs the loop ~1 ms per second of 48 kHz audio (a 300 s raw PCM upload stalled every
 # session's pacing for ~0.3 s); a WebSocket chunk or a short clip costs less than the hop.
 CONVERT_OFF_LOOP_S = 1.0
 
 
-def session_of(request: web.Request) -> Session:
-    try:
-        return state_of(request).sessions.get(request.match_info["id"])
-    except UnknownSession as exc:
-        raise ApiError(404, str(exc)) from None
-
-
 def pcm_params(query) -> tuple[int, int, type]:
     """(rate, channels, dtype) from ?rate=&channels=&format=; 400 when out of range."""
     try:
-        rate = int(query.get("rate", "16000"))
+        rate = int(query.get("rate", str(TARGET_RATE)))
         channels = int(query.get("channels", "1"))
     except ValueError:
         raise ApiError(400, "rate and channels must be integers") from None
@@ -104,6 +102,8 @@ def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
         return session.input.push(samples, rate, channels, complete=complete, utterance=utterance)
     except QueueFull as exc:
         raise ApiError(413, str(exc)) from None
+    except QueueLimit as exc:   # too many utterances or segments queued: try again once some played
+        raise ApiError(429, str(exc), {"Retry-After": "1"}, retry_after_s=1) from None
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -116,7 +116,11 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(session_of(request).describe())
+    body = session_of(request).describe()
+    notice = state_of(request).notice()
+    if notice is not None:  # the page polls this every second and shows the notice
+        body["server_notice"] = notice
+    return web.json_response(body)
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -132,7 +136,9 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 def holder_of(request: web.Request, session: Session) -> Holder:
-    return Holder(session.id, request.remote or "")
+    """The session and the client address (behind a trusted proxy, the client it names; an IPv6
+    address by its /64) a decode slot is counted for."""
+    return Holder(session.id, address_key(client_address(request)))
 
 
 async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
@@ -262,11 +268,9 @@ class _Stream:
         await self.send({"type": "started", "utterance": utterance})
 
     async def command(self, text: str) -> None:
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        command: dict = parsed if isinstance(parsed, dict) else {}
+        if len(text) > MAX_COMMAND_CHARS:
+            raise ApiError(400, f"a command is at most {MAX_COMMAND_CHARS} characters")
+        command = parse_json_object(text)
         kind = command.get("type")
         if kind == "start":
             await self.start(command.get("utterance"))
@@ -288,23 +292,39 @@ class _Stream:
 
 async def stream(request: web.Request) -> web.WebSocketResponse:
     """PCM chunks over a WebSocket as a TTS synthesises them, commands, and the playback events back;
-    ends when either side closes."""
+    ends when either side closes, when the session ends, or when a newer /stream of the session takes
+    its place. Every message costs the same bounded work; the loop yields after each one and paces a
+    client that sends faster than `MessagePacer` allows, so a flood of tiny messages cannot hold the
+    event loop. Bad input of any kind is answered with {"type": "error"} and the socket stays usable."""
     session = session_of(request)
     rate, channels, dtype = pcm_params(request.query)
+    slot = state_of(request).streams.acquire(session.id, StreamKind.STREAM)   # 429: server-wide cap
+    try:
+        return await _serve_stream(request, session, slot, rate, channels, dtype)
+    finally:
+        slot.release()
+
+
+async def _serve_stream(request: web.Request, session: Session, slot: StreamSlot, rate: int, channels: int,
+                        dtype: type) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
     conn = _Stream(session, ws)
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_close_with_session(ws, session))]
+    tasks = [loop.create_task(_close_with_session(ws, session)), loop.create_task(_close_when_displaced(ws, slot))]
     feed: EventFeed | None = None
     try:
         feed = EventFeed(tracker_of(session))
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)
+    pacer = MessagePacer()
+    bytes_per_s = np.dtype(dtype).itemsize * channels * rate
     received = 0.0
     try:
         async for msg in ws:
+            audio_s = len(msg.data) / bytes_per_s if msg.type == WSMsgType.BINARY else 0.0
+            await asyncio.sleep(pacer.delay(audio_s))   # sleep(0) too: other clients run between messages
             try:
                 if msg.type == WSMsgType.BINARY:
                     received += await conn.pcm(decode_pcm(msg.data, channels, dtype), rate, channels)
@@ -319,8 +339,14 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
             task.cancel()
         if feed is not None:
             feed.close()
-    log.debug("session %s: stream closed after %.2f s of audio", session.id, received)
+    log.debug("session %s: stream closed after %.2f s of audio (paced %.2f s)", session.id, received,
+              pacer.waited_s)
     return ws
+
+
+async def _close_when_displaced(ws: web.WebSocketResponse, slot: StreamSlot) -> None:
+    await slot.displaced.wait()
+    await ws.close(code=4000, message=slot.reason.encode()[:120])
 
 
 async def _close_with_session(ws: web.WebSocketResponse, session: Session) -> None:

@@ -124,9 +124,10 @@ async def test_session_routes_need_their_own_token(server, http, clean_log):
         await expect_error(resp, 403)
     async with http.get(alice.url(), headers=alice.auth) as resp:
         assert resp.status == 200 and (await resp.json())["id"] == alice.session_id
-    # ?token= only for GET (WebSocket / EventSource cannot set headers), never for a POST.
+    # ?token= only on the WebSocket and EventSource routes (they cannot set headers), never elsewhere
+    # (issue #25: a URL ends up in proxy logs), never for a POST.
     async with http.get(alice.url(token=True)) as resp:
-        assert resp.status == 200
+        await expect_error(resp, 401, "session_token")
     async with http.post(alice.url("/interrupt", token=True)) as resp:
         await expect_error(resp, 401)
     async with http.ws_connect(alice.url("/stream", token=True)) as ws:
@@ -209,12 +210,12 @@ async def test_secrets_stay_out_of_the_access_log(engine, caplog):
     task = asyncio.create_task(serve_async(config, engine, started=started, stop=stop))
     port = await asyncio.wait_for(started, timeout=10)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}/sessions/x?token=sekrit-value") as resp:
-            assert resp.status == 404
+        async with http.get(f"http://127.0.0.1:{port}/sessions/x/events?token=sekrit-value") as resp:
+            assert resp.status == 404  # the EventSource route reads ?token= (then finds no session x)
     stop.set()
     await asyncio.wait_for(task, timeout=10)
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
-    assert any("/sessions/x?token=REDACTED" in line for line in lines), lines
+    assert any("/sessions/x/events?token=REDACTED" in line for line in lines), lines
     assert not any("sekrit" in line for line in lines)
 
 
@@ -617,10 +618,18 @@ async def test_config_hands_out_turn_rest_credentials(engine, http, clean_log, c
                                 turn_ttl_s=600, ice_servers=[IceServer.parse("turn:bob:hunter2@relay.example")])
     try:
         async with http.get(server.endpoint("/config")) as resp:
+            config = await resp.json()
+        # The page's config carries no relay credential: those come from /ice-servers, one per attempt.
+        assert config["turn"] is True and all("credential" not in s or s["urls"] == ["turn:relay.example"]
+                                              for s in config["ice_servers"])
+        async with http.get(server.endpoint("/ice-servers")) as resp:
+            assert resp.headers["Cache-Control"] == "no-store"
             servers = (await resp.json())["ice_servers"]
         rest = next(s for s in servers if s["urls"] == ["turn:turn.example.org:3478"])
         expiry, tag = rest["username"].split(":")
         assert abs(float(expiry) - (time.time() + 600)) < 5 and tag
+        assert any(r.getMessage() == "TURN credentials issued" and getattr(r, "ticket", None) == tag
+                   and getattr(r, "remote", None) == "127.0.0.1" for r in caplog.records)
         digest = hmac.new(secret.encode(), rest["username"].encode(), hashlib.sha1).digest()
         assert rest["credential"] == base64.b64encode(digest).decode()
         assert any("every visitor" in r.getMessage() and "relay.example" in r.getMessage()
