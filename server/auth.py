@@ -3,7 +3,7 @@
 Every route falls in one of three classes, decided here from the route's template alone, so a route a
 later change adds is covered without touching its handler:
 
-- PUBLIC: the page, its static files, `/healthz`, `/config`, `POST /offer`, `GET /avatars[/{id}]` and
+- PUBLIC: the page, its static files, `/healthz`, `/config`, `/ice-servers`, `POST /offer`, `GET /avatars[/{id}]` and
   `GET /avatars/{id}/poster.jpg`.
 - SESSION: any route under `/sessions/{id}/...` (and `/sessions/{id}` itself). It needs that
   session's `session_token` (handed out once, in the /offer answer) or the operator token, as
@@ -34,11 +34,14 @@ import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
+from aiohttp_remotes import XForwardedFiltered
+from aiohttp_remotes.exceptions import RemoteError
 
 from server.config import ServerConfig
 from server.errors import BODY_LIMIT, ApiError, Handler
@@ -77,6 +80,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/static"),  # the page's files (one prefix resource)
     ("GET", "/healthz"),
     ("GET", "/config"),
+    ("GET", "/ice-servers"),  # rate-limited per address with the offers (server/app.py)
     ("POST", "/offer"),
     ("GET", "/avatars"),
     ("GET", "/avatars/{id}"),
@@ -119,6 +123,113 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+# -- behind a proxy: the client's address and the public name ---------------------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+CLIENT_SCHEME = web.RequestKey("client_scheme", str)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from a forwarded `for=` value: '192.0.2.1', '192.0.2.1:4711', '[2001:db8::1]:4711'."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class ForwardedClients:
+    """Who the client is when a reverse proxy stands between: `--trusted-proxy` addresses only.
+
+    From a peer that is not a trusted proxy, every forwarded header is ignored: its own address is the
+    client's. From a trusted proxy, X-Forwarded-For (parsed by aiohttp-remotes) or, when absent,
+    RFC 7239 `Forwarded` (parsed by aiohttp) is read from the right, skipping trusted proxies: the
+    right-most untrusted entry is the client (entries left of it were written by the client and prove
+    nothing). Only the header the proxy itself sets can be believed, so the proxy must set X-Forwarded-For
+    (nginx: `$proxy_add_x_forwarded_for`) and clear `Forwarded` (deploy/nginx.conf does both).
+    """
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        self.trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+        self._xff = XForwardedFiltered(list(self.trusted))
+
+    def is_trusted(self, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        ip = _ip(address) if isinstance(address, str) else address
+        if ip is None:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.trusted)
+
+    def resolve(self, request: web.Request) -> tuple[str, str]:
+        """(client address, scheme the client used)."""
+        peer = request.remote or ""
+        if not self.trusted or not self.is_trusted(peer):
+            return peer, request.scheme
+        chain = self._forwarded_chain(request)
+        client = peer
+        for ip in reversed(chain):
+            client = str(ip)
+            if not self.is_trusted(ip):
+                break
+        proto = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if not proto and request.forwarded:
+            proto = str(request.forwarded[0].get("proto", "")).lower()
+        return client, proto if proto in ("http", "https") else request.scheme
+
+    def _forwarded_chain(self, request: web.Request) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        try:
+            xff = self._xff.get_forwarded_for(request.headers)
+        except (RemoteError, web.HTTPBadRequest):
+            raise ApiError(400, "malformed X-Forwarded-For from the proxy") from None
+        if xff:
+            return list(xff)
+        chain: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for element in request.forwarded:
+            ip = _ip(str(element.get("for", "")))
+            if ip is None:  # 'unknown' or an obfuscated name: nothing to the left can be attributed
+                chain = []
+                continue
+            chain.append(ip)
+        return chain
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The address per-address limits, logs and metrics use: the peer, or, behind a trusted proxy, the
+    client it names (set by `Guard.apply` before any handler runs)."""
+    return request.get(CLIENT_ADDRESS) or request.remote or ""
+
+
+def public_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, default port filled in; None when it does not parse."""
+    try:
+        parts = urlsplit(url.strip().rstrip("/").lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+def _host_port(host: str, scheme: str) -> tuple[str, int] | None:
+    """(name, port) of a Host header as seen by a client on `scheme`."""
+    origin = public_origin(f"{scheme}://{host}")
+    return None if origin is None else (origin[1], origin[2])
+
+
+def reachable_beyond_loopback(config: ServerConfig) -> bool:
+    """A loopback bind is no trust boundary behind a same-host proxy: with a public name or a trusted
+    proxy the server is reachable from the internet, so operator routes need a token."""
+    return not is_loopback(config.host) or bool(config.public_urls) or bool(config.trusted_proxies)
+
+
 def access_for(method: str, template: str) -> Access:
     """The access class of a route, from its method and template (e.g. '/sessions/{id}/audio')."""
     method = "GET" if method == "HEAD" else method
@@ -159,7 +270,7 @@ class OperatorAuth:
             log.warning("--no-auth: GET /sessions, /metrics and every session's routes with the "
                         "operator's rights are open to anyone who can reach %s", config.host)
             return cls(None)
-        if is_loopback(config.host):
+        if not reachable_beyond_loopback(config):
             return cls(None)
         return cls(new_token(), generated=True)
 
@@ -195,6 +306,10 @@ class Guard:
         self._origins = frozenset(config.allowed_origins)
         self._origin_hosts = frozenset(_hostname(origin.partition("://")[2]) for origin in self._origins)
 
+
+        self._public = frozenset(o for o in map(public_origin, config.public_urls) if o is not None)
+        self.clients = ForwardedClients(config.trusted_proxies)
+
     # -- cross-site ---------------------------------------------------------------------------------
 
     def check_host(self, request: web.Request) -> None:
@@ -202,9 +317,14 @@ class Guard:
         if not self._loopback:
             self.check_open_operator_host(request)
             return
-        if _hostname(request.host) not in LOOPBACK_HOSTS:
-            raise ApiError(403, "this server is bound to loopback and answers only to localhost, "
-                                "127.0.0.1 or [::1]")
+        if _hostname(request.host) in LOOPBACK_HOSTS or self.is_public_host(request):
+            return
+        raise ApiError(403, "this server is bound to loopback and answers only to localhost, "
+                            "127.0.0.1, [::1] or a --public-url name")
+
+    def is_public_host(self, request: web.Request) -> bool:
+        """The Host names a --public-url (name and port, the port defaulted from that URL's scheme)."""
+        return any(_host_port(request.host, scheme) == (host, port) for scheme, host, port in self._public)
 
     def check_open_operator_host(self, request: web.Request) -> None:
         """DNS rebinding beyond loopback: while operator routes are open without a token (--no-auth),
@@ -224,10 +344,15 @@ class Guard:
         if origin is None:  # not a browser's cross-site request (curl, a backend, same-origin GET)
             return
         origin = origin.rstrip("/").lower()
-        if origin in self._origins:
+        if origin in self._origins or public_origin(origin) in self._public:
             return
+        if self._public and self.is_public_host(request):
+            raise ApiError(403, "cross-origin request refused: the Origin is not this server's --public-url")
         scheme, _, netloc = origin.partition("://")
-        if scheme in ("http", "https") and netloc == request.host.lower():
+        # Same origin. Behind a trusted proxy that says which scheme the client used, it must match too.
+        forwarded_scheme = request.get(CLIENT_SCHEME, request.scheme)
+        if scheme in ("http", "https") and netloc == request.host.lower() and (
+                forwarded_scheme == request.scheme or scheme == forwarded_scheme):
             return
         raise ApiError(403, "cross-origin request refused: start the server with --allowed-origin "
                             "ORIGIN to let that site's pages call it")
@@ -295,6 +420,7 @@ class Guard:
         return access_policy
 
     async def apply(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[CLIENT_ADDRESS], request[CLIENT_SCHEME] = self.clients.resolve(request)
         self.check_host(request)
         self.check_origin(request)
         if request.method == "OPTIONS" and self._listed_origin(request):
@@ -323,6 +449,6 @@ class RedactingAccessLogger(AbstractAccessLogger):
         target = request.path
         if request.query_string:
             target += "?" + redact_query(request.query_string)
-        self.logger.info('%s "%s %s HTTP/%d.%d" %d %s %.3fs', request.remote, request.method, target,
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %s %.3fs', client_address(request), request.method, target,
                          request.version.major, request.version.minor, response.status,
                          response.body_length, time)

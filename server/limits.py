@@ -8,7 +8,9 @@
   decodes and TTS. It is never asyncio's default executor, which aiortc's video encoders use, so a
   burst of uploads cannot starve live sessions' encoders. When every slot is busy the request gets 503
   + Retry-After at once instead of queueing (a queue would only hold the memory longer). A slot is
-  taken before an upload's body is read, so at most `size` bodies are in memory.
+  taken only for work that is ready: an upload's body is read first (server/upload_body.py), so a
+  sender that stalls holds no slot. Per `Holder`: one slot per session at a time (429) and at most
+  `--max-decodes-per-ip` per client address (429), so one client cannot take the whole pool.
   bench/abuse.py, six 30 MB uploads at once on a shared 2-core machine: decoded on the default executor,
   a live session fell to 0.26 fps (1 kHz files; the server passed 6 GB and was killed) and 1.4 fps
   (8 kHz files); on this pool it kept 23.8 and 24.4 fps, two decoding and four refused at once.
@@ -22,6 +24,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from server.errors import ApiError
@@ -108,6 +111,14 @@ class PoolBusy(ApiError):
                          {"Retry-After": "1"}, retry_after_s=1)
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who a slot is for: the session the work belongs to and the address that asked for it."""
+
+    session: str
+    address: str
+
+
 def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A thread pool whose threads all exist from the start (`start_every_thread`)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
@@ -116,33 +127,53 @@ def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
 
 
 class WorkPool:
-    """`size` threads and `size` admission slots; `run` and `slot` refuse (503) when all are taken."""
+    """`size` threads and `size` admission slots; `run` and `slot` refuse when all are taken (503), when
+    the holder's session already has one or its address has `per_address` (429)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, per_address: int = 0) -> None:
         self.size = size
+        self.per_address = per_address  # 0: no per-address share
         self.busy = 0
         self.refused_total = 0
+        self.sessions: set[str] = set()  # sessions holding a slot
+        self._addresses: dict[str, int] = {}
         self._executor = started_pool(size, "lipsync-decode")
 
-    def check_free(self) -> None:
-        """503 now when every slot is taken: called before a request's body is read, so a refused
-        upload costs neither the transfer nor the memory."""
+    def check_free(self, holder: Holder | None = None) -> None:
+        """Refuse now, before any work starts: this session already holds a slot (429), every slot is
+        taken (503), or this address holds its share (429)."""
+        if holder is not None and holder.session in self.sessions:
+            self.refused_total += 1
+            raise ApiError(429, "this session is already decoding or synthesising; wait for it",
+                           {"Retry-After": "1"}, retry_after_s=1)
         if self.busy >= self.size:
             self.refused_total += 1
             raise PoolBusy(self.size)
+        if holder is not None and self.per_address and self._addresses.get(holder.address, 0) >= self.per_address:
+            self.refused_total += 1
+            raise ApiError(429, f"this address already uses {self.per_address} of the {self.size} "
+                                "decode/TTS slots; retry in 1 s", {"Retry-After": "1"}, retry_after_s=1)
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        self.check_free()
+    def slot(self, holder: Holder | None = None) -> Iterator[None]:
+        self.check_free(holder)
         self.busy += 1
+        if holder is not None:
+            self.sessions.add(holder.session)
+            self._addresses[holder.address] = self._addresses.get(holder.address, 0) + 1
         try:
             yield
         finally:
             self.busy -= 1
+            if holder is not None:
+                self.sessions.discard(holder.session)
+                self._addresses[holder.address] -= 1
+                if not self._addresses[holder.address]:
+                    del self._addresses[holder.address]
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, holder: Holder | None = None) -> T:
         """`fn(*args)` on the pool, in a slot of its own."""
-        with self.slot():
+        with self.slot(holder):
             return await self.run_in_slot(fn, *args)
 
     async def run_in_slot(self, fn: Callable[..., T], *args: Any) -> T:

@@ -40,7 +40,7 @@ def render_metrics(state: ServerState) -> str:
     sessions = state.sessions
     live = [(s, safe_metrics(s.engine)) for s in sessions]
     stats = [m for _, m in live if m is not None]
-    page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing else 1)
+    page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing or state.draining else 1)
     page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
                len(engine_health(state.engine).workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))

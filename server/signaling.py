@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -31,7 +31,7 @@ from aiortc.sdp import SessionDescription
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
 from server import audio_jitter
 from server.audio_input import AudioInput
-from server.auth import new_token
+from server.auth import client_address, new_token
 from server.config import ServerConfig
 from server.errors import ApiError, read_json
 from server.ice import ice_servers, rtc_configuration
@@ -185,9 +185,14 @@ def parse_offer(body: dict, state: ServerState) -> OfferRequest:
 
 
 def candidate_policy(config: ServerConfig) -> CandidatePolicy:
-    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. (A
-    server behind a reverse proxy is bound to loopback but public: pass `public=True` for it.)"""
-    return CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private)
+    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. A server
+    behind a reverse proxy or with a public name is bound to loopback but reached from the internet: a
+    stranger's offer must not make it probe its own machine, so it is screened as a public bind."""
+    public = bool(config.public_urls) or bool(config.trusted_proxies)
+    policy = CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private, public=public)
+    if config.ice_allow_loopback:
+        return replace(policy, allow_loopback=True)
+    return policy
 
 
 def check_avatar(state: ServerState, avatar_id: str) -> None:
@@ -215,9 +220,9 @@ def video_codecs(codec: str) -> list:
 
 async def handle_offer(request: web.Request) -> web.Response:
     state = state_of(request)
-    if state.closing:
-        raise ApiError(503, "the server is shutting down", {"Retry-After": "10"}, retry_after_s=10)
-    address = request.remote or ""
+    if state.closing or state.draining:
+        raise ApiError(503, "the server is restarting", {"Retry-After": "10"}, retry_after_s=10)
+    address = client_address(request)
     state.limits.check_rate(address)
     offer = parse_offer(await read_json(request), state)
     state.limits.check_sessions(address, (s.remote for s in state.sessions))
@@ -251,6 +256,9 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     """A peer connection answering `offer`, with the engine session and tracks behind it. On any
     failure everything made so far is closed again."""
     session_id = new_session_id(state.config.instance_id)
+    # The server's own side takes --ice-server entries only, no TURN REST allocation: the relay runs beside
+    # the server, whose host candidates it reaches, so a server-side allocation per session would only
+    # double the relay's load and quota.
     pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
     remote_tracks: list = []
     pc.on("track", remote_tracks.append)

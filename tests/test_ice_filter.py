@@ -59,6 +59,19 @@ def test_the_bind_decides_the_policy():
     assert CandidatePolicy.for_bind("127.0.0.1", public=True) == PUBLIC
 
 
+def test_a_proxied_or_named_server_is_screened_as_public():
+    """Issue #26 meets #25: behind nginx on the same host the bind is loopback, but strangers send the
+    offers, so their loopback candidates (the host's own services) are never probed."""
+    from server.signaling import candidate_policy
+
+    assert candidate_policy(ServerConfig(host="127.0.0.1")) == LOCAL
+    assert candidate_policy(ServerConfig(host="127.0.0.1", trusted_proxies=["127.0.0.1"])) == PUBLIC
+    assert candidate_policy(ServerConfig(host="127.0.0.1", public_urls=["https://a.example.org"])) == PUBLIC
+    # The one-machine deployment tests (tests/test_deploy.py) say so explicitly.
+    tested = candidate_policy(ServerConfig(host="127.0.0.1", trusted_proxies=["127.0.0.1"], ice_allow_loopback=True))
+    assert tested.allow_loopback and not tested.allow_private
+
+
 @pytest.mark.parametrize(("address", "local", "public", "public_lan"), [
     ("8.8.8.8", None, None, None),
     ("2001:4860:4860::8888", None, None, None),
