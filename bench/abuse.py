@@ -26,7 +26,8 @@ Attacks (one key each in the JSON):
 - offer_flood: 40 offers in a row from one address: statuses.
 - ws_flood (issue #25): 1 200 utterances of one sample each over the session's /stream WebSocket (a 2-byte
   chunk, then {"type": "end"}, as fast as the socket takes them): the longest wait of another client's
-  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps.
+  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps, and
+  what /metrics then says about the loop (p99 and worst lag, stalls over 250 ms).
 - stream_count (issue #25): one session token opens 400 event streams and 100 /stream WebSockets: how many
   the server accepted, and how many are still open a second later.
 Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/auth.py):
@@ -395,8 +396,10 @@ async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
             await asyncio.sleep(0.02)
 
     poller = asyncio.ensure_future(poll())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)   # the same polls without a flood: the machine's own noise
+    baseline = list(waits)
     t0 = time.monotonic()
+    before_fps = client.fps(t0 - 1.5, t0)
     refused: dict[str, int] = {}
     async with http.ws_connect(ws_url, headers=client.auth) as ws:
         for _ in range(n):
@@ -417,9 +420,21 @@ async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
     await asyncio.sleep(0.3)
     done.set()
     await poller
-    return {"utterances": n, "longest_healthz_wait_s": round(max(waits), 3), "healthz_polls": len(waits),
+    during = waits[len(baseline):]
+    return {"utterances": n, "longest_healthz_wait_s": round(max(during), 3), "healthz_polls": len(during),
+            "longest_healthz_wait_before_s": round(max(baseline), 3), "live_fps_before": before_fps,
             "errors": refused, "sent_s": round(sent_s, 3), "handled_s": round(t1 - t0, 3),
-            "live_fps_during": client.fps(t0, t1)}
+            "live_fps_during": client.fps(t0, t1), "metrics_after": await loop_metrics(http, client.url)}
+
+
+async def loop_metrics(http, url: str) -> dict:
+    """What /metrics says about the event loop (None: the series does not exist on that server)."""
+    names = ("lipsync_event_loop_lag_p99_seconds", "lipsync_event_loop_lag_max_seconds",
+             "lipsync_event_loop_stalls_total")
+    async with http.get(url + "metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        lines = (await resp.text()).splitlines()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line and not line.startswith("#")}
+    return {name.removeprefix("lipsync_event_loop_"): values.get(name) for name in names}
 
 
 async def attack_stream_count(client: LiveClient, n_sse: int = 400, n_ws: int = 100) -> dict:
@@ -762,8 +777,9 @@ async def run(args: argparse.Namespace) -> dict:
             ("offer_32mb", lambda h, c, w: attack_big_json(h, c.url, w)),
             ("say_flood", lambda h, c, w: attack_say_flood(h, c, w.pid)),
             ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url)),
-            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
             ("stream_count", lambda h, c, w: attack_stream_count(c)),
+            # After stream_count: on a server without the fix the freeze can get the live session reaped.
+            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
             ("ice_probe_loopback", lambda h, c, w: attack_ice_probe(h, c.url, 20)),
             ("ice_ufrag", lambda h, c, w: attack_ice_ufrag(h, c.url)),
             ("data_channel", lambda h, c, w: attack_data_channel(h, c.url)),

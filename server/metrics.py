@@ -62,6 +62,12 @@ def render_metrics(state: ServerState) -> str:
     page.counter("lipsync_event_loop_stalls_total", "Event-loop lags over 250 ms (every session stood still).",
                  state.loop_lag.stalls_total)
     page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
+    page.gauge("lipsync_streams_open", "Event streams and /stream WebSockets open.", state.streams.total)
+    page.gauge("lipsync_streams_max", "Server-wide cap on open streams.", state.streams.server_cap)
+    page.counter("lipsync_streams_displaced_total", "Streams closed for a newer one of the same session.",
+                 state.streams.displaced_total)
+    page.counter("lipsync_streams_refused_total", "Streams refused with 429 (server-wide cap, or a session's "
+                 "replaced streams still closing).", state.streams.refused_total)
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired
