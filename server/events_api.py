@@ -51,7 +51,7 @@ async def _sse_messages(session: Session, feed: EventFeed) -> AsyncIterator[byte
 
 async def events(request: web.Request) -> web.StreamResponse:
     session = session_of(request)
-    feed = EventFeed(tracker_of(session))
+    feed = EventFeed(tracker_of(session), session.notices)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     try:

@@ -312,7 +312,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     tasks = [loop.create_task(_close_with_session(ws, session))]
     feed: EventFeed | None = None
     try:
-        feed = EventFeed(tracker_of(session))
+        feed = EventFeed(tracker_of(session), session.notices)
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)
