@@ -154,7 +154,8 @@ def served(via: str, tmp: Path, stack: contextlib.ExitStack) -> tuple[str, dict,
     turn = stack.enter_context(d.coturn(tmp / "coturn", cert, key))
     proxy = stack.enter_context(d.nginx(tmp / "nginx", port, cert, key))
     server = stack.enter_context(d.lipsync_server(tmp / "server", [
-        "--public-url", f"https://{d.NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1", "--max-sessions", "1",
+        "--public-url", f"https://{d.NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1", "--ice-allow-loopback",
+        "--max-sessions", "1",
         "--turn-secret", d.SECRET, "--turn-url", f"turn:127.0.0.1:{turn.port}?transport=udp",
         "--turn-url", f"turns:{d.NAME}:{turn.tls_port}?transport=tcp"], port=port))
     query = "" if via == "nginx" else "?ice=relay"

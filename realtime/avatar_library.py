@@ -5,7 +5,9 @@ videos and photos read at start (`add_folder`, progress in the log), and files a
 (`add_file`, prepared on one background thread: the caller gets the id at once and polls `get(id)`).
 
 Lifecycle of an entry: PREPARING (progress 0..1) -> READY, or -> FAILED with the error's message (e.g.
-"no face found in any of its 30 frame(s) ..."). Sessions take a ready avatar with `acquire(id)` and give
+"no face found in any of its 30 frame(s) ..."). A failed entry stays listed (so its uploader can read
+why) for FAILED_KEEP_S, and at most MAX_FAILED of them are kept, the oldest dropped first: uploads
+that keep failing do not grow the library. Sessions take a ready avatar with `acquire(id)` and give
 it back with `release(id)`; `remove(id)` refuses while any session holds it (AvatarInUse), so a running
 session is never disturbed. Removing drops the library's reference; the renderers' per-avatar data goes
 with it (`on_removed`).
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ID = "default"
 POSTER_WIDTH = 256
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
+MAX_FAILED = 8
+FAILED_KEEP_S = 600.0
 
 
 class AvatarState(Enum):
@@ -87,6 +91,7 @@ class AvatarEntry:
     added_at: float = field(default_factory=time.time)
     prepare_s: float | None = None
     users: int = 0                       # sessions holding it
+    failed_at: float | None = None       # time.monotonic() when it failed
 
     def describe(self) -> dict:
         """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
@@ -304,7 +309,9 @@ class AvatarLibrary:
             message = str(exc) if isinstance(exc, (AvatarError, ValueError)) else \
                 f"preparing the avatar failed ({type(exc).__name__}: {exc})"
             entry.error = message.replace(str(path), entry.source)  # an upload's temporary name means nothing
+            entry.failed_at = time.monotonic()
             entry.state = AvatarState.FAILED
+            self._forget_failed()
             log.warning("avatars: %s failed: %s", entry.id, entry.error,
                         exc_info=not isinstance(exc, (AvatarError, ValueError)))
             self._forget_upload(entry.id)  # a failed upload is not kept for the next run
@@ -328,8 +335,22 @@ class AvatarLibrary:
         return entry
 
     def entries(self) -> list[AvatarEntry]:
+        self._forget_failed()
         with self._lock:
             return list(self._entries.values())
+
+    def _forget_failed(self, now: float | None = None) -> None:
+        """Drop failed entries older than FAILED_KEEP_S, and the oldest beyond MAX_FAILED."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failed = sorted((e for e in self._entries.values()
+                             if e.state is AvatarState.FAILED and not e.builtin and not e.users),
+                            key=lambda e: e.failed_at or 0.0)
+            stale = [e for e in failed if now - (e.failed_at or 0.0) > FAILED_KEEP_S]
+            extra = failed[:max(0, len(failed) - MAX_FAILED)]
+            for entry in {e.id: e for e in stale + extra}.values():
+                del self._entries[entry.id]
+                log.info("avatars: forgot failed %s", entry.id)
 
     def acquire(self, avatar_id: str | None = None) -> tuple[str, Avatar]:
         """(id, avatar) for a new session, counted as in use until `release(id)`."""

@@ -23,6 +23,8 @@ from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
 from server.sessions import SessionManager, UnknownSession
 from server.state import STATE, ServerState, state_of
+from server.stream_limits import StreamSlots
+from server.surface import add_security_headers, hide_server_version, public_text
 from server.tts import LocalTts
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     """The app; every request goes through `json_errors` (JSON errors) and the access policy
     (server/auth.py: credentials, cross-site checks, body caps)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
+    hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
                               disconnect_grace_s=config.disconnect_grace_s, trimmer=HeapTrimmer())
@@ -43,8 +46,9 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
                           middlewares=[json_errors, guard.middleware])
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
                              tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
-                             operator=operator, pool=WorkPool(config.max_concurrent_decodes),
-                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute))
+                             operator=operator, pool=WorkPool(config.max_concurrent_decodes, config.max_decodes_per_ip),
+                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute),
+                             streams=StreamSlots(config.max_sessions))
     for server in config.ice_servers:
         if server.credential is not None:
             log.warning("--ice-server %s has a static username and credential: every visitor receives "
@@ -61,6 +65,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     avatars_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_response_prepare.append(guard.add_cors_headers)
+    app.on_response_prepare.append(add_security_headers)
     app.on_startup.append(_start_monitors)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_pool)
@@ -159,8 +164,16 @@ async def healthz(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,
         "render_worker_restarts": health.restarts,
-        **{k: str(v) for k, v in state.engine.info.items()},
+        **public_engine_info(state.engine.info),
     }, status=200 if status == "ok" else 503)
+
+
+def public_engine_info(info: dict) -> dict[str, str]:
+    """The engine's facts for /healthz, without where its files are: the checkpoint by its file name."""
+    out = {k: public_text(str(v)) for k, v in info.items()}
+    if info.get("checkpoint") not in (None, "none"):
+        out["checkpoint"] = Path(str(info["checkpoint"])).name
+    return out
 
 
 async def metrics(request: web.Request) -> web.Response:

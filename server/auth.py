@@ -7,7 +7,9 @@ later change adds is covered without touching its handler:
   `GET /avatars/{id}/poster.jpg`.
 - SESSION: any route under `/sessions/{id}/...` (and `/sessions/{id}` itself). It needs that
   session's `session_token` (handed out once, in the /offer answer) or the operator token, as
-  `Authorization: Bearer TOKEN`; GET requests (WebSocket upgrades, EventSource) may pass `?token=`.
+  `Authorization: Bearer TOKEN`. The WebSocket and EventSource routes (QUERY_TOKEN_ROUTES: browsers
+  cannot set headers there) may pass the session's token as `?token=`; no other route reads `?token=`,
+  and the operator token is never read from a URL (URLs end up in proxy logs and scrape configs).
   No credential: 401. Another session's token: 403.
 - OPERATOR: everything else (`GET /sessions`, `/metrics`, `POST /avatars`, `DELETE /avatars/{id}`,
   and, by default, any route not listed): the operator token (`--api-token`). Bound to loopback
@@ -15,7 +17,9 @@ later change adds is covered without touching its handler:
 
 The same middleware also enforces the cross-site rules and per-route body caps (before the handler
 parses anything): a foreign `Origin` gets 403 unless listed in `--allowed-origin`; on a loopback bind a
-`Host` other than localhost / 127.0.0.1 / [::1] gets 403 (DNS rebinding); JSON routes need
+`Host` other than localhost / 127.0.0.1 / [::1] gets 403 (DNS rebinding), and wherever operator routes
+are open without a token (`--no-auth` on any bind) a `Host` that is neither an IP address, a loopback
+name nor the host of an `--allowed-origin` gets 403 (a rebound name would reach them); JSON routes need
 `Content-Type: application/json` (415) and bodies over the route's cap get 413.
 
 To add a route: a session's route needs nothing (its template starts with `/sessions/{id}`); a public
@@ -91,6 +95,12 @@ BODY_RULES: dict[tuple[str, str], BodyRule] = {
 }
 DEFAULT_BODY = BodyRule(Body.NONE, JSON_CAP)
 
+# Browsers cannot set headers on a WebSocket or an EventSource: these routes alone take ?token=.
+QUERY_TOKEN_ROUTES: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/sessions/{id}/stream"),
+    ("GET", "/sessions/{id}/events"),
+})
+
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 PREFLIGHT_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                      "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -103,6 +113,14 @@ def _hostname(host: str) -> str:
         return (urlsplit("//" + host).hostname or "").lower()
     except ValueError:  # e.g. an unclosed IPv6 bracket
         return ""
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # -- behind a proxy: the client's address and the public name ---------------------------------------
@@ -260,16 +278,16 @@ class OperatorAuth:
 @dataclass(frozen=True)
 class Credential:
     token: str | None
+    in_query: bool = False  # from ?token=: only ever a session's token
 
     @classmethod
-    def of(cls, request: web.Request) -> "Credential":
+    def of(cls, request: web.Request, template: str) -> "Credential":
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return cls(value.strip())
-        # Browsers cannot set headers on WebSocket / EventSource: GET may carry ?token= instead.
-        if request.method in ("GET", "HEAD") and request.query.get("token"):
-            return cls(request.query["token"])
+        if (request.method, template) in QUERY_TOKEN_ROUTES and request.query.get("token"):
+            return cls(request.query["token"], in_query=True)
         return cls(None)
 
 
@@ -286,6 +304,9 @@ class Guard:
         self._session_token_of = session_token_of  # session id -> its token, or None if unknown
         self._loopback = is_loopback(config.host)
         self._origins = frozenset(config.allowed_origins)
+        self._origin_hosts = frozenset(_hostname(origin.partition("://")[2]) for origin in self._origins)
+
+
         self._public = frozenset(o for o in map(public_origin, config.public_urls) if o is not None)
         self.clients = ForwardedClients(config.trusted_proxies)
 
@@ -294,6 +315,7 @@ class Guard:
     def check_host(self, request: web.Request) -> None:
         """DNS rebinding: a loopback server answers only to loopback names."""
         if not self._loopback:
+            self.check_open_operator_host(request)
             return
         if _hostname(request.host) in LOOPBACK_HOSTS or self.is_public_host(request):
             return
@@ -303,6 +325,19 @@ class Guard:
     def is_public_host(self, request: web.Request) -> bool:
         """The Host names a --public-url (name and port, the port defaulted from that URL's scheme)."""
         return any(_host_port(request.host, scheme) == (host, port) for scheme, host, port in self._public)
+
+    def check_open_operator_host(self, request: web.Request) -> None:
+        """DNS rebinding beyond loopback: while operator routes are open without a token (--no-auth),
+        a page of `evil.example`, rebound to this server's address, would be same-origin with them. It
+        cannot make the browser send an IP address or one of our names as Host: only those pass."""
+        if self.operator.token is not None:
+            return
+        host = _hostname(request.host)
+        if host in LOOPBACK_HOSTS or host in self._origin_hosts or _is_ip_literal(host):
+            return
+        raise ApiError(403, "operator routes are open without a token (--no-auth): this server answers "
+                            "only to an IP address or a name listed with --allowed-origin "
+                            "http(s)://NAME[:PORT], not to Host " + repr(host[:80]))
 
     def check_origin(self, request: web.Request) -> None:
         origin = request.headers.get("Origin")
@@ -340,20 +375,21 @@ class Guard:
         access = access_for(request.method, template)
         if access is Access.PUBLIC:
             return
-        credential = Credential.of(request)
-        is_operator = same_secret(credential.token, self.operator.token)
+        credential = Credential.of(request, template)
+        is_operator = not credential.in_query and same_secret(credential.token, self.operator.token)
         if access is Access.OPERATOR:
             if self.operator.token is None or is_operator:
                 return
             if credential.token is None:
-                raise _unauthorized("this route needs the operator token: Authorization: Bearer TOKEN")
+                raise _unauthorized("this route needs the operator token: Authorization: Bearer TOKEN "
+                                    "(never ?token=, which ends up in logs)")
             raise ApiError(403, "wrong operator token")
         if is_operator:
             return
         if credential.token is None:
             raise _unauthorized("this session's routes need its session_token (from the /offer "
-                                "answer): Authorization: Bearer TOKEN, or ?token= for WebSocket "
-                                "and EventSource")
+                                "answer): Authorization: Bearer TOKEN, or ?token= on its /stream "
+                                "WebSocket and /events EventSource only")
         expected = self._session_token_of(request.match_info.get("id", ""))
         if expected is None:
             raise ApiError(404, f"no session {request.match_info.get('id', '')!r}")

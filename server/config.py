@@ -98,6 +98,12 @@ class ServerConfig:
     # HTTP host is loopback); otherwise exactly these, e.g. ["127.0.0.1"].
     ice_host_addresses: list[str] = field(default_factory=list)
     udp_ports: tuple[int, int] | None = None  # (first, last) UDP ports for media; None = any
+    # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
+    # unless this is set (a server on 0.0.0.0 that also serves its LAN).
+    ice_allow_private: bool = False
+    # Remote candidates on loopback, even when the server is public (a --public-url or --trusted-proxy makes a
+    # loopback bind public): only for a whole deployment on one machine, as the deployment tests run it.
+    ice_allow_loopback: bool = False
     # Limits and timeouts.
     max_upload_mb: float = 32.0
     connect_timeout_s: float = 10.0  # a peer that never connects is reaped after this
@@ -118,6 +124,12 @@ class ServerConfig:
     max_offers_per_minute: int = 30  # per client address; 0 = no limit
     max_session_s: float = 3600.0  # a session is ended after this long
     max_concurrent_decodes: int = 2  # upload decodes + TTS at once; more get 503
+    max_decodes_per_ip: int = 1  # of those, per client address (429 beyond); 0 = no per-address share
+    # Every upload body (server/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
+    # grace at min_upload_rate_kb KB/s on average (128 kbit/s: below any mobile uplink, far above a
+    # sender that stalls), else 408; it is read before a decode slot is taken.
+    upload_timeout_s: float = 120.0
+    min_upload_rate_kb: float = 16.0
     say_timeout_s: float = 30.0  # a /say synthesis that takes longer gets 504
     keepalive_timeout_s: float = 15.0  # idle HTTP keep-alive connections are closed after this
     # TURN REST (coturn use-auth-secret): /config hands out credentials valid for turn_ttl_s.
@@ -213,9 +225,12 @@ class ServerConfig:
             raise ValueError("--max-sessions-per-ip and --max-offers-per-minute must be >= 0 (0: no limit)")
         if self.max_concurrent_decodes < 1:
             raise ValueError("--max-concurrent-decodes must be at least 1")
-        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s) <= 0:
-            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout and --turn-ttl "
-                             "must be positive")
+        if self.max_decodes_per_ip < 0:
+            raise ValueError("--max-decodes-per-ip must be >= 0 (0: no per-address share)")
+        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s,
+               self.upload_timeout_s, self.min_upload_rate_kb) <= 0:
+            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout, --turn-ttl, "
+                             "--upload-timeout and --min-upload-rate must be positive")
         if bool(self.turn_secret) != bool(self.turn_urls):
             raise ValueError("--turn-secret and --turn-url go together")
         for url in self.public_urls:
@@ -292,6 +307,13 @@ class ServerConfig:
             help="only offer these local addresses as ICE host candidates (e.g. 127.0.0.1)")
         add("--udp-ports", metavar="FIRST-LAST",
             help="UDP port range for WebRTC media, e.g. 40000-40099 (default: any free port)")
+        add("--ice-allow-private", action="store_true", default=None,
+            help="on a public or wildcard bind (0.0.0.0), still send connectivity checks to remote ICE "
+                 "candidates in private ranges (10/8, 192.168/16, fc00::/7, ...): for a server that also "
+                 "serves its LAN. Loopback and private binds allow them anyway")
+        add("--ice-allow-loopback", action="store_true", default=None,
+            help="send connectivity checks to remote ICE candidates on loopback even when the server is "
+                 "public (--public-url / --trusted-proxy): only for a deployment tested on one machine")
         add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
         add("--connect-timeout", dest="connect_timeout_s", type=float,
             help=f"seconds a peer may take to connect before its session is reaped "
@@ -319,6 +341,13 @@ class ServerConfig:
             help=f"a session is ended after this many seconds (default {d.max_session_s:g})")
         add("--max-concurrent-decodes", type=int,
             help=f"upload decodes and TTS syntheses at once, more get 503 (default {d.max_concurrent_decodes})")
+        add("--max-decodes-per-ip", type=int,
+            help=f"of those, how many one client address may hold, more get 429 (default "
+                 f"{d.max_decodes_per_ip}; 0 = no per-address share)")
+        add("--upload-timeout", dest="upload_timeout_s", type=float,
+            help=f"seconds an upload's whole body may take to arrive, else 408 (default {d.upload_timeout_s:g})")
+        add("--min-upload-rate", dest="min_upload_rate_kb", type=float, metavar="KB_PER_S",
+            help=f"slowest average upload rate after 5 s, else 408 (default {d.min_upload_rate_kb:g} KB/s)")
         add("--say-timeout", dest="say_timeout_s", type=float,
             help=f"seconds a /say synthesis may take before it gets 504 (default {d.say_timeout_s:g})")
         add("--keepalive-timeout", dest="keepalive_timeout_s", type=float,
@@ -403,6 +432,7 @@ _FLAG_NAMES = {"avatars_dir": "avatars", "connect_timeout_s": "connect-timeout",
                "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server",
                "allowed_origins": "allowed-origin", "say_timeout_s": "say-timeout",
                "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl",
+               "upload_timeout_s": "upload-timeout", "min_upload_rate_kb": "min-upload-rate",
                "public_urls": "public-url", "trusted_proxies": "trusted-proxy"}
 
 
@@ -428,19 +458,21 @@ def _convert(name: str, value):
         return [url.rstrip("/").lower() for url in _split(value)]
     if name == "allowed_origins":
         return [origin.rstrip("/").lower() for origin in _split(value)]
-    if name == "no_auth":
+    if name in ("no_auth", "ice_allow_private", "ice_allow_loopback"):
         return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)
     if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
     if name in ("port", "max_sessions", "max_sessions_per_ip", "max_offers_per_minute",
-                "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
+                "max_concurrent_decodes", "max_decodes_per_ip",
+                "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
                 "max_avatar_side"):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
                 "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "drain_s"):
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "upload_timeout_s",
+                "min_upload_rate_kb", "drain_s"):
         return _finite(float(value))
     return value
 

@@ -15,6 +15,7 @@ from server.limits import ClientLimits, WorkPool, started_pool
 from server.loop_monitor import LoopLagMonitor
 from server.prometheus import Histogram
 from server.sessions import Session, SessionManager, UnknownSession
+from server.stream_limits import StreamSlots
 from server.tts import LocalTts
 
 OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
@@ -29,7 +30,7 @@ class ServerState:
     operator: OperatorAuth
     pool: WorkPool  # upload decodes and TTS, never asyncio's default executor
     limits: ClientLimits
-    saying: set[str] = field(default_factory=set)  # session ids with a /say being synthesised
+    streams: StreamSlots  # open event streams and /stream WebSockets (server/stream_limits.py)
     started: float = field(default_factory=time.monotonic)
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)

@@ -79,6 +79,7 @@ def deployment(tmp_path_factory):
     server_port = free_port()
     with coturn(folder / "coturn", cert, key) as turn, nginx(folder / "nginx", server_port, cert, key) as proxy:
         args = ["--public-url", f"https://{NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1",
+                "--ice-allow-loopback",  # the whole deployment is on this machine
                 "--max-sessions", "4", "--max-sessions-per-ip", "1",
                 "--turn-secret", SECRET,
                 "--turn-url", f"turn:127.0.0.1:{turn.port}?transport=udp",
@@ -482,7 +483,7 @@ def test_doctor_finds_a_proxy_without_upgrade_headers(deployment, tmp_path):
 def test_doctor_finds_a_wrong_turn_secret(deployment, tmp_path):
     """The server's --turn-secret is not coturn's static-auth-secret: coturn answers 401."""
     port = free_port()
-    args = ["--trusted-proxy", "127.0.0.1", "--turn-secret", "not-the-coturn-secret-0123456789",
+    args = ["--trusted-proxy", "127.0.0.1", "--ice-allow-loopback", "--turn-secret", "not-the-coturn-secret-0123456789",
             "--turn-url", f"turn:127.0.0.1:{deployment.turn.port}?transport=udp"]
     with nginx(tmp_path / "nginx", port, deployment.folder / "cert.pem", deployment.folder / "key.pem") as proxy, \
             lipsync_server(tmp_path / "server", args, port=port):
