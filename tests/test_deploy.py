@@ -370,6 +370,15 @@ KEEP_ONLY = """(() => {
 })();"""
 
 
+def wait_until(page, expression: str, within_s: float) -> None:
+    """Poll `expression` with page.evaluate (Playwright's wait_for_function compiles its predicate with
+    eval, which the page's Content-Security-Policy forbids, as it should)."""
+    deadline = time.monotonic() + within_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
 def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query: str, tag: str,
            keep: str | None = None) -> dict:
     """Open the page through nginx by its public name, press Start (microphone), measure 4 s."""
@@ -389,9 +398,8 @@ def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query:
                 page.add_init_script(KEEP_ONLY % json.dumps(keep))
             page.goto(deployment.public_url + "/" + query)
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
-                                   timeout=45000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            wait_until(page, "document.getElementById('status-state').textContent === 'connected'", 45)
+            wait_until(page, "document.getElementById('avatar').videoWidth > 0", 20)
             page.wait_for_timeout(1000)
             first = page.evaluate(SELECTED_PAIR)
             page.wait_for_timeout(4000)
