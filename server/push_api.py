@@ -314,7 +314,7 @@ async def _serve_stream(request: web.Request, session: Session, slot: StreamSlot
     tasks = [loop.create_task(_close_with_session(ws, session)), loop.create_task(_close_when_displaced(ws, slot))]
     feed: EventFeed | None = None
     try:
-        feed = EventFeed(tracker_of(session))
+        feed = EventFeed(tracker_of(session), session.notices)
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)

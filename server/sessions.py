@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
@@ -61,6 +61,12 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    # Where server notices for this session go (its event feeds register here; called on the loop).
+    notices: set[Callable[[dict], None]] = field(default_factory=set)
+
+    def notify(self, message: dict) -> None:
+        for deliver in list(self.notices):
+            deliver(message)
 
     @property
     def has_microphone(self) -> bool:
