@@ -11,7 +11,6 @@ import time
 from typing import Callable
 
 from realtime.playback import PlaybackEvent, PlaybackTracker
-from server.errors import ApiError
 from server.sessions import Session
 
 MAX_PENDING_EVENTS = 1024   # a subscriber this far behind is cut off rather than growing without bound
@@ -69,7 +68,4 @@ class EventFeed:
 
 
 def tracker_of(session: Session) -> PlaybackTracker:
-    tracker = getattr(session.engine, "playback", None)
-    if not isinstance(tracker, PlaybackTracker):
-        raise ApiError(501, "this engine reports no playback events")
-    return tracker
+    return session.engine.playback

@@ -11,7 +11,7 @@ import logging
 import time
 
 from realtime.metrics import HistogramSnapshot, SessionCounters, SessionStats
-from server.engine import EngineStats, WorkerLoad, engine_health
+from server.engine import EngineStats, WorkerLoad
 from server.loop_monitor import live_tasks
 from server.prometheus import Histogram, Page
 from server.sessions import Session, safe_metrics
@@ -42,7 +42,7 @@ def render_metrics(state: ServerState) -> str:
     stats = [m for _, m in live if m is not None]
     page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing or state.draining else 1)
     page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
-               len(engine_health(state.engine).workers_down))
+               len(state.engine.health().workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
     page.gauge("lipsync_sessions_max", "The --max-sessions limit.", sessions.max_sessions)
     page.counter("lipsync_sessions_opened_total", "Sessions opened.", sessions.opened_total)

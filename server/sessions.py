@@ -123,7 +123,7 @@ def safe_metrics(engine: EngineSession) -> SessionStats | None:
 
 def new_session_id(instance_id: str = "") -> str:
     """A random id; with an instance id, "<instance>-<random>": the owner's name comes first so a load
-    balancer in front of several front-ends can route a session's routes by prefix (README "Scaling out")."""
+    balancer in front of several front-ends can route a session's routes by prefix (docs/scaling.md)."""
     token = secrets.token_urlsafe(12)
     return f"{instance_id}-{token}" if instance_id else token
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.mel import MEL_STEP, N_MELS
-from realtime.renderers.base import AudioNeeds, MouthPatch
+from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
     FrameGeometry,
@@ -100,16 +100,17 @@ def _valid_points(avatar) -> np.ndarray:
     return points
 
 
-class DefaultRenderer:
+class DefaultRenderer(MouthRenderer):
     """MouthRenderer that needs no learned weights (see the module docstring)."""
 
     name = "default"
-    mixes_avatars = True  # per-frame work on per-avatar data: frames of any avatars share a batch
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
         # Only the kernel's columns are read: the engine waits for 75 ms of future audio, not 212.5 ms.
-        self.audio_needs = AudioNeeds(columns=self.config.params.window_columns)
+        # Per-frame work on per-avatar data: frames of any avatars share a batch.
+        self.traits = RendererTraits(mixes_avatars=True,
+                                     audio_needs=AudioNeeds(columns=self.config.params.window_columns))
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
