@@ -108,8 +108,9 @@ class DefaultRenderer:
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
-        # Only the kernel's columns are read: the engine waits for 75 ms of future audio, not 212.5 ms.
-        self.audio_needs = AudioNeeds(columns=self.config.params.window_columns)
+        # Only the kernels' columns are read, from one frame before the frame's time: the engine waits
+        # for 72.5 ms of future audio, not 212.5 ms (mouth_params.py, 5.).
+        self.audio_needs: AudioNeeds = self.config.params.audio_needs
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
