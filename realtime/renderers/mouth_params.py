@@ -55,8 +55,8 @@ _DB_PER_UNIT = 100.0 / (2 * MAX_ABS_VALUE)  # the official normalisation maps 10
 # Corners of the vowel / fricative space as (open factor, spread, round); each column blends between them.
 VISEMES: dict[str, tuple[float, float, float]] = {
     "A": (1.00, 0.10, 0.00),  # open vowel: high F1
-    "I": (0.40, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
-    "U": (0.45, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
+    "I": (0.24, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
+    "U": (0.38, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
     "S": (0.18, 0.70, 0.00),  # sibilant: energy above 3.5 kHz, teeth nearly together
     "F": (0.12, 0.20, 0.00),  # labiodental: lower lip at the upper teeth
 }
@@ -68,7 +68,8 @@ class MouthParamsConfig:
     # (level ~ dBFS + 98). Below `gate_db` the mouth rests; at `full_db` a vowel reaches full opening.
     gate_db: float = 44.0
     full_db: float = 74.0
-    level_gamma: float = 0.8       # < 1 opens the mouth a bit earlier in a syllable's rise
+    level_gamma: float = 1.3       # > 1: the jaw follows the amplitude more than the dB level
+    shape_gamma: float = 0.6       # < 1: the lips take a vowel's shape early in its rise
     # Formant search ranges (Hz); F1 = the first envelope peak within `f1_within_db` of the band max.
     f1_range: tuple[float, float] = (200.0, 1000.0)
     f2_range: tuple[float, float] = (750.0, 2900.0)
@@ -80,7 +81,7 @@ class MouthParamsConfig:
     # F2 -> rounding (U): round below a limit that falls from 1750 Hz (F1 <= 350) to 1150 Hz (F1 >= 550),
     # fully round `round_width_hz` below it.
     round_limit: tuple[float, float, float, float] = (350.0, 550.0, 1750.0, 1150.0)
-    round_width_hz: float = 300.0
+    round_width_hz: float = 220.0
     # Consonants (dB differences of band levels; smoothstep(lo, hi)).
     dip_murmur_db: tuple[float, float] = (10.0, 18.0)    # voiced column this far below the loudest
     murmur_bright_db: tuple[float, float] = (12.0, 6.0)  # E(1-4 kHz) - E(150-500 Hz): decreasing
@@ -91,8 +92,8 @@ class MouthParamsConfig:
     burst_high_db: tuple[float, float] = (6.0, 14.0)     # burst E(3.5-7.6k) - E(150-1000): not labial
     speech_db: float = 10.0        # a window holds speech when its loudest column is this far over the gate
     # Kernels over the columns, times relative to the frame's time (ms).
-    lead_ms: float = 25.0          # the jaw shows the audio this far ahead of the frame (lips lead sound)
-    attack_ms: float = 30.0        # decay of the look-ahead side: how early an opening is anticipated
+    lead_ms: float = 35.0          # the jaw shows the audio this far ahead of the frame (lips lead sound)
+    attack_ms: float = 35.0        # decay of the look-ahead side: how early an opening is anticipated
     release_ms: float = 60.0       # decay of the past side: how long a stopped sound holds the mouth open
     shape_attack_ms: float = 25.0  # vowel lip shape: a weighted mean over a slightly narrower kernel
     consonant_span_ms: tuple[float, float] = (-12.0, 26.0)  # consonant evidence counts fully here ...
@@ -238,7 +239,8 @@ def _vowel_shape(f1: np.ndarray, f2: np.ndarray, config: MouthParamsConfig) -> n
 @dataclass(frozen=True)
 class ColumnFeatures:
     """Per column of a batch of windows, each (B, T) unless noted."""
-    gate: np.ndarray      # loudness gate in [0, 1]
+    gate: np.ndarray      # loudness gate in [0, 1] (the jaw: nearly proportional to amplitude)
+    presence: np.ndarray  # a faster-saturating gate (the lip shape holds at moderate loudness)
     shape: np.ndarray     # (B, 3, T) vowel / fricative (open factor, spread, round)
     closure: np.ndarray   # lips shut: nasal murmur / voice bar, or a labial stop's silent closure
     bite: np.ndarray      # labiodental frication
@@ -261,7 +263,8 @@ def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatur
     db = (np.asarray(mels, dtype=np.float32) + MAX_ABS_VALUE) * _DB_PER_UNIT  # 0 dB = digital silence
     power = 10.0 ** (db / 10.0)
     level = 10.0 * np.log10(np.sum(power, axis=1))
-    gate = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0) ** config.level_gamma
+    loudness = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0)
+    gate = loudness ** config.level_gamma
 
     env = _envelope(db, config.lifter_keep)
     f1 = _first_peak_hz(env, a.bands["f1"], a.freqs, config.f1_within_db)
@@ -281,8 +284,8 @@ def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatur
     murmur = (_smoothstep(dip, *config.dip_murmur_db) * voiced * (1.0 - fric)
               * _smoothstep(-bright, -config.murmur_bright_db[0], -config.murmur_bright_db[1]))
     # A silent gap with speech on both sides, released by a burst that is not high-pitched.
-    loud = gate > 0.25
     audible = _smoothstep(level, config.gate_db, config.gate_db + 8.0)  # aspiration counts as speech
+    loud = audible > 0.5  # the burst: the first audible column after the gap
     before = np.maximum.accumulate(audible, axis=1)
     after = np.maximum.accumulate(audible[:, ::-1], axis=1)[:, ::-1]
     burst_high = _next_loud(hiss_db - _band_db(power, a.bands["low"]), loud, default=np.nan)
@@ -298,7 +301,8 @@ def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatur
     s = np.asarray(VISEMES["S"], dtype=np.float32)[None, :, None]
     f = np.asarray(VISEMES["F"], dtype=np.float32)[None, :, None]
     shape = shape * (1.0 - sib - bite)[:, None] + s * sib[:, None] + f * bite[:, None]
-    return ColumnFeatures(gate=gate.astype(np.float32), shape=shape.astype(np.float32),
+    return ColumnFeatures(gate=gate.astype(np.float32), presence=(loudness ** config.shape_gamma).astype(np.float32),
+                          shape=shape.astype(np.float32),
                           closure=closure.astype(np.float32), bite=bite.astype(np.float32),
                           sibilant=sib.astype(np.float32))
 
@@ -327,10 +331,10 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
 
     # Lip shape: loudness- and kernel-weighted mean of the column shapes, then scaled by how much
     # sound is near "now", so the lips relax together with the jaw.
-    vote = a.shape_kernel * c.gate
+    vote = a.shape_kernel * c.presence
     total = vote.sum(axis=1)
     shape = np.einsum("bt,bpt->bp", vote, c.shape[:, 1:, :]) / np.maximum(total, 1e-6)[:, None]
-    shape *= np.max(c.gate * a.shape_kernel, axis=1)[:, None]
+    shape *= np.max(vote, axis=1)[:, None] * (1.0 - close)[:, None]
     teeth = np.maximum(sibilant, bite)
     out = np.concatenate([opening[:, None], shape, close[:, None], bite[:, None], teeth[:, None]], axis=1)
     return np.clip(out, 0.0, 1.0).astype(np.float32)

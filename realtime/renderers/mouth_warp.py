@@ -35,14 +35,16 @@ LEFT, RIGHT, UPPER_TOP, UPPER_BOTTOM, LOWER_TOP, LOWER_BOTTOM, CHIN = range(7)
 class MouthWarpConfig:
     max_open: float = 0.27          # lip gap at open = 1, as a fraction of the mouth width
     upper_lift: float = 0.15        # the upper lip rises by this fraction of the jaw drop
-    spread_gain: float = 0.16       # width +16% at spread = 1
-    round_gain: float = 0.30        # width -30% at round = 1
+    spread_gain: float = 0.30       # width +30% at spread = 1
+    round_gain: float = 0.36        # width -36% at round = 1
     gap_exponent: float = 1.3       # gap profile (1 - (s/c)^2)^p: > 1 tapers to the corners, 0.5 elliptical
     round_exponent: float = 0.6     # ... at round = 1 (an "o")
+    spread_exponent: float = 0.55   # ... at spread = 1 (an "ee": a long slit, open to near the corners)
     gap_extent: float = 0.92        # c: the lips stay closed over the outer 8% towards each corner
+    round_extent: float = 0.40      # ... and over this much more of the width at round = 1 (a small "o")
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
     width_fade: tuple[float, float] = (0.9, 2.0)     # width scaling: full for |s| < a, none beyond b
-    width_fade_t: float = 0.4       # ... and fades over this many half-widths above/below the lips
+    width_fade_t: float = 0.6       # ... and fades over this many half-widths above/below the lips
     upper_fade: float = 0.7         # upper-lip lift fades out over this many half-widths above the lip
     # The neck just below the chin absorbs the jaw drop over fall x max drop: the chin slides over it,
     # as it does in front of a real neck (the backward map compresses there; it can never fold).
@@ -185,6 +187,7 @@ class Shape:
     press: float      # lower lip raised at the centre (px): closes the rest gap (close, bite)
     teeth: float      # 0..1: how much of the gap the teeth fill
     bite: float       # 0..1: the lower lip is at the upper teeth (they fill the gap; no lower teeth)
+    rounding: float   # 0..1: the opening narrows to a small "o"
 
     @property
     def moves(self) -> bool:
@@ -202,13 +205,14 @@ def mouth_shape(params: np.ndarray, geom: FrameGeometry, config: MouthWarpConfig
     width = 2.0 * geom.half_width
     drop = open_ * config.max_open * width
     exponent = config.gap_exponent + (config.round_exponent - config.gap_exponent) * rounding
+    exponent += (config.spread_exponent - config.gap_exponent) * spread * (1.0 - rounding)
     lift = config.upper_lift * drop + bite * config.bite_lift * width
     # Pressing shuts the avatar's own rest gap and pushes a little further (lips squeeze each other);
     # the bite raises the lower lip to the (lifted) upper lip's rest line, under the upper teeth.
     rest_gap = max(0.0, geom.lower_top - geom.upper_bottom)
     press = min(1.0, close + bite) * (rest_gap + config.press_squeeze * width)
     press = min(press, config.max_press * geom.half_width)
-    return Shape(k, drop, lift, exponent, press, teeth, bite)
+    return Shape(k, drop, lift, exponent, press, teeth, bite, rounding)
 
 
 def rendered_landmarks(points: np.ndarray, params: np.ndarray, geom: FrameGeometry,
@@ -256,7 +260,7 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
 
     # Lip lines of the output, as functions of the source position along the mouth axis.
     q = np.clip(1.0 - s_src * s_src, 0.0, 1.0)          # rest lip-line profile (0 at the corners)
-    s_gap = s_src * np.float32(1.0 / config.gap_extent)
+    s_gap = s_src * np.float32(1.0 / (config.gap_extent * (1.0 - config.round_extent * shape.rounding)))
     gap = np.clip(1.0 - s_gap * s_gap, 0.0, 1.0) ** np.float32(exponent)  # opening profile A(s)
     upper_in = geom.upper_bottom * q - lift * gap
     upper_out = geom.upper_top * q - lift * gap
