@@ -55,7 +55,7 @@ _DB_PER_UNIT = 100.0 / (2 * MAX_ABS_VALUE)  # the official normalisation maps 10
 # Corners of the vowel / fricative space as (open factor, spread, round); each column blends between them.
 VISEMES: dict[str, tuple[float, float, float]] = {
     "A": (1.00, 0.10, 0.00),  # open vowel: high F1
-    "I": (0.24, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
+    "I": (0.20, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
     "U": (0.38, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
     "S": (0.18, 0.70, 0.00),  # sibilant: energy above 3.5 kHz, teeth nearly together
     "F": (0.12, 0.20, 0.00),  # labiodental: lower lip at the upper teeth

@@ -43,7 +43,9 @@ class MouthWarpConfig:
     gap_extent: float = 0.92        # c: the lips stay closed over the outer 8% towards each corner
     round_extent: float = 0.40      # ... and over this much more of the width at round = 1 (a small "o")
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
-    width_fade: tuple[float, float] = (0.9, 2.0)     # width scaling: full for |s| < a, none beyond b
+    width_fade: tuple[float, float] = (0.75, 1.6)    # narrowing: full for |s| < a, none beyond b (the cheeks
+    # keep their outline; no narrower or it folds at round = 1)
+    spread_fade: tuple[float, float] = (0.9, 2.0)    # widening (never folds): over more of the cheeks
     width_fade_t: float = 0.6       # ... and fades over this many half-widths above/below the lips
     upper_fade: float = 0.7         # upper-lip lift fades out over this many half-widths above the lip
     # The neck just below the chin absorbs the jaw drop over fall x max drop: the chin slides over it,
@@ -111,7 +113,7 @@ def frame_geometry(points: np.ndarray, frame_shape: tuple[int, ...], config: Mou
     # Patch extent in the mouth frame, then its axis-aligned bounding box in the image.
     # Every field is zero beyond these extents, so the feathered border only ever blends equal pixels.
     drop = config.max_open * 2.0 * half
-    s_max = max(config.width_fade[1], config.jaw_profile[1]) * half + config.margin_px + 2
+    s_max = max(config.width_fade[1], config.spread_fade[1], config.jaw_profile[1]) * half + config.margin_px + 2
     t_min = upper_top - config.upper_lift * drop - config.upper_fade * half - config.margin_px - 2
     t_max = chin + drop + fall_length(half, config) + config.margin_px + 2
     corners = [centre + a * np.array([ux, uy]) + b * np.array([nx, ny])
@@ -256,7 +258,8 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
     t_lo = geom.upper_top - config.width_fade_t * hw
     t_hi = geom.lower_bottom + drop + config.width_fade_t * hw
     fade_t = _smoothstep((t - t_lo) / (config.width_fade_t * hw)) * _smoothstep((t_hi - t) / (config.width_fade_t * hw))
-    s_src = s * (1.0 - np.float32(1.0 - 1.0 / k) * _lerp_step(s, *config.width_fade) * fade_t)
+    fade_s = _lerp_step(s, *(config.width_fade if k < 1.0 else config.spread_fade))
+    s_src = s * (1.0 - np.float32(1.0 - 1.0 / k) * fade_s * fade_t)
 
     # Lip lines of the output, as functions of the source position along the mouth axis.
     q = np.clip(1.0 - s_src * s_src, 0.0, 1.0)          # rest lip-line profile (0 at the corners)
