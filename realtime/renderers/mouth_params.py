@@ -94,7 +94,7 @@ class MouthParamsConfig:
     # Kernels over the columns, times relative to the frame's time (ms).
     lead_ms: float = 35.0          # the jaw shows the audio this far ahead of the frame (lips lead sound)
     attack_ms: float = 35.0        # decay of the look-ahead side: how early an opening is anticipated
-    release_ms: float = 60.0       # decay of the past side: how long a stopped sound holds the mouth open
+    release_ms: float = 40.0       # decay of the past side: how long a stopped sound holds the mouth open
     shape_attack_ms: float = 25.0  # vowel lip shape: a weighted mean over a slightly narrower kernel
     consonant_span_ms: tuple[float, float] = (-12.0, 26.0)  # consonant evidence counts fully here ...
     consonant_decay_ms: float = 12.0                         # ... and decays this fast outside

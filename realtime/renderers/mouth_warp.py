@@ -45,7 +45,7 @@ class MouthWarpConfig:
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
     width_fade: tuple[float, float] = (0.75, 1.6)    # narrowing: full for |s| < a, none beyond b (the cheeks
     # keep their outline; no narrower or it folds at round = 1)
-    spread_fade: tuple[float, float] = (0.9, 2.0)    # widening (never folds): over more of the cheeks
+    spread_fade: tuple[float, float] = (1.2, 2.0)    # widening (never folds): over more of the cheeks
     width_fade_t: float = 0.6       # ... and fades over this many half-widths above/below the lips
     upper_fade: float = 0.7         # upper-lip lift fades out over this many half-widths above the lip
     # The neck just below the chin absorbs the jaw drop over fall x max drop: the chin slides over it,
