@@ -94,7 +94,7 @@ def render_avatar_speech(avatar: Avatar, speech_16k: np.ndarray, output: str | P
     """
     renderer = renderer or DefaultRenderer()
     fps = float(avatar.fps)
-    windows = frame_windows(speech_16k, fps, renderer.audio_needs)
+    windows = frame_windows(speech_16k, fps, renderer.traits.audio_needs)
     params = renderer.params(windows)
     height, width = avatar.frames.shape[1:3]
     track = speech_16k if audio is None else audio

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.mel import MEL_STEP, N_MELS
-from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
+from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
     FrameGeometry,
