@@ -15,7 +15,8 @@ bitrates; bench/encoded_sessions.py runs them live):
 
 So only these change: H.264 preset veryfast and one thread per encoder (sessions give the parallelism;
 slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser. Everything else
-(bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's.
+(bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's,
+except that forced keyframes are rate-limited (`KEYFRAME_MIN_INTERVAL_S`, docs/network.md).
 
 Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which upsamples the server's
 16 kHz frames itself so that no packet waits for the next frame (20 ms less on every returned sound);
@@ -27,6 +28,7 @@ aiortc.rtcrtpsender looks up for each new sender.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, ClassVar
 
 import aiortc.rtcrtpsender
@@ -67,12 +69,39 @@ class TunedContext:
         setattr(self._context, name, value)
 
 
+KEYFRAME_MIN_INTERVAL_S = 0.5
+"""At most one forced keyframe per this interval. aiortc's sender forces a keyframe on every PLI or FIR
+it receives; on a lossy link a receiver (and every receiver of a bundle) can ask several times while the
+first keyframe is still in flight, and each keyframe is 5-10x a delta frame: a burst that causes more
+loss. A request inside the interval is kept and served when it ends, never dropped."""
+
+
 class _Tuned:
     """Mixin for an aiortc encoder that keeps its codec context in `self.codec` (created lazily on
-    the first frame and again on a size or bitrate change): each new context gets the overrides."""
+    the first frame and again on a size or bitrate change): each new context gets the overrides.
+    Keyframe requests are rate-limited (`_keyframe_due`)."""
 
     OPTIONS: ClassVar[dict[str, str]] = {}
     THREADS: ClassVar[int | None] = None
+
+    def encode(self, frame: Any, force_keyframe: bool = False) -> Any:
+        return super().encode(frame, self._keyframe_due(force_keyframe))  # type: ignore[misc]
+
+    def _keyframe_due(self, requested: bool, now: float | None = None) -> bool:
+        """Whether this frame is forced to a keyframe: a request (now or pending) is served once
+        `KEYFRAME_MIN_INTERVAL_S` has passed since the last forced one."""
+        now = time.monotonic() if now is None else now
+        state = self.__dict__
+        if requested:
+            state["_keyframe_pending"] = True
+        if not state.get("_keyframe_pending"):
+            return False
+        if now - state.get("_keyframe_last", -float("inf")) < KEYFRAME_MIN_INTERVAL_S:
+            return False
+        state["_keyframe_pending"] = False
+        state["_keyframe_last"] = now
+        state["keyframes_forced"] = state.get("keyframes_forced", 0) + 1
+        return True
 
     @property
     def codec(self) -> Any:

@@ -21,6 +21,7 @@ from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
+from server.link_quality import LinkQuality
 from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -61,6 +62,7 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
 
     @property
     def has_microphone(self) -> bool:
@@ -99,6 +101,7 @@ class Session:
             "video_skipped": self.video.stats.skipped,
             "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
+            "link": self.link.describe(),
             "engine": {} if stats is None else asdict(stats),
         }
 

@@ -32,6 +32,7 @@ from server.audio_input import AudioInput
 from server.auth import new_token
 from server.errors import ApiError, read_json
 from server.ice import ice_servers, rtc_configuration
+from server.link_quality import watch_link
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, drain, pump_microphone
@@ -290,6 +291,7 @@ def start_session(state: ServerState, session: Session) -> None:
                                       on_end=lambda: _close(state, session, "microphone ended")),
                       "microphone")
     session.spawn(_end_after(state, session, state.config.max_session_s), "max-session")
+    session.spawn(watch_link(session.pc, session.link), "link-quality")
 
 
 def _close(state: ServerState, session: Session, reason: str) -> None:
