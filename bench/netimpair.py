@@ -29,10 +29,13 @@ import logging
 import math
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtp import RtpPacket
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,7 @@ class RtpCounts:
 
     packets: dict[int, int] = field(default_factory=dict)
     bytes: dict[int, int] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)
 
 
 def rtp_payload_type(data: bytes) -> int | None:
@@ -209,6 +213,8 @@ class Relay:
         self.client: Address | None = None
         self.links = {"up": Link(up, seed), "down": Link(down, seed + 1)}
         self.rtp = {"up": RtpCounts(), "down": RtpCounts()}
+        # Per direction, a test's own drop rule applied before the link (True: drop the datagram).
+        self.filters: dict[str, Callable[[bytes], bool]] = {}
         self._client_side: _Endpoint | None = None
         self._server_side: _Endpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,12 +268,15 @@ class Relay:
         if to is None or out is None or out.transport is None:
             return
         now = self._loop.time()
-        at = self.links[direction].admit(now, len(data))
-        if at is None:
-            return
         pt = rtp_payload_type(data)
+        counts = self.rtp[direction]
+        rule = self.filters.get(direction)
+        at = None if rule is not None and rule(data) else self.links[direction].admit(now, len(data))
+        if at is None:
+            if pt is not None:
+                counts.dropped[pt] = counts.dropped.get(pt, 0) + 1
+            return
         if pt is not None:
-            counts = self.rtp[direction]
             counts.packets[pt] = counts.packets.get(pt, 0) + 1
             counts.bytes[pt] = counts.bytes.get(pt, 0) + len(data)
         transport = out.transport
@@ -319,3 +328,45 @@ async def negotiate_through(relay: Relay, pc: RTCPeerConnection,
         raise ValueError("the answer has no UDP candidate")
     relay.server = server
     await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+
+class GiveUpJitterBuffer(JitterBuffer):
+    """The client's video receive buffer, as a browser's behaves on loss (for the aiortc client of the
+    tests and the bench): a hole is waited for (NACK repairs it) for at most `give_up_s`; then the
+    buffer gives up on it, drops what waits behind it (frames that need the missing data) and asks for
+    a keyframe (PLI). aiortc's own buffer waits at a hole until 512 packets pile up behind it (seconds
+    of frozen video after an outage) and only then asks."""
+
+    def __init__(self, capacity: int = 512, give_up_s: float = 0.2) -> None:
+        super().__init__(capacity=capacity, is_video=True)
+        self.give_up_s = give_up_s
+        self.gave_up = 0
+        self._hole_since: float | None = None
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        pli, frame = super().add(packet)
+        now = time.monotonic()
+        if frame is not None or self._origin is None:
+            self._hole_since = None
+            return pli, frame
+        # Packets keep coming but no frame completes: a hole holds them back.
+        if self._hole_since is None:
+            self._hole_since = now
+            return pli, None
+        if now - self._hole_since < self.give_up_s:
+            return pli, None
+        # Give up: everything before this packet goes; the keyframe asked for restarts the picture.
+        self.remove(min((packet.sequence_number - self._origin) & 0xFFFF, self._capacity))
+        self._hole_since = None
+        self.gave_up += 1
+        return True, None
+
+
+def use_give_up_jitter_buffer(pc: RTCPeerConnection, give_up_s: float = 0.2) -> GiveUpJitterBuffer | None:
+    """Give the video receiver of `pc` a `GiveUpJitterBuffer` (aiortc's private receiver buffer)."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "video":
+            buffer = GiveUpJitterBuffer(give_up_s=give_up_s)
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+            return buffer
+    return None

@@ -22,6 +22,7 @@ from server.audio_input import AudioInput
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
 from server.link_quality import LinkQuality
+from server.nack_policy import NackStats
 from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -63,6 +64,7 @@ class Session:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
+    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
 
     @property
     def has_microphone(self) -> bool:
@@ -102,6 +104,7 @@ class Session:
             "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
             "link": self.link.describe(),
+            "nack": asdict(self.nack),
             "engine": {} if stats is None else asdict(stats),
         }
 

@@ -27,7 +27,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
-from server import audio_jitter
+from server import audio_jitter, nack_policy
 from server.audio_input import AudioInput
 from server.auth import new_token
 from server.errors import ApiError, read_json
@@ -257,6 +257,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         # preference counts when the answer is made).
         video = AvatarVideoTrack(engine_session, fps, clock, engine_failed, executor=state.frame_pool)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
+        nack = nack_policy.apply(video_transceiver.sender)  # no stale frames resent; a keyframe instead
         if offer.options.video_codec:
             video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))
         audio = SyncedAudioTrack(engine_session, clock, engine_failed)
@@ -277,7 +278,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     return Session(id=session_id, pc=pc, engine=engine_session, input=AudioInput(engine_session),
                    clock=clock, video=video, audio=audio, remote=remote, token=new_token(),
                    microphone=microphone if _peer_sends_audio(pc) else None,
-                   options=asdict(offer.options))
+                   options=asdict(offer.options), nack=nack)
 
 
 def start_session(state: ServerState, session: Session) -> None:
