@@ -17,9 +17,11 @@ import logging
 import av
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-TARGET_RATE = 16000
+TARGET_RATE = SAMPLE_RATE
 
 
 def to_float_mono(samples: np.ndarray, channels: int = 1) -> np.ndarray:
@@ -126,7 +128,7 @@ class AudioRing:
     chunks return zeros. `discard_before` releases what nobody will read again, so memory stays bounded.
     """
 
-    def __init__(self, max_samples: int, sample_rate: int = 16000) -> None:
+    def __init__(self, max_samples: int, sample_rate: int = SAMPLE_RATE) -> None:
         self.max_samples = int(max_samples)
         self.sample_rate = sample_rate
         self._starts: list[int] = []

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+# The engine's one audio rate: Wav2Lip's mel spectrogram is defined at 16 kHz, so input is resampled to it,
+# the output audio tracks play it, and every sample index on the media clock counts at it.
+SAMPLE_RATE = 16000
+
 DEFAULT_LATENCY_BUCKETS_MS: tuple[float, ...] = (
     50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 750, 1000, 1500, 2000, 5000,
 )

@@ -42,9 +42,10 @@ from typing import Callable
 
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 MAX_UTTERANCE_ID_CHARS = 128
 
 

@@ -23,8 +23,8 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
-from server.push_api import session_of
 from server.sessions import Session
+from server.state import session_of
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from realtime.playback import new_utterance_id, valid_utterance_id
 from server.audio_input import QueueFull
 from server.errors import BODY_LIMIT, ApiError, read_body, read_json
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
-from server.sessions import Session, UnknownSession
-from server.state import state_of
+from server.sessions import Session
+from server.state import session_of, state_of
 from server.tts import SayRequest, TtsError, TtsTimeout
 from server.uploads import MAX_CHANNELS, MAX_RATE, MIN_RATE, TARGET_RATE, decode_upload
 
@@ -51,17 +51,10 @@ UPLOAD_READ_TIMEOUT_S = 30.0
 CONVERT_OFF_LOOP_S = 1.0
 
 
-def session_of(request: web.Request) -> Session:
-    try:
-        return state_of(request).sessions.get(request.match_info["id"])
-    except UnknownSession as exc:
-        raise ApiError(404, str(exc)) from None
-
-
 def pcm_params(query) -> tuple[int, int, type]:
     """(rate, channels, dtype) from ?rate=&channels=&format=; 400 when out of range."""
     try:
-        rate = int(query.get("rate", "16000"))
+        rate = int(query.get("rate", str(TARGET_RATE)))
         channels = int(query.get("channels", "1"))
     except ValueError:
         raise ApiError(400, "rate and channels must be integers") from None

@@ -10,10 +10,11 @@ from aiohttp import web
 from server.auth import OperatorAuth
 from server.config import ServerConfig
 from server.engine import Engine
+from server.errors import ApiError
 from server.limits import ClientLimits, WorkPool, started_pool
 from server.loop_monitor import LoopLagMonitor
 from server.prometheus import Histogram
-from server.sessions import SessionManager
+from server.sessions import Session, SessionManager, UnknownSession
 from server.tts import LocalTts
 
 OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
@@ -44,3 +45,11 @@ STATE = web.AppKey("state", ServerState)
 
 def state_of(request: web.Request) -> ServerState:
     return request.app[STATE]
+
+
+def session_of(request: web.Request) -> Session:
+    """The session named by the route's {id}; 404 when there is none."""
+    try:
+        return state_of(request).sessions.get(request.match_info["id"])
+    except UnknownSession as exc:
+        raise ApiError(404, str(exc)) from None

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_render_tier import run_session
 
-from realtime.avatar import load_default_avatar
 from realtime.config import EngineConfig
+from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.remote_renderer import RemoteRenderer
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
