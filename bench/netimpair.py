@@ -331,17 +331,39 @@ async def negotiate_through(relay: Relay, pc: RTCPeerConnection,
 
 
 class GiveUpJitterBuffer(JitterBuffer):
-    """The client's video receive buffer, as a browser's behaves on loss (for the aiortc client of the
-    tests and the bench): a hole is waited for (NACK repairs it) for at most `give_up_s`; then the
-    buffer gives up on it, drops what waits behind it (frames that need the missing data) and asks for
-    a keyframe (PLI). aiortc's own buffer waits at a hole until 512 packets pile up behind it (seconds
-    of frozen video after an outage) and only then asks."""
+    """The client's video receive buffer, as a browser's behaves (for the aiortc client of the tests and
+    the bench): a frame is complete at its marker bit; a hole is waited for (NACK repairs it) for at
+    most `give_up_s`; then the buffer gives up on it, drops what waits behind it (frames that need the
+    missing data) and asks for a keyframe (PLI). aiortc's own buffer waits at a hole until 512 packets
+    pile up behind it (seconds of frozen video after an outage) and only then asks."""
 
     def __init__(self, capacity: int = 512, give_up_s: float = 0.2) -> None:
         super().__init__(capacity=capacity, is_video=True)
         self.give_up_s = give_up_s
         self.gave_up = 0
         self._hole_since: float | None = None
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        """A frame is complete at its marker bit, as in a browser (aiortc waits for the next frame's
+        first packet, 40 ms later); a frame whose marker was lost completes at the next timestamp."""
+        if self._origin is None:
+            return None
+        packets: list[RtpPacket] = []
+        for count in range(self._capacity):
+            packet = self._packets[(self._origin + count) % self._capacity]
+            if packet is None:
+                return None
+            if packets and packet.timestamp != packets[0].timestamp:
+                return self._take(packets, count)
+            packets.append(packet)
+            if packet.marker:
+                return self._take(packets, count + 1)
+        return None
+
+    def _take(self, packets: list[RtpPacket], count: int) -> JitterFrame:
+        self.remove(count)
+        return JitterFrame(data=b"".join(p._data for p in packets),  # type: ignore[attr-defined]
+                           timestamp=packets[0].timestamp)
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         pli, frame = super().add(packet)
