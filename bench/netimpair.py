@@ -90,6 +90,7 @@ class Impairment:
 @dataclass
 class LinkStats:
     received: int = 0
+    bytes_received: int = 0
     forwarded: int = 0
     bytes_forwarded: int = 0
     dropped_outage: int = 0
@@ -137,6 +138,7 @@ class Link:
     def admit(self, now: float, size: int) -> float | None:
         imp = self.impairment
         self.stats.received += 1
+        self.stats.bytes_received += size
         if self.in_outage(now):
             self.stats.dropped_outage += 1
             return None
