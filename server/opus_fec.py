@@ -11,10 +11,10 @@ earlier. Here:
   reports loss (aiortc's receiver sends RTCP receiver reports with the fraction lost for every stream).
 - `FecOpusDecoder` (installed for the microphone by `install_decoder()`) decodes with libopus itself
   (the copy PyAV ships, through ctypes) and fills a gap the timestamps show: the frame just before a
-  packet that arrived is rebuilt from that packet's FEC data (`decode_fec=1`), earlier ones of the same
-  gap by libopus' concealment (PLC). So the engine gets whole, continuous audio; a gap longer than
-  `MAX_CONCEALED_S` (an outage, or a sender that stopped) is not filled (costing at most that per
-  packet), the stream goes on from the new packet.
+  packet that arrived is rebuilt from that packet's FEC data (`decode_fec=1`) when it carries some
+  (`opus_packet_has_lbrr`), every other frame of the gap by libopus' concealment (PLC). So the engine
+  gets whole, continuous audio; a gap longer than `MAX_CONCEALED_S` (an outage, or a sender that
+  stopped) is not filled (costing at most that per packet), the stream goes on from the new packet.
 - The server's Opus encoder is told the loss the receiver reports (`RealtimeOpusEncoder.set_expected_loss`,
   fed by server/link_quality.py) and adds FEC when it is above zero.
 """
@@ -74,6 +74,8 @@ def libopus() -> Any:
                                     ctypes.POINTER(ctypes.c_int16), ctypes.c_int, ctypes.c_int]
         lib.opus_packet_get_nb_samples.restype = ctypes.c_int
         lib.opus_packet_get_nb_samples.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
+        lib.opus_packet_has_lbrr.restype = ctypes.c_int      # libopus >= 1.5 (PyAV ships 1.6)
+        lib.opus_packet_has_lbrr.argtypes = [ctypes.c_char_p, ctypes.c_int32]
         _lib = lib
     return _lib
 
@@ -129,13 +131,14 @@ class FecOpusDecoder(Decoder):
                 return []
             if 0 < gap <= MAX_CONCEALED_S * RATE:
                 missing = gap // samples
+                has_fec = self._lib.opus_packet_has_lbrr(data, len(data)) == 1
                 for k in range(missing):
                     pts = self._next + k * samples
-                    last = k == missing - 1
-                    frame = self._decode(data if last else None, samples, fec=last, pts=pts)
+                    fec = has_fec and k == missing - 1
+                    frame = self._decode(data if fec else None, samples, fec=fec, pts=pts)
                     if frame is not None:
                         frames.append(frame)
-                        if last:
+                        if fec:
                             self.fec_frames += 1
                         else:
                             self.concealed_frames += 1

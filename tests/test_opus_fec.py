@@ -74,6 +74,7 @@ def test_fec_rebuilds_a_lost_microphone_frame(speech_16k):
     plc_decoder = FecOpusDecoder()
     concealed = decode(plc_decoder, plain, lost={k})
     assert len(concealed) == len(plain_clean)
+    assert plc_decoder.fec_frames == 0 and plc_decoder.concealed_frames == 1  # no FEC data: concealed
     plc_error = np.sum((concealed[span] - plain_clean[span]) ** 2)
     assert fec_error < 0.5 * plc_error
     assert 10 * np.log10(signal / fec_error) > 3.0   # the frame's speech is there, not silence
