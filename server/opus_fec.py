@@ -26,7 +26,8 @@ import fractions
 import glob
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import aiortc.codecs
 import aiortc.rtcrtpreceiver
@@ -45,6 +46,7 @@ CHANNELS = 2
 TIME_BASE = fractions.Fraction(1, RATE)
 MAX_FRAME = 5760          # 120 ms at 48 kHz: the longest Opus packet
 MAX_CONCEALED_S = 0.2     # fill gaps up to this long (10 frames of 20 ms); longer ones stay gaps
+MAX_CONCEALED_FRAMES = 10  # and never more than this many frames per packet (short-frame streams)
 OPUS_OK = 0
 
 
@@ -85,7 +87,8 @@ class FecOpusDecoder(Decoder):
     aiortc's OpusDecoder does, and fills gaps in the timestamps with FEC (the last missing frame) and
     concealment (the ones before it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lib = libopus()
         error = ctypes.c_int(0)
         self._state = self._lib.opus_decoder_create(RATE, CHANNELS, ctypes.byref(error))
@@ -93,6 +96,7 @@ class FecOpusDecoder(Decoder):
             raise RuntimeError(f"opus_decoder_create failed ({error.value})")
         self._pcm = np.zeros(MAX_FRAME * CHANNELS, dtype=np.int16)
         self._next: int | None = None   # the timestamp that continues the last decoded packet
+        self._last_at = 0.0             # monotonic time of the last decoded packet
         self.frames = 0
         self.fec_frames = 0
         self.concealed_frames = 0
@@ -124,13 +128,18 @@ class FecOpusDecoder(Decoder):
         if samples <= 0:
             return []
         frames: list[Frame] = []
+        now = self._clock()
         if self._next is not None:
             gap = timestamp - self._next
             if gap < 0:
                 self.late_packets += 1   # older than what was played (reordered past the jitter buffer)
                 return []
             if 0 < gap <= MAX_CONCEALED_S * RATE:
-                missing = gap // samples
+                # Bounded per packet, and by the wall time since the last packet: a peer whose
+                # timestamps jump without time passing gets no invented audio (no faster-than-real-
+                # time input from concealment).
+                elapsed_frames = int((now - self._last_at) * RATE / samples) + 2
+                missing = min(gap // samples, MAX_CONCEALED_FRAMES, elapsed_frames)
                 has_fec = self._lib.opus_packet_has_lbrr(data, len(data)) == 1
                 for k in range(missing):
                     pts = self._next + k * samples
@@ -147,6 +156,7 @@ class FecOpusDecoder(Decoder):
             frames.append(frame)
             self.frames += 1
         self._next = timestamp + samples
+        self._last_at = now
         return frames
 
 

@@ -42,11 +42,27 @@ def browser_packets(speech_16k: np.ndarray, fec: bool) -> list[tuple[bytes, int]
     return packets
 
 
+class ArrivalClock:
+    """Packets arrive in real time: the decoder's clock reads the packet's own timestamp."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fec_decoder() -> FecOpusDecoder:
+    return FecOpusDecoder(clock=ArrivalClock())
+
+
 def decode(decoder, packets: list[tuple[bytes, int]], lost: set[int] = frozenset()) -> np.ndarray:  # type: ignore[assignment]
     out = []
     for i, (data, ts) in enumerate(packets):
         if i in lost:
             continue
+        if isinstance(getattr(decoder, "_clock", None), ArrivalClock):
+            decoder._clock.now = ts / RATE
         for frame in decoder.decode(JitterFrame(data=data, timestamp=ts)):
             out.append(frame.to_ndarray().reshape(-1, 2)[:, 0].astype(np.float64))
     return np.concatenate(out)
@@ -59,19 +75,19 @@ def loud_packet(packets: list[tuple[bytes, int]], reference: np.ndarray) -> int:
 
 def test_fec_rebuilds_a_lost_microphone_frame(speech_16k):
     packets = browser_packets(speech_16k, fec=True)
-    clean = decode(FecOpusDecoder(), packets)
+    clean = decode(fec_decoder(), packets)
     k = loud_packet(packets, clean)
-    fec_decoder = FecOpusDecoder()
-    repaired = decode(fec_decoder, packets, lost={k})
+    repairing = fec_decoder()
+    repaired = decode(repairing, packets, lost={k})
     assert len(repaired) == len(clean)            # no gap: every later sample stays in place
-    assert fec_decoder.fec_frames == 1 and fec_decoder.concealed_frames == 0
+    assert repairing.fec_frames == 1 and repairing.concealed_frames == 0
     span = slice(k * FRAME, (k + 1) * FRAME)
     signal = np.sum(clean[span] ** 2)
     fec_error = np.sum((repaired[span] - clean[span]) ** 2)
     # The same loss without FEC data in the stream: libopus' concealment only.
     plain = browser_packets(speech_16k, fec=False)
-    plain_clean = decode(FecOpusDecoder(), plain)
-    plc_decoder = FecOpusDecoder()
+    plain_clean = decode(fec_decoder(), plain)
+    plc_decoder = fec_decoder()
     concealed = decode(plc_decoder, plain, lost={k})
     assert len(concealed) == len(plain_clean)
     assert plc_decoder.fec_frames == 0 and plc_decoder.concealed_frames == 1  # no FEC data: concealed
@@ -84,20 +100,32 @@ def test_fec_rebuilds_a_lost_microphone_frame(speech_16k):
 
 def test_a_burst_is_concealed_and_an_outage_is_not_filled(speech_16k):
     packets = browser_packets(speech_16k, fec=True)
-    clean = decode(FecOpusDecoder(), packets)
-    decoder = FecOpusDecoder()
+    clean = decode(fec_decoder(), packets)
+    decoder = fec_decoder()
     out = decode(decoder, packets, lost={20, 21, 22})
     assert len(out) == len(clean)
     assert decoder.fec_frames == 1 and decoder.concealed_frames == 2
-    decoder = FecOpusDecoder()
+    decoder = fec_decoder()
     out = decode(decoder, packets, lost=set(range(40, 60)))  # 400 ms > MAX_CONCEALED_S
     assert len(out) == len(clean) - 20 * FRAME
     assert decoder.fec_frames == 0 and decoder.concealed_frames == 0
 
 
+def test_timestamps_jumping_without_time_passing_invent_nothing(speech_16k):
+    """A peer cannot make the server invent audio faster than real time: concealment is bounded by the
+    wall time since the last packet (here none passes)."""
+    packets = browser_packets(speech_16k, fec=True)[:40]
+    decoder = FecOpusDecoder(clock=lambda: 100.0)
+    out = []
+    for i, (data, _) in enumerate(packets):
+        out += decoder.decode(JitterFrame(data=data, timestamp=i * 10 * FRAME))  # +200 ms each, no time
+    assert sum(f.samples for f in out) <= 40 * FRAME * 3
+    assert decoder.concealed_frames + decoder.fec_frames <= 2 * 39
+
+
 def test_late_packet_is_not_played_twice(speech_16k):
     packets = browser_packets(speech_16k, fec=True)[:30]
-    decoder = FecOpusDecoder()
+    decoder = fec_decoder()
     order = list(range(30))
     order.remove(10)
     order.insert(15, 10)   # packet 10 arrives after 14: its frame was already rebuilt
