@@ -309,12 +309,13 @@ def test_browser_shows_link_quality_and_reconnects_after_a_lost_session(server_u
             page.wait_for_function(
                 "/loss [\\d.]+ % · rtt (\\d+|\\u2013) ms/.test(document.getElementById('status-link').textContent)",
                 timeout=10000)
+            # The page's own session (its token is in the page's `session`), ended behind its back.
             first = page.evaluate("""async () => {
-                const list = await (await fetch('/sessions')).json();
-                const s = list.sessions[0];
-                await fetch('/sessions/' + s.id, {method: 'DELETE'});
-                return s;
+                const resp = await fetch('/sessions/' + session.id,
+                    {method: 'DELETE', headers: {Authorization: 'Bearer ' + session.token}});
+                return {id: session.id, status: resp.status};
             }""")
+            assert first["status"] == 200, first
             page.wait_for_function("!document.getElementById('lost').hidden", timeout=10000)
             assert "lost" in page.inner_text("#lost").lower()
             assert page.inner_text("#status-state") == "closed"
@@ -322,8 +323,8 @@ def test_browser_shows_link_quality_and_reconnects_after_a_lost_session(server_u
             page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
             assert page.is_hidden("#lost")
-            second = page.evaluate("async () => (await (await fetch('/sessions')).json()).sessions[0]")
-            assert second["id"] != first["id"]
+            second = page.evaluate("session.id")
+            assert second != first["id"]
             assert len(offers) == 2
             assert offers[1]["options"]["avatar"] == "default"   # the avatar the first session had
             page.click("#stop")
