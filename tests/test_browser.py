@@ -306,10 +306,11 @@ def test_browser_shows_link_quality_and_reconnects_after_a_lost_session(server_u
             page.goto(server_url)
             page.check("input[name=source][value=file]")
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
             page.wait_for_function(
-                "/loss [\\d.]+ % · rtt (\\d+|\\u2013) ms/.test(document.getElementById('status-link').textContent)",
+                "() => /loss [\\d.]+ % · rtt (\\d+|\\u2013) ms/"
+                ".test(document.getElementById('status-link').textContent)",
                 timeout=10000)
             # The page's own session (its token is in the page's `session`), ended behind its back.
             first = page.evaluate("""async () => {
@@ -318,14 +319,14 @@ def test_browser_shows_link_quality_and_reconnects_after_a_lost_session(server_u
                 return {id: session.id, status: resp.status};
             }""")
             assert first["status"] == 200, first
-            page.wait_for_function("!document.getElementById('lost').hidden", timeout=10000)
+            page.wait_for_function("() => !document.getElementById('lost').hidden", timeout=10000)
             assert "lost" in page.inner_text("#lost").lower()
             assert page.inner_text("#status-state") == "closed"
             page.click("#reconnect")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
             assert page.is_hidden("#lost")
-            second = page.evaluate("session.id")
+            second = page.evaluate("() => session.id")
             assert second != first["id"]
             assert len(offers) == 2
             assert offers[1]["options"]["avatar"] == "default"   # the avatar the first session had
