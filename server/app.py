@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import avatars_api, encoders, events_api, push_api, signaling
+from server import avatars_api, encoders, events_api, opus_fec, push_api, signaling
 from server.auth import Guard, OperatorAuth, client_address
 from server.config import ServerConfig
 from server.engine import Engine
@@ -36,6 +36,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     """The app; every request goes through `json_errors` (JSON errors) and the access policy
     (server/auth.py: credentials, cross-site checks, body caps)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
+    opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
     hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
     sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,

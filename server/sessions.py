@@ -21,6 +21,8 @@ from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
+from server.link_quality import LinkQuality
+from server.nack_policy import NackStats
 from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -61,6 +63,8 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
+    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
     # Where server notices for this session go (its event feeds register here; called on the loop).
     notices: set[Callable[[dict], None]] = field(default_factory=set)
 
@@ -105,6 +109,8 @@ class Session:
             "video_skipped": self.video.stats.skipped,
             "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
+            "link": self.link.describe(),
+            "nack": asdict(self.nack),
             "engine": {} if stats is None else asdict(stats),
         }
 
