@@ -13,6 +13,7 @@ from aiohttp import web
 
 from server import avatars_api, encoders, events_api, push_api, signaling
 from server.auth import Guard, OperatorAuth
+from server.capacity import CapacityModel, unmeasured_capacity
 from server.config import ServerConfig
 from server.engine import Engine, engine_health
 from server.errors import json_errors
@@ -30,11 +31,15 @@ log = logging.getLogger(__name__)
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
 
-def create_app(config: ServerConfig, engine: Engine) -> web.Application:
+def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | None = None) -> web.Application:
     """The app; every request goes through `json_errors` (JSON errors) and the access policy
-    (server/auth.py: credentials, cross-site checks, body caps)."""
+    (server/auth.py: credentials, cross-site checks, body caps). `capacity`: the admission model with
+    the session cost measured at start (runner.py); without one, `--max-sessions` (or the auto default)
+    admits a fixed number (server/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
-    sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
+    if capacity is None:
+        capacity = unmeasured_capacity(config, engine.fps)
+    sessions = SessionManager(capacity, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
                               disconnect_grace_s=config.disconnect_grace_s, trimmer=HeapTrimmer())
     operator = OperatorAuth.from_config(config)
@@ -80,10 +85,12 @@ async def _close_pool(app: web.Application) -> None:
 
 async def _start_monitors(app: web.Application) -> None:
     app[STATE].loop_lag.start()
+    app[STATE].capacity_monitor.start()
 
 
 async def _stop_monitors(app: web.Application) -> None:
     await app[STATE].loop_lag.stop()
+    await app[STATE].capacity_monitor.stop()
     app[STATE].sessions.trimmer.close()
     app[STATE].frame_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -133,7 +140,10 @@ async def healthz(request: web.Request) -> web.Response:
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
-        "free_slots": max(state.sessions.max_sessions - len(state.sessions), 0),
+        # The measured capacity (server/capacity.py) less the live and negotiating sessions: exactly the
+        # offers that would be admitted now.
+        "free_slots": state.sessions.free_slots(),
+        "capacity": state.sessions.capacity.describe(),
         "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,

@@ -87,7 +87,10 @@ class ServerConfig:
     # network was trained; 172.5 ms look-ahead at 25 fps) or official (at the frame, as the official
     # inference script; 212.5 ms). training answers a live stream 40 ms sooner (bench/latency.py).
     mel_alignment: str = "training"  # training | official
-    max_sessions: int = 4
+    # Admission (docs/scaling.md): 0 = auto, as many sessions as this machine serves at full frame rate
+    # with capacity_headroom, measured at start and live (server/capacity.py); N > 0 caps that at N.
+    max_sessions: int = 0
+    capacity_headroom: float = 0.75  # the share of the cores (and of the event loop) sessions may fill
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -152,8 +155,10 @@ class ServerConfig:
         return f"{scheme}://{host}:{self.port}/"
 
     def validate(self) -> None:
-        if self.max_sessions < 1:
-            raise ValueError("--max-sessions must be at least 1")
+        if self.max_sessions < 0:
+            raise ValueError("--max-sessions must be auto or at least 1")
+        if not 0 < self.capacity_headroom <= 1:
+            raise ValueError("--capacity-headroom must be in (0, 1]")
         if self.malloc_arenas < 0:
             raise ValueError("--malloc-arenas must be 0 (glibc's default) or more")
         if not 0 <= self.port <= 65535:
@@ -262,7 +267,13 @@ class ServerConfig:
         add("--mel-alignment", choices=["training", "official"],
             help="Wav2Lip: each frame's mel window starts one frame before it, as in training (default; "
                  "40 ms less look-ahead), or at the frame, as the official inference script")
-        add("--max-sessions", type=int, help=f"concurrent sessions; more get 503 (default {d.max_sessions})")
+        add("--max-sessions", metavar="auto|N",
+            help="concurrent sessions, more get 503 + Retry-After: auto (default) admits as many as this "
+                 "machine serves at full frame rate with headroom, measured at start and live; a number "
+                 "caps that (docs/scaling.md)")
+        add("--capacity-headroom", type=float,
+            help=f"with --max-sessions auto: the share of the cores and of the event loop that sessions may "
+                 f"fill (default {d.capacity_headroom:g})")
         add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
         add("--key-file", type=Path, help="TLS private key (PEM)")
         add("--ice-server", dest="ice_servers", action="append", metavar="URL",
@@ -401,15 +412,27 @@ def _convert(name: str, value):
         return parse_port_range(value)
     if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
-    if name in ("port", "max_sessions", "max_sessions_per_ip", "max_offers_per_minute",
+    if name == "max_sessions":
+        return _max_sessions(value)
+    if name in ("port", "max_sessions_per_ip", "max_offers_per_minute",
                 "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
                 "max_avatar_side"):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
                 "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds"):
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "capacity_headroom"):
         return _finite(float(value))
     return value
+
+
+def _max_sessions(value: str | int) -> int:
+    """`auto` -> 0 (measured capacity), else the number (an upper bound on it)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value!r}: expected auto or a number >= 1")
+    return number
 
 
 def _finite(value: float) -> float:

@@ -12,6 +12,7 @@ from aiohttp import web
 from server import heap
 from server.app import create_app
 from server.auth import OperatorAuth, RedactingAccessLogger
+from server.capacity import measure_session_cost
 from server.config import ServerConfig
 from server.engine import Engine
 from server.ice import is_loopback, use_host_addresses
@@ -46,6 +47,10 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
             engine = await asyncio.to_thread(load_engine, config)
         log.info("engine ready", extra=engine.info)
         app = create_app(config, engine)
+        if own_engine:  # what one session of this engine costs here: the admission model's unit
+            capacity = app[STATE].sessions.capacity
+            capacity.calibrate(await measure_session_cost(engine, app[STATE].frame_pool))
+            log.info("admitting up to %d session(s)", capacity.capacity(), extra=capacity.describe())
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0,
                                access_log=logging.getLogger("aiohttp.access"),
                                access_log_class=RedactingAccessLogger,
@@ -60,7 +65,7 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         port = runner.addresses[0][1] if runner.addresses else config.port
         config.port = port
         log.info("serving %s", config.url, extra={
-            "max_sessions": config.max_sessions, "ice_servers": len(config.ice_servers),
+            "max_sessions": config.max_sessions or "auto", "ice_servers": len(config.ice_servers),
             "udp_ports": "any" if config.udp_ports is None else "%d-%d" % config.udp_ports})
         announce_operator_token(app[STATE].operator, config)
         if started is not None and not started.done():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from server.auth import OperatorAuth
+from server.capacity import CapacityMonitor
 from server.config import ServerConfig
 from server.engine import Engine
 from server.limits import ClientLimits, WorkPool, started_pool
@@ -37,6 +38,11 @@ class ServerState:
     # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
+    # Live session costs and late ticks into the admission model (server/capacity.py).
+    capacity_monitor: CapacityMonitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capacity_monitor = CapacityMonitor(self.sessions.capacity, self.sessions.ticks)
 
 
 STATE = web.AppKey("state", ServerState)
