@@ -142,14 +142,24 @@ async def healthz(request: web.Request) -> web.Response:
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
         # The measured capacity (server/capacity.py) less the live and negotiating sessions: exactly the
         # offers that would be admitted now.
-        "free_slots": state.sessions.free_slots(),
+        "free_slots": _free_slots(state),
         "capacity": state.sessions.capacity.describe(),
+        **({} if state.seat is None else {"worker": state.seat.index, "workers": state.seat.board.describe()}),
         "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,
         "render_worker_restarts": health.restarts,
         **{k: str(v) for k, v in state.engine.info.items()},
     }, status=200 if status == "ok" else 503)
+
+
+def _free_slots(state: ServerState) -> int:
+    """Offers the server admits now: this process's, plus (with --workers) the other workers' rows."""
+    own = state.sessions.free_slots()
+    if state.seat is None:
+        return own
+    others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
+    return own + sum(r.free_slots for r in others)
 
 
 async def metrics(request: web.Request) -> web.Response:

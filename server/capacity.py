@@ -196,11 +196,12 @@ def _fit(budget: float, per_session: float) -> int:
 
 def unmeasured_capacity(config: ServerConfig, fps: float) -> CapacityModel:
     """The model of an app whose engine was not probed: the fixed `--max-sessions` (auto: DEFAULT_SESSIONS)."""
-    return CapacityModel(fps, config.max_sessions or None, usable_cores(), None, config.capacity_headroom)
+    return CapacityModel(fps, config.max_sessions or None, usable_cores(config.workers), None,
+                         config.capacity_headroom)
 
 
 def usable_cores(workers: int = 1) -> float:
-    """The cores this process may use: its CPU affinity, shared evenly by `workers` front-ends."""
+    """The cores this process may use: its CPU affinity, shared evenly by `workers` front-ends (0: one)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

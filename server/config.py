@@ -91,6 +91,9 @@ class ServerConfig:
     # with capacity_headroom, measured at start and live (server/capacity.py); N > 0 caps that at N.
     max_sessions: int = 0
     capacity_headroom: float = 0.75  # the share of the cores (and of the event loop) sessions may fill
+    # Front-end processes behind the one port (server/workers.py, docs/scaling.md): 0 = auto, one per core
+    # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process).
+    workers: int = 0
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -157,6 +160,8 @@ class ServerConfig:
     def validate(self) -> None:
         if self.max_sessions < 0:
             raise ValueError("--max-sessions must be auto or at least 1")
+        if self.workers < 0:
+            raise ValueError("--workers must be auto or at least 1")
         if not 0 < self.capacity_headroom <= 1:
             raise ValueError("--capacity-headroom must be in (0, 1]")
         if self.malloc_arenas < 0:
@@ -271,6 +276,9 @@ class ServerConfig:
             help="concurrent sessions, more get 503 + Retry-After: auto (default) admits as many as this "
                  "machine serves at full frame rate with headroom, measured at start and live; a number "
                  "caps that (docs/scaling.md)")
+        add("--workers", metavar="auto|N",
+            help="front-end processes serving sessions behind the one port: auto (default) = one per core; "
+                 "each session lives in one (docs/scaling.md)")
         add("--capacity-headroom", type=float,
             help=f"with --max-sessions auto: the share of the cores and of the event loop that sessions may "
                  f"fill (default {d.capacity_headroom:g})")
@@ -412,8 +420,8 @@ def _convert(name: str, value):
         return parse_port_range(value)
     if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
         return Path(value)
-    if name == "max_sessions":
-        return _max_sessions(value)
+    if name in ("max_sessions", "workers"):
+        return _auto_or_positive(value)
     if name in ("port", "max_sessions_per_ip", "max_offers_per_minute",
                 "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
                 "max_avatar_side"):
@@ -425,8 +433,8 @@ def _convert(name: str, value):
     return value
 
 
-def _max_sessions(value: str | int) -> int:
-    """`auto` -> 0 (measured capacity), else the number (an upper bound on it)."""
+def _auto_or_positive(value: str | int) -> int:
+    """`auto` -> 0 (measured / one per core), else a number >= 1."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
     number = int(value)
