@@ -136,6 +136,7 @@ class Supervisor:
     board: Board = field(init=False)
     ended: dict[tuple[int, int], str] = field(default_factory=dict)  # (worker, generation) -> why it ended
     restarts: int = 0
+    restart_delay_s: float = 0.0  # before the first restart of a worker that died old (tests set it)
     _slots: list[_Worker] = field(default_factory=list)
     _next: int = 0
     _peeking: int = 0
@@ -182,7 +183,8 @@ class Supervisor:
             worker.channel.close()
         worker.process, worker.channel = None, None
         worker.young_deaths = worker.young_deaths + 1 if now - worker.started < YOUNG_S else 0
-        delay = RESTART_BACKOFF_S[min(worker.young_deaths, len(RESTART_BACKOFF_S) - 1)] if worker.young_deaths else 0
+        delay = (RESTART_BACKOFF_S[min(worker.young_deaths, len(RESTART_BACKOFF_S) - 1)] if worker.young_deaths
+                 else self.restart_delay_s)
         worker.restart_at = now + delay
         worker.generation += 1
         self.board.starting(worker.index, worker.generation)
@@ -289,8 +291,8 @@ class Supervisor:
             assert channel is not None
             socket.send_fds(channel, [b"c"], [conn.fileno()])
         except (OSError, AssertionError) as exc:
-            if not isinstance(exc, AssertionError) and exc.errno not in (errno.EAGAIN, errno.EPIPE,
-                                                                         errno.ECONNREFUSED):
+            if not isinstance(exc, AssertionError) and exc.errno not in (
+                    errno.EAGAIN, errno.EPIPE, errno.ECONNREFUSED, errno.ECONNRESET):  # a worker just died
                 log.exception("handing a connection to worker %d failed", target)
             await self._answer(conn, 503, "the worker process is busy or restarting; retry shortly")
             return
