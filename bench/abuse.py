@@ -1,4 +1,4 @@
-"""Attacks from issue #12 against a real server process: status, time to answer, the server's peak RSS,
+"""Attacks from issues #12 and #25 against a real server process: status, time to answer, the server's peak RSS,
 and a live session's frame rate while they run.
 
     python bench/abuse.py [--repo PATH] [--concurrent 6] [--rss-cap-mb 6000] [--skip six_uploads_1k,...]
@@ -23,6 +23,23 @@ Attacks (one key each in the JSON):
 - offer_32mb: a 32 MB JSON body to /offer.
 - say_flood: 10 concurrent /say of 4000 characters: statuses and the most TTS processes at once.
 - offer_flood: 40 offers in a row from one address: statuses.
+- ws_flood (issue #25): 1 200 utterances of one sample each over the session's /stream WebSocket (a 2-byte
+  chunk, then {"type": "end"}, as fast as the socket takes them): the longest wait of another client's
+  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps.
+- stream_count (issue #25): one session token opens 400 event streams and 100 /stream WebSockets: how many
+  the server accepted, and how many are still open a second later.
+Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/auth.py):
+- ice_probe_950 / ice_probe_public: an offer naming 950 (over the cap) / 20 loopback UDP ports as remote
+  candidates, sent to a server configured as a public bind (`--host 0.0.0.0 --no-auth`, but its socket
+  forced onto 127.0.0.1 by the bench, so nothing leaves loopback): STUN packets received on those ports
+  in the 5 s after the offer, and how many distinct ports got any.
+- ice_ufrag: `a=ice-ufrag:ab|:cd` to the loopback server: status, and whether '|' reached a USERNAME.
+- data_channel: an offer with an `m=application` (SCTP) line: status.
+- token_in_query: GET /metrics and /sessions with `?token=OPERATOR`, GET /sessions/{id} with `?token=`
+  the session's: statuses (200 = the URL credential was accepted).
+- headers: the page's anti-framing / no-sniff headers and `Server:`; the failed --avatars file's error
+  in GET /avatars (does it show the absolute path?).
+- rebinding: GET /sessions with `Host: evil.example` on the public-bind --no-auth server: status.
 
 Last line: one JSON object with every attack's numbers.
 """
@@ -35,6 +52,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -88,16 +106,36 @@ class RssWatch:
         self._stop.set()
 
 
+# A "public bind" without leaving loopback: the server is told --host 0.0.0.0 (its policies are a public
+# server's) while every listening socket it opens is forced onto 127.0.0.1.
+PUBLIC_BIND = """
+import runpy, sys
+from aiohttp import web
+class LoopbackSite(web.TCPSite):
+    def __init__(self, runner, host=None, port=None, **kwargs):
+        super().__init__(runner, "127.0.0.1", port, **kwargs)
+web.TCPSite = LoopbackSite
+sys.argv = ["run_server.py", *sys.argv[1:]]
+runpy.run_path("run_server.py", run_name="__main__")
+"""
+BROKEN_AVATARS = Path("/tmp/abuse-avatars-dir")  # one unreadable "video": its error is listed by GET /avatars
+
+
 class Server:
-    def __init__(self, repo: Path, log_path: Path) -> None:
+    def __init__(self, repo: Path, log_path: Path, public: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1",
                "LIPSYNC_API_TOKEN": TOKEN, "LIPSYNC_MAX_SESSIONS_PER_IP": "3"}
+        args = ["--port", "0", "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4", "--max-upload-mb", "32"]
+        if public:
+            del env["LIPSYNC_API_TOKEN"]
+            command = [sys.executable, "-c", PUBLIC_BIND, "--host", "0.0.0.0", "--no-auth", *args]
+        else:
+            BROKEN_AVATARS.mkdir(exist_ok=True)
+            (BROKEN_AVATARS / "broken.mp4").write_bytes(b"not a video" * 100)
+            command = [sys.executable, str(repo / "run_server.py"), "--avatars", str(BROKEN_AVATARS), *args]
         self.log = open(log_path, "a")
         self.offset = self.log.tell()  # this run's lines start here
-        self.proc = subprocess.Popen(
-            [sys.executable, str(repo / "run_server.py"), "--port", "0", "--ice-host-addresses", "127.0.0.1",
-             "--max-sessions", "4", "--max-upload-mb", "32"],
-            cwd=repo, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=repo, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.log_path = log_path
         self.url = ""
 
@@ -109,8 +147,8 @@ class Server:
             with open(self.log_path, "rb") as f:
                 f.seek(self.offset)
                 text = f.read().decode(errors="replace")
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
-            self.url = match.group(1) if match else ""
+            match = re.search(r"serving http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)/", text)
+            self.url = f"http://127.0.0.1:{match.group(1)}/" if match else ""
             time.sleep(0.2)
 
     def alive(self) -> bool:
@@ -335,6 +373,268 @@ async def attack_offer_flood(http, url: str) -> dict:
     return {"statuses": statuses}
 
 
+async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
+    ws_url = f"{client.url.replace('http', 'ws', 1)}sessions/{client.session_id}/stream?rate=16000"
+    waits: list[float] = []
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        while not done.is_set():
+            t0 = time.monotonic()
+            async with http.get(client.url + "healthz") as resp:
+                await resp.read()
+            waits.append(time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+
+    poller = asyncio.ensure_future(poll())
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    refused: dict[str, int] = {}
+    async with http.ws_connect(ws_url, headers=client.auth) as ws:
+        for _ in range(n):
+            await ws.send_bytes(b"\x00\x00")
+            await ws.send_str('{"type": "end"}')
+        sent_s = time.monotonic() - t0
+        await ws.send_str('{"type": "status"}')
+        while True:
+            msg = await ws.receive(timeout=120)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            reply = json.loads(msg.data)
+            if reply["type"] == "error":
+                refused[str(reply.get("status"))] = refused.get(str(reply.get("status")), 0) + 1
+            if reply["type"] == "status":
+                break
+    t1 = time.monotonic()
+    await asyncio.sleep(0.3)
+    done.set()
+    await poller
+    return {"utterances": n, "longest_healthz_wait_s": round(max(waits), 3), "healthz_polls": len(waits),
+            "errors": refused, "sent_s": round(sent_s, 3), "handled_s": round(t1 - t0, 3),
+            "live_fps_during": client.fps(t0, t1)}
+
+
+async def attack_stream_count(client: LiveClient, n_sse: int = 400, n_ws: int = 100) -> dict:
+    """Streams of one session token, on their own connections (no client-side connection limit)."""
+    base = f"{client.url}sessions/{client.session_id}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as own:
+        sse: list[aiohttp.ClientResponse] = []
+        statuses: dict[str, int] = {}
+        for _ in range(n_sse):
+            try:
+                resp = await own.get(f"{base}/events", headers=client.auth, timeout=aiohttp.ClientTimeout(total=None))
+            except aiohttp.ClientError as exc:
+                statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+                continue
+            statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+            if resp.status == 200:
+                sse.append(resp)
+            else:
+                resp.close()
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        ws_statuses: dict[str, int] = {}
+        for _ in range(n_ws):
+            try:
+                sockets.append(await own.ws_connect(f"{base.replace('http', 'ws', 1)}/stream", headers=client.auth))
+                ws_statuses["101"] = ws_statuses.get("101", 0) + 1
+            except aiohttp.WSServerHandshakeError as exc:
+                ws_statuses[str(exc.status)] = ws_statuses.get(str(exc.status), 0) + 1
+        await asyncio.sleep(1.0)
+
+        async def ended(resp: aiohttp.ClientResponse) -> bool:
+            try:
+                async with asyncio.timeout(0.2):
+                    while await resp.content.readany():
+                        pass
+                return True
+            except TimeoutError:
+                return False
+
+        async def closed(ws: aiohttp.ClientWebSocketResponse) -> bool:
+            try:
+                msg = await ws.receive(timeout=0.2)
+            except TimeoutError:
+                return False
+            return msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+        sse_ended = sum(await asyncio.gather(*(ended(r) for r in sse)))
+        ws_closed = sum(await asyncio.gather(*(closed(w) for w in sockets)))
+        for resp in sse:
+            resp.close()
+        await asyncio.gather(*(w.close() for w in sockets), return_exceptions=True)
+    return {"sse_statuses": statuses, "sse_accepted": len(sse), "sse_open_after_1s": len(sse) - sse_ended,
+            "ws_statuses": ws_statuses, "ws_accepted": len(sockets), "ws_open_after_1s": len(sockets) - ws_closed}
+# -- issue #25: the public surface -----------------------------------------------------------------
+
+
+class StunPorts:
+    """`n` UDP sockets on 127.0.0.2.. (100 ports an address) counting the STUN packets they receive."""
+
+    def __init__(self, n: int) -> None:
+        import socket
+
+        self.sockets = []
+        for k in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((f"127.0.0.{2 + k // 100}", 0))
+            sock.setblocking(False)
+            self.sockets.append(sock)
+        self.packets: dict[tuple[str, int], int] = {}
+        self.usernames: set[bytes] = set()
+
+    @property
+    def targets(self) -> list[tuple[str, int]]:
+        return [s.getsockname() for s in self.sockets]
+
+    def drain(self) -> None:
+        for sock in self.sockets:
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except BlockingIOError:
+                    break
+                if len(data) >= 20 and data[4:8] == b"\x21\x12\xa4\x42":  # the STUN magic cookie
+                    self.packets[sock.getsockname()] = self.packets.get(sock.getsockname(), 0) + 1
+                    pos = 20
+                    while pos + 4 <= len(data):  # the USERNAME attribute (0x0006)
+                        kind, length = struct.unpack("!HH", data[pos:pos + 4])
+                        if kind == 0x0006:
+                            self.usernames.add(data[pos + 4:pos + 4 + length])
+                        pos += 4 + length + (-length % 4)
+
+    async def count(self, seconds: float) -> dict:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.drain()
+            await asyncio.sleep(0.05)
+        self.drain()
+        return {"stun_packets": sum(self.packets.values()), "distinct_targets": len(self.packets)}
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+async def offer_naming(targets: list[tuple[str, int]], ufrag: str | None = None, extra: str = "") -> str:
+    """A real aiortc offer (recvonly video) whose m-line also names `targets` as host candidates."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    lines = "".join(f"a=candidate:{100 + k} 1 udp 2130706431 {host} {port} typ host\r\n"
+                    for k, (host, port) in enumerate(targets))
+    sdp = sdp.replace("a=end-of-candidates\r\n", lines + "a=end-of-candidates\r\n", 1)
+    if ufrag is not None:
+        sdp = re.sub(r"a=ice-ufrag:[^\r\n]*", "a=ice-ufrag:" + ufrag, sdp, count=1)
+    return sdp + extra
+
+
+async def attack_ice_probe(http, url: str, n: int) -> dict:
+    ports = StunPorts(n)
+    try:
+        sdp = await offer_naming(ports.targets)
+        async with http.post(url + "offer", json={"sdp": sdp, "type": "offer"}) as resp:
+            body = await resp.json()
+        out = {"candidates": n, "offer_kb": round(len(sdp) / 1024, 1), "status": resp.status,
+               **await ports.count(5.0)}
+        if resp.status != 200:
+            out["error"] = body.get("error", "")[:120]
+        else:
+            async with http.delete(f"{url}sessions/{body['session_id']}",
+                                   headers={"Authorization": f"Bearer {body['session_token']}"}):
+                pass
+        return out
+    finally:
+        ports.close()
+
+
+async def attack_ice_ufrag(http, url: str) -> dict:
+    ports = StunPorts(4)
+    try:
+        sdp = await offer_naming(ports.targets, ufrag="ab|:cd")
+        async with http.post(url + "offer", json={"sdp": sdp, "type": "offer"}) as resp:
+            body = await resp.json()
+        counted = await ports.count(3.0)
+        if resp.status == 200:
+            async with http.delete(f"{url}sessions/{body['session_id']}",
+                                   headers={"Authorization": f"Bearer {body['session_token']}"}):
+                pass
+        return {"status": resp.status, **counted,
+                "attacker_bytes_in_username": any(b"|" in u for u in ports.usernames)}
+    finally:
+        ports.close()
+
+
+async def attack_data_channel(http, url: str) -> dict:
+    extra = ("m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:9\r\n"
+             "a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijkl\r\na=setup:actpass\r\n"
+             "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=sctp-port:5000\r\n")
+    sdp = await offer_naming([], extra=extra)
+    async with http.post(url + "offer", json={"sdp": sdp, "type": "offer"}) as resp:
+        body = await resp.json()
+    if resp.status == 200:
+        async with http.delete(f"{url}sessions/{body['session_id']}",
+                               headers={"Authorization": f"Bearer {body['session_token']}"}):
+            pass
+    return {"status": resp.status}
+
+
+async def attack_token_in_query(http, client: LiveClient) -> dict:
+    out = {}
+    for name, path in (("metrics", f"metrics?token={TOKEN}"), ("sessions", f"sessions?token={TOKEN}"),
+                       ("session_by_query", f"sessions/{client.session_id}?token={client.token}")):
+        async with http.get(client.url + path) as resp:
+            await resp.read()
+            out[name] = resp.status
+    return out
+
+
+async def attack_headers(http, url: str) -> dict:
+    async with http.get(url) as resp:
+        await resp.read()
+        headers = resp.headers
+    async with http.get(url + "avatars") as resp:
+        listing = await resp.text()
+    return {"csp_frame_ancestors": "frame-ancestors" in headers.get("Content-Security-Policy", ""),
+            "x_frame_options": headers.get("X-Frame-Options"),
+            "x_content_type_options": headers.get("X-Content-Type-Options"),
+            "referrer_policy": headers.get("Referrer-Policy"), "server": headers.get("Server"),
+            "avatars_show_absolute_path": str(BROKEN_AVATARS) in listing}
+
+
+async def attack_rebinding(http, url: str) -> dict:
+    async with http.get(url + "sessions", headers={"Host": "evil.example"}) as resp:
+        await resp.read()
+        return {"status": resp.status}
+
+
+async def run_public_bind(args: argparse.Namespace, http) -> dict:
+    """The attacks that need a server configured as a public bind (its own process)."""
+    results: dict = {}
+    plan = [("ice_probe_950", lambda url: attack_ice_probe(http, url, 950)),
+            ("ice_probe_public", lambda url: attack_ice_probe(http, url, 20)),
+            ("rebinding", lambda url: attack_rebinding(http, url))]
+    plan = [(name, attack) for name, attack in plan if name not in args.skip]
+    if not plan:
+        return results
+    server = Server(args.repo, Path(args.log), public=True)
+    try:
+        server.wait_ready()
+        for name, attack in plan:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            try:
+                results[name] = await asyncio.wait_for(attack(server.url), timeout=120)
+            except (aiohttp.ClientError, asyncio.TimeoutError, AssertionError) as exc:
+                results[name] = {"failed": f"{type(exc).__name__}: {exc}"[:200]}
+            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    return results
+
+
 # -- driver ----------------------------------------------------------------------------------------
 
 
@@ -357,7 +657,14 @@ async def run(args: argparse.Namespace) -> dict:
             ("list_sessions", lambda h, c, w: attack_list(h, c)),
             ("offer_32mb", lambda h, c, w: attack_big_json(h, c.url, w)),
             ("say_flood", lambda h, c, w: attack_say_flood(h, c, w.pid)),
-            ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url))]
+            ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url)),
+            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
+            ("stream_count", lambda h, c, w: attack_stream_count(c)),
+            ("ice_probe_loopback", lambda h, c, w: attack_ice_probe(h, c.url, 20)),
+            ("ice_ufrag", lambda h, c, w: attack_ice_ufrag(h, c.url)),
+            ("data_channel", lambda h, c, w: attack_data_channel(h, c.url)),
+            ("token_in_query", lambda h, c, w: attack_token_in_query(h, c)),
+            ("headers", lambda h, c, w: attack_headers(h, c.url))]
     server: Server | None = None
     client: LiveClient | None = None
     watch: RssWatch | None = None
@@ -397,6 +704,7 @@ async def run(args: argparse.Namespace) -> dict:
                 watch.stop()
             if server is not None:
                 server.stop()
+        results.update(await run_public_bind(args, http))
     return results
 
 

@@ -1,6 +1,6 @@
 """Microphone -> returned audio through the page, in headless Chromium, with the built-in renderer.
 
-    python bench/browser_latency.py [--seconds 50] [--text "..."]
+    python bench/browser_latency.py [--seconds 50] [--text "..."] [--via direct|nginx|relay-udp|relay-tls]
 
 `run_server.py` (embedded avatar, no-weights renderer, loopback ICE candidates only) and Debian's
 Chromium (/usr/bin/chromium, driven by Playwright's Python package; never `playwright install`) with a fake
@@ -17,6 +17,7 @@ The last line printed is one JSON object: {"mic_to_returned_audio_ms": {"p50", "
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -117,6 +118,51 @@ def delays_ms(levels: np.ndarray, rate: float, threshold: float = 0.01) -> list[
     return out
 
 
+SELECTED_PAIR = """async () => {
+  const report = await window.__pc.getStats();
+  let id = null;
+  report.forEach(s => { if (s.type === 'transport' && s.selectedCandidatePairId) id = s.selectedCandidatePairId; });
+  const pair = id && report.get(id), local = pair && report.get(pair.localCandidateId);
+  return local ? {local: local.candidateType, relay_protocol: local.relayProtocol || null} : null;
+}"""
+
+# relay-tls: the page keeps only the turns: server, as if its network dropped UDP.
+ONLY_TURNS = """(() => {
+  const realFetch = window.fetch;
+  window.fetch = async (input, init) => {
+    const resp = await realFetch(input, init);
+    if (!String(input).endsWith('/ice-servers')) return resp;
+    const body = await resp.json();
+    body.ice_servers = body.ice_servers.filter(s => s.urls[0].startsWith('turns:'));
+    return new Response(JSON.stringify(body), {status: resp.status, headers: resp.headers});
+  };
+})();"""
+
+
+def served(via: str, tmp: Path, stack: contextlib.ExitStack) -> tuple[str, dict, list[str]]:
+    """(page URL, headers for GET /sessions, extra Chromium flags): run_server.py alone, or the deploy/
+    files on loopback with the tests' harness (tests/deployment.py: nginx and coturn, self-signed TLS)."""
+    if via == "direct":
+        server = start_server(["--max-sessions", "1"], tmp / "server.log")
+        stack.callback(server.stop)
+        return server.url, {}, []
+    sys.path.insert(0, str(REPO / "tests"))
+    import deployment as d
+
+    cert, key = d.make_certificate(tmp)
+    port = d.free_port()
+    turn = stack.enter_context(d.coturn(tmp / "coturn", cert, key))
+    proxy = stack.enter_context(d.nginx(tmp / "nginx", port, cert, key))
+    server = stack.enter_context(d.lipsync_server(tmp / "server", [
+        "--public-url", f"https://{d.NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1", "--ice-allow-loopback",
+        "--max-sessions", "1",
+        "--turn-secret", d.SECRET, "--turn-url", f"turn:127.0.0.1:{turn.port}?transport=udp",
+        "--turn-url", f"turns:{d.NAME}:{turn.tls_port}?transport=tcp"], port=port))
+    query = "" if via == "nginx" else "?ice=relay"
+    return (f"https://{d.NAME}:{proxy.port}/{query}", {"Authorization": f"Bearer {server.token}"},
+            [f"--host-resolver-rules=MAP {d.NAME} 127.0.0.1", "--ignore-certificate-errors"])
+
+
 def chromium_args(fake_audio: Path) -> list[str]:
     return ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -129,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=50.0, help="how long to record (>= 10 trials)")
     parser.add_argument("--text", default="Hello there, how are you today?")
+    parser.add_argument("--via", choices=["direct", "nginx", "relay-udp", "relay-tls"], default="direct",
+                        help="direct: the page from run_server.py; nginx: through deploy/nginx.conf (https); "
+                             "relay-udp / relay-tls: that, with the media relayed by deploy/turnserver.conf "
+                             "(coturn) over UDP or TLS (the page's ?ice=relay)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not CHROMIUM.exists():
@@ -136,33 +186,36 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     before = loadavg()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         wav = fake_microphone(Path(tmp) / "mic.wav", args.text)
-        server = start_server(["--max-sessions", "1"], Path(tmp) / "server.log")
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=chromium_args(wav))
-                try:
-                    page = browser.new_page()
-                    page.add_init_script(INIT_SCRIPT)
-                    page.goto(server.url)
-                    page.click("#start")
-                    page.wait_for_function(
-                        "document.getElementById('status-state').textContent === 'connected'", timeout=60000)
-                    page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=30000)
-                    rate = float(page.evaluate(RECORD_SCRIPT, BLOCK))
-                    t_end = time.monotonic() + args.seconds
-                    while time.monotonic() < t_end:
-                        page.wait_for_timeout(1000)
-                    levels = np.asarray(page.evaluate("window.__levels"), dtype=np.float64).reshape(-1, 2)
-                    metrics = page.evaluate("async () => (await (await fetch('/sessions')).json())")
-                finally:
-                    browser.close()
-        finally:
-            server.stop()
+        url, headers, extra_args = served(args.via, Path(tmp), stack)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                        args=[*chromium_args(wav), *extra_args])
+            try:
+                page = browser.new_context(ignore_https_errors=True).new_page()
+                page.add_init_script(INIT_SCRIPT)
+                if args.via == "relay-tls":
+                    page.add_init_script(ONLY_TURNS)
+                page.goto(url)
+                page.click("#start")
+                page.wait_for_function(
+                    "document.getElementById('status-state').textContent === 'connected'", timeout=60000)
+                page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=30000)
+                rate = float(page.evaluate(RECORD_SCRIPT, BLOCK))
+                t_end = time.monotonic() + args.seconds
+                while time.monotonic() < t_end:
+                    page.wait_for_timeout(1000)
+                levels = np.asarray(page.evaluate("window.__levels"), dtype=np.float64).reshape(-1, 2)
+                metrics = page.evaluate("async (h) => (await (await fetch('/sessions', {headers: h})).json())",
+                                        headers)
+                pair = page.evaluate(SELECTED_PAIR)
+            finally:
+                browser.close()
     trials = delays_ms(levels, rate)
     engine = (metrics.get("sessions") or [{}])[0].get("engine", {})
-    result = {"mic_to_returned_audio_ms": summary(trials), "renderer": "default",
+    result = {"mic_to_returned_audio_ms": summary(trials), "renderer": "default", "via": args.via,
+              "candidate_pair": pair,
               "latency_budget_ms": engine.get("latency_budget_ms"), "lookahead_ms": engine.get("lookahead_ms"),
               "recorded_s": round(len(levels) * BLOCK / rate, 1), "loadavg_before": before,
               "loadavg_after": loadavg(), "cpus": os.cpu_count()}

@@ -456,7 +456,7 @@ def server_args(name: str, checkpoint: Path | None) -> list[str]:
 def mouth_box() -> tuple[tuple[int, int, int, int], float]:
     """The default avatar's mouth region (y1, y2, x1, x2) over its whole loop, from its lip landmarks,
     and the seconds it takes to show every avatar frame once."""
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     points = np.asarray(avatar.mouth, dtype=np.float32).reshape(-1, 2)

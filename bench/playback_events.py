@@ -204,7 +204,7 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
 async def _bench(runs: int) -> dict:
     from aiohttp import web
 
-    from realtime.avatar import load_default_avatar
+    from realtime.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
     from server.app import create_app
     from server.config import ServerConfig

@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.engine import make_speech  # noqa: E402
-from realtime.avatar import load_default_avatar  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
+from realtime.default_avatar import load_default_avatar  # noqa: E402
 from realtime.renderers.base import MouthPatch  # noqa: E402
 from realtime.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
 from realtime.session import FrameState, LipSyncSession  # noqa: E402

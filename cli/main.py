@@ -1,4 +1,4 @@
-"""`lipsync`: the command-line front door (render, prepare-avatar, serve, avatars).
+"""`lipsync`: the command-line front door (render, prepare-avatar, serve, avatars, doctor).
 
 Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`;
 they are imported lazily so `lipsync --help` stays instant (torch and PyAV load only when needed).
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "prepare-avatar": "cli.prepare_avatar",
     "serve": "cli.serve",
     "avatars": "cli.avatars",
+    "doctor": "cli.doctor",
 }
 
 

@@ -139,6 +139,20 @@ function waitForIceGathering(pc, timeoutMs = 3000) {
   });
 }
 
+// TURN credentials live minutes (server --turn-ttl): fetched for each connection, just before the offer.
+// `?ice=relay` in the page's address forces every path through the TURN relay (to test a deployment).
+async function peerConfiguration() {
+  let iceServers = serverConfig.ice_servers || [];
+  if (serverConfig.turn) {
+    const resp = await fetch("/ice-servers", { cache: "no-store" });
+    if (resp.status === 429) throw new Error(`Too many connection attempts from this address: ${await readError(resp)}`);
+    if (!resp.ok) throw new Error(`Cannot get the relay's credentials: ${await readError(resp)}`);
+    iceServers = (await resp.json()).ice_servers;
+  }
+  const relayOnly = new URLSearchParams(window.location.search).get("ice") === "relay";
+  return { iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" };
+}
+
 async function start() {
   showMessage("");
   setBusy(true);
@@ -149,7 +163,7 @@ async function start() {
   try {
     if (source === "mic") micStream = await openMicrophone();
 
-    pc = new RTCPeerConnection({ iceServers: serverConfig.ice_servers || [] });
+    pc = new RTCPeerConnection(await peerConfiguration());
     session = { pc, id: null, token: null, micStream, timers: [], lastStats: null };
 
     if (micStream) {
@@ -286,10 +300,16 @@ async function updateStats() {
         latencyMs = engineLatencyMs(metrics);
         const engine = metrics.engine || {};
         serverDrops = (engine.frames_dropped || 0) + (metrics.video_skipped || 0);
+        if (metrics.server_notice && session === current) {  // draining before a restart
+          current.notice = metrics.server_notice.message;
+          showMessage(`The ${metrics.server_notice.message}: this session ends in ` +
+                      `${Math.ceil(metrics.server_notice.ends_in_s)} s. Press Start again after it.`, "info");
+        }
       } else if (resp.status === 404 && session === current) {
         await stop({ quiet: true });
         setState("closed");
-        showMessage("The server ended this session.", "info");
+        showMessage(current.notice ? `The ${current.notice}: press Start again in a few seconds.`
+                                   : "The server ended this session.", "info");
         return;
       }
     } catch (_) { /* the status line is best effort */ }

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,14 @@ import numpy as np
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarOptions, VideoGenerator
 
-from integrations.local_engine import LocalEngine, load_local_engine
+from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
+from realtime.config import SAMPLE_RATE
 from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
 from realtime.session import LipSyncSession
 
 log = logging.getLogger(__name__)
 
-OUTPUT_RATE = 16000
+OUTPUT_RATE = SAMPLE_RATE
 
 Output = rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd
 
@@ -104,26 +104,16 @@ class LipSyncVideoGenerator(VideoGenerator):
         return self._stream()
 
     async def _stream(self) -> AsyncGenerator[Output, None]:
-        fps = self._engine.fps
         width, height = self._engine.size
-        t0 = time.monotonic()
-        k = 0
-        while True:
-            delay = t0 + k / fps - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
-            out = self._session.next_video_frame()
-            pcm = self._session.playback.last_block_pcm16(self._session.next_audio(n))
-            rgb = cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB)
+        async for tick in paced_ticks(self._session, self._engine.fps):
+            rgb = cv2.cvtColor(tick.video.image, cv2.COLOR_BGR2RGB)
             yield rtc.VideoFrame(width, height, rtc.VideoBufferType.RGB24, rgb.tobytes())
-            if pcm is not None:
-                yield rtc.AudioFrame(pcm, OUTPUT_RATE, 1, len(pcm) // 2)
+            if tick.pcm is not None:
+                yield rtc.AudioFrame(tick.pcm, OUTPUT_RATE, 1, len(tick.pcm) // 2)
             events, self._events[:] = list(self._events), []
             for event in events:
                 if isinstance(event, SpeechEnded) and not event.interrupted:
                     yield AudioSegmentEnd()
-            k += 1
 
     async def aclose(self) -> None:
         self._session.close()

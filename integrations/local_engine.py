@@ -11,14 +11,17 @@ does), or an already prepared avatar object (realtime.avatar.Avatar or anything 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realtime.config import EngineConfig
+from realtime.config import SAMPLE_RATE, EngineConfig
 from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession
+from realtime.session import LipSyncSession, VideoOut
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,13 @@ class LocalEngine:
 
 
 def _load_avatar(avatar: Any) -> Any:
-    from realtime import avatar as avatars
+    from realtime.avatar_prepare import prepare_avatar
+    from realtime.default_avatar import load_default_avatar
 
     if avatar is None:
-        return avatars.load_default_avatar()
+        return load_default_avatar()
     if isinstance(avatar, (str, Path)):
-        return avatars.prepare_avatar(avatar)
+        return prepare_avatar(avatar)
     return avatar
 
 
@@ -85,3 +89,33 @@ def load_local_engine(avatar: Any = None, checkpoint: str | Path | None = None, 
         raise
     log.info("local lip-sync engine ready", extra={"renderer": worker.name, "frames": len(avatar_obj.frames)})
     return LocalEngine(avatar_obj, worker, engine_config)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One output tick of a session: video frame `index` and the audio that plays with it."""
+    index: int            # video frame k, at t0 + k / fps
+    sample: int           # the first output audio sample of this tick (pts j / SAMPLE_RATE)
+    video: VideoOut
+    pcm: bytes | None     # the utterance audio of the tick as int16 PCM, None when it carries none
+    late: bool            # the next tick was already due when this one was pulled
+
+
+async def paced_ticks(session: LipSyncSession, fps: float) -> AsyncIterator[Tick]:
+    """The adapters' one clock: a tick at t0 + k / fps (never early), each pulling its image and the
+    audio samples up to the next tick, so image k and its audio come from the same session state. The
+    adapter decides what a late tick drops (an image, never the audio)."""
+    t0 = time.monotonic()
+    k = 0
+    j = 0
+    while True:
+        delay = t0 + k / fps - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        n = round((k + 1) * SAMPLE_RATE / fps) - round(k * SAMPLE_RATE / fps)
+        video = session.next_video_frame()
+        pcm = session.playback.last_block_pcm16(session.next_audio(n))
+        late = time.monotonic() - (t0 + (k + 1) / fps) > 0
+        yield Tick(k, j, video, pcm, late)
+        k += 1
+        j += n

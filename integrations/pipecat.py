@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,14 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
-from integrations.local_engine import LocalEngine, load_local_engine
-from realtime.config import EngineConfig
+from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
+from realtime.config import SAMPLE_RATE, EngineConfig
 from realtime.playback import PlaybackEvent, SpeechEnded, SpeechStarted, new_utterance_id
 from realtime.session import LipSyncSession
 
 log = logging.getLogger(__name__)
 
-OUTPUT_RATE = 16000
+OUTPUT_RATE = SAMPLE_RATE
 NS = 1_000_000_000
 
 
@@ -180,29 +179,17 @@ class LipSyncVideoService(AIService):
         assert session is not None and self._engine is not None
         fps = self._engine.fps
         width, height = self._engine.size
-        t0 = time.monotonic()
-        k = 0
-        j = 0
-        while True:
-            delay = t0 + k / fps - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            n = round((k + 1) * OUTPUT_RATE / fps) - round(k * OUTPUT_RATE / fps)
-            out = session.next_video_frame()
-            pcm = session.playback.last_block_pcm16(session.next_audio(n))
-            late = time.monotonic() - (t0 + (k + 1) / fps) > 0
-            if not late:  # behind by a whole frame: skip the image, never the audio
-                image = OutputImageRawFrame(image=cv2.cvtColor(out.image, cv2.COLOR_BGR2RGB).tobytes(),
+        async for tick in paced_ticks(session, fps):
+            if not tick.late:  # behind by a whole frame: skip the image, never the audio
+                image = OutputImageRawFrame(image=cv2.cvtColor(tick.video.image, cv2.COLOR_BGR2RGB).tobytes(),
                                             size=(width, height), format="RGB")
-                image.pts = round(k * NS / fps)
+                image.pts = round(tick.index * NS / fps)
                 await self.push_frame(image)
-            if pcm is not None:
-                speech = SpeechOutputAudioRawFrame(audio=pcm, sample_rate=OUTPUT_RATE, num_channels=1)
-                speech.pts = round(j * NS / OUTPUT_RATE)
+            if tick.pcm is not None:
+                speech = SpeechOutputAudioRawFrame(audio=tick.pcm, sample_rate=OUTPUT_RATE, num_channels=1)
+                speech.pts = round(tick.sample * NS / OUTPUT_RATE)
                 await self.push_frame(speech)
             await self._flush_events()
-            k += 1
-            j += n
 
     async def _flush_events(self) -> None:
         events, self._events[:] = list(self._events), []

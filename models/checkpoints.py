@@ -15,7 +15,6 @@ not a checkpoint, a truncated download, the wrong model's checkpoint, wrong shap
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import pickle
@@ -121,8 +120,10 @@ def _numpy_globals() -> list:
     try:
         import numpy as np
         import numpy.dtypes as np_dtypes
-        core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
-        multiarray = importlib.import_module(f"{core}.multiarray")
+        if hasattr(np, "_core"):  # numpy 2.x
+            from numpy._core import multiarray
+        else:
+            from numpy.core import multiarray  # type: ignore[no-redef]
     except ImportError:
         return []
     scalar = multiarray.scalar

@@ -17,9 +17,12 @@ import logging
 import av
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+from realtime.rate_limited_log import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
-TARGET_RATE = 16000
+TARGET_RATE = SAMPLE_RATE
 
 
 def to_float_mono(samples: np.ndarray, channels: int = 1) -> np.ndarray:
@@ -126,7 +129,7 @@ class AudioRing:
     chunks return zeros. `discard_before` releases what nobody will read again, so memory stays bounded.
     """
 
-    def __init__(self, max_samples: int, sample_rate: int = 16000) -> None:
+    def __init__(self, max_samples: int, sample_rate: int = SAMPLE_RATE) -> None:
         self.max_samples = int(max_samples)
         self.sample_rate = sample_rate
         self._starts: list[int] = []
@@ -135,6 +138,9 @@ class AudioRing:
         self.head = 0          # one past the last stored sample
         self.stored = 0        # samples held
         self.refused = 0       # samples refused because the buffer was full
+        self.refused_chunks = 0  # chunks cut short or refused for that reason
+        # A source faster than real time (a microphone's RTP sent too fast) is refused chunk after chunk.
+        self._refused_log = RateLimitedLog(log)
 
     def append(self, samples: np.ndarray, start: int, arrival: float) -> int:
         """Store samples at [start, start + n); returns how many were kept (the rest overflowed)."""
@@ -143,8 +149,9 @@ class AudioRing:
         room = self.max_samples - self.stored
         if len(samples) > room:
             self.refused += len(samples) - max(room, 0)
-            log.warning("audio buffer full (%d samples): refusing %d samples", self.max_samples,
-                        len(samples) - max(room, 0))
+            self.refused_chunks += 1
+            self._refused_log("audio buffer full (%d samples): refusing %d samples", self.max_samples,
+                              len(samples) - max(room, 0))
             samples = samples[:max(room, 0)]
         if len(samples) == 0:
             return 0

@@ -16,12 +16,11 @@ Boxes are (y1, y2, x1, x2) int32 (the official order); images BGR uint8; mouth p
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -161,26 +160,3 @@ def compute_crops(frames: np.ndarray | EncodedFrames, boxes: np.ndarray, size: i
         out[i] = cv2.resize(frames[i][y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LINEAR)
     return out
 
-
-# Names that lived in this module before it was split, for code written against the single module
-# (scripts, other branches): resolved lazily, because those modules import this one.
-_MOVED = {
-    "prepare_avatar": "realtime.avatar_prepare", "save_avatar": "realtime.avatar_prepare",
-    "load_prepared": "realtime.avatar_prepare",
-    "load_default_avatar": "realtime.default_avatar", "decode_default_frames": "realtime.default_avatar",
-    "close_loop": "realtime.default_avatar", "DEFAULT_AVATAR": "realtime.default_avatar",
-    "DEFAULT_AVATAR_TRACK": "realtime.default_avatar",
-    "track_faces": "realtime.face_tracking", "finish_track": "realtime.face_tracking",
-    "detect_face_boxes": "realtime.face_tracking", "FaceTrack": "realtime.face_tracking",
-    "Track": "realtime.face_tracking",
-    "fill_gaps": "realtime.track_smoothing", "smooth_series": "realtime.track_smoothing",
-    "pad_boxes": "realtime.track_smoothing",
-    "lower_face_masks": "realtime.face_masks",
-    "animate_still": "realtime.still_animation", "idle_motion": "realtime.still_animation",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

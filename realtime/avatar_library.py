@@ -5,10 +5,17 @@ videos and photos read at start (`add_folder`, progress in the log), and files a
 (`add_file`, prepared on one background thread: the caller gets the id at once and polls `get(id)`).
 
 Lifecycle of an entry: PREPARING (progress 0..1) -> READY, or -> FAILED with the error's message (e.g.
-"no face found in any of its 30 frame(s) ..."). Sessions take a ready avatar with `acquire(id)` and give
+"no face found in any of its 30 frame(s) ..."). A failed entry stays listed (so its uploader can read
+why) for FAILED_KEEP_S, and at most MAX_FAILED of them are kept, the oldest dropped first: uploads
+that keep failing do not grow the library. Sessions take a ready avatar with `acquire(id)` and give
 it back with `release(id)`; `remove(id)` refuses while any session holds it (AvatarInUse), so a running
 session is never disturbed. Removing drops the library's reference; the renderers' per-avatar data goes
 with it (`on_removed`).
+
+Uploads that outlive a restart: with `uploads_dir`, an added file (an upload) is kept there under its
+avatar's id with a small manifest, beside the prepared-avatar cache; `restore_uploads()` at start adds
+them back with the same ids, re-prepared from that cache (a cache hit: no detection, no re-upload).
+`remove` deletes them; an upload whose preparation failed is not kept.
 
 Memory: library avatars keep their frames JPEG-encoded (realtime/encoded_frames.py) plus what the
 renderers need (boxes, lip landmarks, 96x96 crops and masks); bench/avatars.py measures the RSS per
@@ -16,9 +23,11 @@ added avatar and the load time of a cached one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ID = "default"
 POSTER_WIDTH = 256
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
+MAX_FAILED = 8
+FAILED_KEEP_S = 600.0
 
 
 class AvatarState(Enum):
@@ -80,6 +91,7 @@ class AvatarEntry:
     added_at: float = field(default_factory=time.time)
     prepare_s: float | None = None
     users: int = 0                       # sessions holding it
+    failed_at: float | None = None       # time.monotonic() when it failed
 
     def describe(self) -> dict:
         """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
@@ -135,9 +147,11 @@ class AvatarLibrary:
     def __init__(self, default: Avatar, *, default_id: str = DEFAULT_ID, default_name: str = "Default",
                  config: AvatarConfig | None = None, cache_dir: Path | None = None,
                  prepare: Callable[[Avatar], None] | None = None,
-                 on_removed: Callable[[Avatar], None] | None = None, max_pending: int = 4) -> None:
+                 on_removed: Callable[[Avatar], None] | None = None, max_pending: int = 4,
+                 uploads_dir: Path | None = None) -> None:
         self.config = replace(config or AvatarConfig(), encode_frames=True)
         self.cache_dir = cache_dir
+        self.uploads_dir = uploads_dir
         self._prepare = prepare
         self._on_removed = on_removed
         self._max_pending = int(max_pending)
@@ -185,9 +199,75 @@ class AvatarLibrary:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
             executor = self._executor
         entry = self._new_entry(f"{slug(name)}-{secrets.token_hex(3)}", name, Path(name).name)
+        if self.uploads_dir is not None and not keep_file:
+            try:
+                path = self._keep_upload(entry, path)
+            except BaseException:
+                with self._lock:
+                    self._pending -= 1
+                    del self._entries[entry.id]
+                raise
+            keep_file = True
         future: Future = executor.submit(self._run, entry, path, keep_file, False)
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
+
+    # -- uploads kept across restarts ---------------------------------------------------------------
+    def _manifest(self, avatar_id: str) -> Path:
+        assert self.uploads_dir is not None
+        return self.uploads_dir / f"{avatar_id}.json"
+
+    def _keep_upload(self, entry: AvatarEntry, path: Path) -> Path:
+        """Move an upload into uploads_dir under its id and write its manifest; returns the new path."""
+        assert self.uploads_dir is not None
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        kept = self.uploads_dir / f"{entry.id}{path.suffix}"
+        shutil.move(str(path), str(kept))  # from the temporary folder, maybe another file system
+        manifest = {"id": entry.id, "name": entry.name, "file": kept.name, "added_at": entry.added_at}
+        tmp = self._manifest(entry.id).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest))
+        tmp.replace(self._manifest(entry.id))
+        return kept
+
+    def _forget_upload(self, avatar_id: str) -> None:
+        if self.uploads_dir is None:
+            return
+        manifest = self._manifest(avatar_id)
+        try:
+            file = json.loads(manifest.read_text()).get("file", "")
+        except (OSError, ValueError):
+            return
+        if file and "/" not in file:
+            (self.uploads_dir / file).unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+
+    def restore_uploads(self) -> list[AvatarEntry]:
+        """Add back, with their ids, the uploads kept by an earlier run (now, one at a time)."""
+        if self.uploads_dir is None or not self.uploads_dir.is_dir():
+            return []
+        restored = []
+        for manifest in sorted(self.uploads_dir.glob("*.json")):
+            try:
+                meta = json.loads(manifest.read_text())
+                avatar_id, name, file = str(meta["id"]), str(meta["name"]), str(meta["file"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("avatars: skipping %s: %s", manifest.name, exc)
+                continue
+            path = self.uploads_dir / file
+            if manifest.stem != avatar_id or "/" in file or not path.is_file():
+                log.warning("avatars: skipping %s: its file is missing", manifest.name)
+                continue
+            with self._lock:
+                if avatar_id in self._entries:
+                    log.warning("avatars: kept upload %r clashes with another avatar; skipped", avatar_id)
+                    continue
+                entry = AvatarEntry(id=avatar_id, name=name, source=file, added_at=float(meta.get("added_at", 0)))
+                self._entries[avatar_id] = entry
+            self._run(entry, path, keep_file=True, log_progress=False)
+            restored.append(entry)
+        if restored:
+            log.info("avatars: %d upload(s) restored from %s", len(restored), self.uploads_dir)
+        return restored
 
     def _done_pending(self) -> None:
         with self._lock:
@@ -229,9 +309,12 @@ class AvatarLibrary:
             message = str(exc) if isinstance(exc, (AvatarError, ValueError)) else \
                 f"preparing the avatar failed ({type(exc).__name__}: {exc})"
             entry.error = message.replace(str(path), entry.source)  # an upload's temporary name means nothing
+            entry.failed_at = time.monotonic()
             entry.state = AvatarState.FAILED
+            self._forget_failed()
             log.warning("avatars: %s failed: %s", entry.id, entry.error,
                         exc_info=not isinstance(exc, (AvatarError, ValueError)))
+            self._forget_upload(entry.id)  # a failed upload is not kept for the next run
         finally:
             if not keep_file:
                 path.unlink(missing_ok=True)
@@ -252,8 +335,22 @@ class AvatarLibrary:
         return entry
 
     def entries(self) -> list[AvatarEntry]:
+        self._forget_failed()
         with self._lock:
             return list(self._entries.values())
+
+    def _forget_failed(self, now: float | None = None) -> None:
+        """Drop failed entries older than FAILED_KEEP_S, and the oldest beyond MAX_FAILED."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failed = sorted((e for e in self._entries.values()
+                             if e.state is AvatarState.FAILED and not e.builtin and not e.users),
+                            key=lambda e: e.failed_at or 0.0)
+            stale = [e for e in failed if now - (e.failed_at or 0.0) > FAILED_KEEP_S]
+            extra = failed[:max(0, len(failed) - MAX_FAILED)]
+            for entry in {e.id: e for e in stale + extra}.values():
+                del self._entries[entry.id]
+                log.info("avatars: forgot failed %s", entry.id)
 
     def acquire(self, avatar_id: str | None = None) -> tuple[str, Avatar]:
         """(id, avatar) for a new session, counted as in use until `release(id)`."""
@@ -289,6 +386,7 @@ class AvatarLibrary:
                 raise AvatarInUse(f"avatar {avatar_id!r} is used by {entry.users} session(s); "
                                   "remove it when they have ended")
             del self._entries[avatar_id]
+        self._forget_upload(avatar_id)
         if entry.avatar is not None and self._on_removed is not None:
             self._on_removed(entry.avatar)
         log.info("avatars: %s removed", avatar_id)

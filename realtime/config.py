@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+# The engine's one audio rate: Wav2Lip's mel spectrogram is defined at 16 kHz, so input is resampled to it,
+# the output audio tracks play it, and every sample index on the media clock counts at it.
+SAMPLE_RATE = 16000
+
 DEFAULT_LATENCY_BUCKETS_MS: tuple[float, ...] = (
     50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 750, 1000, 1500, 2000, 5000,
 )
@@ -55,6 +59,10 @@ class EngineConfig:
 
     # Buffers and metrics.
     max_buffered_s: float = 300.0        # input audio held ahead of playback before the oldest is refused
+    max_queued_utterances: int = 256     # named utterances queued or playing; push_audio raises QueueLimit
+                                         # beyond (a chatbot queues a few sentences, not hundreds)
+    max_queued_segments: int = 512       # contiguous input runs not yet planned (each end_of_audio or
+                                         # stall starts one); push_audio raises QueueLimit beyond
     latency_buckets_ms: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_MS
     render_buckets_ms: tuple[float, ...] = DEFAULT_RENDER_BUCKETS_MS
     latency_window: int = 4096           # recent values kept for exact p50 / p95 / p99
@@ -74,6 +82,8 @@ class EngineConfig:
             raise ValueError("compute_budget_frames and input_jitter_ms must be >= 0")
         if not 0 < self.batch_max_utilization <= 1:
             raise ValueError(f"batch_max_utilization must be in (0, 1], got {self.batch_max_utilization}")
+        if self.max_queued_utterances < 1 or self.max_queued_segments < 1:
+            raise ValueError("max_queued_utterances and max_queued_segments must be >= 1")
         if self.ramp_frames < 1:
             raise ValueError(f"ramp_frames must be >= 1, got {self.ramp_frames}")
 

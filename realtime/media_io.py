@@ -16,6 +16,8 @@ import av
 import cv2
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -53,7 +55,7 @@ def _open(source: Source) -> av.container.InputContainer:
         raise MediaError(f"{what}: not a media file ffmpeg can read ({exc})") from None
 
 
-def load_audio(source: Source, target_rate: int = 16000) -> np.ndarray:
+def load_audio(source: Source, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of a file (any format PyAV reads) to float32 mono at `target_rate`."""
     what = _describe(source)
     with _open(source) as container:
@@ -144,7 +146,7 @@ class Mp4Writer:
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: float,
-                 audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = 18) -> None:
+                 audio: np.ndarray | None = None, audio_rate: int = SAMPLE_RATE, crf: int = 18) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), mode="w")

@@ -16,7 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from realtime.config import SAMPLE_RATE
+
 N_FFT = 800
 HOP = 200
 N_MELS = 80

@@ -107,6 +107,7 @@ class SessionCounters:
     audio_out_samples: int = 0
     audio_underrun_samples: int = 0  # output samples of an open segment whose input had not arrived
     audio_refused_samples: int = 0   # input refused because the buffer was full
+    audio_refused_chunks: int = 0    # pushes cut short or refused for that reason (logged rate-limited)
     segments: int = 0          # contiguous input runs (a new one starts after a stall or interrupt)
     stalls: int = 0            # segments ended because input stopped arriving
     interrupts: int = 0

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_model, to_uint8
+from realtime.config import SAMPLE_RATE
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
 from realtime.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import int_box
@@ -93,13 +94,13 @@ def render_video(face: str | Path, audio: str | Path, model: Wav2Lip, output: st
     face, audio, output = Path(face), Path(audio), Path(output)
     info = probe_video(face)
     fps = options.fps if info.is_image else info.fps
-    wav = load_audio(audio, 16000)
+    wav = load_audio(audio, SAMPLE_RATE)
     windows = mel_windows(melspectrogram(wav), fps, options.mel_alignment)
     n_out = len(windows)
     frames = _read_frames(face, n_out, options.max_height)
     boxes = _face_boxes(frames, options, face)
     log.info("%s: %d frames at %.3f fps from %d source frames, %.2f s of audio",
-             output.name, n_out, fps, len(frames), len(wav) / 16000)
+             output.name, n_out, fps, len(frames), len(wav) / SAMPLE_RATE)
     height, width = frames[0].shape[:2]
     compositor = _feather_paste() if options.paste == "feather" else None
     out_audio = load_audio(audio, options.output_audio_rate)

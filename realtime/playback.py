@@ -23,7 +23,15 @@ schedule: origin + (output sample) / 16000, where the origin is the earliest `no
 the blocks pulled (the pullers pace blocks at origin + j / 16000 and wake late, never early; taking each
 pull's own `now` instead put events out of order by the wake-up jitter, 10-15 ms on a loaded machine).
 Events are delivered to subscribers synchronously, from the thread that calls the session (the server's
-event loop), at most one audio block (20 ms) before `t`.
+event loop), at most one audio block (20 ms) before `t`. Queue events are coalesced: input emits one only
+if none went out since the latest block was pulled; otherwise the change goes out with the next block, so a
+source pushing thousands of chunks between two blocks makes at most two queue events per block.
+
+Cost: every hook is constant time per call, whatever the queue holds (a stranger controls how many
+utterances are queued): totals are kept as running counts, and only the utterances at the front of the
+queue (the one playing, the next to start) and the last one (where input goes) are ever looked at.
+Utterances and their spans are in input order and never overlap, so nothing behind the front can start or
+end before it does. `queued_utterances` lets the caller cap the queue (realtime/session.py does).
 
 Who calls what (the session does; see the hooks in realtime/session.py):
     on_input(utterance, start, n)   push_audio of n samples at input index `start` tagged `utterance`
@@ -36,15 +44,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 MAX_UTTERANCE_ID_CHARS = 128
 
 
@@ -109,29 +119,48 @@ class _State(Enum):
 @dataclass
 class _Utterance:
     id: str
-    spans: list[list[int]] = field(default_factory=list)   # [start, end) on the input timeline
+    spans: deque[list[int]] = field(default_factory=deque)   # [start, end) on the input timeline, in order
+    total: int = 0            # samples in every span, including those already dropped from `spans`
+    dropped: int = 0          # samples of spans dropped once wholly played (a long stalled stream has many)
     complete: bool = False
     state: _State = _State.PENDING
 
-    @property
-    def total(self) -> int:
-        return sum(b - a for a, b in self.spans)
+    def add(self, start: int, n: int) -> None:
+        if self.spans and self.spans[-1][1] == start:
+            self.spans[-1][1] = start + n
+        else:
+            self.spans.append([start, start + n])
+        self.total += n
 
     def played(self, x: int) -> int:
         """Samples of the utterance below input index x."""
-        return sum(max(0, min(b, x) - a) for a, b in self.spans)
+        out = self.dropped
+        for a, b in self.spans:
+            if a >= x:
+                break
+            out += min(b, x) - a
+        return out
+
+    def drop_played(self, x: int) -> None:
+        """Forget spans wholly below x (the last one stays: it says where the utterance ends)."""
+        while len(self.spans) > 1 and self.spans[0][1] <= x:
+            a, b = self.spans.popleft()
+            self.dropped += b - a
 
 
 class PlaybackTracker:
     def __init__(self, delay_samples: int, sample_rate: int = SAMPLE_RATE) -> None:
         self._L = int(delay_samples)
         self._rate = sample_rate
-        self._utterances: list[_Utterance] = []   # in input order; finished ones are removed
+        self._utterances: deque[_Utterance] = deque()   # in input order; finished ones are removed
         self._open: _Utterance | None = None      # the one new input is appended to
         self._listeners: list[Listener] = []
         self._out = 0                             # output samples handed out so far
         self._origin: float | None = None         # session-clock time of output sample 0
+        self._total = 0                           # samples of every utterance in `_utterances` (running)
         self._last_queued = 0
+        self._queue_sent = False                  # a queue event went out since the latest block
+        self._queue_dirty = False                 # a change is waiting for the next block
         # Offsets within the last output block that carry utterance audio: [lo, hi), or None.
         self.last_block_voiced: tuple[int, int] | None = None
 
@@ -151,9 +180,16 @@ class PlaybackTracker:
     # -- state ----------------------------------------------------------------------------------------
     @property
     def queued_samples(self) -> int:
-        """Utterance samples not handed out yet."""
-        x = self._out - self._L
-        return sum(u.total - u.played(x) for u in self._utterances)
+        """Utterance samples not handed out yet. Constant time: only the utterance at the front can be
+        partly played (every later one starts after it ends)."""
+        if not self._utterances:
+            return 0
+        return self._total - self._utterances[0].played(self._out - self._L)
+
+    @property
+    def queued_utterances(self) -> int:
+        """Utterances queued or playing (the open one included)."""
+        return len(self._utterances)
 
     @property
     def queued_s(self) -> float:
@@ -166,7 +202,7 @@ class PlaybackTracker:
 
     @property
     def speaking(self) -> bool:
-        return any(u.state is _State.PLAYING for u in self._utterances)
+        return bool(self._utterances) and self._utterances[0].state is _State.PLAYING
 
     # -- hooks ----------------------------------------------------------------------------------------
     def on_input(self, utterance: str | None, start: int, n: int, now: float) -> None:
@@ -176,12 +212,9 @@ class PlaybackTracker:
             self.finish(now)
             self._open = _Utterance(utterance)
             self._utterances.append(self._open)
-        spans = self._open.spans
-        if spans and spans[-1][1] == start:
-            spans[-1][1] = start + n
-        else:
-            spans.append([start, start + n])
-        self._queue_changed(now)
+        self._open.add(start, n)
+        self._total += n
+        self._queue_changed(now, coalesce=True)
 
     def finish(self, now: float) -> None:
         """The open utterance gets no more input. One that never got any ends here, position 0."""
@@ -190,7 +223,7 @@ class PlaybackTracker:
             return
         u.complete = True
         if not u.spans:
-            self._utterances.remove(u)
+            self._utterances.remove(u)   # the last one: it never got input, so nothing came after it
             self._emit(SpeechEnded(u.id, 0.0, False, now))
         else:
             self._advance(now, self._out, 0)
@@ -201,7 +234,10 @@ class PlaybackTracker:
         origin = now - j / self._rate
         self._origin = origin if self._origin is None else min(self._origin, origin)
         self.last_block_voiced = self._voiced(j, n)
+        self._queue_sent = False
         self._advance(now, j, n)
+        if self._queue_dirty:
+            self._queue_changed(now)
 
     def last_block_pcm16(self, audio: np.ndarray) -> bytes | None:
         """What a framework adapter forwards of the block just handed out (`audio`, float samples): the
@@ -217,12 +253,13 @@ class PlaybackTracker:
     def on_input_moved(self, from_x: int, delta: int) -> None:
         """The session moved its input from index `from_x` on by `delta` samples (a start from silence
         that plays sooner, realtime/utterance_start.py): the spans there follow, so positions and event
-        times stay exact."""
-        for u in self._utterances:
-            for span in u.spans:
-                if span[0] >= from_x:
-                    span[0] += delta
-                    span[1] += delta
+        times stay exact. Only the latest spans are there: walked from the back."""
+        for u in reversed(self._utterances):
+            for span in reversed(u.spans):
+                if span[0] < from_x:
+                    return
+                span[0] += delta
+                span[1] += delta
 
     def on_interrupt(self, j: int, now: float) -> None:
         """interrupt() after output samples [0, j) were handed out: every queued utterance ends here, at
@@ -230,27 +267,32 @@ class PlaybackTracker:
         x = j - self._L
         if self._origin is not None:
             now = self._origin + j / self._rate
-        for u in self._utterances:
+        for u in self._utterances:   # once per utterance, each ending here: bounded by the caller's cap
             self._emit(SpeechEnded(u.id, u.played(x) / self._rate, True, now))
         self._utterances.clear()
+        self._total = 0
         self._open = None
         self._queue_changed(now)
 
     # -- internals --------------------------------------------------------------------------------------
     def _advance(self, now: float, j: int, n: int) -> None:
-        """Events for samples up to output position j + n, in sample order."""
+        """Events for samples up to output position j + n, in sample order: from the front of the queue,
+        stopping at the first utterance that neither starts nor ends (none behind it can)."""
         x_end = j + n - self._L
-        for u in list(self._utterances):
-            first = u.spans[0][0] if u.spans else None
-            if first is None:
-                continue
-            if u.state is _State.PENDING and first < x_end:
+        while self._utterances:
+            u = self._utterances[0]
+            if u.state is _State.PENDING:
+                if u.spans[0][0] >= x_end:
+                    break
                 u.state = _State.PLAYING
-                self._emit(SpeechStarted(u.id, self._time_of(first, now)))
+                self._emit(SpeechStarted(u.id, self._time_of(u.spans[0][0], now)))
+            u.drop_played(x_end)
             last = u.spans[-1][1]
-            if u.state is _State.PLAYING and u.complete and last <= x_end:
-                self._utterances.remove(u)
-                self._emit(SpeechEnded(u.id, u.total / self._rate, False, self._time_of(last, now)))
+            if not (u.complete and last <= x_end):
+                break
+            self._utterances.popleft()
+            self._total -= u.total
+            self._emit(SpeechEnded(u.id, u.total / self._rate, False, self._time_of(last, now)))
         if self._last_queued and not self.queued_samples:
             self._queue_changed(now)
 
@@ -265,12 +307,22 @@ class PlaybackTracker:
         lo, hi = n, 0
         for u in self._utterances:
             for a, b in u.spans:
-                if a < x1 and b > x0:
+                if a >= x1:
+                    return (lo, hi) if hi > lo else None   # in order: nothing later is in the block
+                if b > x0:
                     lo, hi = min(lo, max(a, x0) - x0), max(hi, min(b, x1) - x0)
         return (lo, hi) if hi > lo else None
 
-    def _queue_changed(self, now: float) -> None:
+    def _queue_changed(self, now: float, coalesce: bool = False) -> None:
+        """A queue event when the queue changed; with `coalesce` (input), deferred to the next block when
+        one already went out since the latest block."""
         queued = self.queued_samples
-        if queued != self._last_queued:
-            self._last_queued = queued
-            self._emit(QueueChanged(queued / self._rate, now))
+        if queued == self._last_queued:
+            self._queue_dirty = False
+            return
+        if coalesce and self._queue_sent:
+            self._queue_dirty = True
+            return
+        self._last_queued = queued
+        self._queue_sent, self._queue_dirty = True, False
+        self._emit(QueueChanged(queued / self._rate, now))

@@ -18,7 +18,10 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
         converted chunk starts. Audio pushed faster than real time (TTS) simply queues. `utterance`
         names the speech it belongs to, for the playback events (`session.playback`, a
         realtime.playback.PlaybackTracker: speech_started / speech_ended with the exact played
-        position); None for untracked audio (a microphone).
+        position); None for untracked audio (a microphone). Raises `QueueLimit` (nothing queued) when
+        the chunk would start an utterance past `config.max_queued_utterances` or a segment past
+        `config.max_queued_segments`: the cost of a push is constant, but each queued utterance and
+        segment holds memory, and a source sending one-sample utterances would otherwise queue millions.
     session.end_of_audio() -> None
         Optional: the current utterance is complete (also for the playback events). Its last frames
         are made right away with the official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
@@ -97,15 +100,21 @@ from realtime.metrics import SessionMetrics, SessionStats
 from realtime.mouth_hold import MouthHold
 from realtime.output_audio import DelayedAudioOut
 from realtime.playback import PlaybackTracker
+from realtime.rate_limited_log import RateLimitedLog
 from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
 from realtime.scheduler import RenderWorker
 from realtime.stall_threshold import StallThreshold
 from realtime.utterance_start import PendingStart, choose_start
 from realtime.video_out import HELD, IDLE, RENDERED, FrameState, VideoOut, composed_image, unchanged_image
 
-__all__ = ["HELD", "IDLE", "RENDERED", "FrameState", "LipSyncSession", "VideoOut"]
+__all__ = ["HELD", "IDLE", "RENDERED", "FrameState", "LipSyncSession", "QueueLimit", "VideoOut"]
 
 log = logging.getLogger(__name__)
+
+
+class QueueLimit(Exception):
+    """push_audio refused the chunk: the session already queues as many utterances (or segments) as
+    its config allows. Nothing of the chunk was queued; retry once some has played."""
 
 
 class LipSyncSession:
@@ -149,6 +158,7 @@ class LipSyncSession:
                                      self._ring, self._metrics)
         self._mouth = MouthHold(avatar, self.config.ramp_frames, self.config.max_hold_frames)
         self._closed = False
+        self._closed_log = RateLimitedLog(log)
         # Utterance bookkeeping on the output timeline (realtime/playback.py): fed by the hooks below.
         self.playback = PlaybackTracker(self._delay_samples)
 
@@ -173,15 +183,19 @@ class LipSyncSession:
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
                    utterance: str | None = None) -> int:
         if self._closed:
-            log.warning("session %s: push_audio after close ignored", self.name)
+            self._closed_log("session %s: push_audio after close ignored", self.name)
+            return self._in_head
+        if np.size(samples) == 0:
             return self._in_head
         now = self._clock()
+        now_out = self._now_out()
+        self._check_stall(now_out)
+        opens = not self._segments or self._segments[-1].end is not None
+        self._check_room(opens, utterance)   # before the resampler sees the chunk: a refusal changes nothing
         converted = self._ingest.convert(samples, sample_rate, channels)
         if len(converted) == 0:
             return self._in_head
-        now_out = self._now_out()
-        self._check_stall(now_out)
-        if not self._segments or self._segments[-1].end is not None:
+        if opens:
             self._open_segment(now_out, self._output_position(now))
         start = self._in_head
         self._stall.note_chunk(len(converted), start, now_out)
@@ -190,8 +204,18 @@ class LipSyncSession:
         self.playback.on_input(utterance, start, kept, now)
         self._metrics.audio_in_samples += len(converted)
         self._metrics.audio_refused_samples += len(converted) - kept
+        self._metrics.audio_refused_chunks += int(kept < len(converted))
         self._advance(now)
         return start
+
+    def _check_room(self, opens_segment: bool, utterance: str | None) -> None:
+        if opens_segment and len(self._segments) >= self.config.max_queued_segments:
+            raise QueueLimit(f"{len(self._segments)} audio segments are queued (the limit); wait for "
+                             "some to play or interrupt")
+        if (utterance is not None and utterance != self.playback.current
+                and self.playback.queued_utterances >= self.config.max_queued_utterances):
+            raise QueueLimit(f"{self.playback.queued_utterances} utterances are queued (the limit); wait "
+                             "for some to play or interrupt")
 
     def end_of_audio(self) -> None:
         self.playback.finish(self._clock())
@@ -291,10 +315,18 @@ class LipSyncSession:
         now_out = self._now_out()
         self._check_stall(now_out)
         horizon = now_out + self._delay_samples  # features further ahead are not needed yet (bounds work per call)
-        for seg in list(self._segments):
+        # Segments are in input order: the first that starts at or past the horizon has nothing to do yet,
+        # nor has any after it, so the work per call does not grow with the queue. (A pending segment is
+        # the last one and starts where the output clock is: before the horizon.)
+        i = 0
+        while i < len(self._segments):
+            seg = self._segments[i]
+            if seg.pending is None and seg.start >= horizon:
+                break
             if seg.pending is not None:
                 self._settle_start(seg, self._output_position(now))
                 if seg.pending is not None:
+                    i += 1
                     continue  # stored, not fed: its place on the timeline is not decided yet
             limit = seg.end if seg.end is not None else self._in_head - seg.start
             upto = min(limit, horizon - seg.start)
@@ -304,7 +336,9 @@ class LipSyncSession:
                 seg.flush()
             self._planner.plan(seg, now)
             if seg.flushed and seg.next_frame >= (seg.frame_count(self._samples_per_frame) or 0):
-                self._segments.remove(seg)
+                del self._segments[i]
+            else:
+                i += 1
         # Input still needed: by the audio track (which may lag the video a little, or not run at all)
         # and by the features of the oldest segment.
         keep_from = max(self._audio_out.position, now_out - SAMPLE_RATE) - self._delay_samples
@@ -371,7 +405,12 @@ class LipSyncSession:
     def _covers_input(self, k: int) -> bool:
         """Does frame k fall inside a segment (audio expected) whose features were not ready?"""
         audio_start = self.timeline.frame_start(k) - self._delay_samples
-        return any(seg.covers(audio_start) for seg in self._segments)
+        for seg in self._segments:   # in input order: stop at the first that starts after the frame
+            if seg.start > audio_start:
+                return False
+            if seg.covers(audio_start):
+                return True
+        return False
 
     def _observe_latency(self, plan: FramePlan, k: int, now: float) -> None:
         if plan.arrival is None:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import webrtcvad
 
-SAMPLE_RATE = 16000
+from realtime.config import SAMPLE_RATE
 
 
 class SpeechDetector:

@@ -50,10 +50,13 @@ if [ "$mode" = test ]; then
     # The framework extras too: their tests (tests/test_integration_*.py, tests/test_examples_*.py) run in CI.
     log "installing the project with its test, pipecat and livekit extras"
     pip install -q -e '.[test,pipecat,livekit]'
-    # System packages the tests use: espeak-ng makes test speech, chromium runs the browser test.
+    # System packages the tests use: espeak-ng makes test speech, chromium runs the browser test,
+    # nginx and coturn run deploy/ end to end (tests/test_deploy.py).
     need=()
     command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
     [ -x /usr/bin/chromium ] || need+=(chromium)
+    [ -x /usr/sbin/nginx ] || need+=(nginx)
+    [ -x /usr/bin/turnserver ] || need+=(coturn)
     if [ ${#need[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             log "apt-get install ${need[*]}"

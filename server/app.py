@@ -12,18 +12,20 @@ from pathlib import Path
 from aiohttp import web
 
 from server import avatars_api, encoders, events_api, push_api, signaling
-from server.auth import Guard, OperatorAuth
-from server.capacity import CapacityModel, unmeasured_capacity
+from server.auth import Guard, OperatorAuth, client_address
+from server.capacity import AUTO_SESSIONS_BOUND, CapacityModel, unmeasured_capacity
 from server.config import ServerConfig
 from server.engine import Engine, engine_health
 from server.errors import json_errors
 from server.heap import HeapTrimmer
-from server.ice import client_ice_servers
+from server.ice import client_ice_servers, new_ticket
 from server.limits import ClientLimits, WorkPool
 from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
 from server.sessions import SessionManager, UnknownSession
 from server.state import STATE, ServerState, state_of
+from server.stream_limits import StreamSlots
+from server.surface import add_security_headers, hide_server_version, public_text
 from server.tts import LocalTts
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
     the session cost measured at start (runner.py); without one, `--max-sessions` (or the auto default)
     admits a fixed number (server/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
+    hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
     if capacity is None:
         capacity = unmeasured_capacity(config, engine.fps)
     sessions = SessionManager(capacity, connect_timeout_s=config.connect_timeout_s,
@@ -48,8 +51,9 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
                           middlewares=[json_errors, guard.middleware])
     app[STATE] = ServerState(config=config, engine=engine, sessions=sessions,
                              tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
-                             operator=operator, pool=WorkPool(config.max_concurrent_decodes),
-                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute))
+                             operator=operator, pool=WorkPool(config.max_concurrent_decodes, config.max_decodes_per_ip),
+                             limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute),
+                             streams=StreamSlots(config.max_sessions or AUTO_SESSIONS_BOUND))
     for server in config.ice_servers:
         if server.credential is not None:
             log.warning("--ice-server %s has a static username and credential: every visitor receives "
@@ -59,12 +63,14 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/config", client_config)
+    app.router.add_get("/ice-servers", client_ice_servers_now)
     app.router.add_post("/offer", signaling.handle_offer)
     push_api.add_routes(app)
     events_api.add_routes(app)
     avatars_api.add_routes(app)
     app.router.add_static("/static/", CLIENT_DIR, show_index=False)
     app.on_response_prepare.append(guard.add_cors_headers)
+    app.on_response_prepare.append(add_security_headers)
     app.on_startup.append(_start_monitors)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_pool)
@@ -112,7 +118,8 @@ async def client_config(request: web.Request) -> web.Response:
     """What the page needs before it makes an offer."""
     state = state_of(request)
     return web.json_response({
-        "ice_servers": client_ice_servers(state.config),
+        "ice_servers": client_ice_servers(state.config),  # --ice-server only: TURN REST is /ice-servers
+        "turn": bool(state.config.turn_secret),
         "say": state.tts.available,
         "fps": state.engine.fps,
         "avatar": _default_avatar_id(state.engine),
@@ -124,6 +131,23 @@ async def client_config(request: web.Request) -> web.Response:
     })
 
 
+async def client_ice_servers_now(request: web.Request) -> web.Response:
+    """The ICE servers for one connection attempt, TURN credentials included. The page calls it just
+    before its offer; it counts against the same per-address rate limit as offers, so an address cannot
+    collect relay credentials faster than it may connect. Each answer gets its own ticket, logged with
+    the address it went to: coturn's log names the ticket in the username."""
+    state = state_of(request)
+    address = client_address(request)
+    state.limits.check_rate(address)
+    ticket = new_ticket()
+    if state.config.turn_secret:
+        log.info("TURN credentials issued", extra={"ticket": ticket, "remote": address,
+                                                   "ttl_s": state.config.turn_ttl_s})
+    return web.json_response({"ice_servers": client_ice_servers(state.config, ticket),
+                              "ttl_s": state.config.turn_ttl_s if state.config.turn_secret else None},
+                             headers={"Cache-Control": "no-store"})
+
+
 def _default_avatar_id(engine: Engine) -> str:
     library = getattr(engine, "avatars", None)
     return library.default_id if library is not None else engine.info.get("avatar", "default")
@@ -131,10 +155,12 @@ def _default_avatar_id(engine: Engine) -> str:
 
 async def healthz(request: web.Request) -> web.Response:
     """200 ok; 503 "degraded" while a render thread is down (it is being restarted: sessions show held
-    or idle mouths meanwhile), 503 "shutting down" once shutdown began."""
+    or idle mouths meanwhile), 503 "draining" after SIGTERM (a load balancer sends new visitors
+    elsewhere while live sessions finish), 503 "shutting down" once shutdown began."""
     state = state_of(request)
     health = engine_health(state.engine)
-    status = "shutting down" if state.closing else "ok" if health.ok else "degraded"
+    status = "shutting down" if state.closing else "draining" if state.draining else \
+        "ok" if health.ok else "degraded"
     return web.json_response({
         "status": status,
         "sessions": len(state.sessions),
@@ -149,7 +175,7 @@ async def healthz(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,
         "render_worker_restarts": health.restarts,
-        **{k: str(v) for k, v in state.engine.info.items()},
+        **public_engine_info(state.engine.info),
     }, status=200 if status == "ok" else 503)
 
 
@@ -160,6 +186,14 @@ def _free_slots(state: ServerState) -> int:
         return own
     others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
     return own + sum(r.free_slots for r in others)
+
+
+def public_engine_info(info: dict) -> dict[str, str]:
+    """The engine's facts for /healthz, without where its files are: the checkpoint by its file name."""
+    out = {k: public_text(str(v)) for k, v in info.items()}
+    if info.get("checkpoint") not in (None, "none"):
+        out["checkpoint"] = Path(str(info["checkpoint"])).name
+    return out
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from realtime.session import QueueLimit
 from server.engine import EngineSession
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ class AudioInput:
         if self.speaking:
             self.mic_dropped += 1
             return
-        self._engine.push_audio(samples, sample_rate, channels)
+        try:
+            self._engine.push_audio(samples, sample_rate, channels)
+        except QueueLimit:   # the session's segment cap (a microphone that keeps stalling): drop the frame
+            self.mic_dropped += 1
 
     def push(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
              complete: bool = False, utterance: str | None = None) -> float:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
+
 FACTOR = 3
-IN_RATE = 16000
+IN_RATE = SAMPLE_RATE
 OUT_RATE = IN_RATE * FACTOR
 
 

@@ -3,11 +3,13 @@
 Every route falls in one of three classes, decided here from the route's template alone, so a route a
 later change adds is covered without touching its handler:
 
-- PUBLIC: the page, its static files, `/healthz`, `/config`, `POST /offer`, `GET /avatars[/{id}]` and
+- PUBLIC: the page, its static files, `/healthz`, `/config`, `/ice-servers`, `POST /offer`, `GET /avatars[/{id}]` and
   `GET /avatars/{id}/poster.jpg`.
 - SESSION: any route under `/sessions/{id}/...` (and `/sessions/{id}` itself). It needs that
   session's `session_token` (handed out once, in the /offer answer) or the operator token, as
-  `Authorization: Bearer TOKEN`; GET requests (WebSocket upgrades, EventSource) may pass `?token=`.
+  `Authorization: Bearer TOKEN`. The WebSocket and EventSource routes (QUERY_TOKEN_ROUTES: browsers
+  cannot set headers there) may pass the session's token as `?token=`; no other route reads `?token=`,
+  and the operator token is never read from a URL (URLs end up in proxy logs and scrape configs).
   No credential: 401. Another session's token: 403.
 - OPERATOR: everything else (`GET /sessions`, `/metrics`, `POST /avatars`, `DELETE /avatars/{id}`,
   and, by default, any route not listed): the operator token (`--api-token`). Bound to loopback
@@ -15,7 +17,9 @@ later change adds is covered without touching its handler:
 
 The same middleware also enforces the cross-site rules and per-route body caps (before the handler
 parses anything): a foreign `Origin` gets 403 unless listed in `--allowed-origin`; on a loopback bind a
-`Host` other than localhost / 127.0.0.1 / [::1] gets 403 (DNS rebinding); JSON routes need
+`Host` other than localhost / 127.0.0.1 / [::1] gets 403 (DNS rebinding), and wherever operator routes
+are open without a token (`--no-auth` on any bind) a `Host` that is neither an IP address, a loopback
+name nor the host of an `--allowed-origin` gets 403 (a rebound name would reach them); JSON routes need
 `Content-Type: application/json` (415) and bodies over the route's cap get 413.
 
 To add a route: a session's route needs nothing (its template starts with `/sessions/{id}`); a public
@@ -24,16 +28,20 @@ one gets a row in PUBLIC_ROUTES; a JSON body gets a row in BODY_RULES (the defau
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
+from aiohttp_remotes import XForwardedFiltered
+from aiohttp_remotes.exceptions import RemoteError
 
 from server.config import ServerConfig
 from server.errors import BODY_LIMIT, ApiError, Handler
@@ -72,6 +80,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/static"),  # the page's files (one prefix resource)
     ("GET", "/healthz"),
     ("GET", "/config"),
+    ("GET", "/ice-servers"),  # rate-limited per address with the offers (server/app.py)
     ("POST", "/offer"),
     ("GET", "/avatars"),
     ("GET", "/avatars/{id}"),
@@ -86,6 +95,12 @@ BODY_RULES: dict[tuple[str, str], BodyRule] = {
 }
 DEFAULT_BODY = BodyRule(Body.NONE, JSON_CAP)
 
+# Browsers cannot set headers on a WebSocket or an EventSource: these routes alone take ?token=.
+QUERY_TOKEN_ROUTES: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/sessions/{id}/stream"),
+    ("GET", "/sessions/{id}/events"),
+})
+
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 PREFLIGHT_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                      "Access-Control-Allow-Headers": "Authorization, Content-Type",
@@ -98,6 +113,121 @@ def _hostname(host: str) -> str:
         return (urlsplit("//" + host).hostname or "").lower()
     except ValueError:  # e.g. an unclosed IPv6 bracket
         return ""
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# -- behind a proxy: the client's address and the public name ---------------------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+CLIENT_SCHEME = web.RequestKey("client_scheme", str)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from a forwarded `for=` value: '192.0.2.1', '192.0.2.1:4711', '[2001:db8::1]:4711'."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class ForwardedClients:
+    """Who the client is when a reverse proxy stands between: `--trusted-proxy` addresses only.
+
+    From a peer that is not a trusted proxy, every forwarded header is ignored: its own address is the
+    client's. From a trusted proxy, X-Forwarded-For (parsed by aiohttp-remotes) or, when absent,
+    RFC 7239 `Forwarded` (parsed by aiohttp) is read from the right, skipping trusted proxies: the
+    right-most untrusted entry is the client (entries left of it were written by the client and prove
+    nothing). Only the header the proxy itself sets can be believed, so the proxy must set X-Forwarded-For
+    (nginx: `$proxy_add_x_forwarded_for`) and clear `Forwarded` (deploy/nginx.conf does both).
+    """
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        self.trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+        self._xff = XForwardedFiltered(list(self.trusted))
+
+    def is_trusted(self, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        ip = _ip(address) if isinstance(address, str) else address
+        if ip is None:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.trusted)
+
+    def resolve(self, request: web.Request) -> tuple[str, str]:
+        """(client address, scheme the client used)."""
+        peer = request.remote or ""
+        if not self.trusted or not self.is_trusted(peer):
+            return peer, request.scheme
+        chain = self._forwarded_chain(request)
+        client = peer
+        for ip in reversed(chain):
+            client = str(ip)
+            if not self.is_trusted(ip):
+                break
+        proto = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if not proto and request.forwarded:
+            proto = str(request.forwarded[0].get("proto", "")).lower()
+        return client, proto if proto in ("http", "https") else request.scheme
+
+    def _forwarded_chain(self, request: web.Request) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        try:
+            xff = self._xff.get_forwarded_for(request.headers)
+        except (RemoteError, web.HTTPBadRequest):
+            raise ApiError(400, "malformed X-Forwarded-For from the proxy") from None
+        if xff:
+            return list(xff)
+        chain: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for element in request.forwarded:
+            ip = _ip(str(element.get("for", "")))
+            if ip is None:  # 'unknown' or an obfuscated name: nothing to the left can be attributed
+                chain = []
+                continue
+            chain.append(ip)
+        return chain
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The address per-address limits, logs and metrics use: the peer, or, behind a trusted proxy, the
+    client it names (set by `Guard.apply` before any handler runs)."""
+    return request.get(CLIENT_ADDRESS) or request.remote or ""
+
+
+def public_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, default port filled in; None when it does not parse."""
+    try:
+        parts = urlsplit(url.strip().rstrip("/").lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+def _host_port(host: str, scheme: str) -> tuple[str, int] | None:
+    """(name, port) of a Host header as seen by a client on `scheme`."""
+    origin = public_origin(f"{scheme}://{host}")
+    return None if origin is None else (origin[1], origin[2])
+
+
+def reachable_beyond_loopback(config: ServerConfig) -> bool:
+    """A loopback bind is no trust boundary behind a same-host proxy: with a public name or a trusted
+    proxy the server is reachable from the internet, so operator routes need a token."""
+    return not is_loopback(config.host) or bool(config.public_urls) or bool(config.trusted_proxies)
 
 
 def access_for(method: str, template: str) -> Access:
@@ -140,7 +270,7 @@ class OperatorAuth:
             log.warning("--no-auth: GET /sessions, /metrics and every session's routes with the "
                         "operator's rights are open to anyone who can reach %s", config.host)
             return cls(None)
-        if is_loopback(config.host):
+        if not reachable_beyond_loopback(config):
             return cls(None)
         return cls(new_token(), generated=True)
 
@@ -148,16 +278,16 @@ class OperatorAuth:
 @dataclass(frozen=True)
 class Credential:
     token: str | None
+    in_query: bool = False  # from ?token=: only ever a session's token
 
     @classmethod
-    def of(cls, request: web.Request) -> "Credential":
+    def of(cls, request: web.Request, template: str) -> "Credential":
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return cls(value.strip())
-        # Browsers cannot set headers on WebSocket / EventSource: GET may carry ?token= instead.
-        if request.method in ("GET", "HEAD") and request.query.get("token"):
-            return cls(request.query["token"])
+        if (request.method, template) in QUERY_TOKEN_ROUTES and request.query.get("token"):
+            return cls(request.query["token"], in_query=True)
         return cls(None)
 
 
@@ -174,26 +304,55 @@ class Guard:
         self._session_token_of = session_token_of  # session id -> its token, or None if unknown
         self._loopback = is_loopback(config.host)
         self._origins = frozenset(config.allowed_origins)
+        self._origin_hosts = frozenset(_hostname(origin.partition("://")[2]) for origin in self._origins)
+
+
+        self._public = frozenset(o for o in map(public_origin, config.public_urls) if o is not None)
+        self.clients = ForwardedClients(config.trusted_proxies)
 
     # -- cross-site ---------------------------------------------------------------------------------
 
     def check_host(self, request: web.Request) -> None:
         """DNS rebinding: a loopback server answers only to loopback names."""
         if not self._loopback:
+            self.check_open_operator_host(request)
             return
-        if _hostname(request.host) not in LOOPBACK_HOSTS:
-            raise ApiError(403, "this server is bound to loopback and answers only to localhost, "
-                                "127.0.0.1 or [::1]")
+        if _hostname(request.host) in LOOPBACK_HOSTS or self.is_public_host(request):
+            return
+        raise ApiError(403, "this server is bound to loopback and answers only to localhost, "
+                            "127.0.0.1, [::1] or a --public-url name")
+
+    def is_public_host(self, request: web.Request) -> bool:
+        """The Host names a --public-url (name and port, the port defaulted from that URL's scheme)."""
+        return any(_host_port(request.host, scheme) == (host, port) for scheme, host, port in self._public)
+
+    def check_open_operator_host(self, request: web.Request) -> None:
+        """DNS rebinding beyond loopback: while operator routes are open without a token (--no-auth),
+        a page of `evil.example`, rebound to this server's address, would be same-origin with them. It
+        cannot make the browser send an IP address or one of our names as Host: only those pass."""
+        if self.operator.token is not None:
+            return
+        host = _hostname(request.host)
+        if host in LOOPBACK_HOSTS or host in self._origin_hosts or _is_ip_literal(host):
+            return
+        raise ApiError(403, "operator routes are open without a token (--no-auth): this server answers "
+                            "only to an IP address or a name listed with --allowed-origin "
+                            "http(s)://NAME[:PORT], not to Host " + repr(host[:80]))
 
     def check_origin(self, request: web.Request) -> None:
         origin = request.headers.get("Origin")
         if origin is None:  # not a browser's cross-site request (curl, a backend, same-origin GET)
             return
         origin = origin.rstrip("/").lower()
-        if origin in self._origins:
+        if origin in self._origins or public_origin(origin) in self._public:
             return
+        if self._public and self.is_public_host(request):
+            raise ApiError(403, "cross-origin request refused: the Origin is not this server's --public-url")
         scheme, _, netloc = origin.partition("://")
-        if scheme in ("http", "https") and netloc == request.host.lower():
+        # Same origin. Behind a trusted proxy that says which scheme the client used, it must match too.
+        forwarded_scheme = request.get(CLIENT_SCHEME, request.scheme)
+        if scheme in ("http", "https") and netloc == request.host.lower() and (
+                forwarded_scheme == request.scheme or scheme == forwarded_scheme):
             return
         raise ApiError(403, "cross-origin request refused: start the server with --allowed-origin "
                             "ORIGIN to let that site's pages call it")
@@ -216,20 +375,21 @@ class Guard:
         access = access_for(request.method, template)
         if access is Access.PUBLIC:
             return
-        credential = Credential.of(request)
-        is_operator = same_secret(credential.token, self.operator.token)
+        credential = Credential.of(request, template)
+        is_operator = not credential.in_query and same_secret(credential.token, self.operator.token)
         if access is Access.OPERATOR:
             if self.operator.token is None or is_operator:
                 return
             if credential.token is None:
-                raise _unauthorized("this route needs the operator token: Authorization: Bearer TOKEN")
+                raise _unauthorized("this route needs the operator token: Authorization: Bearer TOKEN "
+                                    "(never ?token=, which ends up in logs)")
             raise ApiError(403, "wrong operator token")
         if is_operator:
             return
         if credential.token is None:
             raise _unauthorized("this session's routes need its session_token (from the /offer "
-                                "answer): Authorization: Bearer TOKEN, or ?token= for WebSocket "
-                                "and EventSource")
+                                "answer): Authorization: Bearer TOKEN, or ?token= on its /stream "
+                                "WebSocket and /events EventSource only")
         expected = self._session_token_of(request.match_info.get("id", ""))
         if expected is None:
             raise ApiError(404, f"no session {request.match_info.get('id', '')!r}")
@@ -260,6 +420,7 @@ class Guard:
         return access_policy
 
     async def apply(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[CLIENT_ADDRESS], request[CLIENT_SCHEME] = self.clients.resolve(request)
         self.check_host(request)
         self.check_origin(request)
         if request.method == "OPTIONS" and self._listed_origin(request):
@@ -288,6 +449,6 @@ class RedactingAccessLogger(AbstractAccessLogger):
         target = request.path
         if request.query_string:
             target += "?" + redact_query(request.query_string)
-        self.logger.info('%s "%s %s HTTP/%d.%d" %d %s %.3fs', request.remote, request.method, target,
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %s %.3fs', client_address(request), request.method, target,
                          request.version.major, request.version.minor, response.status,
                          response.body_length, time)

@@ -1,10 +1,11 @@
 """Checking an uploaded avatar (video or photo) from its headers, before any frame is decoded.
 
 The size is capped while the body is read (server/avatars_api.py). Here: a photo's dimensions come from
-its header (Pillow reads it lazily, without decoding the pixels); a video's container gives its
-dimensions, duration and frame rate (PyAV opens the container and reads the stream parameters, never
-the frames). Anything over the limits, or not a picture at all, is refused with a 4xx that says why;
-only then does the avatar library decode and track it, on its own thread.
+its header (Pillow reads it lazily, without decoding the pixels; only the formats of PHOTO_FORMATS); a
+video's container gives its dimensions, duration and frame rate (PyAV opens the container with the
+demuxer its first bytes name, from realtime/avatar_decode.py's allow-list, and reads the stream
+parameters, never the frames). Anything over the limits, or not a picture at all, is refused with a
+4xx that says why; only then does the avatar library decode and track it, on its own thread.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from realtime.avatar import AvatarError
+from realtime.avatar_decode import declared_seconds, open_video
 from server.errors import ApiError
 
-# Container formats that are single pictures (FFmpeg's names), read as photos.
-_IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe")
+# Pillow formats read as photos (what the preparation's OpenCV decoder reads too).
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
 
 class UploadKind(Enum):
@@ -63,47 +66,28 @@ def _photo_facts(path: Path) -> UploadFacts | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(path, formats=PHOTO_FORMATS) as image:  # reads the header only
             width, height = image.size
-            animated = bool(getattr(image, "is_animated", False))
     except (UnidentifiedImageError, OSError, ValueError):
-        return None
+        return None  # not a photo: a video (an animated GIF included) or nothing
     except Image.DecompressionBombError:
         raise ApiError(413, "the photo's dimensions are absurdly large") from None
-    if animated:
-        return None  # an animated GIF/WebP: let the video path read it
     return UploadFacts(UploadKind.PHOTO, int(width), int(height), 0.0)
 
 
 def _video_facts(path: Path) -> UploadFacts:
-    import av
-
     try:
-        container = av.open(str(path), mode="r", metadata_errors="ignore")
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError):
+        container = open_video(path)
+    except AvatarError:
         raise ApiError(400, "not a video or photo that can be read; upload an mp4/mov/webm video or a "
-                            "jpg/png photo of a face") from None
+                            "jpg/png photo") from None
     with container:
         if not container.streams.video:
             raise ApiError(400, "the upload has no video stream (an audio file?); upload a video or a "
                                 "photo of a face")
         stream = container.streams.video[0]
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-        if container.format.name in _IMAGE_FORMATS:
-            return UploadFacts(UploadKind.PHOTO, width, height, 0.0)
-        seconds = _duration_s(container, stream)
+        seconds = declared_seconds(container, stream)
     if seconds is None:
         raise ApiError(400, "the video does not say how long it is; re-encode it as H.264 mp4")
     return UploadFacts(UploadKind.VIDEO, width, height, seconds)
-
-
-def _duration_s(container, stream) -> float | None:
-    """From the stream, else the container, else frames / rate: whichever the file states."""
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
-    rate = stream.average_rate or stream.base_rate
-    if stream.frames and rate:
-        return stream.frames / float(rate)
-    return None

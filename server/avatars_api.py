@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import tempfile
 from pathlib import Path
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from realtime.avatar_library import (
     AvatarEntry,
@@ -35,11 +36,14 @@ from realtime.avatar_library import (
 from server.avatar_uploads import UploadFacts, UploadLimits, check_upload
 from server.errors import ApiError
 from server.state import state_of
+from server.surface import public_text
+from server.upload_body import form_parts, receive, upload_policy
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 MAX_NAME_CHARS = 80
+MAX_NAME_BYTES = 4 * MAX_NAME_CHARS  # UTF-8: at most 4 bytes a character
 
 
 def add_routes(app: web.Application) -> None:
@@ -66,6 +70,8 @@ def entry_of(request: web.Request) -> AvatarEntry:
 
 def describe(request: web.Request, entry: AvatarEntry) -> dict:
     out = entry.describe()
+    if "error" in out:  # a failed --avatars file is named in it: by its name, never its path
+        out["error"] = public_text(out["error"])
     out["url"] = f"/avatars/{entry.id}"
     if entry.poster is not None:
         out["poster_url"] = f"/avatars/{entry.id}/poster.jpg"
@@ -116,21 +122,28 @@ async def add_avatar(request: web.Request) -> web.Response:
     _one_library(request)
     state = state_of(request)
     library = library_of(request)
-    limit = state.config.max_upload_bytes
+    query_name = _checked_name(request.query.get("name", "").encode())  # before the body is read
     fd, name_of_file = tempfile.mkstemp(prefix="lipsync-avatar-", suffix=".upload")
     os.close(fd)
-    path = typed = Path(name_of_file)
+    path = media = typed = Path(name_of_file)
     try:
-        name = await _receive(request, path, limit)
+        await _receive(request, path)
+        name = query_name
+        if request.content_type.startswith("multipart/"):
+            media = path.with_suffix(".part")
+            name = await asyncio.to_thread(_file_of_form, path, media,
+                                           request.headers.get("Content-Type", "")) or query_name
         limits = UploadLimits(state.config.max_avatar_seconds, state.config.max_avatar_side)
-        facts, typed = await asyncio.to_thread(_checked, path, limits)
+        facts, typed = await asyncio.to_thread(_checked, media, limits)
         try:
-            entry = library.add_file(typed, name)
+            entry = library.add_file(typed, _clean_name(name))
         except LibraryBusy as exc:
             raise ApiError(503, str(exc), {"Retry-After": "30"}, retry_after_s=30) from None
     except BaseException:
-        await asyncio.to_thread(_discard, path, typed)
+        await asyncio.to_thread(_discard, path, media, typed)
         raise
+    if media != path:
+        await asyncio.to_thread(_discard, path)
     # From here the library owns the file and deletes it when the preparation is done.
     log.info("avatar upload accepted", extra={"avatar": entry.id, "kind": facts.kind.value,
                                              "size": f"{facts.width}x{facts.height}", "seconds": facts.seconds})
@@ -138,46 +151,41 @@ async def add_avatar(request: web.Request) -> web.Response:
     return web.json_response(body, status=202, headers={"Location": body["url"]})
 
 
-async def _receive(request: web.Request, path: Path, limit: int) -> str:
-    """Write the upload to `path` (at most `limit` bytes); returns the avatar's name."""
-    name = request.query.get("name", "")
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        got_file = False
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "name":
-                name = (await part.text())[:MAX_NAME_CHARS * 4]
-            elif part.name == "file" and not got_file:
-                name = name or Path(part.filename or "").stem
-                await _copy(part, path, limit)
-                got_file = True
-        if not got_file:
-            raise ApiError(400, "multipart upload without a 'file' field")
-    else:
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, f"upload larger than {limit // (1024 * 1024)} MB", max_bytes=limit)
-        await _copy(request.content, path, limit)
-    name = " ".join(name.split())[:MAX_NAME_CHARS] or "avatar"
-    return name
-
-
-async def _copy(source, path: Path, limit: int) -> None:
-    """Stream a body (or a multipart part) to a file, refusing it once it passes `limit` bytes."""
-    total = 0
+async def _receive(request: web.Request, path: Path) -> None:
+    """Spool the whole body to `path` under the upload rules every upload route shares
+    (server/upload_body.py: the cap counts every byte, a deadline and a minimum rate)."""
     with open(path, "wb") as out:  # noqa: ASYNC230 (small writes into the page cache)
-        while True:
-            chunk = await (source.read_chunk(CHUNK) if isinstance(source, BodyPartReader)
-                           else source.read(CHUNK))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"upload larger than {limit // (1024 * 1024)} MB", max_bytes=limit)
-            out.write(chunk)
-    if total == 0:
+        size = await receive(request, upload_policy(request), out.write)
+    if size == 0:
         raise ApiError(400, "empty upload; send a video or photo of a face")
+
+
+def _file_of_form(body_path: Path, media: Path, content_type: str) -> str:
+    """Copy the form's 'file' field out of a spooled multipart body into `media`; returns its
+    'name' field (or the file's name). Blocking: run it off the loop."""
+    with open(body_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as body:
+        parts = form_parts(body, content_type)
+        file_part = next((p for p in parts if p.name == "file"), None)
+        if file_part is None or file_part.size == 0:
+            raise ApiError(400, "multipart upload without a 'file' field" if file_part is None else
+                                "empty upload; send a video or photo of a face")
+        name = next((_checked_name(body[p.start:p.end]) for p in parts if p.name == "name"), "")
+        with open(media, "wb") as out:
+            for start in range(file_part.start, file_part.end, CHUNK):
+                out.write(body[start:min(start + CHUNK, file_part.end)])
+    return name or Path(file_part.filename or "").stem
+
+
+def _checked_name(raw: bytes) -> str:
+    """An avatar's name as given (query or form field): 400 over MAX_NAME_BYTES."""
+    if len(raw) > MAX_NAME_BYTES:
+        raise ApiError(400, f"the avatar's name is longer than {MAX_NAME_BYTES} bytes; at most "
+                            f"{MAX_NAME_CHARS} characters are kept")
+    return raw.decode("utf-8", errors="replace")
+
+
+def _clean_name(name: str) -> str:
+    return " ".join(name.split())[:MAX_NAME_CHARS] or "avatar"
 
 
 def _checked(path: Path, limits: UploadLimits) -> tuple[UploadFacts, Path]:

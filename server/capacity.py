@@ -48,6 +48,9 @@ from server.tracks import AUDIO_RATE, AUDIO_SAMPLES, AvatarVideoTrack, MediaCloc
 log = logging.getLogger(__name__)
 
 DEFAULT_SESSIONS = 4  # --max-sessions auto before anything was measured (an engine handed in by a test)
+# What sizes per-session budgets sized before the measurement (the server-wide stream cap,
+# server/stream_limits.py) under --max-sessions auto: more sessions than a process serves anywhere.
+AUTO_SESSIONS_BOUND = 32
 DEFAULT_HEADROOM = 0.75
 LATE_FRACTION = 0.02  # late video ticks in a window above this: overloaded (the benches' pass rule)
 MIN_WINDOW_FRAMES = 25  # a lateness window needs at least a second of one session's frames

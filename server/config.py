@@ -7,6 +7,7 @@ whitespace-separated list from the variable.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -103,6 +104,12 @@ class ServerConfig:
     # HTTP host is loopback); otherwise exactly these, e.g. ["127.0.0.1"].
     ice_host_addresses: list[str] = field(default_factory=list)
     udp_ports: tuple[int, int] | None = None  # (first, last) UDP ports for media; None = any
+    # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
+    # unless this is set (a server on 0.0.0.0 that also serves its LAN).
+    ice_allow_private: bool = False
+    # Remote candidates on loopback, even when the server is public (a --public-url or --trusted-proxy makes a
+    # loopback bind public): only for a whole deployment on one machine, as the deployment tests run it.
+    ice_allow_loopback: bool = False
     # Limits and timeouts.
     max_upload_mb: float = 32.0
     connect_timeout_s: float = 10.0  # a peer that never connects is reaped after this
@@ -123,12 +130,26 @@ class ServerConfig:
     max_offers_per_minute: int = 30  # per client address; 0 = no limit
     max_session_s: float = 3600.0  # a session is ended after this long
     max_concurrent_decodes: int = 2  # upload decodes + TTS at once; more get 503
+    max_decodes_per_ip: int = 1  # of those, per client address (429 beyond); 0 = no per-address share
+    # Every upload body (server/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
+    # grace at min_upload_rate_kb KB/s on average (128 kbit/s: below any mobile uplink, far above a
+    # sender that stalls), else 408; it is read before a decode slot is taken.
+    upload_timeout_s: float = 120.0
+    min_upload_rate_kb: float = 16.0
     say_timeout_s: float = 30.0  # a /say synthesis that takes longer gets 504
     keepalive_timeout_s: float = 15.0  # idle HTTP keep-alive connections are closed after this
     # TURN REST (coturn use-auth-secret): /config hands out credentials valid for turn_ttl_s.
     turn_secret: str | None = field(default=None, repr=False)
     turn_urls: list[str] = field(default_factory=list)
-    turn_ttl_s: float = 3600.0
+    # Ten minutes: long enough to connect (coturn checks the credential at allocation and at each refresh,
+    # so a live relay lasts past it only until its next refresh), short enough that a leaked one is stale.
+    turn_ttl_s: float = 600.0
+    # Behind a reverse proxy (docs/deploying.md). public_urls: where browsers reach this server
+    # (https://avatar.example.org); the Host and same-origin checks accept them, and with any of them the
+    # operator routes need a token. trusted_proxies: addresses / CIDRs whose X-Forwarded-For, Forwarded
+    # and X-Forwarded-Proto are believed (server/auth.py `ForwardedClients`); from anyone else ignored.
+    public_urls: list[str] = field(default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list)
     # Scaling out (README "Scaling out"): local = render workers in this process; ray = a Ray Serve render
     # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
     render_backend: str = "local"  # local | ray
@@ -142,7 +163,8 @@ class ServerConfig:
     # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
     # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
     instance_id: str = ""
-    # Operations.
+    # Operations. SIGTERM drains: no new sessions, live ones run up to drain_s, then the process exits.
+    drain_s: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # text | json
     tts_command: str = "espeak-ng"  # local TTS for /say; empty disables /say
@@ -194,6 +216,8 @@ class ServerConfig:
             raise ValueError(f"--avatars {self.avatars_dir}: not a folder")
         if self.max_avatar_seconds <= 0 or self.max_avatar_side < 64:
             raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
+        if self.drain_s < 0:
+            raise ValueError("--drain-s must be 0 or more")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
         self._validate_security()
@@ -211,11 +235,22 @@ class ServerConfig:
             raise ValueError("--max-sessions-per-ip and --max-offers-per-minute must be >= 0 (0: no limit)")
         if self.max_concurrent_decodes < 1:
             raise ValueError("--max-concurrent-decodes must be at least 1")
-        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s) <= 0:
-            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout and --turn-ttl "
-                             "must be positive")
+        if self.max_decodes_per_ip < 0:
+            raise ValueError("--max-decodes-per-ip must be >= 0 (0: no per-address share)")
+        if min(self.max_session_s, self.say_timeout_s, self.keepalive_timeout_s, self.turn_ttl_s,
+               self.upload_timeout_s, self.min_upload_rate_kb) <= 0:
+            raise ValueError("--max-session-s, --say-timeout, --keepalive-timeout, --turn-ttl, "
+                             "--upload-timeout and --min-upload-rate must be positive")
         if bool(self.turn_secret) != bool(self.turn_urls):
             raise ValueError("--turn-secret and --turn-url go together")
+        for url in self.public_urls:
+            if not re.fullmatch(r"https?://[^/\s?#@]+/?", url):
+                raise ValueError(f"--public-url {url!r}: expected https://host[:port] (no path)")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"--trusted-proxy {proxy!r}: expected an IP address or CIDR") from None
         for url in self.turn_urls:
             if not re.fullmatch(r"turns?:[^@\s]+", url):
                 raise ValueError(f"--turn-url {url!r}: expected turn:host[:port][?transport=udp|tcp] "
@@ -291,6 +326,13 @@ class ServerConfig:
             help="only offer these local addresses as ICE host candidates (e.g. 127.0.0.1)")
         add("--udp-ports", metavar="FIRST-LAST",
             help="UDP port range for WebRTC media, e.g. 40000-40099 (default: any free port)")
+        add("--ice-allow-private", action="store_true", default=None,
+            help="on a public or wildcard bind (0.0.0.0), still send connectivity checks to remote ICE "
+                 "candidates in private ranges (10/8, 192.168/16, fc00::/7, ...): for a server that also "
+                 "serves its LAN. Loopback and private binds allow them anyway")
+        add("--ice-allow-loopback", action="store_true", default=None,
+            help="send connectivity checks to remote ICE candidates on loopback even when the server is "
+                 "public (--public-url / --trusted-proxy): only for a deployment tested on one machine")
         add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
         add("--connect-timeout", dest="connect_timeout_s", type=float,
             help=f"seconds a peer may take to connect before its session is reaped "
@@ -318,6 +360,13 @@ class ServerConfig:
             help=f"a session is ended after this many seconds (default {d.max_session_s:g})")
         add("--max-concurrent-decodes", type=int,
             help=f"upload decodes and TTS syntheses at once, more get 503 (default {d.max_concurrent_decodes})")
+        add("--max-decodes-per-ip", type=int,
+            help=f"of those, how many one client address may hold, more get 429 (default "
+                 f"{d.max_decodes_per_ip}; 0 = no per-address share)")
+        add("--upload-timeout", dest="upload_timeout_s", type=float,
+            help=f"seconds an upload's whole body may take to arrive, else 408 (default {d.upload_timeout_s:g})")
+        add("--min-upload-rate", dest="min_upload_rate_kb", type=float, metavar="KB_PER_S",
+            help=f"slowest average upload rate after 5 s, else 408 (default {d.min_upload_rate_kb:g} KB/s)")
         add("--say-timeout", dest="say_timeout_s", type=float,
             help=f"seconds a /say synthesis may take before it gets 504 (default {d.say_timeout_s:g})")
         add("--keepalive-timeout", dest="keepalive_timeout_s", type=float,
@@ -328,6 +377,13 @@ class ServerConfig:
             help="TURN server for --turn-secret, repeatable: turn:turn.example.org:3478?transport=udp")
         add("--turn-ttl", dest="turn_ttl_s", type=float,
             help=f"lifetime of TURN REST credentials in seconds (default {d.turn_ttl_s:g})")
+        add("--public-url", dest="public_urls", action="append", metavar="URL",
+            help="where browsers reach this server through a proxy (https://avatar.example.org), repeatable: "
+                 "the Host and same-origin checks accept it, and operator routes then need a token")
+        add("--trusted-proxy", dest="trusted_proxies", action="append", metavar="ADDR|CIDR",
+            help="reverse proxy whose X-Forwarded-For / Forwarded / X-Forwarded-Proto are believed, "
+                 "repeatable (e.g. 127.0.0.1): the client address they name is the one limits, logs and "
+                 "metrics use; from anyone else these headers are ignored")
         add("--render-backend", choices=["local", "ray"],
             help="local: render in this process (default); ray: a Ray Serve render tier shared by front-ends")
         add("--ray-address", help="Ray cluster to join (host:port of `ray start --head`; default RAY_ADDRESS, "
@@ -340,6 +396,9 @@ class ServerConfig:
             help="GPUs per render replica (default 0; 1 puts each replica on its own GPU, 0.5 two per GPU)")
         add("--ray-app-name", help=f"Serve application of the render tier (default {d.ray_app_name})")
         add("--instance-id", help="this front-end's name, the prefix of its session ids (for routing)")
+        add("--drain-s", type=float,
+            help=f"on SIGTERM, refuse new sessions and let live ones run this many seconds before ending "
+                 f"them (default {d.drain_s:g}; 0: end them at once); a second SIGTERM exits at once")
         add("--log-level", help="debug, info, warning, error (default info)")
         add("--log-format", choices=["text", "json"], help="log line format (default text)")
         add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
@@ -391,7 +450,9 @@ _FLAG_NAMES = {"avatars_dir": "avatars", "connect_timeout_s": "connect-timeout",
                "disconnect_grace_s": "disconnect-grace",
                "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server",
                "allowed_origins": "allowed-origin", "say_timeout_s": "say-timeout",
-               "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl"}
+               "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl",
+               "upload_timeout_s": "upload-timeout", "min_upload_rate_kb": "min-upload-rate",
+               "public_urls": "public-url", "trusted_proxies": "trusted-proxy"}
 
 
 def _flag_name(name: str) -> str:
@@ -410,11 +471,13 @@ def _split(value: str | list[str]) -> list[str]:
 def _convert(name: str, value):
     if name == "ice_servers":
         return [IceServer.parse(item) for item in _split(value)]
-    if name in ("ice_host_addresses", "turn_urls"):
+    if name in ("ice_host_addresses", "turn_urls", "trusted_proxies"):
         return _split(value)
+    if name == "public_urls":
+        return [url.rstrip("/").lower() for url in _split(value)]
     if name == "allowed_origins":
         return [origin.rstrip("/").lower() for origin in _split(value)]
-    if name == "no_auth":
+    if name in ("no_auth", "ice_allow_private", "ice_allow_loopback"):
         return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if name == "udp_ports":
         return parse_port_range(value)
@@ -423,12 +486,14 @@ def _convert(name: str, value):
     if name in ("max_sessions", "workers"):
         return _auto_or_positive(value)
     if name in ("port", "max_sessions_per_ip", "max_offers_per_minute",
-                "max_concurrent_decodes", "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
+                "max_concurrent_decodes", "max_decodes_per_ip",
+                "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
                 "max_avatar_side"):
         return int(value)
     if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
                 "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "capacity_headroom"):
+                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "upload_timeout_s",
+                "min_upload_rate_kb", "drain_s", "capacity_headroom"):
         return _finite(float(value))
     return value
 

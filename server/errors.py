@@ -5,7 +5,7 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,22 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return json_error(exc.status, exc.reason, headers)
+    except (ConnectionResetError, ClientPayloadError) as exc:
+        if not _client_gone(request):
+            log.exception("%s %s failed", request.method, request.path)
+            return json_error(500, "internal server error")
+        # The client went away mid-request (a body aborted mid-read): nothing to answer and nothing
+        # wrong here, so no ERROR and no traceback that a stranger could repeat to fill the log.
+        log.debug("%s %s: client gone (%s)", request.method, request.path, type(exc).__name__)
+        return json_error(400, "the request was aborted by the client")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal server error")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 DEFAULT_JSON_LIMIT = 16 * 1024
@@ -68,11 +81,19 @@ async def read_json(request: web.Request) -> dict:
     """The request body as a JSON object, or a 400 that says what is wrong with it. The body is
     capped (413) before it is parsed: the route's cap set by the access middleware, else 16 KB."""
     limit = request.get(BODY_LIMIT, DEFAULT_JSON_LIMIT)
-    raw = await read_body(request, limit)
+    return parse_json_object(await read_body(request, limit))
+
+
+def parse_json_object(raw: bytes | str) -> dict:
+    """`raw` as a JSON object, or ApiError(400) naming the problem: the one parser of client JSON (HTTP
+    bodies and WebSocket commands). Nesting deeper than Python's recursion limit (a body of 2 000 `[`)
+    raises RecursionError inside the json module: that is malformed input too, not a server error."""
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON object")
     return body

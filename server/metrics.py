@@ -40,7 +40,7 @@ def render_metrics(state: ServerState) -> str:
     sessions = state.sessions
     live = [(s, safe_metrics(s.engine)) for s in sessions]
     stats = [m for _, m in live if m is not None]
-    page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing else 1)
+    page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing or state.draining else 1)
     page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
                len(engine_health(state.engine).workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
@@ -66,6 +66,10 @@ def render_metrics(state: ServerState) -> str:
                               state.loop_lag.lag.snapshot())
     page.gauge("lipsync_event_loop_lag_p99_seconds", "p99 of the event-loop lag over the last minute.",
                state.loop_lag.p99_s())
+    page.gauge("lipsync_event_loop_lag_max_seconds", "Worst event-loop lag over the last minute (a freeze "
+               "is one sample: the p99 does not show it).", state.loop_lag.max_s())
+    page.counter("lipsync_event_loop_stalls_total", "Event-loop lags over 250 ms (every session stood still).",
+                 state.loop_lag.stalls_total)
     page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
 
     # Server-wide engine figures: ended sessions plus live ones.
@@ -76,6 +80,11 @@ def render_metrics(state: ServerState) -> str:
     for name in SERVER_COUNTERS:
         page.counter(f"lipsync_{name}_total", f"Video frames ({name.replace('_', ' ')}), all sessions.",
                      getattr(totals, name))
+    page.counter("lipsync_audio_refused_chunks_total", "Pushed audio chunks cut short or refused because a "
+                 "session's input buffer was full (a source faster than real time), all sessions.",
+                 totals.audio_refused_chunks)
+    page.counter("lipsync_audio_refused_samples_total", "Input samples refused that way, all sessions.",
+                 totals.audio_refused_samples)
     page.cumulative_histogram(
         "lipsync_latency_milliseconds",
         "Audio in to mouth on screen (server side), per rendered frame, all sessions.",

@@ -10,7 +10,9 @@
                                           {"type": "start", "utterance"?: ID} (a new utterance),
                                           {"type": "end"} (utterance complete), {"type": "interrupt"},
                                           {"type": "status"}; the server also sends the playback
-                                          events (server/events_api.py) as text messages
+                                          events (server/events_api.py) as text messages. One per
+                                          session (a newer one closes the older), messages paced
+                                          (server/stream_limits.py)
     POST   /sessions/{id}/interrupt       stop talking now: drop queued and pending audio
     POST   /sessions/{id}/say             {"text": "...", "voice"?: "en", "wpm"?: 160, "utterance"?: ID},
                                           when a local TTS exists
@@ -24,44 +26,40 @@ open). The playback events name it when it starts and ends playing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import numpy as np
-from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from realtime.audio_ingest import convert_clip
 from realtime.playback import new_utterance_id, valid_utterance_id
+from realtime.session import QueueLimit
 from server.audio_input import QueueFull
-from server.errors import BODY_LIMIT, ApiError, read_body, read_json
+from server.errors import ApiError, parse_json_object, read_json
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
-from server.sessions import Session, UnknownSession
-from server.state import state_of
+from server.limits import Holder
+from server.sessions import Session
+from server.state import session_of, state_of
+from server.stream_limits import MessagePacer, StreamKind, StreamSlot
 from server.tts import SayRequest, TtsError, TtsTimeout
+from server.upload_body import form_parts, read_all, upload_policy
 from server.uploads import MAX_CHANNELS, MAX_RATE, MIN_RATE, TARGET_RATE, decode_upload
 
 log = logging.getLogger(__name__)
 
 PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
 WS_MAX_MESSAGE = 4 * 1024 * 1024
-UPLOAD_READ_TIMEOUT_S = 30.0
+MAX_COMMAND_CHARS = 4096   # a JSON command is a few dozen characters; parsing costs what it holds
 # A clip longer than this that is not 16 kHz mono is converted on the WorkPool, not on the event loop:
 # resampling costs the loop ~1 ms per second of 48 kHz audio (a 300 s raw PCM upload stalled every
 # session's pacing for ~0.3 s); a WebSocket chunk or a short clip costs less than the hop.
 CONVERT_OFF_LOOP_S = 1.0
 
 
-def session_of(request: web.Request) -> Session:
-    try:
-        return state_of(request).sessions.get(request.match_info["id"])
-    except UnknownSession as exc:
-        raise ApiError(404, str(exc)) from None
-
-
 def pcm_params(query) -> tuple[int, int, type]:
     """(rate, channels, dtype) from ?rate=&channels=&format=; 400 when out of range."""
     try:
-        rate = int(query.get("rate", "16000"))
+        rate = int(query.get("rate", str(TARGET_RATE)))
         channels = int(query.get("channels", "1"))
     except ValueError:
         raise ApiError(400, "rate and channels must be integers") from None
@@ -103,6 +101,8 @@ def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
         return session.input.push(samples, rate, channels, complete=complete, utterance=utterance)
     except QueueFull as exc:
         raise ApiError(413, str(exc)) from None
+    except QueueLimit as exc:   # too many utterances or segments queued: try again once some played
+        raise ApiError(429, str(exc), {"Retry-After": "1"}, retry_after_s=1) from None
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -115,7 +115,11 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(session_of(request).describe())
+    body = session_of(request).describe()
+    notice = state_of(request).notice()
+    if notice is not None:  # the page polls this every second and shows the notice
+        body["server_notice"] = notice
+    return web.json_response(body)
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -130,41 +134,37 @@ async def interrupt(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session.id, "interrupted": True})
 
 
+def holder_of(request: web.Request, session: Session) -> Holder:
+    return Holder(session.id, request.remote or "")
+
+
 async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
-    """The uploaded bytes and file name, from a raw body or the first file of a multipart form.
-    The route's cap (the access middleware sets it from --max-upload-mb) holds while reading."""
-    limit = request.get(BODY_LIMIT, state_of(request).config.max_upload_bytes)
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"upload of {request.content_length} bytes is over the "
-                            f"{limit} byte limit", limit_bytes=limit)
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):  # a nested multipart: not a file field
-                continue
-            if part.filename is not None or part.name in ("audio", "file"):
-                data = bytearray()
-                while chunk := await part.read_chunk():
-                    data += chunk
-                    if len(data) > limit:
-                        raise ApiError(413, f"upload is over the {limit} byte limit", limit_bytes=limit)
-                return bytes(data), part.filename
-        raise ApiError(400, "the multipart form has no file field (name it 'audio')")
-    return await read_body(request, limit), None
+    """The uploaded bytes and file name, from a raw body or the first file of a multipart form. The
+    whole body is read first under `upload_policy`: every byte of a form counts against the cap."""
+    body = await read_all(request, upload_policy(request))
+    if not request.content_type.startswith("multipart/"):
+        return body, None
+    for part in form_parts(body, request.headers.get("Content-Type", "")):
+        if part.filename is not None or part.name in ("audio", "file"):
+            return body[part.start:part.end], part.filename
+    raise ApiError(400, "the multipart form has no file field (name it 'audio')")
 
 
 async def push_audio(request: web.Request) -> web.Response:
     session = session_of(request)
     utterance = utterance_id(request.query.get("utterance"))
-    if "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm"):
-        data, _ = await _read_upload(request)
-        if not data:
-            raise ApiError(400, "empty upload")
-        rate, channels, dtype = pcm_params(request.query)
+    raw = "rate" in request.query or request.content_type in ("audio/l16", "audio/pcm")
+    pcm = pcm_params(request.query) if raw else None  # the query is checked before the body is read
+    data, filename = await _read_upload(request)
+    if not data:
+        raise ApiError(400, "empty upload")
+    holder = holder_of(request, session)
+    if pcm is not None:
+        rate, channels, dtype = pcm
         samples = decode_pcm(data, channels, dtype)
-        samples, rate, channels = await _at_engine_rate(request, samples, rate, channels)
+        samples, rate, channels = await _at_engine_rate(request, holder, samples, rate, channels)
     else:
-        samples, rate, channels = await _decode_file(request, session), TARGET_RATE, 1
+        samples, rate, channels = await _decode_file(request, session, holder, data, filename), TARGET_RATE, 1
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
     duration = _queue(session, samples, rate, channels, complete=True, utterance=utterance)
@@ -172,13 +172,13 @@ async def push_audio(request: web.Request) -> web.Response:
                               "pending_s": round(session.input.queued_s, 3)})
 
 
-async def _at_engine_rate(request: web.Request, samples: np.ndarray, rate: int,
+async def _at_engine_rate(request: web.Request, holder: Holder, samples: np.ndarray, rate: int,
                           channels: int) -> tuple[np.ndarray, int, int]:
     """A whole clip as the engine takes it (16 kHz mono), converted on the WorkPool (a slot of its own:
     503 when none is free) when it is long enough to matter; as given otherwise."""
     if not _convert_off_loop(samples, rate, channels):
         return samples, rate, channels
-    converted = await state_of(request).pool.run(convert_clip, samples, rate, channels)
+    converted = await state_of(request).pool.run(convert_clip, samples, rate, channels, holder=holder)
     return converted, TARGET_RATE, 1
 
 
@@ -186,32 +186,24 @@ def _convert_off_loop(samples: np.ndarray, rate: int, channels: int) -> bool:
     return not (rate == TARGET_RATE and channels == 1) and len(samples) >= CONVERT_OFF_LOOP_S * rate * channels
 
 
-async def _decode_file(request: web.Request, session: Session) -> np.ndarray:
-    """A media upload decoded on the WorkPool. The slot is taken before the body is read (503 when
-    none is free), so at most --max-concurrent-decodes bodies are held at once, and the body must
-    arrive within UPLOAD_READ_TIMEOUT_S (408) so a slow sender cannot keep the slot."""
-    pool = state_of(request).pool
-    with pool.slot():
-        try:
-            async with asyncio.timeout(UPLOAD_READ_TIMEOUT_S):
-                data, filename = await _read_upload(request)
-        except TimeoutError:
-            raise ApiError(408, f"the upload did not arrive within {UPLOAD_READ_TIMEOUT_S:g} s") from None
-        if not data:
-            raise ApiError(400, "empty upload")
-        room_s = session.input.max_queued_s - session.input.queued_s
-        try:
-            decoded = await pool.run_in_slot(decode_upload, data, room_s)
-        except ApiError as exc:
-            if filename and exc.status == 415:
-                exc.message = f"{filename}: {exc.message}"
-            raise
+async def _decode_file(request: web.Request, session: Session, holder: Holder, data: bytes,
+                       filename: str | None) -> np.ndarray:
+    """A media upload, already received in full, decoded on the WorkPool: a slot is taken only now
+    (503 when none is free, 429 when this session or address already holds its share)."""
+    room_s = session.input.max_queued_s - session.input.queued_s
+    try:
+        decoded = await state_of(request).pool.run(decode_upload, data, room_s, holder=holder)
+    except ApiError as exc:
+        if filename and exc.status == 415:
+            exc.message = f"{filename}: {exc.message}"
+        raise
     return decoded.samples
 
 
 async def say(request: web.Request) -> web.Response:
-    """Text to speech into the session: one at a time per session, at most --max-concurrent-decodes
-    syntheses (shared with upload decodes) server-wide, the text's length checked first."""
+    """Text to speech into the session: one synthesis or decode at a time per session, at most
+    --max-concurrent-decodes (shared with upload decodes) server-wide and --max-decodes-per-ip per
+    address, the text's length checked first."""
     state = state_of(request)
     session = session_of(request)
     if not state.tts.available:
@@ -223,12 +215,8 @@ async def say(request: web.Request) -> web.Response:
     if request_.min_duration_s > room_s:
         raise ApiError(413, f"this text takes at least {request_.min_duration_s:.0f} s to say; the "
                             f"session can queue {room_s:.0f} s more", room_s=round(room_s, 3))
-    if session.id in state.saying:
-        raise ApiError(429, "this session is already synthesising a /say; wait for it",
-                       {"Retry-After": "1"}, retry_after_s=1)
-    state.saying.add(session.id)
     try:
-        with state.pool.slot():
+        with state.pool.slot(holder_of(request, session)):  # one per session, a share per address
             samples, rate = await state.tts.synthesize(request_.text, request_.voice, request_.wpm)
             if _convert_off_loop(samples, rate, 1):
                 samples, rate = await state.pool.run_in_slot(convert_clip, samples, rate, 1), TARGET_RATE
@@ -236,8 +224,6 @@ async def say(request: web.Request) -> web.Response:
         raise ApiError(504, str(exc)) from None
     except TtsError as exc:
         raise ApiError(502, str(exc)) from None
-    finally:
-        state.saying.discard(session.id)
     if session.closed.is_set():
         raise ApiError(404, f"session {session.id!r} closed")
     duration = _queue(session, samples, rate, 1, complete=True, utterance=utterance)
@@ -279,11 +265,9 @@ class _Stream:
         await self.send({"type": "started", "utterance": utterance})
 
     async def command(self, text: str) -> None:
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        command: dict = parsed if isinstance(parsed, dict) else {}
+        if len(text) > MAX_COMMAND_CHARS:
+            raise ApiError(400, f"a command is at most {MAX_COMMAND_CHARS} characters")
+        command = parse_json_object(text)
         kind = command.get("type")
         if kind == "start":
             await self.start(command.get("utterance"))
@@ -305,23 +289,39 @@ class _Stream:
 
 async def stream(request: web.Request) -> web.WebSocketResponse:
     """PCM chunks over a WebSocket as a TTS synthesises them, commands, and the playback events back;
-    ends when either side closes."""
+    ends when either side closes, when the session ends, or when a newer /stream of the session takes
+    its place. Every message costs the same bounded work; the loop yields after each one and paces a
+    client that sends faster than `MessagePacer` allows, so a flood of tiny messages cannot hold the
+    event loop. Bad input of any kind is answered with {"type": "error"} and the socket stays usable."""
     session = session_of(request)
     rate, channels, dtype = pcm_params(request.query)
+    slot = state_of(request).streams.acquire(session.id, StreamKind.STREAM)   # 429: server-wide cap
+    try:
+        return await _serve_stream(request, session, slot, rate, channels, dtype)
+    finally:
+        slot.release()
+
+
+async def _serve_stream(request: web.Request, session: Session, slot: StreamSlot, rate: int, channels: int,
+                        dtype: type) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
     conn = _Stream(session, ws)
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_close_with_session(ws, session))]
+    tasks = [loop.create_task(_close_with_session(ws, session)), loop.create_task(_close_when_displaced(ws, slot))]
     feed: EventFeed | None = None
     try:
         feed = EventFeed(tracker_of(session))
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)
+    pacer = MessagePacer()
+    bytes_per_s = np.dtype(dtype).itemsize * channels * rate
     received = 0.0
     try:
         async for msg in ws:
+            audio_s = len(msg.data) / bytes_per_s if msg.type == WSMsgType.BINARY else 0.0
+            await asyncio.sleep(pacer.delay(audio_s))   # sleep(0) too: other clients run between messages
             try:
                 if msg.type == WSMsgType.BINARY:
                     received += await conn.pcm(decode_pcm(msg.data, channels, dtype), rate, channels)
@@ -336,8 +336,14 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
             task.cancel()
         if feed is not None:
             feed.close()
-    log.debug("session %s: stream closed after %.2f s of audio", session.id, received)
+    log.debug("session %s: stream closed after %.2f s of audio (paced %.2f s)", session.id, received,
+              pacer.waited_s)
     return ws
+
+
+async def _close_when_displaced(ws: web.WebSocketResponse, slot: StreamSlot) -> None:
+    await slot.displaced.wait()
+    await ws.close(code=4000, message=slot.reason.encode()[:120])
 
 
 async def _close_with_session(ws: web.WebSocketResponse, session: Session) -> None:

@@ -13,6 +13,12 @@ Joining: the first front-end to reach a cluster deploys the application; later o
 `RAY_ADDRESS`) joins an existing cluster (`ray start --head` on one machine, KubeRay on Kubernetes);
 without one, `ray.init` starts a local cluster inside this process, which ends with it.
 
+Authentication: whoever reaches a Ray cluster's ports can run code on it, and Ray's GCS listens beyond
+loopback. A local cluster is therefore always started with Ray's token authentication
+(`RAY_AUTH_MODE=token`) and, unless the operator gave one (`RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`), a
+fresh random token of this process (nothing written to ~/.ray). Joining an external cluster without
+token authentication works but logs a warning at start.
+
 Replicas import this project: every node needs it installed (the same version), like the front-ends.
 The avatar travels once, through Ray's object store (`share_avatar`), never per frame.
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -124,8 +131,10 @@ class RayRenderTier:
                     # A cluster on loopback: this node is 127.0.0.1 too (Ray would pick an interface address).
                     node_ip = "127.0.0.1" if host and ipaddress.ip_address(_resolve(host)).is_loopback else None
                     ray.init(address=address, log_to_driver=False, _node_ip_address=node_ip)
+                    warn_unless_token_auth(address, token_auth_enabled())
                 else:
                     # A cluster of this process alone: nothing outside this machine needs to reach it.
+                    use_token_auth_for_local_cluster()
                     ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
                              _node_ip_address="127.0.0.1")
                     started = True
@@ -187,6 +196,35 @@ class RayRenderTier:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+
+
+def use_token_auth_for_local_cluster() -> None:
+    """Ray token authentication for the cluster this process is about to start: RAY_AUTH_MODE=token
+    (its head processes and workers inherit the environment) and a per-process token unless the operator
+    set one. Ray reads the mode into its cached config once; `Config.initialize` re-reads it, as Ray's
+    own `ray.init` does when it turns token mode on (ray/_private/authentication). Ray >= 2.52."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from ray._raylet import Config  # type: ignore[attr-defined]  # (a compiled module without stubs)
+
+    Config.initialize("")
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process talks to its cluster with Ray token authentication (a cluster that requires
+    it refuses a client without it, so a joined cluster with this False has none)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode  # type: ignore[attr-defined]
+
+    return bool(get_authentication_mode() == AuthenticationMode.TOKEN)
+
+
+def warn_unless_token_auth(address: str, enabled: bool) -> None:
+    if not enabled:
+        log.warning("the Ray cluster at %s runs without token authentication: anyone who can reach its "
+                    "ports can run code on every node (and read the avatars and audio sent there). Start it "
+                    "with RAY_AUTH_MODE=token and give this front-end its token (RAY_AUTH_TOKEN or "
+                    "RAY_AUTH_TOKEN_PATH)", address)
 
 
 def _resolve(host: str) -> str:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from realtime import avatar_cache
 from realtime.avatar import Avatar
 from realtime.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
@@ -91,11 +92,12 @@ class RealtimeEngine:
     """avatar: the default avatar (id `info["avatar"]`, else "default"). renderer: one renderer, or a list
     (one render worker each: one per GPU). devices: a label per renderer (default: the renderer's
     `device`, else "cpu"). avatar_cache_dir: where prepared library avatars are cached (default: the
-    avatar cache's default)."""
+    avatar cache's default). uploads_dir: where POST /avatars uploads are kept across restarts (None:
+    not kept)."""
 
     def __init__(self, avatar: Any, renderer: Any | Sequence[Any], config: EngineConfig | None = None,
                  info: dict[str, str] | None = None, devices: Sequence[str] | None = None,
-                 avatar_cache_dir: Path | None = None) -> None:
+                 avatar_cache_dir: Path | None = None, uploads_dir: Path | None = None) -> None:
         renderers: list[Any] = list(renderer) if isinstance(renderer, (list, tuple)) else [renderer]
         if not renderers:
             raise ValueError("RealtimeEngine needs at least one renderer")
@@ -137,7 +139,8 @@ class RealtimeEngine:
         }
         self.avatars = AvatarLibrary(avatar, default_id=slug(self.info["avatar"]),
                                      default_name=self.info["avatar"].capitalize(), cache_dir=avatar_cache_dir,
-                                     prepare=self._prepare_on_workers, on_removed=self._forget_on_workers)
+                                     prepare=self._prepare_on_workers, on_removed=self._forget_on_workers,
+                                     uploads_dir=uploads_dir)
         describe = getattr(self.worker.renderer, "describe", None)
         if describe is not None:  # Wav2Lip: runtime and the precision its start-up gate settled on
             self.info.update({k: v for k, v in describe().items() if k != "device"})
@@ -261,7 +264,8 @@ class RealtimeEngine:
                 "checkpoint": str(config.checkpoint) if config.checkpoint else "none"}
         try:
             engine = cls(avatar, renderers, engine_config, info=info, devices=devices,
-                         avatar_cache_dir=config.avatar_cache_dir)
+                         avatar_cache_dir=config.avatar_cache_dir,
+                         uploads_dir=avatar_cache.cache_root(config.avatar_cache_dir) / "uploads")
         except BaseException:
             for close in closers:
                 close()
@@ -272,6 +276,7 @@ class RealtimeEngine:
                 engine.avatars.add_builtin(default_avatar.load_default_avatar(), "default", "Default")
             if config.avatars_dir is not None:
                 engine.avatars.add_folder(config.avatars_dir)
+            engine.avatars.restore_uploads()  # POST /avatars uploads of earlier runs, same ids
         except BaseException:
             engine.close()
             raise

@@ -1,13 +1,18 @@
-"""Run the server: load the engine once, serve until SIGINT/SIGTERM, then shut down gracefully."""
+"""Run the server: load the engine once, serve until SIGINT/SIGTERM, then shut down gracefully.
+
+SIGINT stops at once; SIGTERM (systemd, a rolling restart) first drains (`drain_sessions`), and a
+second SIGTERM stops at once."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
 import socket
 import ssl
+import time
 from typing import Callable
 
 from aiohttp import web
@@ -22,7 +27,7 @@ from server.ice import is_loopback, use_host_addresses
 from server.logs import setup_logging
 from server.media_executor import start_default_executor
 from server.realtime_engine import load_engine
-from server.state import STATE
+from server.state import STATE, ServerState
 from server.udp_ports import port_range_loop_factory
 from server.worker_board import Board, WorkerSeat, publish_forever, receive_connections
 from server.workers import Supervisor, listen, resolve_workers
@@ -79,14 +84,21 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
             announce_operator_token(app[STATE].operator, config)
         if started is not None and not started.done():
             started.set_result(port)
+        drain = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+
+        def on_sigterm() -> None:  # the first drains, a second stops at once
+            (stop if drain.is_set() else drain).set()
+
+        for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
         try:
-            await stop.wait()
+            await _first(stop, drain)
+            if drain.is_set() and not stop.is_set():
+                await drain_sessions(app[STATE], config.drain_s, stop)
         finally:
             log.info("shutting down")
             for stop_worker_task in worker_tasks:
@@ -133,12 +145,37 @@ async def _start_listening(runner: web.AppRunner, config: ServerConfig, handoff:
     return stops
 
 
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def drain_sessions(state: ServerState, drain_s: float, stop: asyncio.Event) -> None:
+    """A rolling restart loses no live session: refuse new ones (/healthz 503 "draining", /offer 503),
+    tell the live ones (GET /sessions/{id} carries `server_notice`, which the page shows), let them run
+    until they end or `drain_s` passes (or `stop`: a second SIGTERM), then end them with that reason."""
+    state.drain_until = time.monotonic() + drain_s
+    log.info("draining: no new sessions; %d live session(s) may run up to %g s (SIGTERM again to stop now)",
+             len(state.sessions), drain_s)
+    while len(state.sessions) and time.monotonic() < state.drain_until and not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(0.25, max(state.drain_until - time.monotonic(), 0.01)))
+    if len(state.sessions):
+        log.info("drained: ending %d session(s)", len(state.sessions))
+        await state.sessions.close_all("server restarting")
+
+
 def announce_operator_token(operator: OperatorAuth, config: ServerConfig) -> None:
     """A generated operator token is printed once, to stdout and never to the log (like Jupyter)."""
     if operator.generated and operator.token:
-        log.warning("bound to %s without --api-token: generated an operator token for GET /sessions, "
-                    "/metrics and any session's routes (printed once on stdout; set --api-token or "
-                    "LIPSYNC_API_TOKEN to choose it)", config.host)
+        reach = "a public name or trusted proxy" if is_loopback(config.host) else config.host
+        log.warning("reachable through %s without --api-token: generated an operator token for GET "
+                    "/sessions, /metrics and any session's routes (printed once on stdout; set --api-token "
+                    "or LIPSYNC_API_TOKEN to choose it)", reach)
         print(f"\n    Operator token (this run only): {operator.token}\n"
               f"    Use: Authorization: Bearer {operator.token}\n", flush=True)
 
@@ -178,14 +215,19 @@ async def serve_workers_async(config: ServerConfig, workers: int, started: async
     if supervisor is not None:
         supervisor.set_result(boss)
     stop = stop or asyncio.Event()
+    drain = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def on_sigterm() -> None:  # the first drains every worker, a second stops them at once
+        (stop if drain.is_set() else drain).set()
+
+    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     log.info("serving %s with %d worker processes", config.url, workers)
-    await boss.run(listener, stop, started)
+    await boss.run(listener, stop, started, drain)
     log.info("stopped")
 
 

@@ -11,7 +11,9 @@ options.avatar), parsed into an `OfferRequest` (every option type- and range-che
 one; an unknown avatar 404, one still being prepared or failed 409). Answer: `{"sdp", "type": "answer",
 "session_id", "session_token", "fps", "avatar", "max_session_s"}`: `session_token` is the secret the
 session's routes need (server/auth.py). Offers are rate-limited per client address and count against
-its session limit (server/limits.py).
+its session limit (server/limits.py). Before aiortc applies an offer, its ICE credentials and remote
+candidates are screened (server/ice_filter.py: no probing of loopback, private or metadata addresses
+from a public bind), and only audio and video m-lines are accepted (no data channel).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -29,11 +31,14 @@ from aiortc.sdp import SessionDescription
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
 from server import audio_jitter
 from server.audio_input import AudioInput
-from server.auth import new_token
+from server.auth import client_address, new_token
+from server.config import ServerConfig
 from server.errors import ApiError, read_json
 from server.ice import ice_servers, rtc_configuration
+from server.ice_filter import CandidatePolicy, screen_offer
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
+from server.surface import public_text
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, drain, pump_microphone
 
 log = logging.getLogger(__name__)
@@ -127,12 +132,13 @@ class OfferRequest:
     """The body of POST /offer, validated: `{"sdp", "type": "offer", "options"?}` (a top-level "avatar"
     is read as options.avatar)."""
 
-    sdp: str
+    sdp: str  # with the remote candidates `policy` refuses already removed (server/ice_filter.py)
     kinds: tuple[str, ...]  # media kinds of the offer's m-lines
     options: OfferOptions = field(default_factory=OfferOptions)
+    candidates_dropped: int = 0
 
     @classmethod
-    def from_dict(cls, body: dict) -> "OfferRequest":
+    def from_dict(cls, body: dict, policy: CandidatePolicy) -> "OfferRequest":
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if not isinstance(sdp, str) or not sdp.strip():
             raise ApiError(400, "missing 'sdp': expected {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
@@ -142,11 +148,13 @@ class OfferRequest:
             raise ApiError(413, f"SDP larger than {MAX_SDP_CHARS} characters")
         if not sdp.lstrip().startswith("v=0"):
             raise ApiError(400, "malformed SDP: it must start with 'v=0'")
-        kinds = _media_kinds(sdp)
+        screened = screen_offer(sdp, policy)  # before aiortc sees it: caps, ICE grammar, candidates
+        kinds = _media_kinds(screened.sdp)
         raw = body.get("options")
         if body.get("avatar") and (raw is None or (isinstance(raw, dict) and "avatar" not in raw)):
             raw = {**(raw or {}), "avatar": body["avatar"]}
-        return cls(sdp=sdp, kinds=kinds, options=OfferOptions.from_dict(raw))
+        return cls(sdp=screened.sdp, kinds=kinds, options=OfferOptions.from_dict(raw),
+                   candidates_dropped=screened.dropped)
 
     def description(self) -> RTCSessionDescription:
         return RTCSessionDescription(sdp=self.sdp, type="offer")
@@ -157,6 +165,9 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
         kinds = tuple(m.kind for m in SessionDescription.parse(sdp).media)
     except Exception as exc:  # aiortc's parser raises whatever it meets; all of it is a bad request
         raise ApiError(400, f"malformed SDP: {type(exc).__name__} {exc}".rstrip()[:300]) from None
+    if set(kinds) - {"audio", "video"}:
+        raise ApiError(400, "the offer may only have audio and video m-lines (no data channel): "
+                            f"got {sorted(set(kinds) - {'audio', 'video'})}")
     if "video" not in kinds:
         raise ApiError(400, "the offer has no video m-line: add a recvonly video transceiver "
                             "to receive the avatar")
@@ -167,10 +178,21 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
 
 def parse_offer(body: dict, state: ServerState) -> OfferRequest:
     """The request body validated against this server (its avatars: 404 unknown, 409 not ready)."""
-    offer = OfferRequest.from_dict(body)
+    offer = OfferRequest.from_dict(body, candidate_policy(state.config))
     if offer.options.avatar is not None:
         check_avatar(state, offer.options.avatar)
     return offer
+
+
+def candidate_policy(config: ServerConfig) -> CandidatePolicy:
+    """Which remote ICE candidates this server may probe: from its bind and --ice-allow-private. A server
+    behind a reverse proxy or with a public name is bound to loopback but reached from the internet: a
+    stranger's offer must not make it probe its own machine, so it is screened as a public bind."""
+    public = bool(config.public_urls) or bool(config.trusted_proxies)
+    policy = CandidatePolicy.for_bind(config.host, allow_private=config.ice_allow_private, public=public)
+    if config.ice_allow_loopback:
+        return replace(policy, allow_loopback=True)
+    return policy
 
 
 def check_avatar(state: ServerState, avatar_id: str) -> None:
@@ -185,7 +207,7 @@ def check_avatar(state: ServerState, avatar_id: str) -> None:
     except UnknownAvatar as exc:
         raise ApiError(404, str(exc)) from None
     if entry.error is not None or entry.avatar is None:
-        detail = f": {entry.error}" if entry.error else ""
+        detail = f": {public_text(entry.error)}" if entry.error else ""
         raise ApiError(409, f"avatar {avatar_id!r} is {entry.state.value}{detail}")
 
 
@@ -198,9 +220,9 @@ def video_codecs(codec: str) -> list:
 
 async def handle_offer(request: web.Request) -> web.Response:
     state = state_of(request)
-    if state.closing:
-        raise ApiError(503, "the server is shutting down", {"Retry-After": "10"}, retry_after_s=10)
-    address = request.remote or ""
+    if state.closing or state.draining:
+        raise ApiError(503, "the server is restarting", {"Retry-After": "10"}, retry_after_s=10)
+    address = client_address(request)
     state.limits.check_rate(address)
     offer = parse_offer(await read_json(request), state)
     state.limits.check_sessions(address, (s.remote for s in state.sessions))
@@ -217,6 +239,7 @@ async def handle_offer(request: web.Request) -> web.Response:
     state.offer_seconds.observe(time.monotonic() - started)
     log.info("session opened", extra={"session": session.id, "remote": session.remote,
                                       "media": ",".join(offer.kinds), "microphone": session.has_microphone,
+                                      "candidates_dropped": offer.candidates_dropped,
                                       "sessions": len(state.sessions)})
     return web.json_response({
         "sdp": session.pc.localDescription.sdp,
@@ -233,6 +256,9 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     """A peer connection answering `offer`, with the engine session and tracks behind it. On any
     failure everything made so far is closed again."""
     session_id = new_session_id(state.config.instance_id)
+    # The server's own side takes --ice-server entries only, no TURN REST allocation: the relay runs beside
+    # the server, whose host candidates it reaches, so a server-side allocation per session would only
+    # double the relay's load and quota.
     pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
     remote_tracks: list = []
     pc.on("track", remote_tracks.append)

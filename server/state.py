@@ -11,10 +11,12 @@ from server.auth import OperatorAuth
 from server.capacity import CapacityMonitor
 from server.config import ServerConfig
 from server.engine import Engine
+from server.errors import ApiError
 from server.limits import ClientLimits, WorkPool, started_pool
 from server.loop_monitor import LoopLagMonitor
 from server.prometheus import Histogram
-from server.sessions import SessionManager
+from server.sessions import Session, SessionManager, UnknownSession
+from server.stream_limits import StreamSlots
 from server.tts import LocalTts
 from server.worker_board import WorkerSeat
 
@@ -30,11 +32,13 @@ class ServerState:
     operator: OperatorAuth
     pool: WorkPool  # upload decodes and TTS, never asyncio's default executor
     limits: ClientLimits
-    saying: set[str] = field(default_factory=set)  # session ids with a /say being synthesised
+    streams: StreamSlots  # open event streams and /stream WebSockets (server/stream_limits.py)
     started: float = field(default_factory=time.monotonic)
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)
     closing: bool = False
+    # Draining (SIGTERM, server/runner.py): no new sessions; live ones run until this monotonic time.
+    drain_until: float | None = None
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
@@ -48,8 +52,28 @@ class ServerState:
         self.capacity_monitor = CapacityMonitor(self.sessions.capacity, self.sessions.ticks)
 
 
+    @property
+    def draining(self) -> bool:
+        return self.drain_until is not None
+
+    def notice(self) -> dict | None:
+        """What a live session's page is told while the server drains (GET /sessions/{id})."""
+        if self.drain_until is None:
+            return None
+        return {"type": "server_restarting", "message": "the server is restarting",
+                "ends_in_s": round(max(self.drain_until - time.monotonic(), 0.0), 1)}
+
+
 STATE = web.AppKey("state", ServerState)
 
 
 def state_of(request: web.Request) -> ServerState:
     return request.app[STATE]
+
+
+def session_of(request: web.Request) -> Session:
+    """The session named by the route's {id}; 404 when there is none."""
+    try:
+        return state_of(request).sessions.get(request.match_info["id"])
+    except UnknownSession as exc:
+        raise ApiError(404, str(exc)) from None

@@ -28,13 +28,14 @@ import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from realtime.config import SAMPLE_RATE
 from server.engine import EngineSession
 
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK_RATE = 90000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-AUDIO_RATE = 16000
+AUDIO_RATE = SAMPLE_RATE
 AUDIO_PTIME = 0.020
 AUDIO_SAMPLES = int(AUDIO_RATE * AUDIO_PTIME)  # 320 samples = 20 ms
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)

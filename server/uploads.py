@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from realtime.config import SAMPLE_RATE
 from server.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-TARGET_RATE = 16000
+TARGET_RATE = SAMPLE_RATE
 MIN_RATE = 8000
 MAX_RATE = 192000
 MAX_CHANNELS = 8

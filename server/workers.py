@@ -190,20 +190,40 @@ class Supervisor:
         self.board.starting(worker.index, worker.generation)
         self.restarts += 1
 
-    async def _watch(self, stop: asyncio.Event) -> None:
+    async def _watch(self, stop: asyncio.Event, drain: asyncio.Event) -> None:
+        draining = False
         while not stop.is_set():
             now = time.monotonic()
+            if drain.is_set() and not draining:  # SIGTERM: every worker drains (runner.drain_sessions)
+                draining = True
+                log.info("draining: every worker refuses new sessions and ends its live ones within --drain-s")
+                for worker in self._slots:
+                    if worker.process is not None and worker.process.exitcode is None:
+                        worker.process.terminate()
             for worker in self._slots:
                 if worker.process is not None and worker.process.exitcode is not None:
-                    self._reap(worker, now)
-                if worker.process is None and now >= worker.restart_at:
+                    if draining:
+                        self._retire(worker)
+                    else:
+                        self._reap(worker, now)
+                if worker.process is None and now >= worker.restart_at and not draining:
                     self._start(worker)
+            if draining and all(worker.process is None for worker in self._slots):
+                stop.set()  # every worker drained and exited
+                return
             if self._ready():
                 self._serving.set()
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+
+    def _retire(self, worker: _Worker) -> None:
+        """A worker that exited while draining: not restarted."""
+        log.info("worker %d drained and exited", worker.index)
+        if worker.channel is not None:
+            worker.channel.close()
+        worker.process, worker.channel = None, None
 
     def _stop_workers(self, timeout_s: float) -> None:
         for worker in self._slots:
@@ -324,10 +344,12 @@ class Supervisor:
 
     # -- the whole ---------------------------------------------------------------------------------------
 
-    async def run(self, listener: socket.socket, stop: asyncio.Event,
-                  started: asyncio.Future | None = None, shutdown_timeout_s: float = 30.0) -> None:
+    async def run(self, listener: socket.socket, stop: asyncio.Event, started: asyncio.Future | None = None,
+                  drain: asyncio.Event | None = None, shutdown_timeout_s: float = 10.0) -> None:
+        """Serve until `stop`; `drain` (SIGTERM) first lets every worker drain while routing goes on."""
         listener.setblocking(False)
-        watch = asyncio.get_running_loop().create_task(self._watch(stop), name="workers-watch")
+        drain = drain or asyncio.Event()
+        watch = asyncio.get_running_loop().create_task(self._watch(stop, drain), name="workers-watch")
         accept: asyncio.Task | None = None
         try:
             # Until a worker serves, connections wait in the listen backlog.

@@ -62,8 +62,8 @@ def test_picker_shows_posters_and_the_session_plays_the_chosen_avatar(server_url
         try:
             page = browser.new_page(viewport={"width": 900, "height": 900})
             page.goto(server_url)
-            page.wait_for_function("document.querySelectorAll('.avatar-card img').length === 3", timeout=15000)
-            page.wait_for_function("[...document.querySelectorAll('.avatar-card img')]"
+            page.wait_for_function("() => document.querySelectorAll('.avatar-card img').length === 3", timeout=15000)
+            page.wait_for_function("() => [...document.querySelectorAll('.avatar-card img')]"
                                    ".every((img) => img.complete && img.naturalWidth === 256)", timeout=15000)
             assert page.is_visible("#avatars")
             names = page.eval_on_selector_all(".avatar-name", "els => els.map((e) => e.textContent)")
@@ -76,9 +76,9 @@ def test_picker_shows_posters_and_the_session_plays_the_chosen_avatar(server_url
             assert page.get_attribute(".avatar-card[aria-checked=true]", "data-id") == "ben"
             page.check("input[name=source][value=file]")
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            page.wait_for_function("() => document.getElementById('avatar').videoWidth > 0", timeout=20000)
             size = page.evaluate("[document.getElementById('avatar').videoWidth, "
                                  "document.getElementById('avatar').videoHeight]")
             assert size == [320, 320], size  # ben's size: the session plays the chosen avatar
@@ -86,7 +86,7 @@ def test_picker_shows_posters_and_the_session_plays_the_chosen_avatar(server_url
             page.wait_for_timeout(1500)
             page.screenshot(path=str(artifacts_dir / "avatar-picker-session.png"), full_page=True)
             page.click("#stop")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'idle'")
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'idle'")
             assert not page.eval_on_selector_all(".avatar-card", "els => els.some((e) => e.disabled)")
         finally:
             browser.close()

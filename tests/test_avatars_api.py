@@ -302,3 +302,59 @@ async def test_a_chunked_upload_is_capped_while_it_is_read(server, http, media):
         assert r.status == 413 and "larger than 2 MB" in (await r.json())["error"]
     async with http.get(server.endpoint("/avatars")) as r:
         assert len((await r.json())["avatars"]) == 1
+
+
+async def test_uploads_survive_a_restart_with_their_ids(tmp_path, http, media):
+    """#26 item 6: an avatar added over the API comes back after a restart with the same id, prepared
+    again from the cache (not re-uploaded); DELETE forgets it for the next run too; a failed one is not kept."""
+    cache, uploads = tmp_path / "cache", tmp_path / "cache" / "uploads"
+
+    async def run_server():
+        engine = tiny_engine(avatar_cache_dir=cache, uploads_dir=uploads)
+        restored = await asyncio.to_thread(engine.avatars.restore_uploads)
+        running = await start_server(engine, api_token=TOKEN, max_upload_mb=2.0, max_avatar_seconds=2.0)
+        return engine, running, restored
+
+    engine, first, restored = await run_server()
+    try:
+        assert restored == []
+        status, kept = await upload(http, first, media["face"], name="Kept")
+        assert status == 202
+        status, failed = await upload(http, first, media["noface"], name="No face")
+        assert status == 202
+        assert (await wait_ready(http, first, kept["id"]))["state"] == "ready"
+        assert (await wait_ready(http, first, failed["id"]))["state"] == "failed"
+        cached = sorted(p.name for p in cache.iterdir() if p.name != "uploads")
+    finally:
+        await first.stop()
+        engine.close()
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{kept['id']}.json", f"{kept['id']}.mp4"]
+
+    engine, second, restored = await run_server()
+    try:
+        assert [e.id for e in restored] == [kept["id"]]
+        async with http.get(second.endpoint(f"/avatars/{kept['id']}")) as r:
+            again = await r.json()
+        assert again["state"] == "ready" and again["name"] == "Kept" and again["frames"] == 20
+        assert sorted(p.name for p in cache.iterdir() if p.name != "uploads") == cached  # a cache hit
+        client = Client(second, http)
+        assert (await client.connect(options={"avatar": kept["id"]}))["avatar"] == kept["id"]
+        await client.wait_for_video(3)
+        await client.close()
+        async with http.delete(client.url(), headers=client.auth):
+            pass
+        deadline = time.monotonic() + 10
+        while True:
+            async with http.delete(second.endpoint(f"/avatars/{kept['id']}"), headers=AUTH) as r:
+                if r.status == 200:
+                    break
+                assert r.status == 409 and time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert list(uploads.iterdir()) == []
+    finally:
+        await second.stop()
+        engine.close()
+    engine, third, restored = await run_server()
+    await third.stop()
+    engine.close()
+    assert restored == []

@@ -101,9 +101,9 @@ def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifac
             page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
             page.goto(server_url)
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            page.wait_for_function("() => document.getElementById('avatar').videoWidth > 0", timeout=20000)
             t0 = page.evaluate("document.getElementById('avatar').currentTime")
             frames0 = page.evaluate("document.getElementById('avatar').getVideoPlaybackQuality()"
                                     ".totalVideoFrames")
@@ -119,7 +119,7 @@ def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifac
                 };
             }""")
             page.wait_for_function(
-                "/\\d+(\\.\\d)? fps/.test(document.getElementById('status-fps').textContent)", timeout=10000)
+                "() => /\\d+(\\.\\d)? fps/.test(document.getElementById('status-fps').textContent)", timeout=10000)
             status = page.inner_text("#status")
             page.screenshot(path=str(artifacts_dir / "browser.png"))
             page.set_viewport_size({"width": 390, "height": 844})  # a phone
@@ -136,15 +136,17 @@ def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifac
             second = browser.new_page()
             second.goto(server_url)
             second.click("#start")
-            second.wait_for_function("!document.getElementById('message').hidden", timeout=15000)
+            second.wait_for_function("() => !document.getElementById('message').hidden", timeout=15000)
             assert "full" in second.inner_text("#message"), second.inner_text("#message")
             assert second.inner_text("#status-state") == "error"
             page.click("#stop")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'idle'")
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'idle'")
             second.close()
         finally:
             browser.close()
         (artifacts_dir / "browser-console.log").write_text("\n".join(console))
+    # The page works under its Content-Security-Policy (server/surface.py): nothing it does was blocked.
+    assert not [line for line in console if "Content Security Policy" in line], console
 
 
 def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifacts_dir):
@@ -160,7 +162,7 @@ def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifa
                 Promise.reject(new DOMException("Permission denied", "NotAllowedError"));""")
             refused.goto(server_url)
             refused.click("#start")
-            refused.wait_for_function("!document.getElementById('message').hidden", timeout=10000)
+            refused.wait_for_function("() => !document.getElementById('message').hidden", timeout=10000)
             assert "refused" in refused.inner_text("#message").lower()
             assert refused.inner_text("#status-state") == "error"
             refused.close()
@@ -170,11 +172,11 @@ def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifa
             page.goto(server_url)
             page.check("input[name=source][value=file]")
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
             page.set_input_files("#file", str(speech_wav))
             page.click("#send-file")
-            page.wait_for_function("!document.getElementById('send-file').disabled")
+            page.wait_for_function("() => !document.getElementById('send-file').disabled")
             assert page.is_hidden("#message"), page.inner_text("#message")
             audio_in = page.evaluate("""async () => {
                 const list = await (await fetch('/sessions')).json();
@@ -187,10 +189,10 @@ def test_browser_file_text_and_refused_microphone(server_url, speech_wav, artifa
                 page.check("input[name=source][value=text]")
                 page.click("#start")
                 page.wait_for_function(
-                    "document.getElementById('status-state').textContent === 'connected'", timeout=30000)
+                    "() => document.getElementById('status-state').textContent === 'connected'", timeout=30000)
                 page.fill("#text", "Hello from the text box.")
                 page.click("#say")
-                page.wait_for_function("!document.getElementById('say').disabled")
+                page.wait_for_function("() => !document.getElementById('say').disabled")
                 assert page.is_hidden("#message"), page.inner_text("#message")
                 page.click("#stop")
         finally:
@@ -239,10 +241,10 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
             page.goto(server_url)
             assert page.is_disabled("#record")  # nothing to record before a stream plays
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
                                    timeout=30000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
-            page.wait_for_function("!document.getElementById('record').disabled", timeout=10000)
+            page.wait_for_function("() => document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            page.wait_for_function("() => !document.getElementById('record').disabled", timeout=10000)
             sent: list[tuple[str, str]] = []
             page.on("request", lambda request: sent.append((request.method, request.url)))
             page.click("#record")
@@ -254,7 +256,7 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
             page.click("#record")
             # ~5 s, or longer when a loaded machine made the screenshot or the clicks slow
             recorded_s = time.monotonic() - started
-            page.wait_for_function("!document.getElementById('recording').hidden", timeout=10000)
+            page.wait_for_function("() => !document.getElementById('recording').hidden", timeout=10000)
             shown = page.inner_text("#recording-details")
             shown_ms = int(page.get_attribute("#recording", "data-duration-ms") or 0)
             page.screenshot(path=str(artifacts_dir / f"browser-recorded-{container}.png"))
@@ -267,7 +269,7 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
             page.set_viewport_size({"width": 390, "height": 844})
             page.screenshot(path=str(artifacts_dir / f"browser-recorded-{container}-phone.png"), full_page=True)
             page.click("#stop")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'idle'")
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'idle'")
             assert page.is_disabled("#record") and page.is_visible("#recording-link")
         finally:
             browser.close()

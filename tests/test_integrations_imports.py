@@ -25,3 +25,14 @@ def test_integrations_and_examples_never_import_server():
     offenders = {f.name: sorted(m for m in imported_modules(f) if m == "server" or m.startswith("server."))
                  for f in files}
     assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_packages_others_import_are_marked_typed():
+    """integrations/ (and the realtime/ it exposes) is a library others import: PEP 561's marker must be in
+    each package and shipped as package data, or their type checkers see `Any` everywhere."""
+    import tomllib
+
+    for package in ("integrations", "realtime", "server", "models", "cli"):
+        assert (ROOT / package / "py.typed").is_file(), package
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any("py.typed" in patterns for patterns in data.values()), data

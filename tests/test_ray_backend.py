@@ -3,6 +3,8 @@ rendered through it equals the local backend's output, a killed replica is survi
 that cannot reach its cluster fails at once with a clear message."""
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -12,8 +14,8 @@ import numpy as np
 import pytest
 from test_render_tier import run_session
 
-from realtime.avatar import load_default_avatar
 from realtime.config import EngineConfig
+from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.remote_renderer import RemoteRenderer
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
@@ -21,7 +23,12 @@ from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import RENDERED, LipSyncSession
 
 ray = pytest.importorskip("ray")  # the test extra installs ray[serve]: this runs in CI
-from server.ray_render_tier import RayRenderTier, RayTierSettings  # noqa: E402
+from server.ray_render_tier import (  # noqa: E402
+    RayRenderTier,
+    RayTierSettings,
+    token_auth_enabled,
+    warn_unless_token_auth,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -31,6 +38,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tier():
+    # Ray 2.52-2.58's default, or an operator's environment: the server must turn token auth on itself.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     tier = RayRenderTier.connect(RayTierSettings(local_cpus=2, app_name="test-render"), RendererSpec())
     yield tier
     tier.close()
@@ -112,3 +121,44 @@ def test_the_server_refuses_to_start_without_its_render_tier():
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
     assert time.monotonic() - t0 < 60  # interpreter and torch start-up; the probe itself takes milliseconds
+
+
+JOIN = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False, _node_ip_address="127.0.0.1")
+    print("JOINED", ray.get(ray.put(41)) + 1)
+except Exception as exc:
+    print("REFUSED", type(exc).__name__)
+"""
+
+
+def join_cluster(gcs_address: str, home: Path, **auth: str) -> str:
+    """A separate driver joining the cluster with only the `auth` RAY_AUTH_* settings (and an empty
+    HOME, so no ~/.ray/auth_token): its stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), **auth)
+    done = subprocess.run([sys.executable, "-c", JOIN, gcs_address], env=env, capture_output=True,
+                          text=True, timeout=240)
+    return done.stdout + done.stderr
+
+
+def test_the_local_cluster_requires_ray_token_auth(tier, tmp_path):
+    """Issue #25: a local cluster started without --ray-address used no authentication (its GCS listens
+    beyond loopback: anyone reaching it could run code). Now it runs RAY_AUTH_MODE=token with this
+    process's own token: a driver without the token is refused, one with it joins."""
+    assert os.environ["RAY_AUTH_MODE"] == "token" and token_auth_enabled()
+    gcs = ray.get_runtime_context().gcs_address
+    refused = join_cluster(gcs, tmp_path)
+    assert "REFUSED" in refused and "InvalidAuthToken" in refused, refused[-2000:]
+    joined = join_cluster(gcs, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ["RAY_AUTH_TOKEN"])
+    assert "JOINED 42" in joined, joined[-2000:]
+
+
+def test_an_external_cluster_without_token_auth_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="server.ray_render_tier"):
+        warn_unless_token_auth("10.0.0.5:6379", enabled=True)
+        assert not caplog.records
+        warn_unless_token_auth("10.0.0.5:6379", enabled=False)
+    assert len(caplog.records) == 1 and "without token authentication" in caplog.records[0].getMessage()
+    assert "10.0.0.5:6379" in caplog.records[0].getMessage()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_engine import FakeAvatar, RecordingRenderer, drive
 
-from realtime.avatar import load_default_avatar
 from realtime.clock import ManualClock
 from realtime.config import EngineConfig
+from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.edf_batcher import EdfBatcher, Waiting, plan_batch
 from realtime.render_tier.remote_renderer import RemoteRenderer, RenderTierError
 from realtime.render_tier.replica import RenderReplica

@@ -124,9 +124,10 @@ async def test_session_routes_need_their_own_token(server, http, clean_log):
         await expect_error(resp, 403)
     async with http.get(alice.url(), headers=alice.auth) as resp:
         assert resp.status == 200 and (await resp.json())["id"] == alice.session_id
-    # ?token= only for GET (WebSocket / EventSource cannot set headers), never for a POST.
+    # ?token= only on the WebSocket and EventSource routes (they cannot set headers), never elsewhere
+    # (issue #25: a URL ends up in proxy logs), never for a POST.
     async with http.get(alice.url(token=True)) as resp:
-        assert resp.status == 200
+        await expect_error(resp, 401, "session_token")
     async with http.post(alice.url("/interrupt", token=True)) as resp:
         await expect_error(resp, 401)
     async with http.ws_connect(alice.url("/stream", token=True)) as ws:
@@ -209,12 +210,12 @@ async def test_secrets_stay_out_of_the_access_log(engine, caplog):
     task = asyncio.create_task(serve_async(config, engine, started=started, stop=stop))
     port = await asyncio.wait_for(started, timeout=10)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}/sessions/x?token=sekrit-value") as resp:
-            assert resp.status == 404
+        async with http.get(f"http://127.0.0.1:{port}/sessions/x/events?token=sekrit-value") as resp:
+            assert resp.status == 404  # the EventSource route reads ?token= (then finds no session x)
     stop.set()
     await asyncio.wait_for(task, timeout=10)
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
-    assert any("/sessions/x?token=REDACTED" in line for line in lines), lines
+    assert any("/sessions/x/events?token=REDACTED" in line for line in lines), lines
     assert not any("sekrit" in line for line in lines)
 
 
@@ -445,15 +446,20 @@ async def test_decodes_run_on_their_own_bounded_pool(engine, http, clean_log, mo
         headers = {"Content-Type": "audio/wav", **client.auth}
         first = asyncio.create_task(http.post(client.url("/audio"), data=upload, headers=headers))
         assert await settle(lambda: bool(threads))
-        async with http.post(client.url("/audio"), data=upload, headers=headers) as resp:
+        other = await connected(server, http, clean_log)
+        async with http.post(other.url("/audio"), data=upload,
+                             headers={"Content-Type": "audio/wav", **other.auth}) as resp:
             await expect_error(resp, 503, "busy")
             assert resp.headers["Retry-After"] == "1"
+        async with http.post(client.url("/audio"), data=upload, headers=headers) as resp:
+            await expect_error(resp, 429, "already")  # one decode per session at a time
         release.set()
         resp = await first
         assert resp.status == 200
         resp.release()
         assert threads == ["lipsync-decode_0"]  # never asyncio's default executor (aiortc's encoders)
         await client.close()
+        await other.close()
     finally:
         await server.stop()
 
@@ -519,7 +525,7 @@ async def test_say_timeout_is_a_504(engine, http, clean_log, tmp_path):
         async with http.post(client.url("/say"), json={"text": "hello"}, headers=client.auth) as resp:
             await expect_error(resp, 504, "longer than")
         assert time.monotonic() - t0 < 3.0
-        assert server.app[STATE].pool.busy == 0 and not server.app[STATE].saying
+        assert server.app[STATE].pool.busy == 0 and not server.app[STATE].pool.sessions
         await client.close()
     finally:
         await server.stop()
@@ -612,10 +618,18 @@ async def test_config_hands_out_turn_rest_credentials(engine, http, clean_log, c
                                 turn_ttl_s=600, ice_servers=[IceServer.parse("turn:bob:hunter2@relay.example")])
     try:
         async with http.get(server.endpoint("/config")) as resp:
+            config = await resp.json()
+        # The page's config carries no relay credential: those come from /ice-servers, one per attempt.
+        assert config["turn"] is True and all("credential" not in s or s["urls"] == ["turn:relay.example"]
+                                              for s in config["ice_servers"])
+        async with http.get(server.endpoint("/ice-servers")) as resp:
+            assert resp.headers["Cache-Control"] == "no-store"
             servers = (await resp.json())["ice_servers"]
         rest = next(s for s in servers if s["urls"] == ["turn:turn.example.org:3478"])
         expiry, tag = rest["username"].split(":")
         assert abs(float(expiry) - (time.time() + 600)) < 5 and tag
+        assert any(r.getMessage() == "TURN credentials issued" and getattr(r, "ticket", None) == tag
+                   and getattr(r, "remote", None) == "127.0.0.1" for r in caplog.records)
         digest = hmac.new(secret.encode(), rest["username"].encode(), hashlib.sha1).digest()
         assert rest["credential"] == base64.b64encode(digest).decode()
         assert any("every visitor" in r.getMessage() and "relay.example" in r.getMessage()
