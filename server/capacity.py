@@ -18,10 +18,11 @@ session only while every admitted one can still be served with headroom:
   probe and the live figure, so a busier machine (other processes, a noisy session mix) only lowers the
   capacity; a late-tick rate above `LATE_FRACTION` freezes admission at the live count for `hold_s`.
 
-The capacity is the smallest of three bounds: the CPU (`headroom` x the cores this process may use,
-over a session's cores), the event loop (`headroom` x one thread, over a session's loop share: one
-loop and one GIL serve every session of a process), and `--max-sessions N` when one is given. It is
-never below 1 (a server that admits nothing serves nothing; its one session says how it fares).
+The capacity is the smallest of three bounds: the CPU (`headroom` x the machine's cores over a session's
+cores, less the sessions other worker processes hold on the same cores), the event loop (`headroom` x one
+thread, over a session's loop share: one loop and one GIL serve every session of a process), and
+`--max-sessions N` when one is given (per process). A lone process never goes below 1 (a server that
+admits nothing serves nothing; its one session says how it fares).
 `/healthz` `free_slots` and the 503 of `POST /offer` read the same `CapacityModel`.
 """
 from __future__ import annotations
@@ -112,6 +113,9 @@ class CapacityModel:
         self._live_loop_ms: float | None = None
         self._frozen_until = -math.inf
         self.overloads = 0  # windows that froze admission
+        # With --workers: the sessions the other worker processes hold (the shared board), which take
+        # their share of the same cores. None: this process is the only one.
+        self.others: Callable[[], int] | None = None
 
     def calibrate(self, cost: SessionCost) -> None:
         """Adopt the start-up probe's cost (before serving): from now on the limit is measured."""
@@ -136,22 +140,28 @@ class CapacityModel:
         """Each bound by name (None: not measured / not given): the CPU, the event loop, the flag."""
         cost = self.cost()
         cpu = loop = None
-        if cost is not None:
-            cpu = _fit(self.headroom * self.cores, cost.cores(self.fps))
-            loop = _fit(self.headroom * 1.0, cost.loop_cores(self.fps))
+        if cost is not None:  # the cores are the machine's: other workers' sessions use them too
+            cpu = max(0, _fit(self.headroom * self.cores, cost.cores(self.fps)) - self._others())
+            loop = _fit(self.headroom * 1.0, cost.loop_cores(self.fps))  # this process's own loop
         return {"cpu": cpu, "loop": loop, "max_sessions": self.upper_bound}
 
+    def _others(self) -> int:
+        return 0 if self.others is None else self.others()
+
     def capacity(self) -> int:
-        """Sessions that fit with headroom, ignoring a current overload."""
+        """Sessions this process may hold with headroom, ignoring a current overload. At least 1 when
+        it is the only process (one session says how this machine fares); with other workers holding
+        sessions, 0 when they already fill the cores."""
         if self.calibrated is None:
             return self.upper_bound or DEFAULT_SESSIONS
-        return max(1, min(b for b in self.bounds().values() if b is not None))
+        floor = 1 if self._others() == 0 else 0
+        return max(floor, min(b for b in self.bounds().values() if b is not None))
 
     def limit(self, live: int) -> int:
         """Sessions admitted in all now: the capacity, or no more than `live` while overloaded."""
         capacity = self.capacity()
-        if self.overloaded():
-            return max(1, min(capacity, live))
+        if self.overloaded() and live:
+            return min(capacity, live)
         return capacity
 
     def overloaded(self) -> bool:
@@ -199,17 +209,15 @@ def _fit(budget: float, per_session: float) -> int:
 
 def unmeasured_capacity(config: ServerConfig, fps: float) -> CapacityModel:
     """The model of an app whose engine was not probed: the fixed `--max-sessions` (auto: DEFAULT_SESSIONS)."""
-    return CapacityModel(fps, config.max_sessions or None, usable_cores(config.workers), None,
-                         config.capacity_headroom)
+    return CapacityModel(fps, config.max_sessions or None, usable_cores(), None, config.capacity_headroom)
 
 
-def usable_cores(workers: int = 1) -> float:
-    """The cores this process may use: its CPU affinity, shared evenly by `workers` front-ends (0: one)."""
+def usable_cores() -> float:
+    """The cores this server may use: its CPU affinity (shared by all its worker processes)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return float(len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores / max(1, workers)
+        return float(os.cpu_count() or 1)
 
 
 # -- live ------------------------------------------------------------------------------------------

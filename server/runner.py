@@ -62,6 +62,8 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         log.info("engine ready", extra=engine.info)
         app = create_app(config, engine)
         app[STATE].seat = seat
+        if seat is not None:  # the other workers' sessions share the cores (server/capacity.py)
+            app[STATE].sessions.capacity.others = seat.others_sessions
         if handoff is not None:  # one request per connection: the supervisor routes each on its own
             app.on_response_prepare.append(_close_connection)
         if own_engine:  # what one session of this engine costs here: the admission model's unit

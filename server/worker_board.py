@@ -95,6 +95,10 @@ class WorkerSeat:
     def tag(self) -> str:
         return worker_tag(self.index, self.generation)
 
+    def others_sessions(self) -> int:
+        """Sessions the other workers hold now (their last publication)."""
+        return sum(r.sessions for r in self.board.rows() if r.index != self.index and r.ready)
+
 
 def worker_tag(index: int, generation: int) -> str:
     """The instance-id suffix of worker `index` in its `generation`-th life: "w1g0"."""

@@ -195,3 +195,15 @@ def test_max_sessions_flag_takes_auto_or_a_bound():
     assert ServerConfig.from_args(None, env={"LIPSYNC_MAX_SESSIONS": "6"}).max_sessions == 6
     with pytest.raises(ValueError, match="auto or a number"):
         ServerConfig.from_args(None, env={"LIPSYNC_MAX_SESSIONS": "0"})
+
+
+def test_other_workers_sessions_share_the_cpu_bound_but_not_the_loop():
+    # 2 cores: 5 sessions in all (0.75 x 2 / 0.275). Another worker holding 3 leaves 2 here.
+    m = model()
+    held = {"n": 3}
+    m.others = lambda: held["n"]
+    assert m.bounds() == {"cpu": 2, "loop": 10, "max_sessions": None} and m.capacity() == 2
+    held["n"] = 5  # the others fill the cores: nothing here, not even the lone process's 1
+    assert m.capacity() == 0 and m.limit(live=0) == 0
+    held["n"] = 0
+    assert m.capacity() == 5
