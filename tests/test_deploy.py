@@ -144,6 +144,8 @@ async def test_operator_routes_through_the_proxy_need_the_token(deployment):
             assert resp.status == 200
             config = await resp.json()
             assert config["turn"] is True
+            # Neither nginx nor the server names its version (issue #25 item 6).
+            assert resp.headers["Server"] in ("nginx", "lipsync"), resp.headers["Server"]
         for path in ("/sessions", "/metrics"):
             async with http.get(deployment.endpoint(path), headers=host) as resp:
                 assert resp.status == 401, path
