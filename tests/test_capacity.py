@@ -107,7 +107,7 @@ def test_probe_speech_is_voiced_and_bounded():
 @pytest.fixture
 async def capped_server(loopback_only):
     """A server whose measured capacity is 2: 0.75 x 2 cores over 0.6 cores a session (24 ms a frame)."""
-    from test_server_helpers import start_server, tiny_engine
+    from server_helpers import start_server, tiny_engine
 
     from server.state import STATE
 
@@ -129,7 +129,7 @@ async def health(http, server) -> dict:
 
 
 async def test_offer_past_the_measured_capacity_gets_503_and_healthz_agrees(capped_server, http):
-    from test_server_helpers import Client
+    from server_helpers import Client
 
     from server.state import STATE
 
@@ -169,7 +169,7 @@ async def test_offer_past_the_measured_capacity_gets_503_and_healthz_agrees(capp
 
 
 async def test_start_up_probe_serves_one_session_and_prices_it():
-    from test_server_helpers import tiny_engine
+    from server_helpers import tiny_engine
 
     from server.capacity import measure_session_cost
     from server.limits import started_pool

@@ -38,8 +38,8 @@ from deployment import (
     make_certificate,
     nginx,
 )
+from server_helpers import Client
 from test_browser import CHROMIUM, chromium_args
-from test_server_helpers import Client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -110,7 +110,7 @@ async def wait_no_sessions(deployment: Deployment, within_s: float = 20.0) -> No
 
 
 class ProxiedServer:
-    """What tests/test_server_helpers.Client needs: endpoints through nginx."""
+    """What tests/server_helpers.Client needs: endpoints through nginx."""
 
     def __init__(self, deployment: Deployment) -> None:
         self.url = deployment.endpoint("/")

@@ -157,7 +157,7 @@ async def check_every_route(http, client) -> None:
 
 
 async def test_every_route_of_a_session_reaches_its_worker_and_a_killed_worker_restarts(two_workers, http):
-    from test_server_helpers import Client
+    from server_helpers import Client
 
     server, boss = two_workers
     a, b = Client(server, http), Client(server, http)
