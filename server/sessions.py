@@ -13,12 +13,13 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine, Iterator
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
 from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
+from server.capacity import CapacityModel
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
 from server.link_quality import LinkQuality
@@ -65,6 +66,12 @@ class Session:
     close_reason: str = ""
     link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
     nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
+    # Where server notices for this session go (its event feeds register here; called on the loop).
+    notices: set[Callable[[dict], None]] = field(default_factory=set)
+
+    def notify(self, message: dict) -> None:
+        for deliver in list(self.notices):
+            deliver(message)
 
     @property
     def has_microphone(self) -> bool:
@@ -123,16 +130,16 @@ def safe_metrics(engine: EngineSession) -> SessionStats | None:
 
 def new_session_id(instance_id: str = "") -> str:
     """A random id; with an instance id, "<instance>-<random>": the owner's name comes first so a load
-    balancer in front of several front-ends can route a session's routes by prefix (README "Scaling out")."""
+    balancer in front of several front-ends can route a session's routes by prefix (docs/scaling.md)."""
     token = secrets.token_urlsafe(12)
     return f"{instance_id}-{token}" if instance_id else token
 
 
 class SessionManager:
-    def __init__(self, max_sessions: int, connect_timeout_s: float = 10.0,
+    def __init__(self, capacity: CapacityModel, connect_timeout_s: float = 10.0,
                  peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
                  trimmer: HeapTrimmer | None = None) -> None:
-        self.max_sessions = max_sessions
+        self.capacity = capacity  # how many sessions may be live: measured (server/capacity.py) or fixed
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.disconnect_grace_s = disconnect_grace_s
@@ -147,16 +154,35 @@ class SessionManager:
 
     # -- capacity ----------------------------------------------------------------------------------
 
+    @property
+    def max_sessions(self) -> int:
+        """Sessions admitted in all now (live + negotiating): the capacity model's limit."""
+        return self.capacity.limit(len(self._sessions))
+
+    def free_slots(self) -> int:
+        """Offers that would be admitted now: what /healthz tells a load balancer."""
+        return max(self.max_sessions - len(self._sessions) - self._reserved, 0)
+
     def reserve(self) -> "Reservation":
         """Claim a slot for a session being negotiated; raises ServerFull."""
-        if len(self._sessions) + self._reserved >= self.max_sessions:
+        limit = self.max_sessions
+        if len(self._sessions) + self._reserved >= limit:
             self.rejected_total += 1
-            raise ServerFull(self.max_sessions, retry_after_s=self.retry_hint_s())
+            raise ServerFull(limit, retry_after_s=self.retry_hint_s())
         self._reserved += 1
         return Reservation(self)
 
     def retry_hint_s(self) -> int:
-        return 5
+        return self.capacity.retry_after_s()
+
+    def ticks(self) -> Iterator[tuple[str, int, int]]:
+        """(id, video ticks, late ticks) of each live session, for the capacity monitor: a tick is late
+        when the pacer skipped it or its speech frame's render missed its deadline."""
+        for session in self:
+            stats = safe_metrics(session.engine)
+            dropped = 0 if stats is None else stats.frames_dropped
+            yield session.id, session.video.stats.frames + session.video.stats.skipped, \
+                session.video.stats.skipped + dropped
 
     # -- lookup ------------------------------------------------------------------------------------
 
