@@ -19,8 +19,9 @@ simulated time. A link applies, in order:
 `Relay` puts a link in each direction between two loopback sockets: `client_address` is what the client
 is told is the server, `server_address` what the server is told is the client (bench/network.py
 rewrites the ICE candidates of both SDPs to these, so every packet crosses the relay: neither side
-knows the other's real port). The client's address is learned from its first datagram; the server's
-is given. Delivery is scheduled with `loop.call_at`: constant work per datagram, no queue scan.
+knows the other's real port). The client's address is learned from its first datagram (datagrams from
+any other source, a browser's other host candidates, are dropped, so ICE settles on one path); the
+server's is given. Delivery is scheduled with `loop.call_at`: constant work per datagram, no queue scan.
 """
 from __future__ import annotations
 
@@ -263,7 +264,10 @@ class Relay:
     def _received(self, side: str, data: bytes, addr: Address) -> None:
         assert self._loop is not None
         if side == "client":
-            self.client = addr
+            if self.client is None:
+                self.client = addr   # the first source only: one path, as a NAT would pin it
+            elif addr != self.client:
+                return               # a browser's other host candidates get no answer
             direction, out, to = "up", self._server_side, self.server
         else:
             direction, out, to = "down", self._client_side, self.client

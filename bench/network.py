@@ -28,10 +28,16 @@ link), at the client:
 - latency_delta_ms: mic_to_audio_ms minus the clean condition's.
 outage3s adds survived (the session still open after it), video_resume_ms (from the link's return to
 the next decoded frame) and frames_first_s (frames decoded in the second after it: no stale burst).
-The "chromium" entry is null: the installed Chromium was not driven through the relay (docs/network.md).
+Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the page itself (Start, its
+microphone faked from a wav of the clip and silence, looped by Chromium) through the same relay: a
+Playwright route on POST /offer rewrites both SDPs. From `getStats()` deltas over the window: fps
+(framesDecoded), freeze_ms_total (totalFreezesDuration), concealed_pct (concealedSamples /
+totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt; longest_freeze_ms, lip_lead_ms,
+mic_to_audio_ms and latency_delta_ms are null (the page gives no per-freeze durations, and the returned
+audio is not captured).
 
 The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "chromium": null}},
-"loadavg": ..., "seconds": ...}.
+"loadavg": ..., "seconds": ...}; "chromium" is null when it was not run.
 """
 from __future__ import annotations
 
@@ -65,9 +71,11 @@ from bench.netimpair import (  # noqa: E402
     Impairment,
     Relay,
     negotiate_through,
+    rewrite_candidates,
     use_give_up_jitter_buffer,
 )
 from server import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
+from server.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("bench.network")
 
@@ -352,6 +360,164 @@ def kbps_over(history: list[tuple[float, int]], t1: float, seconds: float) -> fl
     return 8 * (bb - ba) / max(tb - ta, 1e-6) / 1000
 
 
+# -- Chromium --------------------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+STATS_JS = """async () => {
+  const out = {video: {}, audio: {}, rtt_ms: null, pair: null};
+  if (typeof session === 'undefined' || !session) return null;
+  const report = await session.pc.getStats();
+  const byId = {};
+  report.forEach((s) => { byId[s.id] = s; });
+  report.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') out.video = {frames: s.framesDecoded || 0,
+      dropped: s.framesDropped || 0, freezes: s.freezeCount || 0, freeze_s: s.totalFreezesDuration || 0};
+    if (s.type === 'inbound-rtp' && s.kind === 'audio') out.audio = {concealed: s.concealedSamples || 0,
+      total: s.totalSamplesReceived || 0, jb: s.jitterBufferDelay || 0, jbn: s.jitterBufferEmittedCount || 0};
+    if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+      out.rtt_ms = typeof s.currentRoundTripTime === 'number' ? 1000 * s.currentRoundTripTime : null;
+      const l = byId[s.localCandidateId], r = byId[s.remoteCandidateId];
+      out.pair = (l ? l.candidateType : '?') + '/' + (r ? r.candidateType : '?');
+    }
+  });
+  out.t = performance.now() / 1000;
+  return out;
+}"""
+
+
+def chromium_available() -> bool:
+    if not CHROMIUM.exists():
+        return False
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mic_wav(clip: np.ndarray, period_s: float, path: Path) -> Path:
+    import wave
+
+    pcm = pcm16(np.concatenate([clip, np.zeros(int(period_s * RATE) - len(clip), np.float32)]))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+async def chromium_condition(browser: Any, server: Server, name: str, seconds: float, seed: int) -> dict[str, Any]:
+    up, down = CONDITIONS[name]
+    relay = await Relay(up=up, down=down, seed=seed).start()
+    sent: list[tuple[float, int]] = []
+    sampler = asyncio.ensure_future(sample_sent(relay, sent))
+    page = await browser.new_page()
+
+    async def offer_route(route: Any, request: Any) -> None:
+        body = request.post_data_json
+        body["sdp"], _ = rewrite_candidates(body["sdp"], relay.server_address)
+        response = await route.fetch(post_data=json.dumps(body))
+        answer = await response.json()
+        if response.status == 200:
+            answer["sdp"], relay.server = rewrite_candidates(answer["sdp"], relay.client_address)
+        await route.fulfill(response=response, json=answer)
+
+    result: dict[str, Any] = {}
+    try:
+        await page.route("**/offer", offer_route)
+        await page.goto(server.url)
+        await page.click("#start")
+        await page.wait_for_function(
+            "() => document.getElementById('status-state').textContent === 'connected'", timeout=30000)
+        await asyncio.sleep(3.0)
+        a = await page.evaluate(STATS_JS)
+        t0 = time.monotonic()
+        outage_end = None
+        if name == "outage3s":
+            await asyncio.sleep(seconds / 2 - 1.5)
+            relay.outage(3.0)
+            await asyncio.sleep(3.0)
+            outage_end = time.monotonic()
+            frames_at_end = (await page.evaluate(STATS_JS))["video"]["frames"]
+            resume = None
+            while time.monotonic() < outage_end + 5.0:
+                now_frames = (await page.evaluate(STATS_JS))["video"]["frames"]
+                if now_frames > frames_at_end + 1:
+                    resume = time.monotonic() - outage_end
+                    break
+                await asyncio.sleep(0.05)
+            result["video_resume_ms"] = None if resume is None else round(1000 * resume, 1)
+            rest = seconds / 2 - 1.5 - (time.monotonic() - outage_end)
+            await asyncio.sleep(max(0.0, rest))
+        else:
+            await asyncio.sleep(seconds)
+        b = await page.evaluate(STATS_JS)
+        t1 = time.monotonic()
+        if outage_end is not None:
+            result["survived"] = await page.evaluate(
+                "async () => session ? (await fetch('/sessions/' + session.id, "
+                "{headers: {Authorization: 'Bearer ' + session.token}})).status === 200 : false")
+        dt = b["t"] - a["t"]
+        dv = {k: b["video"].get(k, 0) - a["video"].get(k, 0) for k in b["video"]}
+        da = {k: b["audio"].get(k, 0) - a["audio"].get(k, 0) for k in b["audio"]}
+        result.update({
+            "fps": round(dv.get("frames", 0) / dt, 2),
+            "freeze_ms_total": round(1000 * dv.get("freeze_s", 0), 1),
+            "longest_freeze_ms": None,
+            "freezes": dv.get("freezes"),
+            "frames_dropped": dv.get("dropped"),
+            "concealed_pct": round(100 * da["concealed"] / da["total"], 2) if da.get("total") else None,
+            "jitter_buffer_ms": round(1000 * da["jb"] / da["jbn"], 1) if da.get("jbn") else None,
+            "lip_lead_ms": None,
+            "mic_to_audio_ms": None,
+            "send_kbps": kbps_over(sent, t1, min(10.0, t1 - t0)),
+            "latency_delta_ms": None,
+            "rtt_ms": None if b["rtt_ms"] is None else round(b["rtt_ms"], 1),
+            "candidate_pair": b["pair"],
+        })
+        if result["send_kbps"] is not None:
+            result["send_kbps"] = round(result["send_kbps"], 1)
+        result["relay"] = {d: {"dropped": relay.links[d].stats.dropped,
+                               "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
+        await page.click("#stop")
+    finally:
+        sampler.cancel()
+        await page.close()
+        relay.close()
+    return result
+
+
+async def run_chromium(server: Server, names: list[str], clip: np.ndarray, seconds: float,
+                       tmp: Path) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    wav = mic_wav(clip, max(3.5, len(clip) / RATE + 1.5), tmp / "mic.wav")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
+            "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+    results: dict[str, Any] = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+        try:
+            for i, name in enumerate(names):
+                before = loadavg()
+                try:
+                    res = await chromium_condition(browser, server, name, seconds, seed=200 + i)
+                except Exception as exc:  # a figure that cannot be had is null, never made up
+                    log.warning("chromium %s failed: %s", name, exc)
+                    res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                res["loadavg"] = [before, loadavg()]
+                results[name] = res
+                log.info("chromium %-15s %s", name, json.dumps(res))
+        finally:
+            await browser.close()
+    return results
+
+
 # -- the server ---------------------------------------------------------------------------------------
 
 def start_server(repo: Path, log_path: Path, timeout_s: float = 300.0) -> Server:
@@ -404,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--chromium", choices=("auto", "yes", "no"), default="auto",
+                        help="also drive the page in /usr/bin/chromium through the relay (auto: if installed)")
     parser.add_argument("--server-repo", type=Path, default=REPO,
                         help="the checkout whose run_server.py serves (the client is always this one's)")
     args = parser.parse_args(argv)
@@ -415,17 +583,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds < 8:
         raise SystemExit("--seconds must be >= 8")
     opus_fec.offer_inband_fec()
+    use_host_addresses(["127.0.0.1"])   # the aiortc client offers loopback only (house rule)
     import aiortc.rtcrtpreceiver
     aiortc.rtcrtpreceiver.get_decoder = _recording_decoder
     clip = espeak_clip_16k(TEXT)
+    use_chromium = args.chromium == "yes" or (args.chromium == "auto" and chromium_available())
+    browser_results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(args.server_repo.resolve(), Path(tmp) / "server.log")
         try:
             results = asyncio.run(run_all(server, names, clip, args.seconds))
+            if use_chromium:
+                browser_results = asyncio.run(run_chromium(server, names, clip, args.seconds, Path(tmp)))
         finally:
             server.stop()
     sys.stdout.flush()
-    print(json.dumps({"conditions": {n: {"aiortc": r, "chromium": None} for n, r in results.items()},
+    print(json.dumps({"conditions": {n: {"aiortc": r, "chromium": browser_results.get(n)}
+                                     for n, r in results.items()},
                       "seconds": args.seconds, "server_repo": str(args.server_repo), "cpus": os.cpu_count(),
                       "loadavg": loadavg()}), flush=True)
     return 0

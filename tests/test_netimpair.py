@@ -162,6 +162,12 @@ async def test_relay_forwards_both_ways_through_its_two_sockets():
         await asyncio.sleep(0.1)
         assert server.got[-1][0] == b"back"
         assert relay.links["up"].stats.dropped_outage == 1
+        # A second source (a browser's other host candidate) gets no path: one path, as a NAT pins it.
+        other_t, _ = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+        other_t.sendto(b"other", relay.client_address)
+        await asyncio.sleep(0.1)
+        assert server.got[-1][0] == b"back"
+        other_t.close()
     finally:
         relay.close()
         server_t.close()
