@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import read_wav, synthesize
+from test_default_renderer import synthetic_avatar
 
 from realtime.compositor import paste
 from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
@@ -27,8 +29,6 @@ from realtime.renderers.mouth_params import (
     MouthParamsConfig,
     mouth_params,
 )
-from tests.conftest import read_wav, synthesize
-from tests.test_default_renderer import synthetic_avatar
 
 log = logging.getLogger(__name__)
 FPS = 25.0
