@@ -145,6 +145,14 @@ class CapacityModel:
             loop = _fit(self.headroom * 1.0, cost.loop_cores(self.fps))  # this process's own loop
         return {"cpu": cpu, "loop": loop, "max_sessions": self.upper_bound}
 
+    def cpu_room(self, live: int) -> int | None:
+        """Sessions the machine's cores still take, counting every worker's (`live`: this process's live
+        and negotiating ones); None when not measured. The server-wide free slots never exceed it."""
+        cost = self.cost()
+        if cost is None:
+            return None
+        return max(0, _fit(self.headroom * self.cores, cost.cores(self.fps)) - self._others() - live)
+
     def _others(self) -> int:
         return 0 if self.others is None else self.others()
 

@@ -151,6 +151,11 @@ class SessionManager:
         """Offers that would be admitted now: what /healthz tells a load balancer."""
         return max(self.max_sessions - len(self._sessions) - self._reserved, 0)
 
+    @property
+    def held(self) -> int:
+        """Live and negotiating sessions."""
+        return len(self._sessions) + self._reserved
+
     def reserve(self) -> "Reservation":
         """Claim a slot for a session being negotiated; raises ServerFull."""
         limit = self.max_sessions

@@ -207,3 +207,13 @@ def test_other_workers_sessions_share_the_cpu_bound_but_not_the_loop():
     assert m.capacity() == 0 and m.limit(live=0) == 0
     held["n"] = 0
     assert m.capacity() == 5
+
+
+def test_cpu_room_is_what_the_shared_cores_still_take():
+    m = model()  # 5 sessions fit the cores
+    held = {"n": 2}
+    m.others = lambda: held["n"]
+    assert m.cpu_room(live=1) == 2  # 5 - 2 elsewhere - 1 here
+    held["n"] = 6
+    assert m.cpu_room(live=0) == 0
+    assert CapacityModel(FPS, 3, 2.0).cpu_room(live=0) is None  # not measured: the fixed number rules
