@@ -187,7 +187,7 @@ def _free_slots(state: ServerState) -> int:
         return own
     others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
     total = own + sum(r.free_slots for r in others)
-    room = state.sessions.capacity.cpu_room(state.sessions.held)
+    room = state.sessions.capacity.shared_room(state.sessions.held)
     return total if room is None else min(total, room)
 
 
