@@ -88,6 +88,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 
 from realtime import compositor
 from realtime.config import EngineConfig
+from realtime.session_options import SessionOptions
 from server import encoders, tracks
 from server.realtime_engine import RealtimeEngine
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
@@ -387,7 +388,7 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
                       seconds: float, stages: StageClock, baseline: bool, sink: socket.socket,
                       address: tuple) -> dict:
     await asyncio.sleep(i / (n * engine.fps))  # independent peers: arbitrary phases
-    session = engine.open_session({}, name=f"s{i}")
+    session = engine.open_session(SessionOptions(), name=f"s{i}")
     source = TimedSource(session, stages)
     clock = MediaClock()
     video_track = AvatarVideoTrack(source, engine.fps, clock)

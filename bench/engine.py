@@ -46,20 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import TEXT, make_speech
 from realtime.config import EngineConfig
-from realtime.renderers.base import audio_needs_of
+from realtime.renderers.base import MouthRenderer, RendererTraits
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
 
 log = logging.getLogger("bench.engine")
 
 
-class CpuTimedRenderer:
+class CpuTimedRenderer(MouthRenderer):
     """Wraps a renderer to add up the CPU time its render calls use on the worker thread."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: MouthRenderer) -> None:
         self.inner = inner
-        self.name = getattr(inner, "name", type(inner).__name__)
-        self.audio_needs = audio_needs_of(inner)  # the look-ahead the engine sizes its delay from
+        self.name = inner.label
+        # the look-ahead the engine sizes its delay from
+        self.traits = RendererTraits(audio_needs=inner.traits.audio_needs)
         self.cpu_s = 0.0
         self.frames = 0
 

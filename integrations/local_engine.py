@@ -34,7 +34,7 @@ class LocalEngine:
 
     @property
     def fps(self) -> float:
-        return float(getattr(self.avatar, "fps", 0) or self.config.fps)
+        return float(self.avatar.fps or self.config.fps)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -106,7 +106,7 @@ class AvatarEntry:
             height, width = frames[0].shape[:2]
             fps = float(self.avatar.fps)
             out.update(width=int(width), height=int(height), fps=fps, frames=len(frames),
-                       seconds=round(len(frames) / fps, 2), loop=getattr(self.avatar, "loop", "pingpong"))
+                       seconds=round(len(frames) / fps, 2), loop=self.avatar.loop)
         if self.prepare_s is not None:
             out["prepare_s"] = round(self.prepare_s, 2)
         return out
@@ -159,7 +159,7 @@ class AvatarLibrary:
         self._entries: dict[str, AvatarEntry] = {}
         self._pending = 0
         self._executor: ThreadPoolExecutor | None = None
-        entry = AvatarEntry(id=default_id, name=default_name, source=str(getattr(default, "source", "")),
+        entry = AvatarEntry(id=default_id, name=default_name, source=default.source,
                             builtin=True)
         self._finish(entry, default, 0.0)
         self._entries[default_id] = entry
@@ -168,7 +168,7 @@ class AvatarLibrary:
     # -- adding ----------------------------------------------------------------------------------
     def add_builtin(self, avatar: Avatar, avatar_id: str, name: str) -> AvatarEntry:
         """Another always-present avatar (e.g. the server's --avatar beside the embedded one)."""
-        entry = AvatarEntry(id=self._free_id(avatar_id), name=name, source=str(getattr(avatar, "source", "")),
+        entry = AvatarEntry(id=self._free_id(avatar_id), name=name, source=avatar.source,
                             builtin=True)
         self._finish(entry, avatar, 0.0)
         with self._lock:
@@ -339,6 +339,21 @@ class AvatarLibrary:
         with self._lock:
             return list(self._entries.values())
 
+    def ready(self, avatar_id: str | None = None) -> tuple[AvatarEntry, Avatar]:
+        """The entry and avatar a session would get now: UnknownAvatar, or AvatarNotReady while it is
+        being prepared or after it failed (checked before any work for a session is done)."""
+        with self._lock:
+            return self._ready(avatar_id or self.default_id)
+
+    def _ready(self, avatar_id: str) -> tuple[AvatarEntry, Avatar]:
+        entry = self._entries.get(avatar_id)
+        if entry is None:
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+        if entry.state is not AvatarState.READY or entry.avatar is None:
+            detail = f": {entry.error}" if entry.error else f" ({round(100 * entry.progress)}% prepared)"
+            raise AvatarNotReady(f"avatar {avatar_id!r} is {entry.state.value}{detail}")
+        return entry, entry.avatar
+
     def _forget_failed(self, now: float | None = None) -> None:
         """Drop failed entries older than FAILED_KEEP_S, and the oldest beyond MAX_FAILED."""
         now = time.monotonic() if now is None else now
@@ -354,16 +369,10 @@ class AvatarLibrary:
 
     def acquire(self, avatar_id: str | None = None) -> tuple[str, Avatar]:
         """(id, avatar) for a new session, counted as in use until `release(id)`."""
-        avatar_id = avatar_id or self.default_id
         with self._lock:
-            entry = self._entries.get(avatar_id)
-            if entry is None:
-                raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
-            if entry.state is not AvatarState.READY or entry.avatar is None:
-                detail = f": {entry.error}" if entry.error else f" ({round(100 * entry.progress)}% prepared)"
-                raise AvatarNotReady(f"avatar {avatar_id!r} is {entry.state.value}{detail}")
+            entry, avatar = self._ready(avatar_id or self.default_id)
             entry.users += 1
-            return entry.id, entry.avatar
+            return entry.id, avatar
 
     def release(self, avatar_id: str) -> None:
         with self._lock:

@@ -56,8 +56,8 @@ class MouthHold:
         if self._held is None:
             return None
         patch, from_index = self._held
-        boxes = getattr(self._avatar, "boxes", None)
-        if boxes is None or from_index == avatar_index:
+        boxes = self._avatar.boxes
+        if from_index == avatar_index:
             return patch
         dy = int(boxes[avatar_index][0]) - int(boxes[from_index][0])
         dx = int(boxes[avatar_index][2]) - int(boxes[from_index][2])

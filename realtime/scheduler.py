@@ -46,13 +46,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
+from realtime.clock import ManualClock
 from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 
@@ -227,7 +228,7 @@ class RenderWorker:
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
                  clock: Clock = time.monotonic) -> None:
         self.renderer = renderer
-        self.name = getattr(renderer, "name", type(renderer).__name__)
+        self.name = renderer.label
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.clock = clock
@@ -236,7 +237,7 @@ class RenderWorker:
         # does not depend on how busy the worker happened to be when it opened (the live estimate moves
         # with every batch: a busy spell of slow renders would give the next sessions a longer delay).
         self.warmup_cost = CostModel()
-        mix = bool(getattr(renderer, "mixes_avatars", False))  # one call may render several avatars' frames
+        mix = renderer.traits.mixes_avatars  # one call may render several avatars' frames
         self._wait_policy = BatchWaitPolicy(self.max_batch, self.max_wait_s, self.gather_safety, mix_avatars=mix)
         self._queue = _JobQueue(mix_avatars=mix)
         self._prepared: dict[int, Any] = {}   # id(avatar) -> avatar (kept alive so ids stay unique)
@@ -262,17 +263,13 @@ class RenderWorker:
                 for _ in self._prepare_steps(avatar, warmup):
                     pass
 
-    def _prepare_steps(self, avatar: Any, warmup: bool) -> Iterator[None]:
-        """`prepare` as slices: the renderer's `prepare_steps` when it has them, then one per warm-up size."""
-        steps = getattr(self.renderer, "prepare_steps", None)
-        if steps is not None:
-            yield from steps(avatar)
-        else:
-            self.renderer.prepare(avatar)
+    def _prepare_steps(self, avatar: Any, warmup: bool) -> Generator[None, None, None]:
+        """`prepare` as slices: the renderer's `prepare_steps`, then one per warm-up size."""
+        yield from self.renderer.prepare_steps(avatar)
         self._prepared[id(avatar)] = avatar
         if not warmup:
             return
-        context = getattr(self.renderer, "warmup_context", contextlib.nullcontext)
+        context = self.renderer.warmup_context
         sizes = [1, *sorted({min(b, self.max_batch) for b in self.curve_sizes} - {1})]
         for b in sizes:
             yield
@@ -291,9 +288,7 @@ class RenderWorker:
         """Drop a removed avatar: the worker's reference and the renderer's per-avatar data (if it can)."""
         with self._prepare_lock:
             self._prepared.pop(id(avatar), None)
-        release = getattr(self.renderer, "release", None)
-        if release is not None:
-            release(avatar)
+        self.renderer.release(avatar)
 
     def submit(self, job: RenderJob) -> None:
         raise NotImplementedError
@@ -338,17 +333,16 @@ class RenderWorker:
         avatar = batch[0].avatar
         indices = np.fromiter((j.avatar_index for j in batch), dtype=np.int64, count=len(batch))
         mels = np.stack([j.mel for j in batch]).astype(np.float32, copy=False)
-        # A remote renderer (realtime/render_tier) orders its replica's batches by deadline: tell it.
-        extra = ({"deadline_in_s": min(j.deadline for j in batch) - self.clock()}
-                 if getattr(self.renderer, "wants_deadline", False) else {})
         t0 = self.clock()
         try:
             patches: list[MouthPatch | None]
-            if all(j.avatar is avatar for j in batch):
-                patches = list(self.renderer.render(avatar, indices, mels, **extra))
-            else:  # only with a renderer that `mixes_avatars`: one call for every session's frames
-                render_mixed = getattr(self.renderer, "render_mixed")  # noqa: B009 (optional: base.py)
-                patches = list(render_mixed([j.avatar for j in batch], indices, mels))
+            if not all(j.avatar is avatar for j in batch):  # only when traits.mixes_avatars: one call for all
+                patches = list(self.renderer.render_mixed([j.avatar for j in batch], indices, mels))
+            elif self.renderer.traits.wants_deadline:  # a remote renderer orders the replica's batches by it
+                deadline_in_s = min(j.deadline for j in batch) - t0
+                patches = list(self.renderer.render_before(avatar, indices, mels, deadline_in_s))
+            else:
+                patches = list(self.renderer.render(avatar, indices, mels))
             if len(patches) != len(batch):
                 raise RuntimeError(f"renderer {self.name} returned {len(patches)} patches for {len(batch)} frames")
         except Exception:
@@ -376,7 +370,7 @@ class RenderWorker:
 class _WorkerTask:
     """Work handed to the worker thread: an iterator of slices, run one per loop turn, and its outcome."""
 
-    def __init__(self, steps: Iterator[Any]) -> None:
+    def __init__(self, steps: Generator[Any, None, None]) -> None:
         self.steps = steps
         self.done = threading.Event()
         self.result: Any = None
@@ -394,9 +388,7 @@ class _WorkerTask:
 
     def abandon(self) -> None:
         with contextlib.suppress(Exception):
-            close = getattr(self.steps, "close", None)
-            if close is not None:
-                close()
+            self.steps.close()
         self.error = RuntimeError("the render worker stopped before this task finished")
         self.done.set()
 
@@ -492,11 +484,11 @@ class ThreadedRenderWorker(RenderWorker):
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the worker thread between batches and return its result (or raise its error)."""
-        def once() -> Iterator[T]:
+        def once() -> Generator[T, None, None]:
             yield fn()
         return self._run_steps(once())
 
-    def _run_steps(self, steps: Iterator[Any]) -> Any:
+    def _run_steps(self, steps: Generator[Any, None, None]) -> Any:
         if threading.current_thread() is self._thread:  # already there (e.g. from a deliver callback)
             result = None
             for result in steps:  # noqa: B007 (the last value is the result)
@@ -598,7 +590,7 @@ class InlineRenderWorker(RenderWorker):
                 continue
             t0 = self.clock()
             patches, seconds = self._call_renderer(batch)
-            if hasattr(self.clock, "set"):
+            if isinstance(self.clock, ManualClock):
                 # Virtual time: the render "ran on the worker", so a settable clock shared with the
                 # sessions (a ManualClock the fake renderer advanced) is put back for the caller.
                 self.clock.set(t0)

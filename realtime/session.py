@@ -101,7 +101,7 @@ from realtime.mouth_hold import MouthHold
 from realtime.output_audio import DelayedAudioOut
 from realtime.playback import PlaybackTracker
 from realtime.rate_limited_log import RateLimitedLog
-from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch, audio_needs_of
+from realtime.renderers.base import OFFICIAL_WINDOW, MouthPatch
 from realtime.scheduler import RenderWorker
 from realtime.stall_threshold import StallThreshold
 from realtime.utterance_start import PendingStart, choose_start
@@ -119,20 +119,25 @@ class QueueLimit(Exception):
 
 class LipSyncSession:
     def __init__(self, avatar: Any, worker: RenderWorker | None, config: EngineConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic, name: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "", *, avatar_id: str = "default",
+                 on_close: Callable[[LipSyncSession], None] | None = None) -> None:
+        """`avatar_id`: the id the avatar has in its library (what the server answers with); `on_close`:
+        called once when the session closes (an engine gives its worker slot and avatar back)."""
         self.config = config or EngineConfig()
         self.avatar = avatar
+        self.avatar_id = avatar_id
         self.name = name
+        self._on_close = on_close
         self._worker = worker
         self._clock = clock
         if worker is not None:
             worker.prepare(avatar)
-        fps = float(getattr(avatar, "fps", 0) or self.config.fps)
+        fps = float(avatar.fps or self.config.fps)
         sizing = None if worker is None else (worker.warmup_cost if worker.warmup_cost.by_size else worker.cost)
         cost = (sizing.estimate(1) or None) if sizing is not None else None
         curve = sizing.estimate if sizing is not None and cost else None
         max_batch = min(self.config.max_batch, worker.max_batch) if worker is not None else 1
-        needs = audio_needs_of(worker.renderer) if worker is not None else OFFICIAL_WINDOW
+        needs = worker.renderer.traits.audio_needs if worker is not None else OFFICIAL_WINDOW
         self.timeline = Timeline.from_config(self.config, fps, render_cost_s=cost, batch_cost=curve,
                                              max_batch=max_batch, needs=needs)
         self._delay_samples = self.timeline.delay_samples
@@ -464,9 +469,13 @@ class LipSyncSession:
     def close(self) -> None:
         if self._closed:
             return
-        self.interrupt()
-        self._metrics.interrupts -= 1
-        self._closed = True
+        try:
+            self.interrupt()
+            self._metrics.interrupts -= 1
+        finally:
+            self._closed = True
+            if self._on_close is not None:
+                self._on_close(self)
 
     def metrics(self) -> SessionStats:
         self._planner.drain()

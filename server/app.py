@@ -11,11 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import avatars_api, encoders, events_api, push_api, signaling
+from server import avatars_api, encoders, events_api, opus_fec, push_api, signaling
 from server.auth import Guard, OperatorAuth, client_address
 from server.capacity import AUTO_SESSIONS_BOUND, CapacityModel, unmeasured_capacity
 from server.config import ServerConfig
-from server.engine import Engine, engine_health
+from server.engine import Engine
 from server.errors import json_errors
 from server.heap import HeapTrimmer
 from server.ice import client_ice_servers, new_ticket
@@ -39,6 +39,7 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
     the session cost measured at start (runner.py); without one, `--max-sessions` (or the auto default)
     admits a fixed number (server/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
+    opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
     hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
     if capacity is None:
         capacity = unmeasured_capacity(config, engine.fps)
@@ -149,8 +150,7 @@ async def client_ice_servers_now(request: web.Request) -> web.Response:
 
 
 def _default_avatar_id(engine: Engine) -> str:
-    library = getattr(engine, "avatars", None)
-    return library.default_id if library is not None else engine.info.get("avatar", "default")
+    return engine.avatars.default_id
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -158,7 +158,7 @@ async def healthz(request: web.Request) -> web.Response:
     or idle mouths meanwhile), 503 "draining" after SIGTERM (a load balancer sends new visitors
     elsewhere while live sessions finish), 503 "shutting down" once shutdown began."""
     state = state_of(request)
-    health = engine_health(state.engine)
+    health = state.engine.health()
     status = "shutting down" if state.closing else "draining" if state.draining else \
         "ok" if health.ok else "degraded"
     return web.json_response({

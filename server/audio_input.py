@@ -9,7 +9,6 @@ microphone picks up where the pushed audio ends (as played: counted on the engin
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
@@ -27,7 +26,6 @@ class AudioInput:
     def __init__(self, engine: EngineSession, max_queued_s: float = 300.0) -> None:
         self._engine = engine
         self.max_queued_s = max_queued_s
-        self._speaking_until = 0.0  # monotonic time at which the pushed audio will have played
         self.mic_frames = 0
         self.mic_dropped = 0
         self.pushed_s = 0.0
@@ -63,8 +61,6 @@ class AudioInput:
             self._engine.push_audio(samples[: frames * channels], sample_rate, channels)
         else:
             self._engine.push_audio(samples[: frames * channels], sample_rate, channels, utterance=utterance)
-        now = time.monotonic()
-        self._speaking_until = max(self._speaking_until, now) + duration
         self.pushed_s += duration
         if complete:
             self.end_of_audio()
@@ -72,12 +68,9 @@ class AudioInput:
 
     def end_of_audio(self) -> None:
         """The current utterance is complete: its last frames are made now, not after a stall."""
-        end = getattr(self._engine, "end_of_audio", None)
-        if end is not None:
-            end()
+        self._engine.end_of_audio()
 
     def interrupt(self) -> None:
-        self._speaking_until = 0.0
         self.interrupts += 1
         self._engine.interrupt()
 
@@ -85,13 +78,9 @@ class AudioInput:
 
     @property
     def queued_s(self) -> float:
-        """Pushed audio that has not played yet: exact from the engine's output timeline when it tracks
-        utterances (realtime/playback.py; every push through here names one), else estimated from wall
-        time."""
-        tracker = getattr(self._engine, "playback", None)
-        if tracker is not None:
-            return float(tracker.queued_s)
-        return max(0.0, self._speaking_until - time.monotonic())
+        """Pushed audio that has not played yet, exact from the engine's output timeline
+        (realtime/playback.py)."""
+        return float(self._engine.playback.queued_s)
 
     @property
     def speaking(self) -> bool:

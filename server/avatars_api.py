@@ -55,10 +55,7 @@ def add_routes(app: web.Application) -> None:
 
 
 def library_of(request: web.Request) -> AvatarLibrary:
-    avatars = getattr(state_of(request).engine, "avatars", None)
-    if avatars is None:
-        raise ApiError(404, "this server's engine has no avatar library")
-    return avatars
+    return state_of(request).engine.avatars
 
 
 def entry_of(request: web.Request) -> AvatarEntry:

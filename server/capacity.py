@@ -41,6 +41,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from realtime.session_options import SessionOptions
 from server import encoders
 from server.config import ServerConfig
 from server.engine import Engine, EngineSession
@@ -353,7 +354,7 @@ async def measure_session_cost(engine: Engine, frame_pool: Executor | None = Non
     elapsed = time.monotonic() - wall
     idle_cores = (time.process_time() - cpu) / elapsed
     idle_loop = (time.thread_time() - loop_cpu) / elapsed
-    session = engine.open_session({}, name="capacity-probe")
+    session = engine.open_session(SessionOptions(), name="capacity-probe")
     clock = MediaClock()
     video = AvatarVideoTrack(session, fps, clock, executor=frame_pool)
     audio = SyncedAudioTrack(session, clock)

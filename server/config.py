@@ -1,8 +1,15 @@
 """ServerConfig: the one settings object of the server, filled from flags, then env vars, then defaults.
 
-Every flag `--some-option` has an environment variable `LIPSYNC_SOME_OPTION`; a flag given on the
-command line wins over the variable. Repeatable flags (`--ice-server`) take a comma- or
+Each setting is declared once, as a dataclass field whose metadata (`flag(...)`) drives everything else:
+the command-line flag (`add_arguments`), its environment variable, the conversion of a string from either,
+and the reference table in docs/flags.md (`flags_markdown`; tests/test_docs.py fails when the file and the
+fields disagree). Every flag `--some-option` has an environment variable `LIPSYNC_SOME_OPTION`; a flag given
+on the command line wins over the variable. Repeatable flags (`--ice-server`) take a comma- or
 whitespace-separated list from the variable.
+
+A new setting is one field: `my_limit: int = flag(4, "what it bounds and why (default {default})")`; the
+type of the field says how a string converts (int, float: finite, str, Path, bool: a switch); `convert=`
+for anything else.
 """
 from __future__ import annotations
 
@@ -11,9 +18,9 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping, Union, get_args, get_origin, get_type_hints
 
 from server.udp_ports import parse_port_range
 
@@ -58,116 +65,247 @@ class IceServer:
         return out
 
 
+
+@dataclass(frozen=True)
+class Flag:
+    """How a ServerConfig field is set from outside: its flag, its help, how a string converts."""
+
+    help: str                              # "{default}" is replaced by the field's default
+    name: str = ""                         # the flag without "--"; "": the field name with "-" for "_"
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    convert: Callable[[Any], Any] | None = None  # None: from the field's type
+    repeatable: bool = False               # --flag A --flag B; the variable: "A,B"
+    cli: bool = True                       # False: an environment variable only
+    empty_ok: bool = False                 # an empty variable sets "" (else it is ignored)
+
+
+def flag(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+         repr: bool = True, **options: Any) -> Any:
+    """A ServerConfig field with its flag (see `Flag`); `factory` for a mutable default."""
+    meta = {"flag": Flag(help, **options)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
+
+
+def _split(value: str | list[str]) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [part for item in items for part in item.replace(",", " ").split()]
+
+
+def _finite(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value} is not a finite number")
+    return number
+
+
+def _switch(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _ice_servers(value: str | list[str]) -> list[IceServer]:
+    return [IceServer.parse(item) for item in _split(value)]
+
+
+def _origins(value: str | list[str]) -> list[str]:
+    return [origin.rstrip("/").lower() for origin in _split(value)]
+
+
+def _urls(value: str | list[str]) -> list[str]:
+    return [url.rstrip("/").lower() for url in _split(value)]
+
+
+def _auto_or_positive(value: str | int) -> int:
+    """`auto` -> 0 (measured / one per core), else a number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value!r}: expected auto or a number >= 1")
+    return number
+
+
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = flag("127.0.0.1", "address to listen on (default {default}; 0.0.0.0 for every interface)")
+    port: int = flag(8080, "TCP port (default {default}; 0 picks a free one)")
     # Model and avatar: no checkpoint selects the no-weights default renderer.
-    checkpoint: Path | None = None
-    avatar: Path | None = None  # a prepared avatar dir, a video or an image; None = embedded default
+    checkpoint: Path | None = flag(None, "Wav2Lip checkpoint (wav2lip.pth / wav2lip_gan.pth); without it the "
+                                         "no-weights renderer is used")
+    # a prepared avatar dir, a video or an image; None = embedded default
+    avatar: Path | None = flag(None, "avatar: a prepared avatar directory, a video or an image (default: the "
+                                     "embedded avatar)")
     # More avatars: a folder of prepared avatars, videos and photos, prepared (and cached) at start;
     # sessions choose one by id (POST /offer options.avatar). The embedded default is always there.
-    avatars_dir: Path | None = None
-    avatar_cache_dir: Path | None = None  # prepared avatars' cache (default $LIPSYNC_CACHE_DIR or ~/.cache)
+    avatars_dir: Path | None = flag(None, "more avatars: a folder of prepared avatars, videos and photos, "
+                                          "prepared and cached at start; sessions pick one by id (GET /avatars). "
+                                          "The embedded avatar is always there", name="avatars", metavar="DIR")
+    avatar_cache_dir: Path | None = flag(None, "cache of prepared avatars (default $LIPSYNC_CACHE_DIR or "
+                                               "~/.cache/lipsync/avatars)")
     # POST /avatars uploads (size: max_upload_mb): checked from the container before any frame is decoded.
-    max_avatar_seconds: float = 30.0
-    max_avatar_side: int = 4096  # px, width and height
+    max_avatar_seconds: float = flag(30.0, "longest avatar video accepted by POST /avatars (default {default})")
+    max_avatar_side: int = flag(4096, "largest avatar width or height accepted by POST /avatars "
+                                      "(default {default} px)")
     # auto | cpu | cuda | cuda:N | mps, or a comma-separated list (one render worker each, sessions go to
     # the least-loaded one); cuda:all = one worker per visible GPU. See `device_list`.
-    device: str = "auto"
+    device: str = flag("auto", "torch device: auto, cpu, cuda, cuda:N, mps (default {default}); a comma-separated "
+                               "list (cuda:0,cuda:1) or cuda:all runs one render worker per GPU, and each new "
+                               "session goes to the worker with the fewest sessions")
     # Wav2Lip numerics. auto: fp16 on CUDA; on CPU bf16 when the start-up gate measures it at least
     # min_psnr_db from fp32 on this checkpoint and avatar and faster on this CPU, else fp32.
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
-    min_psnr_db: float = 35.0
+    precision: str = flag("auto", "Wav2Lip numerics: auto (CUDA: fp16; CPU: bf16 if measured at start-up to stay "
+                                  "within --min-psnr-db of fp32 and to be faster, else fp32), fp32 (faithful), "
+                                  "bf16, fp16 (CUDA)", choices=("auto", "fp32", "fp16", "bf16"))
+    min_psnr_db: float = flag(35.0, "accuracy bound for --precision auto on CPU (default {default} dB PSNR vs fp32)")
     # Wav2Lip runtime: auto = OpenVINO on CPU (bench/runtimes.py), PyTorch on CUDA.
-    runtime: str = "auto"  # auto | openvino | torch
+    runtime: str = flag("auto", "Wav2Lip runtime: auto (OpenVINO on CPU, PyTorch on CUDA), openvino (CPU), torch",
+                        choices=("auto", "openvino", "torch"))
     # How mouth patches are pasted: feather (seamless) or official (hard paste, parity with the
     # original tool; Wav2Lip then generates whole 96x96 patches instead of only the pasted rows).
-    paste_mode: str = "feather"
+    paste_mode: str = flag("feather", "feather (seamless, default) or official (the original tool's hard paste)",
+                           choices=("feather", "official"))
     # Where Wav2Lip's mel window of each frame starts: training (one frame before the frame, as the
     # network was trained; 172.5 ms look-ahead at 25 fps) or official (at the frame, as the official
     # inference script; 212.5 ms). training answers a live stream 40 ms sooner (bench/latency.py).
-    mel_alignment: str = "training"  # training | official
+    mel_alignment: str = flag("training", "Wav2Lip: each frame's mel window starts one frame before it, as in "
+                                          "training (default; 40 ms less look-ahead), or at the frame, as the "
+                                          "official inference script", choices=("training", "official"))
     # Admission (docs/scaling.md): 0 = auto, as many sessions as this machine serves at full frame rate
     # with capacity_headroom, measured at start and live (server/capacity.py); N > 0 caps that at N.
-    max_sessions: int = 0
-    capacity_headroom: float = 0.75  # the share of the cores (and of the event loop) sessions may fill
+    max_sessions: int = flag(0, "concurrent sessions, more get 503 + Retry-After: auto (default) admits as many "
+                                "as this machine serves at full frame rate with headroom, measured at start and "
+                                "live; a number caps that (docs/scaling.md)", metavar="auto|N",
+                             convert=_auto_or_positive)
+    capacity_headroom: float = flag(0.75, "with --max-sessions auto: the share of the cores and of the event "
+                                          "loop that sessions may fill (default {default})")
     # Front-end processes behind the one port (server/workers.py, docs/scaling.md): 0 = auto, one per core
     # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process).
-    workers: int = 0
+    workers: int = flag(0, "front-end processes serving sessions behind the one port: auto (default) = one per "
+                           "core; each session lives in one (docs/scaling.md)", metavar="auto|N",
+                        convert=_auto_or_positive)
     # TLS (browsers only grant the microphone on https or localhost).
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: Path | None = flag(None, "TLS certificate (PEM) to serve https")
+    key_file: Path | None = flag(None, "TLS private key (PEM)")
     # WebRTC.
-    ice_servers: list[IceServer] = field(default_factory=list)
+    ice_servers: list[IceServer] = flag(
+        help="STUN/TURN server for both peers, repeatable: stun:host:3478 or "
+             "turn:user:credential@host:3478?transport=udp",
+        factory=list, name="ice-server", metavar="URL", repeatable=True, convert=_ice_servers)
     # Host addresses offered as ICE candidates: empty = every interface (plus loopback when the
     # HTTP host is loopback); otherwise exactly these, e.g. ["127.0.0.1"].
-    ice_host_addresses: list[str] = field(default_factory=list)
-    udp_ports: tuple[int, int] | None = None  # (first, last) UDP ports for media; None = any
+    ice_host_addresses: list[str] = flag(help="only offer these local addresses as ICE host candidates "
+                                              "(e.g. 127.0.0.1)", factory=list, metavar="ADDR[,ADDR]",
+                                         convert=_split)
+    # (first, last) UDP ports for media; None = any
+    udp_ports: tuple[int, int] | None = flag(None, "UDP port range for WebRTC media, e.g. 40000-40099 "
+                                                   "(default: any free port)", metavar="FIRST-LAST",
+                                             convert=parse_port_range)
     # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
     # unless this is set (a server on 0.0.0.0 that also serves its LAN).
-    ice_allow_private: bool = False
+    ice_allow_private: bool = flag(False, "on a public or wildcard bind (0.0.0.0), still send connectivity checks "
+                                          "to remote ICE candidates in private ranges (10/8, 192.168/16, "
+                                          "fc00::/7, ...): for a server that also serves its LAN. Loopback and "
+                                          "private binds allow them anyway")
     # Remote candidates on loopback, even when the server is public (a --public-url or --trusted-proxy makes a
     # loopback bind public): only for a whole deployment on one machine, as the deployment tests run it.
-    ice_allow_loopback: bool = False
+    ice_allow_loopback: bool = flag(False, "send connectivity checks to remote ICE candidates on loopback even "
+                                           "when the server is public (--public-url / --trusted-proxy): only for "
+                                           "a deployment tested on one machine")
     # Limits and timeouts.
-    max_upload_mb: float = 32.0
-    connect_timeout_s: float = 10.0  # a peer that never connects is reaped after this
-    disconnect_grace_s: float = 5.0  # "disconnected" this long -> reaped
+    max_upload_mb: float = flag(32.0, "largest audio upload (default {default} MB)")
+    connect_timeout_s: float = flag(10.0, "seconds a peer may take to connect before its session is reaped "
+                                          "(default {default})", name="connect-timeout")
+    disconnect_grace_s: float = flag(5.0, "seconds a peer may stay \"disconnected\" before its session is "
+                                          "reaped (default {default})", name="disconnect-grace", cli=False)
     # No packet (RTP/RTCP) from a connected peer this long -> reaped (it vanished). A live peer sends RTCP
     # receiver reports for the avatar video every ~1-1.5 s; 4 s + a 0.5 s check reaps within 5 s.
-    peer_timeout_s: float = 4.0
+    peer_timeout_s: float = flag(4.0, "seconds without a packet from a connected peer before its session is "
+                                      "reaped (default {default})", name="peer-timeout")
     # Memory: cap glibc's malloc arenas (0 = glibc's default of 8 per core); see server/heap.py for the
     # RSS growth the default showed under session churn.
-    malloc_arenas: int = 2
+    malloc_arenas: int = flag(2, "cap on glibc malloc arenas, so memory freed by ended sessions goes back to the "
+                                 "system (default {default}; 0 keeps glibc's default)")
     # Security (SECURITY.md). The operator token guards GET /sessions, /metrics and every session's
     # routes; each session also gets its own token in the /offer answer. Bound to loopback without a
     # token, operator routes stay open; bound elsewhere, a token is generated unless no_auth.
-    api_token: str | None = field(default=None, repr=False)
-    no_auth: bool = False
-    allowed_origins: list[str] = field(default_factory=list)  # e.g. ["https://app.example.org"]
-    max_sessions_per_ip: int = 2  # live + negotiating sessions per client address; 0 = no limit
-    max_offers_per_minute: int = 30  # per client address; 0 = no limit
-    max_session_s: float = 3600.0  # a session is ended after this long
-    max_concurrent_decodes: int = 2  # upload decodes + TTS at once; more get 503
-    max_decodes_per_ip: int = 1  # of those, per client address (429 beyond); 0 = no per-address share
+    api_token: str | None = flag(None, "operator token (>= 16 characters): `Authorization: Bearer TOKEN` opens "
+                                       "GET /sessions, /metrics and every session's routes; bound beyond loopback "
+                                       "without one, a token is generated and printed once", repr=False)
+    no_auth: bool = flag(False, "bound beyond loopback, leave the operator routes open to anyone (unsafe; session "
+                                "routes still need their session_token)")
+    allowed_origins: list[str] = flag(help="another web origin (https://app.example.org) whose pages may call "
+                                           "this server, repeatable", factory=list, name="allowed-origin",
+                                      metavar="ORIGIN", repeatable=True, convert=_origins)
+    max_sessions_per_ip: int = flag(2, "sessions per client address (default {default}; 0 = no limit)")
+    max_offers_per_minute: int = flag(30, "offers per client address per minute, more get 429 (default {default}; "
+                                          "0 = no limit)")
+    max_session_s: float = flag(3600.0, "a session is ended after this many seconds (default {default})")
+    max_concurrent_decodes: int = flag(2, "upload decodes and TTS syntheses at once, more get 503 "
+                                          "(default {default})")
+    # of those, per client address (429 beyond); 0 = no per-address share
+    max_decodes_per_ip: int = flag(1, "of those, how many one client address may hold, more get 429 (default "
+                                      "{default}; 0 = no per-address share)")
     # Every upload body (server/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
     # grace at min_upload_rate_kb KB/s on average (128 kbit/s: below any mobile uplink, far above a
     # sender that stalls), else 408; it is read before a decode slot is taken.
-    upload_timeout_s: float = 120.0
-    min_upload_rate_kb: float = 16.0
-    say_timeout_s: float = 30.0  # a /say synthesis that takes longer gets 504
-    keepalive_timeout_s: float = 15.0  # idle HTTP keep-alive connections are closed after this
+    upload_timeout_s: float = flag(120.0, "seconds an upload's whole body may take to arrive, else 408 "
+                                          "(default {default})", name="upload-timeout")
+    min_upload_rate_kb: float = flag(16.0, "slowest average upload rate after 5 s, else 408 (default {default} "
+                                           "KB/s)", name="min-upload-rate", metavar="KB_PER_S")
+    say_timeout_s: float = flag(30.0, "seconds a /say synthesis may take before it gets 504 (default {default})",
+                                name="say-timeout")
+    keepalive_timeout_s: float = flag(15.0, "seconds an idle HTTP keep-alive connection is kept "
+                                            "(default {default})", name="keepalive-timeout")
     # TURN REST (coturn use-auth-secret): /config hands out credentials valid for turn_ttl_s.
-    turn_secret: str | None = field(default=None, repr=False)
-    turn_urls: list[str] = field(default_factory=list)
+    turn_secret: str | None = flag(None, "coturn use-auth-secret shared secret: /config hands out short-lived "
+                                         "TURN REST credentials instead of a password", repr=False)
+    turn_urls: list[str] = flag(help="TURN server for --turn-secret, repeatable: "
+                                     "turn:turn.example.org:3478?transport=udp", factory=list, name="turn-url",
+                                metavar="URL", repeatable=True, convert=_split)
     # Ten minutes: long enough to connect (coturn checks the credential at allocation and at each refresh,
     # so a live relay lasts past it only until its next refresh), short enough that a leaked one is stale.
-    turn_ttl_s: float = 600.0
+    turn_ttl_s: float = flag(600.0, "lifetime of TURN REST credentials in seconds (default {default})",
+                             name="turn-ttl")
     # Behind a reverse proxy (docs/deploying.md). public_urls: where browsers reach this server
     # (https://avatar.example.org); the Host and same-origin checks accept them, and with any of them the
     # operator routes need a token. trusted_proxies: addresses / CIDRs whose X-Forwarded-For, Forwarded
     # and X-Forwarded-Proto are believed (server/auth.py `ForwardedClients`); from anyone else ignored.
-    public_urls: list[str] = field(default_factory=list)
-    trusted_proxies: list[str] = field(default_factory=list)
-    # Scaling out (README "Scaling out"): local = render workers in this process; ray = a Ray Serve render
+    public_urls: list[str] = flag(help="where browsers reach this server through a proxy "
+                                       "(https://avatar.example.org), repeatable: the Host and same-origin checks "
+                                       "accept it, and operator routes then need a token", factory=list,
+                                  name="public-url", metavar="URL", repeatable=True, convert=_urls)
+    trusted_proxies: list[str] = flag(help="reverse proxy whose X-Forwarded-For / Forwarded / X-Forwarded-Proto "
+                                           "are believed, repeatable (e.g. 127.0.0.1): the client address they "
+                                           "name is the one limits, logs and metrics use; from anyone else these "
+                                           "headers are ignored", factory=list, name="trusted-proxy",
+                                      metavar="ADDR|CIDR", repeatable=True, convert=_split)
+    # Scaling out (docs/scaling.md): local = render workers in this process; ray = a Ray Serve render
     # tier shared by many front-ends (server/ray_render_tier.py). The ray_* fields map onto Serve's settings.
-    render_backend: str = "local"  # local | ray
-    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster started in this process
-    ray_replicas: int = 1
-    ray_min_replicas: int | None = None  # autoscaling bounds (by ongoing requests) instead of a fixed count
-    ray_max_replicas: int | None = None
-    ray_cpus_per_replica: float = 1.0
-    ray_gpus_per_replica: float = 0.0
-    ray_app_name: str = "lipsync-render"
+    render_backend: str = flag("local", "local: render in this process (default); ray: a Ray Serve render tier "
+                                        "shared by front-ends", choices=("local", "ray"))
+    ray_address: str | None = flag(None, "Ray cluster to join (host:port of `ray start --head`; default "
+                                         "RAY_ADDRESS, else a local cluster in this process)")
+    ray_replicas: int = flag(1, "render replicas (default {default})")
+    # autoscaling bounds (by ongoing requests) instead of a fixed count
+    ray_min_replicas: int | None = flag(None, "autoscaling: fewest render replicas")
+    ray_max_replicas: int | None = flag(None, "autoscaling: most render replicas")
+    ray_cpus_per_replica: float = flag(1.0, "CPUs per render replica (default {default})")
+    ray_gpus_per_replica: float = flag(0.0, "GPUs per render replica (default 0; 1 puts each replica on its own "
+                                            "GPU, 0.5 two per GPU)")
+    ray_app_name: str = flag("lipsync-render", "Serve application of the render tier (default {default})")
     # This front-end's name: the prefix of its session ids ("<instance>-<random>"), so a load balancer can
     # route /sessions/{id}/... to the front-end that owns the session. Empty: no prefix.
-    instance_id: str = ""
+    instance_id: str = flag("", "this front-end's name, the prefix of its session ids (for routing)")
     # Operations. SIGTERM drains: no new sessions, live ones run up to drain_s, then the process exits.
-    drain_s: float = 30.0
-    log_level: str = "info"
-    log_format: str = "text"  # text | json
-    tts_command: str = "espeak-ng"  # local TTS for /say; empty disables /say
+    drain_s: float = flag(30.0, "on SIGTERM, refuse new sessions and let live ones run this many seconds before "
+                                "ending them (default {default}; 0: end them at once); a second SIGTERM exits at "
+                                "once")
+    log_level: str = flag("info", "debug, info, warning, error (default {default})")
+    log_format: str = flag("text", "log line format (default {default})", choices=("text", "json"))
+    tts_command: str = flag("espeak-ng", "local TTS program for /say (default {default}; empty disables)",
+                            empty_ok=True)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -216,10 +354,10 @@ class ServerConfig:
             raise ValueError(f"--avatars {self.avatars_dir}: not a folder")
         if self.max_avatar_seconds <= 0 or self.max_avatar_side < 64:
             raise ValueError("--max-avatar-seconds must be positive and --max-avatar-side at least 64")
-        if self.drain_s < 0:
-            raise ValueError("--drain-s must be 0 or more")
         if min(self.connect_timeout_s, self.peer_timeout_s, self.disconnect_grace_s) <= 0:
             raise ValueError("timeouts must be positive")
+        if self.drain_s < 0:
+            raise ValueError("--drain-s must be 0 or more")
         self._validate_security()
         self._validate_scaling()
 
@@ -243,6 +381,7 @@ class ServerConfig:
                              "--upload-timeout and --min-upload-rate must be positive")
         if bool(self.turn_secret) != bool(self.turn_urls):
             raise ValueError("--turn-secret and --turn-url go together")
+
         for url in self.public_urls:
             if not re.fullmatch(r"https?://[^/\s?#@]+/?", url):
                 raise ValueError(f"--public-url {url!r}: expected https://host[:port] (no path)")
@@ -274,134 +413,23 @@ class ServerConfig:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """Flags for every field. Defaults are None so that unset flags fall back to env, then defaults."""
-        d = ServerConfig()
-        add = parser.add_argument
-        add("--host", help=f"address to listen on (default {d.host}; 0.0.0.0 for every interface)")
-        add("--port", type=int, help=f"TCP port (default {d.port}; 0 picks a free one)")
-        add("--checkpoint", type=Path, help="Wav2Lip checkpoint (wav2lip.pth / wav2lip_gan.pth); "
-                                            "without it the no-weights renderer is used")
-        add("--avatar", type=Path, help="avatar: a prepared avatar directory, a video or an image "
-                                        "(default: the embedded avatar)")
-        add("--avatars", dest="avatars_dir", type=Path, metavar="DIR",
-            help="more avatars: a folder of prepared avatars, videos and photos, prepared and cached at "
-                 "start; sessions pick one by id (GET /avatars). The embedded avatar is always there")
-        add("--avatar-cache-dir", type=Path,
-            help="cache of prepared avatars (default $LIPSYNC_CACHE_DIR or ~/.cache/lipsync/avatars)")
-        add("--max-avatar-seconds", type=float,
-            help=f"longest avatar video accepted by POST /avatars (default {d.max_avatar_seconds:g})")
-        add("--max-avatar-side", type=int,
-            help=f"largest avatar width or height accepted by POST /avatars (default {d.max_avatar_side} px)")
-        add("--device", help="torch device: auto, cpu, cuda, cuda:N, mps (default auto); a comma-separated "
-                             "list (cuda:0,cuda:1) or cuda:all runs one render worker per GPU, and each "
-                             "new session goes to the worker with the fewest sessions")
-        add("--precision", choices=["auto", "fp32", "fp16", "bf16"],
-            help="Wav2Lip numerics: auto (CUDA: fp16; CPU: bf16 if measured at start-up to stay within "
-                 "--min-psnr-db of fp32 and to be faster, else fp32), fp32 (faithful), bf16, fp16 (CUDA)")
-        add("--min-psnr-db", type=float,
-            help=f"accuracy bound for --precision auto on CPU (default {d.min_psnr_db:g} dB PSNR vs fp32)")
-        add("--runtime", choices=["auto", "openvino", "torch"],
-            help="Wav2Lip runtime: auto (OpenVINO on CPU, PyTorch on CUDA), openvino (CPU), torch")
-        add("--paste-mode", choices=["feather", "official"],
-            help="feather (seamless, default) or official (the original tool's hard paste)")
-        add("--mel-alignment", choices=["training", "official"],
-            help="Wav2Lip: each frame's mel window starts one frame before it, as in training (default; "
-                 "40 ms less look-ahead), or at the frame, as the official inference script")
-        add("--max-sessions", metavar="auto|N",
-            help="concurrent sessions, more get 503 + Retry-After: auto (default) admits as many as this "
-                 "machine serves at full frame rate with headroom, measured at start and live; a number "
-                 "caps that (docs/scaling.md)")
-        add("--workers", metavar="auto|N",
-            help="front-end processes serving sessions behind the one port: auto (default) = one per core; "
-                 "each session lives in one (docs/scaling.md)")
-        add("--capacity-headroom", type=float,
-            help=f"with --max-sessions auto: the share of the cores and of the event loop that sessions may "
-                 f"fill (default {d.capacity_headroom:g})")
-        add("--cert-file", type=Path, help="TLS certificate (PEM) to serve https")
-        add("--key-file", type=Path, help="TLS private key (PEM)")
-        add("--ice-server", dest="ice_servers", action="append", metavar="URL",
-            help="STUN/TURN server for both peers, repeatable: stun:host:3478 or "
-                 "turn:user:credential@host:3478?transport=udp")
-        add("--ice-host-addresses", metavar="ADDR[,ADDR]",
-            help="only offer these local addresses as ICE host candidates (e.g. 127.0.0.1)")
-        add("--udp-ports", metavar="FIRST-LAST",
-            help="UDP port range for WebRTC media, e.g. 40000-40099 (default: any free port)")
-        add("--ice-allow-private", action="store_true", default=None,
-            help="on a public or wildcard bind (0.0.0.0), still send connectivity checks to remote ICE "
-                 "candidates in private ranges (10/8, 192.168/16, fc00::/7, ...): for a server that also "
-                 "serves its LAN. Loopback and private binds allow them anyway")
-        add("--ice-allow-loopback", action="store_true", default=None,
-            help="send connectivity checks to remote ICE candidates on loopback even when the server is "
-                 "public (--public-url / --trusted-proxy): only for a deployment tested on one machine")
-        add("--max-upload-mb", type=float, help=f"largest audio upload (default {d.max_upload_mb:g} MB)")
-        add("--connect-timeout", dest="connect_timeout_s", type=float,
-            help=f"seconds a peer may take to connect before its session is reaped "
-                 f"(default {d.connect_timeout_s:g})")
-        add("--peer-timeout", dest="peer_timeout_s", type=float,
-            help=f"seconds without a packet from a connected peer before its session is reaped "
-                 f"(default {d.peer_timeout_s:g})")
-        add("--malloc-arenas", type=int,
-            help=f"cap on glibc malloc arenas, so memory freed by ended sessions goes back to the system "
-                 f"(default {d.malloc_arenas}; 0 keeps glibc's default)")
-        add("--api-token", help="operator token (>= 16 characters): `Authorization: Bearer TOKEN` opens "
-                                "GET /sessions, /metrics and every session's routes; bound beyond "
-                                "loopback without one, a token is generated and printed once")
-        add("--no-auth", action="store_true", default=None,
-            help="bound beyond loopback, leave the operator routes open to anyone (unsafe; session "
-                 "routes still need their session_token)")
-        add("--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
-            help="another web origin (https://app.example.org) whose pages may call this server, repeatable")
-        add("--max-sessions-per-ip", type=int,
-            help=f"sessions per client address (default {d.max_sessions_per_ip}; 0 = no limit)")
-        add("--max-offers-per-minute", type=int,
-            help=f"offers per client address per minute, more get 429 (default {d.max_offers_per_minute}; "
-                 f"0 = no limit)")
-        add("--max-session-s", type=float,
-            help=f"a session is ended after this many seconds (default {d.max_session_s:g})")
-        add("--max-concurrent-decodes", type=int,
-            help=f"upload decodes and TTS syntheses at once, more get 503 (default {d.max_concurrent_decodes})")
-        add("--max-decodes-per-ip", type=int,
-            help=f"of those, how many one client address may hold, more get 429 (default "
-                 f"{d.max_decodes_per_ip}; 0 = no per-address share)")
-        add("--upload-timeout", dest="upload_timeout_s", type=float,
-            help=f"seconds an upload's whole body may take to arrive, else 408 (default {d.upload_timeout_s:g})")
-        add("--min-upload-rate", dest="min_upload_rate_kb", type=float, metavar="KB_PER_S",
-            help=f"slowest average upload rate after 5 s, else 408 (default {d.min_upload_rate_kb:g} KB/s)")
-        add("--say-timeout", dest="say_timeout_s", type=float,
-            help=f"seconds a /say synthesis may take before it gets 504 (default {d.say_timeout_s:g})")
-        add("--keepalive-timeout", dest="keepalive_timeout_s", type=float,
-            help=f"seconds an idle HTTP keep-alive connection is kept (default {d.keepalive_timeout_s:g})")
-        add("--turn-secret", help="coturn use-auth-secret shared secret: /config hands out short-lived "
-                                  "TURN REST credentials instead of a password")
-        add("--turn-url", dest="turn_urls", action="append", metavar="URL",
-            help="TURN server for --turn-secret, repeatable: turn:turn.example.org:3478?transport=udp")
-        add("--turn-ttl", dest="turn_ttl_s", type=float,
-            help=f"lifetime of TURN REST credentials in seconds (default {d.turn_ttl_s:g})")
-        add("--public-url", dest="public_urls", action="append", metavar="URL",
-            help="where browsers reach this server through a proxy (https://avatar.example.org), repeatable: "
-                 "the Host and same-origin checks accept it, and operator routes then need a token")
-        add("--trusted-proxy", dest="trusted_proxies", action="append", metavar="ADDR|CIDR",
-            help="reverse proxy whose X-Forwarded-For / Forwarded / X-Forwarded-Proto are believed, "
-                 "repeatable (e.g. 127.0.0.1): the client address they name is the one limits, logs and "
-                 "metrics use; from anyone else these headers are ignored")
-        add("--render-backend", choices=["local", "ray"],
-            help="local: render in this process (default); ray: a Ray Serve render tier shared by front-ends")
-        add("--ray-address", help="Ray cluster to join (host:port of `ray start --head`; default RAY_ADDRESS, "
-                                  "else a local cluster in this process)")
-        add("--ray-replicas", type=int, help=f"render replicas (default {d.ray_replicas})")
-        add("--ray-min-replicas", type=int, help="autoscaling: fewest render replicas")
-        add("--ray-max-replicas", type=int, help="autoscaling: most render replicas")
-        add("--ray-cpus-per-replica", type=float, help=f"CPUs per render replica (default {d.ray_cpus_per_replica:g})")
-        add("--ray-gpus-per-replica", type=float,
-            help="GPUs per render replica (default 0; 1 puts each replica on its own GPU, 0.5 two per GPU)")
-        add("--ray-app-name", help=f"Serve application of the render tier (default {d.ray_app_name})")
-        add("--instance-id", help="this front-end's name, the prefix of its session ids (for routing)")
-        add("--drain-s", type=float,
-            help=f"on SIGTERM, refuse new sessions and let live ones run this many seconds before ending "
-                 f"them (default {d.drain_s:g}; 0: end them at once); a second SIGTERM exits at once")
-        add("--log-level", help="debug, info, warning, error (default info)")
-        add("--log-format", choices=["text", "json"], help="log line format (default text)")
-        add("--tts-command", help="local TTS program for /say (default espeak-ng; empty disables)")
+        """A flag for every field that has one. Defaults are None so that unset flags fall back to env,
+        then to the field's default."""
+        for f, spec in _flags():
+            if not spec.cli:
+                continue
+            options: dict[str, Any] = {"dest": f.name, "help": _help(f, spec)}
+            if spec.metavar:
+                options["metavar"] = spec.metavar
+            if spec.choices:
+                options["choices"] = list(spec.choices)
+            if spec.repeatable:
+                options["action"] = "append"
+            elif _base_type(f) is bool:
+                options.update(action="store_true", default=None)
+            elif _base_type(f) in (int, float, Path) and spec.convert is None:
+                options["type"] = _base_type(f)  # argparse names a bad value before anything starts
+            parser.add_argument(f"--{_flag_name(f, spec)}", **options)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None = None,
@@ -409,16 +437,17 @@ class ServerConfig:
         env = os.environ if env is None else env
         values = vars(args) if args is not None else {}
         config = cls()
-        for f in fields(cls):
+        for f, spec in _flags():
             given = values.get(f.name)
+            variable = ENV_PREFIX + _env_name(f, spec)
             if given is None:
-                given = env.get(ENV_PREFIX + _env_name(f.name))
-                if given is None or (given == "" and f.name != "tts_command"):
+                given = env.get(variable)
+                if given is None or (given == "" and not spec.empty_ok):
                     continue
             try:
-                setattr(config, f.name, _convert(f.name, given))
+                setattr(config, f.name, _converter(f, spec)(given))
             except ValueError as exc:
-                raise ValueError(f"--{_flag_name(f.name)} / {ENV_PREFIX}{_env_name(f.name)}: {exc}") from None
+                raise ValueError(f"--{_flag_name(f, spec)} / {variable}: {exc}") from None
         return config
 
 
@@ -446,69 +475,73 @@ def device_list(spec: str) -> list[str]:
     return items
 
 
-_FLAG_NAMES = {"avatars_dir": "avatars", "connect_timeout_s": "connect-timeout",
-               "disconnect_grace_s": "disconnect-grace",
-               "peer_timeout_s": "peer-timeout", "ice_servers": "ice-server",
-               "allowed_origins": "allowed-origin", "say_timeout_s": "say-timeout",
-               "keepalive_timeout_s": "keepalive-timeout", "turn_urls": "turn-url", "turn_ttl_s": "turn-ttl",
-               "upload_timeout_s": "upload-timeout", "min_upload_rate_kb": "min-upload-rate",
-               "public_urls": "public-url", "trusted_proxies": "trusted-proxy"}
+def _flags() -> list[tuple[Field, Flag]]:
+    """Every ServerConfig field with its Flag, in declaration order (a field without one is an error)."""
+    out = []
+    for f in fields(ServerConfig):
+        spec = f.metadata.get("flag")
+        if not isinstance(spec, Flag):
+            raise TypeError(f"ServerConfig.{f.name} is declared without flag(...)")
+        out.append((f, spec))
+    return out
 
 
-def _flag_name(name: str) -> str:
-    return _FLAG_NAMES.get(name, name.replace("_", "-"))
+def _flag_name(f: Field, spec: Flag) -> str:
+    return spec.name or f.name.replace("_", "-")
 
 
-def _env_name(name: str) -> str:
-    return _flag_name(name).replace("-", "_").upper()
+def _env_name(f: Field, spec: Flag) -> str:
+    return _flag_name(f, spec).replace("-", "_").upper()
 
 
-def _split(value: str | list[str]) -> list[str]:
-    items = value if isinstance(value, list) else [value]
-    return [part for item in items for part in item.replace(",", " ").split()]
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def _convert(name: str, value):
-    if name == "ice_servers":
-        return [IceServer.parse(item) for item in _split(value)]
-    if name in ("ice_host_addresses", "turn_urls", "trusted_proxies"):
-        return _split(value)
-    if name == "public_urls":
-        return [url.rstrip("/").lower() for url in _split(value)]
-    if name == "allowed_origins":
-        return [origin.rstrip("/").lower() for origin in _split(value)]
-    if name in ("no_auth", "ice_allow_private", "ice_allow_loopback"):
-        return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
-    if name == "udp_ports":
-        return parse_port_range(value)
-    if name in ("checkpoint", "avatar", "avatars_dir", "avatar_cache_dir", "cert_file", "key_file"):
-        return Path(value)
-    if name in ("max_sessions", "workers"):
-        return _auto_or_positive(value)
-    if name in ("port", "max_sessions_per_ip", "max_offers_per_minute",
-                "max_concurrent_decodes", "max_decodes_per_ip",
-                "malloc_arenas", "ray_replicas", "ray_min_replicas", "ray_max_replicas",
-                "max_avatar_side"):
-        return int(value)
-    if name in ("max_upload_mb", "connect_timeout_s", "disconnect_grace_s", "peer_timeout_s",
-                "max_session_s", "say_timeout_s", "keepalive_timeout_s", "turn_ttl_s",
-                "ray_cpus_per_replica", "ray_gpus_per_replica", "max_avatar_seconds", "upload_timeout_s",
-                "min_upload_rate_kb", "drain_s", "capacity_headroom"):
-        return _finite(float(value))
-    return value
+def _help(f: Field, spec: Flag) -> str:
+    default = _default(f)
+    return spec.help.replace("{default}", f"{default:g}" if isinstance(default, float) else str(default))
 
 
-def _auto_or_positive(value: str | int) -> int:
-    """`auto` -> 0 (measured / one per core), else a number >= 1."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return 0
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value!r}: expected auto or a number >= 1")
-    return number
+def _base_type(f: Field) -> Any:
+    """The field's type without `| None` (int, float, str, bool, Path, list[...], ...)."""
+    kind = get_type_hints(ServerConfig)[f.name]
+    if get_origin(kind) in (Union, type(int | None)):
+        kinds = [k for k in get_args(kind) if k is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 else kind
+    return kind
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{value} is not a finite number")
-    return value
+def _converter(f: Field, spec: Flag) -> Callable[[Any], Any]:
+    """How a string (argv or the variable; a list for a repeated flag) becomes the field's value."""
+    if spec.convert is not None:
+        return spec.convert
+    kind = _base_type(f)
+    simple: dict[Any, Callable[[Any], Any]] = {int: int, float: _finite, str: str, bool: _switch, Path: Path}
+    if kind not in simple:
+        raise TypeError(f"ServerConfig.{f.name}: a {kind} field needs flag(convert=...)")
+    return simple[kind]
+
+
+def flags_markdown() -> str:
+    """docs/flags.md: the reference table, generated from the fields (`python -m server.config`)."""
+    lines = ["# Server flags", "",
+             "Generated from `server/config.py` by `python -m server.config > docs/flags.md` (tests/test_docs.py",
+             "fails when they differ). Every flag has an environment variable; a flag on the command line wins.",
+             "A repeatable flag's variable takes a comma- or space-separated list; a switch's, 1/true/yes/on.", "",
+             "| flag | environment | default | |", "|---|---|---|---|"]
+    for f, spec in _flags():
+        pipe = "\\|"
+        name = "(no flag)"
+        if spec.cli:
+            name = f"`--{_flag_name(f, spec)}" + (f" {spec.metavar}".replace("|", pipe) if spec.metavar else "") + "`"
+        choices = f" ({pipe.join(spec.choices)})" if spec.choices else ""
+        default = _default(f)
+        shown = "" if default in (None, [], "") else f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+        text = _help(f, spec).replace("|", pipe)
+        lines.append(f"| {name}{choices} | `{ENV_PREFIX}{_env_name(f, spec)}` | {shown} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(flags_markdown(), end="")

@@ -1,8 +1,9 @@
 """The engine as the server sees it: shared heavy objects (avatar, renderer, render worker) loaded once,
 handing out one `LipSyncSession` per WebRTC session.
 
-`server.realtime_engine.load_engine(config)` builds the real one from `realtime/`; tests hand `create_app`
-any object with the same shape (`Engine` protocol), so the server never reaches the model through globals.
+`server.realtime_engine.load_engine(config)` builds the real one from `realtime/`; `create_app` takes any
+object that provides the `Engine` protocol, so the server never reaches the model through globals. The
+protocols declare everything the server uses: mypy checks it, nothing is probed at run time.
 `EngineSession` is the one description of what the server (its tracks, audio input and session manager)
 needs of a session; mypy checks that `realtime.session.LipSyncSession` provides it (through `load_engine`).
 """
@@ -10,18 +11,30 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from realtime.avatar_library import AvatarLibrary
 from realtime.metrics import SessionStats, WorkerStats
+from realtime.playback import PlaybackTracker
 from realtime.session import VideoOut
+from realtime.session_options import SessionOptions
 
 log = logging.getLogger(__name__)
 
 
 class EngineSession(Protocol):
-    """The calls the server makes on a realtime.session.LipSyncSession. Each returns immediately."""
+    """What the server uses of a realtime.session.LipSyncSession. Each call returns immediately."""
+
+    avatar_id: str                 # its avatar's id in the engine's library
+    playback: PlaybackTracker      # utterance events and queued audio on the output timeline
+
+    @property
+    def fps(self) -> float: ...    # its avatar's
+
+    @property
+    def latency_ms(self) -> float: ...  # the fixed delay from audio in to the same audio (and mouth) out
 
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
                    utterance: str | None = None) -> int: ...  # its input position; utterance: for the playback events
@@ -70,18 +83,18 @@ class EngineHealth:
         return not self.workers_down
 
 
-def engine_health(engine: Any) -> EngineHealth:
-    """`engine.health()` when the engine reports it (test doubles may not): healthy otherwise."""
-    health = getattr(engine, "health", None)
-    return health() if callable(health) else EngineHealth()
-
-
 class Engine(Protocol):
-    fps: float
-    info: dict[str, str]  # what was loaded, for logs and /healthz
+    """What the server uses of its engine (server.realtime_engine.RealtimeEngine provides it)."""
 
-    def open_session(self, options: dict, name: str = "") -> EngineSession: ...  # ValueError: bad options
+    fps: float            # the default avatar's (a session's own: EngineSession.fps)
+    info: dict[str, str]  # what was loaded, for logs and /healthz
+    avatars: AvatarLibrary  # the server's avatars by id (GET/POST /avatars, offers' options.avatar)
+
+    # UnknownAvatar / AvatarNotReady for options.avatar; ValueError: valid options it cannot serve.
+    def open_session(self, options: SessionOptions, name: str = "") -> EngineSession: ...
 
     def metrics(self) -> EngineStats: ...
+
+    def health(self) -> EngineHealth: ...
 
     def close(self) -> None: ...

@@ -4,26 +4,17 @@ aiortc's RTCRtpSender encodes each frame with `loop.run_in_executor(None, encode
 default executor carries every session's Opus and VP8/H.264 work. asyncio's own default has
 min(32, cores + 4) threads, 6 on a 2-core machine, for work that is mostly C code releasing the GIL. With 8
 sessions those threads fought the event loop for the cores and the GIL: the loop thread waited in the run
-queue 37 % of the time over ~3 900 context switches a second (/proc/<pid>/task/<tid>/schedstat), its lag
-p99 reached 90-96 ms and the audio track skipped ~12 500 frames (lost audio) in 2 minutes. Two changes:
+queue for a third of the time, its lag grew and the audio track skipped frames (lost audio). Two changes:
 
 - As many threads as the cores the event loop leaves (`encoder_threads`): 1 on 2 cores. More threads than
-  free cores only add switching: a 512 px VP8 frame costs ~1 ms, an Opus frame ~0.2 ms.
+  free cores only add switching: a video frame costs far more than an Opus frame, but both are short.
 - Audio first (`is_audio_encode`): one thread serves 25 video and 50 audio frames a second per session,
   and an audio frame queued behind a tick's worth of video frames reached its sender late (FIFO, one
-  thread: 7 720 audio frames skipped). Audio encodes, tiny and due every 20 ms, go before any queued
-  video work, FIFO within each class. A late video frame is only late (or skipped: the picture holds).
+  thread). Audio encodes, tiny and due every 20 ms, go before any queued video work, FIFO within each
+  class. A late video frame is only late (or skipped: the picture holds).
 
-`bench/soak.py --minutes 2 --sessions 8`, 2-core machine, the 8 clients in the same box (2026-12-01):
-
-| default executor            | loop lag p99 ms   | audio frames skipped | video ticks skipped |
-|-----------------------------|-------------------|----------------------|---------------------|
-| asyncio's, 6 threads, FIFO  | 92.6, 96.0        | 12 255, 12 587       | 6 111, 6 427        |
-| 2 threads, FIFO             | 49.0, 48.4        | 5 036, 5 532         | 1 714, 1 553        |
-| 2 threads, audio first      | 49.4              | 4 078                | 4 538               |
-| 1 thread, FIFO              | 18.4              | 7 720                | 479                 |
-| 1 thread, audio first (this)| 16.9, 28.2, 23.6  | 0, 327, 128          | 2 749, 10 964, 6 544|
-| the same + other work apart | 13.4, 22.5, 37.8  | 0, 64, 846           | 1 529, 7 121, 9 439 |
+The measurements behind both (thread counts x FIFO / audio first, `bench/soak.py --minutes 2 --sessions 8`)
+are in bench/RESULTS.md "Encoder executor".
 
 Only encodes run on these threads (`is_encode`). Everything else asyncio's default executor is asked to
 run goes to a separate small pool (`OTHER_THREADS`): aioice resolves STUN/TURN host names there with

@@ -11,7 +11,7 @@ import logging
 import time
 
 from realtime.metrics import HistogramSnapshot, SessionCounters, SessionStats
-from server.engine import EngineStats, WorkerLoad, engine_health
+from server.engine import EngineStats, WorkerLoad
 from server.loop_monitor import live_tasks
 from server.prometheus import Histogram, Page
 from server.sessions import Session, safe_metrics
@@ -42,7 +42,7 @@ def render_metrics(state: ServerState) -> str:
     stats = [m for _, m in live if m is not None]
     page.gauge("lipsync_up", "1 while the server accepts sessions.", 0 if state.closing or state.draining else 1)
     page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
-               len(engine_health(state.engine).workers_down))
+               len(state.engine.health().workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
     page.gauge("lipsync_sessions_max", "Sessions admitted now: the measured capacity, capped by --max-sessions "
                "(server/capacity.py).", sessions.max_sessions)
@@ -71,6 +71,12 @@ def render_metrics(state: ServerState) -> str:
     page.counter("lipsync_event_loop_stalls_total", "Event-loop lags over 250 ms (every session stood still).",
                  state.loop_lag.stalls_total)
     page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
+    page.gauge("lipsync_streams_open", "Event streams and /stream WebSockets open.", state.streams.total)
+    page.gauge("lipsync_streams_max", "Server-wide cap on open streams.", state.streams.server_cap)
+    page.counter("lipsync_streams_displaced_total", "Streams closed for a newer one of the same session.",
+                 state.streams.displaced_total)
+    page.counter("lipsync_streams_refused_total", "Streams refused with 429 (server-wide cap, or a session's "
+                 "replaced streams still closing).", state.streams.refused_total)
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired

@@ -32,53 +32,13 @@ from realtime.metrics import WorkerStats
 from realtime.renderers.factory import RendererSpec, build_renderer
 from realtime.scheduler import ThreadedRenderWorker
 from realtime.session import LipSyncSession
+from realtime.session_options import SessionOptions
 from server.config import ServerConfig, device_list
 from server.engine import Engine, EngineHealth, EngineStats, WorkerLoad
 
 log = logging.getLogger(__name__)
 
 REMOTE_BATCH_WAIT_MS = 2.0  # a front-end's wait to batch its own sessions' frames when rendering on the tier
-
-# Engine settings a client may choose per session (POST /offer {"options": {...}}).
-SESSION_OPTIONS = {
-    "paste_mode": str,
-    "vad_aggressiveness": int,
-    "energy_gate_dbfs": float,
-    "compute_budget_frames": float,
-}
-
-
-def session_overrides(options: dict) -> dict[str, Any]:
-    """The engine fields among `options`, type-checked; ValueError names a bad one."""
-    out: dict[str, Any] = {}
-    for name, kind in SESSION_OPTIONS.items():
-        if name not in options:
-            continue
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
-            raise ValueError(f"options.{name} must be a {kind.__name__}")
-        out[name] = kind(value)
-    if "compute_budget_frames" in out:
-        # A client that chooses its compute budget gets exactly that one, not one fitted to the renderer.
-        out["fit_budget_to_renderer"] = False
-    return out
-
-
-class _PlacedSession(LipSyncSession):
-    """A LipSyncSession that gives its worker slot back when it is closed."""
-
-    def __init__(self, *args: Any, on_close: Callable[[LipSyncSession], None], avatar_id: str,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._placement_on_close = on_close
-        self.avatar_id = avatar_id
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._placement_on_close(self)
-
 
 def gpu_curve_sizes(max_batch: int) -> tuple[int, ...]:
     """Batch sizes a GPU worker measures at warm-up: powers of two up to max_batch (and max_batch). A GPU
@@ -103,8 +63,8 @@ class RealtimeEngine:
             raise ValueError("RealtimeEngine needs at least one renderer")
         self.avatar = avatar
         self.config = config or EngineConfig()
-        self.fps = float(getattr(avatar, "fps", 0) or self.config.fps)
-        self.devices = [str(d) for d in devices] if devices else [str(getattr(r, "device", "cpu")) for r in renderers]
+        self.fps = float(avatar.fps or self.config.fps)
+        self.devices = [str(d) for d in devices] if devices else [r.traits.device for r in renderers]
         if len(self.devices) != len(renderers):
             raise ValueError(f"{len(renderers)} renderers but {len(self.devices)} device labels")
         self.workers: list[ThreadedRenderWorker] = []
@@ -123,7 +83,7 @@ class RealtimeEngine:
                 worker.prepare(avatar, warmup=True)
             prepare_s = time.monotonic() - t0
         except BaseException:
-            self.close()
+            self._close_workers()
             raise
         self.worker = self.workers[0]  # the worker of a one-device engine (and the first one otherwise)
         height, width = avatar.frames[0].shape[:2]
@@ -141,10 +101,10 @@ class RealtimeEngine:
                                      default_name=self.info["avatar"].capitalize(), cache_dir=avatar_cache_dir,
                                      prepare=self._prepare_on_workers, on_removed=self._forget_on_workers,
                                      uploads_dir=uploads_dir)
-        describe = getattr(self.worker.renderer, "describe", None)
-        if describe is not None:  # Wav2Lip: runtime and the precision its start-up gate settled on
-            self.info.update({k: v for k, v in describe().items() if k != "device"})
-            log.info("renderer ready", extra=describe())
+        described = self.worker.renderer.describe()  # Wav2Lip: runtime and the precision its gate settled on
+        if described:
+            self.info.update({k: v for k, v in described.items() if k != "device"})
+            log.info("renderer ready", extra=described)
 
     def _prepare_on_workers(self, avatar: Avatar) -> None:
         """A new library avatar's renderer work (Wav2Lip: encoder features; built-in: lip geometry)."""
@@ -155,22 +115,19 @@ class RealtimeEngine:
         for worker in self.workers:
             worker.forget(avatar)
 
-    def open_session(self, options: dict, name: str = "") -> LipSyncSession:
-        """A session on its avatar (`options["avatar"]`, an id; realtime.avatar_library errors when unknown
-        or not ready) and on the least-loaded worker (fewest open sessions; ties go to the first)."""
-        wanted = options.get("avatar")
-        if wanted is not None and not isinstance(wanted, str):
-            raise ValueError("options.avatar must be a string (an id from GET /avatars)")
-        overrides = session_overrides(options)
-        if overrides.get("paste_mode") == "official" and getattr(self.worker.renderer, "rows_from", 0) > 0:
+    def open_session(self, options: SessionOptions, name: str = "") -> LipSyncSession:
+        """A session on its avatar (`options.avatar`, an id; realtime.avatar_library errors when unknown
+        or not ready) and on the least-loaded worker (fewest open sessions; ties go to the first).
+        ValueError: valid options this engine cannot serve (an official paste over partial patches)."""
+        if options.paste_mode == "official" and self.worker.renderer.traits.rows_from > 0:
             raise ValueError("options.paste_mode 'official' needs whole Wav2Lip patches: "
                              "start the server with --paste-mode official")
-        config = self.config.with_overrides(**overrides)
-        avatar_id, avatar = self.avatars.acquire(wanted)
+        config = self.config.with_overrides(**options.engine_overrides())
+        avatar_id, avatar = self.avatars.acquire(options.avatar)
         try:
             with self._lock:  # choose and register together, so concurrent opens cannot pile onto one worker
                 i = min(range(len(self.workers)), key=lambda k: (len(self._placed[k]), k))
-                session = _PlacedSession(avatar, self.workers[i], config, name=name, on_close=self._release,
+                session = LipSyncSession(avatar, self.workers[i], config, name=name, on_close=self._release,
                                          avatar_id=avatar_id)
                 self._placed[i].add(session)
         except BaseException:
@@ -185,7 +142,7 @@ class RealtimeEngine:
             found = any(session in placed for placed in self._placed)
             for placed in self._placed:
                 placed.discard(session)
-        if found and isinstance(session, _PlacedSession):  # close() twice gives the avatar back once
+        if found:  # the avatar is given back once
             self.avatars.release(session.avatar_id)
 
     def sessions_per_worker(self) -> list[int]:
@@ -206,9 +163,10 @@ class RealtimeEngine:
         return EngineHealth(workers_down=down, restarts=sum(w.restarts for w in self.workers))
 
     def close(self) -> None:
-        avatars = getattr(self, "avatars", None)  # absent when the constructor failed
-        if avatars is not None:
-            avatars.close()
+        self.avatars.close()
+        self._close_workers()
+
+    def _close_workers(self) -> None:
         for worker in self.workers:
             worker.close()
         for close in self._closers:  # e.g. leave the Ray cluster

@@ -161,11 +161,16 @@ async def _first(*events: asyncio.Event) -> None:
 
 async def drain_sessions(state: ServerState, drain_s: float, stop: asyncio.Event) -> None:
     """A rolling restart loses no live session: refuse new ones (/healthz 503 "draining", /offer 503),
-    tell the live ones (GET /sessions/{id} carries `server_notice`, which the page shows), let them run
+    tell the live ones (a `server_restarting` event on their WebSocket and event stream; GET /sessions/{id}
+    carries `server_notice`, which the page shows), let them run
     until they end or `drain_s` passes (or `stop`: a second SIGTERM), then end them with that reason."""
     state.drain_until = time.monotonic() + drain_s
     log.info("draining: no new sessions; %d live session(s) may run up to %g s (SIGTERM again to stop now)",
              len(state.sessions), drain_s)
+    notice = {"type": "server_restarting", "message": "the server is restarting", "ends_in_s": drain_s,
+              "t": time.time()}
+    for session in state.sessions:  # their /stream WebSocket and /events subscribers hear it now
+        session.notify(notice)
     while len(state.sessions) and time.monotonic() < state.drain_until and not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), min(0.25, max(state.drain_until - time.monotonic(), 0.01)))

@@ -22,6 +22,8 @@ from server.audio_input import AudioInput
 from server.capacity import CapacityModel
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
+from server.link_quality import LinkQuality
+from server.nack_policy import NackStats
 from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -62,6 +64,14 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
+    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
+    # Where server notices for this session go (its event feeds register here; called on the loop).
+    notices: set[Callable[[dict], None]] = field(default_factory=set)
+
+    def notify(self, message: dict) -> None:
+        for deliver in list(self.notices):
+            deliver(message)
 
     @property
     def has_microphone(self) -> bool:
@@ -100,6 +110,8 @@ class Session:
             "video_skipped": self.video.stats.skipped,
             "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
+            "link": self.link.describe(),
+            "nack": asdict(self.nack),
             "engine": {} if stats is None else asdict(stats),
         }
 
@@ -118,7 +130,7 @@ def safe_metrics(engine: EngineSession) -> SessionStats | None:
 
 def new_session_id(instance_id: str = "") -> str:
     """A random id; with an instance id, "<instance>-<random>": the owner's name comes first so a load
-    balancer in front of several front-ends can route a session's routes by prefix (README "Scaling out")."""
+    balancer in front of several front-ends can route a session's routes by prefix (docs/scaling.md)."""
     token = secrets.token_urlsafe(12)
     return f"{instance_id}-{token}" if instance_id else token
 

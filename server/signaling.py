@@ -18,24 +18,26 @@ from a public bind), and only audio and video m-lines are accepted (no data chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar, Iterator
 
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
-from server import audio_jitter
+from realtime.session_options import SESSION_RULES, Choice, OptionError, Rule, SessionOptions
+from server import audio_jitter, nack_policy
 from server.audio_input import AudioInput
 from server.auth import client_address, new_token
 from server.config import ServerConfig
 from server.errors import ApiError, read_json
 from server.ice import ice_servers, rtc_configuration
 from server.ice_filter import CandidatePolicy, screen_offer
+from server.link_quality import watch_link
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
 from server.surface import public_text
@@ -47,84 +49,25 @@ MAX_SDP_CHARS = 64 * 1024
 VIDEO_CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
 
-@dataclass(frozen=True)
-class Choice:
-    values: tuple[str, ...]
-
-    def check(self, name: str, value: object) -> str:
-        if not isinstance(value, str) or value.lower() not in self.values:
-            raise ApiError(400, f"options.{name} must be one of {list(self.values)}")
-        return value.lower()
+# Every option a client may set in an offer: the session's (realtime/session_options.py) and the codec.
+OPTION_RULES: dict[str, Rule] = {**SESSION_RULES, "video_codec": Choice(tuple(VIDEO_CODECS))}
 
 
 @dataclass(frozen=True)
-class Number:
-    kind: type  # int or float
-    low: float
-    high: float
+class OfferOptions(SessionOptions):
+    """The validated `options` of an offer: the session's options (handed to `Engine.open_session` as they
+    are) plus the video codec, which only the server's tracks read."""
 
-    def check(self, name: str, value: object) -> float | int:
-        ok_type = (int,) if self.kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_type):
-            raise ApiError(400, f"options.{name} must be {'an integer' if self.kind is int else 'a number'}")
-        if not math.isfinite(value) or not self.low <= value <= self.high:
-            raise ApiError(400, f"options.{name} must be a finite number in [{self.low:g}, {self.high:g}], "
-                                f"got {value!r}")
-        return self.kind(value)
+    RULES: ClassVar[dict[str, Rule]] = OPTION_RULES
 
-
-@dataclass(frozen=True)
-class Identifier:
-    """A short id (an avatar's, from GET /avatars): letters, digits, '-' and '_'."""
-    max_chars: int = 80
-
-    def check(self, name: str, value: object) -> str:
-        if not isinstance(value, str) or not 0 < len(value) <= self.max_chars \
-                or not value.replace("-", "").replace("_", "").isalnum() or not value.isascii():
-            raise ApiError(400, f"options.{name} must be an id (letters, digits, '-', '_'; at most "
-                                f"{self.max_chars} characters), as GET /avatars lists them")
-        return value
-
-
-# Every option a client may set in an offer, with its documented range (README "Offer options").
-OPTION_RULES: dict[str, Choice | Number | Identifier] = {
-    "avatar": Identifier(),
-    "video_codec": Choice(tuple(VIDEO_CODECS)),
-    "paste_mode": Choice(("feather", "official")),
-    "vad_aggressiveness": Number(int, 0, 3),
-    "energy_gate_dbfs": Number(float, -100.0, 0.0),
-    "compute_budget_frames": Number(float, 0.0, 25.0),  # at most one second of frames at 25 fps
-}
-
-
-@dataclass(frozen=True)
-class OfferOptions:
-    """The validated `options` of an offer: the video codec plus the engine settings a client may choose."""
-
-    avatar: str | None = None  # an id from GET /avatars; None: the server's default
     video_codec: str | None = None
-    paste_mode: str | None = None
-    vad_aggressiveness: int | None = None
-    energy_gate_dbfs: float | None = None
-    compute_budget_frames: float | None = None
 
     @classmethod
     def from_dict(cls, options: object) -> "OfferOptions":
-        if options is None:
-            return cls()
-        if not isinstance(options, dict):
-            raise ApiError(400, "'options' must be a JSON object")
-        unknown = sorted(set(options) - set(OPTION_RULES))
-        if unknown:
-            raise ApiError(400, f"unknown options {unknown}; known: {sorted(OPTION_RULES)}")
-        checked: dict[str, Any] = {name: OPTION_RULES[name].check(name, value)
-                                   for name, value in options.items() if value is not None}
-        return cls(**checked)
-
-    def engine_options(self) -> dict[str, Any]:
-        """The engine's share (everything but the codec), as `Engine.open_session` takes it."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "video_codec" and getattr(self, f.name) is not None}
+        try:
+            return cls.from_mapping(options)
+        except OptionError as exc:
+            raise ApiError(400, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -177,10 +120,12 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
 
 
 def parse_offer(body: dict, state: ServerState) -> OfferRequest:
-    """The request body validated against this server (its avatars: 404 unknown, 409 not ready)."""
+    """The request body validated against this server (its avatars: 404 unknown, 409 not ready), before
+    any work is done for it."""
     offer = OfferRequest.from_dict(body, candidate_policy(state.config))
     if offer.options.avatar is not None:
-        check_avatar(state, offer.options.avatar)
+        with avatar_refusals():
+            state.engine.avatars.ready(offer.options.avatar)
     return offer
 
 
@@ -195,20 +140,16 @@ def candidate_policy(config: ServerConfig) -> CandidatePolicy:
     return policy
 
 
-def check_avatar(state: ServerState, avatar_id: str) -> None:
-    """404 for an avatar id the server does not have, 409 for one that is not ready (before any work)."""
-    library = getattr(state.engine, "avatars", None)
-    if library is None:
-        if avatar_id not in ("default", state.engine.info.get("avatar", "default")):
-            raise ApiError(404, f"unknown avatar {avatar_id!r}")
-        return
+@contextlib.contextmanager
+def avatar_refusals() -> Iterator[None]:
+    """The avatar library's refusals as answers: 404 for an id it does not have, 409 for one not ready
+    (its preparation error without the server's paths)."""
     try:
-        entry = library.get(avatar_id)
+        yield
     except UnknownAvatar as exc:
         raise ApiError(404, str(exc)) from None
-    if entry.error is not None or entry.avatar is None:
-        detail = f": {public_text(entry.error)}" if entry.error else ""
-        raise ApiError(409, f"avatar {avatar_id!r} is {entry.state.value}{detail}")
+    except AvatarNotReady as exc:
+        raise ApiError(409, public_text(str(exc))) from None
 
 
 def video_codecs(codec: str) -> list:
@@ -246,8 +187,8 @@ async def handle_offer(request: web.Request) -> web.Response:
         "type": session.pc.localDescription.type,
         "session_id": session.id,
         "session_token": session.token,  # the only time it is sent: the session's routes need it
-        "fps": float(getattr(session.engine, "fps", 0) or state.engine.fps),  # its avatar's
-        "avatar": getattr(session.engine, "avatar_id", offer.options.avatar or "default"),
+        "fps": session.engine.fps,  # its avatar's
+        "avatar": session.engine.avatar_id,
         "max_session_s": state.config.max_session_s,
     })
 
@@ -265,14 +206,11 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     engine_session = None
     try:
         try:
-            engine_session = state.engine.open_session(offer.options.engine_options(), name=session_id)
-        except UnknownAvatar as exc:  # removed between the check and here
-            raise ApiError(404, str(exc)) from None
-        except AvatarNotReady as exc:
-            raise ApiError(409, str(exc)) from None
-        except (ValueError, TypeError) as exc:
+            with avatar_refusals():  # an avatar removed between the check and here
+                engine_session = state.engine.open_session(offer.options, name=session_id)
+        except ValueError as exc:  # what this server cannot do for valid options (a paste mode)
             raise ApiError(400, f"bad session options: {exc}") from None
-        fps = float(getattr(engine_session, "fps", 0) or state.engine.fps)  # the session's avatar's
+        fps = engine_session.fps  # the session's avatar's
 
         def engine_failed(exc: BaseException) -> None:
             state.sessions.close(session_id, f"error: engine failed ({type(exc).__name__})")
@@ -282,6 +220,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         # preference counts when the answer is made).
         video = AvatarVideoTrack(engine_session, fps, clock, engine_failed, executor=state.frame_pool)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
+        nack = nack_policy.apply(video_transceiver.sender)  # no stale frames resent; a keyframe instead
         if offer.options.video_codec:
             video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))
         audio = SyncedAudioTrack(engine_session, clock, engine_failed)
@@ -302,7 +241,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     return Session(id=session_id, pc=pc, engine=engine_session, input=AudioInput(engine_session),
                    clock=clock, video=video, audio=audio, remote=remote, token=new_token(),
                    microphone=microphone if _peer_sends_audio(pc) else None,
-                   options=asdict(offer.options))
+                   options=asdict(offer.options), nack=nack)
 
 
 def start_session(state: ServerState, session: Session) -> None:
@@ -316,6 +255,7 @@ def start_session(state: ServerState, session: Session) -> None:
                                       on_end=lambda: _close(state, session, "microphone ended")),
                       "microphone")
     session.spawn(_end_after(state, session, state.config.max_session_s), "max-session")
+    session.spawn(watch_link(session.pc, session.link), "link-quality")
 
 
 def _close(state: ServerState, session: Session, reason: str) -> None:

@@ -195,11 +195,9 @@ healthy sender hands frames over within a frame or two of their time. Small enou
 never falls far behind the video, which skips ticks as soon as it is more than one 40 ms frame late:
 the two stay within ~80 + 40 ms of each other, inside what viewers tolerate for audio lagging the
 picture (ITU-R BT.1359: undetectable up to ~125 ms of audio lag, acceptable up to ~185 ms).
-Without a bound the audio only ever fell further behind under load: the 30-minute soak measured a
-sender-side A/V offset up to 736 ms, an overloaded 8-session run 16-33 s. `bench/soak.py --minutes 2
---sessions 6` on the shared 2-core machine (load 10-14, loop lag p99 146-208 ms): worst A/V offset per
-minute 5602 / 256 ms and 1397 / 233 ms without the bound, 19.9 / 17.6 ms with it (loop lag p99 172 ms,
-4981 of 36000 audio frames and 2799 of 18000 video ticks skipped).
+Without a bound the audio only ever fell further behind under load (seconds of A/V offset in an
+overloaded soak); with it the offset stays within the bound. The runs are in bench/RESULTS.md "Audio lag
+bound" (`bench/soak.py --minutes 2 --sessions 6`).
 """
 
 

@@ -8,10 +8,8 @@ An upload is attacker-controlled input to ffmpeg, so:
   wav at 1 kHz would otherwise expand to 15000 s of 16 kHz float32, ~1 GB, twice over);
 - decoding stops as soon as the decoded audio is longer than the session's remaining queue room (413),
   so memory stays within that room (16 kHz float32: 64 KB per second) plus one packet.
-Measured by bench/abuse.py on a shared 2-core machine (README "Deploying"): a 30 MB wav at 1 kHz took
-26.8 s and took the server from 294 to 2362 MB RSS before its 413 when decoded in full; refused by its
-header it takes 0.19 s and +54 MB (the body). A 30 MB wav at 8 kHz: 4.1 s and a 1637 MB peak before,
-0.77 s and +81 MB stopped at the queue room.
+Decoded in full, a 30 MB wav at 1 kHz took seconds and gigabytes before its 413; refused by its header it
+costs the body and a fraction of a second (bench/abuse.py; the numbers: bench/RESULTS.md "Abuse").
 """
 from __future__ import annotations
 

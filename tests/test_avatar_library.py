@@ -13,7 +13,7 @@ from realtime.avatar_prepare import load_prepared, save_avatar
 from realtime.clock import ManualClock
 from realtime.default_avatar import load_default_avatar
 from realtime.encoded_frames import EncodedFrames
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.default import DefaultRenderer
 from realtime.scheduler import InlineRenderWorker
 from realtime.session import LipSyncSession
@@ -94,11 +94,11 @@ def test_a_failed_or_preparing_avatar_cannot_start_a_session(default_avatar, tmp
         library.acquire(entry.id)
 
 
-class MixingRenderer:
+class MixingRenderer(MouthRenderer):
     """Records every call; a patch's grey level names the avatar it was rendered for."""
 
     name = "mixing"
-    mixes_avatars = True
+    traits = RendererTraits(mixes_avatars=True)
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []  # per call: the avatar ids (python id) of its frames
@@ -121,7 +121,7 @@ class MixingRenderer:
 
 
 class SeparateRenderer(MixingRenderer):
-    mixes_avatars = False
+    traits = RendererTraits(mixes_avatars=False)
 
 
 def two_avatar_sessions(renderer, speech: np.ndarray):

@@ -26,6 +26,9 @@ STEP = 320  # 20 ms
 class FakeAvatar:
     """10 frames of 128x128 noise, a fixed face box, ping-pong loop: what the engine needs of an Avatar."""
 
+    loop = "pingpong"
+    source = "fake"
+
     def __init__(self, n: int = 10, size: int = 128, fps: float = 25.0) -> None:
         rng = np.random.default_rng(0)
         self.frames = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -40,7 +43,7 @@ class FakeAvatar:
         return loop_index(tick, len(self.frames))
 
 
-class RecordingRenderer:
+class RecordingRenderer(MouthRenderer):
     """Returns a flat grey patch over the face box and records every call."""
 
     name = "recording"

@@ -15,6 +15,7 @@ from test_server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 from models.checkpoints import CheckpointError
 from realtime.metrics import WorkerStats
+from realtime.session_options import SessionOptions
 from server.config import ServerConfig, device_list
 from server.realtime_engine import RealtimeEngine, gpu_curve_sizes, torch_devices
 
@@ -40,25 +41,25 @@ def placement(session) -> str:
 def test_sessions_spread_and_closing_frees_a_slot(engine):
     assert len(engine.workers) == 2 and engine.worker is engine.workers[0]
     assert engine.info["workers"] == "2"
-    sessions = [engine.open_session({}, name=f"s{i}") for i in range(5)]
+    sessions = [engine.open_session(SessionOptions(), name=f"s{i}") for i in range(5)]
     assert [placement(s) for s in sessions] == ["r0", "r1", "r0", "r1", "r0"]
     assert engine.sessions_per_worker() == [3, 2]
     sessions[1].close()                                   # a session of worker 1 ends
     sessions[1].close()                                   # closing twice is harmless
     assert engine.sessions_per_worker() == [3, 1]
-    s5 = engine.open_session({}, name="s5")
+    s5 = engine.open_session(SessionOptions(), name="s5")
     assert placement(s5) == "r1"                          # takes the freed slot
     for s in sessions[::2]:
         s.close()
     assert engine.sessions_per_worker() == [0, 2]
-    newer = [engine.open_session({}, name=f"t{i}") for i in range(3)]
+    newer = [engine.open_session(SessionOptions(), name=f"t{i}") for i in range(3)]
     # the emptier worker fills first; a tie goes to the first worker
     assert [placement(s) for s in newer] == ["r0", "r0", "r0"]
     assert engine.sessions_per_worker() == [3, 2]
 
 
 def test_a_session_dropped_without_close_frees_its_slot(engine):
-    session = engine.open_session({})
+    session = engine.open_session(SessionOptions())
     assert engine.sessions_per_worker() == [1, 0]
     del session
     gc.collect()
@@ -66,7 +67,7 @@ def test_a_session_dropped_without_close_frees_its_slot(engine):
 
 
 def test_metrics_report_totals_and_each_worker(engine):
-    a, b = engine.open_session({}), engine.open_session({})
+    a, b = engine.open_session(SessionOptions()), engine.open_session(SessionOptions())
     speech = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
     deadline = time.monotonic() + 10.0   # generous: only "both workers rendered", never a rate
     while time.monotonic() < deadline:
@@ -101,7 +102,7 @@ def test_one_worker_totals_equal_its_own_stats():
 
 
 async def test_metrics_page_has_a_series_per_worker(engine, http, loopback_only):
-    sessions = [engine.open_session({}) for _ in range(3)]
+    sessions = [engine.open_session(SessionOptions()) for _ in range(3)]
     server = await start_server(engine)
     try:
         async with http.get(server.endpoint("/metrics")) as resp:
@@ -149,7 +150,7 @@ def test_load_gives_the_no_weights_renderer_a_worker_per_cpu_entry():
     try:
         assert engine.devices == ["cpu", "cpu"] and engine.info["device"] == "cpu,cpu"
         assert engine.workers[0].renderer is engine.workers[1].renderer  # thread-safe: one instance
-        a, b = engine.open_session({}), engine.open_session({})
+        a, b = engine.open_session(SessionOptions()), engine.open_session(SessionOptions())
         assert engine.sessions_per_worker() == [1, 1]
         a.close()
         b.close()

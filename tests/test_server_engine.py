@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from test_server_helpers import Client, PcmTrack, echo_delays, start_server
 
+from realtime.session_options import SessionOptions
 from server.config import ServerConfig
 from server.realtime_engine import RealtimeEngine
 
@@ -97,7 +98,7 @@ def test_the_builtin_renderer_gets_a_renderer_sized_exact_delay(engine):
     1.5 frames, and L exact to the sample (75 + 20 + ~41 ms), not rounded up to 160 ms. An offer that
     sets `compute_budget_frames` gets that fixed budget, and L in whole frames, instead."""
     period_ms = 1000.0 / engine.fps
-    session = engine.open_session({})
+    session = engine.open_session(SessionOptions())
     try:
         cost_ms = 1000.0 * engine.worker.warmup_cost.estimate(1)
         full_batch_ms = 1000.0 * engine.worker.warmup_cost.estimate(engine.worker.max_batch)
@@ -111,7 +112,7 @@ def test_the_builtin_renderer_gets_a_renderer_sized_exact_delay(engine):
         assert session.latency_ms < 150.0
     finally:
         session.close()
-    fixed = engine.open_session({"compute_budget_frames": 1.5})
+    fixed = engine.open_session(SessionOptions(compute_budget_frames=1.5))
     try:
         assert fixed.latency_ms == 4 * period_ms   # 75 + 20 + 60 = 155, rounded up to whole frames
     finally:
@@ -158,7 +159,7 @@ def test_checkpoint_switches_to_wav2lip(tmp_path):
         # CPU default: OpenVINO, with the precision the start-up gate measured and chose
         assert engine.info["runtime"] == "openvino"
         assert engine.info["precision"] in ("fp32", "bf16") and "precision_gate" in engine.info
-        session = engine.open_session({})
+        session = engine.open_session(SessionOptions())
         session.push_audio(np.zeros(3200, np.float32), 16000)
         assert session.next_video_frame().image.shape == (512, 512, 3)
         session.close()
@@ -166,7 +167,7 @@ def test_checkpoint_switches_to_wav2lip(tmp_path):
         # asking for the official hard paste would show them, so it is refused with the fix
         assert engine.worker.renderer.rows_from > 0
         with pytest.raises(ValueError, match="--paste-mode official"):
-            engine.open_session({"paste_mode": "official"})
+            engine.open_session(SessionOptions(paste_mode="official"))
     finally:
         engine.close()
 

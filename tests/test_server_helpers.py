@@ -19,7 +19,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 from realtime.avatar import loop_index
-from realtime.renderers.base import MouthPatch
+from realtime.renderers.base import MouthPatch, MouthRenderer
 from server.app import create_app
 from server.auth import RedactingAccessLogger
 from server.config import ServerConfig
@@ -34,6 +34,9 @@ RATE = 16000
 class TinyAvatar:
     """10 flat grey 64x64 frames with a fixed face box: what LipSyncSession needs of an Avatar."""
 
+    loop = "pingpong"
+    source = "tiny"
+
     def __init__(self, n: int = 10, size: int = 64, fps: float = 25.0) -> None:
         self.frames = np.full((n, size, size, 3), 90, dtype=np.uint8)
         self.boxes = np.array([[16, 60, 12, 52]] * n)
@@ -47,7 +50,7 @@ class TinyAvatar:
         return loop_index(tick, len(self.frames))
 
 
-class LoudnessRenderer:
+class LoudnessRenderer(MouthRenderer):
     """A 'mouth' whose brightness follows the loudness of the frame's mel window (no model)."""
 
     name = "loudness"

@@ -325,8 +325,8 @@ def test_offer_options_parse_into_a_dataclass():
     options = OfferOptions.from_dict({"video_codec": "H264", "compute_budget_frames": 3,
                                       "vad_aggressiveness": 0, "energy_gate_dbfs": -60})
     assert options.video_codec == "h264" and options.compute_budget_frames == 3.0
-    assert options.engine_options() == {"compute_budget_frames": 3.0, "vad_aggressiveness": 0,
-                                        "energy_gate_dbfs": -60.0}
+    assert options.engine_overrides() == {"compute_budget_frames": 3.0, "vad_aggressiveness": 0,
+                                          "energy_gate_dbfs": -60.0, "fit_budget_to_renderer": False}
     assert OfferOptions.from_dict(None) == OfferOptions()
 
 

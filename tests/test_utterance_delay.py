@@ -21,7 +21,7 @@ from test_engine import (
 from realtime.clock import ManualClock, Timeline
 from realtime.config import EngineConfig
 from realtime.mel import MelAlignment, mel_windows, melspectrogram
-from realtime.renderers.base import AudioNeeds
+from realtime.renderers.base import AudioNeeds, RendererTraits
 from realtime.scheduler import InlineRenderWorker, RenderJob, RenderResult
 from realtime.session import LipSyncSession
 from realtime.utterance_start import PendingStart, choose_start
@@ -151,7 +151,7 @@ def test_quick_start_is_sample_exact_and_fixed_within_the_utterance(speech_16k):
 @pytest.mark.parametrize("needs", [AudioNeeds(), AudioNeeds(columns=5), AudioNeeds(offset_frames=-1)])
 def test_a_real_time_stream_keeps_the_lookahead_delay(speech_16k, needs):
     renderer = RecordingRenderer()
-    renderer.audio_needs = needs  # type: ignore[attr-defined]
+    renderer.traits = RendererTraits(audio_needs=needs)
     session, clock, _ = make_session(renderer)
     assert session.timeline.lookahead_samples == needs.lookahead_samples(25.0)
     run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
@@ -182,7 +182,7 @@ def test_training_alignment_windows_start_a_frame_earlier(speech_16k):
     """A Wav2Lip-like renderer with the training alignment sees, per frame, the offline windows of
     `mel_windows(..., MelAlignment.TRAINING)`: the window of the frame before (silence before the audio)."""
     renderer = RecordingRenderer()
-    renderer.audio_needs = AudioNeeds(offset_frames=-1)  # type: ignore[attr-defined]
+    renderer.traits = RendererTraits(audio_needs=AudioNeeds(offset_frames=-1))
     session, clock, _ = make_session(renderer)
     run = drive(session, clock, speech_16k, len(speech_16k) / SR + 1.0)
     frames = with_audio(run.frames)

@@ -245,7 +245,7 @@ def test_mixed_batch_uses_each_avatars_own_features(model):
     """Sessions on two avatars in one worker batch: every frame comes from its own avatar's cache."""
     first, second = FakeAvatar(n=4, seed=0), FakeAvatar(n=4, seed=5)
     renderer = Wav2LipRenderer(model, runtime="torch", precision="fp32")
-    assert renderer.mixes_avatars
+    assert renderer.traits.mixes_avatars
     renderer.prepare(first)
     renderer.prepare(second)
     avatars = [first, second, second, first, second]

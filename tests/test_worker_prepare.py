@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_engine import FakeAvatar, RecordingRenderer
 
+from realtime.renderers.base import MouthRenderer
 from realtime.scheduler import RenderJob, RenderResult, ThreadedRenderWorker
 
 WORKER = "render-test"
@@ -67,7 +68,7 @@ class SlicedPrepare(RecordingRenderer):
 class MonolithicPrepare(SlicedPrepare):
     """The same slow prepare in one piece (no prepare_steps): what the slices avoid."""
 
-    prepare_steps = None  # type: ignore[assignment]
+    prepare_steps = MouthRenderer.prepare_steps  # the base's: `prepare` in one piece
 
     def prepare(self, avatar) -> None:
         time.sleep(self.slices * self.slice_s)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest
-from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch
+from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +55,20 @@ class RemoteStats:
         return self.replica_frames / answered if answered > 0 else 0.0
 
 
-class RemoteRenderer:
+class RemoteRenderer(MouthRenderer):
     """A MouthRenderer over a `RenderTierClient`. `wants_deadline`: the render worker passes the time
     left until the batch's deadline (realtime/scheduler.py), which the replica orders batches by."""
-
-    wants_deadline = True
 
     def __init__(self, client: RenderTierClient, *, sender: str, name: str = "remote", rows_from: int = 0,
                  audio_needs: AudioNeeds = OFFICIAL_WINDOW, timeout_margin_s: float = 0.25,
                  prepare_timeout_s: float = 300.0, default_deadline_s: float = 0.2,
                  min_deadline_s: float = 0.0) -> None:
         self.client = client
-        # The replica renderer's: the session's look-ahead (and so its delay) is sized from it.
-        self.audio_needs = audio_needs
+        # audio_needs and rows_from are the replica renderer's: the session's look-ahead (and so its delay)
+        # is sized from the first; RealtimeEngine checks the second for official pastes.
+        self.traits = RendererTraits(wants_deadline=True, audio_needs=audio_needs, rows_from=rows_from)
         self.sender = sender
         self.name = name
-        self.rows_from = rows_from  # as the replica's renderer (RealtimeEngine checks it for official pastes)
         self.timeout_margin_s = timeout_margin_s
         self.prepare_timeout_s = prepare_timeout_s
         self.default_deadline_s = default_deadline_s
@@ -97,6 +95,10 @@ class RemoteRenderer:
 
     def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
                deadline_in_s: float | None = None) -> list[MouthPatch | None]:
+        return self.render_before(avatar, frame_indices, mels, deadline_in_s)
+
+    def render_before(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
+                      deadline_in_s: float | None) -> list[MouthPatch | None]:
         ref = self._refs[id(avatar)][1]
         budget = self.default_deadline_s if deadline_in_s is None else float(deadline_in_s)
         budget = max(budget, self.min_deadline_s, 0.0)

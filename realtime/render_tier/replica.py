@@ -65,7 +65,7 @@ class RenderReplica:
 
     def stats(self) -> ReplicaStats:
         s = self.batcher.stats
-        return ReplicaStats(self.name, getattr(self.renderer, "name", type(self.renderer).__name__),
+        return ReplicaStats(self.name, self.renderer.label,
                             len(self._avatars), s.batches, s.frames, s.late_frames, s.errors, s.mean_batch,
                             s.busy_s, s.senders)
 
@@ -100,4 +100,8 @@ class RenderReplica:
 
     async def _render_batch(self, avatar: Any, indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.renderer.render, avatar, indices, mels)
+        patches = await loop.run_in_executor(self._executor, self.renderer.render, avatar, indices, mels)
+        done = [p for p in patches if p is not None]
+        if len(done) != len(patches):  # a local renderer makes every patch or raises
+            raise RuntimeError(f"renderer {self.renderer.label} returned no patch for a frame")
+        return done

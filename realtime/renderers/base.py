@@ -1,7 +1,9 @@
-"""The mouth-renderer protocol: a batch of (avatar frame, mel window) in, one mouth patch per frame out.
+"""The mouth-renderer contract: a batch of (avatar frame, mel window) in, one mouth patch per frame out.
 
-The engine (realtime/session.py, realtime/scheduler.py) only talks to this protocol, so the Wav2Lip
-renderer, the no-weights default renderer and later models plug in without touching it.
+The engine (realtime/session.py, realtime/scheduler.py) only talks to `MouthRenderer`, so the Wav2Lip
+renderer, the no-weights default renderer, the remote render tier and later models plug in without
+touching it. What a renderer can do beyond `render` is declared as data (`RendererTraits`) and read, never
+probed: the base class gives every optional hook a default that does nothing.
 
 Contract
 - `prepare(avatar)` runs once per avatar before the first `render` (cache avatar-constant work there,
@@ -10,19 +12,24 @@ Contract
   `mels` (B, 80, 16) float32 official mel windows, and returns exactly B `MouthPatch`es, in order.
   It runs on the render worker thread (never on the asyncio loop) and must not keep references to
   the `mels` array after returning.
-- Optional: a renderer with `mixes_avatars = True` also has `render_mixed(avatars, frame_indices, mels)`
+- `traits.mixes_avatars`: the renderer also implements `render_mixed(avatars, frame_indices, mels)`
   (one avatar per frame), so a worker batches the frames of sessions on different avatars together.
+- `traits.wants_deadline`: the worker calls `render_before(..., deadline_in_s)` (the time left until
+  the batch is due) instead of `render`.
 - A patch covers the region `box` of the avatar frame; the compositor (realtime/compositor.py)
   resizes `image` to the box and blends it with `alpha` (or a default feathered lower-face mask).
-- Optional attribute `audio_needs: AudioNeeds`: which part of each frame's window the renderer reads.
-  It sets how much future audio a frame waits for (the look-ahead, hence the delay of a live stream):
-  the engine sizes its timeline from it (realtime/clock.py). Without it: the whole official window.
+- `traits.audio_needs`: which part of each frame's window the renderer reads. It sets how much future
+  audio a frame waits for (the look-ahead, hence the delay of a live stream): the engine sizes its
+  timeline from it (realtime/clock.py). Default: the whole official window.
+- Hooks with defaults: `prepare_steps` (prepare in slices between batches; default: `prepare` in one
+  piece), `warmup_context` (wraps warm-up renders), `release` (drop an avatar's data), `describe`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -74,19 +81,56 @@ class AudioNeeds:
 OFFICIAL_WINDOW = AudioNeeds()
 
 
-def audio_needs_of(renderer: object) -> AudioNeeds:
-    """A renderer's declared needs, or the whole official window when it declares none."""
-    needs = getattr(renderer, "audio_needs", None)
-    return needs if isinstance(needs, AudioNeeds) else OFFICIAL_WINDOW
+@dataclass(frozen=True)
+class RendererTraits:
+    """What a renderer declares about itself; the render worker and the engine read it as it is."""
+
+    mixes_avatars: bool = False     # render_mixed: one call may render several avatars' frames
+    wants_deadline: bool = False    # render(..., deadline_in_s=): the replica orders batches by it
+    audio_needs: AudioNeeds = OFFICIAL_WINDOW  # the part of each mel window it reads (the look-ahead)
+    rows_from: int = 0              # generates patch rows [rows_from, 96) only; 0: whole patches
+    device: str = "cpu"             # where it renders (a label: "cpu", "cuda:0", "ray")
 
 
-@runtime_checkable
-class MouthRenderer(Protocol):
-    name: str
+class MouthRenderer:
+    """Base of every mouth renderer: `render` is the one required method; the rest are declared hooks."""
 
-    def prepare(self, avatar) -> None:  # per-avatar precompute, once
-        ...
+    name: str = ""                  # for logs and metrics ("" : the class name)
+    traits: RendererTraits = RendererTraits()
 
-    def render(self, avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
-        # mels (B, 80, 16) float32; batch in, one patch per frame out
-        ...
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def prepare(self, avatar: Any) -> None:
+        """Per-avatar precompute, once, before its first render (off the event loop)."""
+
+    def prepare_steps(self, avatar: Any) -> Iterator[None]:
+        """`prepare` in slices the render worker runs between batches; default: in one piece."""
+        self.prepare(avatar)
+        yield from ()
+
+    def warmup_context(self) -> contextlib.AbstractContextManager:
+        """Entered around the worker's warm-up renders (e.g. cuDNN autotuning)."""
+        return contextlib.nullcontext()
+
+    def release(self, avatar: Any) -> None:
+        """Drop a removed avatar's prepared data."""
+
+    def describe(self) -> dict[str, str]:
+        """Runtime facts for logs and /healthz (runtime, precision, ...)."""
+        return {}
+
+    def render(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray) -> Sequence[MouthPatch | None]:
+        """mels (B, 80, 16) float32 -> B patches in order (None: this frame could not be rendered)."""
+        raise NotImplementedError
+
+    def render_before(self, avatar: Any, frame_indices: np.ndarray, mels: np.ndarray,
+                      deadline_in_s: float) -> Sequence[MouthPatch | None]:
+        """`render` for a batch due in `deadline_in_s`; called instead of it with traits.wants_deadline."""
+        return self.render(avatar, frame_indices, mels)
+
+    def render_mixed(self, avatars: list[Any], frame_indices: np.ndarray,
+                     mels: np.ndarray) -> Sequence[MouthPatch | None]:
+        """`render` with one avatar per frame; only with traits.mixes_avatars."""
+        raise NotImplementedError(f"{self.label} does not mix avatars (traits.mixes_avatars is False)")

@@ -52,7 +52,7 @@ from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
 from realtime.mel import MelAlignment
-from realtime.renderers.base import AudioNeeds, MouthPatch, int_box
+from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, Generate, choose_precision
 
@@ -131,7 +131,7 @@ def _uint8_patches(net: CachedWav2Lip, cache: FaceCache, indices: np.ndarray, me
     return out.cpu().numpy()
 
 
-class Wav2LipRenderer:
+class Wav2LipRenderer(MouthRenderer):
     """MouthRenderer backed by a Wav2Lip generator.
 
     model: a loaded generator (`models.wav2lip.load_wav2lip`); it is not modified.
@@ -150,7 +150,6 @@ class Wav2LipRenderer:
     """
 
     name = "wav2lip"
-    mixes_avatars = True  # render_mixed: one call per avatar within the worker's batch
 
     def __init__(self, model: Wav2Lip, device: str | torch.device | None = None, *, precision: str = "auto",
                  max_cache_mb: float = 1024.0, max_batch: int | None = None,
@@ -161,7 +160,6 @@ class Wav2LipRenderer:
         # Where each frame's window starts (official inference or the training code's alignment, one
         # frame earlier): the engine's look-ahead follows it (212.5 ms or 172.5 ms at 25 fps).
         self.mel_alignment = MelAlignment(mel_alignment)
-        self.audio_needs = AudioNeeds(offset_frames=self.mel_alignment.offset_frames)
         self.device = torch.device(device) if device is not None else param.device
         self.runtime = _resolve_runtime(runtime, self.device)
         self._runtime_chosen = runtime != "auto"  # an explicit choice is never swapped for another
@@ -174,6 +172,9 @@ class Wav2LipRenderer:
         if not 0 <= int(rows_from) < CROP_SIZE:
             raise ValueError(f"rows_from must be in [0, {CROP_SIZE}), got {rows_from}")
         self.rows_from = int(rows_from)
+        # render_mixed: one call per avatar within the worker's batch.
+        self.traits = RendererTraits(mixes_avatars=True, rows_from=self.rows_from, device=str(self.device),
+                                     audio_needs=AudioNeeds(offset_frames=self.mel_alignment.offset_frames))
         # Fold BatchNorm in fp32 even when the loaded model is fp16 (load_wav2lip(device="cuda")),
         # then cast once: the folded weights are rounded a single time.
         self._source = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
