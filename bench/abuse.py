@@ -2,6 +2,7 @@
 and a live session's frame rate while they run.
 
     python bench/abuse.py [--repo PATH] [--concurrent 6] [--rss-cap-mb 6000] [--skip six_uploads_1k,...]
+                          [--only slot_hold,pcm_slowloris,multipart_bypass]
 
 `--repo` is the checkout whose `run_server.py` is started (default: this one), so the same script
 measures the server before a change (e.g. `git archive main | tar -x -C /tmp/main`) and after it. The
@@ -25,7 +26,8 @@ Attacks (one key each in the JSON):
 - offer_flood: 40 offers in a row from one address: statuses.
 - ws_flood (issue #25): 1 200 utterances of one sample each over the session's /stream WebSocket (a 2-byte
   chunk, then {"type": "end"}, as fast as the socket takes them): the longest wait of another client's
-  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps.
+  /healthz polled meanwhile, the refusals ({"type": "error", "status": 429}), the live session's fps, and
+  what /metrics then says about the loop (p99 and worst lag, stalls over 250 ms).
 - stream_count (issue #25): one session token opens 400 event streams and 100 /stream WebSockets: how many
   the server accepted, and how many are still open a second later.
 Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/auth.py):
@@ -40,6 +42,13 @@ Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/a
 - headers: the page's anti-framing / no-sniff headers and `Server:`; the failed --avatars file's error
   in GET /avatars (does it show the absolute path?).
 - rebinding: GET /sessions with `Host: evil.example` on the public-bind --no-auth server: status.
+Issue #25 (uploads):
+- slot_hold: two uploads to the live session that declare 1 MB, send a 24-byte WAV header and stall;
+  meanwhile a second session's /say and /audio statuses, and when (and how) the stalled ones end.
+- pcm_slowloris: POST /audio?rate=16000 that declares 1 MB and stalls after 4 bytes: seconds until
+  the server answers and until it closes the connection (watched for at most 50 s).
+- multipart_bypass: a chunked multipart form (no Content-Length) with a 40 MB text part before a
+  small audio part, against a 32 MB cap: status and the bytes the server accepted.
 
 Last line: one JSON object with every attack's numbers.
 """
@@ -387,8 +396,10 @@ async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
             await asyncio.sleep(0.02)
 
     poller = asyncio.ensure_future(poll())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)   # the same polls without a flood: the machine's own noise
+    baseline = list(waits)
     t0 = time.monotonic()
+    before_fps = client.fps(t0 - 1.5, t0)
     refused: dict[str, int] = {}
     async with http.ws_connect(ws_url, headers=client.auth) as ws:
         for _ in range(n):
@@ -409,9 +420,21 @@ async def attack_ws_flood(http, client: LiveClient, n: int = 1200) -> dict:
     await asyncio.sleep(0.3)
     done.set()
     await poller
-    return {"utterances": n, "longest_healthz_wait_s": round(max(waits), 3), "healthz_polls": len(waits),
+    during = waits[len(baseline):]
+    return {"utterances": n, "longest_healthz_wait_s": round(max(during), 3), "healthz_polls": len(during),
+            "longest_healthz_wait_before_s": round(max(baseline), 3), "live_fps_before": before_fps,
             "errors": refused, "sent_s": round(sent_s, 3), "handled_s": round(t1 - t0, 3),
-            "live_fps_during": client.fps(t0, t1)}
+            "live_fps_during": client.fps(t0, t1), "metrics_after": await loop_metrics(http, client.url)}
+
+
+async def loop_metrics(http, url: str) -> dict:
+    """What /metrics says about the event loop (None: the series does not exist on that server)."""
+    names = ("lipsync_event_loop_lag_p99_seconds", "lipsync_event_loop_lag_max_seconds",
+             "lipsync_event_loop_stalls_total")
+    async with http.get(url + "metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        lines = (await resp.text()).splitlines()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line and not line.startswith("#")}
+    return {name.removeprefix("lipsync_event_loop_"): values.get(name) for name in names}
 
 
 async def attack_stream_count(client: LiveClient, n_sse: int = 400, n_ws: int = 100) -> dict:
@@ -617,7 +640,8 @@ async def run_public_bind(args: argparse.Namespace, http) -> dict:
     plan = [("ice_probe_950", lambda url: attack_ice_probe(http, url, 950)),
             ("ice_probe_public", lambda url: attack_ice_probe(http, url, 20)),
             ("rebinding", lambda url: attack_rebinding(http, url))]
-    plan = [(name, attack) for name, attack in plan if name not in args.skip]
+    plan = [(name, attack) for name, attack in plan
+            if name not in args.skip and (not args.only or name in args.only)]
     if not plan:
         return results
     server = Server(args.repo, Path(args.log), public=True)
@@ -633,6 +657,102 @@ async def run_public_bind(args: argparse.Namespace, http) -> dict:
     finally:
         server.stop()
     return results
+
+
+class Stalled:
+    """A request written up to `head` on its own connection, then silent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.opened = reader, writer, time.monotonic()
+        self.answered_s: float | None = None
+        self.status: int | None = None
+        self.closed_s: float | None = None
+
+    @classmethod
+    async def open(cls, url: str, path: str, headers: dict[str, str], head: bytes) -> "Stalled":
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}"] + [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + head)
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def watch(self, limit_s: float) -> None:
+        """Wait for the answer and the close, up to `limit_s` from the start."""
+        try:
+            async with asyncio.timeout(limit_s - (time.monotonic() - self.opened)):
+                while data := await self.reader.read(4096):
+                    if self.answered_s is None:
+                        self.answered_s = round(time.monotonic() - self.opened, 2)
+                        self.status = int(data.split(b" ", 2)[1])
+                self.closed_s = round(time.monotonic() - self.opened, 2)
+        except (TimeoutError, ConnectionError):
+            pass
+        self.writer.close()
+
+    def result(self) -> dict:
+        return {"status": self.status, "answered_s": self.answered_s, "closed_s": self.closed_s}
+
+
+def _path(client: LiveClient, route: str) -> str:
+    return f"/sessions/{client.session_id}{route}"
+
+
+async def attack_slot_hold(http, client: LiveClient) -> dict:
+    victim = LiveClient(client.url, http)
+    await victim.connect()
+    try:
+        head = wav_bytes(1024, 16000)[:24]
+        stalled = [await Stalled.open(client.url, _path(client, "/audio"),
+                                      {"Content-Type": "audio/wav", "Content-Length": str(1 << 20), **client.auth},
+                                      head) for _ in range(2)]
+        watchers = [asyncio.ensure_future(s.watch(40.0)) for s in stalled]
+        await asyncio.sleep(1.0)
+        say = await post_status(http, f"{client.url}sessions/{victim.session_id}/say", json={"text": "hello there"},
+                                headers=victim.auth)
+        upload_status = await post_status(http, f"{client.url}sessions/{victim.session_id}/audio",
+                                          data=wav_bytes(32044, 16000), headers={"Content-Type": "audio/wav",
+                                                                                 **victim.auth})
+        await asyncio.gather(*watchers)
+        return {"victim_say_status": say, "victim_upload_status": upload_status,
+                "stalled": [s.result() for s in stalled]}
+    finally:
+        await interrupt(http, victim)
+        await victim.close()
+
+
+async def attack_pcm_slowloris(http, client: LiveClient) -> dict:
+    stalled = await Stalled.open(client.url, _path(client, "/audio") + "?rate=16000",
+                                 {"Content-Length": str(1 << 20), **client.auth}, b"\0\0\0\0")
+    await stalled.watch(50.0)
+    out = stalled.result()
+    out["still_open_at_s"] = None if stalled.closed_s is not None else 50.0
+    return out
+
+
+async def attack_multipart_bypass(http, client: LiveClient) -> dict:
+    audio = wav_bytes(32044, 16000)  # 1 s
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="padding"\r\n\r\n' + b"p" * (40 << 20) + b"\r\n"
+            b'--xyz\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n' + audio +
+            b"\r\n--xyz--\r\n")
+    sent = 0
+
+    async def chunks():
+        nonlocal sent
+        for i in range(0, len(body), 256 * 1024):
+            sent += len(body[i:i + 256 * 1024])
+            yield body[i:i + 256 * 1024]
+
+    t0 = time.monotonic()
+    try:
+        status: int | str = await post_status(http, f"{client.url}sessions/{client.session_id}/audio", data=chunks(),
+                                              headers={"Content-Type": "multipart/form-data; boundary=xyz",
+                                                       **client.auth})
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        status = type(exc).__name__
+    return {"status": status, "body_bytes": len(body), "cap_bytes": 32 << 20,
+            "accepted_bytes": len(body) if status == 200 else 0, "bytes_sent_before_answer": sent,
+            "seconds": round(time.monotonic() - t0, 2)}
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -658,20 +778,24 @@ async def run(args: argparse.Namespace) -> dict:
             ("offer_32mb", lambda h, c, w: attack_big_json(h, c.url, w)),
             ("say_flood", lambda h, c, w: attack_say_flood(h, c, w.pid)),
             ("offer_flood", lambda h, c, w: attack_offer_flood(h, c.url)),
-            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
             ("stream_count", lambda h, c, w: attack_stream_count(c)),
+            # After stream_count: on a server without the fix the freeze can get the live session reaped.
+            ("ws_flood", lambda h, c, w: attack_ws_flood(h, c)),
             ("ice_probe_loopback", lambda h, c, w: attack_ice_probe(h, c.url, 20)),
             ("ice_ufrag", lambda h, c, w: attack_ice_ufrag(h, c.url)),
             ("data_channel", lambda h, c, w: attack_data_channel(h, c.url)),
             ("token_in_query", lambda h, c, w: attack_token_in_query(h, c)),
-            ("headers", lambda h, c, w: attack_headers(h, c.url))]
+            ("headers", lambda h, c, w: attack_headers(h, c.url)),
+            ("slot_hold", lambda h, c, w: attack_slot_hold(h, c)),
+            ("pcm_slowloris", lambda h, c, w: attack_pcm_slowloris(h, c)),
+            ("multipart_bypass", lambda h, c, w: attack_multipart_bypass(h, c))]
     server: Server | None = None
     client: LiveClient | None = None
     watch: RssWatch | None = None
     async with aiohttp.ClientSession() as http:
         try:
             for name, attack in plan:
-                if name in args.skip:
+                if name in args.skip or (args.only and name not in args.only):
                     continue
                 if server is None or not server.alive():
                     if client is not None:
@@ -724,9 +848,11 @@ def main() -> None:
     parser.add_argument("--rss-cap-mb", type=float, default=6000.0,
                         help="kill the server past this RSS (default 6000 MB; protects a shared machine)")
     parser.add_argument("--skip", default="", help="comma-separated attacks to leave out")
+    parser.add_argument("--only", default="", help="comma-separated attacks to run (default: all)")
     parser.add_argument("--log", default="/tmp/abuse-server.log", help="the server's output")
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    args.only = set(filter(None, args.only.split(",")))
     Path(args.log).write_text("")
     results = asyncio.run(run(args))
     print(json.dumps(results))

@@ -139,6 +139,15 @@ ONLY_TURNS = """(() => {
 })();"""
 
 
+def wait_until(page, expression: str, within_s: float) -> None:
+    """Poll with page.evaluate: Playwright's wait_for_function uses eval, which the page's CSP forbids."""
+    deadline = time.monotonic() + within_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench/browser_latency.py: timed out waiting for {expression}")
+        page.wait_for_timeout(100)
+
+
 def served(via: str, tmp: Path, stack: contextlib.ExitStack) -> tuple[str, dict, list[str]]:
     """(page URL, headers for GET /sessions, extra Chromium flags): run_server.py alone, or the deploy/
     files on loopback with the tests' harness (tests/deployment.py: nginx and coturn, self-signed TLS)."""
@@ -199,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     page.add_init_script(ONLY_TURNS)
                 page.goto(url)
                 page.click("#start")
-                page.wait_for_function(
-                    "document.getElementById('status-state').textContent === 'connected'", timeout=60000)
-                page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=30000)
+                wait_until(page, "document.getElementById('status-state').textContent === 'connected'", 60)
+                wait_until(page, "document.getElementById('avatar').videoWidth > 0", 30)
                 rate = float(page.evaluate(RECORD_SCRIPT, BLOCK))
                 t_end = time.monotonic() + args.seconds
                 while time.monotonic() < t_end:

@@ -9,7 +9,7 @@ batches of 8 as the engine does. Every number is the minimum over `--repeats` ru
 shared, so the minimum is the honest cost), in milliseconds per frame:
     cpu_ms_per_frame         render() per output frame of the clip (pauses included)
     cpu_ms_per_speech_frame  render() per frame whose mouth is open (the work the engine actually asks for)
-    params_ms_per_frame      the audio -> [open, spread, round] part alone
+    params_ms_per_frame      the audio -> mouth parameters part alone (mouth_params.PARAMS)
     paste_ms_per_frame       the compositor's feathered paste of the patch (engine cost, not renderer)
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import espeak_or_vowels
 from realtime.compositor import paste
 from realtime.media_io import load_audio
-from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.mel import SAMPLE_RATE
 from realtime.offline_builtin import frame_windows, render_avatar_speech
 from realtime.renderers.default import DefaultRenderer
 
@@ -76,9 +76,9 @@ def measure(avatar=None, wav: np.ndarray | None = None, repeats: int = 7) -> dic
         pass
     avatar = avatar if avatar is not None else load_avatar()
     wav = wav if wav is not None else espeak_or_vowels(TEXT)
-    windows = mel_windows(melspectrogram(wav), float(avatar.fps))
-    indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
     renderer = DefaultRenderer()
+    windows = frame_windows(wav, float(avatar.fps), renderer.traits.audio_needs)  # cut as the engine cuts them
+    indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
     renderer.prepare(avatar)
     params = renderer.params(windows)
     speaking = params[:, 0] >= 0.05
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         avatar = load_avatar()
         renderer = DefaultRenderer()
         frames = render_avatar_speech(avatar, wav, args.mp4, renderer)
-        p = renderer.params(frame_windows(wav, avatar.fps))
+        p = renderer.params(frame_windows(wav, avatar.fps, renderer.traits.audio_needs))
         log.info("%s: %d frames, %.2f s; open mean %.2f max %.2f, frames open > 0.05: %d", args.mp4,
                  frames, frames / avatar.fps, p[:, 0].mean(), p[:, 0].max(), int((p[:, 0] > 0.05).sum()))
         return 0

@@ -16,7 +16,11 @@ const ui = {
   fps: $("status-fps"),
   latency: $("status-latency"),
   drops: $("status-drops"),
+  link: $("status-link"),
   message: $("message"),
+  lost: $("lost"),
+  lostText: $("lost-text"),
+  reconnect: $("reconnect"),
   start: $("start"),
   stop: $("stop"),
   interrupt: $("interrupt"),
@@ -32,8 +36,16 @@ const ui = {
 
 let serverConfig = { ice_servers: [], say: false };
 let session = null; // { pc, id, token, micStream, timers }
+let lastOptions = null; // the offer options of the last session: Reconnect opens the same avatar again
 
 // -- small helpers -------------------------------------------------------------------------------
+
+// The session ended under us (the link dropped for longer than the server waits, or the connection
+// failed): say so, and offer a new session on the same avatar in one click.
+function showLost(text) {
+  ui.lostText.textContent = text;
+  ui.lost.hidden = false;
+}
 
 function showMessage(text, kind = "error") {
   ui.message.textContent = text;
@@ -153,8 +165,9 @@ async function peerConfiguration() {
   return { iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" };
 }
 
-async function start() {
+async function start({ options = null } = {}) {
   showMessage("");
+  ui.lost.hidden = true;
   setBusy(true);
   setState("connecting");
   const source = selectedSource();
@@ -164,7 +177,7 @@ async function start() {
     if (source === "mic") micStream = await openMicrophone();
 
     pc = new RTCPeerConnection(await peerConfiguration());
-    session = { pc, id: null, token: null, micStream, timers: [], lastStats: null };
+    session = { pc, id: null, token: null, micStream, timers: [], lastStats: null, connected: false };
 
     if (micStream) {
       for (const track of micStream.getAudioTracks()) {
@@ -191,11 +204,12 @@ async function start() {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
 
+    const offerOptions = options || (window.avatarPicker ? window.avatarPicker.offerOptions() : {});
     const resp = await fetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type,
-                             options: window.avatarPicker ? window.avatarPicker.offerOptions() : {} }),
+                             options: offerOptions }),
     });
     if (resp.status === 503 || resp.status === 429) {
       const body = await resp.json().catch(() => ({}));
@@ -209,6 +223,7 @@ async function start() {
     if (session === null || session.pc !== pc) return; // stopped meanwhile
     session.id = answer.session_id;
     session.token = answer.session_token; // the session's routes need it; it is never sent again
+    lastOptions = { ...offerOptions, avatar: answer.avatar || offerOptions.avatar };
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     ui.placeholder.hidden = true;
     session.timers.push(setInterval(updateStats, 1000));
@@ -225,14 +240,20 @@ function onConnectionState(pc) {
   const state = pc.connectionState;
   setState(state);
   if (state === "failed") {
+    const wasConnected = session.connected;
     stop({ quiet: true }).then(() => {
       setState("failed");
-      showMessage("The connection failed. If the server is on another network, it needs a " +
-                  "STUN/TURN server (--ice-server).");
+      if (wasConnected) {
+        showLost("The connection was lost.");
+      } else {
+        showMessage("The connection failed. If the server is on another network, it needs a " +
+                    "STUN/TURN server (--ice-server).");
+      }
     });
   } else if (state === "disconnected") {
     showMessage("Connection interrupted; trying to recover…", "info");
   } else if (state === "connected") {
+    session.connected = true;
     showMessage("");
   }
 }
@@ -255,6 +276,7 @@ async function stop({ quiet = false } = {}) {
   ui.fps.textContent = "– fps";
   ui.latency.textContent = "latency –";
   ui.drops.textContent = "drops –";
+  ui.link.textContent = "link –";
 }
 
 // -- status line ---------------------------------------------------------------------------------
@@ -270,9 +292,19 @@ function engineLatencyMs(metrics) {
 async function updateStats() {
   const current = session;
   if (!current) return;
-  let fps = null, dropped = 0, jitterMs = null;
+  let fps = null, dropped = 0, jitterMs = null, rttMs = null, lost = 0, received = 0;
   const report = await current.pc.getStats();
+  const previous = current.lastStats || {};
   report.forEach((s) => {
+    if (s.type === "candidate-pair" && s.nominated && typeof s.currentRoundTripTime === "number") {
+      rttMs = 1000 * s.currentRoundTripTime;
+    }
+    if (s.type === "inbound-rtp") {
+      // Loss over the last second, from the counters' deltas (what arrives, both media).
+      const prev = previous[s.id];
+      lost += Math.max(0, (s.packetsLost || 0) - ((prev && prev.packetsLost) || 0));
+      received += Math.max(0, (s.packetsReceived || 0) - ((prev && prev.packetsReceived) || 0));
+    }
     if (s.type === "inbound-rtp" && s.kind === "video") {
       fps = s.framesPerSecond ?? fps;
       dropped += s.framesDropped || 0;
@@ -306,10 +338,16 @@ async function updateStats() {
                       `${Math.ceil(metrics.server_notice.ends_in_s)} s. Press Start again after it.`, "info");
         }
       } else if (resp.status === 404 && session === current) {
+        const wasConnected = current.connected;
         await stop({ quiet: true });
         setState("closed");
-        showMessage(current.notice ? `The ${current.notice}: press Start again in a few seconds.`
-                                   : "The server ended this session.", "info");
+        if (current.notice) {
+          showMessage(`The ${current.notice}: press Start again in a few seconds.`, "info");
+        } else if (wasConnected) {
+          showLost("The connection was lost: the server ended this session.");
+        } else {
+          showMessage("The server ended this session.", "info");
+        }
         return;
       }
     } catch (_) { /* the status line is best effort */ }
@@ -319,6 +357,9 @@ async function updateStats() {
   const shownLatency = latencyMs === null ? jitterMs : latencyMs + (jitterMs || 0);
   ui.latency.textContent = shownLatency === null ? "latency –" : `latency ${Math.round(shownLatency)} ms`;
   ui.drops.textContent = `drops ${dropped + serverDrops}`;
+  const lossPct = lost + received > 0 ? (100 * lost) / (lost + received) : null;
+  ui.link.textContent = lossPct === null && rttMs === null ? "link –"
+    : `loss ${lossPct === null ? "–" : lossPct.toFixed(1)} % · rtt ${rttMs === null ? "–" : Math.round(rttMs)} ms`;
 }
 
 // -- push API: file and text ---------------------------------------------------------------------
@@ -378,7 +419,8 @@ async function interrupt() {
 
 // -- wiring --------------------------------------------------------------------------------------
 
-ui.start.addEventListener("click", start);
+ui.start.addEventListener("click", () => start());
+ui.reconnect.addEventListener("click", () => start({ options: lastOptions }));
 ui.stop.addEventListener("click", () => stop());
 ui.interrupt.addEventListener("click", interrupt);
 ui.sendFile.addEventListener("click", sendFile);

@@ -29,7 +29,8 @@ from realtime.avatar import Avatar, AvatarConfig
 from realtime.avatar_prepare import prepare_avatar
 from realtime.compositor import paste
 from realtime.media_io import Mp4Writer, load_audio
-from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
+from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds
 from realtime.renderers.default import DefaultRenderer
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,13 @@ class RenderSummary:
     render_seconds: float   # mouths, paste and encoding
 
 
-def frame_windows(speech_16k: np.ndarray, fps: float) -> np.ndarray:
-    """(round(seconds * fps), 80, 16) mel windows: the official ones, then the last one repeated."""
-    windows = mel_windows(melspectrogram(speech_16k), fps)
+def frame_windows(speech_16k: np.ndarray, fps: float, needs: AudioNeeds = OFFICIAL_WINDOW) -> np.ndarray:
+    """(round(seconds * fps), 80, 16) mel windows: the official ones (each starting where `needs` says,
+    as the engine cuts them), then the last one repeated."""
+    alignments = {a.offset_frames: a for a in MelAlignment}
+    if needs.offset_frames not in alignments:
+        raise ValueError(f"no mel alignment starts {needs.offset_frames} frames before the frame")
+    windows = mel_windows(melspectrogram(speech_16k), fps, alignments[needs.offset_frames])
     count = max(1, round(len(speech_16k) / SAMPLE_RATE * fps))
     if count > len(windows):
         tail = np.repeat(windows[-1:], count - len(windows), axis=0)
@@ -89,7 +94,7 @@ def render_avatar_speech(avatar: Avatar, speech_16k: np.ndarray, output: str | P
     """
     renderer = renderer or DefaultRenderer()
     fps = float(avatar.fps)
-    windows = frame_windows(speech_16k, fps)
+    windows = frame_windows(speech_16k, fps, renderer.traits.audio_needs)
     params = renderer.params(windows)
     height, width = avatar.frames.shape[1:3]
     track = speech_16k if audio is None else audio

@@ -223,7 +223,8 @@ class PlaybackTracker:
             return
         u.complete = True
         if not u.spans:
-            self._utterances.remove(u)   # the last one: it never got input, so nothing came after it
+            if self._utterances and self._utterances[-1] is u:   # the open one is always the last
+                self._utterances.pop()
             self._emit(SpeechEnded(u.id, 0.0, False, now))
         else:
             self._advance(now, self._out, 0)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import avatars_api, encoders, events_api, push_api, signaling
+from server import avatars_api, encoders, events_api, opus_fec, push_api, signaling
 from server.auth import Guard, OperatorAuth, client_address
+from server.capacity import AUTO_SESSIONS_BOUND, CapacityModel, unmeasured_capacity
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
@@ -32,12 +33,17 @@ log = logging.getLogger(__name__)
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
 
-def create_app(config: ServerConfig, engine: Engine) -> web.Application:
+def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | None = None) -> web.Application:
     """The app; every request goes through `json_errors` (JSON errors) and the access policy
-    (server/auth.py: credentials, cross-site checks, body caps)."""
+    (server/auth.py: credentials, cross-site checks, body caps). `capacity`: the admission model with
+    the session cost measured at start (runner.py); without one, `--max-sessions` (or the auto default)
+    admits a fixed number (server/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
+    opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
     hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
-    sessions = SessionManager(config.max_sessions, connect_timeout_s=config.connect_timeout_s,
+    if capacity is None:
+        capacity = unmeasured_capacity(config, engine.fps)
+    sessions = SessionManager(capacity, connect_timeout_s=config.connect_timeout_s,
                               peer_timeout_s=config.peer_timeout_s,
                               disconnect_grace_s=config.disconnect_grace_s, trimmer=HeapTrimmer())
     operator = OperatorAuth.from_config(config)
@@ -48,7 +54,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
                              tts=LocalTts(config.tts_command, timeout_s=config.say_timeout_s),
                              operator=operator, pool=WorkPool(config.max_concurrent_decodes, config.max_decodes_per_ip),
                              limits=ClientLimits(config.max_sessions_per_ip, config.max_offers_per_minute),
-                             streams=StreamSlots(config.max_sessions))
+                             streams=StreamSlots(config.max_sessions or AUTO_SESSIONS_BOUND))
     for server in config.ice_servers:
         if server.credential is not None:
             log.warning("--ice-server %s has a static username and credential: every visitor receives "
@@ -86,10 +92,12 @@ async def _close_pool(app: web.Application) -> None:
 
 async def _start_monitors(app: web.Application) -> None:
     app[STATE].loop_lag.start()
+    app[STATE].capacity_monitor.start()
 
 
 async def _stop_monitors(app: web.Application) -> None:
     await app[STATE].loop_lag.stop()
+    await app[STATE].capacity_monitor.stop()
     app[STATE].sessions.trimmer.close()
     app[STATE].frame_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -158,13 +166,29 @@ async def healthz(request: web.Request) -> web.Response:
         "sessions": len(state.sessions),
         "max_sessions": state.sessions.max_sessions,
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
-        "free_slots": max(state.sessions.max_sessions - len(state.sessions), 0),
+        # The measured capacity (server/capacity.py) less the live and negotiating sessions: exactly the
+        # offers that would be admitted now.
+        "free_slots": _free_slots(state),
+        "capacity": state.sessions.capacity.describe(),
+        **({} if state.seat is None else {"worker": state.seat.index, "worker_processes": state.seat.board.describe()}),
         "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,
         "render_worker_restarts": health.restarts,
         **public_engine_info(state.engine.info),
     }, status=200 if status == "ok" else 503)
+
+
+def _free_slots(state: ServerState) -> int:
+    """Offers the server admits now: this process's, plus (with --workers) the other workers' rows, capped
+    by what the shared cores still take (each worker's row counts the same cores)."""
+    own = state.sessions.free_slots()
+    if state.seat is None:
+        return own
+    others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
+    total = own + sum(r.free_slots for r in others)
+    room = state.sessions.capacity.shared_room(state.sessions.held)
+    return total if room is None else min(total, room)
 
 
 def public_engine_info(info: dict) -> dict[str, str]:

@@ -93,7 +93,17 @@ async def poster(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "max-age=3600"})
 
 
+def _one_library(request: web.Request) -> None:
+    """With --workers N each worker holds its own avatar library (loaded from --avatar / --avatars at start):
+    a change here would reach one of them only, so it is refused with the way out."""
+    if state_of(request).seat is not None:
+        raise ApiError(409, "this server runs several worker processes, each with the avatars it loaded at "
+                            "start: add avatars with --avatars DIR (and restart), or run --workers 1 to "
+                            "add and remove them live")
+
+
 async def remove_avatar(request: web.Request) -> web.Response:
+    _one_library(request)
     library = library_of(request)
     avatar_id = request.match_info["id"]
     try:
@@ -106,6 +116,7 @@ async def remove_avatar(request: web.Request) -> web.Response:
 
 
 async def add_avatar(request: web.Request) -> web.Response:
+    _one_library(request)
     state = state_of(request)
     library = library_of(request)
     query_name = _checked_name(request.query.get("name", "").encode())  # before the body is read

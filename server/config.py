@@ -116,6 +116,17 @@ def _origins(value: str | list[str]) -> list[str]:
 def _urls(value: str | list[str]) -> list[str]:
     return [url.rstrip("/").lower() for url in _split(value)]
 
+
+def _auto_or_positive(value: str | int) -> int:
+    """`auto` -> 0 (measured / one per core), else a number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value!r}: expected auto or a number >= 1")
+    return number
+
+
 @dataclass
 class ServerConfig:
     host: str = flag("127.0.0.1", "address to listen on (default {default}; 0.0.0.0 for every interface)")
@@ -161,7 +172,19 @@ class ServerConfig:
     mel_alignment: str = flag("training", "Wav2Lip: each frame's mel window starts one frame before it, as in "
                                           "training (default; 40 ms less look-ahead), or at the frame, as the "
                                           "official inference script", choices=("training", "official"))
-    max_sessions: int = flag(4, "concurrent sessions; more get 503 (default {default})")
+    # Admission (docs/scaling.md): 0 = auto, as many sessions as this machine serves at full frame rate
+    # with capacity_headroom, measured at start and live (server/capacity.py); N > 0 caps that at N.
+    max_sessions: int = flag(0, "concurrent sessions, more get 503 + Retry-After: auto (default) admits as many "
+                                "as this machine serves at full frame rate with headroom, measured at start and "
+                                "live; a number caps that (docs/scaling.md)", metavar="auto|N",
+                             convert=_auto_or_positive)
+    capacity_headroom: float = flag(0.75, "with --max-sessions auto: the share of the cores and of the event "
+                                          "loop that sessions may fill (default {default})")
+    # Front-end processes behind the one port (server/workers.py, docs/scaling.md): 0 = auto, one per core
+    # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process).
+    workers: int = flag(0, "front-end processes serving sessions behind the one port: auto (default) = one per "
+                           "core; each session lives in one (docs/scaling.md)", metavar="auto|N",
+                        convert=_auto_or_positive)
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = flag(None, "TLS certificate (PEM) to serve https")
     key_file: Path | None = flag(None, "TLS private key (PEM)")
@@ -295,8 +318,12 @@ class ServerConfig:
         return f"{scheme}://{host}:{self.port}/"
 
     def validate(self) -> None:
-        if self.max_sessions < 1:
-            raise ValueError("--max-sessions must be at least 1")
+        if self.max_sessions < 0:
+            raise ValueError("--max-sessions must be auto or at least 1")
+        if self.workers < 0:
+            raise ValueError("--workers must be auto or at least 1")
+        if not 0 < self.capacity_headroom <= 1:
+            raise ValueError("--capacity-headroom must be in (0, 1]")
         if self.malloc_arenas < 0:
             raise ValueError("--malloc-arenas must be 0 (glibc's default) or more")
         if not 0 <= self.port <= 65535:

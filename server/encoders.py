@@ -15,7 +15,9 @@ bitrates; bench/encoded_sessions.py runs them live):
 
 So only these change: H.264 preset veryfast and one thread per encoder (sessions give the parallelism;
 slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser. Everything else
-(bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's.
+(bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's,
+except that forced keyframes are rate-limited (`KEYFRAME_MIN_INTERVAL_S`) and the REMB target is capped by
+the loss/delay control of server/link_quality.py, with lower floors (docs/network.md).
 
 Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which upsamples the server's
 16 kHz frames itself so that no packet waits for the next frame (20 ms less on every returned sound);
@@ -27,6 +29,7 @@ aiortc.rtcrtpsender looks up for each new sender.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, ClassVar
 
 import aiortc.rtcrtpsender
@@ -67,12 +70,62 @@ class TunedContext:
         setattr(self._context, name, value)
 
 
+KEYFRAME_MIN_INTERVAL_S = 0.5
+"""At most one forced keyframe per this interval. aiortc's sender forces a keyframe on every PLI or FIR
+it receives; on a lossy link a receiver (and every receiver of a bundle) can ask several times while the
+first keyframe is still in flight, and each keyframe is 5-10x a delta frame: a burst that causes more
+loss. A request inside the interval is kept and served when it ends, never dropped."""
+
+
 class _Tuned:
     """Mixin for an aiortc encoder that keeps its codec context in `self.codec` (created lazily on
-    the first frame and again on a size or bitrate change): each new context gets the overrides."""
+    the first frame and again on a size or bitrate change): each new context gets the overrides.
+    Keyframe requests are rate-limited (`_keyframe_due`)."""
 
     OPTIONS: ClassVar[dict[str, str]] = {}
     THREADS: ClassVar[int | None] = None
+    DEFAULT_BPS: ClassVar[int] = 500_000
+    MIN_BPS: ClassVar[int] = 150_000
+    MAX_BPS: ClassVar[int] = 1_500_000
+
+    # -- bitrate: REMB (aiortc sets target_bitrate) capped by the loss/delay control -----------------
+
+    @property
+    def target_bitrate(self) -> int:
+        """What the encoder aims at: the receiver's REMB estimate (aiortc's sender sets it; the
+        codec's default until one comes), capped by `bitrate_cap` (server/link_quality.py's loss and
+        delay control), within [MIN_BPS, MAX_BPS]. aiortc reopens the codec when this moves by more
+        than 10 %."""
+        remb = self.__dict__.get("_remb_bps", self.DEFAULT_BPS)
+        cap = self.__dict__.get("bitrate_cap")
+        wanted = remb if cap is None else min(remb, cap)
+        return int(max(self.MIN_BPS, min(self.MAX_BPS, wanted)))
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        self.__dict__["_remb_bps"] = int(bitrate)
+
+    def set_bitrate_cap(self, bps: int | None) -> None:
+        self.__dict__["bitrate_cap"] = bps
+
+    def encode(self, frame: Any, force_keyframe: bool = False) -> Any:
+        return super().encode(frame, self._keyframe_due(force_keyframe))  # type: ignore[misc]
+
+    def _keyframe_due(self, requested: bool, now: float | None = None) -> bool:
+        """Whether this frame is forced to a keyframe: a request (now or pending) is served once
+        `KEYFRAME_MIN_INTERVAL_S` has passed since the last forced one."""
+        now = time.monotonic() if now is None else now
+        state = self.__dict__
+        if requested:
+            state["_keyframe_pending"] = True
+        if not state.get("_keyframe_pending"):
+            return False
+        if now - state.get("_keyframe_last", -float("inf")) < KEYFRAME_MIN_INTERVAL_S:
+            return False
+        state["_keyframe_pending"] = False
+        state["_keyframe_last"] = now
+        state["keyframes_forced"] = state.get("keyframes_forced", 0) + 1
+        return True
 
     @property
     def codec(self) -> Any:
@@ -88,10 +141,17 @@ class _Tuned:
 class RealtimeH264Encoder(_Tuned, H264Encoder):
     OPTIONS = H264_OPTIONS
     THREADS = H264_THREADS
+    DEFAULT_BPS = 1_000_000   # aiortc's; its floor is 500 kb/s, too high for a thin link
+    MIN_BPS = 200_000
+    MAX_BPS = 3_000_000
 
 
 class RealtimeVp8Encoder(_Tuned, Vp8Encoder):
     OPTIONS = VP8_OPTIONS
+
+
+RealtimeVideoEncoder = _Tuned
+"""The video encoders' common part (keyframe rate limit, bitrate cap), for server/link_quality.py."""
 
 
 def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:

@@ -1,12 +1,14 @@
 """EventFeed: one subscriber's queue of a session's playback events (realtime/playback.py), as the JSON
 the push API sends: on the /sessions/{id}/stream WebSocket (server/push_api.py) and as Server-Sent Events
-(server/events_api.py). `t` becomes Unix time in seconds on the server's clock.
+(server/events_api.py). `t` becomes Unix time in seconds on the server's clock. Server notices about the
+session (`Session.notices`: `server_restarting` while the server drains) go out on the same feeds.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from typing import Callable
 
 from realtime.playback import PlaybackEvent, PlaybackTracker
 from server.sessions import Session
@@ -24,7 +26,7 @@ class EventFeed:
     The tracker calls listeners from whichever thread pulls the session's media; delivery hops onto
     the event loop the feed was made on."""
 
-    def __init__(self, tracker: PlaybackTracker) -> None:
+    def __init__(self, tracker: PlaybackTracker, notices: set[Callable[[dict], None]] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._queue: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -32,6 +34,10 @@ class EventFeed:
         # The session clock is time.monotonic: shift to Unix time once, so all events share one offset.
         self._to_unix = time.time() - time.monotonic()
         self._unsubscribe = tracker.subscribe(self._on_event)
+        # Server notices for this session (`Session.notices`, e.g. "the server is restarting"), on the loop.
+        self._notices = notices
+        if notices is not None:
+            notices.add(self._put)
 
     def _on_event(self, event: PlaybackEvent) -> None:
         message = event.as_json(self._to_unix)
@@ -57,6 +63,8 @@ class EventFeed:
 
     def close(self) -> None:
         self._unsubscribe()
+        if self._notices is not None:
+            self._notices.discard(self._put)
 
 
 def tracker_of(session: Session) -> PlaybackTracker:

@@ -61,7 +61,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     session = session_of(request)
     tracker = tracker_of(session)
     slot = state_of(request).streams.acquire(session.id, StreamKind.EVENTS)   # 429: server-wide cap
-    feed = EventFeed(tracker)
+    feed = EventFeed(tracker, session.notices)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     try:

@@ -8,7 +8,9 @@ of the server's own network and a reflector, for anyone who can POST /offer.
 
 `screen_offer(sdp, policy)` is a pure function of the SDP text and the bind policy. It refuses (400):
 - more than `MAX_CANDIDATES_PER_MLINE` candidates in one m-section (a browser gathers a handful per
-  network interface; the cap is counted before any filtering, so it bounds what a stranger sends);
+  network interface; the cap is counted before any filtering, so it bounds what a stranger sends; with
+  the server's one or two host candidates it keeps the check list under the 100 pairs RFC 8445 section
+  6.1.2.5 recommends as a limit);
 - a candidate line that does not parse, a candidate before the first m-line;
 - an `ice-ufrag` / `ice-pwd` outside the ICE grammar (RFC 8839: ice-char = ALPHA / DIGIT / "+" / "/",
   ufrag 4-256 characters, pwd 22-256), so no attacker bytes (`|`, `:`, control characters) reach USERNAME.

@@ -44,7 +44,16 @@ def render_metrics(state: ServerState) -> str:
     page.gauge("lipsync_render_workers_down", "Render threads down now (restart pending; /healthz degraded).",
                len(state.engine.health().workers_down))
     page.gauge("lipsync_sessions", "Live sessions.", len(live))
-    page.gauge("lipsync_sessions_max", "The --max-sessions limit.", sessions.max_sessions)
+    page.gauge("lipsync_sessions_max", "Sessions admitted now: the measured capacity, capped by --max-sessions "
+               "(server/capacity.py).", sessions.max_sessions)
+    page.gauge("lipsync_free_slots", "Offers that would be admitted now.", sessions.free_slots())
+    cost = sessions.capacity.cost()
+    if cost is not None:
+        page.gauge("lipsync_session_cpu_ms_per_frame", "CPU per video frame of one session, as admission "
+                   "counts it (start-up probe, raised by live measurements).", cost.cpu_ms)
+        page.gauge("lipsync_session_loop_ms_per_frame", "Of it on the event loop.", cost.loop_ms)
+    page.gauge("lipsync_admission_overloaded", "1 while late video ticks hold admission at the live count.",
+               int(sessions.capacity.overloaded()))
     page.counter("lipsync_sessions_opened_total", "Sessions opened.", sessions.opened_total)
     page.counter("lipsync_sessions_rejected_total", "Offers refused because the server was full.",
                  sessions.rejected_total)
@@ -62,6 +71,12 @@ def render_metrics(state: ServerState) -> str:
     page.counter("lipsync_event_loop_stalls_total", "Event-loop lags over 250 ms (every session stood still).",
                  state.loop_lag.stalls_total)
     page.gauge("lipsync_asyncio_tasks", "Live asyncio tasks on the server's loop.", live_tasks())
+    page.gauge("lipsync_streams_open", "Event streams and /stream WebSockets open.", state.streams.total)
+    page.gauge("lipsync_streams_max", "Server-wide cap on open streams.", state.streams.server_cap)
+    page.counter("lipsync_streams_displaced_total", "Streams closed for a newer one of the same session.",
+                 state.streams.displaced_total)
+    page.counter("lipsync_streams_refused_total", "Streams refused with 429 (server-wide cap, or a session's "
+                 "replaced streams still closing).", state.streams.refused_total)
 
     # Server-wide engine figures: ended sessions plus live ones.
     retired = sessions.retired

@@ -17,12 +17,14 @@ from typing import Optional
 
 import numpy as np
 from aiortc.codecs.opus import OpusEncoder
-from av import AudioFrame
+from av import AudioFrame, CodecContext
 from av.frame import Frame
 
 from server.audio_upsample import FACTOR, IN_RATE, OUT_RATE, Upsampler3x
 
 OUT_TIME_BASE = fractions.Fraction(1, OUT_RATE)
+FEC_LOSS_STEPS = (0, 5, 10, 20, 30)
+"""Expected-loss steps (percent) the codec is reopened at: a reported 0 % keeps aiortc's settings."""
 
 
 class RealtimeOpusEncoder(OpusEncoder):
@@ -30,11 +32,44 @@ class RealtimeOpusEncoder(OpusEncoder):
         super().__init__()
         self._upsampler = Upsampler3x()
         self._next_pts: Optional[int] = None   # input pts that continues the last frame (16 kHz)
+        self.loss_pct = 0                      # the expected loss the codec is set up for (0: no FEC)
+        self._wanted_loss_pct = 0
+
+    # -- in-band FEC (server/opus_fec.py) --------------------------------------------------------------
+
+    def set_expected_loss(self, fraction: float) -> None:
+        """The loss the receiver reports (RTCP fraction lost, 0..1): from the next frame on, the codec adds
+        in-band FEC sized for it (libopus' packet_loss_perc), rounded up to a step of `FEC_LOSS_STEPS`;
+        none on a clean link. Called from the loop; applied in `encode` (the encoder's thread)."""
+        pct = 100.0 * max(0.0, min(1.0, fraction))
+        self._wanted_loss_pct = next((step for step in FEC_LOSS_STEPS if pct <= step), FEC_LOSS_STEPS[-1])
+
+    def _apply_expected_loss(self) -> None:
+        """Reopen the codec when the loss step changed: FFmpeg's libopus wrapper reads `fec` and
+        `packet_loss` only when it opens. Steps change rarely (a link that degrades or recovers); the
+        new codec's timestamps continue (aiortc's `first_packet_pts` offset is the same for every
+        libopus stream: its 312-sample look-ahead)."""
+        wanted = self._wanted_loss_pct
+        if wanted == self.loss_pct:
+            return
+        codec = CodecContext.create("libopus", "w")
+        codec.bit_rate = self.codec.bit_rate
+        codec.format = "s16"
+        codec.layout = "stereo"
+        codec.sample_rate = OUT_RATE
+        codec.time_base = OUT_TIME_BASE
+        options = {"application": "voip"}
+        if wanted > 0:
+            options.update({"fec": "1", "packet_loss": str(wanted)})
+        codec.options = options
+        self.codec = codec
+        self.loss_pct = wanted
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         if not self._takes(frame):
             return super().encode(frame, force_keyframe)
         assert isinstance(frame, AudioFrame) and frame.pts is not None
+        self._apply_expected_loss()
         pcm = frame.to_ndarray().reshape(-1)
         if frame.pts != self._next_pts:
             self._upsampler.reset()   # a skipped span: the filter must not smear old audio across it

@@ -35,9 +35,10 @@ from realtime.audio_ingest import convert_clip
 from realtime.playback import new_utterance_id, valid_utterance_id
 from realtime.session import QueueLimit
 from server.audio_input import QueueFull
+from server.auth import client_address
 from server.errors import ApiError, parse_json_object, read_json
 from server.event_feed import EventFeed, SlowSubscriber, tracker_of
-from server.limits import Holder
+from server.limits import Holder, address_key
 from server.sessions import Session
 from server.state import session_of, state_of
 from server.stream_limits import MessagePacer, StreamKind, StreamSlot
@@ -135,7 +136,9 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 def holder_of(request: web.Request, session: Session) -> Holder:
-    return Holder(session.id, request.remote or "")
+    """The session and the client address (behind a trusted proxy, the client it names; an IPv6
+    address by its /64) a decode slot is counted for."""
+    return Holder(session.id, address_key(client_address(request)))
 
 
 async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
@@ -311,7 +314,7 @@ async def _serve_stream(request: web.Request, session: Session, slot: StreamSlot
     tasks = [loop.create_task(_close_with_session(ws, session)), loop.create_task(_close_when_displaced(ws, slot))]
     feed: EventFeed | None = None
     try:
-        feed = EventFeed(tracker_of(session))
+        feed = EventFeed(tracker_of(session), session.notices)
         tasks.append(loop.create_task(conn.forward_events(feed)))
     except ApiError:
         log.debug("session %s: engine without playback events", session.id)

@@ -7,16 +7,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
+import socket
 import ssl
 import time
+from typing import Callable
 
 from aiohttp import web
 
 from server import heap
 from server.app import create_app
 from server.auth import OperatorAuth, RedactingAccessLogger
+from server.capacity import measure_session_cost
 from server.config import ServerConfig
 from server.engine import Engine
 from server.ice import is_loopback, use_host_addresses
@@ -25,6 +29,8 @@ from server.media_executor import start_default_executor
 from server.realtime_engine import load_engine
 from server.state import STATE, ServerState
 from server.udp_ports import port_range_loop_factory
+from server.worker_board import Board, WorkerSeat, publish_forever, receive_connections
+from server.workers import Supervisor, listen, resolve_workers
 
 log = logging.getLogger("server")
 
@@ -39,8 +45,12 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 async def serve_async(config: ServerConfig, engine: Engine | None = None,
                       started: asyncio.Future | None = None,
-                      stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or a signal arrives). `started` gets the bound port."""
+                      stop: asyncio.Event | None = None,
+                      handoff: socket.socket | None = None, seat: WorkerSeat | None = None) -> None:
+    """Serve until `stop` is set (or a signal arrives). `started` gets the bound port.
+
+    As one of `--workers N` (server/workers.py): `handoff` brings the connections the supervisor accepted
+    on the shared port (nothing is bound here), `seat` is this worker's row on the shared board."""
     restore_ice = use_host_addresses(config.ice_host_addresses, add_loopback=is_loopback(config.host))
     own_engine = engine is None
     try:
@@ -51,26 +61,31 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
             engine = await asyncio.to_thread(load_engine, config)
         log.info("engine ready", extra=engine.info)
         app = create_app(config, engine)
+        app[STATE].seat = seat
+        if seat is not None:  # the other workers' sessions share the cores (server/capacity.py)
+            app[STATE].sessions.capacity.others = seat.others_sessions
+        if handoff is not None:  # one request per connection: the supervisor routes each on its own
+            app.on_response_prepare.append(_close_connection)
+        if own_engine:  # what one session of this engine costs here: the admission model's unit
+            capacity = app[STATE].sessions.capacity
+            capacity.calibrate(await measure_session_cost(engine, app[STATE].frame_pool))
+            log.info("admitting up to %d session(s)", capacity.capacity(), extra=capacity.describe())
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0,
                                access_log=logging.getLogger("aiohttp.access"),
                                access_log_class=RedactingAccessLogger,
                                keepalive_timeout=config.keepalive_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        stop = stop or asyncio.Event()
+        worker_tasks = await _start_listening(runner, config, handoff, seat, stop)
         port = runner.addresses[0][1] if runner.addresses else config.port
         config.port = port
         log.info("serving %s", config.url, extra={
-            "max_sessions": config.max_sessions, "ice_servers": len(config.ice_servers),
+            "max_sessions": config.max_sessions or "auto", "ice_servers": len(config.ice_servers),
             "udp_ports": "any" if config.udp_ports is None else "%d-%d" % config.udp_ports})
-        announce_operator_token(app[STATE].operator, config)
+        if seat is None:
+            announce_operator_token(app[STATE].operator, config)
         if started is not None and not started.done():
             started.set_result(port)
-        stop = stop or asyncio.Event()
         drain = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -88,6 +103,8 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
                 await drain_sessions(app[STATE], config.drain_s, stop)
         finally:
             log.info("shutting down")
+            for stop_worker_task in worker_tasks:
+                stop_worker_task()
             await runner.cleanup()
     except BaseException as exc:
         if started is not None and not started.done():
@@ -98,6 +115,39 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         if own_engine and engine is not None:
             await asyncio.to_thread(engine.close)
         log.info("stopped")
+
+
+async def _close_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """A worker's responses end their connection (aiohttp wrote its Connection header before this hook)."""
+    response.force_close()
+    if response.status != 101:  # a WebSocket's upgrade keeps its own
+        response.headers["Connection"] = "close"
+
+
+async def _start_listening(runner: web.AppRunner, config: ServerConfig, handoff: socket.socket | None,
+                          seat: WorkerSeat | None, stop: asyncio.Event) -> list[Callable[[], object]]:
+    """Bind the port, or (a worker) take the connections handed over; returns what stops the latter."""
+    if handoff is None:
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        return []
+    assert runner.server is not None  # set by runner.setup()
+    stops: list[Callable[[], object]] = [receive_connections(handoff, runner.server, ssl_context(config),
+                                                             on_closed=stop.set)]
+    if seat is not None:
+        sessions = runner.app[STATE].sessions
+
+        def publish() -> None:
+            seat.board.publish(seat.index, sessions.free_slots(), sessions.held, sessions.max_sessions)
+
+        sessions.on_change = publish  # at once on every change; the task below for the measured capacity
+        task = asyncio.get_running_loop().create_task(publish_forever(publish), name="worker-board")
+        stops.append(task.cancel)
+    return stops
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -111,11 +161,16 @@ async def _first(*events: asyncio.Event) -> None:
 
 async def drain_sessions(state: ServerState, drain_s: float, stop: asyncio.Event) -> None:
     """A rolling restart loses no live session: refuse new ones (/healthz 503 "draining", /offer 503),
-    tell the live ones (GET /sessions/{id} carries `server_notice`, which the page shows), let them run
+    tell the live ones (a `server_restarting` event on their WebSocket and event stream; GET /sessions/{id}
+    carries `server_notice`, which the page shows), let them run
     until they end or `drain_s` passes (or `stop`: a second SIGTERM), then end them with that reason."""
     state.drain_until = time.monotonic() + drain_s
     log.info("draining: no new sessions; %d live session(s) may run up to %g s (SIGTERM again to stop now)",
              len(state.sessions), drain_s)
+    notice = {"type": "server_restarting", "message": "the server is restarting", "ends_in_s": drain_s,
+              "t": time.time()}
+    for session in state.sessions:  # their /stream WebSocket and /events subscribers hear it now
+        session.notify(notice)
     while len(state.sessions) and time.monotonic() < state.drain_until and not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), min(0.25, max(state.drain_until - time.monotonic(), 0.01)))
@@ -135,6 +190,57 @@ def announce_operator_token(operator: OperatorAuth, config: ServerConfig) -> Non
               f"    Use: Authorization: Bearer {operator.token}\n", flush=True)
 
 
+# -- --workers N (server/workers.py) ----------------------------------------------------------------------
+
+
+def worker_main(config: ServerConfig, index: int, generation: int, channel: socket.socket, board: Board) -> None:
+    """A worker process (spawned by the Supervisor): the whole server, on the connections handed over on
+    `channel`, its row `index` of `board`."""
+    setup_logging(config.log_level, config.log_format)
+    heap.limit_arenas(config.malloc_arenas)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops a worker
+    seat = WorkerSeat(board, index, generation)
+    try:
+        with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
+            start_default_executor(runner.get_loop())
+            runner.run(serve_async(config, handoff=channel, seat=seat))
+    except Exception as exc:
+        log.debug("worker %d failed", index, exc_info=True)
+        log.error("worker %d cannot serve: %s", index, exc)
+        raise SystemExit(1) from None
+
+
+async def serve_workers_async(config: ServerConfig, workers: int, started: asyncio.Future | None = None,
+                              stop: asyncio.Event | None = None,
+                              supervisor: asyncio.Future | None = None) -> None:
+    """Serve with `workers` processes behind the one port until `stop` (or SIGINT/SIGTERM).
+    `started` gets the port, `supervisor` the Supervisor (tests kill its workers)."""
+    operator = OperatorAuth.from_config(config)
+    if operator.generated:  # one token for every worker, printed once
+        config = dataclasses.replace(config, api_token=operator.token)
+        announce_operator_token(operator, config)
+    listener = listen(config)
+    config.port = listener.getsockname()[1]
+    boss = Supervisor(config, workers, worker_main)
+    if supervisor is not None:
+        supervisor.set_result(boss)
+    stop = stop or asyncio.Event()
+    drain = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm() -> None:  # the first drains every worker, a second stops them at once
+        (stop if drain.is_set() else drain).set()
+
+    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    log.info("serving %s with %d worker processes", config.url, workers)
+    await boss.run(listener, stop, started, drain)
+    log.info("stopped")
+
+
 def serve(config: ServerConfig) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
@@ -142,6 +248,20 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        workers = resolve_workers(config)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if workers > 1:
+        try:
+            asyncio.run(serve_workers_async(config, workers))
+        except KeyboardInterrupt:
+            pass
+        except Exception as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        return 0
     heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/heap.py)
     try:
         with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:

@@ -13,14 +13,17 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine, Iterator
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
 from realtime.metrics import SessionStats
 from server.audio_input import AudioInput
+from server.capacity import CapacityModel
 from server.engine import EngineSession
 from server.heap import HeapTrimmer
+from server.link_quality import LinkQuality
+from server.nack_policy import NackStats
 from server.session_totals import SessionTotals
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -61,6 +64,14 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
+    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
+    # Where server notices for this session go (its event feeds register here; called on the loop).
+    notices: set[Callable[[dict], None]] = field(default_factory=set)
+
+    def notify(self, message: dict) -> None:
+        for deliver in list(self.notices):
+            deliver(message)
 
     @property
     def has_microphone(self) -> bool:
@@ -99,6 +110,8 @@ class Session:
             "video_skipped": self.video.stats.skipped,
             "audio_skipped": self.audio.stats.skipped,
             "pacer_av_offset_ms": round(1000 * self.pacer_av_offset_s(), 2),
+            "link": self.link.describe(),
+            "nack": asdict(self.nack),
             "engine": {} if stats is None else asdict(stats),
         }
 
@@ -123,10 +136,13 @@ def new_session_id(instance_id: str = "") -> str:
 
 
 class SessionManager:
-    def __init__(self, max_sessions: int, connect_timeout_s: float = 10.0,
+    def __init__(self, capacity: CapacityModel, connect_timeout_s: float = 10.0,
                  peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
                  trimmer: HeapTrimmer | None = None) -> None:
-        self.max_sessions = max_sessions
+        self.capacity = capacity  # how many sessions may be live: measured (server/capacity.py) or fixed
+        # Called after every change of the live or negotiating count (--workers: publish to the board at
+        # once, so the supervisor never routes an offer by a count a session old).
+        self.on_change: Callable[[], None] | None = None
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.disconnect_grace_s = disconnect_grace_s
@@ -141,16 +157,45 @@ class SessionManager:
 
     # -- capacity ----------------------------------------------------------------------------------
 
+    @property
+    def max_sessions(self) -> int:
+        """Sessions admitted in all now (live + negotiating): the capacity model's limit."""
+        return self.capacity.limit(len(self._sessions))
+
+    def free_slots(self) -> int:
+        """Offers that would be admitted now: what /healthz tells a load balancer."""
+        return max(self.max_sessions - len(self._sessions) - self._reserved, 0)
+
+    @property
+    def held(self) -> int:
+        """Live and negotiating sessions."""
+        return len(self._sessions) + self._reserved
+
     def reserve(self) -> "Reservation":
         """Claim a slot for a session being negotiated; raises ServerFull."""
-        if len(self._sessions) + self._reserved >= self.max_sessions:
+        limit = self.max_sessions
+        if len(self._sessions) + self._reserved >= limit:
             self.rejected_total += 1
-            raise ServerFull(self.max_sessions, retry_after_s=self.retry_hint_s())
+            raise ServerFull(limit, retry_after_s=self.retry_hint_s())
         self._reserved += 1
+        self._changed()
         return Reservation(self)
 
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     def retry_hint_s(self) -> int:
-        return 5
+        return self.capacity.retry_after_s()
+
+    def ticks(self) -> Iterator[tuple[str, int, int]]:
+        """(id, video ticks, late ticks) of each live session, for the capacity monitor: a tick is late
+        when the pacer skipped it or its speech frame's render missed its deadline."""
+        for session in self:
+            stats = safe_metrics(session.engine)
+            dropped = 0 if stats is None else stats.frames_dropped
+            yield session.id, session.video.stats.frames + session.video.stats.skipped, \
+                session.video.stats.skipped + dropped
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -169,8 +214,8 @@ class SessionManager:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def add(self, session: Session, reservation: "Reservation") -> None:
-        reservation.release()
         self._sessions[session.id] = session
+        reservation.release()
         self.opened_total += 1
         session.pc.on("connectionstatechange", lambda: self._on_state(session))
         for track in (session.video, session.audio):
@@ -225,6 +270,7 @@ class SessionManager:
         finally:
             self._sessions.pop(session.id, None)
             self._closing.pop(session.id, None)
+            self._changed()
             key = reason.split(":", 1)[0]
             self.closed_total[key] = self.closed_total.get(key, 0) + 1
             self.trimmer.request()
@@ -328,6 +374,7 @@ class Reservation:
         if self._held:
             self._held = False
             self._manager._reserved -= 1
+            self._manager._changed()
 
     def __enter__(self) -> "Reservation":
         return self

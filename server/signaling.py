@@ -30,13 +30,14 @@ from aiortc.sdp import SessionDescription
 
 from realtime.avatar_library import AvatarNotReady, UnknownAvatar
 from realtime.session_options import SESSION_RULES, Choice, OptionError, Rule, SessionOptions
-from server import audio_jitter
+from server import audio_jitter, nack_policy
 from server.audio_input import AudioInput
 from server.auth import client_address, new_token
 from server.config import ServerConfig
 from server.errors import ApiError, read_json
 from server.ice import ice_servers, rtc_configuration
 from server.ice_filter import CandidatePolicy, screen_offer
+from server.link_quality import watch_link
 from server.sessions import ServerFull, Session, new_session_id
 from server.state import ServerState, state_of
 from server.surface import public_text
@@ -219,6 +220,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
         # preference counts when the answer is made).
         video = AvatarVideoTrack(engine_session, fps, clock, engine_failed, executor=state.frame_pool)
         video_transceiver = pc.addTransceiver(video, direction="sendonly")
+        nack = nack_policy.apply(video_transceiver.sender)  # no stale frames resent; a keyframe instead
         if offer.options.video_codec:
             video_transceiver.setCodecPreferences(video_codecs(offer.options.video_codec))
         audio = SyncedAudioTrack(engine_session, clock, engine_failed)
@@ -239,7 +241,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     return Session(id=session_id, pc=pc, engine=engine_session, input=AudioInput(engine_session),
                    clock=clock, video=video, audio=audio, remote=remote, token=new_token(),
                    microphone=microphone if _peer_sends_audio(pc) else None,
-                   options=asdict(offer.options))
+                   options=asdict(offer.options), nack=nack)
 
 
 def start_session(state: ServerState, session: Session) -> None:
@@ -253,6 +255,7 @@ def start_session(state: ServerState, session: Session) -> None:
                                       on_end=lambda: _close(state, session, "microphone ended")),
                       "microphone")
     session.spawn(_end_after(state, session, state.config.max_session_s), "max-session")
+    session.spawn(watch_link(session.pc, session.link), "link-quality")
 
 
 def _close(state: ServerState, session: Session, reason: str) -> None:

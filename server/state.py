@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from server.auth import OperatorAuth
+from server.capacity import CapacityMonitor
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import ApiError
@@ -17,6 +18,7 @@ from server.prometheus import Histogram
 from server.sessions import Session, SessionManager, UnknownSession
 from server.stream_limits import StreamSlots
 from server.tts import LocalTts
+from server.worker_board import WorkerSeat
 
 OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
 
@@ -41,6 +43,13 @@ class ServerState:
     # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
+    # With --workers N: this process's row on the board the front-ends share (server/worker_board.py).
+    seat: WorkerSeat | None = None
+    # Live session costs and late ticks into the admission model (server/capacity.py).
+    capacity_monitor: CapacityMonitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capacity_monitor = CapacityMonitor(self.sessions.capacity, self.sessions.ticks)
 
 
     @property

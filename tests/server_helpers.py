@@ -95,9 +95,10 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(engine, **overrides) -> RunningServer:
+async def start_server(engine, capacity=None, **overrides) -> RunningServer:
+    """`capacity`: a server.capacity.CapacityModel (injected session costs); None: --max-sessions as given."""
     config = ServerConfig(host="127.0.0.1", port=0, **overrides)
-    app = create_app(config, engine)
+    app = create_app(config, engine, capacity)
     # The production runner's access log class: ?token= values never reach the log.
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0,
                            access_log_class=RedactingAccessLogger)

@@ -8,6 +8,7 @@ skipped when /usr/bin/chromium is missing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -286,3 +287,49 @@ def test_browser_records_the_avatar_to_a_download(server_url, speech_wav, tmp_pa
     assert info["audio_peak"] > 0.01, info           # the avatar speaks in it: not a silent track
     # Nothing was uploaded: while recording and downloading the page only polled its status (GET).
     assert all(method == "GET" for method, _url in during_recording), during_recording
+
+
+def test_browser_shows_link_quality_and_reconnects_after_a_lost_session(server_url, speech_wav):
+    """The status line shows loss and rtt while connected; a session that ends under the page (here
+    ended by the operator, as the server's peer timeout would) says the connection was lost and offers
+    one-click Reconnect: a new session on the same avatar."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=chromium_args(speech_wav))
+        try:
+            page = browser.new_page()
+            offers: list[dict] = []
+            page.on("request", lambda r: offers.append(json.loads(r.post_data or "{}"))
+                    if r.url.endswith("/offer") else None)
+            page.goto(server_url)
+            page.check("input[name=source][value=file]")
+            page.click("#start")
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
+                                   timeout=30000)
+            page.wait_for_function(
+                "() => /loss [\\d.]+ % · rtt (\\d+|\\u2013) ms/"
+                ".test(document.getElementById('status-link').textContent)",
+                timeout=10000)
+            # The page's own session (its token is in the page's `session`), ended behind its back.
+            first = page.evaluate("""async () => {
+                const resp = await fetch('/sessions/' + session.id,
+                    {method: 'DELETE', headers: {Authorization: 'Bearer ' + session.token}});
+                return {id: session.id, status: resp.status};
+            }""")
+            assert first["status"] == 200, first
+            page.wait_for_function("() => !document.getElementById('lost').hidden", timeout=10000)
+            assert "lost" in page.inner_text("#lost").lower()
+            assert page.inner_text("#status-state") == "closed"
+            page.click("#reconnect")
+            page.wait_for_function("() => document.getElementById('status-state').textContent === 'connected'",
+                                   timeout=30000)
+            assert page.is_hidden("#lost")
+            second = page.evaluate("() => session.id")
+            assert second != first["id"]
+            assert len(offers) == 2
+            assert offers[1]["options"]["avatar"] == "default"   # the avatar the first session had
+            page.click("#stop")
+        finally:
+            browser.close()

@@ -20,11 +20,11 @@ import pytest
 from scipy.signal import lfilter
 
 from realtime.compositor import paste
-from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.offline_builtin import frame_windows, render_avatar_speech
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime.renderers.default import DefaultRenderer, MissingLandmarksError
-from realtime.renderers.mouth_params import mouth_params
+from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,10 @@ def frame_energy(wav: np.ndarray, n_frames: int, fps: float = FPS) -> np.ndarray
 
 
 def windows(wav: np.ndarray) -> np.ndarray:
-    return mel_windows(melspectrogram(wav), FPS)
+    """The windows the engine hands the renderer: each starts where its declared `audio_needs` says."""
+    needs = MouthParamsConfig().audio_needs
+    alignment = {a.offset_frames: a for a in MelAlignment}[needs.offset_frames]
+    return mel_windows(melspectrogram(wav), FPS, alignment)
 
 
 # --- protocol, preparation, errors ----------------------------------------------------------------

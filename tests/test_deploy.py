@@ -43,10 +43,13 @@ from test_browser import CHROMIUM, chromium_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-# The server sends 25 fps; what arrives on a loaded shared 2-core machine (server, nginx, coturn,
-# Chromium and the test at once) is less. The same bound as tests/test_browser.py; the measured rate is
-# written to test-artifacts/deploy-*.json.
-MIN_FPS = 15
+# The server sends 25 fps, fewer when the machine is starved (its pacer skips ticks: server/tracks.py);
+# on a shared 2-core machine running the server, nginx, coturn, Chromium and the test at once that can
+# fall far. What the deployment must do is carry what the server sends: the frames the client received
+# over the frames the server sent in the same window (DELIVERED), with a floor on the rate itself.
+# The measured rates go to test-artifacts/deploy-*.json.
+DELIVERED = 0.85
+MIN_FPS = 8
 
 
 class Deployment:
@@ -77,6 +80,9 @@ def deployment(tmp_path_factory):
     with coturn(folder / "coturn", cert, key) as turn, nginx(folder / "nginx", server_port, cert, key) as proxy:
         args = ["--public-url", f"https://{NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1",
                 "--ice-allow-loopback",  # the whole deployment is on this machine
+                # One front-end process: per-address limits are per worker process today (see
+                # test_per_address_limits_hold_across_worker_processes below).
+                "--workers", "1",
                 "--max-sessions", "4", "--max-sessions-per-ip", "1",
                 "--turn-secret", SECRET,
                 "--turn-url", f"turn:127.0.0.1:{turn.port}?transport=udp",
@@ -138,6 +144,8 @@ async def test_operator_routes_through_the_proxy_need_the_token(deployment):
             assert resp.status == 200
             config = await resp.json()
             assert config["turn"] is True
+            # Neither nginx nor the server names its version (issue #25 item 6).
+            assert resp.headers["Server"] in ("nginx", "lipsync"), resp.headers["Server"]
         for path in ("/sessions", "/metrics"):
             async with http.get(deployment.endpoint(path), headers=host) as resp:
                 assert resp.status == 401, path
@@ -188,6 +196,33 @@ async def test_per_address_limits_count_the_clients_nginx_names(deployment):
         finally:
             for client in (alice, bob, again):
                 await client.close()
+
+
+@pytest.mark.usefixtures("loopback_only")
+@pytest.mark.xfail(strict=False, reason="--workers > 1 (#28): each worker process keeps its own ClientLimits, "
+                                        "so an address gets --max-sessions-per-ip slots in every worker (whether "
+                                        "this run shows it depends on which worker the supervisor picks)")
+async def test_per_address_limits_hold_across_worker_processes(deployment, tmp_path):
+    """The same visitor behind the proxy, twice, on a server with two worker processes: when the second
+    offer goes to the other worker (the one with more free slots), that one has not counted the first."""
+    port = free_port()
+    args = ["--trusted-proxy", "127.0.0.1", "--ice-allow-loopback", "--workers", "2", "--max-sessions", "4",
+            "--max-sessions-per-ip", "1"]
+    cert, key = deployment.folder / "cert.pem", deployment.folder / "key.pem"
+    with nginx(tmp_path / "nginx", port, cert, key) as proxy, lipsync_server(tmp_path / "server", args, port=port):
+        server = ProxiedServer(deployment)
+        server.url = f"https://127.0.0.1:{proxy.port}/"
+        server.endpoint = lambda path: server.url.rstrip("/") + path  # type: ignore[method-assign]
+        async with tls_session("127.0.0.2") as alice_http:
+            alice, again = Client(server, alice_http), Client(server, alice_http)  # type: ignore[arg-type]
+            try:
+                await alice.connect()
+                await alice.wait_for_video(3)
+                answer = await again.connect(expect_status=429)
+                assert "limit is 1" in answer["error"]
+            finally:
+                await alice.close()
+                await again.close()
 
 
 # -- TURN: coturn with the server's credentials -----------------------------------------------------
@@ -286,15 +321,22 @@ async def test_aiortc_client_relay_only_through_coturn(deployment):
             await client.connect()
             assert "typ host" not in client.pc.localDescription.sdp and "typ relay" in client.pc.localDescription.sdp
             await client.wait_for_video(10, within_s=30)
-            start, frames0 = time.monotonic(), len(client.received.video)
+            sent0, frames0 = await _sent_frames(http, client), len(client.received.video)
+            start = time.monotonic()
             await asyncio.sleep(4)
-            fps = (len(client.received.video) - frames0) / (time.monotonic() - start)
+            sent, frames = await _sent_frames(http, client), len(client.received.video)
+            fps = (frames - frames0) / (time.monotonic() - start)
             pair = _nominated_pair(client.pc)
             assert pair.local_candidate.type == "relay", pair
-            assert fps > MIN_FPS, fps
+            assert (frames - frames0) >= DELIVERED * (sent - sent0) and fps > MIN_FPS, (frames - frames0, sent - sent0)
             assert client.received.audio, "no audio came back through the relay"
         finally:
             await client.close()
+
+
+async def _sent_frames(http: aiohttp.ClientSession, client: Client) -> int:
+    async with http.get(client.url(), headers=client.auth) as resp:
+        return int((await resp.json())["video_frames"])
 
 
 def _nominated_pair(pc: RTCPeerConnection):
@@ -308,17 +350,19 @@ def _nominated_pair(pc: RTCPeerConnection):
 
 SELECTED_PAIR = """async () => {
     const report = await session.pc.getStats();
-    let pairId = null, frames = 0, audioSamples = 0;
+    let pairId = null, frames = 0, decoded = 0, audioSamples = 0;
     report.forEach(s => {
         if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
-        if (s.type === 'inbound-rtp' && s.kind === 'video') frames = s.framesDecoded;
+        if (s.type === 'inbound-rtp' && s.kind === 'video') { frames = s.framesReceived; decoded = s.framesDecoded; }
         if (s.type === 'inbound-rtp' && s.kind === 'audio') audioSamples = s.totalSamplesReceived;
     });
     const pair = pairId && report.get(pairId);
     const local = pair && report.get(pair.localCandidateId);
     const remote = pair && report.get(pair.remoteCandidateId);
+    const resp = await fetch(`/sessions/${session.id}`, {headers: {Authorization: `Bearer ${session.token}`}});
+    const sent = (await resp.json()).video_frames;
     return {local: local && local.candidateType, relayProtocol: local && local.relayProtocol,
-            remote: remote && remote.candidateType, frames, audioSamples, t: performance.now()};
+            remote: remote && remote.candidateType, frames, decoded, sent, audioSamples, t: performance.now()};
 }"""
 
 EVENTS_OVER_SSE_AND_WS = """async () => {
@@ -358,6 +402,15 @@ KEEP_ONLY = """(() => {
 })();"""
 
 
+def wait_until(page, expression: str, within_s: float) -> None:
+    """Poll `expression` with page.evaluate (Playwright's wait_for_function compiles its predicate with
+    eval, which the page's Content-Security-Policy forbids, as it should)."""
+    deadline = time.monotonic() + within_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
 def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query: str, tag: str,
            keep: str | None = None) -> dict:
     """Open the page through nginx by its public name, press Start (microphone), measure 4 s."""
@@ -377,9 +430,8 @@ def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query:
                 page.add_init_script(KEEP_ONLY % json.dumps(keep))
             page.goto(deployment.public_url + "/" + query)
             page.click("#start")
-            page.wait_for_function("document.getElementById('status-state').textContent === 'connected'",
-                                   timeout=45000)
-            page.wait_for_function("document.getElementById('avatar').videoWidth > 0", timeout=20000)
+            wait_until(page, "document.getElementById('status-state').textContent === 'connected'", 45)
+            wait_until(page, "document.getElementById('avatar').videoWidth > 0", 20)
             page.wait_for_timeout(1000)
             first = page.evaluate(SELECTED_PAIR)
             page.wait_for_timeout(4000)
@@ -390,8 +442,12 @@ def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query:
         finally:
             browser.close()
             (artifacts_dir / f"deploy-{tag}-console.log").write_text("\n".join(console))
-    fps = (last["frames"] - first["frames"]) / ((last["t"] - first["t"]) / 1000)
-    result = {"fps": round(fps, 1), "pair": last, "events": events,
+    seconds = (last["t"] - first["t"]) / 1000
+    fps = (last["frames"] - first["frames"]) / seconds
+    result = {"fps": round(fps, 1), "decoded_fps": round((last["decoded"] - first["decoded"]) / seconds, 1),
+              "sent_fps": round((last["sent"] - first["sent"]) / seconds, 1),
+              "delivered": round((last["frames"] - first["frames"]) / max(last["sent"] - first["sent"], 1), 3),
+              "pair": last, "events": events,
               "audio_samples": last["audioSamples"] - first["audioSamples"]}
     (artifacts_dir / f"deploy-{tag}.json").write_text(json.dumps(result, indent=1))
     return result
@@ -400,7 +456,7 @@ def browse(deployment: Deployment, speech_wav: Path, artifacts_dir: Path, query:
 @pytest.mark.browser
 def test_browser_through_nginx_gets_the_talking_avatar_and_events(deployment, speech_wav, artifacts_dir):
     result = browse(deployment, speech_wav, artifacts_dir, "", "direct")
-    assert result["fps"] > MIN_FPS, result
+    assert result["delivered"] >= DELIVERED and result["fps"] > MIN_FPS, result
     assert result["audio_samples"] > 48000 * 3, result  # audio came back for the 4 s measured
     assert result["pair"]["local"] == "host", result
     assert result["events"]["sse"] == ["speech_started", "speech_ended"], result
@@ -417,7 +473,7 @@ def test_browser_relay_only_through_coturn(deployment, speech_wav, artifacts_dir
     result = browse(deployment, speech_wav, artifacts_dir, "?ice=relay", f"relay-{transport}", keep=keep)
     assert result["pair"]["local"] == "relay", result
     assert result["pair"]["relayProtocol"] == ("udp" if transport == "udp" else "tls"), result
-    assert result["fps"] > MIN_FPS, result
+    assert result["delivered"] >= DELIVERED and result["fps"] > MIN_FPS, result
     assert result["audio_samples"] > 48000 * 3, result
 
 

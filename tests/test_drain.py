@@ -5,6 +5,7 @@ and kept running up to --drain-s, then ended with that reason, exit 0); a second
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
@@ -40,8 +41,18 @@ async def test_sigterm_drains_live_sessions_then_exits(tmp_path):
             try:
                 await client.connect()
                 await client.wait_for_video(5)
+                ws = await http.ws_connect(client.url("/stream", token=True))
+                sse = await http.get(client.url("/events"), headers=client.auth)
+                assert sse.status == 200
+                await sse.content.readline()  # the stream's opening comment: it is subscribed
                 server.proc.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
+                told = json.loads((await ws.receive(timeout=10)).data)  # a chatbot on the WebSocket hears it
+                assert told["type"] == "server_restarting" and told["ends_in_s"] == 4, told
+                line = b"\n"
+                while line == b"\n":  # past the blank line that ends the opening comment
+                    line = await asyncio.wait_for(sse.content.readline(), 10)
+                assert line == b"event: server_restarting\n", line
                 deadline = sent + 5
                 while True:  # the load balancer's health check turns away new visitors
                     async with http.get(direct.endpoint("/healthz")) as resp:
@@ -64,6 +75,8 @@ async def test_sigterm_drains_live_sessions_then_exits(tmp_path):
                 elapsed = time.monotonic() - sent
             finally:
                 await client.close()
+                await ws.close()
+                sse.close()
         assert server.proc.returncode == 0, server.text()
         assert 3.5 <= elapsed, elapsed  # it let the session run its --drain-s
         assert "reason=server restarting" in server.text(), server.text()

@@ -139,6 +139,12 @@ async def test_a_failed_avatar_file_is_listed_by_name_not_path(engine, http, tmp
         assert str(tmp_path) not in text and "private-avatars" not in text, entry["error"]
         async with http.get(server.endpoint("/avatars/broken")) as resp:
             assert str(tmp_path) not in await resp.text()
+        client = Client(server, http)  # an offer for it: 409 with the error, by name
+        try:
+            refused = await client.connect(options={"avatar": "broken"}, expect_status=409)
+        finally:
+            await client.close()
+        assert "failed" in refused["error"] and str(tmp_path) not in refused["error"], refused
     finally:
         await server.stop()
 

@@ -250,6 +250,9 @@ async def test_past_the_server_wide_stream_cap_it_is_429(server, http):
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(b.url("/stream", token=True))
     assert refused.value.status == 429
+    async with http.get(server.endpoint("/metrics")) as resp:
+        text = await resp.text()
+    assert "lipsync_streams_open 8" in text and "lipsync_streams_refused_total 2" in text
     await ws.close()
     for resp, _ in held:
         resp.close()

@@ -1,17 +1,19 @@
 """The no-weights default renderer: makes any avatar with lip landmarks speak, from the mel windows alone.
 
-Nothing is downloaded or learned: mouth_params.py turns each frame's official mel window into
-[open, spread, round] (a viseme pipeline on the spectral envelope, smoothed statelessly inside the
-200 ms window), and mouth_warp.py deforms the avatar frame's own mouth and jaw accordingly (lower lip
-and chin move down, lips widen or round, a dark interior with a hint of upper teeth opens), returning a
-patch over the mouth and jaw only, with its own feathered alpha: nothing outside that region changes.
+Nothing is downloaded or learned: mouth_params.py turns each frame's mel window (from one frame before
+the frame to 72.5 ms after it) into visemes [open, spread, round, close, bite, teeth] (formants and band
+levels of the spectral envelope, consonants relative to the loud columns around them, smoothed
+statelessly inside the window), and mouth_warp.py deforms the avatar frame's own mouth and jaw
+accordingly (lower lip and chin move down, lips widen, round, press together or meet the upper teeth, an
+interior with upper and lower teeth and a tongue opens), returning a patch over the mouth and jaw only,
+with its own feathered alpha: nothing outside that region changes.
 
 Sharing: the parameter mapping has no per-stream state, and the per-avatar data (mouth frames, patch
 boxes, alphas, interior colours) is read-only after `prepare`, so one instance can serve any number of
 sessions and avatars from any number of threads; results do not depend on how frames are batched.
 
-Cost: ~0.6 ms per rendered frame on one core at 512 px (bench/default_renderer.py); a frame whose
-opening rounds to zero returns the avatar's own pixels without any warp.
+Cost: bench/default_renderer.py; a frame at rest (no opening, closure or width change) returns the
+avatar's own pixels without any warp.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.mel import MEL_STEP, N_MELS
-from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
+from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (
     FrameGeometry,
@@ -107,10 +109,10 @@ class DefaultRenderer(MouthRenderer):
 
     def __init__(self, config: DefaultRendererConfig | None = None) -> None:
         self.config = config or DefaultRendererConfig()
-        # Only the kernel's columns are read: the engine waits for 75 ms of future audio, not 212.5 ms.
-        # Per-frame work on per-avatar data: frames of any avatars share a batch.
-        self.traits = RendererTraits(mixes_avatars=True,
-                                     audio_needs=AudioNeeds(columns=self.config.params.window_columns))
+        # Only the kernels' columns are read, from one frame before the frame's time: the engine waits
+        # for 72.5 ms of future audio, not 212.5 ms (mouth_params.py, 5.). Per-frame work on per-avatar
+        # data: frames of any avatars share a batch.
+        self.traits = RendererTraits(mixes_avatars=True, audio_needs=self.config.params.audio_needs)
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
@@ -141,7 +143,7 @@ class DefaultRenderer(MouthRenderer):
 
     # -- building blocks (also used by tests, the bench and offline rendering) ---------------------
     def params(self, mels: np.ndarray) -> np.ndarray:
-        """(B, 80, 16) mel windows -> (B, 3) [open, spread, round]."""
+        """(B, 80, 16) mel windows (cut per `audio_needs`) -> (B, 6) `mouth_params.PARAMS`."""
         return mouth_params(mels, self.config.params)
 
     def render_params(self, avatar, frame_indices: np.ndarray, params: np.ndarray) -> list[MouthPatch]:

@@ -30,7 +30,7 @@ class RendererSpec:
         if self.checkpoint is None:
             from realtime.renderers.mouth_params import MouthParamsConfig
 
-            return AudioNeeds(columns=MouthParamsConfig().window_columns)
+            return MouthParamsConfig().audio_needs
         return AudioNeeds(offset_frames=MelAlignment(self.mel_alignment).offset_frames)
 
     @property

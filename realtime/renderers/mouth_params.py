@@ -1,32 +1,42 @@
-"""Audio -> mouth parameters: per video frame, from the frame's own official mel window, no learned weights.
+"""Audio -> mouth parameters: per video frame, from the frame's own mel window, no learned weights.
 
-Output per frame (float32, all in [0, 1]):
-    open   - jaw / lip-gap opening (0 = the avatar's own rest mouth, 1 = a wide /a/)
+Output per frame (float32, all in [0, 1]), `PARAMS` order:
+    open   - jaw opening (0 = the avatar's own rest mouth, 1 = a wide /a/); the lip gap is open x (1 - close)
     spread - lip widening of front vowels and sibilants (/i/, /e/, /s/)
-    round  - lip rounding / narrowing of back rounded vowels (/o/, /u/)
+    round  - lip rounding / narrowing of rounded vowels (/o/, /u/)
+    close  - lips pressed together: the closure of /m/, /b/, /p/ (the lip gap is held shut)
+    bite   - lower lip raised to the upper teeth: /f/, /v/
+    teeth  - how much of the lip gap the teeth fill: /s/, /z/, /t/ and the bite
 
-How (a viseme pipeline on the 80 Slaney mel bins that Wav2Lip already computes):
-1. Per mel column: a loudness level (dB of the summed bin powers) and a spectral envelope (the
-   log-mel spectrum cepstrally liftered across bins, which removes the pitch-harmonic ripple).
-2. From the envelope: the first two formants (F1 = the first strong peak, ~ jaw height; F2 = the
-   strongest peak above it, ~ tongue front/back and lip rounding) plus two band ratios (high-band hiss
-   -> sibilant, nothing above 1 kHz -> nasal murmur). They place the column in a continuous viseme
-   space whose corners are A (open), I (spread), U (rounded), S (sibilant) and M (closed nasal); see
-   `VISEMES`. Formant positions, not whole-spectrum templates, are used on purpose: spectral tilt and
-   the high band differ a lot between voices and TTS engines, formant positions much less.
-3. open = loudness gate x the viseme's openness; spread / round = the viseme's lip shape.
-4. Temporal smoothing is **stateless over the window** (the design choice of this module): the window
-   for video frame i starts at the frame's own time, and only its first `window_columns` (5) columns,
-   now..+62.5 ms, are read, so a frame waits for 75 ms of future audio (the engine's look-ahead for this
-   renderer), not the whole window's 212.5 ms. An asymmetric
-   kernel peaked slightly ahead of "now" (`lead_ms`) takes a weighted *max* over the columns: columns
-   later than the peak fade quickly (attack: the jaw is fully open `lead_ms` before a syllable and
-   starts ~2 x `attack_ms` earlier, as real lips do), columns between now and the peak fade more slowly
-   (release: a dip shorter than the kernel does not snap the mouth shut, so it does not flicker). The
-   window holds no audio older than "now", so the mouth is at rest within ~1 frame of a silence
-   (plus the 25 ms half-width of the STFT window); the lead keeps that from looking abrupt.
-   Being a pure function of one window, the mapping is deterministic, independent of batch order and
-   safe to share between sessions: there is no per-stream state to key, reset or leak.
+How (a viseme pipeline on the 80 Slaney mel bins the engine already computes):
+1. Per mel column: a loudness level (dB of the summed bin powers), a spectral envelope (the log-mel
+   spectrum cepstrally liftered across bins, which removes the pitch-harmonic ripple) and band levels.
+2. From the envelope the first two formants: F1 (the first strong peak, ~ jaw height) and F2 (the
+   strongest peak above it, ~ tongue front/back and lip rounding). F2 below an F1-dependent limit
+   rounds the lips (/u/ with F1 ~300 Hz is rounded up to F2 ~1.7 kHz, as synthetic and fronted
+   English /u/ are; an open vowel only when F2 is near 1 kHz), high F2 spreads them.
+3. Consonants from band levels *relative to the loud columns around them* (the window holds audio on
+   both sides of the frame, see 5.): a voiced dip of 10-20 dB with little energy above 1 kHz is a nasal
+   murmur or a voice bar (/m/, /b/: lips closed); a silent gap between speech followed by a burst with
+   little energy above 3.5 kHz is a labial stop closure (/p/; an alveolar /t/ bursts high and keeps
+   the lips apart); frication (energy above 3.5 kHz over the low band) that is loud and peaked high is
+   a sibilant (/s/: teeth together), weak and flat it is labiodental (/f/: the bite).
+   Formant positions and relative levels, not whole-spectrum templates, are used on purpose: spectral
+   tilt and absolute band levels differ a lot between voices and TTS engines, these much less.
+4. open = loudness gate x the vowel's openness (the warp shuts the lips by `close`); spread / round =
+   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time.
+5. Temporal smoothing is **stateless over the window** (the design choice of this module). The window
+   of video frame i starts one video frame (40 ms at 25 fps) *before* the frame (`offset_frames` = -1)
+   and `window_columns` (8) columns are read, so it spans ~45 ms of past and ~45 ms of future audio
+   around the frame's time, and the frame still waits for only 72.5 ms of future audio (the look-ahead,
+   hence the delay of a live stream; 75 ms with the older now-onwards window of 5 columns). The past
+   columns are what tell a stop closure (speech, silence, speech) from a start out of silence.
+   The jaw takes an asymmetric kernel's weighted *max* over the columns, peaked `lead_ms` ahead of the
+   frame (attack: the mouth opens before a syllable, as real lips do; release: a dip shorter than the
+   kernel does not snap it shut, so it does not flicker). Consonant shapes take a narrower kernel around
+   the frame (anticipation: a closure shows from ~25 ms before its sound). Being a pure function of one
+   window, the mapping is deterministic, independent of batch order and safe to share between
+   sessions: there is no per-stream state to key, reset or leak.
 """
 from __future__ import annotations
 
@@ -36,17 +46,19 @@ from functools import lru_cache
 import numpy as np
 
 from realtime.mel import COLUMNS_PER_SECOND, MAX_ABS_VALUE, MEL_STEP, N_MELS, mel_basis
+from realtime.renderers.base import AudioNeeds
 
-PARAMS = ("open", "spread", "round")
+PARAMS = ("open", "spread", "round", "close", "bite", "teeth")
+OPEN, SPREAD, ROUND, CLOSE, BITE, TEETH = range(len(PARAMS))
 _DB_PER_UNIT = 100.0 / (2 * MAX_ABS_VALUE)  # the official normalisation maps 100 dB onto [-4, 4]
 
-# Corners of the viseme space as (open factor, spread, round); each column blends between them.
+# Corners of the vowel / fricative space as (open factor, spread, round); each column blends between them.
 VISEMES: dict[str, tuple[float, float, float]] = {
     "A": (1.00, 0.10, 0.00),  # open vowel: high F1
-    "I": (0.40, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
-    "U": (0.45, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
-    "S": (0.22, 0.70, 0.00),  # sibilant / fricative: energy above 3.5 kHz, teeth nearly together
-    "M": (0.06, 0.00, 0.10),  # nasal murmur: voiced, little above ~1 kHz -> lips (nearly) closed
+    "I": (0.20, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
+    "U": (0.38, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
+    "S": (0.18, 0.70, 0.00),  # sibilant: energy above 3.5 kHz, teeth nearly together
+    "F": (0.12, 0.20, 0.00),  # labiodental: lower lip at the upper teeth
 }
 
 
@@ -56,36 +68,56 @@ class MouthParamsConfig:
     # (level ~ dBFS + 98). Below `gate_db` the mouth rests; at `full_db` a vowel reaches full opening.
     gate_db: float = 44.0
     full_db: float = 74.0
-    level_gamma: float = 0.8       # < 1 opens the mouth a bit earlier in a syllable's rise
+    level_gamma: float = 1.3       # > 1: the jaw follows the amplitude more than the dB level
+    shape_gamma: float = 0.6       # < 1: the lips take a vowel's shape early in its rise
     # Formant search ranges (Hz); F1 = the first envelope peak within `f1_within_db` of the band max.
     f1_range: tuple[float, float] = (200.0, 1000.0)
     f2_range: tuple[float, float] = (750.0, 2900.0)
     f1_within_db: float = 8.0
     lifter_keep: int = 28          # cepstral coefficients kept for the envelope (of 80)
-    # Where the viseme coordinates saturate (Hz or dB): smoothstep(lo, hi).
+    # Where the vowel coordinates saturate (Hz): smoothstep(lo, hi).
     f1_open: tuple[float, float] = (320.0, 720.0)        # F1 -> openness (A vs I/U)
-    f2_front: tuple[float, float] = (1500.0, 2200.0)     # F2 -> spread (I)
-    f2_back: tuple[float, float] = (1000.0, 870.0)       # F2 -> rounding (U); decreasing on purpose
-    hiss_db: tuple[float, float] = (0.0, 15.0)           # E(3.5-7.6 kHz) - E(150-1000 Hz) -> S
-    # (/s/ sits at +30 dB; vowels at -20..-50 dB, bright TTS voices such as espeak-ng's near 0 dB)
-    murmur_db: tuple[float, float] = (-24.0, -36.0)      # E(1-4 kHz) - E(150-500 Hz) -> M
-    # Temporal kernel over the 16 columns (12.5 ms each) of a window that starts at the frame's time.
-    lead_ms: float = 50.0          # the mouth shows the audio this far ahead of the frame (lips lead sound)
+    f2_front: tuple[float, float] = (1800.0, 2300.0)     # F2 -> spread (I)
+    # F2 -> rounding (U): round below a limit that falls from 1750 Hz (F1 <= 350) to 1150 Hz (F1 >= 550),
+    # fully round `round_width_hz` below it.
+    round_limit: tuple[float, float, float, float] = (350.0, 550.0, 1750.0, 1150.0)
+    round_width_hz: float = 220.0
+    # Consonants (dB differences of band levels; smoothstep(lo, hi)).
+    dip_murmur_db: tuple[float, float] = (10.0, 18.0)    # voiced column this far below the loudest
+    murmur_bright_db: tuple[float, float] = (12.0, 6.0)  # E(1-4 kHz) - E(150-500 Hz): decreasing
+    fric_db: tuple[float, float] = (0.0, 10.0)           # E(3.5-7.6 kHz) - E(150-1000 Hz) -> frication
+    sibilant_db: tuple[float, float] = (9.0, 14.0)       # E(3.5-7.6 kHz) - E(1.2-3 kHz): /s/ vs /f/
+    bite_dip_db: tuple[float, float] = (8.0, 15.0)       # /f/ is weak: this far below the loudest
+    bite_max_db: tuple[float, float] = (14.0, 18.0)      # ... and flat: E(3.5-7.6k) - E(150-1000) below this
+    burst_high_db: tuple[float, float] = (6.0, 14.0)     # burst E(3.5-7.6k) - E(150-1000): not labial
+    speech_db: float = 10.0        # a window holds speech when its loudest column is this far over the gate
+    # Kernels over the columns, times relative to the frame's time (ms).
+    lead_ms: float = 35.0          # the jaw shows the audio this far ahead of the frame (lips lead sound)
     attack_ms: float = 35.0        # decay of the look-ahead side: how early an opening is anticipated
-    release_ms: float = 90.0       # decay of the past side: how long a stopped sound holds the mouth open
-    shape_attack_ms: float = 30.0  # lip shape: a weighted mean over a slightly narrower kernel
-    # Columns of the window read: 5 = now..+62.5 ms, final 75 ms after the frame's time (the
-    # renderer's look-ahead, hence the delay of a live stream). The attack side of the kernel past
-    # them weighs < 0.5 of the peak; the mouth still opens ~1 frame before a syllable.
-    window_columns: int = 5
+    release_ms: float = 40.0       # decay of the past side: how long a stopped sound holds the mouth open
+    shape_attack_ms: float = 25.0  # vowel lip shape: a weighted mean over a slightly narrower kernel
+    consonant_span_ms: tuple[float, float] = (-12.0, 26.0)  # consonant evidence counts fully here ...
+    consonant_decay_ms: float = 12.0                         # ... and decays this fast outside
+    # The window read: it starts `offset_frames` video frames before the frame and `window_columns`
+    # columns are read; `now_column` is where the frame's own time falls in it on average
+    # (3.2 columns per frame at 25 fps, start truncated to a column: 3.2..4.2).
+    window_columns: int = 8
+    offset_frames: int = -1
+    now_column: float = 3.7
+
+    @property
+    def audio_needs(self) -> AudioNeeds:
+        """The part of each frame's window these parameters read (the renderer's look-ahead)."""
+        return AudioNeeds(columns=self.window_columns, offset_frames=self.offset_frames)
 
 
 @dataclass(frozen=True)
 class _Analysis:
     freqs: np.ndarray               # (80,) centre frequency of each mel bin
     bands: dict[str, np.ndarray]    # name -> (80,) bool bin selections
-    open_kernel: np.ndarray         # (16,) weights for the weighted max of the opening
-    shape_kernel: np.ndarray        # (16,) weights for the weighted mean of the shape
+    open_kernel: np.ndarray         # (columns,) weights for the weighted max of the opening
+    shape_kernel: np.ndarray        # (columns,) weights for the weighted mean of the vowel shape
+    consonant_kernel: np.ndarray    # (columns,) weights for the weighted max of consonant evidence
 
 
 def _bin_centres() -> np.ndarray:
@@ -95,18 +127,24 @@ def _bin_centres() -> np.ndarray:
     return (basis @ freqs) / basis.sum(axis=1)
 
 
-def _kernel(lead_ms: float, attack_ms: float, release_ms: float, columns: int = MEL_STEP) -> np.ndarray:
-    """Asymmetric weights over the 16 columns: 1 at the lead column, exponential tails either side,
-    zero past the first `columns` (audio the renderer does not wait for)."""
-    t_ms = (np.arange(MEL_STEP) + 0.5) * 1000.0 / COLUMNS_PER_SECOND  # column centre after the frame time
+def column_times_ms(config: MouthParamsConfig) -> np.ndarray:
+    """Centre of each read column relative to the frame's time, in ms."""
+    return (np.arange(config.window_columns) - config.now_column) * 1000.0 / COLUMNS_PER_SECOND
+
+
+def _kernel(t_ms: np.ndarray, lead_ms: float, attack_ms: float, release_ms: float) -> np.ndarray:
+    """Asymmetric weights: 1 at the lead time, exponential tails either side; the oldest column is
+    tapered so that a sound leaving the window fades out instead of dropping."""
     ahead = t_ms - lead_ms
     w = np.where(ahead >= 0, np.exp(-ahead / attack_ms), np.exp(ahead / release_ms))
-    # The past side ends at column 0 (older audio is not in the window): taper it towards zero there,
-    # so the last frame before a silence does not jump from "half open" straight to rest.
-    taper = np.clip(t_ms / max(lead_ms, 1e-3), 0.0, 1.0) ** 0.7
-    w = np.where(ahead >= 0, w, w * taper)
-    w[columns:] = 0.0
+    w[0] *= 0.5
     return (w / w.max()).astype(np.float32)  # a steady sound gives its full value
+
+
+def _plateau(t_ms: np.ndarray, span: tuple[float, float], decay_ms: float) -> np.ndarray:
+    lo, hi = span
+    w = np.exp(-np.maximum(0.0, np.maximum(lo - t_ms, t_ms - hi)) / decay_ms)
+    return w.astype(np.float32)
 
 
 @lru_cache(maxsize=8)
@@ -119,12 +157,14 @@ def _analysis(config: MouthParamsConfig) -> _Analysis:
     bands = {
         "f1": band(*config.f1_range), "f2": band(*config.f2_range),
         "low": band(150.0, 1000.0), "bass": band(150.0, 500.0),
-        "mid": band(1000.0, 4000.0), "hiss": band(3500.0, 7600.0),
+        "mid": band(1000.0, 4000.0), "upper": band(1200.0, 3000.0), "hiss": band(3500.0, 7600.0),
     }
+    t = column_times_ms(config)
     return _Analysis(
         freqs=f, bands=bands,
-        open_kernel=_kernel(config.lead_ms, config.attack_ms, config.release_ms, config.window_columns),
-        shape_kernel=_kernel(config.lead_ms, config.shape_attack_ms, config.release_ms, config.window_columns),
+        open_kernel=_kernel(t, config.lead_ms, config.attack_ms, config.release_ms),
+        shape_kernel=_kernel(t, config.lead_ms, config.shape_attack_ms, config.release_ms),
+        consonant_kernel=_plateau(t, config.consonant_span_ms, config.consonant_decay_ms),
     )
 
 
@@ -180,44 +220,95 @@ def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, abo
 def _vowel_shape(f1: np.ndarray, f2: np.ndarray, config: MouthParamsConfig) -> np.ndarray:
     """(open factor, spread, round) of a vowel from its first two formants, (B, 3, T).
 
-    F1 rises with jaw opening (/i/, /u/ ~300 Hz; /a/ ~750 Hz). F2 separates front spread vowels
-    (/i/, /e/: F2 > 1.8 kHz) from back rounded ones (/o/, /u/: F2 < 0.95 kHz); /a/ sits between.
+    F1 rises with jaw opening (/i/, /u/ ~300 Hz; /a/ ~750 Hz). High F2 marks front spread vowels
+    (/i/, /e/: F2 > 1.8 kHz); rounding lowers F2, so F2 under an F1-dependent limit marks rounded ones.
     """
     openness = _smoothstep(f1, *config.f1_open)
     front = _smoothstep(f2, *config.f2_front)
-    back = _smoothstep(-f2, -config.f2_back[0], -config.f2_back[1])
+    lo_f1, hi_f1, lo_lim, hi_lim = config.round_limit
+    limit = np.interp(f1, [lo_f1, hi_f1], [lo_lim, hi_lim])
+    back = np.clip((limit - f2) / config.round_width_hz, 0.0, 1.0)
+    back = back * back * (3.0 - 2.0 * back)
     a, i = (np.asarray(VISEMES[k], dtype=np.float32) for k in "AI")
     open_factor = i[0] + (a[0] - i[0]) * openness
-    spread = front * (1.0 - 0.4 * openness) + a[1] * openness
+    spread = front * (1.0 - 0.8 * openness) + a[1] * openness  # F2 of an open vowel is unreliable
     rounding = back * (1.0 - 0.4 * openness)
     return np.stack([open_factor, spread, rounding], axis=1)
 
 
-def column_features(mels: np.ndarray, config: MouthParamsConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: loudness gate in [0, 1] (B, T) and mouth shape (open factor, spread, round) (B, 3, T)."""
+@dataclass(frozen=True)
+class ColumnFeatures:
+    """Per column of a batch of windows, each (B, T) unless noted."""
+    gate: np.ndarray      # loudness gate in [0, 1] (the jaw: nearly proportional to amplitude)
+    presence: np.ndarray  # a faster-saturating gate (the lip shape holds at moderate loudness)
+    shape: np.ndarray     # (B, 3, T) vowel / fricative (open factor, spread, round)
+    closure: np.ndarray   # lips shut: nasal murmur / voice bar, or a labial stop's silent closure
+    bite: np.ndarray      # labiodental frication
+    sibilant: np.ndarray  # sibilant frication
+
+
+def _next_loud(values: np.ndarray, loud: np.ndarray, default: float) -> np.ndarray:
+    """For each column, `values` at the first later column that is loud (`default` when none)."""
+    out = np.full(values.shape, default, dtype=np.float32)
+    nxt = np.full(values.shape[0], default, dtype=np.float32)
+    for t in range(values.shape[1] - 1, -1, -1):
+        out[:, t] = nxt
+        nxt = np.where(loud[:, t], values[:, t], nxt)
+    return out
+
+
+def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatures:
+    """The per-column evidence (see the module docstring, 1.-3.) of (B, 80, T) mel columns."""
     a = _analysis(config)
     db = (np.asarray(mels, dtype=np.float32) + MAX_ABS_VALUE) * _DB_PER_UNIT  # 0 dB = digital silence
     power = 10.0 ** (db / 10.0)
     level = 10.0 * np.log10(np.sum(power, axis=1))
-    gate = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0) ** config.level_gamma
+    loudness = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0)
+    gate = loudness ** config.level_gamma
 
     env = _envelope(db, config.lifter_keep)
     f1 = _first_peak_hz(env, a.bands["f1"], a.freqs, config.f1_within_db)
     f2 = _strongest_peak_hz(env, a.bands["f2"], a.freqs, f1 * 1.25)
     shape = _vowel_shape(f1, f2, config)
 
-    hiss = _smoothstep(_band_db(power, a.bands["hiss"]) - _band_db(power, a.bands["low"]), *config.hiss_db)
-    murmur = _smoothstep(-(_band_db(power, a.bands["mid"]) - _band_db(power, a.bands["bass"])),
-                         -config.murmur_db[0], -config.murmur_db[1])
-    hiss = hiss * (1.0 - murmur)
+    hiss_db = _band_db(power, a.bands["hiss"])
+    fric = _smoothstep(hiss_db - _band_db(power, a.bands["low"]), *config.fric_db)
+    sib = fric * _smoothstep(hiss_db - _band_db(power, a.bands["upper"]), *config.sibilant_db)
+    bright = _band_db(power, a.bands["mid"]) - _band_db(power, a.bands["bass"])
+
+    # Relative to the loudest column of the window: consonants are dips between louder vowels.
+    loudest = level.max(axis=1, keepdims=True)
+    dip = loudest - level
+    speech = (loudest >= config.gate_db + config.speech_db).astype(np.float32)
+    voiced = _smoothstep(level, config.gate_db - 4.0, config.gate_db + 4.0)
+    murmur = (_smoothstep(dip, *config.dip_murmur_db) * voiced * (1.0 - fric)
+              * _smoothstep(-bright, -config.murmur_bright_db[0], -config.murmur_bright_db[1]))
+    # A silent gap with speech on both sides, released by a burst that is not high-pitched.
+    audible = _smoothstep(level, config.gate_db, config.gate_db + 8.0)  # aspiration counts as speech
+    loud = audible > 0.5  # the burst: the first audible column after the gap
+    before = np.maximum.accumulate(audible, axis=1)
+    after = np.maximum.accumulate(audible[:, ::-1], axis=1)[:, ::-1]
+    burst_high = _next_loud(hiss_db - _band_db(power, a.bands["low"]), loud, default=np.nan)
+    labial = np.where(np.isnan(burst_high), 0.5,
+                      1.0 - _smoothstep(np.nan_to_num(burst_high), *config.burst_high_db))
+    gap = (1.0 - voiced) * np.minimum(before, after) * labial
+    closure = speech * np.maximum(murmur, gap)
+    # /f/ is weak, flat frication; an alveolar burst (/t/) is weak too but much brighter.
+    high_low = hiss_db - _band_db(power, a.bands["low"])
+    bite = (speech * fric * (1.0 - _smoothstep(hiss_db - _band_db(power, a.bands["upper"]), *config.sibilant_db))
+            * (1.0 - _smoothstep(high_low, *config.bite_max_db)) * _smoothstep(dip, *config.bite_dip_db) * voiced)
+
     s = np.asarray(VISEMES["S"], dtype=np.float32)[None, :, None]
-    m = np.asarray(VISEMES["M"], dtype=np.float32)[None, :, None]
-    shape = shape * (1.0 - hiss - murmur)[:, None] + s * hiss[:, None] + m * murmur[:, None]
-    return gate.astype(np.float32), shape.astype(np.float32)
+    f = np.asarray(VISEMES["F"], dtype=np.float32)[None, :, None]
+    shape = shape * (1.0 - sib - bite)[:, None] + s * sib[:, None] + f * bite[:, None]
+    return ColumnFeatures(gate=gate.astype(np.float32), presence=(loudness ** config.shape_gamma).astype(np.float32),
+                          shape=shape.astype(np.float32),
+                          closure=closure.astype(np.float32), bite=bite.astype(np.float32),
+                          sibilant=sib.astype(np.float32))
 
 
 def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> np.ndarray:
-    """(B, 80, 16) official mel windows -> (B, 3) float32 [open, spread, round], each in [0, 1]."""
+    """(B, 80, 16) mel windows (aligned per `config.audio_needs`) -> (B, 6) float32 `PARAMS`, each in [0, 1]."""
     config = config or MouthParamsConfig()
     mels = np.asarray(mels, dtype=np.float32)
     if mels.ndim != 3 or mels.shape[1:] != (N_MELS, MEL_STEP):
@@ -226,16 +317,24 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
         return np.zeros((0, len(PARAMS)), dtype=np.float32)
     a = _analysis(config)
     cols = config.window_columns  # the columns read (the rest of the window may be padding)
-    gate, col_shape = column_features(mels[:, :, :cols], config)  # (B, cols), (B, 3, cols)
-    open_kernel, shape_kernel = a.open_kernel[:cols], a.shape_kernel[:cols]
+    c = column_features(mels[:, :, :cols], config)
 
-    # Jaw: weighted max of (gate x viseme openness) -> envelope-follower behaviour (module doc, 4.).
-    opening = np.max(gate * col_shape[:, 0, :] * open_kernel, axis=1)
+    # Consonants near the frame's time: weighted max (a closure shows fully over its whole span).
+    ck = a.consonant_kernel
+    close = np.max(c.closure * ck, axis=1)
+    bite = np.max(c.bite * ck, axis=1)
+    sibilant = np.max(c.sibilant * c.gate * ck, axis=1)
+
+    # Jaw: weighted max of (gate x openness) -> envelope-follower behaviour; nearly shut by a bite (the
+    # lower lip rises to the upper teeth). A closure shuts the lips in the warp (mouth_warp.mouth_shape).
+    opening = np.max(c.gate * c.shape[:, 0, :] * a.open_kernel, axis=1) * (1.0 - 0.6 * bite)
 
     # Lip shape: loudness- and kernel-weighted mean of the column shapes, then scaled by how much
     # sound is near "now", so the lips relax together with the jaw.
-    vote = shape_kernel * gate
+    vote = a.shape_kernel * c.presence
     total = vote.sum(axis=1)
-    shape = np.einsum("bt,bpt->bp", vote, col_shape[:, 1:, :]) / np.maximum(total, 1e-6)[:, None]
-    shape *= np.max(gate * shape_kernel, axis=1)[:, None]
-    return np.concatenate([opening[:, None], shape], axis=1).astype(np.float32)
+    shape = np.einsum("bt,bpt->bp", vote, c.shape[:, 1:, :]) / np.maximum(total, 1e-6)[:, None]
+    shape *= np.max(vote, axis=1)[:, None] * (1.0 - close)[:, None]
+    teeth = np.maximum(sibilant, bite)
+    out = np.concatenate([opening[:, None], shape, close[:, None], bite[:, None], teeth[:, None]], axis=1)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

@@ -35,14 +35,18 @@ LEFT, RIGHT, UPPER_TOP, UPPER_BOTTOM, LOWER_TOP, LOWER_BOTTOM, CHIN = range(7)
 class MouthWarpConfig:
     max_open: float = 0.27          # lip gap at open = 1, as a fraction of the mouth width
     upper_lift: float = 0.15        # the upper lip rises by this fraction of the jaw drop
-    spread_gain: float = 0.08       # width +8% at spread = 1
-    round_gain: float = 0.16        # width -16% at round = 1
+    spread_gain: float = 0.30       # width +30% at spread = 1
+    round_gain: float = 0.36        # width -36% at round = 1
     gap_exponent: float = 1.3       # gap profile (1 - (s/c)^2)^p: > 1 tapers to the corners, 0.5 elliptical
     round_exponent: float = 0.6     # ... at round = 1 (an "o")
+    spread_exponent: float = 0.55   # ... at spread = 1 (an "ee": a long slit, open to near the corners)
     gap_extent: float = 0.92        # c: the lips stay closed over the outer 8% towards each corner
+    round_extent: float = 0.40      # ... and over this much more of the width at round = 1 (a small "o")
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
-    width_fade: tuple[float, float] = (0.9, 1.5)     # width scaling: full for |s| < a, none beyond b
-    width_fade_t: float = 0.4       # ... and fades over this many half-widths above/below the lips
+    width_fade: tuple[float, float] = (0.75, 1.6)    # narrowing: full for |s| < a, none beyond b (the cheeks
+    # keep their outline; no narrower or it folds at round = 1)
+    spread_fade: tuple[float, float] = (1.2, 2.0)    # widening (never folds): over more of the cheeks
+    width_fade_t: float = 0.6       # ... and fades over this many half-widths above/below the lips
     upper_fade: float = 0.7         # upper-lip lift fades out over this many half-widths above the lip
     # The neck just below the chin absorbs the jaw drop over fall x max drop: the chin slides over it,
     # as it does in front of a real neck (the backward map compresses there; it can never fold).
@@ -55,6 +59,9 @@ class MouthWarpConfig:
     teeth_max: float = 0.11         # ... at most this fraction of the mouth width
     teeth_span: float = 0.72        # teeth visible for |s| < span (in half-widths)
     tongue_from_open: float = 0.45  # the tongue shows above this opening
+    bite_lift: float = 0.045        # /f/: the upper lip rises by this fraction of the mouth width ...
+    press_squeeze: float = 0.015    # closure: the lower lip pushes this far (fraction of width) past the seam
+    max_press: float = 0.35         # ... and never moves up by more than this many half-widths
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def frame_geometry(points: np.ndarray, frame_shape: tuple[int, ...], config: Mou
     # Patch extent in the mouth frame, then its axis-aligned bounding box in the image.
     # Every field is zero beyond these extents, so the feathered border only ever blends equal pixels.
     drop = config.max_open * 2.0 * half
-    s_max = max(config.width_fade[1], config.jaw_profile[1]) * half + config.margin_px + 2
+    s_max = max(config.width_fade[1], config.spread_fade[1], config.jaw_profile[1]) * half + config.margin_px + 2
     t_min = upper_top - config.upper_lift * drop - config.upper_fade * half - config.margin_px - 2
     t_max = chin + drop + fall_length(half, config) + config.margin_px + 2
     corners = [centre + a * np.array([ux, uy]) + b * np.array([nx, ny])
@@ -172,19 +179,49 @@ def _lerp_step(x: np.ndarray, full: float, zero: float) -> np.ndarray:
     return _smoothstep((zero - np.abs(x)) / (zero - full))
 
 
-def mouth_shape(params: np.ndarray, geom: FrameGeometry, config: MouthWarpConfig) -> tuple[float, float, float, float]:
-    """(width scale k, jaw drop d px, upper-lip lift px, gap exponent) for one frame's [open, spread, round]."""
-    open_, spread, rounding = (float(v) for v in params[:3])
+@dataclass(frozen=True)
+class Shape:
+    """One frame's deformation amounts (px or factors) from its parameters."""
+    k: float          # width scale
+    drop: float       # jaw drop at the centre (px)
+    lift: float       # upper-lip lift at the centre (px)
+    exponent: float   # gap-profile exponent
+    press: float      # lower lip raised at the centre (px): closes the rest gap (close, bite)
+    teeth: float      # 0..1: how much of the gap the teeth fill
+    bite: float       # 0..1: the lower lip is at the upper teeth (they fill the gap; no lower teeth)
+    rounding: float   # 0..1: the opening narrows to a small "o"
+
+    @property
+    def moves(self) -> bool:
+        return self.drop > 0 or self.lift > 0 or self.press > 0 or self.k != 1.0
+
+
+def mouth_shape(params: np.ndarray, geom: FrameGeometry, config: MouthWarpConfig) -> Shape:
+    """The deformation for one frame's `realtime.renderers.mouth_params.PARAMS` values (a frame of
+    only [open, spread, round] has no closure, bite or teeth)."""
+    p = np.zeros(6, np.float64)
+    values = np.asarray(params, np.float64).reshape(-1)[:6]
+    p[:len(values)] = values
+    open_, spread, rounding, close, bite, teeth = (float(v) for v in p)
     k = 1.0 + config.spread_gain * spread - config.round_gain * rounding
-    drop = open_ * config.max_open * 2.0 * geom.half_width
+    width = 2.0 * geom.half_width
+    drop = open_ * (1.0 - close) * config.max_open * width  # a closure holds the lips shut whatever the jaw
     exponent = config.gap_exponent + (config.round_exponent - config.gap_exponent) * rounding
-    return k, drop, config.upper_lift * drop, exponent
+    exponent += (config.spread_exponent - config.gap_exponent) * spread * (1.0 - rounding)
+    lift = config.upper_lift * drop + bite * config.bite_lift * width
+    # Pressing shuts the avatar's own rest gap and pushes a little further (lips squeeze each other);
+    # the bite raises the lower lip to the (lifted) upper lip's rest line, under the upper teeth.
+    rest_gap = max(0.0, geom.lower_top - geom.upper_bottom)
+    press = min(1.0, close + bite) * (rest_gap + config.press_squeeze * width)
+    press = min(press, config.max_press * geom.half_width)
+    return Shape(k, drop, lift, exponent, press, teeth, bite, rounding)
 
 
 def rendered_landmarks(points: np.ndarray, params: np.ndarray, geom: FrameGeometry,
                        config: MouthWarpConfig) -> np.ndarray:
     """Where the 7 mouth points end up in the rendered frame (for measurements and tests)."""
-    k, drop, lift, _ = mouth_shape(params, geom, config)
+    shape = mouth_shape(params, geom, config)
+    k, drop, lift = shape.k, shape.drop, shape.lift
     out = np.asarray(points, dtype=np.float32).copy()
     u = np.array([geom.ux, geom.uy], np.float32)
     n = np.array(geom.n, np.float32)
@@ -193,17 +230,20 @@ def rendered_landmarks(points: np.ndarray, params: np.ndarray, geom: FrameGeomet
         out[i] = centre + (out[i] - centre) @ u * k * u + (out[i] - centre) @ n * n
     out[UPPER_TOP] -= lift * n
     out[UPPER_BOTTOM] -= lift * n
-    for i in (LOWER_TOP, LOWER_BOTTOM, CHIN):
-        out[i] += drop * n
+    for i in (LOWER_TOP, LOWER_BOTTOM):
+        out[i] += (drop - shape.press) * n
+    out[CHIN] += drop * n
     return out
 
 
 def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palette: Palette,
                alpha: np.ndarray, config: MouthWarpConfig) -> MouthPatch:
-    """Render one frame's mouth patch for params [open, spread, round] (each in [0, 1])."""
+    """Render one frame's mouth patch for `mouth_params.PARAMS` values (each in [0, 1])."""
     y1, y2, x1, x2 = geom.box
-    k, drop, lift, exponent = mouth_shape(params, geom, config)
-    if drop < config.min_drop_px and abs(k - 1.0) * geom.half_width < config.min_drop_px:
+    shape = mouth_shape(params, geom, config)
+    k, drop, lift, exponent, press = shape.k, shape.drop, shape.lift, shape.exponent, shape.press
+    if (max(drop, lift, press) < config.min_drop_px
+            and abs(k - 1.0) * geom.half_width < config.min_drop_px):
         # At rest the avatar's own mouth is the answer, bit-exact (seamless hand-over to silence).
         return MouthPatch(image=frame[y1:y2, x1:x2].copy(), box=geom.box, alpha=alpha)
 
@@ -218,16 +258,18 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
     t_lo = geom.upper_top - config.width_fade_t * hw
     t_hi = geom.lower_bottom + drop + config.width_fade_t * hw
     fade_t = _smoothstep((t - t_lo) / (config.width_fade_t * hw)) * _smoothstep((t_hi - t) / (config.width_fade_t * hw))
-    s_src = s * (1.0 - np.float32(1.0 - 1.0 / k) * _lerp_step(s, *config.width_fade) * fade_t)
+    fade_s = _lerp_step(s, *(config.width_fade if k < 1.0 else config.spread_fade))
+    s_src = s * (1.0 - np.float32(1.0 - 1.0 / k) * fade_s * fade_t)
 
     # Lip lines of the output, as functions of the source position along the mouth axis.
     q = np.clip(1.0 - s_src * s_src, 0.0, 1.0)          # rest lip-line profile (0 at the corners)
-    s_gap = s_src * np.float32(1.0 / config.gap_extent)
+    s_gap = s_src * np.float32(1.0 / (config.gap_extent * (1.0 - config.round_extent * shape.rounding)))
     gap = np.clip(1.0 - s_gap * s_gap, 0.0, 1.0) ** np.float32(exponent)  # opening profile A(s)
     upper_in = geom.upper_bottom * q - lift * gap
     upper_out = geom.upper_top * q - lift * gap
-    lower_in = geom.lower_top * q + drop * gap
-    lower_out = geom.lower_bottom * q + drop * gap
+    lip_shift = drop * gap - press * q                  # the lower lip's move (negative: up)
+    lower_in = geom.lower_top * q + lip_shift
+    lower_out = geom.lower_bottom * q + lip_shift
 
     # Lower face: lower lip moves by drop*A(s), the chin by drop*J(s), blended in between; the neck
     # below the chin takes the shift back over `fall` (backward-map slope > 1: compression, no fold).
@@ -237,7 +279,7 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
     beta = _smoothstep((t - lower_out) / np.maximum(blend_end - lower_out, 0.3 * hw))
     fall_len = fall_length(hw, config)
     fall = _smoothstep((chin_out + fall_len - t) / fall_len)
-    t_lower = t - drop * (gap + (jaw - gap) * beta) * fall
+    t_lower = t - (lip_shift + (drop * jaw - lip_shift) * beta) * fall
     # Upper lip: lifted by lift*A(s), fading towards the nose.
     fade_up = _smoothstep((t - (upper_out - config.upper_fade * hw)) / (config.upper_fade * hw))
     t_upper = t + lift * gap * fade_up
@@ -247,13 +289,13 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
     map_x = (np.float32(geom.cx) + sx * np.float32(geom.ux) + t_src * np.float32(nx)).astype(np.float32, copy=False)
     map_y = (np.float32(geom.cy) + sx * np.float32(geom.uy) + t_src * np.float32(ny)).astype(np.float32, copy=False)
     image = cv2.remap(frame, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    if drop >= config.min_drop_px:
-        _paint_interior(image, t, s_src, upper_in, lower_in, drop, params, palette, geom, config)
+    if drop + lift >= config.min_drop_px:
+        _paint_interior(image, t, s_src, upper_in, lower_in, drop + lift, shape, palette, geom, config)
     return MouthPatch(image=image, box=geom.box, alpha=alpha)
 
 
 def _paint_interior(image: np.ndarray, t: np.ndarray, s_src: np.ndarray, upper_in: np.ndarray,
-                    lower_in: np.ndarray, drop: float, params: np.ndarray, palette: Palette,
+                    lower_in: np.ndarray, drop: float, shape: Shape, palette: Palette,
                     geom: FrameGeometry, config: MouthWarpConfig) -> None:
     """Paint the mouth interior between the output inner lip lines, in place, on the rows/cols it covers."""
     inside = np.minimum(t - upper_in, lower_in - t)  # > 0 inside the opening (px)
@@ -283,7 +325,9 @@ def _paint_interior(image: np.ndarray, t: np.ndarray, s_src: np.ndarray, upper_i
 
     # Upper teeth: a band hanging from the upper lip line, centred, fading towards the corners,
     # slightly shadowed right under the lip.
-    teeth_h = np.minimum(config.teeth_fraction * height, config.teeth_max * mouth_w)
+    # `teeth` (sibilants, the bite) lets them fill the gap down to a thin dark line at the lower teeth.
+    fraction = min(1.0, config.teeth_fraction + (0.62 - config.teeth_fraction) * shape.teeth + 0.45 * shape.bite)
+    teeth_h = np.minimum(fraction * height, config.teeth_max * (1.0 + shape.teeth) * mouth_w + 2.0 * soft * shape.bite)
     below_lip = tt - up
     in_teeth = (_smoothstep((teeth_h - below_lip) / soft + 0.5)
                 * _lerp_step(ss, 0.4 * config.teeth_span, config.teeth_span))
@@ -291,11 +335,23 @@ def _paint_interior(image: np.ndarray, t: np.ndarray, s_src: np.ndarray, upper_i
     colour += (palette.teeth[None, None, :] * teeth_shade[..., None] - colour) * (0.92 * in_teeth)[..., None]
 
     # Tongue: a soft dark-red mound at the bottom of a wide opening.
-    open_ = float(params[0])
+    open_ = shape.drop / max(config.max_open * mouth_w, 1e-6)
     if open_ > config.tongue_from_open:
         amount = min(1.0, (open_ - config.tongue_from_open) / (1.0 - config.tongue_from_open))
         tongue = _smoothstep((depth - 0.6) / 0.3) * _lerp_step(ss, 0.25, 0.8) * (0.6 * amount)
         colour += (palette.tongue - colour) * tongue[..., None]
+
+    # Lower teeth: a dimmer band rising from the lower lip, shown by the teeth parameter and by a
+    # wide opening (the jaw drops far enough to bare them), shadowed by the lower lip,
+    # in front of the tongue.
+    lower_fraction = 0.34 * max(0.0, shape.teeth - shape.bite) + 0.2 * float(np.clip((open_ - 0.5) / 0.5, 0.0, 1.0))
+    if lower_fraction > 0.0:
+        above_lip = lo - tt
+        lower_h = np.minimum(lower_fraction * height, config.teeth_max * mouth_w)
+        in_lower = (_smoothstep((lower_h - above_lip) / soft + 0.5) * _smoothstep(above_lip / soft)
+                    * _lerp_step(ss, 0.3 * config.teeth_span, 0.85 * config.teeth_span))
+        lower_teeth = palette.teeth[None, None, :] * (0.72 - 0.25 * np.abs(ss))[..., None]
+        colour += (lower_teeth - colour) * (0.85 * in_lower)[..., None]
 
     region = image[win].astype(np.float32)
     image[win] = np.clip(region + (colour - region) * coverage[..., None] + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,609 @@
+"""The avatar over impaired links: a real server (`run_server.py`, a subprocess, the default avatar and
+renderer) and an aiortc client talking through the user-space relay of bench/netimpair.py, per condition.
+
+    python bench/network.py [--seconds 15] [--conditions clean,loss2_jitter30,burst5,link600k,outage3s]
+                            [--server-repo PATH]   # e.g. a worktree of main, for the "before" figures
+
+Conditions (both directions unless said): clean; loss2_jitter30 (2 % random loss, 30 +- 15 ms delay);
+burst5 (5 % loss in bursts of 3 packets on average, Gilbert-Elliott); link600k (600 kbit/s token bucket,
+200 ms queue, server -> client; the client -> server direction 600 kbit/s too); outage3s (a clean link,
+everything dropped for 3 s in the middle).
+
+The client is a microphone session: it says a speech clip every ~3.5 s and the server returns it delayed
+with the talking avatar. Its receivers behave like a browser's where aiortc's differ (the server is
+untouched): video frames complete at their marker bit and a hole is given up after 0.2 s with a PLI
+(`GiveUpJitterBuffer`), audio plays on arrival and skips a lost packet (server/audio_jitter.py), and
+Opus is decoded with FEC and concealment (server/opus_fec.py) as libwebrtc's NetEq does.
+
+Figures per condition, over the measured window (`--seconds`, after 3 s of warm-up on the impaired
+link), at the client:
+- fps: video frames decoded per second;
+- freeze_ms_total, longest_freeze_ms: inter-frame gaps longer than max(3 x 40 ms, 40 + 150 ms), as
+  Chromium's freeze definition (the gaps' durations);
+- concealed_pct: 20 ms audio frames the decoder had to invent (PLC) or that never came, over all;
+- lip_lead_ms: per utterance, returned speech onset minus mouth-opening onset, both as arrival times
+  (positive: the lips lead), the median;
+- mic_to_audio_ms: from the microphone frame holding the onset to the returned speech onset, median;
+- send_kbps: what the server sent (bytes entering the relay from the server) over the last 10 s;
+- latency_delta_ms: mic_to_audio_ms minus the clean condition's.
+outage3s adds survived (the session still open after it), video_resume_ms (from the link's return to
+the next decoded frame) and frames_first_s (frames decoded in the second after it: no stale burst).
+Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the page itself (Start, its
+microphone faked from a wav of the clip and silence, looped by Chromium) through the same relay: a
+Playwright route on POST /offer rewrites both SDPs. From `getStats()` deltas over the window: fps
+(framesDecoded), freeze_ms_total (totalFreezesDuration), concealed_pct (concealedSamples /
+totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt; longest_freeze_ms, lip_lead_ms,
+mic_to_audio_ms and latency_delta_ms are null (the page gives no per-freeze durations, and the returned
+audio is not captured).
+
+The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "chromium": null}},
+"loadavg": ..., "seconds": ...}; "chromium" is null when it was not run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import Server, espeak_clip_16k, loadavg, pcm16  # noqa: E402
+from bench.netimpair import (  # noqa: E402
+    GilbertElliott,
+    Impairment,
+    Relay,
+    negotiate_through,
+    rewrite_candidates,
+    use_give_up_jitter_buffer,
+)
+from server import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
+from server.ice import use_host_addresses  # noqa: E402
+
+log = logging.getLogger("bench.network")
+
+RATE = 16000
+TEXT = "Hello there, how are you today?"
+SPEECH_RMS = 0.01
+FRAME_S = 0.040
+FREEZE_S = max(3 * FRAME_S, FRAME_S + 0.150)
+
+CONDITIONS: dict[str, tuple[Impairment, Impairment]] = {
+    "clean": (Impairment(), Impairment()),
+    "loss2_jitter30": (Impairment(loss=0.02, delay_ms=30, jitter_ms=15),
+                       Impairment(loss=0.02, delay_ms=30, jitter_ms=15)),
+    "burst5": (Impairment(burst=GilbertElliott.for_loss(0.05, 3.0)),
+               Impairment(burst=GilbertElliott.for_loss(0.05, 3.0))),
+    "link600k": (Impairment(rate_kbps=600, queue_ms=200), Impairment(rate_kbps=600, queue_ms=200)),
+    "outage3s": (Impairment(), Impairment()),
+}
+
+
+# -- the client's tracks ------------------------------------------------------------------------------
+
+class SpeakingMicrophone(MediaStreamTrack):
+    """48 kHz frames in real time: the clip every `period_s`, silence between; remembers when each onset
+    was handed to aiortc."""
+
+    kind = "audio"
+    rate = 48000
+
+    def __init__(self, clip: np.ndarray, period_s: float, first_s: float) -> None:
+        super().__init__()
+        up = np.interp(np.arange(len(clip) * 3) / 3, np.arange(len(clip)), clip)
+        onset = int(np.flatnonzero(np.abs(up) > 0.02)[0]) if np.any(np.abs(up) > 0.02) else 0
+        self._clip = pcm16(up)
+        self._onset = onset
+        self._period = round(period_s * 50) * (self.rate // 50)  # whole frames: the onset falls in one
+        self._first = round(first_s * 50) * (self.rate // 50)
+        self._pos = 0
+        self._start: float | None = None
+        self.onsets: list[float] = []
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        wait = self._start + self._pos / self.rate - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        n = self.rate // 50
+        chunk = np.zeros(n, np.int16)
+        rel = self._pos - self._first
+        if rel >= 0:
+            off = rel % self._period
+            part = self._clip[off:off + n]
+            chunk[:len(part)] = part
+            if off <= self._onset < off + n:
+                self.onsets.append(time.monotonic() - (n - (self._onset - off)) / self.rate)
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = self._pos
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self._pos += n
+        return frame
+
+
+@dataclass
+class Received:
+    video: list[tuple[float, np.ndarray]] = field(default_factory=list)     # (arrival, mouth crop)
+    audio: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (arrival, pts 48k, mono)
+
+
+decoders: list[opus_fec.FecOpusDecoder] = []
+
+
+def _recording_decoder(codec: Any) -> Any:
+    decoder = opus_fec.get_decoder(codec)
+    if isinstance(decoder, opus_fec.FecOpusDecoder):
+        decoders.append(decoder)
+    return decoder
+
+
+class Client:
+    def __init__(self, server: Server, http: aiohttp.ClientSession, relay: Relay,
+                 box: tuple[int, int, int, int]) -> None:
+        self.server, self.http, self.relay, self.box = server, http, relay, box
+        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        self.received = Received()
+        self.session_id = ""
+        self.token = ""
+        self._tasks: list[asyncio.Task] = []
+        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        y1, y2, x1, x2 = self.box
+        while True:
+            try:
+                frame: Any = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                gray = frame.to_ndarray(format="gray")
+                self.received.video.append((now, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
+            else:
+                data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+                self.received.audio.append((now, int(frame.pts), data.astype(np.float32)))
+
+    async def connect(self, mic: MediaStreamTrack) -> None:
+        self.pc.addTrack(mic)
+        self.pc.addTransceiver("video", direction="recvonly")
+        use_give_up_jitter_buffer(self.pc)
+        audio_jitter.install(self.pc)
+
+        async def post(sdp: str) -> str:
+            async with self.http.post(self.server.endpoint("/offer"), json={"sdp": sdp, "type": "offer"}) as resp:
+                answer = await resp.json()
+                if resp.status != 200:
+                    raise SystemExit(f"bench/network.py: offer refused: {answer}")
+            self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
+            return str(answer["sdp"])
+
+        await negotiate_through(self.relay, self.pc, post)
+
+    async def alive(self) -> bool:
+        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
+                                 headers={"Authorization": f"Bearer {self.token}"}) as resp:
+            return resp.status == 200 and (await resp.json()).get("state") != "closed"
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# -- figures ------------------------------------------------------------------------------------------
+
+def freezes(arrivals: list[float]) -> tuple[float, float]:
+    gaps = np.diff(np.asarray(arrivals)) if len(arrivals) > 1 else np.zeros(0)
+    frozen = gaps[gaps > FREEZE_S]
+    return float(frozen.sum() * 1000), float(frozen.max() * 1000) if frozen.size else 0.0
+
+
+def audio_onset(received: list[tuple[float, int, np.ndarray]], after: float) -> float | None:
+    for arrival, _, data in received:
+        if arrival < after:
+            continue
+        block = 480
+        n = len(data) // block
+        if n == 0:
+            continue
+        rms = np.sqrt(np.mean(data[:n * block].reshape(n, block).astype(np.float64) ** 2, axis=1))
+        loud = np.flatnonzero(rms > SPEECH_RMS)
+        if loud.size:
+            return arrival + loud[0] * block / 48000.0
+    return None
+
+
+def mouth_onset(video: list[tuple[float, np.ndarray]], idle: np.ndarray, threshold: float,
+                after: float) -> float | None:
+    for arrival, crop in video:
+        if arrival >= after and float(np.min(np.mean(np.abs(idle - crop[None]), axis=(1, 2)))) > threshold:
+            return arrival
+    return None
+
+
+def concealed_pct(received: list[tuple[float, int, np.ndarray]], t0: float, t1: float, plc: int) -> float | None:
+    """Invented (PLC) or never-received 20 ms frames over the frames the window should hold, from the
+    client decoder's counter and the gaps left in the decoded timestamps."""
+    window = [(pts, len(d)) for a, pts, d in received if t0 <= a < t1]
+    if len(window) < 2:
+        return None
+    expected = (window[-1][0] + window[-1][1] - window[0][0]) / 960.0
+    missing = max(0.0, expected - len(window))
+    return round(100.0 * (missing + plc) / expected, 2)
+
+
+def median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 1) if values else None
+
+
+# -- one condition ------------------------------------------------------------------------------------
+
+async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: float, box: tuple[int, int, int, int],
+                        seed: int) -> dict[str, Any]:
+    up, down = CONDITIONS[name]
+    relay = await Relay(up=up, down=down, seed=seed).start()
+    period = max(3.5, len(clip) / RATE + 1.5)
+    mic = SpeakingMicrophone(clip, period_s=period, first_s=2.5)
+    decoders.clear()
+    result: dict[str, Any] = {}
+    sent: list[tuple[float, int]] = []
+    sampler = asyncio.ensure_future(sample_sent(relay, sent))
+    async with aiohttp.ClientSession() as http:
+        client = Client(server, http, relay, box)
+        try:
+            await client.connect(mic)
+            start = time.monotonic()
+            while not client.received.video:
+                if time.monotonic() - start > 30:
+                    raise SystemExit(f"bench/network.py: no video in condition {name}")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.0)   # the mic is silent until 2.5 s: the idle mouth
+            idle = np.stack([c for _, c in client.received.video[-40:]])
+            ref = [float(np.min(np.mean(np.abs(idle[np.arange(len(idle)) != i] - c[None]), axis=(1, 2))))
+                   for i, c in enumerate(idle)]
+            threshold = max(4.0, 3.0 * max(ref))
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            plc0 = sum(d.concealed_frames for d in decoders)
+            fec0 = sum(d.fec_frames for d in decoders)
+            outage_end = None
+            if name == "outage3s":
+                await asyncio.sleep(seconds / 2 - 1.5)
+                relay.outage(3.0)
+                await asyncio.sleep(3.0)
+                outage_end = time.monotonic()
+                await asyncio.sleep(seconds / 2 - 1.5)
+            else:
+                await asyncio.sleep(seconds)
+            t1 = time.monotonic()
+            plc = sum(d.concealed_frames for d in decoders) - plc0
+            fec = sum(d.fec_frames for d in decoders) - fec0
+            if outage_end is not None:
+                result["survived"] = await client.alive()
+            video = [a for a, _ in client.received.video if t0 <= a < t1]
+            freeze_total, freeze_longest = freezes(video)
+            mic_delays, leads = [], []
+            log.debug("onsets %s window %s %s", [round(o - t0, 2) for o in mic.onsets], 0, round(t1 - t0, 2))
+            for onset in mic.onsets:
+                if not t0 <= onset < t1 - 1.0:
+                    continue
+                if outage_end is not None and outage_end - 3.0 - 1.0 <= onset < outage_end:
+                    continue
+                heard = audio_onset(client.received.audio, onset)
+                log.debug("onset %.2f heard %s", onset - t0, None if heard is None else round(heard - onset, 3))
+                mouth = mouth_onset(client.received.video, idle, threshold, onset)
+                if heard is not None and heard - onset < 2.0:
+                    mic_delays.append(1000 * (heard - onset))
+                    if mouth is not None and abs(heard - mouth) < 1.0:
+                        leads.append(1000 * (heard - mouth))
+            result.update({
+                "fps": round(len(video) / (t1 - t0), 2),
+                "freeze_ms_total": round(freeze_total, 1),
+                "longest_freeze_ms": round(freeze_longest, 1),
+                "concealed_pct": concealed_pct(client.received.audio, t0, t1, plc),
+                "lip_lead_ms": median(leads),
+                "mic_to_audio_ms": median(mic_delays),
+                "send_kbps": kbps_over(sent, t1, min(10.0, t1 - t0)),
+                "utterances": len(mic_delays),
+                "plc_frames": plc,
+                "fec_frames": fec,
+            })
+            if outage_end is not None:
+                after = [a for a, _ in client.received.video if a >= outage_end]
+                result["video_resume_ms"] = round(1000 * (after[0] - outage_end), 1) if after else None
+                result["frames_first_s"] = len([a for a in after if a < outage_end + 1.0])
+            result["relay"] = {d: {"dropped": relay.links[d].stats.dropped,
+                                   "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
+        finally:
+            sampler.cancel()
+            await client.close()
+            relay.close()
+    if result.get("send_kbps") is not None:
+        result["send_kbps"] = round(result["send_kbps"], 1)
+    return result
+
+
+async def sample_sent(relay: Relay, history: list[tuple[float, int]]) -> None:
+    """Bytes the server offered to the link (entering the relay), sampled every 0.5 s."""
+    while True:
+        history.append((time.monotonic(), relay.links["down"].stats.bytes_received))
+        await asyncio.sleep(0.5)
+
+
+def kbps_over(history: list[tuple[float, int]], t1: float, seconds: float) -> float | None:
+    window = [h for h in history if t1 - seconds <= h[0] <= t1]
+    if len(window) < 2:
+        return None
+    (ta, ba), (tb, bb) = window[0], window[-1]
+    return 8 * (bb - ba) / max(tb - ta, 1e-6) / 1000
+
+
+# -- Chromium --------------------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+STATS_JS = """async () => {
+  const out = {video: {}, audio: {}, rtt_ms: null, pair: null};
+  if (typeof session === 'undefined' || !session) return null;
+  const report = await session.pc.getStats();
+  const byId = {};
+  report.forEach((s) => { byId[s.id] = s; });
+  report.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') out.video = {frames: s.framesDecoded || 0,
+      dropped: s.framesDropped || 0, freezes: s.freezeCount || 0, freeze_s: s.totalFreezesDuration || 0};
+    if (s.type === 'inbound-rtp' && s.kind === 'audio') out.audio = {concealed: s.concealedSamples || 0,
+      total: s.totalSamplesReceived || 0, jb: s.jitterBufferDelay || 0, jbn: s.jitterBufferEmittedCount || 0};
+    if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+      out.rtt_ms = typeof s.currentRoundTripTime === 'number' ? 1000 * s.currentRoundTripTime : null;
+      const l = byId[s.localCandidateId], r = byId[s.remoteCandidateId];
+      out.pair = (l ? l.candidateType : '?') + '/' + (r ? r.candidateType : '?');
+    }
+  });
+  out.t = performance.now() / 1000;
+  return out;
+}"""
+
+
+def chromium_available() -> bool:
+    if not CHROMIUM.exists():
+        return False
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mic_wav(clip: np.ndarray, period_s: float, path: Path) -> Path:
+    import wave
+
+    pcm = pcm16(np.concatenate([clip, np.zeros(int(period_s * RATE) - len(clip), np.float32)]))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+async def chromium_condition(browser: Any, server: Server, name: str, seconds: float, seed: int) -> dict[str, Any]:
+    up, down = CONDITIONS[name]
+    relay = await Relay(up=up, down=down, seed=seed).start()
+    sent: list[tuple[float, int]] = []
+    sampler = asyncio.ensure_future(sample_sent(relay, sent))
+    page = await browser.new_page()
+
+    async def offer_route(route: Any, request: Any) -> None:
+        body = request.post_data_json
+        body["sdp"], _ = rewrite_candidates(body["sdp"], relay.server_address)
+        response = await route.fetch(post_data=json.dumps(body))
+        answer = await response.json()
+        if response.status == 200:
+            answer["sdp"], relay.server = rewrite_candidates(answer["sdp"], relay.client_address)
+        await route.fulfill(response=response, json=answer)
+
+    result: dict[str, Any] = {}
+    try:
+        await page.route("**/offer", offer_route)
+        await page.goto(server.url)
+        await page.click("#start")
+        await page.wait_for_function(
+            "() => document.getElementById('status-state').textContent === 'connected'", timeout=30000)
+        await asyncio.sleep(3.0)
+        a = await page.evaluate(STATS_JS)
+        t0 = time.monotonic()
+        outage_end = None
+        if name == "outage3s":
+            await asyncio.sleep(seconds / 2 - 1.5)
+            relay.outage(3.0)
+            await asyncio.sleep(3.0)
+            outage_end = time.monotonic()
+            frames_at_end = (await page.evaluate(STATS_JS))["video"]["frames"]
+            resume = None
+            while time.monotonic() < outage_end + 5.0:
+                now_frames = (await page.evaluate(STATS_JS))["video"]["frames"]
+                if now_frames > frames_at_end + 1:
+                    resume = time.monotonic() - outage_end
+                    break
+                await asyncio.sleep(0.05)
+            result["video_resume_ms"] = None if resume is None else round(1000 * resume, 1)
+            rest = seconds / 2 - 1.5 - (time.monotonic() - outage_end)
+            await asyncio.sleep(max(0.0, rest))
+        else:
+            await asyncio.sleep(seconds)
+        b = await page.evaluate(STATS_JS)
+        t1 = time.monotonic()
+        if outage_end is not None:
+            result["survived"] = await page.evaluate(
+                "async () => session ? (await fetch('/sessions/' + session.id, "
+                "{headers: {Authorization: 'Bearer ' + session.token}})).status === 200 : false")
+        dt = b["t"] - a["t"]
+        dv = {k: b["video"].get(k, 0) - a["video"].get(k, 0) for k in b["video"]}
+        da = {k: b["audio"].get(k, 0) - a["audio"].get(k, 0) for k in b["audio"]}
+        result.update({
+            "fps": round(dv.get("frames", 0) / dt, 2),
+            "freeze_ms_total": round(1000 * dv.get("freeze_s", 0), 1),
+            "longest_freeze_ms": None,
+            "freezes": dv.get("freezes"),
+            "frames_dropped": dv.get("dropped"),
+            "concealed_pct": round(100 * da["concealed"] / da["total"], 2) if da.get("total") else None,
+            "jitter_buffer_ms": round(1000 * da["jb"] / da["jbn"], 1) if da.get("jbn") else None,
+            "lip_lead_ms": None,
+            "mic_to_audio_ms": None,
+            "send_kbps": kbps_over(sent, t1, min(10.0, t1 - t0)),
+            "latency_delta_ms": None,
+            "rtt_ms": None if b["rtt_ms"] is None else round(b["rtt_ms"], 1),
+            "candidate_pair": b["pair"],
+        })
+        if result["send_kbps"] is not None:
+            result["send_kbps"] = round(result["send_kbps"], 1)
+        result["relay"] = {d: {"dropped": relay.links[d].stats.dropped,
+                               "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
+        await page.click("#stop")
+    finally:
+        sampler.cancel()
+        await page.close()
+        relay.close()
+    return result
+
+
+async def run_chromium(server: Server, names: list[str], clip: np.ndarray, seconds: float,
+                       tmp: Path) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    wav = mic_wav(clip, max(3.5, len(clip) / RATE + 1.5), tmp / "mic.wav")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
+            "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+    results: dict[str, Any] = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+        try:
+            for i, name in enumerate(names):
+                before = loadavg()
+                try:
+                    res = await chromium_condition(browser, server, name, seconds, seed=200 + i)
+                except Exception as exc:  # a figure that cannot be had is null, never made up
+                    log.warning("chromium %s failed: %s", name, exc)
+                    res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                res["loadavg"] = [before, loadavg()]
+                results[name] = res
+                log.info("chromium %-15s %s", name, json.dumps(res))
+        finally:
+            await browser.close()
+    return results
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+def start_server(repo: Path, log_path: Path, timeout_s: float = 300.0) -> Server:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(repo)}
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(repo / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
+                                 "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4"],
+                                cwd=repo, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = log_path.read_text()
+        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
+        if match:
+            return Server(proc, match.group(1), log_path)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"bench/network.py: the server did not start:\n{text[-3000:]}")
+        time.sleep(0.2)
+
+
+def mouth_box() -> tuple[int, int, int, int]:
+    from realtime.default_avatar import load_default_avatar
+
+    avatar = load_default_avatar()
+    points = np.asarray(avatar.mouth, dtype=np.float32).reshape(-1, 2)
+    x1, y1 = np.floor(points.min(axis=0)).astype(int) - 6
+    x2, y2 = np.ceil(points.max(axis=0)).astype(int) + 6
+    return int(y1), int(y2), int(x1), int(x2)
+
+
+async def run_all(server: Server, names: list[str], clip: np.ndarray, seconds: float) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    box = mouth_box()
+    # A first session pays one-time costs (imports, first encoders, caches): not measured.
+    await run_condition(server, "clean", clip, 8.0, box, seed=99)
+    for i, name in enumerate(names):
+        before = loadavg()
+        res = await run_condition(server, name, clip, seconds, box, seed=100 + i)
+        res["loadavg"] = [before, loadavg()]
+        results[name] = res
+        log.info("%-15s %s", name, json.dumps(res))
+    clean = results.get("clean", {}).get("mic_to_audio_ms")
+    for res in results.values():
+        m = res.get("mic_to_audio_ms")
+        res["latency_delta_ms"] = None if clean is None or m is None else round(m - clean, 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--chromium", choices=("auto", "yes", "no"), default="auto",
+                        help="also drive the page in /usr/bin/chromium through the relay (auto: if installed)")
+    parser.add_argument("--server-repo", type=Path, default=REPO,
+                        help="the checkout whose run_server.py serves (the client is always this one's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = [n.strip() for n in args.conditions.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONDITIONS]
+    if unknown:
+        raise SystemExit(f"bench/network.py: unknown conditions {unknown}; known: {list(CONDITIONS)}")
+    if args.seconds < 8:
+        raise SystemExit("--seconds must be >= 8")
+    opus_fec.offer_inband_fec()
+    use_host_addresses(["127.0.0.1"])   # the aiortc client offers loopback only (house rule)
+    import aiortc.rtcrtpreceiver
+    aiortc.rtcrtpreceiver.get_decoder = _recording_decoder
+    clip = espeak_clip_16k(TEXT)
+    use_chromium = args.chromium == "yes" or (args.chromium == "auto" and chromium_available())
+    browser_results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(args.server_repo.resolve(), Path(tmp) / "server.log")
+        try:
+            results = asyncio.run(run_all(server, names, clip, args.seconds))
+            if use_chromium:
+                browser_results = asyncio.run(run_chromium(server, names, clip, args.seconds, Path(tmp)))
+        finally:
+            server.stop()
+    sys.stdout.flush()
+    print(json.dumps({"conditions": {n: {"aiortc": r, "chromium": browser_results.get(n)}
+                                     for n, r in results.items()},
+                      "seconds": args.seconds, "server_repo": str(args.server_repo), "cpus": os.cpu_count(),
+                      "loadavg": loadavg()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

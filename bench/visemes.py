@@ -1,0 +1,383 @@
+"""Do the no-weights renderer's mouths say the sounds? espeak-ng speaks known material, the renderer
+renders it, and the project's face mesh reads the rendered frames back.
+
+    python bench/visemes.py [--label new] [--root PATH]        # JSON on the last line, strips of frames
+    python bench/visemes.py --grid before new                   # before/after PNG grids of two runs
+    python bench/visemes.py --grid before new --docs docs/img/visemes.png   # the README's grid
+
+`--root` imports `realtime` (the renderer) from another checkout, e.g. a worktree of main, so today's
+renderer and a new one are measured by the same code on the same material:
+    git worktree add /tmp/main-ref-vis main
+    python bench/visemes.py --root /tmp/main-ref-vis --label before
+    python bench/visemes.py --label new && python bench/visemes.py --grid before new
+
+Material (espeak-ng through its library, which reports each phoneme's start, so the bilabial
+closures are timed from the synthesis): the vowels "ah", "ee", "oo" (at 80 words/min: sustained);
+the syllables "ma", "pa", "ba", "fa"; and sentences. Each clip is rendered on the default avatar
+(512 px) and on a photo (the default avatar's first frame scaled into a 1280x720 picture, prepared
+like any photo), through the renderer's own `render` with the mel windows cut where its
+`audio_needs` say (what the engine does), pasted by the compositor. The face mesh reads every
+rendered frame and the avatar's own frame under it
+(the neutral face, so idle head motion cancels). Per frame: mouth width (corners 61-291), inner lip gap
+(13-14), chin to nose tip (152-2). Reported per avatar:
+    vowels.{ah,ee,oo}: median over the vowel's middle of width change (%), lip-gap change (px), chin drop (px)
+    closures: m/b/p phonemes whose lip gap comes within `--closed-px` of neutral during the consonant
+    r, lag_ms: correlation of the lip gap with the speech envelope (RMS over 40 ms) at the best lag over
+        -100..+150 ms (positive: the lips lead the sound), and r at lag 0, over the sentences
+    targets: each of the issue's targets (ee >= +10 % wide, oo <= -10 %, ah gap >= 2 x ee gap, >= 80 %
+        closures, chin drop on ah >= 3 px, r >= 0.7 with lag 0..70 ms), true or false
+Frame strips (neutral + one tile per phoneme of interest) go to test-artifacts/visemes/<label>/.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "visemes"
+log = logging.getLogger("bench.visemes")
+
+VOWELS = {"ah": "ah", "ee": "ee", "oo": "oo"}
+SYLLABLES = {"ma": "ma", "pa": "pa", "ba": "ba", "fa": "fa"}
+SENTENCES = {
+    "bob": "Bob bought a map.",
+    "mother": "My mother baked apple pie before we came home.",
+    "peter": "Peter Piper picked a peck of pickled peppers.",
+    "fox": "The quick brown fox jumps over the lazy dog.",
+    "five": "Five bright violins, and a vase full of fresh flowers.",
+}
+BILABIAL = {"m", "b", "p"}
+SHOWN = {"m", "b", "p", "f", "v", "s", "A:", "a", "aI", "i:", "i", "u:", "U", "O:", "0", "oU", "E", "e", "aU"}
+# espeak-ng event types and options (speak_lib.h)
+_EVENT_PHONEME, _AUDIO_SYNCHRONOUS, _INIT_PHONEME_EVENTS, _RATE, _POS_CHARACTER = 7, 2, 1, 1, 1
+MOUTH_L, MOUTH_R, LIP_IN_TOP, LIP_IN_BOTTOM, CHIN, NOSE = 61, 291, 13, 14, 152, 2
+TILE = 128
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+@dataclass
+class Clip:
+    name: str
+    text: str
+    wav: np.ndarray                       # 16 kHz float32
+    phonemes: list[tuple[float, float, str]]  # (start s, end s, espeak-ng mnemonic)
+
+
+class Espeak:
+    """espeak-ng through libespeak-ng: samples plus the start of every phoneme."""
+
+    def __init__(self, rate_wpm: int = 150) -> None:
+        name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+        self.lib = ctypes.CDLL(name)
+        self.rate = int(self.lib.espeak_Initialize(_AUDIO_SYNCHRONOUS, 0, None, _INIT_PHONEME_EVENTS))
+        if self.rate <= 0:
+            raise RuntimeError("espeak-ng failed to initialise")
+        self.callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                              ctypes.POINTER(_Event))
+        self.lib.espeak_SetParameter(_RATE, rate_wpm, 0)
+
+    def speak(self, name: str, text: str, rate_wpm: int = 150) -> Clip:
+        self.lib.espeak_SetParameter(_RATE, rate_wpm, 0)
+        chunks: list[np.ndarray] = []
+        events: list[tuple[int, str]] = []
+
+        def on_audio(wav, n, ev) -> int:  # type: ignore[no-untyped-def]
+            if n > 0:
+                chunks.append(np.ctypeslib.as_array(wav, (n,)).astype(np.float32) / 32768.0)
+            i = 0
+            while ev[i].type != 0:
+                if ev[i].type == _EVENT_PHONEME:
+                    events.append((int(ev[i].sample), bytes(ev[i].id).split(b"\0")[0].decode("ascii", "replace")))
+                i += 1
+            return 0
+
+        callback = self.callback_type(on_audio)
+        self.lib.espeak_SetSynthCallback(callback)
+        data = text.encode() + b"\0"
+        self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, 0, None, None)
+        self.lib.espeak_Synchronize()
+        raw = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
+        t_src = np.arange(len(raw)) / self.rate
+        wav = np.interp(np.arange(int(len(raw) * 16000 / self.rate)) / 16000, t_src, raw).astype(np.float32)
+        wav = np.concatenate([np.zeros(4000, np.float32), wav, np.zeros(4000, np.float32)])  # 0.25 s either side
+        starts = [(0.25 + s / self.rate, p) for s, p in events if p and not p.startswith("_")]
+        ends = [s for s, _ in starts[1:]] + [0.25 + len(raw) / self.rate]
+        return Clip(name, text, wav, [(s, e, p) for (s, p), e in zip(starts, ends, strict=True)])
+
+
+def photo_avatar(default_avatar, tmp: Path):
+    """The default avatar's first frame scaled into a 1280x720 picture, prepared like any photo."""
+    from realtime.avatar import AvatarConfig
+    from realtime.avatar_prepare import prepare_avatar
+
+    frame = default_avatar.frames[0]
+    scale = 680 / frame.shape[0]
+    face = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    canvas = cv2.resize(cv2.GaussianBlur(frame, (0, 0), 25), (1280, 720))
+    y, x = (720 - face.shape[0]) // 2, (1280 - face.shape[1]) // 2
+    canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+    path = tmp / "photo.png"
+    cv2.imwrite(str(path), canvas)
+    return prepare_avatar(path, config=AvatarConfig(detector="mesh", still_seconds=4.0), use_cache=False)
+
+
+class Reader:
+    """The face mesh on rendered and neutral frames: (width, inner gap, chin-nose) px per frame."""
+
+    def __init__(self) -> None:
+        from models.face_detection.detectors import MeshDetector
+
+        self.detector = MeshDetector()
+        self.previous = None
+        self.neutral: dict[tuple[int, int], np.ndarray] = {}
+
+    def measure(self, frame: np.ndarray) -> np.ndarray:
+        found = self.detector.detect(frame, self.previous)
+        self.previous = found
+        if found is None or found.landmarks is None:
+            return np.full(3, np.nan)
+        p = found.landmarks
+        return np.array([np.linalg.norm(p[MOUTH_R] - p[MOUTH_L]), np.linalg.norm(p[LIP_IN_BOTTOM] - p[LIP_IN_TOP]),
+                         np.linalg.norm(p[CHIN] - p[NOSE])])
+
+    def measure_neutral(self, avatar_id: int, index: int, frame: np.ndarray) -> np.ndarray:
+        key = (avatar_id, index)
+        if key not in self.neutral:
+            saved = self.previous
+            self.previous = None
+            self.neutral[key] = self.measure(frame)
+            self.previous = saved
+        return self.neutral[key]
+
+
+def render_clip(renderer, avatar, clip: Clip) -> tuple[list[np.ndarray], np.ndarray]:
+    """Rendered frames and avatar frame indices, through `render` with the renderer's own windows."""
+    from realtime.compositor import paste
+    from realtime.mel import MelAlignment, mel_windows, melspectrogram
+    from realtime.renderers.base import audio_needs_of
+
+    fps = float(avatar.fps)
+    offset = audio_needs_of(renderer).offset_frames
+    alignment = {a.offset_frames: a for a in MelAlignment}[offset]
+    windows = mel_windows(melspectrogram(clip.wav), fps, alignment)
+    indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
+    frames = []
+    for s in range(0, len(windows), 8):
+        patches = renderer.render(avatar, indices[s:s + 8], windows[s:s + 8])
+        frames.extend(paste(avatar.frames[i], p, mode="feather")
+                      for i, p in zip(indices[s:s + 8], patches, strict=True))
+    return frames, indices
+
+
+def envelope(wav: np.ndarray, times: np.ndarray) -> np.ndarray:
+    half = 320  # 40 ms window
+    out = np.zeros(len(times))
+    for k, t in enumerate(times):
+        c = round(t * 16000)
+        seg = wav[max(0, c - half):max(0, c + half)]
+        out[k] = np.sqrt(np.mean(seg.astype(np.float64) ** 2)) if len(seg) else 0.0
+    return out
+
+
+def mouth_crop(frame: np.ndarray, points: np.ndarray) -> np.ndarray:
+    centre = points[[0, 1, 6]].mean(axis=0)
+    side = 1.9 * float(np.linalg.norm(points[1] - points[0]))
+    x1, y1 = int(centre[0] - side / 2), int(centre[1] - side * 0.5)
+    h, w = frame.shape[:2]
+    x1, y1 = max(0, min(w - int(side), x1)), max(0, min(h - int(side), y1))
+    crop = frame[y1:y1 + int(side), x1:x1 + int(side)]
+    return cv2.resize(crop, (TILE, TILE), interpolation=cv2.INTER_AREA)
+
+
+def labelled(tile: np.ndarray, text: str) -> np.ndarray:
+    tile = tile.copy()
+    cv2.putText(tile, text, (4, TILE - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(tile, text, (4, TILE - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def strip(avatar, frames: list[np.ndarray], indices: np.ndarray, clip: Clip, fps: float) -> np.ndarray:
+    """Neutral + one tile per shown phoneme (its middle; a closure: 30 ms into it), max 10."""
+    points = np.asarray(avatar.mouth[indices[0]])
+    tiles = [labelled(mouth_crop(avatar.frames[indices[0]], points), "rest")]
+    for start, end, ph in clip.phonemes:
+        if ph not in SHOWN or len(tiles) >= 10:
+            continue
+        t = start + min(0.03, (end - start) / 2) if ph in BILABIAL | {"f", "v"} else (start + end) / 2
+        k = min(len(frames) - 1, round(t * fps))
+        tiles.append(labelled(mouth_crop(frames[k], points), ph))
+    return np.concatenate(tiles, axis=1)
+
+
+def evaluate(label: str, closed_px: float) -> dict:
+    from realtime.default_avatar import load_default_avatar
+    from realtime.renderers.default import DefaultRenderer
+
+    speaker = Espeak()
+    # Vowels spoken slowly (80 words/min): sustained, ~0.5 s each.
+    clips = {name: speaker.speak(name, text, 80 if name in VOWELS else 150)
+             for name, text in {**VOWELS, **SYLLABLES, **SENTENCES}.items()}
+    reader = Reader()
+    out_dir = ARTIFACTS / label
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        default = load_default_avatar()
+        avatars = {"default_512": default, "photo_720p": photo_avatar(default, Path(tmp))}
+        for avatar_name, avatar in avatars.items():
+            renderer = DefaultRenderer()
+            renderer.prepare(avatar)
+            fps = float(avatar.fps)
+            per_clip: dict[str, dict] = {}
+            render_s = 0.0
+            n_frames = 0
+            for name, clip in clips.items():
+                t0 = time.perf_counter()
+                frames, indices = render_clip(renderer, avatar, clip)
+                render_s += time.perf_counter() - t0
+                n_frames += len(frames)
+                reader.previous = None
+                m = np.array([reader.measure(f) for f in frames])
+                neutral = np.array([reader.measure_neutral(id(avatar), int(i), avatar.frames[i]) for i in indices])
+                cv2.imwrite(str(out_dir / f"{avatar_name}__{name}.png"), strip(avatar, frames, indices, clip, fps))
+                per_clip[name] = {"m": m, "neutral": neutral, "times": np.arange(len(frames)) / fps, "clip": clip}
+            results[avatar_name] = summarise(per_clip, closed_px)
+            results[avatar_name]["render_ms_per_frame"] = round(1000 * render_s / n_frames, 2)
+            results[avatar_name]["frame_size"] = f"{avatar.frames.shape[2]}x{avatar.frames.shape[1]}"
+    return results
+
+
+def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
+    vowels = {}
+    for name in VOWELS:
+        d = per_clip[name]
+        start, end = max(((s, e) for s, e, _ in d["clip"].phonemes), key=lambda se: se[1] - se[0])
+        sel = (d["times"] >= start + 0.2 * (end - start)) & (d["times"] <= end - 0.2 * (end - start))
+        m, n = d["m"][sel], d["neutral"][sel]
+        vowels[name] = {
+            "width_pct": round(float(np.nanmedian(100 * (m[:, 0] / n[:, 0] - 1))), 1),
+            "gap_px": round(float(np.nanmedian(m[:, 1] - n[:, 1])), 1),
+            "chin_px": round(float(np.nanmedian(m[:, 2] - n[:, 2])), 1),
+            "frames": int(sel.sum()),
+        }
+    closures = []
+    for d in per_clip.values():
+        for start, end, ph in d["clip"].phonemes:
+            if ph not in BILABIAL:
+                continue
+            sel = (d["times"] >= start - 0.02) & (d["times"] <= end)
+            if not sel.any():
+                sel = np.zeros(len(d["times"]), bool)
+                sel[int(np.argmin(np.abs(d["times"] - (start + end) / 2)))] = True
+            excess = d["m"][sel, 1] - d["neutral"][sel, 1]
+            closures.append(float(np.nanmin(excess)) if np.isfinite(excess).any() else float("nan"))
+    closed = [c <= closed_px for c in closures if np.isfinite(c)]
+    gaps, env_by_lag = [], {lag: [] for lag in range(-100, 151, 10)}
+    for name in SENTENCES:
+        d = per_clip[name]
+        gaps.append(d["m"][:, 1] - d["neutral"][:, 1])
+        for lag in env_by_lag:
+            env_by_lag[lag].append(envelope(d["clip"].wav, d["times"] + lag / 1000))
+    gap = np.concatenate(gaps)
+    ok = np.isfinite(gap)
+    rs = {lag: float(np.corrcoef(gap[ok], np.concatenate(e)[ok])[0, 1]) for lag, e in env_by_lag.items()}
+    best = max(rs, key=lambda k: rs[k])
+    ah, ee, oo = vowels["ah"], vowels["ee"], vowels["oo"]
+    targets = {
+        "ee_wider_10pct": ee["width_pct"] >= 10.0,
+        "oo_narrower_10pct": oo["width_pct"] <= -10.0,
+        "ah_opens_2x_ee": ah["gap_px"] >= 2.0 * max(ee["gap_px"], 0.5),
+        "closures_80pct": bool(closed) and float(np.mean(closed)) >= 0.8,
+        "chin_drops_on_ah": ah["chin_px"] >= 3.0,
+        "r_0.7_lead_0_70ms": rs[best] >= 0.7 and 0 <= best <= 70,
+    }
+    return {
+        "vowels": vowels,
+        "closures": {"onsets": len(closures), "closed": int(sum(closed)),
+                     "fraction": round(float(np.mean(closed)), 3) if closed else None,
+                     "median_excess_gap_px": round(float(np.nanmedian(closures)), 2) if closures else None},
+        "r": round(rs[best], 3), "lag_ms": best, "r_lag0": round(rs[0], 3),
+        "targets": targets,
+    }
+
+
+def grids(before: str, after: str, docs: Path | None) -> list[str]:
+    """Before/after grids of every strip the two runs share; `docs`: one small grid of the material."""
+    written = []
+    for path in sorted((ARTIFACTS / after).glob("*.png")):
+        other = ARTIFACTS / before / path.name
+        if not other.exists():
+            continue
+        a, b = cv2.imread(str(other)), cv2.imread(str(path))
+        width = max(a.shape[1], b.shape[1])
+        rows = [np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0))) for x in (a, b)]
+        grid = np.concatenate([labelled_row(rows[0], before), labelled_row(rows[1], after)], axis=0)
+        target = ARTIFACTS / f"grid__{path.stem}.png"
+        cv2.imwrite(str(target), grid)
+        written.append(str(target))
+    if docs is not None:
+        parts = []
+        for label in (before, after):
+            tiles = []
+            for name, picks in (("ah", 1), ("ee", 1), ("oo", 1), ("ma", 1), ("pa", 1), ("fa", 1)):
+                img = cv2.imread(str(ARTIFACTS / label / f"default_512__{name}.png"))
+                if not tiles:
+                    tiles.append(img[:, :TILE])               # rest
+                tiles.append(img[:, TILE:TILE * (1 + picks)])  # the first shown phoneme
+            parts.append(labelled_row(np.concatenate(tiles, axis=1), label))
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(docs), np.concatenate(parts, axis=0), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        written.append(str(docs))
+    return written
+
+
+def labelled_row(row: np.ndarray, text: str) -> np.ndarray:
+    head = np.full((row.shape[0], 70, 3), 255, np.uint8)
+    cv2.putText(head, text, (4, row.shape[0] // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([head, row], axis=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--label", default="new", help="name of this run (strips under test-artifacts/visemes/LABEL)")
+    parser.add_argument("--root", type=Path, help="import the renderer (realtime/) from this checkout")
+    parser.add_argument("--closed-px", type=float, default=2.0, help="a closure: lip gap within this of neutral")
+    parser.add_argument("--grid", nargs=2, metavar=("BEFORE", "AFTER"), help="compose grids of two runs")
+    parser.add_argument("--docs", type=Path, help="with --grid: also write this small grid of the material")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cv2.setNumThreads(1)
+    if args.grid:
+        written = grids(args.grid[0], args.grid[1], args.docs)
+        print(json.dumps({"grids": written}), flush=True)
+        return 0
+    sys.path.insert(0, str((args.root or ROOT).resolve()))
+    started = time.perf_counter()
+    results = evaluate(args.label, args.closed_px)
+    for name, res in results.items():
+        log.info("%s %s: %s", args.label, name, json.dumps(res))
+    print(json.dumps({"label": args.label, "root": str(args.root or ROOT), "avatars": results,
+                      "closed_px": args.closed_px, "seconds": round(time.perf_counter() - started, 1),
+                      "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

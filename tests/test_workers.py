@@ -1,0 +1,228 @@
+"""`--workers N` (server/workers.py): the supervisor's routing as a pure function of the shared board, then
+a real two-worker server on loopback: every route of a session reaches the process that owns it
+(WebSocket and SSE included), and a killed worker's sessions end with a reason while the other worker's
+session keeps its frame rate and the killed one is restarted and serves again."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from server.config import ServerConfig
+from server.workers import Supervisor, owner_of, resolve_workers, split_ports, worker_config
+
+
+def test_session_ids_name_their_worker_and_generation():
+    assert owner_of("/sessions/w1g0-AbC_d-e/audio") == (1, 0)
+    assert owner_of("/sessions/edge.eu.w3g12-x") == (3, 12)
+    assert owner_of("/sessions/w1g0") is None  # no "-": not a worker's id
+    assert owner_of("/sessions/plain-id") is None
+    assert owner_of("/offer") is None and owner_of("/sessions") is None
+    config = worker_config(ServerConfig(instance_id="edge"), 2, 5, (40010, 40019), 4)
+    assert config.instance_id == "edge.w2g5" and config.udp_ports == (40010, 40019) and config.workers == 4
+    config.validate()
+
+
+def test_udp_ports_split_into_contiguous_ranges():
+    assert split_ports((40000, 40099), 4) == [(40000, 40024), (40025, 40049), (40050, 40074), (40075, 40099)]
+    assert split_ports((40000, 40002), 2) == [(40000, 40000), (40001, 40002)]
+    assert split_ports(None, 3) == [None, None, None]
+
+
+def test_worker_count_refuses_what_cannot_work():
+    assert resolve_workers(ServerConfig(workers=3)) == 3
+    assert resolve_workers(ServerConfig()) == len(os.sched_getaffinity(0))
+    assert resolve_workers(ServerConfig(cert_file="c.pem", key_file="k.pem")) == 1  # auto with TLS: one
+    with pytest.raises(ValueError, match="TLS"):
+        resolve_workers(ServerConfig(workers=2, cert_file="c.pem", key_file="k.pem"))
+    with pytest.raises(ValueError, match="render-backend ray"):
+        resolve_workers(ServerConfig(workers=2, checkpoint="w.pth", device="cuda:0"))
+    assert resolve_workers(ServerConfig(workers=2, checkpoint="w.pth", device="cpu")) == 2
+    with pytest.raises(ValueError, match="fewer ports"):
+        resolve_workers(ServerConfig(workers=4, udp_ports=(40000, 40002)))
+
+
+def test_routing_offers_to_the_freest_worker_and_routes_to_the_owner():
+    boss = Supervisor(ServerConfig(), 3)
+    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+    try:
+        for i, (parent, _) in enumerate(ends):
+            boss._slots[i].channel = parent  # as if started
+        assert boss.route("POST", "/offer") == (503, "no worker process is serving yet; retry shortly")
+        boss.board.publish(0, free_slots=1, sessions=2, capacity=3)
+        boss.board.publish(1, free_slots=3, sessions=0, capacity=3)
+        boss.board.publish(2, free_slots=2, sessions=1, capacity=3)
+        # Offers: the most free slots first (ties: fewer sessions); each offer sent counts until the
+        # worker publishes again.
+        assert [boss.route("POST", "/offer") for _ in range(5)] == [1, 1, 2, 0, 1]
+        # A session's routes: its worker, whatever the round-robin would pick.
+        assert {boss.route("GET", "/sessions/w2g0-abc/events") for _ in range(5)} == {2}
+        # Other routes: every ready worker in turn.
+        assert {boss.route("GET", "/healthz") for _ in range(6)} == {0, 1, 2}
+        # A worker that died: its generation-0 sessions are gone (410 with the reason), the new one serves.
+        boss.ended[(2, 0)] = "the session's worker process exited (killed by signal 9)"
+        boss._slots[2].generation = 1
+        boss.board.starting(2, 1)
+        status, reason = boss.route("DELETE", "/sessions/w2g0-abc")  # type: ignore[misc]
+        assert status == 410 and "signal 9" in reason
+        assert boss.route("GET", "/sessions/w2g1-new")[0] == 503  # type: ignore[index]  # not ready yet
+        assert 2 not in {boss.route("GET", "/") for _ in range(6)}
+    finally:
+        for a, b in ends:
+            a.close()
+            b.close()
+
+
+# -- a real two-worker server --------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    url: str
+
+    def endpoint(self, path: str) -> str:
+        return self.url.rstrip("/") + path
+
+
+@pytest.fixture
+async def two_workers(loopback_only):
+    """Two worker processes with the default renderer and two sessions in all (--max-sessions 2 is the
+    server's): the second offer goes to the worker with more room, the other one, and a third is refused."""
+    from server.runner import serve_workers_async
+
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_sessions=2, max_sessions_per_ip=0,
+                          max_offers_per_minute=0, ice_host_addresses=["127.0.0.1"], log_level="warning",
+                          tts_command="")
+    loop = asyncio.get_running_loop()
+    started, boss_future, stop = loop.create_future(), loop.create_future(), asyncio.Event()
+    task = asyncio.create_task(serve_workers_async(config, 2, started=started, stop=stop, supervisor=boss_future))
+    port = await asyncio.wait_for(started, 120)
+    boss: Supervisor = await boss_future
+    await wait_ready(boss, [0, 0], 120)
+    yield Endpoint(f"http://127.0.0.1:{port}/"), boss
+    stop.set()
+    await asyncio.wait_for(task, 60)
+
+
+async def wait_ready(boss: Supervisor, generations: list[int], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        rows = boss.board.rows()
+        if all(r.ready and r.generation == g for r, g in zip(rows, generations, strict=True)):
+            return
+        assert time.monotonic() < deadline, f"workers not ready: {rows}"
+        await asyncio.sleep(0.1)
+
+
+def worker_of(session_id: str) -> int:
+    owner = owner_of(f"/sessions/{session_id}")
+    assert owner is not None, session_id
+    return owner[0]
+
+
+async def frames_sent(http, client) -> tuple[int, float]:
+    """(video frames the server sent on this session, when), from GET /sessions/{id}."""
+    async with http.get(client.url(), headers=client.auth) as resp:
+        assert resp.status == 200
+        return (await resp.json())["video_frames"], time.monotonic()
+
+
+async def check_every_route(http, client) -> None:
+    """Each session route several times (a misrouted one would get 404 from the other worker)."""
+    for _ in range(4):
+        async with http.get(client.url(), headers=client.auth) as resp:
+            assert resp.status == 200 and (await resp.json())["id"] == client.session_id
+    pcm = (0.1 * np.sin(np.arange(8000) / 5.0) * 32767).astype(np.int16).tobytes()
+    for _ in range(2):
+        async with http.post(client.url("/audio", rate="16000"), data=pcm, headers=client.auth) as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.post(client.url("/interrupt"), headers=client.auth) as resp:
+            assert resp.status == 200
+    async with http.ws_connect(client.url("/stream", rate="16000", token=True)) as ws:  # WebSocket
+        await ws.send_bytes(pcm[:3200])
+        assert (await ws.receive_json(timeout=10))["type"] == "started"
+        await ws.send_str(json.dumps({"type": "status"}))
+        while (message := await ws.receive_json(timeout=10))["type"] != "status":
+            pass
+        assert message["type"] == "status"
+    async with http.get(client.url("/events", token=True)) as resp:  # SSE
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+
+
+async def test_every_route_of_a_session_reaches_its_worker_and_a_killed_worker_restarts(two_workers, http):
+    from server_helpers import Client
+
+    server, boss = two_workers
+    a, b = Client(server, http), Client(server, http)
+    await a.connect()
+    await b.connect()
+    assert {worker_of(a.session_id), worker_of(b.session_id)} == {0, 1}  # one on each: the freest gets it
+    await a.wait_for_video(10, within_s=30)
+    await b.wait_for_video(10, within_s=30)
+    async with http.get(server.endpoint("/healthz")) as resp:
+        assert (await resp.json())["free_slots"] == 0
+    refused = Client(server, http)
+    await refused.connect(expect_status=503)  # both workers full
+    await refused.pc.close()
+    for client in (a, b):
+        await check_every_route(http, client)
+    # Each worker has its own avatar library: a live change would reach one of them, so it is refused.
+    async with http.post(server.endpoint("/avatars"), data=b"x") as resp:
+        assert resp.status == 409 and "--workers 1" in (await resp.json())["error"]
+
+    # Kill a's worker: a's session ends with the reason, b's keeps going, the worker comes back. The
+    # restart waits 6 s here so that b is measured against the death alone: a restart's start-up (imports,
+    # engine, probe) is CPU that a saturated 2-core machine takes from every session, a separate matter.
+    boss.restart_delay_s = 8.0
+    # b's frame rate before the kill: the same machine load as the window after it. On a machine that
+    # serves b at 25 fps the bound is 24 fps; a shared 2-core box at load 10+ may not give any session
+    # 25 fps, and its windows differ by up to a quarter from one another: there the bound is 60 % of b's
+    # own rate before (the death frees CPU; it must not stop or starve b).
+    first, t0 = await frames_sent(http, b)
+    await asyncio.sleep(4.0)
+    second, t1 = await frames_sent(http, b)
+    before_fps = (second - first) / (t1 - t0)
+    dead = worker_of(a.session_id)
+    pid = boss.pid(dead)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while True:
+        async with http.get(a.url(), headers=a.auth) as resp:
+            if resp.status == 410:
+                body = await resp.json()
+                break
+            assert resp.status in (200, 503)  # not yet noticed (503: its channel is already closed)
+        assert time.monotonic() < deadline, "the dead worker's session never ended"
+        await asyncio.sleep(0.2)
+    assert "killed by signal 9" in body["error"] and body["status"] == 410
+    # b's session is untouched: its server keeps sending every tick (the server's own count, so this
+    # test process's decoding on a loaded machine does not blur it), and the client keeps receiving.
+    received, (sent, t0) = len(b.received.video), await frames_sent(http, b)
+    await asyncio.sleep(4.0)
+    sent_after, t1 = await frames_sent(http, b)
+    assert boss.board.row(dead).generation == 1 and not boss.board.row(dead).ready  # measured while it was down
+    fps = (sent_after - sent) / (t1 - t0)
+    assert fps >= min(24.0, 0.6 * before_fps), f"the other worker's session sent {fps:.1f} frames a second " \
+        f"after the kill, {before_fps:.1f} before"
+    assert len(b.received.video) > received + 25
+    async with http.get(b.url(), headers=b.auth) as resp:
+        assert resp.status == 200 and (await resp.json())["state"] == "connected"
+    generations = [0, 0]
+    generations[dead] = 1
+    await wait_ready(boss, generations, 120)
+    assert boss.restarts == 1
+    c = Client(server, http)
+    await c.connect()
+    assert owner_of(f"/sessions/{c.session_id}") == (dead, 1)
+    await c.wait_for_video(10, within_s=30)
+    await check_every_route(http, c)
+    for client in (a, b, c):
+        await client.close()
