@@ -3,15 +3,9 @@
 aiortc's encoders are set up for one camera stream on a desktop: libx264 at its default preset
 ("medium") with as many slice threads as the machine has, libvpx with its camera denoiser
 (noise-sensitivity 4). A server encodes many rendered avatars (no sensor noise) on a few cores, where
-those settings cost CPU and buy nothing. Measured on the default avatar speaking (512 px, 25 fps, aiortc's
-bitrates; bench/encoded_sessions.py runs them live):
-
-| encoder                          | CPU / frame | Y PSNR vs input |
-|----------------------------------|-------------|-----------------|
-| H.264 aiortc (medium, auto threads) | 5.6 ms   | 44.5 dB         |
-| H.264 veryfast, 1 thread         | 1.3 ms      | 44.6 dB         |
-| VP8 aiortc (denoiser on)         | 1.3 ms      | 41.2 dB         |
-| VP8 denoiser off                 | 1.0 ms      | 42.5 dB         |
+those settings cost CPU and buy nothing: on the default avatar, x264 "medium" with slice threads costs
+about four times the CPU of "veryfast" on one thread for the same quality, and VP8's denoiser costs CPU
+and loses quality (bench/RESULTS.md "Video encoder settings"; bench/encoded_sessions.py runs them live).
 
 So only these change: H.264 preset veryfast and one thread per encoder (sessions give the parallelism;
 slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser. Everything else

@@ -4,14 +4,8 @@ The leak the soak bench found was not a Python object leak (a census of gc objec
 opened and closed: +146 weakrefs, nothing else over 100) but glibc's allocator: every thread that
 allocates (aiortc's encoder and decoder threads, the render thread, the executor) gets its own malloc
 arena, up to 8 per core, and an arena keeps the pages of freed video frames, codec contexts and numpy
-buffers instead of returning them. Measured in-process (default renderer, 5 sessions opened and closed 4
-times, clients in the same process):
-
-| allocator setting            | RSS after the rounds (MB)      |
-|------------------------------|--------------------------------|
-| glibc defaults               | 559, 550, 577, 616 (+57)       |
-| malloc_trim(0) after a round | 302, 307, 306, 312 (+10)       |
-| MALLOC_ARENA_MAX=2           | 478, 479, 479, 472 (flat)      |
+buffers instead of returning them. Measured in-process (bench/RESULTS.md "Heap"): RSS grew round after
+round with glibc's defaults; a trim after each round kept it lowest, and two arenas kept it flat.
 
 So the server caps the number of arenas at start (`limit_arenas`, before the media threads exist; the
 `--malloc-arenas` flag, 0 keeps glibc's default) and, after sessions close, returns free pages to the

@@ -88,3 +88,22 @@ async def test_metrics_md_lists_exactly_the_rendered_families():
     assert rendered, "no metric families rendered"
     assert rendered - documented == set(), f"missing from docs/metrics.md: {sorted(rendered - documented)}"
     assert documented - rendered == set(), f"docs/metrics.md names unrendered families: {sorted(documented - rendered)}"
+
+
+def test_no_measurement_tables_in_library_docstrings():
+    """Numbers age with every run: a docstring says why and points to the bench; the tables live in
+    bench/RESULTS.md."""
+    import ast
+
+    root = DOCS.parent
+    found = []
+    for package in ("server", "realtime", "integrations", "models", "cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            nodes = [tree, *(n for n in ast.walk(tree)
+                             if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+            for node in nodes:
+                doc = ast.get_docstring(node) or ""
+                if re.search(r"^\s*\|[-:| ]+\|\s*$", doc, re.M):
+                    found.append(f"{path.relative_to(root)}: {getattr(node, 'name', 'module')}")
+    assert not found, found
