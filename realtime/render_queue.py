@@ -113,7 +113,7 @@ class JobQueue:
 
     def _share(self, owner: object, now: float) -> float:
         value, at = self._served.get(id(owner), (0.0, now))
-        return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
+        return float(value * 0.5 ** (max(now - at, 0.0) / self.half_life_s))
 
     def _mark_served(self, batch: list[RenderJob], now: float) -> None:
         for j in batch:

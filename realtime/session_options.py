@@ -30,7 +30,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Number:
-    kind: type  # int or float
+    kind: type[int] | type[float]
     low: float
     high: float
 
@@ -41,7 +41,7 @@ class Number:
         if not math.isfinite(value) or not self.low <= value <= self.high:
             raise OptionError(f"options.{name} must be a finite number in [{self.low:g}, {self.high:g}], "
                               f"got {value!r}")
-        return self.kind(value)
+        return int(value) if self.kind is int else float(value)
 
 
 @dataclass(frozen=True)

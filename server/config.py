@@ -56,9 +56,9 @@ class IceServer:
             raise ValueError(f"ICE server {text!r}: TURN needs user:credential@host")
         return cls(url=f"{scheme}:{rest}", username=username or None, credential=credential or None)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The browser's RTCIceServer dictionary."""
-        out: dict = {"urls": [self.url]}
+        out: dict[str, Any] = {"urls": [self.url]}
         if self.username is not None:
             out["username"] = self.username
             out["credential"] = self.credential
@@ -475,7 +475,7 @@ def device_list(spec: str) -> list[str]:
     return items
 
 
-def _flags() -> list[tuple[Field, Flag]]:
+def _flags() -> list[tuple[Field[Any], Flag]]:
     """Every ServerConfig field with its Flag, in declaration order (a field without one is an error)."""
     out = []
     for f in fields(ServerConfig):
@@ -486,24 +486,24 @@ def _flags() -> list[tuple[Field, Flag]]:
     return out
 
 
-def _flag_name(f: Field, spec: Flag) -> str:
+def _flag_name(f: Field[Any], spec: Flag) -> str:
     return spec.name or f.name.replace("_", "-")
 
 
-def _env_name(f: Field, spec: Flag) -> str:
+def _env_name(f: Field[Any], spec: Flag) -> str:
     return _flag_name(f, spec).replace("-", "_").upper()
 
 
-def _default(f: Field) -> Any:
+def _default(f: Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def _help(f: Field, spec: Flag) -> str:
+def _help(f: Field[Any], spec: Flag) -> str:
     default = _default(f)
     return spec.help.replace("{default}", f"{default:g}" if isinstance(default, float) else str(default))
 
 
-def _base_type(f: Field) -> Any:
+def _base_type(f: Field[Any]) -> Any:
     """The field's type without `| None` (int, float, str, bool, Path, list[...], ...)."""
     kind = get_type_hints(ServerConfig)[f.name]
     if get_origin(kind) in (Union, type(int | None)):
@@ -512,7 +512,7 @@ def _base_type(f: Field) -> Any:
     return kind
 
 
-def _converter(f: Field, spec: Flag) -> Callable[[Any], Any]:
+def _converter(f: Field[Any], spec: Flag) -> Callable[[Any], Any]:
     """How a string (argv or the variable; a list for a repeated flag) becomes the field's value."""
     if spec.convert is not None:
         return spec.convert

@@ -111,7 +111,7 @@ class MouthRenderer:
         self.prepare(avatar)
         yield from ()
 
-    def warmup_context(self) -> contextlib.AbstractContextManager:
+    def warmup_context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered around the worker's warm-up renders (e.g. cuDNN autotuning)."""
         return contextlib.nullcontext()
 
