@@ -21,8 +21,9 @@ import av
 import numpy as np
 import pytest
 from server_helpers import start_server, tiny_engine
-from test_server_security import OPERATOR, connected, expect_error, fake_tts, wav_bytes
+from test_server_security import OPERATOR, connected, expect_error, fake_tts
 
+from bench.common import wav_bytes as bench_wav_bytes
 from realtime.avatar import AvatarConfig, AvatarError
 from realtime.avatar_decode import iter_video, sniff_video
 from server.errors import ApiError
@@ -31,6 +32,11 @@ from server.state import STATE
 from server.upload_body import GRACE_S, form_parts
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
+
+
+def wav_bytes(seconds: float, rate: int) -> bytes:
+    """A mono PCM16 wav of `seconds` of silence."""
+    return bench_wav_bytes(np.zeros(int(seconds * rate), np.int16), rate)
 
 
 @pytest.fixture
