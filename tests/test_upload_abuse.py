@@ -432,3 +432,12 @@ def test_failed_avatars_are_forgotten(tmp_path):
         assert [e.id for e in library.entries()] == [library.default_id]
     finally:
         library.close()
+
+
+def test_kept_frames_stay_within_the_byte_budget(tmp_path, monkeypatch):
+    """Many small identical frames compress to a tiny file; the raw frames kept stop at MAX_RAW_BYTES."""
+    import realtime.avatar_decode as avatar_decode
+
+    monkeypatch.setattr(avatar_decode, "MAX_RAW_BYTES", 10 * 64 * 64 * 3)
+    _fps, _n, frames = iter_video(clip(tmp_path / "many.mp4", 60), AvatarConfig())
+    assert sum(1 for _ in frames) == 10
