@@ -21,8 +21,9 @@ import av
 import numpy as np
 import pytest
 from server_helpers import start_server, tiny_engine
-from test_server_security import OPERATOR, connected, expect_error, fake_tts, wav_bytes
+from test_server_security import OPERATOR, connected, expect_error, fake_tts
 
+from bench.common import wav_bytes as bench_wav_bytes
 from realtime.avatar import AvatarConfig, AvatarError
 from realtime.avatar_decode import iter_video, sniff_video
 from server.errors import ApiError
@@ -31,6 +32,11 @@ from server.state import STATE
 from server.upload_body import GRACE_S, form_parts
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
+
+
+def wav_bytes(seconds: float, rate: int) -> bytes:
+    """A mono PCM16 wav of `seconds` of silence."""
+    return bench_wav_bytes(np.zeros(int(seconds * rate), np.int16), rate)
 
 
 @pytest.fixture
@@ -426,3 +432,12 @@ def test_failed_avatars_are_forgotten(tmp_path):
         assert [e.id for e in library.entries()] == [library.default_id]
     finally:
         library.close()
+
+
+def test_kept_frames_stay_within_the_byte_budget(tmp_path, monkeypatch):
+    """Many small identical frames compress to a tiny file; the raw frames kept stop at MAX_RAW_BYTES."""
+    import realtime.avatar_decode as avatar_decode
+
+    monkeypatch.setattr(avatar_decode, "MAX_RAW_BYTES", 10 * 64 * 64 * 3)
+    _fps, _n, frames = iter_video(clip(tmp_path / "many.mp4", 60), AvatarConfig())
+    assert sum(1 for _ in frames) == 10
