@@ -337,11 +337,13 @@ def _free_port() -> int:
 
 
 def spawn_server(port: int, log_path: Path) -> subprocess.Popen:
-    """`python -m server` (the no-weights renderer) on 127.0.0.1:port, its output into log_path."""
+    """`python -m server` (the no-weights renderer) on 127.0.0.1:port, its output into log_path. One process
+    (its log says what it closed), and `--drain-s 0`: SIGTERM ends live sessions at once (the drain that
+    lets them run on first is tests/test_drain.py's)."""
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--ice-host-addresses", "127.0.0.1", "--log-level", "info"],
+             "--ice-host-addresses", "127.0.0.1", "--log-level", "info", "--workers", "1", "--drain-s", "0"],
             stdout=log_file, stderr=subprocess.STDOUT, cwd=str(ROOT),
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])})
 
@@ -388,7 +390,7 @@ async def test_sigterm_closes_sessions_gracefully_and_exits_0(tmp_path):
             for client in clients:
                 await client.close()
         text = log_path.read_text()
-        assert "closed 2 session(s) on shutdown" in text and "Traceback" not in text, text
+        assert "drained: ending 2 session(s)" in text and "Traceback" not in text, text
     finally:
         if proc.poll() is None:
             proc.kill()
