@@ -42,6 +42,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 from aiohttp_remotes import XForwardedFiltered
 from aiohttp_remotes.exceptions import RemoteError
+from multidict import MultiMapping
 
 from server.config import ServerConfig
 from server.errors import BODY_LIMIT, ApiError, Handler
@@ -172,16 +173,32 @@ class ForwardedClients:
         peer = request.remote or ""
         if not self.trusted or not self.is_trusted(peer):
             return peer, request.scheme
-        chain = self._forwarded_chain(request)
+        client = self._rightmost_untrusted(peer, self._forwarded_chain(request))
+        proto = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if not proto and request.forwarded:
+            proto = str(request.forwarded[0].get("proto", "")).lower()
+        return client, proto if proto in ("http", "https") else request.scheme
+
+    def client_of(self, peer: str, headers: MultiMapping[str]) -> str:
+        """The client behind `peer` from X-Forwarded-For alone, for code that sees raw headers and no
+        request (the worker supervisor, server/workers.py). A malformed header, or a proxy that sent only
+        `Forwarded`, leaves the peer: the proxy's address, one key for all its visitors (stricter, never
+        looser, than what the worker will decide)."""
+        if not self.trusted or not self.is_trusted(peer):
+            return peer
+        try:
+            chain = list(self._xff.get_forwarded_for(headers))
+        except (RemoteError, web.HTTPBadRequest):
+            return peer
+        return self._rightmost_untrusted(peer, chain)
+
+    def _rightmost_untrusted(self, peer: str, chain: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str:
         client = peer
         for ip in reversed(chain):
             client = str(ip)
             if not self.is_trusted(ip):
                 break
-        proto = request.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
-        if not proto and request.forwarded:
-            proto = str(request.forwarded[0].get("proto", "")).lower()
-        return client, proto if proto in ("http", "https") else request.scheme
+        return client
 
     def _forwarded_chain(self, request: web.Request) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         try:

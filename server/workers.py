@@ -13,9 +13,11 @@ supervisor that owns the port and hands each accepted TCP connection to the righ
   another worker's session).
 - **Routing.** A session's id starts with its worker's tag, `w<index>g<generation>-...` (after
   `--instance-id` when one is given: `<id>.w1g0-...`), so `/sessions/{id}/...` goes to the process that
-  owns it. `POST /offer` goes to the worker with the most free slots on the shared board
-  (server/worker_board.py: each worker publishes its measured free slots every 100 ms); anything else
-  round-robin (every worker serves the page, /config, /healthz, the avatars).
+  owns it. A visitor's first `POST /offer` goes to the worker with the most free slots on the shared board
+  (server/worker_board.py: each worker publishes its measured free slots every 100 ms), which becomes its
+  home: its later offers and `/ice-servers` go there too, so per-address limits hold across workers
+  (server/visitor_homes.py). Anything else round-robin (every worker serves the page, /config, /healthz,
+  the avatars).
 - **Restarts.** A worker that exits is started again (a new generation; back-off when it dies young).
   Its sessions died with it: their routes get `410 Gone` with the reason from the supervisor (their ids
   carry the old generation), the browser's peer connection fails, the other workers' sessions are
@@ -43,12 +45,16 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Callable
 
+from multidict import CIMultiDict
+
+from server.auth import ForwardedClients
 from server.config import ServerConfig, device_list
+from server.visitor_homes import VisitorHomes
 from server.worker_board import Board, worker_tag
 
 log = logging.getLogger("server.workers")
 
-MAX_REQUEST_LINE = 8192        # bytes peeked for the request line; longer: a worker answers it (414)
+MAX_REQUEST_LINE = 8192        # bytes peeked for the request's head; longer: routed on what was read
 REQUEST_LINE_TIMEOUT_S = 10.0  # a client that sends no request line in this long is dropped
 MAX_PEEKING = 256              # connections waiting for their request line; more are handed over unread
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after deaths within YOUNG_S of a start
@@ -143,6 +149,9 @@ class Supervisor:
     _serving: asyncio.Event = field(default_factory=asyncio.Event)  # set once a worker is ready
 
     def __post_init__(self) -> None:
+        self.clients = ForwardedClients(self.config.trusted_proxies)
+        self.homes = VisitorHomes(keep_s=self.config.max_session_s + self.config.connect_timeout_s + 60.0)
+        self._per_address_limits = bool(self.config.max_sessions_per_ip or self.config.max_offers_per_minute)
         self._context = multiprocessing.get_context("spawn")
         self.board = Board(self.workers, self._context)
         ports = split_ports(self.config.udp_ports, self.workers)
@@ -246,8 +255,10 @@ class Supervisor:
         return [r.index for r in self.board.rows()
                 if r.ready and self._slots[r.index].channel is not None]
 
-    def route(self, method: str, path: str) -> int | tuple[int, str]:
-        """The worker for a request, or (status, message) when the supervisor answers it itself."""
+    def route(self, method: str, path: str, client: str = "") -> int | tuple[int, str]:
+        """The worker for a request, or (status, message) when the supervisor answers it itself. `client`:
+        the visitor's address (behind a --trusted-proxy, the one the proxy names): its offers go to its
+        home worker (server/visitor_homes.py), so per-address limits hold across workers."""
         ready = self._ready()
         owner = owner_of(path)
         if owner is not None:
@@ -261,16 +272,29 @@ class Supervisor:
                 return 503, "this session's worker process is not serving right now"
         if not ready:
             return 503, "no worker process is serving yet; retry shortly"
-        if method == "POST" and path.split("?", 1)[0] == "/offer":
+        route = (method, path.split("?", 1)[0])
+        if route in (("POST", "/offer"), ("GET", "/ice-servers")):  # both count against per-address limits
             rows = {r.index: r for r in self.board.rows()}
-            best = max(ready, key=lambda i: (rows[i].free_slots, -rows[i].sessions, -i))
-            self.board.took_offer(best)
-            return best
+
+            def freest() -> int:
+                return max(ready, key=lambda i: (rows[i].free_slots, -rows[i].sessions, -i))
+
+            def generation_of(index: int) -> int | None:
+                return self._slots[index].generation if index in ready else None
+
+            if self._per_address_limits:
+                target = self.homes.worker_for(client, time.monotonic(), generation_of, freest)
+            else:
+                target = freest()
+            if route[1] == "/offer":
+                self.board.took_offer(target)
+            return target
         self._next = (self._next + 1) % len(ready)
         return ready[self._next]
 
-    async def _request_line(self, conn: socket.socket) -> bytes | None:
-        """The request line, peeked (left unread for the worker); None if the client sent none in time."""
+    async def _request_head(self, conn: socket.socket) -> bytes | None:
+        """The request's head (request line and headers), peeked: left unread for the worker; None if the
+        client sent none in time. The headers name the visitor behind a proxy (X-Forwarded-For)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REQUEST_LINE_TIMEOUT_S
         while True:
@@ -282,7 +306,7 @@ class Supervisor:
                 continue
             if not data:
                 return None  # closed before a request
-            end = data.find(b"\r\n")
+            end = data.find(b"\r\n\r\n")  # the head: request line and headers (X-Forwarded-For)
             if end >= 0:
                 return data[:end]
             if len(data) >= MAX_REQUEST_LINE:
@@ -294,15 +318,16 @@ class Supervisor:
     async def _handle(self, conn: socket.socket) -> None:
         self._peeking += 1
         try:
-            line = await self._request_line(conn) if self._peeking <= MAX_PEEKING else b""
+            line = await self._request_head(conn) if self._peeking <= MAX_PEEKING else b""
         finally:
             self._peeking -= 1
         if line is None:
             conn.close()
             return
-        parts = line.decode("latin-1").split(" ")
+        request_line, _, header_block = line.partition(b"\r\n")
+        parts = request_line.decode("latin-1").split(" ")
         method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-        target = self.route(method, path)
+        target = self.route(method, path, self._client_of(conn, header_block))
         if isinstance(target, tuple):
             await self._answer(conn, *target)
             return
@@ -317,6 +342,22 @@ class Supervisor:
             await self._answer(conn, 503, "the worker process is busy or restarting; retry shortly")
             return
         conn.close()  # the worker holds its own descriptor now
+
+    def _client_of(self, conn: socket.socket, header_block: bytes) -> str:
+        """The visitor's address: the peer, or behind a --trusted-proxy the client its X-Forwarded-For
+        names (the same rule as the workers' `auth.ForwardedClients`)."""
+        try:
+            peer = str(conn.getpeername()[0])
+        except (OSError, IndexError):
+            return ""
+        if not self.clients.trusted:
+            return peer
+        headers: CIMultiDict[str] = CIMultiDict()
+        for raw in header_block.split(b"\r\n"):
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if sep:
+                headers.add(name.strip(), value.strip())
+        return self.clients.client_of(peer, headers)
 
     async def _answer(self, conn: socket.socket, status: int, message: str) -> None:
         """A JSON error written by the supervisor itself (410: the session ended; 503: no worker)."""

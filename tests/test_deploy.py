@@ -199,12 +199,10 @@ async def test_per_address_limits_count_the_clients_nginx_names(deployment):
 
 
 @pytest.mark.usefixtures("loopback_only")
-@pytest.mark.xfail(strict=False, reason="--workers > 1 (#28): each worker process keeps its own ClientLimits, "
-                                        "so an address gets --max-sessions-per-ip slots in every worker (whether "
-                                        "this run shows it depends on which worker the supervisor picks)")
 async def test_per_address_limits_hold_across_worker_processes(deployment, tmp_path):
-    """The same visitor behind the proxy, twice, on a server with two worker processes: when the second
-    offer goes to the other worker (the one with more free slots), that one has not counted the first."""
+    """The same visitor behind the proxy, twice, on a server with two worker processes: each worker counts
+    its own sessions, so the second offer must reach the worker that holds the first (the visitor's home,
+    server/visitor_homes.py), not the one with more free slots, which has not counted it."""
     port = free_port()
     args = ["--trusted-proxy", "127.0.0.1", "--ice-allow-loopback", "--workers", "2", "--max-sessions", "4",
             "--max-sessions-per-ip", "1"]

@@ -59,9 +59,9 @@ def test_routing_offers_to_the_freest_worker_and_routes_to_the_owner():
         boss.board.publish(0, free_slots=1, sessions=2, capacity=3)
         boss.board.publish(1, free_slots=3, sessions=0, capacity=3)
         boss.board.publish(2, free_slots=2, sessions=1, capacity=3)
-        # Offers: the most free slots first (ties: fewer sessions); each offer sent counts until the
-        # worker publishes again.
-        assert [boss.route("POST", "/offer") for _ in range(5)] == [1, 1, 2, 0, 1]
+        # Offers of new visitors: the most free slots first (ties: fewer sessions); each offer sent counts
+        # until the worker publishes again.
+        assert [boss.route("POST", "/offer", f"192.0.2.{i}") for i in range(5)] == [1, 1, 2, 0, 1]
         # A session's routes: its worker, whatever the round-robin would pick.
         assert {boss.route("GET", "/sessions/w2g0-abc/events") for _ in range(5)} == {2}
         # Other routes: every ready worker in turn.
@@ -78,6 +78,68 @@ def test_routing_offers_to_the_freest_worker_and_routes_to_the_owner():
         for a, b in ends:
             a.close()
             b.close()
+
+
+def test_a_visitors_offers_go_to_its_home_worker_so_per_address_limits_hold():
+    """Each worker counts --max-sessions-per-ip on its own: a visitor's offers must all reach one of them
+    (server/visitor_homes.py), by its address key (an IPv6 /64 is one visitor), behind a trusted proxy by
+    the address the proxy names, until its home worker restarts."""
+    boss = Supervisor(ServerConfig(trusted_proxies=["127.0.0.1"]), 2)
+    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    try:
+        for i, (parent, _) in enumerate(ends):
+            boss._slots[i].channel = parent
+        boss.board.publish(0, free_slots=1, sessions=0, capacity=3)
+        boss.board.publish(1, free_slots=3, sessions=0, capacity=3)
+        alice = boss.route("POST", "/offer", "198.51.100.7")
+        assert alice == 1
+        boss.board.publish(0, free_slots=3, sessions=0, capacity=3)  # now worker 0 is the freer one
+        boss.board.publish(1, free_slots=1, sessions=2, capacity=3)
+        assert [boss.route("POST", "/offer", "198.51.100.7") for _ in range(3)] == [1, 1, 1]
+        assert boss.route("GET", "/ice-servers?x=1", "198.51.100.7") == 1  # counts against the offer rate too
+        assert boss.route("POST", "/offer", "198.51.100.8") == 0  # another visitor: the freest
+        assert boss.route("POST", "/offer", "2001:db8:1:2::5") == boss.route("POST", "/offer", "2001:db8:1:2:ffff::9")
+        # The home restarted: its sessions are gone, so the visitor may go to the freest worker again.
+        boss._slots[1].generation = 1
+        boss.board.starting(1, 1)
+        assert boss.route("POST", "/offer", "198.51.100.7") == 0
+    finally:
+        for a, b in ends:
+            a.close()
+            b.close()
+
+
+def test_visitor_homes_are_kept_for_a_session_lifetime_and_bounded():
+    from server.visitor_homes import VisitorHomes
+
+    homes = VisitorHomes(keep_s=100.0, capacity=3)
+    alive = {0: 0, 1: 0}
+    assert homes.worker_for("192.0.2.1", 0.0, alive.get, lambda: 1) == 1
+    assert homes.worker_for("192.0.2.1", 99.0, alive.get, lambda: 0) == 1    # within keep_s of the last offer
+    assert homes.worker_for("192.0.2.1", 198.0, alive.get, lambda: 0) == 1   # refreshed at 99
+    assert homes.worker_for("192.0.2.1", 299.0, alive.get, lambda: 0) == 0   # every session it opened has ended
+    for i in range(2, 6):
+        homes.worker_for(f"192.0.2.{i}", 300.0, alive.get, lambda: 1)
+    assert len(homes) == 3                                                   # the least recently seen forgotten
+
+
+def test_the_supervisor_reads_the_visitor_behind_a_trusted_proxy():
+    boss = Supervisor(ServerConfig(trusted_proxies=["127.0.0.1"]), 2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with socket.create_connection(listener.getsockname()):
+            conn, _ = listener.accept()
+            with conn:
+                head = b"X-Forwarded-For: 10.9.9.9, 203.0.113.5\r\nHost: a"
+                assert boss._client_of(conn, head) == "203.0.113.5"  # the right-most untrusted entry
+                assert boss._client_of(conn, b"Host: a") == "127.0.0.1"
+        untrusting = Supervisor(ServerConfig(), 2)
+        with socket.create_connection(listener.getsockname()):
+            conn, _ = listener.accept()
+            with conn:
+                assert untrusting._client_of(conn, b"X-Forwarded-For: 203.0.113.5") == "127.0.0.1"
+    finally:
+        listener.close()
 
 
 # -- a real two-worker server --------------------------------------------------------------------------------
