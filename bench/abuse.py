@@ -640,7 +640,8 @@ async def run_public_bind(args: argparse.Namespace, http) -> dict:
     plan = [("ice_probe_950", lambda url: attack_ice_probe(http, url, 950)),
             ("ice_probe_public", lambda url: attack_ice_probe(http, url, 20)),
             ("rebinding", lambda url: attack_rebinding(http, url))]
-    plan = [(name, attack) for name, attack in plan if name not in args.skip]
+    plan = [(name, attack) for name, attack in plan
+            if name not in args.skip and (not args.only or name in args.only)]
     if not plan:
         return results
     server = Server(args.repo, Path(args.log), public=True)

@@ -141,7 +141,7 @@ def measure_wav2lip(avatar) -> dict:
     """Wav2Lip's per-avatar cache for this avatar (random weights; the sizes do not depend on them)."""
     import torch
 
-    from bench.generator import realistic_random_wav2lip
+    from bench.common import realistic_random_wav2lip
     from realtime.renderers.wav2lip import Wav2LipRenderer
 
     torch.set_num_threads(2)

@@ -7,13 +7,13 @@ predicts a bigger machine from it.
 Each front-end process is what `lipsync serve --workers N` runs per worker, minus the network: one
 process, one event loop, the server's own engine (RealtimeEngine: one shared avatar, renderer and render
 worker), the server's tracks, aiortc's VP8 and Opus encoders on the loop's executor, RTP + SRTP + UDP
-send (bench/encoded_sessions.py `sessions_with_encode`, one trial of N sessions). For P processes and N
+send (bench/encode_path.py `sessions_with_encode`, one trial of N sessions). For P processes and N
 sessions, P child processes start together (`--start-at`: every child waits for the same wall-clock
 instant after loading, so their trials overlap exactly) with the N sessions split as evenly as can be;
 the step passes when every child's trial passes (every session: <= 2 % of video ticks missed or late,
 <= 2 % of speech frames dropped, latency p95 within budget). N steps up from P until the first failure.
 
-Wav2Lip: random weights of realistic cost (bench.generator.realistic_random_wav2lip, not the released
+Wav2Lip: random weights of realistic cost (bench.common.realistic_random_wav2lip, not the released
 checkpoints), the server's CPU default (OpenVINO, precision by the start-up gate, rows 36..95).
 
 The capacity model (printed, and in the JSON under "model"):
@@ -62,8 +62,8 @@ def split(n: int, parts: int) -> list[int]:
 
 
 def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) -> int:
-    from bench.encoded_sessions import sessions_with_encode
-    from bench.engine import TEXT, make_speech
+    from bench.common import TEXT, make_speech
+    from bench.encode_path import sessions_with_encode
     from realtime.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
@@ -75,7 +75,7 @@ def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) ->
 
         renderer = DefaultRenderer()
     else:
-        from bench.generator import realistic_random_wav2lip
+        from bench.common import realistic_random_wav2lip
         from realtime.renderers.wav2lip import Wav2LipRenderer
 
         renderer = Wav2LipRenderer(realistic_random_wav2lip(0))

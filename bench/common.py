@@ -6,6 +6,7 @@ at module level (a fresh GPU machine may lack them until scripts/gpu_check.sh in
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from models.cuda_numerics import strict_fp32
+from models.random_init import calibrated_random_
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.precision_gate import psnr_db as psnr
 
@@ -36,9 +38,28 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = ("Hello, and welcome. This is a short test of the real time lip sync engine, "
         "speaking a few sentences so that the mouth has something to do.")
 
-__all__ = ["TEXT", "Server", "drive_many", "eager_uint8", "espeak_clip_16k", "loadavg", "make_speech", "pcm16", "psnr",
-           "session_trials", "speech_clip", "start_server", "summary", "sync", "synthetic_speech", "to_16k",
-           "trial"]
+__all__ = [
+    "TEXT",
+    "Server",
+    "drive_many",
+    "eager_uint8",
+    "espeak_clip_16k",
+    "espeak_or_vowels",
+    "loadavg",
+    "make_speech",
+    "pcm16",
+    "psnr",
+    "realistic_random_wav2lip",
+    "session_trials",
+    "speech_clip",
+    "start_server",
+    "summary",
+    "sync",
+    "synthetic_speech",
+    "to_16k",
+    "trial",
+    "wav_bytes",
+]
 
 
 def to_16k(wav: np.ndarray, rate: int) -> np.ndarray:
@@ -214,6 +235,54 @@ def espeak_clip_16k(text: str) -> np.ndarray:
     x = np.concatenate([x, AudioIngest(16000).convert(np.zeros(0, np.float32), rate)])
     loud = np.flatnonzero(np.abs(x) > 0.02)
     return x[loud[0]:loud[-1] + 1].astype(np.float32)
+
+
+def espeak_or_vowels(text: str) -> np.ndarray:
+    """16 kHz float32 speech from espeak-ng, or a syllable-like vowel sequence without it."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        log.warning("espeak-ng not found: timing on synthetic vowels instead of speech")
+        return _vowel_sequence()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run([exe, "-s", "150", "-w", str(path), text], check=True, capture_output=True)
+        with wave.open(str(path), "rb") as w:
+            rate = w.getframerate()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768.0
+    t_src = np.arange(len(pcm)) / rate
+    t_dst = np.arange(int(len(pcm) * 16000 / rate)) / 16000
+    return np.interp(t_dst, t_src, pcm).astype(np.float32)
+
+
+def _vowel_sequence(seconds: float = 4.0) -> np.ndarray:
+    """Alternating /a/ /i/ /u/ syllables (impulse train through two resonators), 4 per second."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    formants = [(730, 1090), (270, 2290), (300, 870)]
+    out = np.zeros_like(t)
+    for k in range(int(seconds * 4)):
+        seg = (t >= k / 4) & (t < k / 4 + 0.18)
+        f1, f2 = formants[k % 3]
+        tt = t[seg] - k / 4
+        carrier = np.sign(np.sin(2 * np.pi * 120 * tt))
+        out[seg] = 0.2 * carrier * (np.sin(2 * np.pi * f1 * tt) + 0.5 * np.sin(2 * np.pi * f2 * tt))
+    return out.astype(np.float32)
+
+
+def realistic_random_wav2lip(seed: int = 0) -> Wav2Lip:
+    """Seeded Wav2Lip whose activations have trained-like scale (He init + calibrated BatchNorm)."""
+    torch.manual_seed(seed)
+    return calibrated_random_(Wav2Lip(), lambda: (torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96)))
+
+
+def wav_bytes(pcm: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    """A PCM16 wav file in memory: `pcm` int16 samples (interleaved when `channels` > 1)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(pcm, dtype=np.int16).tobytes())
+    return buffer.getvalue()
 
 
 def pcm16(x: np.ndarray) -> np.ndarray:

@@ -18,12 +18,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import wave
 from pathlib import Path
 
 import cv2
@@ -31,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import espeak_or_vowels
 from realtime.compositor import paste
 from realtime.media_io import load_audio
 from realtime.mel import SAMPLE_RATE
@@ -43,37 +40,6 @@ log = logging.getLogger("bench.default_renderer")
 
 TEXT = "Hello, and welcome. This is a short test of the lip sync engine, with a pause. And then some more speech."
 BATCH = 8
-
-
-def speech(text: str) -> np.ndarray:
-    """16 kHz float32 speech from espeak-ng, or a syllable-like vowel sequence without it."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        log.warning("espeak-ng not found: timing on synthetic vowels instead of speech")
-        return _vowel_sequence()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run([exe, "-s", "150", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path), "rb") as w:
-            rate = w.getframerate()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768.0
-    t_src = np.arange(len(pcm)) / rate
-    t_dst = np.arange(int(len(pcm) * SAMPLE_RATE / rate)) / SAMPLE_RATE
-    return np.interp(t_dst, t_src, pcm).astype(np.float32)
-
-
-def _vowel_sequence(seconds: float = 4.0) -> np.ndarray:
-    """Alternating /a/ /i/ /u/ syllables (impulse train through two resonators), 4 per second."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    formants = [(730, 1090), (270, 2290), (300, 870)]
-    out = np.zeros_like(t)
-    for k in range(int(seconds * 4)):
-        seg = (t >= k / 4) & (t < k / 4 + 0.18)
-        f1, f2 = formants[k % 3]
-        tt = t[seg] - k / 4
-        carrier = np.sign(np.sin(2 * np.pi * 120 * tt))
-        out[seg] = 0.2 * carrier * (np.sin(2 * np.pi * f1 * tt) + 0.5 * np.sin(2 * np.pi * f2 * tt))
-    return out.astype(np.float32)
 
 
 def load_avatar():
@@ -109,7 +75,7 @@ def measure(avatar=None, wav: np.ndarray | None = None, repeats: int = 7) -> dic
     except ImportError:
         pass
     avatar = avatar if avatar is not None else load_avatar()
-    wav = wav if wav is not None else speech(TEXT)
+    wav = wav if wav is not None else espeak_or_vowels(TEXT)
     renderer = DefaultRenderer()
     windows = frame_windows(wav, float(avatar.fps), renderer.traits.audio_needs)  # cut as the engine cuts them
     indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
@@ -157,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.mp4 is not None:
-        wav = load_audio(args.audio, SAMPLE_RATE) if args.audio is not None else speech(args.text)
+        wav = load_audio(args.audio, SAMPLE_RATE) if args.audio is not None else espeak_or_vowels(args.text)
         avatar = load_avatar()
         renderer = DefaultRenderer()
         frames = render_avatar_speech(avatar, wav, args.mp4, renderer)

@@ -33,19 +33,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.random_init import calibrated_random_
+from bench.common import realistic_random_wav2lip
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip
 
 log = logging.getLogger("bench.generator")
 BATCHES = (1, 8, 32)
 ROWS_FROM = 36  # realtime.renderers.wav2lip.PASTED_ROWS_FROM (not imported: bench stays model-only)
 OURS = "cached+heads+channels_last+rows36"  # what the real-time renderer runs by default (fp32, faithful)
-
-
-def realistic_random_wav2lip(seed: int = 0) -> Wav2Lip:
-    """Seeded Wav2Lip whose activations have trained-like scale (He init + calibrated BatchNorm)."""
-    torch.manual_seed(seed)
-    return calibrated_random_(Wav2Lip(), lambda: (torch.rand(8, 1, 80, 16) * 8 - 4, torch.rand(8, 6, 96, 96)))
 
 
 def _time(fn: Callable[[], object], frames_per_call: int, min_frames: int) -> float:

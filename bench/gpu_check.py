@@ -43,8 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Only modules that import without PyAV, aiortc and webrtcvad (a fresh GPU machine may lack them):
 # what needs them (the avatar decoder, the sessions) is imported where it is used.
-from bench.common import eager_uint8, psnr, session_trials, speech_clip, sync, to_16k
-from bench.generator import realistic_random_wav2lip
+from bench.common import eager_uint8, psnr, realistic_random_wav2lip, session_trials, speech_clip, sync, to_16k
 from models.cuda_numerics import tf32_enabled
 from realtime.mel import mel_windows, melspectrogram
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer

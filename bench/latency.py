@@ -42,7 +42,6 @@ import os
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from aiortc.mediastreams import MediaStreamError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary  # noqa: E402
+from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary, wav_bytes  # noqa: E402
 
 log = logging.getLogger("bench.latency")
 
@@ -69,14 +68,8 @@ SILENT_RMS = 0.002      # ... quieter than this is silence (Opus of digital sile
 
 # -- media --------------------------------------------------------------------------------------------
 
-def wav_bytes(x: np.ndarray) -> bytes:
-    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        with wave.open(f.name, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(RATE)
-            w.writeframes(pcm16(x).tobytes())
-        return Path(f.name).read_bytes()
+def wav_of(x: np.ndarray) -> bytes:
+    return wav_bytes(pcm16(x), RATE)
 
 
 def speech_onset(samples: np.ndarray, rms: float = SPEECH_RMS, block: int = 160) -> int | None:
@@ -338,7 +331,7 @@ async def settle(client: Client, seconds: float = 1.0) -> None:
 
 
 async def push_trials(client: Client, clip: np.ndarray, idle: np.ndarray, threshold: float, n: int) -> dict:
-    body = wav_bytes(clip)
+    body = wav_of(clip)
     audio, mouth = [], []
     for _ in range(n):
         await settle(client)
@@ -392,7 +385,7 @@ async def mic_trials(client: Client, mic: Microphone, clip: np.ndarray, n: int) 
 
 
 async def interrupt_trials(client: Client, clip: np.ndarray, idle: np.ndarray, threshold: float, n: int) -> dict:
-    body = wav_bytes(np.tile(clip, 4))
+    body = wav_of(np.tile(clip, 4))
     silence, rest = [], []
     for _ in range(n):
         await settle(client)

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.default_renderer import speech  # noqa: E402
+from bench.common import espeak_or_vowels  # noqa: E402
 from realtime.default_avatar import load_default_avatar  # noqa: E402
 from realtime.media_io import Mp4Writer  # noqa: E402
 from realtime.mel import SAMPLE_RATE  # noqa: E402
@@ -51,7 +51,7 @@ VIDEO_SECONDS = 8.0
 
 
 def speech_of(seconds: float) -> np.ndarray:
-    one = speech(PARAGRAPH)
+    one = espeak_or_vowels(PARAGRAPH)
     reps = int(np.ceil(seconds * SAMPLE_RATE / len(one)))
     return np.tile(one, reps)[: int(seconds * SAMPLE_RATE)]
 

@@ -28,9 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import to_16k
-from bench.engine import TEXT, make_speech
-from bench.generator import realistic_random_wav2lip
+from bench.common import TEXT, make_speech, realistic_random_wav2lip, to_16k
 from bench.int8_decoder import PARTS, quantize_decoder
 from models.wav2lip import CachedWav2Lip, faces_to_input, mels_to_input
 from realtime.mel import mel_windows, melspectrogram

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.generator import realistic_random_wav2lip
+from bench.common import realistic_random_wav2lip
 from models import openvino_runtime as ovr
 from models.wav2lip import CachedWav2Lip, faces_to_input
 

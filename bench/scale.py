@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import make_speech  # noqa: E402
+from bench.common import make_speech  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
 from realtime.default_avatar import load_default_avatar  # noqa: E402
 from realtime.renderers.base import MouthPatch  # noqa: E402

@@ -52,10 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import eager_uint8, psnr, session_trials, to_16k, trial
-from bench.encoded_sessions import sessions_with_encode
-from bench.engine import TEXT, make_speech
-from bench.generator import realistic_random_wav2lip
+from bench.common import TEXT, eager_uint8, make_speech, psnr, realistic_random_wav2lip, session_trials, to_16k, trial
+from bench.encode_path import sessions_with_encode
 from models.wav2lip import Wav2Lip
 from realtime.config import EngineConfig
 from realtime.mel import mel_windows, melspectrogram

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
-import io
 import json
 import logging
 import os
@@ -63,7 +62,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -79,7 +77,7 @@ SELF = Path(__file__).resolve()
 ROOT = SELF.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import make_speech  # noqa: E402
+from bench.common import make_speech, wav_bytes  # noqa: E402
 from server.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("soak")
@@ -99,14 +97,8 @@ def speech_16k() -> np.ndarray:
     return np.interp(t_dst, t_src, wav).astype(np.float32)
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(np.clip(samples * 32767, -32768, 32767).astype(np.int16).tobytes())
-    return buf.getvalue()
+def wav_of(samples: np.ndarray) -> bytes:
+    return wav_bytes(np.clip(samples * 32767, -32768, 32767).astype(np.int16), RATE)
 
 
 class BurstMicrophone(MediaStreamTrack):
@@ -382,7 +374,7 @@ class SoakClient:
 
     async def _push_loop(self) -> None:
         """Speech uploads between silences; one in four interrupted mid-utterance."""
-        body = wav_bytes(self.speech)
+        body = wav_of(self.speech)
         speech_s = len(self.speech) / RATE
         while True:
             await asyncio.sleep(self.rng.uniform(2.0, 6.0))
@@ -771,8 +763,8 @@ async def isolation(args: argparse.Namespace) -> dict:
     speech = speech_16k()
     log_path = Path(tempfile.gettempdir()) / f"isolation-server-{os.getpid()}.log"
     server = ServerProcess(max_sessions=5, log_path=log_path, extra=args.server_arg)
-    long_body = wav_bytes(np.resize(speech, int(args.long_upload_s * RATE)))
-    short_body = wav_bytes(np.resize(speech, 20 * RATE))
+    long_body = wav_of(np.resize(speech, int(args.long_upload_s * RATE)))
+    short_body = wav_of(np.resize(speech, 20 * RATE))
     async with aiohttp.ClientSession() as http:
         run = SoakRun(server, http)
         try:

@@ -1,4 +1,12 @@
-"""When the render worker starts its next batch: the one batching-wait policy that both drivers call.
+"""The one batching policy: which jobs make the next batch, and how long it may wait for more.
+
+Pure functions of the waiting work and the time, used by both local render-worker drivers
+(realtime/scheduler.py: the thread and the simulated-time worker) and by the render tier's replica
+(realtime/render_tier/edf_batcher.py): earliest deadline first (`too_late`, `edf_batch`), the same-avatar
+rule (`BatchWaitPolicy.batchable`, or a replica's avatar key), a bounded wait for other senders' work
+(`waits_for_others`), and the first frame of an utterance never waits (`batch_wait_until`).
+
+When the render worker starts its next batch:
 
 A pure function of the queued jobs and the time (plus the worker's cost curve and settings): it reads no
 clock, takes no lock and changes nothing, so `ThreadedRenderWorker` (waits on a condition variable until
@@ -21,7 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class PendingJob(Protocol):
@@ -85,9 +95,39 @@ def _fill_until(ready: list[PendingJob], head: PendingJob, cost: Callable[[int],
     if sum(1 for j in ready if policy.batchable(j, head)) >= policy.max_batch:
         return None
     fill_until = min(j.ready_at for j in ready) + policy.max_wait_s
-    if head.deadline - fill_until <= cost(policy.max_batch):
+    if not waits_for_others(head.deadline, fill_until, cost(policy.max_batch)):
         return None
     return fill_until
 
 
-__all__ = ["BatchWaitPolicy", "PendingJob", "batch_wait_until"]
+def too_late(deadline: float, now: float, alone_s: float) -> bool:
+    """Work that misses its deadline even rendered alone now: answered at once (held mouth), never queued."""
+    return deadline < now + alone_s
+
+
+def waits_for_others(head_deadline: float, wait_until: float, full_batch_s: float, safety: float = 1.0) -> bool:
+    """Whether a batch may wait until `wait_until` for other senders' work: only while its tightest
+    deadline still leaves room (x `safety`) for a full batch after the wait."""
+    return head_deadline - wait_until > safety * full_batch_s
+
+
+def edf_batch(candidates: Sequence[T], now: float, cost: Callable[[int], float], max_batch: int,
+              deadline: Callable[[T], float], frames: Callable[[T], int] = lambda _: 1) -> list[T]:
+    """The batch led by `candidates[0]` (the head: earliest deadline, after any fairness correction):
+    the candidates in order (each may join the head: same avatar, or a renderer that mixes them) while
+    their frames fit in `max_batch`, then cut from the end until the predicted finish meets every deadline
+    in it. The head alone always stays."""
+    batch: list[T] = []
+    total = 0
+    for c in candidates:
+        n = frames(c)
+        if batch and total + n > max_batch:
+            continue
+        batch.append(c)
+        total += n
+    while len(batch) > 1 and now + cost(total) > min(deadline(c) for c in batch):
+        total -= frames(batch.pop())
+    return batch
+
+
+__all__ = ["BatchWaitPolicy", "PendingJob", "batch_wait_until", "edf_batch", "too_late", "waits_for_others"]

@@ -23,7 +23,8 @@ from realtime.config import EngineConfig
 from realtime.input_segment import InputSegment
 from realtime.mel import HOP, SAMPLE_RATE
 from realtime.metrics import SessionMetrics
-from realtime.scheduler import RenderJob, RenderResult, RenderWorker
+from realtime.render_queue import RenderJob, RenderResult
+from realtime.scheduler import RenderWorker
 
 
 @dataclass

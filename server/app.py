@@ -170,7 +170,7 @@ async def healthz(request: web.Request) -> web.Response:
         # offers that would be admitted now.
         "free_slots": _free_slots(state),
         "capacity": state.sessions.capacity.describe(),
-        **({} if state.seat is None else {"worker": state.seat.index, "workers": state.seat.board.describe()}),
+        **({} if state.seat is None else {"worker": state.seat.index, "worker_processes": state.seat.board.describe()}),
         "instance": state.config.instance_id,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "render_workers_down": health.workers_down,
@@ -180,12 +180,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _free_slots(state: ServerState) -> int:
-    """Offers the server admits now: this process's, plus (with --workers) the other workers' rows."""
+    """Offers the server admits now: this process's, plus (with --workers) the other workers' rows, capped
+    by what the shared cores still take (each worker's row counts the same cores)."""
     own = state.sessions.free_slots()
     if state.seat is None:
         return own
     others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
-    return own + sum(r.free_slots for r in others)
+    total = own + sum(r.free_slots for r in others)
+    room = state.sessions.capacity.shared_room(state.sessions.held)
+    return total if room is None else min(total, room)
 
 
 def public_engine_info(info: dict) -> dict[str, str]:

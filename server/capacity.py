@@ -138,13 +138,24 @@ class CapacityModel:
         return SessionCost(cpu_ms=cpu, loop_ms=loop, stages=self.calibrated.stages)
 
     def bounds(self) -> dict[str, int | None]:
-        """Each bound by name (None: not measured / not given): the CPU, the event loop, the flag."""
+        """Each bound by name (None: not measured / not given): the CPU, the event loop, the flag. The
+        CPU and the flag are the server's (all worker processes together): the other workers' sessions
+        count against them; the loop is this process's own."""
         cost = self.cost()
         cpu = loop = None
-        if cost is not None:  # the cores are the machine's: other workers' sessions use them too
-            cpu = max(0, _fit(self.headroom * self.cores, cost.cores(self.fps)) - self._others())
-            loop = _fit(self.headroom * 1.0, cost.loop_cores(self.fps))  # this process's own loop
-        return {"cpu": cpu, "loop": loop, "max_sessions": self.upper_bound}
+        others = self._others()
+        if cost is not None:
+            cpu = max(0, _fit(self.headroom * self.cores, cost.cores(self.fps)) - others)
+            loop = _fit(self.headroom * 1.0, cost.loop_cores(self.fps))
+        flag = None if self.upper_bound is None else max(0, self.upper_bound - others)
+        return {"cpu": cpu, "loop": loop, "max_sessions": flag}
+
+    def shared_room(self, live: int) -> int | None:
+        """Sessions the server as a whole still takes by its shared bounds (the cores, --max-sessions),
+        counting every worker's (`live`: this process's live and negotiating ones); None when neither
+        applies. The server-wide free slots never exceed it."""
+        room = [b for key, b in self.bounds().items() if key != "loop" and b is not None]
+        return max(0, min(room) - live) if room else None
 
     def _others(self) -> int:
         return 0 if self.others is None else self.others()
@@ -154,7 +165,7 @@ class CapacityModel:
         it is the only process (one session says how this machine fares); with other workers holding
         sessions, 0 when they already fill the cores."""
         if self.calibrated is None:
-            return self.upper_bound or DEFAULT_SESSIONS
+            return max(0, (self.upper_bound or DEFAULT_SESSIONS) - self._others())
         floor = 1 if self._others() == 0 else 0
         return max(floor, min(b for b in self.bounds().values() if b is not None))
 

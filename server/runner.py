@@ -140,10 +140,13 @@ async def _start_listening(runner: web.AppRunner, config: ServerConfig, handoff:
                                                              on_closed=stop.set)]
     if seat is not None:
         sessions = runner.app[STATE].sessions
-        publish = asyncio.get_running_loop().create_task(
-            publish_forever(seat, sessions.free_slots, lambda: len(sessions), lambda: sessions.max_sessions),
-            name="worker-board")
-        stops.append(publish.cancel)
+
+        def publish() -> None:
+            seat.board.publish(seat.index, sessions.free_slots(), sessions.held, sessions.max_sessions)
+
+        sessions.on_change = publish  # at once on every change; the task below for the measured capacity
+        task = asyncio.get_running_loop().create_task(publish_forever(publish), name="worker-board")
+        stops.append(task.cancel)
     return stops
 
 

@@ -140,6 +140,9 @@ class SessionManager:
                  peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
                  trimmer: HeapTrimmer | None = None) -> None:
         self.capacity = capacity  # how many sessions may be live: measured (server/capacity.py) or fixed
+        # Called after every change of the live or negotiating count (--workers: publish to the board at
+        # once, so the supervisor never routes an offer by a count a session old).
+        self.on_change: Callable[[], None] | None = None
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.disconnect_grace_s = disconnect_grace_s
@@ -163,6 +166,11 @@ class SessionManager:
         """Offers that would be admitted now: what /healthz tells a load balancer."""
         return max(self.max_sessions - len(self._sessions) - self._reserved, 0)
 
+    @property
+    def held(self) -> int:
+        """Live and negotiating sessions."""
+        return len(self._sessions) + self._reserved
+
     def reserve(self) -> "Reservation":
         """Claim a slot for a session being negotiated; raises ServerFull."""
         limit = self.max_sessions
@@ -170,7 +178,12 @@ class SessionManager:
             self.rejected_total += 1
             raise ServerFull(limit, retry_after_s=self.retry_hint_s())
         self._reserved += 1
+        self._changed()
         return Reservation(self)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def retry_hint_s(self) -> int:
         return self.capacity.retry_after_s()
@@ -201,8 +214,8 @@ class SessionManager:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def add(self, session: Session, reservation: "Reservation") -> None:
-        reservation.release()
         self._sessions[session.id] = session
+        reservation.release()
         self.opened_total += 1
         session.pc.on("connectionstatechange", lambda: self._on_state(session))
         for track in (session.video, session.audio):
@@ -257,6 +270,7 @@ class SessionManager:
         finally:
             self._sessions.pop(session.id, None)
             self._closing.pop(session.id, None)
+            self._changed()
             key = reason.split(":", 1)[0]
             self.closed_total[key] = self.closed_total.get(key, 0) + 1
             self.trimmer.request()
@@ -360,6 +374,7 @@ class Reservation:
         if self._held:
             self._held = False
             self._manager._reserved -= 1
+            self._manager._changed()
 
     def __enter__(self) -> "Reservation":
         return self

@@ -158,9 +158,9 @@ def receive_connections(channel: socket.socket, protocol_factory: Callable[[], a
     return stop
 
 
-async def publish_forever(seat: WorkerSeat, free_slots: Callable[[], int], sessions: Callable[[], int],
-                          capacity: Callable[[], int], interval_s: float = 0.1) -> None:
-    """Keep this worker's row current (the supervisor routes offers by it)."""
+async def publish_forever(publish: Callable[[], None], interval_s: float = 0.1) -> None:
+    """Keep this worker's row current between session changes (its measured capacity moves with live
+    measurements and with the other workers' sessions); the supervisor routes offers by it."""
     while True:
-        seat.board.publish(seat.index, free_slots(), sessions(), capacity())
+        publish()
         await asyncio.sleep(interval_s)

@@ -98,13 +98,27 @@ async def http():
 
 
 @pytest.fixture
-async def server():
-    """A live server on loopback with the tiny test engine (tests/test_server_helpers.py), up to 3 sessions.
-    Test files that need another configuration define their own `server`."""
-    from test_server_helpers import start_server, tiny_engine
+def server_engine():
+    """The engine behind `server`: the tiny test engine (tests/server_helpers.py). A test file that needs
+    another one overrides this fixture (and owns that engine's closing)."""
+    from server_helpers import tiny_engine
 
     engine = tiny_engine()
-    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def server_settings() -> dict:
+    """ServerConfig fields for `server`; a test file that needs other limits overrides this fixture."""
+    return {"max_sessions": 3, "connect_timeout_s": 10.0}
+
+
+@pytest.fixture
+async def server(server_engine, server_settings):
+    """The one live server of the tests, on loopback: `server_engine` with `server_settings`."""
+    from server_helpers import start_server
+
+    running = await start_server(server_engine, **server_settings)
     yield running
     await running.stop()
-    engine.close()

@@ -1,7 +1,7 @@
 """The avatars as a resource over HTTP: list, upload (good and bad), progress, poster, offer by id, delete,
 operator token; and two sessions on two avatars at once over real WebRTC (loopback only).
 
-The engine is the real one with the tiny grey avatar and the loudness renderer (test_server_helpers);
+The engine is the real one with the tiny grey avatar and the loudness renderer (server_helpers);
 uploads go through the real preparation (face mesh tracking) on the library's thread.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
+from server_helpers import Client, start_server, tiny_engine
 from test_avatar import write_clip
-from test_server_helpers import Client, start_server, tiny_engine
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
@@ -71,13 +71,16 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.fixture
-async def server(tmp_path):
+def server_engine(tmp_path):
     engine = tiny_engine(avatar_cache_dir=tmp_path / "cache")
-    running = await start_server(engine, max_sessions=3, connect_timeout_s=10.0, api_token=TOKEN,
-                                 max_upload_mb=2.0, max_avatar_seconds=2.0)
-    yield running
-    await running.stop()
+    yield engine
     engine.close()
+
+
+@pytest.fixture
+def server_settings() -> dict:
+    return {"max_sessions": 3, "connect_timeout_s": 10.0, "api_token": TOKEN, "max_upload_mb": 2.0,
+            "max_avatar_seconds": 2.0}
 
 
 async def upload(http: aiohttp.ClientSession, server, path: Path, name: str | None = None,

@@ -85,3 +85,30 @@ def test_the_policy_is_pure():
     before = list(jobs)
     assert wait(jobs, 0.001) == wait(jobs, 0.001)
     assert jobs == before
+
+
+# -- the shared EDF rules (realtime/batch_wait.py), as the local worker and the replica use them ----------
+
+def test_edf_batch_fills_in_order_then_cuts_until_every_deadline_is_met():
+    from realtime.batch_wait import edf_batch
+
+    cost = lambda b: 0.010 * b  # noqa: E731  (10 ms a frame)
+    deadlines = [0.050, 0.060, 0.029, 1.0, 1.0]  # in priority order; the third is tight
+    batch = edf_batch(list(range(5)), 0.0, cost, max_batch=8, deadline=lambda i: deadlines[i])
+    assert batch == [0, 1]  # 3 frames would finish at 30 ms, after the third's deadline (29 ms)
+    assert edf_batch([0, 1, 2], 0.0, cost, max_batch=2, deadline=lambda i: 1.0) == [0, 1]
+    # frames per item (a replica's requests): one that does not fit is passed over, later ones still join
+    sizes = {"a": 3, "b": 6, "c": 2}
+    got = edf_batch(["a", "b", "c"], 0.0, cost, max_batch=8, deadline=lambda _: 1.0, frames=sizes.__getitem__)
+    assert got == ["a", "c"]
+    # the head alone always stays, even when it is predicted late
+    assert edf_batch([0, 1], 0.0, cost, max_batch=8, deadline=lambda _: 0.001) == [0]
+
+
+def test_too_late_and_waits_for_others():
+    from realtime.batch_wait import too_late, waits_for_others
+
+    assert too_late(deadline=0.009, now=0.0, alone_s=0.010) and not too_late(0.010, 0.0, 0.010)
+    assert waits_for_others(head_deadline=0.100, wait_until=0.010, full_batch_s=0.080)
+    assert not waits_for_others(0.100, 0.010, 0.080, safety=1.25)  # 90 ms left < 1.25 x 80 ms
+    assert not waits_for_others(0.100, 0.020, 0.080)  # exactly a full batch left: do not wait

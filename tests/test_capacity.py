@@ -107,7 +107,7 @@ def test_probe_speech_is_voiced_and_bounded():
 @pytest.fixture
 async def capped_server(loopback_only):
     """A server whose measured capacity is 2: 0.75 x 2 cores over 0.6 cores a session (24 ms a frame)."""
-    from test_server_helpers import start_server, tiny_engine
+    from server_helpers import start_server, tiny_engine
 
     from server.state import STATE
 
@@ -129,7 +129,7 @@ async def health(http, server) -> dict:
 
 
 async def test_offer_past_the_measured_capacity_gets_503_and_healthz_agrees(capped_server, http):
-    from test_server_helpers import Client
+    from server_helpers import Client
 
     from server.state import STATE
 
@@ -169,7 +169,7 @@ async def test_offer_past_the_measured_capacity_gets_503_and_healthz_agrees(capp
 
 
 async def test_start_up_probe_serves_one_session_and_prices_it():
-    from test_server_helpers import tiny_engine
+    from server_helpers import tiny_engine
 
     from server.capacity import measure_session_cost
     from server.limits import started_pool
@@ -207,3 +207,20 @@ def test_other_workers_sessions_share_the_cpu_bound_but_not_the_loop():
     assert m.capacity() == 0 and m.limit(live=0) == 0
     held["n"] = 0
     assert m.capacity() == 5
+
+
+def test_shared_room_is_what_the_shared_cores_and_the_flag_still_take():
+    m = model()  # 5 sessions fit the cores
+    held = {"n": 2}
+    m.others = lambda: held["n"]
+    assert m.shared_room(live=1) == 2  # 5 - 2 elsewhere - 1 here
+    held["n"] = 6
+    assert m.shared_room(live=0) == 0
+    # --max-sessions N is the server's: with 3 workers and N = 4, the others' 3 sessions leave 1 here.
+    capped = model(cores=16.0, upper=4)
+    capped.others = lambda: 3
+    assert capped.capacity() == 1 and capped.shared_room(live=1) == 0
+    fixed = CapacityModel(FPS, 4, 2.0)  # not measured: the flag alone
+    fixed.others = lambda: 3
+    assert fixed.capacity() == 1 and fixed.shared_room(live=0) == 1
+    assert CapacityModel(FPS, None, 2.0).shared_room(live=0) is None

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client
+from server_helpers import Client
 
 from bench.playback_events import TONES, run_scenario
 from server.state import STATE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from test_server_helpers import tiny_engine
+from server_helpers import tiny_engine
 
 from realtime.playback import EventType, QueueChanged, SpeechEnded, SpeechStarted
 from server.app import create_app

@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 from deployment import lipsync_server
-from test_server_helpers import Client
+from server_helpers import Client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
 

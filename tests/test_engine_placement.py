@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from test_server_helpers import LoudnessRenderer, TinyAvatar, start_server
+from server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 from models.checkpoints import CheckpointError
 from realtime.metrics import WorkerStats

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from server_helpers import LoudnessRenderer, TinyAvatar
 from test_integration_livekit import FakeRoom
-from test_server_helpers import LoudnessRenderer, TinyAvatar
 
 from integrations.livekit import LipSyncVideoGenerator
 

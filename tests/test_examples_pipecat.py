@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from test_server_helpers import LoudnessRenderer, TinyAvatar, mouth_level
+from server_helpers import LoudnessRenderer, TinyAvatar, mouth_level
 
 from integrations.local_engine import load_local_engine
 

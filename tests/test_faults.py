@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from server_helpers import Client, LoudnessRenderer, PcmTrack, TinyAvatar, mouth_level, start_server
 from test_engine import FakeAvatar, RecordingRenderer, drive
-from test_server_helpers import Client, LoudnessRenderer, PcmTrack, TinyAvatar, mouth_level, start_server
 
 from realtime.clock import ManualClock
 from realtime.config import EngineConfig

@@ -10,7 +10,7 @@ import logging
 
 import aiohttp
 import pytest
-from test_server_helpers import start_server, tiny_engine
+from server_helpers import start_server, tiny_engine
 
 from server.auth import ForwardedClients, OperatorAuth, public_origin
 from server.config import ServerConfig

@@ -15,7 +15,7 @@ import time
 import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection
-from test_server_helpers import RunningServer, start_server, tiny_engine
+from server_helpers import RunningServer, start_server, tiny_engine
 
 from server.app import create_app
 from server.config import ServerConfig

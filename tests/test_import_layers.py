@@ -197,3 +197,20 @@ def test_no_hidden_imports_in_library_code():
                        for target in targets if target in DYNAMIC_IMPORTERS
                        and module.rpartition(".")[2] != "__main__")  # `python -m pkg` only
     assert not importers, importers
+
+
+def bench_scripts() -> set[str]:
+    """bench/ modules that are scripts (run as `python bench/x.py`); the rest are the benches' harness."""
+    return {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py")
+            if "__main__" in p.read_text() and p.stem != "__init__"}
+
+
+def test_benches_import_the_harness_never_each_other():
+    """A bench script imports bench/common.py (and the other harness modules), never another bench's script:
+    a script is free to change its output and options, and a bench measures only what it names."""
+    scripts = bench_scripts()
+    assert {"bench.sessions", "bench.latency", "bench.soak"} <= scripts
+    known = {f"bench.{p.stem}": p for p in (ROOT / "bench").glob("*.py")}
+    wrong = sorted(f"{module} imports {target}" for module, path in known.items()
+                   for target in imports_of(module, path, known) if target in scripts)
+    assert not wrong, wrong

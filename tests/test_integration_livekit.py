@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudioOutput
-from test_server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level
+from server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level
 
 from integrations.livekit import LipSyncVideoGenerator
 

@@ -19,7 +19,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.tests.utils import SleepFrame, run_test
-from test_server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level
+from server_helpers import LoudnessRenderer, TinyAvatar, best_lag, mouth_level
 
 from integrations.pipecat import LipSyncVideoService
 

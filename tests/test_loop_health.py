@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
+from server_helpers import start_server, tiny_engine
 from test_engine import FakeAvatar, RecordingRenderer, drive
-from test_server_helpers import start_server, tiny_engine
 
 from realtime.clock import ManualClock
 from realtime.config import EngineConfig

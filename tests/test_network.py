@@ -9,7 +9,7 @@ import time
 
 import pytest
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
-from test_server_helpers import Client, PcmTrack, start_server, tiny_engine
+from server_helpers import Client, PcmTrack, start_server, tiny_engine
 
 from bench.netimpair import (
     GilbertElliott,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_server_helpers import TinyAvatar
+from server_helpers import TinyAvatar
 
 from realtime.clock import ManualClock
 from realtime.playback import (

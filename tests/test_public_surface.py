@@ -17,7 +17,7 @@ import logging
 import aiohttp
 import pytest
 from aiohttp import web
-from test_server_helpers import Client, RunningServer, TinyAvatar, start_server, tiny_engine
+from server_helpers import Client, RunningServer, TinyAvatar, start_server, tiny_engine
 
 from server.app import create_app
 from server.config import ServerConfig

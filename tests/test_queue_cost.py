@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_server_helpers import TinyAvatar
+from server_helpers import TinyAvatar
 
 from realtime import playback as playback_module
 from realtime.clock import ManualClock

@@ -1,6 +1,6 @@
 """Server integration tests: a real offer/answer over loopback with aiortc as the client, in-process.
 
-The engine is the real LipSyncSession with a tiny avatar and a loudness renderer (test_server_helpers);
+The engine is the real LipSyncSession with a tiny avatar and a loudness renderer (server_helpers);
 test_server_engine.py drives the embedded default avatar and the default renderer.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from test_server_helpers import Client, PcmTrack, echo_delays, mouth_level
+from server_helpers import Client, PcmTrack, echo_delays, mouth_level
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from test_server_helpers import Client, PcmTrack, echo_delays, start_server
+from server_helpers import Client, PcmTrack, echo_delays
 
 from realtime.session_options import SessionOptions
 from server.config import ServerConfig
@@ -25,10 +25,13 @@ def engine():
 
 
 @pytest.fixture
-async def server(engine):
-    running = await start_server(engine)
-    yield running
-    await running.stop()
+def server_engine(engine):
+    return engine  # the module's engine (it closes it)
+
+
+@pytest.fixture
+def server_settings() -> dict:
+    return {}
 
 
 def mouth_box(engine) -> tuple[slice, slice]:

@@ -6,19 +6,15 @@ import asyncio
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
 
 @pytest.fixture
-async def server():
-    engine = tiny_engine()
+def server_settings() -> dict:
     # Three sessions per address, so the global limit (2) is what refuses the third offer here.
-    running = await start_server(engine, max_sessions=2, max_upload_mb=0.25, max_sessions_per_ip=3)
-    yield running
-    await running.stop()
-    engine.close()
+    return {"max_sessions": 2, "max_upload_mb": 0.25, "max_sessions_per_ip": 3}
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 import pytest
-from test_server_helpers import Client, PcmTrack, start_server, tiny_engine
+from server_helpers import Client, PcmTrack, start_server, tiny_engine
 
 from server.state import STATE
 

@@ -9,12 +9,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import io
 import json
 import logging
 import time
 import tracemalloc
-import wave
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +20,9 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client, start_server, tiny_engine
 
+from bench.common import wav_bytes
 from server.auth import Access, OperatorAuth, access_for, redact_query
 from server.config import IceServer, ServerConfig
 from server.errors import ApiError
@@ -60,10 +59,13 @@ async def engine():
 
 
 @pytest.fixture
-async def server(engine, clean_log):
-    running = await start_server(engine, max_sessions=4, api_token=OPERATOR, max_sessions_per_ip=4)
-    yield running
-    await running.stop()
+def server_engine(engine):
+    return engine  # the module's engine (it closes it)
+
+
+@pytest.fixture
+def server_settings(clean_log) -> dict:  # clean_log checks the log after the server has stopped
+    return {"max_sessions": 4, "api_token": OPERATOR, "max_sessions_per_ip": 4}
 
 
 async def connected(server, http, clean_log) -> Client:
@@ -96,14 +98,8 @@ async def expect_error(resp: aiohttp.ClientResponse, status: int, *words: str) -
     return body
 
 
-def wav_bytes(seconds: float, rate: int, channels: int = 1) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(int(seconds * rate) * channels * 2))
-    return buffer.getvalue()
+def silent_wav(seconds: float, rate: int, channels: int = 1) -> bytes:
+    return wav_bytes(np.zeros(int(seconds * rate) * channels, np.int16), rate, channels)
 
 
 # -- 1. two secrets --------------------------------------------------------------------------------
@@ -345,7 +341,7 @@ async def test_an_infinite_option_gets_400_not_500(server, http, clean_log):
 
 
 def test_uploads_only_open_known_containers():
-    assert sniff_container(wav_bytes(0.1, 16000)) == "wav"
+    assert sniff_container(silent_wav(0.1, 16000)) == "wav"
     playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:9/seg.ts\n#EXT-X-ENDLIST\n"
     for data in (playlist, b"ffconcat version 1.0\nfile '/etc/passwd'\n", b"<smil></smil>" * 4,
                  b"file:///etc/passwd\n" * 2):
@@ -359,7 +355,7 @@ async def test_playlist_upload_fetches_nothing(server, http, clean_log):
 
     async def record(request: web.Request) -> web.Response:
         hits.append(request.path)
-        return web.Response(body=wav_bytes(1.0, 16000))
+        return web.Response(body=silent_wav(1.0, 16000))
 
     bait = web.Application()
     bait.router.add_get("/{tail:.*}", record)
@@ -383,8 +379,8 @@ async def test_playlist_upload_fetches_nothing(server, http, clean_log):
 
 async def test_bad_headers_are_refused_before_decoding(server, http, clean_log):
     client = await connected(server, http, clean_log)
-    cases = [(wav_bytes(60, 1000), "1000 hz"), (wav_bytes(0.5, 200000), "200000 hz"),
-             (wav_bytes(0.5, 16000, channels=9), "9 channels")]
+    cases = [(silent_wav(60, 1000), "1000 hz"), (silent_wav(0.5, 200000), "200000 hz"),
+             (silent_wav(0.5, 16000, channels=9), "9 channels")]
     for data, words in cases:
         t0 = time.monotonic()
         async with http.post(client.url("/audio"), data=data,
@@ -395,7 +391,7 @@ async def test_bad_headers_are_refused_before_decoding(server, http, clean_log):
 
 
 def test_decoding_stops_at_the_queue_room():
-    data = wav_bytes(120, 16000)  # 2 minutes, 3.8 MB
+    data = silent_wav(120, 16000)  # 2 minutes, 3.8 MB
     tracemalloc.start()
     try:
         with pytest.raises(ApiError) as refused:
@@ -406,14 +402,14 @@ def test_decoding_stops_at_the_queue_room():
     assert refused.value.status == 413 and "10.0 s" in refused.value.message
     room_bytes = 10 * 16000 * 4
     assert peak < 4 * room_bytes, peak  # a small multiple of the room, not of the file
-    ok = decode_upload(wav_bytes(2, 48000, channels=2), 10.0)
+    ok = decode_upload(silent_wav(2, 48000, channels=2), 10.0)
     assert ok.samples.dtype == np.float32 and abs(ok.samples.size - 32000) < 400
     assert (ok.source_rate, ok.source_channels) == (48000, 2)
 
 
 async def test_an_upload_longer_than_the_queue_room_gets_413(server, http, clean_log):
     client = await connected(server, http, clean_log)
-    data = wav_bytes(310, 8000)  # 310 s > the 300 s a session may queue
+    data = silent_wav(310, 8000)  # 310 s > the 300 s a session may queue
     async with http.post(client.url("/audio"), data=data,
                          headers={"Content-Type": "audio/wav", **client.auth}) as resp:
         body = await expect_error(resp, 413, "queue")
@@ -442,7 +438,7 @@ async def test_decodes_run_on_their_own_bounded_pool(engine, http, clean_log, mo
     monkeypatch.setattr(push_api, "decode_upload", slow_decode)
     try:
         client = await connected(server, http, clean_log)
-        upload = wav_bytes(1.0, 16000)
+        upload = silent_wav(1.0, 16000)
         headers = {"Content-Type": "audio/wav", **client.auth}
         first = asyncio.create_task(http.post(client.url("/audio"), data=upload, headers=headers))
         assert await settle(lambda: bool(threads))
@@ -483,7 +479,7 @@ def fake_tts(tmp_path: Path, seconds: float) -> str:
                       f"sleep {seconds}\n"
                       f"cat {tmp_path / 'one.wav'}\n")
     script.chmod(0o755)
-    (tmp_path / "one.wav").write_bytes(wav_bytes(1.0, 22050))
+    (tmp_path / "one.wav").write_bytes(silent_wav(1.0, 22050))
     return str(script)
 
 

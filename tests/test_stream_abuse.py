@@ -22,7 +22,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from test_server_helpers import Client, start_server, tiny_engine
+from server_helpers import Client, start_server, tiny_engine
 
 from realtime.config import EngineConfig
 from server import events_api
@@ -52,11 +52,9 @@ async def make_server(**engine_config):
 
 
 @pytest.fixture
-async def server(clean_log):
-    running, engine = await make_server()
-    yield running
-    await running.stop()
-    engine.close()
+def server_settings(clean_log) -> dict:  # clean_log checks the log after the server has stopped
+    # Two sessions from one address; the server-wide stream cap is then 8 (server/stream_limits.py).
+    return {"max_sessions": 2, "max_sessions_per_ip": 0}
 
 
 async def connected(server, http) -> Client:

@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from test_server_helpers import start_server, tiny_engine
+from server_helpers import start_server, tiny_engine
 from test_server_security import OPERATOR, connected, expect_error, fake_tts, wav_bytes
 
 from realtime.avatar import AvatarConfig, AvatarError

@@ -9,9 +9,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from conftest import read_wav, synthesize
+from test_default_renderer import synthetic_avatar
 
+from realtime.compositor import paste
 from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import AudioNeeds
 from realtime.renderers.default import DefaultRenderer
@@ -25,8 +29,6 @@ from realtime.renderers.mouth_params import (
     MouthParamsConfig,
     mouth_params,
 )
-from tests.conftest import read_wav, synthesize
-from tests.test_default_renderer import synthetic_avatar
 
 log = logging.getLogger(__name__)
 FPS = 25.0
@@ -69,7 +71,8 @@ def check_closure(p: np.ndarray) -> None:
     assert len(open_frames) >= 2
     middle = p[open_frames[0]:open_frames[-1] + 1]
     k = int(np.argmax(middle[:, CLOSE]))
-    assert middle[k, CLOSE] > 0.8 and middle[k, OPEN] < 0.1, f"no closure: {np.round(middle, 2).tolist()}"
+    lip_gap = middle[k, OPEN] * (1.0 - middle[k, CLOSE])  # what the warp opens (mouth_warp.mouth_shape)
+    assert middle[k, CLOSE] > 0.8 and lip_gap < 0.1, f"no closure: {np.round(middle, 2).tolist()}"
     assert p[:open_frames[0] + k, OPEN].max() > 0.5 and p[open_frames[0] + k:, OPEN].max() > 0.5
 
 
@@ -166,3 +169,32 @@ def test_rendered_lips_meet_at_the_closure(spoken):
     assert gaps[k] <= 0.0 < rest and gaps.max() > rest + 10
     patch = renderer.render_params(avatar, np.array([0]), p[k:k + 1])[0]
     assert patch.image.shape[:2] == (patch.box[1] - patch.box[0], patch.box[3] - patch.box[2])
+
+
+def test_rendered_consonant_shapes():
+    """Pixels: a bite shows bright upper teeth between the lips and no dark cavity; a closure shuts the
+    gap even with the jaw asked open (the lips meet; nothing darker than the rest seam); an 'ah' shows a
+    dark cavity, with lower teeth at the bottom of it."""
+    avatar = synthetic_avatar(n_frames=1)
+    renderer = DefaultRenderer()
+    frame, points = avatar.frames[0], avatar.mouth[0]
+    x = int(points[2, 0])
+
+    def render(params: list[float]) -> tuple[np.ndarray, np.ndarray]:
+        p = np.array(params, np.float32)
+        image = paste(frame, renderer.render_params(avatar, np.array([0]), p[None])[0])
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), renderer.rendered_landmarks(avatar, 0, p)
+
+    grey, lm = render([0.1, 0.1, 0.0, 0.0, 1.0, 1.0])  # /f/
+    between = grey[int(np.floor(lm[3, 1])) - 1:int(np.ceil(lm[4, 1])) + 2, x]
+    assert between.max() > 150 and between.min() > 60, between
+    rest_gap = points[4, 1] - points[3, 1]
+    grey, lm = render([0.4, 0.0, 0.0, 1.0, 0.0, 0.0])  # /m/ while the jaw would be open
+    assert lm[4, 1] - lm[3, 1] <= 0.0 < rest_gap
+    span = slice(int(points[2, 1]), int(points[5, 1]) + 1)
+    rest_seam = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[span, x].min()
+    assert grey[span, x].min() >= rest_seam - 5  # no cavity: at most the rest seam between the lips
+    grey, lm = render([1.0, 0.1, 0.0, 0.0, 0.0, 0.0])  # /a/
+    column = grey[int(lm[3, 1]):int(lm[4, 1]), x]
+    assert (column < 60).sum() > 0.3 * len(column)
+    assert column[-max(3, len(column) // 5):].max() > 100, column  # lower teeth above the lower lip

@@ -93,11 +93,11 @@ class Endpoint:
 
 @pytest.fixture
 async def two_workers(loopback_only):
-    """Two worker processes with the default renderer, one session each at most (--max-sessions 1), so
-    the second offer lands on the other worker and a third is refused."""
+    """Two worker processes with the default renderer and two sessions in all (--max-sessions 2 is the
+    server's): the second offer goes to the worker with more room, the other one, and a third is refused."""
     from server.runner import serve_workers_async
 
-    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_sessions=1, max_sessions_per_ip=0,
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_sessions=2, max_sessions_per_ip=0,
                           max_offers_per_minute=0, ice_host_addresses=["127.0.0.1"], log_level="warning",
                           tts_command="")
     loop = asyncio.get_running_loop()
@@ -157,7 +157,7 @@ async def check_every_route(http, client) -> None:
 
 
 async def test_every_route_of_a_session_reaches_its_worker_and_a_killed_worker_restarts(two_workers, http):
-    from test_server_helpers import Client
+    from server_helpers import Client
 
     server, boss = two_workers
     a, b = Client(server, http), Client(server, http)

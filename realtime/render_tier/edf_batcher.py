@@ -9,8 +9,9 @@ wait. A request that cannot be made in time even alone is answered at once with 
 front-end shows the held mouth, and nothing queues up behind it (the same rule as the local worker,
 realtime/scheduler.py).
 
-`plan_batch` is the policy as a pure function of the waiting requests and the time; `EdfBatcher` is the
-asyncio driver around it.
+`plan_batch` is the policy as a pure function of the waiting requests and the time, built from the same
+rules as the local render worker's (realtime/batch_wait.py: `too_late`, `edf_batch`, `waits_for_others`);
+`EdfBatcher` is the asyncio driver around it.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from realtime.batch_wait import edf_batch, too_late, waits_for_others
+from realtime.render_queue import CostModel
 from realtime.renderers.base import MouthPatch
-from realtime.scheduler import CostModel
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +84,16 @@ def plan_batch(waiting: list[Waiting], now: float, cost: CostModel, max_batch: i
                fill_until: float | None, safety: float = 1.25) -> Plan:
     """What to do at `now`. `fill_until`: the end of the current wait for other front-ends' frames
     (None: do not wait)."""
-    late = [w for w in waiting if w.deadline < now + cost.estimate(w.frames)]
+    late = [w for w in waiting if too_late(w.deadline, now, cost.estimate(w.frames))]
     live = sorted((w for w in waiting if w not in late), key=lambda w: w.deadline)
     if not live:
         return Plan(late, [])
     head = live[0]
-    batch, frames = [head], head.frames
-    for w in live[1:]:
-        if w.key == head.key and frames + w.frames <= max_batch:
-            batch.append(w)
-            frames += w.frames
-    while len(batch) > 1 and now + cost.estimate(frames) > min(w.deadline for w in batch):
-        frames -= batch.pop().frames
+    same = [w for w in live if w.key == head.key]  # the same-avatar rule (a replica never mixes)
+    batch = edf_batch(same, now, cost.estimate, max_batch, deadline=lambda w: w.deadline, frames=lambda w: w.frames)
+    frames = sum(w.frames for w in batch)
     if (fill_until is not None and now < fill_until and frames < max_batch
-            and head.deadline - fill_until > safety * cost.estimate(max_batch)):
+            and waits_for_others(head.deadline, fill_until, cost.estimate(max_batch), safety)):
         return Plan(late, [], wait_until=fill_until)
     return Plan(late, batch)
 

@@ -1,7 +1,7 @@
 """Audio -> mouth parameters: per video frame, from the frame's own mel window, no learned weights.
 
 Output per frame (float32, all in [0, 1]), `PARAMS` order:
-    open   - jaw / lip-gap opening (0 = the avatar's own rest mouth, 1 = a wide /a/)
+    open   - jaw opening (0 = the avatar's own rest mouth, 1 = a wide /a/); the lip gap is open x (1 - close)
     spread - lip widening of front vowels and sibilants (/i/, /e/, /s/)
     round  - lip rounding / narrowing of rounded vowels (/o/, /u/)
     close  - lips pressed together: the closure of /m/, /b/, /p/ (the lip gap is held shut)
@@ -23,8 +23,8 @@ How (a viseme pipeline on the 80 Slaney mel bins the engine already computes):
    a sibilant (/s/: teeth together), weak and flat it is labiodental (/f/: the bite).
    Formant positions and relative levels, not whole-spectrum templates, are used on purpose: spectral
    tilt and absolute band levels differ a lot between voices and TTS engines, these much less.
-4. open = loudness gate x the vowel's openness, then shut by `close`; spread / round = the vowel's lip
-   shape; close / bite / teeth = the consonant evidence near the frame's time.
+4. open = loudness gate x the vowel's openness (the warp shuts the lips by `close`); spread / round =
+   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time.
 5. Temporal smoothing is **stateless over the window** (the design choice of this module). The window
    of video frame i starts one video frame (40 ms at 25 fps) *before* the frame (`offset_frames` = -1)
    and `window_columns` (8) columns are read, so it spans ~45 ms of past and ~45 ms of future audio
@@ -325,9 +325,9 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     bite = np.max(c.bite * ck, axis=1)
     sibilant = np.max(c.sibilant * c.gate * ck, axis=1)
 
-    # Jaw: weighted max of (gate x openness) -> envelope-follower behaviour; shut by a closure, nearly
-    # shut by a bite (the lower lip rises to the upper teeth).
-    opening = np.max(c.gate * c.shape[:, 0, :] * a.open_kernel, axis=1) * (1.0 - close) * (1.0 - 0.6 * bite)
+    # Jaw: weighted max of (gate x openness) -> envelope-follower behaviour; nearly shut by a bite (the
+    # lower lip rises to the upper teeth). A closure shuts the lips in the warp (mouth_warp.mouth_shape).
+    opening = np.max(c.gate * c.shape[:, 0, :] * a.open_kernel, axis=1) * (1.0 - 0.6 * bite)
 
     # Lip shape: loudness- and kernel-weighted mean of the column shapes, then scaled by how much
     # sound is near "now", so the lips relax together with the jaw.

@@ -205,7 +205,7 @@ def mouth_shape(params: np.ndarray, geom: FrameGeometry, config: MouthWarpConfig
     open_, spread, rounding, close, bite, teeth = (float(v) for v in p)
     k = 1.0 + config.spread_gain * spread - config.round_gain * rounding
     width = 2.0 * geom.half_width
-    drop = open_ * config.max_open * width
+    drop = open_ * (1.0 - close) * config.max_open * width  # a closure holds the lips shut whatever the jaw
     exponent = config.gap_exponent + (config.round_exponent - config.gap_exponent) * rounding
     exponent += (config.spread_exponent - config.gap_exponent) * spread * (1.0 - rounding)
     lift = config.upper_lift * drop + bite * config.bite_lift * width
@@ -334,10 +334,17 @@ def _paint_interior(image: np.ndarray, t: np.ndarray, s_src: np.ndarray, upper_i
     teeth_shade = (1.0 - 0.35 * np.abs(ss) / config.teeth_span) * (0.8 + 0.2 * np.clip(below_lip / soft, 0.0, 1.0))
     colour += (palette.teeth[None, None, :] * teeth_shade[..., None] - colour) * (0.92 * in_teeth)[..., None]
 
-    # Lower teeth: a dimmer band rising from the lower lip, shown by the teeth parameter and by a
-    # wide opening (the jaw drops far enough to bare them), shadowed by the lower lip.
+    # Tongue: a soft dark-red mound at the bottom of a wide opening.
     open_ = shape.drop / max(config.max_open * mouth_w, 1e-6)
-    lower_fraction = 0.34 * max(0.0, shape.teeth - shape.bite) + 0.12 * float(np.clip((open_ - 0.5) / 0.5, 0.0, 1.0))
+    if open_ > config.tongue_from_open:
+        amount = min(1.0, (open_ - config.tongue_from_open) / (1.0 - config.tongue_from_open))
+        tongue = _smoothstep((depth - 0.6) / 0.3) * _lerp_step(ss, 0.25, 0.8) * (0.6 * amount)
+        colour += (palette.tongue - colour) * tongue[..., None]
+
+    # Lower teeth: a dimmer band rising from the lower lip, shown by the teeth parameter and by a
+    # wide opening (the jaw drops far enough to bare them), shadowed by the lower lip,
+    # in front of the tongue.
+    lower_fraction = 0.34 * max(0.0, shape.teeth - shape.bite) + 0.2 * float(np.clip((open_ - 0.5) / 0.5, 0.0, 1.0))
     if lower_fraction > 0.0:
         above_lip = lo - tt
         lower_h = np.minimum(lower_fraction * height, config.teeth_max * mouth_w)
@@ -345,12 +352,6 @@ def _paint_interior(image: np.ndarray, t: np.ndarray, s_src: np.ndarray, upper_i
                     * _lerp_step(ss, 0.3 * config.teeth_span, 0.85 * config.teeth_span))
         lower_teeth = palette.teeth[None, None, :] * (0.72 - 0.25 * np.abs(ss))[..., None]
         colour += (lower_teeth - colour) * (0.85 * in_lower)[..., None]
-
-    # Tongue: a soft dark-red mound at the bottom of a wide opening.
-    if open_ > config.tongue_from_open:
-        amount = min(1.0, (open_ - config.tongue_from_open) / (1.0 - config.tongue_from_open))
-        tongue = _smoothstep((depth - 0.6) / 0.3) * _lerp_step(ss, 0.25, 0.8) * (0.6 * amount)
-        colour += (palette.tongue - colour) * tongue[..., None]
 
     region = image[win].astype(np.float32)
     image[win] = np.clip(region + (colour - region) * coverage[..., None] + 0.5, 0, 255).astype(np.uint8)
