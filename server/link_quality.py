@@ -114,7 +114,7 @@ async def read_reports(pc: RTCPeerConnection, quality: LinkQuality,
             stats = await sender.getStats()
         except Exception:  # a closing transport: nothing to read
             return
-        report = getattr(quality, sender.kind)
+        report = quality.audio if sender.kind == "audio" else quality.video
         for s in stats.values():
             if getattr(s, "type", None) != "remote-inbound-rtp":
                 continue

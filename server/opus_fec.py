@@ -88,6 +88,7 @@ class FecOpusDecoder(Decoder):
     concealment (the ones before it)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._state: Any = None  # set before anything can raise, so __del__ always finds it
         self._clock = clock
         self._lib = libopus()
         error = ctypes.c_int(0)
@@ -103,9 +104,8 @@ class FecOpusDecoder(Decoder):
         self.late_packets = 0
 
     def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state:
-            self._lib.opus_decoder_destroy(state)
+        if self._state:
+            self._lib.opus_decoder_destroy(self._state)
             self._state = None
 
     def _decode(self, data: bytes | None, samples: int, fec: bool, pts: int) -> Frame | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from realtime.avatar import Avatar
 from realtime.mel import MEL_STEP, N_MELS
 from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
@@ -68,13 +69,13 @@ def _alpha_key(geom: FrameGeometry, shape: tuple[int, ...]) -> tuple:
     return y2 - y1, x2 - x1, y1 == 0, x1 == 0, y2 == shape[0], x2 == shape[1]
 
 
-def _describe(avatar) -> str:
-    return str(getattr(avatar, "source", None) or type(avatar).__name__)
+def _describe(avatar: Avatar) -> str:
+    return avatar.source or type(avatar).__name__
 
 
-def _valid_points(avatar) -> np.ndarray:
+def _valid_points(avatar: Avatar) -> np.ndarray:
     """(N, 7, 2) float32 landmarks with missing frames filled from the nearest good one, or a clear error."""
-    mouth = getattr(avatar, "mouth", None)
+    mouth = avatar.mouth
     name = _describe(avatar)
     if mouth is None:
         raise MissingLandmarksError(
