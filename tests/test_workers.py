@@ -38,8 +38,9 @@ def test_udp_ports_split_into_contiguous_ranges():
 
 def test_worker_count_refuses_what_cannot_work():
     assert resolve_workers(ServerConfig(workers=3)) == 3
-    assert resolve_workers(ServerConfig()) == len(os.sched_getaffinity(0))
-    assert resolve_workers(ServerConfig(cert_file="c.pem", key_file="k.pem")) == 1  # auto with TLS: one
+    assert resolve_workers(ServerConfig()) == 1  # the default, until operator views span workers
+    assert resolve_workers(ServerConfig(workers=0)) == len(os.sched_getaffinity(0))  # auto
+    assert resolve_workers(ServerConfig(workers=0, cert_file="c.pem", key_file="k.pem")) == 1  # auto with TLS
     with pytest.raises(ValueError, match="TLS"):
         resolve_workers(ServerConfig(workers=2, cert_file="c.pem", key_file="k.pem"))
     with pytest.raises(ValueError, match="render-backend ray"):
