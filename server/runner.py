@@ -238,6 +238,8 @@ async def serve_workers_async(config: ServerConfig, workers: int, started: async
             pass
     log.info("serving %s with %d worker processes", config.url, workers)
     await boss.run(listener, stop, started, drain)
+    if boss.failed is not None:
+        raise RuntimeError(boss.failed)
     log.info("stopped")
 
 

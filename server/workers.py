@@ -126,6 +126,7 @@ class _Worker:
     started: float = 0.0
     restart_at: float = 0.0  # when a dead worker is started again
     young_deaths: int = 0
+    served: bool = False  # became ready at least once (a worker that never did failed to start)
 
 
 WorkerTarget = Callable[[ServerConfig, int, int, socket.socket, Board], None]
@@ -143,6 +144,8 @@ class Supervisor:
     ended: dict[tuple[int, int], str] = field(default_factory=dict)  # (worker, generation) -> why it ended
     restarts: int = 0
     restart_delay_s: float = 0.0  # before the first restart of a worker that died old (tests set it)
+    failed: str | None = None  # why the server stopped: a worker could not start (a bad setting, an
+    #                            unreachable render tier): restarting it would only fail again
     _slots: list[_Worker] = field(default_factory=list)
     _next: int = 0
     _peeking: int = 0
@@ -213,6 +216,12 @@ class Supervisor:
                 if worker.process is not None and worker.process.exitcode is not None:
                     if draining:
                         self._retire(worker)
+                    elif not worker.served:
+                        self.failed = (f"worker {worker.index} exited before it served (exit code "
+                                       f"{worker.process.exitcode}): see its log lines above")
+                        log.error("%s; stopping the server", self.failed)
+                        stop.set()
+                        return
                     else:
                         self._reap(worker, now)
                 if worker.process is None and now >= worker.restart_at and not draining:
@@ -220,7 +229,10 @@ class Supervisor:
             if draining and all(worker.process is None for worker in self._slots):
                 stop.set()  # every worker drained and exited
                 return
-            if self._ready():
+            ready = self._ready()
+            for index in ready:
+                self._slots[index].served = True
+            if ready:
                 self._serving.set()
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)

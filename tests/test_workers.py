@@ -143,6 +143,22 @@ def test_the_supervisor_reads_the_visitor_behind_a_trusted_proxy():
         listener.close()
 
 
+def exits_at_once(config, index, generation, channel, board) -> None:
+    """A worker target that fails to start (as with an unreachable --ray-address): it exits with 3."""
+    raise SystemExit(3)
+
+
+async def test_a_worker_that_never_starts_stops_the_server_with_the_reason():
+    """Restarting a worker that failed before it ever served would only fail again, forever (the server
+    never exited): the supervisor stops and says why, and `lipsync serve` exits non-zero."""
+    boss = Supervisor(ServerConfig(host="127.0.0.1", port=0), 2, exits_at_once)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = asyncio.Event()
+    await asyncio.wait_for(boss.run(listener, stop), 60)
+    assert boss.failed is not None and "exited before it served (exit code 3)" in boss.failed
+    assert boss.restarts == 0
+
+
 # -- a real two-worker server --------------------------------------------------------------------------------
 
 
