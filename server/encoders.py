@@ -13,9 +13,10 @@ slice threads of many encoders would oversubscribe the cores), VP8 without the d
 except that forced keyframes are rate-limited (`KEYFRAME_MIN_INTERVAL_S`) and the REMB target is capped by
 the loss/delay control of server/link_quality.py, with lower floors (docs/network.md).
 
-Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which upsamples the server's
-16 kHz frames itself so that no packet waits for the next frame (20 ms less on every returned sound);
-G.711 and other codecs are aiortc's.
+Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which hands libopus the
+server's 16 kHz mono frames as they are (no resampler), so that no packet waits for the next frame (20 ms
+less on every returned sound) and libopus encodes a third of the samples, once; G.711 and other codecs
+are aiortc's.
 
 `install()` makes aiortc's RTCRtpSender create these encoders: it replaces the `get_encoder` that
 aiortc.rtcrtpsender looks up for each new sender.
