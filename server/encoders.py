@@ -13,9 +13,10 @@ slice threads of many encoders would oversubscribe the cores), VP8 without the d
 except that forced keyframes are rate-limited (`KEYFRAME_MIN_INTERVAL_S`) and the REMB target is capped by
 the loss/delay control of server/link_quality.py, with lower floors (docs/network.md).
 
-Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which upsamples the server's
-16 kHz frames itself so that no packet waits for the next frame (20 ms less on every returned sound);
-G.711 and other codecs are aiortc's.
+Audio: Opus frames leave through `server.opus_encoder.RealtimeOpusEncoder`, which hands libopus the
+server's 16 kHz mono frames as they are (no resampler), so that no packet waits for the next frame (20 ms
+less on every returned sound) and libopus encodes a third of the samples, once; G.711 and other codecs
+are aiortc's.
 
 `install()` makes aiortc's RTCRtpSender create these encoders: it replaces the `get_encoder` that
 aiortc.rtcrtpsender looks up for each new sender.
@@ -23,15 +24,19 @@ aiortc.rtcrtpsender looks up for each new sender.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, ClassVar
 
 import aiortc.rtcrtpsender
+import aiortc.rtp
+import numpy as np
 from aiortc.codecs import get_encoder as aiortc_get_encoder
 from aiortc.codecs.base import Encoder
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from av import AudioFrame
 
 from server.opus_encoder import RealtimeOpusEncoder
 
@@ -40,6 +45,9 @@ log = logging.getLogger(__name__)
 H264_OPTIONS = {"preset": "veryfast"}
 H264_THREADS = 1
 VP8_OPTIONS = {"noise-sensitivity": "0"}
+"""aiortc's real-time speed (cpu-used -6) is kept: a faster one saves little on the default avatar
+(-12: ~0.2 ms a frame for -0.6 dB) but costs ~5-6 dB Y PSNR on detailed moving content such as a
+photographed avatar's hair (bench/RESULTS.md "Video encoder settings")."""
 
 
 class TunedContext:
@@ -160,9 +168,27 @@ def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
     return aiortc_get_encoder(codec)
 
 
+MAX_SAMPLE_VALUE = 32767
+MIN_AUDIO_LEVEL = -127
+aiortc_audio_level_dbov = aiortc.rtp.compute_audio_level_dbov   # aiortc's own, before `install` replaces it
+
+
+def audio_level_dbov(frame: AudioFrame) -> int:
+    """aiortc's `rtp.compute_audio_level_dbov` (RFC 6465 Appendix A, the level in every audio packet's
+    header extension), the same integer from the same samples, in numpy: aiortc's loops over the
+    samples in Python on the event loop, ~0.03 ms per 20 ms frame, two per video frame per session."""
+    x = np.frombuffer(memoryview(frame.planes[0]), dtype=np.int16).astype(np.float64)
+    rms = math.sqrt(float(np.dot(x, x)) / (frame.samples * MAX_SAMPLE_VALUE * MAX_SAMPLE_VALUE))
+    if rms <= 0:
+        return MIN_AUDIO_LEVEL
+    return round(min(0.0, max(float(MIN_AUDIO_LEVEL), 20 * math.log10(rms))))
+
+
 def install() -> None:
-    """Make every RTCRtpSender created from now on use `get_encoder` (idempotent)."""
+    """Make every RTCRtpSender created from now on use `get_encoder`, and every sender's audio level
+    `audio_level_dbov` (aiortc.rtcrtpsender calls `rtp.compute_audio_level_dbov` per frame) (idempotent)."""
+    aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
     if aiortc.rtcrtpsender.get_encoder is not get_encoder:
         aiortc.rtcrtpsender.get_encoder = get_encoder
-        log.debug("aiortc encoders: H.264 %s, %d thread(s); VP8 %s; Opus without the frame hold-back",
+        log.debug("aiortc encoders: H.264 %s, %d thread(s); VP8 %s; Opus from 16 kHz without the frame hold-back",
                   H264_OPTIONS, H264_THREADS, VP8_OPTIONS)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from types import SimpleNamespace
 
 import aiortc.rtcrtpsender
+import aiortc.rtp
 import av
 import cv2
 import numpy as np
@@ -22,6 +24,7 @@ from server.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_f
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 H264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=99)
+AIORTC_AUDIO_LEVEL = encoders.aiortc_audio_level_dbov
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
 
 
@@ -183,6 +186,27 @@ def _vp8_descriptor_size(payload: bytes) -> int:
     if not payload[0] & 0x80:
         return 1
     return 2 + (2 if payload[1] & 0x80 and payload[2] & 0x80 else 1 if payload[1] & 0x80 else 0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 30.0, 1000.0, 10000.0, 40000.0])
+def test_audio_level_is_aiortcs_number(scale: float) -> None:
+    """The numpy level equals aiortc's Python loop on silence, quiet, speech-level and clipped frames."""
+    assert AIORTC_AUDIO_LEVEL.__module__ == "aiortc.rtp"
+    rng = np.random.default_rng(int(scale))
+    for _ in range(20):
+        pcm = np.clip(rng.standard_normal((1, 320)) * scale, -32768, 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = 16000
+        assert encoders.audio_level_dbov(frame) == AIORTC_AUDIO_LEVEL(frame)
+
+
+def test_install_gives_senders_the_numpy_audio_level(monkeypatch):
+    monkeypatch.setattr(aiortc.rtp, "compute_audio_level_dbov", AIORTC_AUDIO_LEVEL)
+    monkeypatch.setattr(aiortc.rtcrtpsender, "get_encoder", aiortc.rtcrtpsender.get_encoder)
+    encoders.install()
+    # aiortc's sender looks the function up on the module for every frame (RTCRtpSender._next_encoded_frame)
+    assert aiortc.rtcrtpsender.rtp.compute_audio_level_dbov is encoders.audio_level_dbov
+    assert "rtp.compute_audio_level_dbov(" in inspect.getsource(aiortc.rtcrtpsender.RTCRtpSender)
 
 
 def test_create_app_installs_the_realtime_encoders(monkeypatch):
