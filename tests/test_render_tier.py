@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -418,4 +419,24 @@ def test_remote_renderer_release_drops_its_reference_and_tells_the_tier():
         renderer.release(avatar)              # a second forget is a no-op, not a second release
         assert tier.forgotten == [avatar_fingerprint(avatar)]
     finally:
+        tier.close()
+
+
+def test_deleting_a_library_avatar_tells_the_tier_through_the_engine():
+    """The whole front-end path of DELETE /avatars/{id}: library removal -> the render worker's forget ->
+    RemoteRenderer.release -> the tier's forget_avatar, for that avatar's key only."""
+    from server.realtime_engine import RealtimeEngine
+
+    default_avatar = load_default_avatar()
+    tier = InProcessTier(DefaultRenderer())
+    engine = RealtimeEngine(default_avatar, RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0))
+    try:
+        other = replace(default_avatar, frames=np.ascontiguousarray(default_avatar.frames[:, :, ::-1]))
+        entry = engine.avatars.add_builtin(other, "other", "Other")
+        entry.builtin = False   # as if uploaded (the library refuses to remove built-in avatars)
+        engine.worker.prepare(other)
+        engine.avatars.remove(entry.id)
+        assert tier.forgotten == [avatar_fingerprint(other)]
+    finally:
+        engine.close()
         tier.close()
