@@ -43,7 +43,7 @@ def tier():
     # Ray 2.52-2.58's default, or an operator's environment: the server must turn token auth on itself.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Short holder leases and polls, so a freed avatar leaves the replicas within a test's patience.
-    settings = RayTierSettings(local_cpus=2, app_name="test-render", holder_lease_s=3.0, holder_renew_s=1.0,
+    settings = RayTierSettings(local_cpus=2, app_name="test-render", holder_lease_s=5.0, holder_renew_s=1.0,
                                holder_poll_s=0.5)
     tier = RayRenderTier.connect(settings, RendererSpec())
     yield tier
