@@ -22,21 +22,31 @@ token authentication works but logs a warning at start.
 Replicas import this project: every node needs it installed (the same version), like the front-ends.
 The avatar travels once, through Ray's object store (`share_avatar`), never per frame.
 
+Freeing (`DELETE /avatars/{id}`): Serve cannot send one call to every replica, so each front-end keeps
+the set of avatar keys it serves in a small named actor per application (`AvatarHoldersActor`, named
+`<app>-holders`, no CPU), renewed every `RENEW_S` as a lease; each replica polls it every
+`holder_poll_s` and frees what no front-end holds (why this and not idle eviction or piggybacking:
+realtime/render_tier/holders.py). A deleted avatar is gone from every replica within one poll.
+
 Measured on the 2-core dev machine (bench/scale.py): a round trip through a Serve handle adds ~3 ms to a
 render call.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
 import secrets
 import socket
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from realtime.avatar import Avatar
+from realtime.render_tier.holders import LEASE_S, POLL_S, RENEW_S, AvatarHolders
 from realtime.render_tier.remote_renderer import RenderTierError
 from realtime.render_tier.replica import RenderReplica, ReplicaStats
 from realtime.render_tier.wire import (
@@ -51,6 +61,7 @@ from realtime.renderers.factory import RendererSpec, build_renderer
 log = logging.getLogger(__name__)
 
 APP_NAME = "lipsync-render"
+HOLDERS_NAMESPACE = "lipsync"   # the holders actor's (a driver's own namespace is anonymous)
 
 # Ray reports usage statistics to its authors unless told not to: this server contacts nobody.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -74,6 +85,13 @@ class RayTierSettings:
     max_wait_ms: float = 4.0         # a replica's wait for other front-ends' frames
     local_cpus: int | None = None    # CPUs of a local cluster (None: all)
     app_name: str = APP_NAME
+    holder_lease_s: float = LEASE_S  # a front-end's avatars count as held this long after its last renewal
+    holder_renew_s: float = RENEW_S
+    holder_poll_s: float = POLL_S    # replicas free avatars nobody holds within this
+
+    @property
+    def holders_name(self) -> str:
+        return f"{self.app_name}-holders"
 
     def deployment_options(self) -> dict[str, Any]:
         actor = {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica}
@@ -91,8 +109,13 @@ class RayTierSettings:
 class RenderDeployment:
     """One replica: a renderer (built here, on the replica's node and device) behind an EDF batcher."""
 
-    def __init__(self, spec: RendererSpec, max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, spec: RendererSpec, max_batch: int, max_wait_s: float, holders_name: str = "",
+                 poll_s: float = POLL_S) -> None:
         self._spec = spec
+        self._holders_name = holders_name
+        self._holders: Any = None
+        self._poll_s = poll_s
+        self._sweeper: asyncio.Future | None = None
         try:
             name = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (never in production)
@@ -101,7 +124,19 @@ class RenderDeployment:
                                       max_wait_s=max_wait_s, name=str(name))
 
     async def render(self, request: RenderRequest) -> RenderReply:
+        if self._sweeper is None and self._holders_name:  # started here: the replica's event loop runs
+            self._sweeper = asyncio.ensure_future(self._replica.run_sweeps(self._live_keys, self._poll_s))
         return await self._replica.render(request)
+
+    async def _live_keys(self) -> set[str] | None:
+        if self._holders is None:
+            self._holders = ray.get_actor(self._holders_name, namespace=HOLDERS_NAMESPACE)
+        try:
+            live: set[str] | None = await self._holders.live.remote()
+            return live
+        except Exception:
+            self._holders = None  # look it up again next time (a restarted actor)
+            raise
 
     def stats(self) -> ReplicaStats:
         return self._replica.stats()
@@ -110,13 +145,41 @@ class RenderDeployment:
         return self._spec
 
 
+class AvatarHoldersActor:
+    """The Ray actor around `AvatarHolders` (one per application; calls from one caller run in order)."""
+
+    def __init__(self, lease_s: float) -> None:
+        self._holders = AvatarHolders(lease_s)
+
+    def set_holdings(self, holder: str, keys: list[str]) -> None:
+        self._holders.set_holdings(holder, keys)
+
+    def live(self) -> set[str] | None:
+        return self._holders.live()
+
+    def holders(self) -> dict[str, set[str]]:
+        return self._holders.holders()
+
+
 class RayRenderTier:
     """The front-end's client of the Ray render tier (a `RenderTierClient`)."""
 
-    def __init__(self, handle: Any, settings: RayTierSettings, started_cluster: bool) -> None:
+    def __init__(self, handle: Any, settings: RayTierSettings, started_cluster: bool,
+                 holders: Any = None) -> None:
         self._handle = handle
         self.settings = settings
         self._started_cluster = started_cluster
+        # This front-end's avatar keys, counted (two library avatars may have the same content), and the
+        # registry they are declared in; a thread renews the declaration every holder_renew_s.
+        self.holder_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._holders = holders
+        self._held: Counter[str] = Counter()
+        self._held_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        if holders is not None:
+            self._renewer = threading.Thread(target=self._renew, name="ray-avatar-holdings", daemon=True)
+            self._renewer.start()
 
     @classmethod
     def connect(cls, settings: RayTierSettings, spec: RendererSpec) -> RayRenderTier:
@@ -153,20 +216,25 @@ class RayRenderTier:
                 log.info("deploying the render tier", extra={"app": settings.app_name, **settings.deployment_options()})
                 # serve.deployment turns the class into a Deployment (its stubs still say "type").
                 deployment = RenderDeployment.options(**settings.deployment_options())  # type: ignore[attr-defined]
-                app = deployment.bind(spec, settings.max_batch, settings.max_wait_ms / 1000.0)
+                app = deployment.bind(spec, settings.max_batch, settings.max_wait_ms / 1000.0,
+                                      settings.holders_name, settings.holder_poll_s)
                 handle = serve.run(app, name=settings.app_name, route_prefix=None)
             else:
                 running = handle.describe.remote().result(timeout_s=60)
                 if running != spec:
                     raise RenderTierError(f"the Ray cluster already runs render tier {settings.app_name!r} for "
                                           f"{running}, not {spec}: use another --ray-app-name")
+            # Detached: it outlives the front-end that made it (a shared cluster's others still need it).
+            holders = ray.remote(num_cpus=0, max_restarts=-1)(AvatarHoldersActor).options(
+                name=settings.holders_name, namespace=HOLDERS_NAMESPACE, lifetime="detached",
+                get_if_exists=True).remote(settings.holder_lease_s)
         except RenderTierError:
             raise
         except Exception as exc:
             raise RenderTierError(f"--render-backend ray: the render tier did not start: {exc}") from None
         log.info("render tier ready", extra={"app": settings.app_name, "seconds": round(time.monotonic() - t0, 1),
                                              "cluster": address or "local"})
-        return cls(handle, settings, started)
+        return cls(handle, settings, started, holders)
 
     @staticmethod
     def _existing(app_name: str) -> Any | None:
@@ -176,7 +244,47 @@ class RayRenderTier:
         return serve.get_app_handle(app_name)
 
     def share_avatar(self, avatar: Avatar) -> AvatarRef:
-        return AvatarRef(avatar_fingerprint(avatar), ray.put(avatar_to_wire(avatar)))
+        """Put the avatar in the object store and declare that this front-end holds its key (waited for,
+        so no replica's sweep can miss it once the avatar is rendered)."""
+        ref = AvatarRef(avatar_fingerprint(avatar), ray.put(avatar_to_wire(avatar)))
+        with self._held_lock:
+            self._held[ref.key] += 1
+            declared = self._declare()
+        if declared is not None:
+            try:
+                ray.get(declared, timeout=60)
+            except Exception as exc:  # replicas keep everything while they cannot read the registry
+                log.warning("the render tier did not record this front-end's avatar %s (%s)", ref.key[:8], exc)
+        return ref
+
+    def forget_avatar(self, ref: AvatarRef) -> None:
+        """This front-end no longer serves `ref` (one of its `share_avatar`s): replicas free its key once
+        no front-end holds it. Not waited for; a lost message is repaired by the next renewal."""
+        with self._held_lock:
+            if self._held[ref.key] <= 1:
+                del self._held[ref.key]
+            else:
+                self._held[ref.key] -= 1
+            self._declare()
+
+    def held_keys(self) -> set[str]:
+        with self._held_lock:
+            return set(self._held)
+
+    def _declare(self) -> Any:
+        """Send this front-end's whole holdings (under _held_lock: so calls reach the actor in order)."""
+        if self._holders is None:
+            return None
+        try:
+            return self._holders.set_holdings.remote(self.holder_id, sorted(self._held))
+        except Exception as exc:
+            log.warning("cannot declare this front-end's avatars to the render tier (%s)", exc)
+            return None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.settings.holder_renew_s):
+            with self._held_lock:
+                self._declare()
 
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply:
         response = self._handle.render.remote(request)
@@ -191,7 +299,14 @@ class RayRenderTier:
         return self._handle.stats.remote().result(timeout_s=timeout_s)
 
     def close(self) -> None:
-        """Leave the cluster. A local cluster started here ends with it; a shared one keeps serving."""
+        """Leave the cluster. A local cluster started here ends with it; a shared one keeps serving (and
+        frees this front-end's avatars that no other front-end holds)."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+        with self._held_lock:
+            self._held.clear()
+            self._declare()
         if self._started_cluster:
             try:
                 serve.shutdown()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from test_render_tier import run_session
 from realtime.config import EngineConfig
 from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.remote_renderer import RemoteRenderer
+from realtime.render_tier.wire import avatar_fingerprint
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
 from realtime.scheduler import ThreadedRenderWorker
@@ -40,7 +42,10 @@ pytestmark = pytest.mark.slow
 def tier():
     # Ray 2.52-2.58's default, or an operator's environment: the server must turn token auth on itself.
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    tier = RayRenderTier.connect(RayTierSettings(local_cpus=2, app_name="test-render"), RendererSpec())
+    # Short holder leases and polls, so a freed avatar leaves the replicas within a test's patience.
+    settings = RayTierSettings(local_cpus=2, app_name="test-render", holder_lease_s=5.0, holder_renew_s=1.0,
+                               holder_poll_s=0.5)
+    tier = RayRenderTier.connect(settings, RendererSpec())
     yield tier
     tier.close()
 
@@ -109,6 +114,40 @@ def test_a_killed_replica_is_survived(tier, speech_16k):
     assert after and after.count(RENDERED) > 0.5 * len(after)
     assert renderer.stats.outages >= 1 or renderer.stats.late_frames > 0
     print(f"recovered {rendered_again - killed_at:.1f} s after the kill")
+
+
+def replica_keys(tier) -> set[str]:
+    return set(tier.replica_stats().avatar_keys)
+
+
+def test_a_deleted_avatar_is_freed_on_the_replicas_once_no_front_end_holds_it(tier):
+    """Issue #26 item 6: two front-ends serve the same avatar (same content, one key); the first forgets
+    it (its DELETE): the replica keeps it for the second, through silence longer than a lease; the
+    second forgets it: the replica frees it within a few polls, and the registry holds it for no one."""
+    base = load_default_avatar()
+    avatar = replace(base, frames=np.ascontiguousarray(base.frames[:, :, ::-1]))  # content no other test uses
+    key = avatar_fingerprint(avatar)
+    second = RayRenderTier.connect(tier.settings, RendererSpec())   # another front-end on the cluster
+    try:
+        a = RemoteRenderer(tier, sender="fe-a", audio_needs=BUILTIN_NEEDS)
+        b = RemoteRenderer(second, sender="fe-b", audio_needs=BUILTIN_NEEDS)
+        a.prepare(avatar)
+        b.prepare(avatar)
+        assert key in replica_keys(tier)
+        a.release(avatar)
+        assert key not in tier.held_keys() and key in second.held_keys()
+        time.sleep(tier.settings.holder_lease_s + 4 * tier.settings.holder_poll_s)  # no request meanwhile
+        assert key in replica_keys(tier), "freed while another front-end still held it"
+        b.release(avatar)
+        released = time.monotonic()
+        while key in replica_keys(tier):
+            assert time.monotonic() - released < 30, "the replica never freed the deleted avatar"
+            time.sleep(0.2)
+        print(f"freed on the replica {time.monotonic() - released:.1f} s after the last holder let go")
+        holders = ray.get_actor(tier.settings.holders_name, namespace="lipsync")
+        assert all(key not in keys for keys in ray.get(holders.holders.remote()).values())
+    finally:
+        second.close()
 
 
 def test_the_server_refuses_to_start_without_its_render_tier():

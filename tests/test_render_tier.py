@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from realtime.clock import ManualClock
 from realtime.config import EngineConfig
 from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.edf_batcher import EdfBatcher, Waiting, plan_batch
+from realtime.render_tier.holders import AvatarHolders
 from realtime.render_tier.remote_renderer import RemoteRenderer, RenderTierError
 from realtime.render_tier.replica import RenderReplica
 from realtime.render_tier.wire import (
@@ -186,9 +188,13 @@ class InProcessTier:
         self.thread.start()
         self.replica = RenderReplica(renderer, max_batch=8, max_wait_s=0.0)
         self.down = False
+        self.forgotten: list[str] = []
 
     def share_avatar(self, avatar) -> AvatarRef:
         return AvatarRef(avatar_fingerprint(avatar), avatar_to_wire(avatar))
+
+    def forget_avatar(self, ref: AvatarRef) -> None:
+        self.forgotten.append(ref.key)
 
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply:
         if self.down:
@@ -257,4 +263,180 @@ def test_prepare_fails_clearly_when_the_tier_is_down():
         with pytest.raises(RenderTierError, match="replica gone"):
             RemoteRenderer(tier, sender="fe1").prepare(load_default_avatar())
     finally:
+        tier.close()
+
+
+# --- freeing deleted avatars on replicas (issue #26 item 6) ---------------------------------------------
+
+class SimClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ReleasingRenderer(CountingRenderer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[object] = []
+
+    def release(self, avatar) -> None:
+        self.released.append(avatar)
+
+
+def request_for(key: str, avatar, sender: str = "fe1") -> RenderRequest:
+    return RenderRequest(sender, AvatarRef(key, {"type": _Rebuilt, "avatar": avatar}), np.array([0]),
+                         np.zeros((1, 80, 16), np.float32), 5.0)
+
+
+def test_holders_count_every_front_end_and_lapse_a_silent_one():
+    clock = SimClock()
+    holders = AvatarHolders(lease_s=60.0, clock=clock)
+    holders.set_holdings("fe1", ["k", "a"])
+    holders.set_holdings("fe2", ["k"])
+    assert holders.live() is None  # younger than a lease: it may not have heard from every front-end yet
+    clock.t += 60.0
+    holders.set_holdings("fe1", ["k", "a"])
+    holders.set_holdings("fe2", ["k"])
+    assert holders.live() == {"k", "a"}
+    holders.set_holdings("fe1", ["a"])        # fe1 forgot k; fe2 still holds it
+    assert holders.live() == {"k", "a"}
+    holders.set_holdings("fe2", [])           # the last holder of k let go
+    assert holders.live() == {"a"}
+    clock.t += 59.0
+    assert holders.live() == {"a"}
+    clock.t += 1.0                            # fe1 stopped renewing (it died): its lease lapsed
+    assert holders.live() == set() and holders.holders() == {}
+
+
+async def test_a_replica_frees_what_no_front_end_holds_and_silence_costs_nothing():
+    """A replica's polls (simulated time): held avatars survive ten minutes without a single request
+    (a live session's silence); a key shared by two front-ends is freed at the first poll after the
+    second lets go, with the renderer's release; a crashed front-end's key goes one lease later."""
+    clock = SimClock()
+    holders = AvatarHolders(lease_s=60.0, clock=clock)
+    renderer = ReleasingRenderer()
+    replica = RenderReplica(renderer, max_batch=8, max_wait_s=0.0, clock=clock)
+    shared, solo = FakeAvatar(), FakeAvatar()
+    holders.set_holdings("fe1", ["shared", "solo"])
+    holders.set_holdings("fe2", ["shared"])
+    await replica.render(request_for("shared", shared, "fe1"))
+    await replica.render(request_for("shared", shared, "fe2"))
+    await replica.render(request_for("solo", solo, "fe1"))
+    assert renderer.prepared == 2
+
+    async def poll() -> list[str]:   # what run_sweeps does every poll_s
+        clock.t += 5.0
+        as_of = clock()
+        live = holders.live()
+        return await replica.sweep(live, as_of) if live is not None else []
+
+    for _ in range(120):              # ten minutes of silence; front-ends renew every 10 s
+        if int(clock.t) % 10 == 0:
+            holders.set_holdings("fe1", ["shared", "solo"])
+            holders.set_holdings("fe2", ["shared"])
+        assert await poll() == []
+    assert set(replica.stats().avatar_keys) == {"shared", "solo"} and renderer.released == []
+
+    holders.set_holdings("fe1", ["solo"])      # fe1 deleted it; fe2 still serves the same content
+    assert await poll() == []
+    holders.set_holdings("fe2", [])
+    assert await poll() == ["shared"]
+    assert renderer.released == [shared] and replica.stats().avatar_keys == ("solo",)
+
+    # fe1 dies without a word: "solo" is freed once its lease lapses, not before
+    dropped_at = None
+    for i in range(20):
+        if await poll() == ["solo"]:
+            dropped_at = i * 5.0 + 5.0
+            break
+    assert dropped_at is not None and 50.0 <= dropped_at <= 65.0
+    assert renderer.released == [shared, solo] and replica.stats().avatars == 0
+
+    await replica.render(request_for("shared", shared))  # asked for again: prepared again
+    assert renderer.prepared == 3
+    replica.close()
+    await asyncio.sleep(0)
+
+
+async def test_a_sweep_keeps_an_avatar_used_after_the_answer_was_asked_for():
+    clock = SimClock()
+    renderer = ReleasingRenderer()
+    replica = RenderReplica(renderer, max_batch=8, max_wait_s=0.0, clock=clock)
+    as_of = clock()                   # the poll is sent; a new front-end shares "new" meanwhile
+    clock.t += 0.5
+    await replica.render(request_for("new", FakeAvatar()))
+    assert await replica.sweep(set(), as_of) == []          # the answer predates it
+    clock.t += 5.0
+    assert await replica.sweep(set(), clock()) == ["new"]   # the next one does not
+    replica.close()
+    await asyncio.sleep(0)
+
+
+async def test_run_sweeps_drops_nothing_while_the_registry_fails_or_does_not_know():
+    clock = SimClock()
+    renderer = ReleasingRenderer()
+    replica = RenderReplica(renderer, max_batch=8, max_wait_s=0.0, clock=clock)
+    await replica.render(request_for("k", FakeAvatar()))
+    answers: list[object] = [RuntimeError("registry restarting"), None, set()]
+    seen: list[tuple[str, ...]] = []
+
+    async def fetch_live():
+        seen.append(replica.stats().avatar_keys)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sleeps = 0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        clock.t += seconds
+        if sleeps > 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await replica.run_sweeps(fetch_live, 5.0, sleep=sleep)
+    assert seen == [("k",), ("k",), ("k",)]      # neither the failure nor "unknown" dropped it
+    assert replica.stats().avatars == 0 and len(renderer.released) == 1
+    replica.close()
+    await asyncio.sleep(0)
+
+
+def test_remote_renderer_release_drops_its_reference_and_tells_the_tier():
+    tier = InProcessTier(DefaultRenderer())
+    renderer = RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0)
+    avatar = load_default_avatar()
+    try:
+        renderer.prepare(avatar)
+        assert id(avatar) in renderer._refs
+        renderer.release(avatar)
+        assert id(avatar) not in renderer._refs
+        assert tier.forgotten == [avatar_fingerprint(avatar)]
+        renderer.release(avatar)              # a second forget is a no-op, not a second release
+        assert tier.forgotten == [avatar_fingerprint(avatar)]
+    finally:
+        tier.close()
+
+
+def test_deleting_a_library_avatar_tells_the_tier_through_the_engine():
+    """The whole front-end path of DELETE /avatars/{id}: library removal -> the render worker's forget ->
+    RemoteRenderer.release -> the tier's forget_avatar, for that avatar's key only."""
+    from server.realtime_engine import RealtimeEngine
+
+    default_avatar = load_default_avatar()
+    tier = InProcessTier(DefaultRenderer())
+    engine = RealtimeEngine(default_avatar, RemoteRenderer(tier, sender="fe1", min_deadline_s=30.0))
+    try:
+        other = replace(default_avatar, frames=np.ascontiguousarray(default_avatar.frames[:, :, ::-1]))
+        entry = engine.avatars.add_builtin(other, "other", "Other")
+        entry.builtin = False   # as if uploaded (the library refuses to remove built-in avatars)
+        engine.worker.prepare(other)
+        engine.avatars.remove(entry.id)
+        assert tier.forgotten == [avatar_fingerprint(other)]
+    finally:
+        engine.close()
         tier.close()

@@ -36,6 +36,8 @@ class RenderTierClient(Protocol):
 
     def share_avatar(self, avatar: Avatar) -> AvatarRef: ...  # once per avatar: make it fetchable by replicas
 
+    def forget_avatar(self, ref: AvatarRef) -> None: ...  # this front-end no longer serves it (never raises)
+
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply: ...  # RenderTierError
 
 
@@ -93,6 +95,15 @@ class RemoteRenderer(MouthRenderer):
         reply = self.client.render(request, timeout_s=self.prepare_timeout_s)
         if reply.patches is None:
             raise RenderTierError("the render tier did not render a warm-up frame")
+
+    def release(self, avatar: Avatar) -> None:
+        """The avatar was removed (the render worker's `forget`): drop its reference (so the tier's shared
+        copy can be freed) and tell the tier this front-end no longer holds it, which frees it on the
+        replicas once no other front-end does (realtime/render_tier/holders.py)."""
+        with self._lock:
+            entry = self._refs.pop(id(avatar), None)
+        if entry is not None:
+            self.client.forget_avatar(entry[1])
 
     def render(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray,
                deadline_in_s: float | None = None) -> list[MouthPatch | None]:

@@ -7,13 +7,18 @@ loop keeps taking requests from every front-end while a batch renders.
 An avatar is prepared the first time a request names its key (`AvatarRef.key`): the replica fetches the
 avatar's arrays through `fetch_avatar` (Ray: from the object store, whichever node holds them), rebuilds
 it and runs `renderer.prepare` once. Requests for it wait for that; requests for other avatars do not.
+
+Freeing: `sweep(live, as_of)` drops the prepared avatars whose key no front-end holds any more (the
+registry of realtime/render_tier/holders.py says which are live; `run_sweeps` polls it) and runs the
+renderer's `release` on them, on the render thread, between batches. An avatar used since `as_of` (the
+moment the answer was asked for) is kept: the answer may predate the front-end that just shared it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +45,7 @@ class ReplicaStats:
     mean_batch: float
     busy_s: float
     senders: int      # front-ends heard from in the last second
+    avatar_keys: tuple[str, ...] = ()  # the prepared avatars' keys
 
 
 class RenderReplica:
@@ -52,6 +58,7 @@ class RenderReplica:
         self._fetch_avatar = fetch_avatar
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"render-{name}")
         self._avatars: dict[str, Any] = {}
+        self._last_used: dict[str, float] = {}   # key -> clock() of the latest request naming it
         self._preparing: dict[str, asyncio.Future] = {}
         self.batcher = EdfBatcher(self._render_batch, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
 
@@ -68,13 +75,55 @@ class RenderReplica:
         s = self.batcher.stats
         return ReplicaStats(self.name, self.renderer.label,
                             len(self._avatars), s.batches, s.frames, s.late_frames, s.errors, s.mean_batch,
-                            s.busy_s, s.senders)
+                            s.busy_s, s.senders, tuple(self._avatars))
 
     def close(self) -> None:
         self.batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def sweep(self, live: set[str], as_of: float) -> list[str]:
+        """Drop (and `release`) the prepared avatars whose key is not in `live`, unless a request named
+        them at or after `as_of`. Returns the keys dropped. Avatars still being prepared are left alone
+        (the next sweep sees them)."""
+        gone = [key for key in self._avatars
+                if key not in live and self._last_used.get(key, float("-inf")) < as_of]
+        avatars = [self._avatars.pop(key) for key in gone]
+        for key in [k for k in self._last_used if k not in self._avatars and k not in self._preparing
+                    and k not in live]:
+            del self._last_used[key]   # also keys whose prepare failed
+        if avatars:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._release, avatars)
+            log.info("render replica %s freed %d avatar(s) no front-end holds: %s", self.name, len(gone),
+                     ", ".join(k[:8] for k in gone))
+        return gone
+
+    async def run_sweeps(self, fetch_live: Callable[[], Awaitable[set[str] | None]], poll_s: float,
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Sweep every `poll_s` with what `fetch_live` answers. An answer of None (the registry does not
+        know yet) or a failed call drops nothing: an unreachable registry must never free a live avatar."""
+        failing = False
+        while True:
+            await sleep(poll_s)
+            as_of = self.clock()
+            try:
+                live = await fetch_live()
+            except Exception as exc:  # the registry is restarting or gone: keep everything
+                if not failing:
+                    log.warning("render replica %s cannot ask which avatars are live (%s): keeping all",
+                                self.name, exc)
+                failing = True
+                continue
+            failing = False
+            if live is not None:
+                await self.sweep(live, as_of)
+
+    def _release(self, avatars: list[Any]) -> None:
+        for avatar in avatars:
+            self.renderer.release(avatar)
+
     async def _avatar(self, ref: AvatarRef) -> Any:
+        self._last_used[ref.key] = self.clock()
         avatar = self._avatars.get(ref.key)
         if avatar is not None:
             return avatar
