@@ -584,8 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seconds must be >= 8")
     opus_fec.offer_inband_fec()
     use_host_addresses(["127.0.0.1"])   # the aiortc client offers loopback only (house rule)
-    import aiortc.rtcrtpreceiver
-    aiortc.rtcrtpreceiver.get_decoder = _recording_decoder
+    opus_fec.install_decoder(_recording_decoder)
     clip = espeak_clip_16k(TEXT)
     use_chromium = args.chromium == "yes" or (args.chromium == "auto" and chromium_available())
     browser_results: dict[str, Any] = {}
