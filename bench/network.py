@@ -205,6 +205,15 @@ class Client:
                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
             return resp.status == 200 and (await resp.json()).get("state") != "closed"
 
+    async def engine_stats(self) -> dict[str, Any]:
+        """The server's engine figures for this session (GET /sessions/{id}): how often the microphone
+        input stalled (each stall re-places the input where its next audio arrives) and its delay."""
+        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
+                                 headers={"Authorization": f"Bearer {self.token}"}) as resp:
+            engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
+        return {k: engine.get(k) for k in ("segments", "stalls", "utterance_delay_ms")} | {
+            "latency_p50_ms": (engine.get("latency_ms") or {}).get("p50")}
+
     async def close(self) -> None:
         await self.pc.close()
         for task in self._tasks:
@@ -302,6 +311,7 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
             fec = sum(d.fec_frames for d in decoders) - fec0
             if outage_end is not None:
                 result["survived"] = await client.alive()
+            result["mic_session"] = await client.engine_stats()
             video = [a for a, _ in client.received.video if t0 <= a < t1]
             freeze_total, freeze_longest = freezes(video)
             mic_delays, leads = [], []
@@ -584,8 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seconds must be >= 8")
     opus_fec.offer_inband_fec()
     use_host_addresses(["127.0.0.1"])   # the aiortc client offers loopback only (house rule)
-    import aiortc.rtcrtpreceiver
-    aiortc.rtcrtpreceiver.get_decoder = _recording_decoder
+    opus_fec.install_decoder(_recording_decoder)
     clip = espeak_clip_16k(TEXT)
     use_chromium = args.chromium == "yes" or (args.chromium == "auto" and chromium_available())
     browser_results: dict[str, Any] = {}

@@ -15,6 +15,9 @@ earlier. Here:
   (`opus_packet_has_lbrr`), every other frame of the gap by libopus' concealment (PLC). So the engine
   gets whole, continuous audio; a gap longer than `MAX_CONCEALED_S` (an outage, or a sender that
   stopped) is not filled (costing at most that per packet), the stream goes on from the new packet.
+- A `JitterBatch` (several consecutive packets released at once by server/audio_jitter.py, so the
+  receive buffer never stays behind after a hole) is decoded part by part; aiortc's own decoders for other
+  audio codecs get the same (`_BatchDecoder`).
 - The server's Opus encoder is told the loss the receiver reports (`RealtimeOpusEncoder.set_expected_loss`,
   fed by server/link_quality.py) and adds FEC when it is above zero.
 """
@@ -82,6 +85,18 @@ def libopus() -> Any:
     return _lib
 
 
+class JitterBatch(JitterFrame):
+    """Consecutive audio packets handed to the decoder at once: `parts` are (payload, timestamp offset
+    from this frame's `timestamp`, modulo 2**32). `data` is the first part's, and aiortc's receiver maps
+    `timestamp` (the first part's) to its stream time as for any frame; the offsets stay valid."""
+
+    def __init__(self, parts: list[tuple[bytes, int]], timestamp: int) -> None:
+        if not parts or parts[0][1] != 0:
+            raise ValueError("a batch starts with its own first packet (offset 0)")
+        super().__init__(data=parts[0][0], timestamp=timestamp)
+        self.parts = parts
+
+
 class FecOpusDecoder(Decoder):
     """Decodes Opus packets (JitterFrames with a 48 kHz timestamp) to 48 kHz stereo s16 AudioFrames, as
     aiortc's OpusDecoder does, and fills gaps in the timestamps with FEC (the last missing frame) and
@@ -122,8 +137,14 @@ class FecOpusDecoder(Decoder):
         return frame
 
     def decode(self, encoded_frame: JitterFrame) -> list[Frame]:
-        data = bytes(encoded_frame.data)
-        timestamp = encoded_frame.timestamp
+        if isinstance(encoded_frame, JitterBatch):
+            frames: list[Frame] = []
+            for data, offset in encoded_frame.parts:
+                frames += self._decode_packet(bytes(data), encoded_frame.timestamp + offset)
+            return frames
+        return self._decode_packet(bytes(encoded_frame.data), encoded_frame.timestamp)
+
+    def _decode_packet(self, data: bytes, timestamp: int) -> list[Frame]:
         samples = self._lib.opus_packet_get_nb_samples(data, len(data), RATE)
         if samples <= 0:
             return []
@@ -160,18 +181,48 @@ class FecOpusDecoder(Decoder):
         return frames
 
 
+class _BatchDecoder(Decoder):
+    """aiortc's decoder of another audio codec (G.711, G.722), fed a `JitterBatch` part by part."""
+
+    def __init__(self, inner: Decoder) -> None:
+        self._inner = inner
+
+    def decode(self, encoded_frame: JitterFrame) -> list[Frame]:
+        if not isinstance(encoded_frame, JitterBatch):
+            return self._inner.decode(encoded_frame)
+        frames: list[Frame] = []
+        for data, offset in encoded_frame.parts:
+            frames += self._inner.decode(JitterFrame(data=data, timestamp=encoded_frame.timestamp + offset))
+        return frames
+
+
 def get_decoder(codec: RTCRtpCodecParameters) -> Decoder:
-    """aiortc's decoder for `codec`, with FEC and concealment for Opus."""
-    if codec.mimeType.lower() == "audio/opus":
+    """aiortc's decoder for `codec`, with FEC and concealment for Opus; every audio decoder takes a
+    `JitterBatch`."""
+    mime = codec.mimeType.lower()
+    if mime == "audio/opus":
         return FecOpusDecoder()
+    if mime.startswith("audio/"):
+        return _BatchDecoder(aiortc_get_decoder(codec))
     return aiortc_get_decoder(codec)
 
 
-def install_decoder() -> None:
-    """Make every RTCRtpReceiver decode Opus with `FecOpusDecoder` (idempotent)."""
-    if aiortc.rtcrtpreceiver.get_decoder is not get_decoder:
+_decoder_installed = False
+
+
+def install_decoder(factory: Callable[[RTCRtpCodecParameters], Decoder] = get_decoder) -> None:
+    """Make every RTCRtpReceiver decode with `factory` (`get_decoder`, or a wrapper of it that returns
+    its decoders, e.g. to count them): Opus with `FecOpusDecoder`, and audio batches decoded (idempotent)."""
+    global _decoder_installed
+    if aiortc.rtcrtpreceiver.get_decoder is not factory:
         libopus()  # fail here, at start-up, if libopus cannot be loaded
-        aiortc.rtcrtpreceiver.get_decoder = get_decoder
+        aiortc.rtcrtpreceiver.get_decoder = factory  # type: ignore[assignment]
+    _decoder_installed = True
+
+
+def decoder_installed() -> bool:
+    """Whether `install_decoder` ran: server/audio_jitter.py's buffer hands audio decoders batches."""
+    return _decoder_installed
 
 
 def offer_inband_fec() -> None:
@@ -186,4 +237,4 @@ def install() -> None:
     install_decoder()
 
 
-__all__ = ["FecOpusDecoder", "install", "install_decoder", "offer_inband_fec"]
+__all__ = ["FecOpusDecoder", "JitterBatch", "decoder_installed", "install", "install_decoder", "offer_inband_fec"]
