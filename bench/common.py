@@ -307,13 +307,14 @@ class Server:
             self.proc.wait()
 
 
-def start_server(args: list[str], log_path: Path, timeout_s: float = 600.0) -> Server:
-    """`run_server.py` on a free port, loopback ICE candidates only."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+def start_server(args: list[str], log_path: Path, timeout_s: float = 600.0, repo: Path = REPO) -> Server:
+    """`run_server.py` of `repo` (another checkout measures the code before a change) on a free port,
+    loopback ICE candidates only."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(repo)}
     with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
+        proc = subprocess.Popen([sys.executable, str(repo / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
                                  "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4", *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+                                cwd=repo, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout_s
     while True:
         text = log_path.read_text()
@@ -322,7 +323,7 @@ def start_server(args: list[str], log_path: Path, timeout_s: float = 600.0) -> S
             return Server(proc, match.group(1), log_path)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"bench/latency.py: the server did not start:\n{text[-3000:]}")
+            raise SystemExit(f"the server did not start:\n{text[-3000:]}")
         time.sleep(0.2)
 
 

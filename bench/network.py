@@ -47,8 +47,6 @@ import fractions
 import json
 import logging
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +63,7 @@ from aiortc.mediastreams import MediaStreamError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Server, espeak_clip_16k, loadavg, pcm16  # noqa: E402
+from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server  # noqa: E402
 from bench.netimpair import (  # noqa: E402
     GilbertElliott,
     Impairment,
@@ -530,24 +528,6 @@ async def run_chromium(server: Server, names: list[str], clip: np.ndarray, secon
 
 # -- the server ---------------------------------------------------------------------------------------
 
-def start_server(repo: Path, log_path: Path, timeout_s: float = 300.0) -> Server:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(repo)}
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(repo / "run_server.py"), "--host", "127.0.0.1", "--port", "0",
-                                 "--ice-host-addresses", "127.0.0.1", "--max-sessions", "4"],
-                                cwd=repo, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = log_path.read_text()
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", text)
-        if match:
-            return Server(proc, match.group(1), log_path)
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"bench/network.py: the server did not start:\n{text[-3000:]}")
-        time.sleep(0.2)
-
-
 def mouth_box() -> tuple[int, int, int, int]:
     from realtime.default_avatar import load_default_avatar
 
@@ -599,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     use_chromium = args.chromium == "yes" or (args.chromium == "auto" and chromium_available())
     browser_results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_repo.resolve(), Path(tmp) / "server.log")
+        server = start_server([], Path(tmp) / "server.log", timeout_s=300.0, repo=args.server_repo.resolve())
         try:
             results = asyncio.run(run_all(server, names, clip, args.seconds))
             if use_chromium:
