@@ -7,7 +7,7 @@ Measured at the client (time.monotonic of the bench process; received media is t
 the decoded frame over, i.e. after its jitter buffer, plus the onset's offset inside its 20 ms frame). The
 client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: audio
 plays after 1 packet (`--client-audio-prefetch`; aiortc holds 4), and a video frame is complete at its
-marker bit (`MarkerJitterBuffer`; aiortc waits for the next frame's first packet, 40 ms). The microphone
+marker bit (`bench.netimpair.MarkerJitterBuffer`; aiortc waits for the next frame's first packet, 40 ms). The microphone
 stand-in sends 48 kHz frames, as a browser captures (aiortc's Opus encoder holds 16 kHz frames back 20 ms).
 - push: a speech file (16 kHz wav, leading silence trimmed) is uploaded with POST /sessions/{id}/audio;
   from the POST's return to the first returned audio above the speech threshold (`push_audio_ms`) and
@@ -50,13 +50,14 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary, wav_bytes  # noqa: E402
+from bench.netimpair import MarkerJitterBuffer  # noqa: E402
 
 log = logging.getLogger("bench.latency")
 
@@ -268,30 +269,6 @@ def set_audio_prefetch(receiver: Any, prefetch: int) -> None:
     (aiortc internals, aiortc 1.x), reported in the output; the server is untouched."""
 
     receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
-
-
-class MarkerJitterBuffer(JitterBuffer):
-    """The bench client's video receive buffer: a frame is complete at its last packet (the RTP marker
-    bit), as in a browser. aiortc's own buffer completes a frame only when the next frame's first packet
-    arrives, one frame period (40 ms) later, which no browser adds; a missing packet still holds the
-    frame, and a frame whose marker was lost completes at the next timestamp as in aiortc."""
-
-    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        packets: list[Any] = []
-        for count in range(self.capacity):
-            packet = self._packets[(self._origin + count) % self._capacity]  # type: ignore[operator]
-            if packet is None:
-                return None
-            if packets and packet.timestamp != packets[0].timestamp:
-                return self._take(packets, count)
-            packets.append(packet)
-            if packet.marker:
-                return self._take(packets, count + 1)
-        return None
-
-    def _take(self, packets: list[Any], count: int) -> JitterFrame:
-        self.remove(count)
-        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
 def idle_distance(idle: np.ndarray, crop: np.ndarray) -> float:

@@ -336,22 +336,13 @@ async def negotiate_through(relay: Relay, pc: RTCPeerConnection,
     await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
 
 
-class GiveUpJitterBuffer(JitterBuffer):
-    """The client's video receive buffer, as a browser's behaves (for the aiortc client of the tests and
-    the bench): a frame is complete at its marker bit; a hole is waited for (NACK repairs it) for at
-    most `give_up_s`; then the buffer gives up on it, drops what waits behind it (frames that need the
-    missing data) and asks for a keyframe (PLI). aiortc's own buffer waits at a hole until 512 packets
-    pile up behind it (seconds of frozen video after an outage) and only then asks."""
-
-    def __init__(self, capacity: int = 512, give_up_s: float = 0.2) -> None:
-        super().__init__(capacity=capacity, is_video=True)
-        self.give_up_s = give_up_s
-        self.gave_up = 0
-        self._hole_since: float | None = None
+class MarkerJitterBuffer(JitterBuffer):
+    """A client's video receive buffer that completes a frame at its last packet (the RTP marker bit), as
+    a browser does. aiortc's own buffer completes a frame only when the next frame's first packet arrives,
+    one frame period (40 ms) later, which no browser adds; a missing packet still holds the frame, and a
+    frame whose marker was lost completes at the next timestamp as in aiortc."""
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        """A frame is complete at its marker bit, as in a browser (aiortc waits for the next frame's
-        first packet, 40 ms later); a frame whose marker was lost completes at the next timestamp."""
         if self._origin is None:
             return None
         packets: list[RtpPacket] = []
@@ -370,6 +361,20 @@ class GiveUpJitterBuffer(JitterBuffer):
         self.remove(count)
         return JitterFrame(data=b"".join(p._data for p in packets),  # type: ignore[attr-defined]
                            timestamp=packets[0].timestamp)
+
+
+class GiveUpJitterBuffer(MarkerJitterBuffer):
+    """The client's video receive buffer, as a browser's behaves (for the aiortc client of the tests and
+    the bench): a frame is complete at its marker bit; a hole is waited for (NACK repairs it) for at
+    most `give_up_s`; then the buffer gives up on it, drops what waits behind it (frames that need the
+    missing data) and asks for a keyframe (PLI). aiortc's own buffer waits at a hole until 512 packets
+    pile up behind it (seconds of frozen video after an outage) and only then asks."""
+
+    def __init__(self, capacity: int = 512, give_up_s: float = 0.2) -> None:
+        super().__init__(capacity=capacity, is_video=True)
+        self.give_up_s = give_up_s
+        self.gave_up = 0
+        self._hole_since: float | None = None
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         pli, frame = super().add(packet)
