@@ -1,6 +1,8 @@
 """Shared test fixtures: small media made on the fly (espeak-ng speech), never downloaded."""
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import subprocess
 import wave
@@ -122,3 +124,18 @@ async def server(server_engine, server_settings):
     running = await start_server(server_engine, **server_settings)
     yield running
     await running.stop()
+
+
+@pytest.fixture
+def clean_log(caplog):
+    """After the test: no ERROR record, no traceback, and none of the listed secrets (the fixture's value:
+    append a token to it) in any log line, at DEBUG, from set-up and the test itself."""
+    caplog.set_level(logging.DEBUG)
+    secrets: list[str] = []
+    yield secrets
+    for record in caplog.get_records("setup") + caplog.get_records("call"):
+        assert record.levelno < logging.ERROR, record.getMessage()
+        assert record.exc_info is None, record.getMessage()
+        text = record.getMessage() + json.dumps({k: str(v) for k, v in vars(record).items()})
+        for secret in secrets:
+            assert secret not in text, record.getMessage()

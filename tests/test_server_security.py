@@ -38,17 +38,10 @@ EVIL = "https://evil.example"
 
 
 @pytest.fixture
-def clean_log(caplog):
-    """After the test: no ERROR record, no traceback, and no secret in any log line."""
-    caplog.set_level(logging.DEBUG)
-    secrets: list[str] = [OPERATOR]
-    yield secrets
-    for record in caplog.get_records("setup") + caplog.get_records("call"):
-        assert record.levelno < logging.ERROR, record.getMessage()
-        assert record.exc_info is None, record.getMessage()
-        text = record.getMessage() + json.dumps({k: str(v) for k, v in vars(record).items()})
-        for secret in secrets:
-            assert secret not in text, record.getMessage()
+def clean_log(clean_log: list[str]) -> list[str]:
+    """conftest's clean log, with the operator token among the secrets."""
+    clean_log.append(OPERATOR)
+    return clean_log
 
 
 @pytest.fixture

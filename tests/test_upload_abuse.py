@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -40,14 +39,10 @@ def wav_bytes(seconds: float, rate: int) -> bytes:
 
 
 @pytest.fixture
-def clean_log(caplog):
-    """After the test: no ERROR record and no traceback in the log."""
-    caplog.set_level(logging.DEBUG)
-    secrets: list[str] = [OPERATOR]
-    yield secrets
-    for record in caplog.get_records("setup") + caplog.get_records("call"):
-        assert record.levelno < logging.ERROR, record.getMessage()
-        assert record.exc_info is None, record.getMessage()
+def clean_log(clean_log: list[str]) -> list[str]:
+    """conftest's clean log, with the operator token among the secrets."""
+    clean_log.append(OPERATOR)
+    return clean_log
 
 
 @pytest.fixture
