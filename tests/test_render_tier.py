@@ -319,10 +319,10 @@ async def test_a_replica_frees_what_no_front_end_holds_and_silence_costs_nothing
     renderer = ReleasingRenderer()
     replica = RenderReplica(renderer, max_batch=8, max_wait_s=0.0, clock=clock)
     shared, solo = FakeAvatar(), FakeAvatar()
-    holders.set_holdings("fe1", ["shared", "solo"])
-    holders.set_holdings("fe2", ["shared"])
-    await replica.render(request_for("shared", shared, "fe1"))
-    await replica.render(request_for("shared", shared, "fe2"))
+    holders.set_holdings("fe1", ["both", "solo"])
+    holders.set_holdings("fe2", ["both"])
+    await replica.render(request_for("both", shared, "fe1"))
+    await replica.render(request_for("both", shared, "fe2"))
     await replica.render(request_for("solo", solo, "fe1"))
     assert renderer.prepared == 2
 
@@ -334,15 +334,15 @@ async def test_a_replica_frees_what_no_front_end_holds_and_silence_costs_nothing
 
     for _ in range(120):              # ten minutes of silence; front-ends renew every 10 s
         if int(clock.t) % 10 == 0:
-            holders.set_holdings("fe1", ["shared", "solo"])
-            holders.set_holdings("fe2", ["shared"])
+            holders.set_holdings("fe1", ["both", "solo"])
+            holders.set_holdings("fe2", ["both"])
         assert await poll() == []
-    assert set(replica.stats().avatar_keys) == {"shared", "solo"} and renderer.released == []
+    assert set(replica.stats().avatar_keys) == {"both", "solo"} and renderer.released == []
 
     holders.set_holdings("fe1", ["solo"])      # fe1 deleted it; fe2 still serves the same content
     assert await poll() == []
     holders.set_holdings("fe2", [])
-    assert await poll() == ["shared"]
+    assert await poll() == ["both"]
     assert renderer.released == [shared] and replica.stats().avatar_keys == ("solo",)
 
     # fe1 dies without a word: "solo" is freed once its lease lapses, not before
@@ -354,7 +354,7 @@ async def test_a_replica_frees_what_no_front_end_holds_and_silence_costs_nothing
     assert dropped_at is not None and 50.0 <= dropped_at <= 65.0
     assert renderer.released == [shared, solo] and replica.stats().avatars == 0
 
-    await replica.render(request_for("shared", shared))  # asked for again: prepared again
+    await replica.render(request_for("both", shared))  # asked for again: prepared again
     assert renderer.prepared == 3
     replica.close()
     await asyncio.sleep(0)
