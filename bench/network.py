@@ -209,7 +209,9 @@ class Client:
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
             engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
-        return {k: engine.get(k) for k in ("segments", "stalls", "utterance_delay_ms")} | {
+        keys = ("segments", "stalls", "utterance_delay_ms", "live_jitter_ms", "live_margin_ms",
+                "live_trimmed_samples")
+        return {k: engine.get(k) for k in keys} | {
             "latency_p50_ms": (engine.get("latency_ms") or {}).get("p50")}
 
     async def close(self) -> None:

@@ -41,6 +41,10 @@ class EngineConfig:
     batch_max_utilization: float = 0.8   # a batch size is chosen only if cost(k) <= this x k periods
     stall_after_ms: float = 40.0         # input this late ends the current segment (flushes its mel);
                                          # raised automatically for sources pushing larger real-time chunks
+                                         # and for a live input's arrival jitter
+    live_window_ms: float = 2000.0       # a live input's (push_audio(live=True)) arrival jitter is read
+                                         # over this window; delay it went unneeded for this long is
+                                         # given back in its pauses (realtime/live_arrival.py)
 
     # Render worker (realtime/scheduler.py).
     max_batch: int = 8                   # frames per renderer call
@@ -78,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"paste_mode must be 'feather' or 'official', got {self.paste_mode!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.live_window_ms <= 0:
+            raise ValueError(f"live_window_ms must be > 0, got {self.live_window_ms}")
         if self.compute_budget_frames < 0 or self.input_jitter_ms < 0:
             raise ValueError("compute_budget_frames and input_jitter_ms must be >= 0")
         if not 0 < self.batch_max_utilization <= 1:

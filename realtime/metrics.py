@@ -110,6 +110,7 @@ class SessionCounters:
     audio_refused_chunks: int = 0    # pushes cut short or refused for that reason (logged rate-limited)
     segments: int = 0          # contiguous input runs (a new one starts after a stall or interrupt)
     stalls: int = 0            # segments ended because input stopped arriving
+    live_trimmed_samples: int = 0  # pause samples of a live input not stored (delay a late burst added, given back)
     interrupts: int = 0
 
     def counts(self) -> dict[str, int]:
@@ -162,18 +163,22 @@ class SessionStats(SessionCounters):
     delay_frames: int
     batch_frames: int
     buffered_input_ms: float         # pushed input not yet played
+    live_jitter_ms: float | None = None   # a live input's arrival-lateness spread lately (None: no live input)
+    live_margin_ms: float | None = None   # the delay its placement had to spare lately (realtime/live_arrival.py)
 
     @staticmethod
     def of(metrics: SessionMetrics, *, name: str, renderer: str | None, fps: float, latency_budget_ms: float,
            lookahead_ms: float, utterance_delay_ms: float | None, quick_starts: int, delay_frames: int,
-           batch_frames: int, buffered_input_ms: float) -> SessionStats:
+           batch_frames: int, buffered_input_ms: float, live_jitter_ms: float | None = None,
+           live_margin_ms: float | None = None) -> SessionStats:
         return SessionStats(**metrics.counts(), av_offset_ms=metrics.av_offset_ms,
                             av_offset_max_abs_ms=metrics.av_offset_max_abs_ms,
                             latency_ms=metrics.latency_ms.snapshot(), render_ms=metrics.render_ms.snapshot(),
                             name=name, renderer=renderer, fps=fps, latency_budget_ms=latency_budget_ms,
                             lookahead_ms=lookahead_ms, utterance_delay_ms=utterance_delay_ms,
                             quick_starts=quick_starts, delay_frames=delay_frames, batch_frames=batch_frames,
-                            buffered_input_ms=buffered_input_ms)
+                            buffered_input_ms=buffered_input_ms, live_jitter_ms=live_jitter_ms,
+                            live_margin_ms=live_margin_ms)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
         The constructor calls worker.prepare(avatar) (slow the first time per avatar: build sessions off
         the event loop, or prepare the avatar on the worker beforehand).
 
-    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1, *, utterance=None) -> int
+    session.push_audio(samples: np.ndarray, sample_rate: int, channels: int = 1, *, utterance=None,
+                       live=False) -> int
         Any rate, any chunk size; int16 (or int32/uint8) or float32 in [-1, 1]; interleaved when
         channels > 1 (or shaped (N, channels)). Returns the input-timeline index (16 kHz) where the
         converted chunk starts. Audio pushed faster than real time (TTS) simply queues. `utterance`
@@ -22,6 +23,9 @@ API (all times in seconds from the injected `clock`, default time.monotonic)
         the chunk would start an utterance past `config.max_queued_utterances` or a segment past
         `config.max_queued_segments`: the cost of a push is constant, but each queued utterance and
         segment holds memory, and a source sending one-sample utterances would otherwise queue millions.
+        `live=True` declares a real-time capture (the server's microphone): its arrival jitter widens
+        the stall threshold, and delay a late burst added is given back in its pauses
+        (realtime/live_arrival.py). Never for pushed speech, whose pauses are content.
     session.end_of_audio() -> None
         Optional: the current utterance is complete (also for the playback events). Its last frames
         are made right away with the official end-of-clip windows instead of after the stall timeout (`stall_after_ms`).
@@ -65,7 +69,8 @@ allowance, or sooner for audio already here: realtime/utterance_start.py) and it
 frame at or before that point with leading silence, so no sound waits for the next frame boundary; audio
 that resumes after a stall while earlier audio still plays starts at the next frame boundary after it.
 A segment ends when input stops arriving for `stall_after_ms` (raised to 1.5x the chunk of
-a source pushing bigger chunks in real time, at most L / 2) or on end_of_audio(): its
+a source pushing bigger chunks in real time, or to the jitter allowance plus the arrival jitter a live
+input showed, at most L / 2) or on end_of_audio(): its
 mel is flushed with the offline end padding and its frames follow the official rule, so each frame's mel
 window equals `mel_windows(melspectrogram(segment audio), fps)` (frames past the official count reuse the
 last window). Frame i of a segment is submitted for rendering when its 200 ms window is complete, which
@@ -96,6 +101,7 @@ from realtime.clock import Timeline, VideoClock
 from realtime.config import EngineConfig
 from realtime.frame_planner import FramePlan, FramePlanner
 from realtime.input_segment import InputSegment
+from realtime.live_arrival import LiveArrival
 from realtime.mel import SAMPLE_RATE
 from realtime.metrics import SessionMetrics, SessionStats
 from realtime.mouth_hold import MouthHold
@@ -149,7 +155,11 @@ class LipSyncSession:
         self._metrics = SessionMetrics(self.config.latency_buckets_ms, self.config.render_buckets_ms,
                                        self.config.latency_window)
         self._jitter_samples = round(self.config.input_jitter_ms * SAMPLE_RATE / 1000)
-        self._stall = StallThreshold(self.config.stall_after_ms, self._delay_samples)
+        self._stall = StallThreshold(self.config.stall_after_ms, self._delay_samples, self._jitter_samples)
+        self._live = LiveArrival(window=round(self.config.live_window_ms * SAMPLE_RATE / 1000),
+                                 jitter=self._jitter_samples,
+                                 min_quiet=round(self.config.vad_hangover_ms * SAMPLE_RATE / 1000),
+                                 quiet_rms=10.0 ** (self.config.energy_gate_dbfs / 20.0))
         self._utterance_delay_ms: float | None = None   # the delay the latest utterance started with
         self._quick_starts = 0                          # utterances that started with the compute budget only
         self._out_anchor: tuple[int, float] | None = None   # (output position, wall time) of the latest pull
@@ -187,7 +197,7 @@ class LipSyncSession:
 
     # -- input ------------------------------------------------------------------------------------
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
-                   utterance: str | None = None) -> int:
+                   utterance: str | None = None, live: bool = False) -> int:
         if self._closed:
             self._closed_log("session %s: push_audio after close ignored", self.name)
             return self._in_head
@@ -204,11 +214,19 @@ class LipSyncSession:
         if opens:
             self._open_segment(now_out, self._output_position(now))
         start = self._in_head
-        self._stall.note_chunk(len(converted), start, now_out)
-        kept = self._ring.append(converted, start, now)
+        received = len(converted)
+        self._stall.note_chunk(received, start, now_out)
+        if live:
+            trim = self._live.note(converted, start, self._output_position(now),
+                                   may_trim=not opens and self._segments[-1].pending is None)
+            self._stall.note_spread(self._live.spread)
+            if trim:   # quiet input: a pause plays shorter, giving back delay the link no longer needs
+                converted = converted[trim:]
+                self._metrics.live_trimmed_samples += trim
+        kept = self._ring.append(converted, start, now) if len(converted) else 0
         self._in_head += kept
         self.playback.on_input(utterance, start, kept, now)
-        self._metrics.audio_in_samples += len(converted)
+        self._metrics.audio_in_samples += received
         self._metrics.audio_refused_samples += len(converted) - kept
         self._metrics.audio_refused_chunks += int(kept < len(converted))
         self._advance(now)
@@ -250,6 +268,7 @@ class LipSyncSession:
             self._utterance_delay_ms = self.latency_ms
         self._segments.append(InputSegment(start, first_frame, self.config, self._delay_samples, pending))
         self._in_head = start
+        self._live.restart(position)
         self._metrics.segments += 1
         log.debug("session %s: segment %d starts at input %d%s", self.name, self._metrics.segments, start,
                   " (pending)" if pending else f" (frame {first_frame})")
@@ -290,6 +309,7 @@ class LipSyncSession:
             seg.delay_samples = out_start - seg.pending.opened_out
         self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
         seg.pending = None
+        self._live.restart(position)
         log.debug("session %s: utterance starts at output %d, frame %d (delay %.0f ms)", self.name, out_start,
                   first_frame, self._utterance_delay_ms)
 
@@ -482,10 +502,13 @@ class LipSyncSession:
         self._planner.drain()
         # Input stored but not played yet: from the input sample the audio track plays next to the head.
         unplayed = self._ring.head - (self._audio_out.position - self._delay_samples)
+        margin = self._live.margin
         return SessionStats.of(
             self._metrics, name=self.name, renderer=None if self._worker is None else self._worker.name,
             fps=self.fps, latency_budget_ms=self.latency_ms, lookahead_ms=self.lookahead_ms,
             utterance_delay_ms=self._utterance_delay_ms, quick_starts=self._quick_starts,
             delay_frames=self.timeline.delay_frames, batch_frames=self.timeline.batch_frames,
             buffered_input_ms=(1000.0 * max(0, unplayed) / SAMPLE_RATE
-                               if self._ring.stored else 0.0))
+                               if self._ring.stored else 0.0),
+            live_jitter_ms=None if margin is None else 1000.0 * self._live.spread / SAMPLE_RATE,
+            live_margin_ms=None if margin is None else 1000.0 * margin / SAMPLE_RATE)

@@ -39,7 +39,7 @@ class AudioInput:
             self.mic_dropped += 1
             return
         try:
-            self._engine.push_audio(samples, sample_rate, channels)
+            self._engine.push_audio(samples, sample_rate, channels, live=True)   # its pauses may shorten
         except QueueLimit:   # the session's segment cap (a microphone that keeps stalling): drop the frame
             self.mic_dropped += 1
 

@@ -37,7 +37,8 @@ class EngineSession(Protocol):
     def latency_ms(self) -> float: ...  # the fixed delay from audio in to the same audio (and mouth) out
 
     def push_audio(self, samples: np.ndarray, sample_rate: int, channels: int = 1, *,
-                   utterance: str | None = None) -> int: ...  # its input position; utterance: for the playback events
+                   utterance: str | None = None, live: bool = False) -> int: ...
+    # its input position; utterance: for the playback events; live: a real-time capture (the microphone)
 
     def next_video_frame(self) -> VideoOut: ...  # .image (H, W, 3) BGR uint8
 
