@@ -2,6 +2,7 @@
 renderer) and an aiortc client talking through the user-space relay of bench/netimpair.py, per condition.
 
     python bench/network.py [--seconds 15] [--conditions clean,loss2_jitter30,burst5,link600k,outage3s]
+                            [--sessions mic,push] [--chromium auto|yes|no]
                             [--server-repo PATH]   # e.g. a worktree of main, for the "before" figures
 
 Conditions (both directions unless said): clean; loss2_jitter30 (2 % random loss, 30 +- 15 ms delay);
@@ -9,9 +10,13 @@ burst5 (5 % loss in bursts of 3 packets on average, Gilbert-Elliott); link600k (
 200 ms queue, server -> client; the client -> server direction 600 kbit/s too); outage3s (a clean link,
 everything dropped for 3 s in the middle).
 
-The client is a microphone session: it says a speech clip every ~3.5 s and the server returns it delayed
-with the talking avatar. Its receivers behave like a browser's where aiortc's differ (the server is
-untouched): video frames complete at their marker bit and a hole is given up after 0.2 s with a PLI
+Two aiortc sessions per condition (`--sessions`): a microphone session ("aiortc"): its microphone track
+says a speech clip every ~3.5 s and the server returns it delayed with the talking avatar; and a push
+session ("aiortc_push"): no microphone, the same clip every ~3.5 s over the session's PCM WebSocket in
+real-time 20 ms chunks (a TTS streaming at 1x; `SpeakingPusher`). The WebSocket is TCP on loopback, not
+through the relay: for the push session only the returned media cross the impaired link. The client's
+receivers behave like a browser's where aiortc's differ (the server is untouched): video frames
+complete at their marker bit and a hole is given up after 0.2 s with a PLI
 (`GiveUpJitterBuffer`), audio plays on arrival and skips a lost packet (server/audio_jitter.py), and
 Opus is decoded with FEC and concealment (server/opus_fec.py) as libwebrtc's NetEq does.
 
@@ -23,9 +28,13 @@ link), at the client:
 - concealed_pct: 20 ms audio frames the decoder had to invent (PLC) or that never came, over all;
 - lip_lead_ms: per utterance, returned speech onset minus mouth-opening onset, both as arrival times
   (positive: the lips lead), the median;
-- mic_to_audio_ms: from the microphone frame holding the onset to the returned speech onset, median;
+- mic_to_audio_ms: from the microphone frame holding the onset (push: the WebSocket chunk holding it) to
+  the returned speech onset, median;
 - send_kbps: what the server sent (bytes entering the relay from the server) over the last 10 s;
-- latency_delta_ms: mic_to_audio_ms minus the clean condition's.
+- latency_delta_ms: mic_to_audio_ms minus the clean condition's (same session kind);
+- mic_session / push_session: the server's engine figures (GET /sessions/{id}): segments, stalls,
+  utterance_delay_ms, latency_p50_ms, and for the microphone live_jitter_ms, live_margin_ms and
+  live_trimmed_samples (realtime/live_arrival.py).
 outage3s adds survived (the session still open after it), video_resume_ms (from the link's return to
 the next decoded frame) and frames_first_s (frames decoded in the second after it: no stale burst).
 Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the page itself (Start, its
@@ -36,8 +45,9 @@ totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt; long
 mic_to_audio_ms and latency_delta_ms are null (the page gives no per-freeze durations, and the returned
 audio is not captured).
 
-The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "chromium": null}},
-"loadavg": ..., "seconds": ...}; "chromium" is null when it was not run.
+The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "aiortc_push": {...},
+"chromium": null}}, "loadavg": ..., "seconds": ...}; a session kind or "chromium" is null when it was not
+run.
 """
 from __future__ import annotations
 
@@ -140,6 +150,47 @@ class SpeakingMicrophone(MediaStreamTrack):
         return frame
 
 
+class SpeakingPusher:
+    """The push session's speaker: the clip over the session's PCM WebSocket (GET /sessions/{id}/stream,
+    16 kHz s16) in 20 ms chunks, each sent once it has been "spoken" (a TTS streaming at real time), every
+    `period_s`, with {"type": "end"} after each; remembers when each onset was sent (as
+    SpeakingMicrophone does: the chunk's send time minus what follows the onset in it). Pauses are not
+    sent: a push source sends its utterances only. The WebSocket is TCP on loopback, outside the relay:
+    only the returned media cross the impaired link."""
+
+    def __init__(self, clip: np.ndarray, period_s: float, first_s: float) -> None:
+        self._pcm = pcm16(clip)
+        loud = np.flatnonzero(np.abs(clip) > 0.02)
+        self._onset = int(loud[0]) if loud.size else 0
+        self._period, self._first = period_s, first_s
+        self.onsets: list[float] = []
+
+    async def run(self, http: aiohttp.ClientSession, url: str) -> None:
+        chunk = RATE // 50
+        async with http.ws_connect(url) as ws:
+            drain = asyncio.ensure_future(self._drain(ws))   # the server's playback events: read, unused
+            try:
+                start = time.monotonic() + self._first
+                k = 0
+                while True:
+                    for i, first in enumerate(range(0, len(self._pcm), chunk)):
+                        wait = start + k * self._period + (i + 1) * 0.020 - time.monotonic()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                        await ws.send_bytes(self._pcm[first:first + chunk].tobytes())
+                        if first <= self._onset < first + chunk:
+                            self.onsets.append(time.monotonic() - (first + chunk - self._onset) / RATE)
+                    await ws.send_str('{"type": "end"}')
+                    k += 1
+            finally:
+                drain.cancel()
+
+    @staticmethod
+    async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for _ in ws:
+            pass
+
+
 @dataclass
 class Received:
     video: list[tuple[float, np.ndarray]] = field(default_factory=list)     # (arrival, mouth crop)
@@ -182,17 +233,27 @@ class Client:
                 data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
                 self.received.audio.append((now, int(frame.pts), data.astype(np.float32)))
 
-    async def connect(self, mic: MediaStreamTrack) -> None:
-        self.pc.addTrack(mic)
+    async def connect(self, mic: MediaStreamTrack | None) -> None:
+        """A microphone session (`mic`) or a push session (None: audio is received only)."""
+        if mic is not None:
+            self.pc.addTrack(mic)
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         use_give_up_jitter_buffer(self.pc)
         audio_jitter.install(self.pc)
 
         async def post(sdp: str) -> str:
-            async with self.http.post(self.server.endpoint("/offer"), json={"sdp": sdp, "type": "offer"}) as resp:
-                answer = await resp.json()
+            deadline = time.monotonic() + 30.0
+            while True:   # the previous condition's session may still be ending (503 with retry_after_s)
+                async with self.http.post(self.server.endpoint("/offer"), json={"sdp": sdp, "type": "offer"}) as resp:
+                    answer = await resp.json()
+                if resp.status == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(float(answer.get("retry_after_s") or 1.0))
+                    continue
                 if resp.status != 200:
                     raise SystemExit(f"bench/network.py: offer refused: {answer}")
+                break
             self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
             return str(answer["sdp"])
 
@@ -203,9 +264,14 @@ class Client:
                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
             return resp.status == 200 and (await resp.json()).get("state") != "closed"
 
+    def stream_url(self) -> str:
+        return self.server.endpoint(f"/sessions/{self.session_id}/stream?rate={RATE}&channels=1&format=s16"
+                                    f"&token={self.token}")
+
     async def engine_stats(self) -> dict[str, Any]:
-        """The server's engine figures for this session (GET /sessions/{id}): how often the microphone
-        input stalled (each stall re-places the input where its next audio arrives) and its delay."""
+        """The server's engine figures for this session (GET /sessions/{id}): how often the input stalled
+        (each stall re-places the input where its next audio arrives), its delay, and for a microphone
+        the arrival jitter the engine saw and the delay it gave back (realtime/live_arrival.py)."""
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
             engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
@@ -215,6 +281,10 @@ class Client:
             "latency_p50_ms": (engine.get("latency_ms") or {}).get("p50")}
 
     async def close(self) -> None:
+        if self.session_id:   # end it now, not when the server notices the silence (the next may wait)
+            async with self.http.delete(self.server.endpoint(f"/sessions/{self.session_id}"),
+                                        headers={"Authorization": f"Bearer {self.token}"}) as resp:
+                await resp.read()
         await self.pc.close()
         for task in self._tasks:
             task.cancel()
@@ -270,19 +340,26 @@ def median(values: list[float]) -> float | None:
 # -- one condition ------------------------------------------------------------------------------------
 
 async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: float, box: tuple[int, int, int, int],
-                        seed: int) -> dict[str, Any]:
+                        seed: int, source: str = "mic") -> dict[str, Any]:
+    """One session through the impaired link: `source` "mic" (the client's microphone track) or "push"
+    (a push session: the clip over the PCM WebSocket, `SpeakingPusher`)."""
     up, down = CONDITIONS[name]
     relay = await Relay(up=up, down=down, seed=seed).start()
     period = max(3.5, len(clip) / RATE + 1.5)
-    mic = SpeakingMicrophone(clip, period_s=period, first_s=2.5)
+    speaker: SpeakingMicrophone | SpeakingPusher
+    speaker = (SpeakingMicrophone(clip, period_s=period, first_s=2.5) if source == "mic"
+               else SpeakingPusher(clip, period_s=period, first_s=2.5))
     decoders.clear()
     result: dict[str, Any] = {}
     sent: list[tuple[float, int]] = []
     sampler = asyncio.ensure_future(sample_sent(relay, sent))
+    pusher: asyncio.Future[None] | None = None
     async with aiohttp.ClientSession() as http:
         client = Client(server, http, relay, box)
         try:
-            await client.connect(mic)
+            await client.connect(speaker if isinstance(speaker, SpeakingMicrophone) else None)
+            if isinstance(speaker, SpeakingPusher):
+                pusher = asyncio.ensure_future(speaker.run(http, client.stream_url()))
             start = time.monotonic()
             while not client.received.video:
                 if time.monotonic() - start > 30:
@@ -311,12 +388,14 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
             fec = sum(d.fec_frames for d in decoders) - fec0
             if outage_end is not None:
                 result["survived"] = await client.alive()
-            result["mic_session"] = await client.engine_stats()
+            if pusher is not None and pusher.done():   # the WebSocket failed: say why, make up nothing
+                raise SystemExit(f"bench/network.py: push stream ended in {name}: {pusher.exception()!r}")
+            result[f"{source}_session"] = await client.engine_stats()
             video = [a for a, _ in client.received.video if t0 <= a < t1]
             freeze_total, freeze_longest = freezes(video)
             mic_delays, leads = [], []
-            log.debug("onsets %s window %s %s", [round(o - t0, 2) for o in mic.onsets], 0, round(t1 - t0, 2))
-            for onset in mic.onsets:
+            log.debug("onsets %s window %s %s", [round(o - t0, 2) for o in speaker.onsets], 0, round(t1 - t0, 2))
+            for onset in speaker.onsets:
                 if not t0 <= onset < t1 - 1.0:
                     continue
                 if outage_end is not None and outage_end - 3.0 - 1.0 <= onset < outage_end:
@@ -348,6 +427,9 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
                                    "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
         finally:
             sampler.cancel()
+            if pusher is not None:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
             await client.close()
             relay.close()
     if result.get("send_kbps") is not None:
@@ -540,21 +622,25 @@ def mouth_box() -> tuple[int, int, int, int]:
     return int(y1), int(y2), int(x1), int(x2)
 
 
-async def run_all(server: Server, names: list[str], clip: np.ndarray, seconds: float) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+async def run_all(server: Server, names: list[str], clip: np.ndarray, seconds: float,
+                  sources: list[str]) -> dict[str, dict[str, Any]]:
+    """{source: {condition: figures}}; latency_delta_ms against the same source's clean figure."""
+    results: dict[str, dict[str, Any]] = {source: {} for source in sources}
     box = mouth_box()
     # A first session pays one-time costs (imports, first encoders, caches): not measured.
     await run_condition(server, "clean", clip, 8.0, box, seed=99)
     for i, name in enumerate(names):
-        before = loadavg()
-        res = await run_condition(server, name, clip, seconds, box, seed=100 + i)
-        res["loadavg"] = [before, loadavg()]
-        results[name] = res
-        log.info("%-15s %s", name, json.dumps(res))
-    clean = results.get("clean", {}).get("mic_to_audio_ms")
-    for res in results.values():
-        m = res.get("mic_to_audio_ms")
-        res["latency_delta_ms"] = None if clean is None or m is None else round(m - clean, 1)
+        for source in sources:
+            before = loadavg()
+            res = await run_condition(server, name, clip, seconds, box, seed=100 + i, source=source)
+            res["loadavg"] = [before, loadavg()]
+            results[source][name] = res
+            log.info("%-15s %-4s %s", name, source, json.dumps(res))
+    for by_name in results.values():
+        clean = by_name.get("clean", {}).get("mic_to_audio_ms")
+        for res in by_name.values():
+            m = res.get("mic_to_audio_ms")
+            res["latency_delta_ms"] = None if clean is None or m is None else round(m - clean, 1)
     return results
 
 
@@ -562,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--sessions", default="mic,push",
+                        help="aiortc sessions per condition: mic (its microphone track), push (PCM WebSocket)")
     parser.add_argument("--chromium", choices=("auto", "yes", "no"), default="auto",
                         help="also drive the page in /usr/bin/chromium through the relay (auto: if installed)")
     parser.add_argument("--server-repo", type=Path, default=REPO,
@@ -572,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
         raise SystemExit(f"bench/network.py: unknown conditions {unknown}; known: {list(CONDITIONS)}")
+    sources = [s.strip() for s in args.sessions.split(",") if s.strip()]
+    if not sources or any(s not in ("mic", "push") for s in sources):
+        raise SystemExit(f"bench/network.py: --sessions takes mic and/or push, got {args.sessions!r}")
     if args.seconds < 8:
         raise SystemExit("--seconds must be >= 8")
     opus_fec.offer_inband_fec()
@@ -583,14 +674,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server([], Path(tmp) / "server.log", timeout_s=300.0, repo=args.server_repo.resolve())
         try:
-            results = asyncio.run(run_all(server, names, clip, args.seconds))
+            results = asyncio.run(run_all(server, names, clip, args.seconds, sources))
             if use_chromium:
                 browser_results = asyncio.run(run_chromium(server, names, clip, args.seconds, Path(tmp)))
         finally:
             server.stop()
     sys.stdout.flush()
-    print(json.dumps({"conditions": {n: {"aiortc": r, "chromium": browser_results.get(n)}
-                                     for n, r in results.items()},
+    print(json.dumps({"conditions": {n: {"aiortc": results.get("mic", {}).get(n),
+                                         "aiortc_push": results.get("push", {}).get(n),
+                                         "chromium": browser_results.get(n)} for n in names},
                       "seconds": args.seconds, "server_repo": str(args.server_repo), "cpus": os.cpu_count(),
                       "loadavg": loadavg()}), flush=True)
     return 0

@@ -20,7 +20,8 @@ of output time:
 
 Margins are measured against the current placement (`in_head`: where the chunk is stored), so they
 restart whenever the session places the input anew (`restart`); the lateness spread does not depend on
-placement (arrival position minus samples received) and is kept across segments. Work per chunk is
+placement (arrival position minus samples received) and is kept across the segments of a continuing
+input (a stall), restarting only with an input that starts from silence. Work per chunk is
 constant: sliding-window extremes over monotonic deques.
 """
 from __future__ import annotations
@@ -73,10 +74,17 @@ class LiveArrival:
         self._quiet_run = 0
         self.trimmed = 0              # samples given back, in all
 
-    def restart(self, position: int) -> None:
-        """The input was placed anew at output position `position` (a new segment): margins restart."""
+    def restart(self, position: int, *, from_silence: bool = False) -> None:
+        """The input was placed anew at output position `position` (a new segment): margins restart.
+        `from_silence`: nothing was queued to play (a session's start, after an interrupt, after pushed
+        speech during which the microphone was not fed): the lateness record restarts too, as the
+        samples received no longer count the time since the last live chunk."""
         self._margin.clear()
         self._placed_at = position
+        if from_silence:
+            for extreme in self._lateness:
+                extreme.clear()
+            self._received = position
 
     @property
     def margin(self) -> int | None:

@@ -268,7 +268,7 @@ class LipSyncSession:
             self._utterance_delay_ms = self.latency_ms
         self._segments.append(InputSegment(start, first_frame, self.config, self._delay_samples, pending))
         self._in_head = start
-        self._live.restart(position)
+        self._live.restart(position, from_silence=from_silence)
         self._metrics.segments += 1
         log.debug("session %s: segment %d starts at input %d%s", self.name, self._metrics.segments, start,
                   " (pending)" if pending else f" (frame {first_frame})")
