@@ -249,3 +249,21 @@ def test_live_arrival_never_gives_back_more_than_a_pause_allows():
     assert live.note(quiet, head + 320, position + 320) == 0   # quiet, but right after speech
 
 
+
+
+def test_the_server_declares_its_microphone_live_and_pushed_speech_not():
+    """Only the microphone's pauses may be shortened: pushed speech (uploads, TTS) keeps every sample."""
+    from server.audio_input import AudioInput
+
+    calls: list[bool] = []
+
+    class Spy(LipSyncSession):
+        def push_audio(self, samples, sample_rate, channels=1, *, utterance=None, live=False):
+            calls.append(live)
+            return super().push_audio(samples, sample_rate, channels, utterance=utterance, live=live)
+
+    audio_input = AudioInput(Spy(FakeAvatar(), None, clock=ManualClock()))
+    audio_input.microphone(np.zeros(960, np.int16), 48000, 1)
+    audio_input.push(np.zeros(320, np.int16), 16000)
+    audio_input.push(np.zeros(320, np.int16), 16000, utterance="u1", complete=True)
+    assert calls == [True, False, False]
