@@ -18,11 +18,12 @@ of output time:
   storing less of the quiet chunk: speech is never dropped, doubled or stretched, and each pause gives
   back at most `MAX_TRIM_FRACTION` of its length (silence shortened, never removed).
 
-Margins are measured against the current placement (`in_head`: where the chunk is stored), so they
-restart whenever the session places the input anew (`restart`); the lateness spread does not depend on
-placement (arrival position minus samples received) and is kept across the segments of a continuing
-input (a stall), restarting only with an input that starts from silence. Work per chunk is
-constant: sliding-window extremes over monotonic deques.
+Margins are measured against the current placement (`in_head`: where the chunk is stored); when the
+session places a continuing input anew (a stall: `moved`), the window's margins move with it, so the
+late chunk that caused the stall keeps what it needed in the window and only delay beyond it is given
+back. The lateness spread does not depend on placement (arrival position minus samples received). Both
+restart with an input that starts from silence (`restart`). Work per chunk is constant: sliding-window
+extremes over monotonic deques, and one offset that shifts every stored margin at once.
 """
 from __future__ import annotations
 
@@ -70,28 +71,32 @@ class LiveArrival:
         self._received = 0            # live samples received, before any trim
         self._lateness = (WindowExtreme(window, largest=True), WindowExtreme(window, largest=False))
         self._margin = WindowExtreme(window, largest=False)
-        self._placed_at: int | None = None   # output position where the current placement began
+        self._placed_at: int | None = None   # output position where the input started (from silence)
         self._quiet_run = 0
+        self._shift = 0               # stored margins minus this are the margins under today's placement
         self.trimmed = 0              # samples given back, in all
 
-    def restart(self, position: int, *, from_silence: bool = False) -> None:
-        """The input was placed anew at output position `position` (a new segment): margins restart.
-        `from_silence`: nothing was queued to play (a session's start, after an interrupt, after pushed
-        speech during which the microphone was not fed): the lateness record restarts too, as the
-        samples received no longer count the time since the last live chunk."""
+    def restart(self, position: int) -> None:
+        """A live input starts from silence at output position `position` (a session's start, after an
+        interrupt, after pushed speech during which the microphone was not fed): nothing before says
+        anything about it."""
         self._margin.clear()
+        for extreme in self._lateness:
+            extreme.clear()
         self._placed_at = position
-        if from_silence:
-            for extreme in self._lateness:
-                extreme.clear()
-            self._received = position
+        self._shift = 0
+
+    def moved(self, jump: int) -> None:
+        """The continuing input was placed `jump` samples later (or earlier, negative) on the input
+        timeline: every chunk of the window would have had that much more margin."""
+        self._shift -= jump
 
     @property
     def margin(self) -> int | None:
-        """The smallest margin of the window since the placement (None before any live chunk): delay
+        """The smallest margin of the window, under today's placement (None before any live chunk): delay
         the live input did not need lately."""
         lowest = self._margin.value()
-        return None if lowest is None else lowest - self.trimmed
+        return None if lowest is None else lowest - self._shift
 
     @property
     def spread(self) -> int:
@@ -103,15 +108,15 @@ class LiveArrival:
         """A live chunk about to be stored at input index `in_head`, the output clock at `position`.
         Returns how many of its leading samples not to store (delay given back; 0 unless `may_trim`,
         the chunk is quiet, the input has been quiet for `min_quiet`, and a whole window since the
-        placement arrived with margin)."""
+        input started arrived with margin)."""
         n = len(chunk)
         lateness = position - self._received
         self._received += n
         for extreme in self._lateness:
             extreme.push(position, lateness)
         # Margin: how far the chunk's place is ahead of where the jitter allowance needs it. Stored plus
-        # what was given back so far, so a trim shifts every stored margin at once (read minus it).
-        self._margin.push(position, in_head - (position - self.jitter) + self.trimmed)
+        # the shift, so a trim or a new placement moves every stored margin at once (read minus it).
+        self._margin.push(position, in_head - (position - self.jitter) + self._shift)
         quiet = n > 0 and float(np.sqrt(np.mean(np.square(chunk, dtype=np.float64)))) < self.quiet_rms
         quiet_before, self._quiet_run = self._quiet_run, (self._quiet_run + n if quiet else 0)
         excess = self.margin or 0
@@ -119,7 +124,8 @@ class LiveArrival:
                 or position - self._placed_at < self.window):
             return 0
         trim = min(excess, int(n * MAX_TRIM_FRACTION))
-        self.trimmed += trim   # every later chunk is stored `trim` earlier: every margin shrinks by it
+        self.trimmed += trim
+        self._shift += trim    # every later chunk is stored `trim` earlier: every margin shrinks by it
         return trim
 
 

@@ -267,8 +267,11 @@ class LipSyncSession:
             start, pending = self.timeline.frame_start(first_frame) - self._delay_samples, None
             self._utterance_delay_ms = self.latency_ms
         self._segments.append(InputSegment(start, first_frame, self.config, self._delay_samples, pending))
+        if from_silence:
+            self._live.restart(position)
+        else:
+            self._live.moved(start - self._in_head)   # the gap a stall leaves: the input plays later
         self._in_head = start
-        self._live.restart(position, from_silence=from_silence)
         self._metrics.segments += 1
         log.debug("session %s: segment %d starts at input %d%s", self.name, self._metrics.segments, start,
                   " (pending)" if pending else f" (frame {first_frame})")
@@ -309,7 +312,7 @@ class LipSyncSession:
             seg.delay_samples = out_start - seg.pending.opened_out
         self._utterance_delay_ms = 1000.0 * (out_start - seg.pending.opened_out) / SAMPLE_RATE
         seg.pending = None
-        self._live.restart(position)
+        self._live.moved(delta)
         log.debug("session %s: utterance starts at output %d, frame %d (delay %.0f ms)", self.name, out_start,
                   first_frame, self._utterance_delay_ms)
 

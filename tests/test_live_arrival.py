@@ -227,7 +227,7 @@ def test_jittery_link_that_turns_clean_returns_to_the_clean_delay(mic, clean_del
 
 
 def test_live_arrival_never_gives_back_more_than_a_pause_allows():
-    """Units: nothing before a whole window since the placement, nothing from a loud chunk or just after
+    """Units: nothing before a whole window since the input started, nothing from a loud chunk or just after
     speech, at most half of a quiet chunk, and never more than the smallest margin of the window."""
     live = LiveArrival(window=1600, jitter=320, min_quiet=1920, quiet_rms=10 ** (-50 / 20))
     quiet, loud = np.zeros(320, np.float32), np.full(320, 0.1, np.float32)
@@ -267,3 +267,16 @@ def test_the_server_declares_its_microphone_live_and_pushed_speech_not():
     audio_input.push(np.zeros(320, np.int16), 16000)
     audio_input.push(np.zeros(320, np.int16), 16000, utterance="u1", complete=True)
     assert calls == [True, False, False]
+
+
+def test_a_new_placement_moves_the_windows_margins_with_it():
+    """A stall places the continuing input `jump` later: every chunk of the window would have had that
+    much more margin, and the late chunk that caused it keeps what it needed."""
+    live = LiveArrival(window=1600, jitter=320, min_quiet=0, quiet_rms=10 ** (-50 / 20))
+    live.restart(0)
+    live.note(np.full(320, 0.1, np.float32), 0, 320)        # on time: margin 0
+    assert live.margin == 0
+    live.moved(640)                                          # placed 40 ms later
+    assert live.margin == 640
+    live.note(np.full(320, 0.1, np.float32), 640 + 320, 320 + 320 + 600)   # the late one: margin 40
+    assert live.margin == 40
