@@ -1,21 +1,21 @@
 """A live input (the microphone) over a lossy, jittery link, in simulated time: the engine's added delay
 stays bounded and comes back down when the link is clean again, and no speech is lost or doubled.
 
-The driver plays the server's part: every 20 ms of output it pulls 20 ms of audio (and a video frame
-every 40 ms); the microphone's 20 ms chunks arrive when a seeded link model delivers them: a fixed path
-delay, normal jitter clipped at 2.5 sigma with order kept (jitter comes from queues, as
+The driver (bench/live_jitter.py) plays the server's part: every 20 ms of output it pulls 20 ms of
+audio (and a video frame every 40 ms); the microphone's 20 ms chunks arrive when a seeded link model
+delivers them: a fixed path delay, normal jitter clipped at 2.5 sigma with order kept (jitter comes from queues, as
 bench/netimpair.py models it), and lost packets that arrive with the next one (the microphone decoder
 rebuilds a lost frame from the next packet's FEC data: server/opus_fec.py).
 """
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 
 import numpy as np
 import pytest
 
+from bench import live_jitter
+from bench.live_jitter import arrivals, mic_input, onset_delays, onsets
 from realtime.clock import ManualClock
 from realtime.config import EngineConfig
 from realtime.live_arrival import LiveArrival, WindowExtreme
@@ -26,7 +26,6 @@ from tests.test_engine import FakeAvatar, RecordingRenderer
 
 SR = 16000
 CHUNK = 320             # 20 ms
-LOUD = 0.02             # an utterance's onset: its first sample louder than this
 
 
 class FirstColumnsRenderer(RecordingRenderer):
@@ -36,77 +35,13 @@ class FirstColumnsRenderer(RecordingRenderer):
     traits = RendererTraits(audio_needs=AudioNeeds(columns=5))
 
 
-def arrivals(n: int, *, delay_ms: float, jitter_ms: float = 0.0, loss: float = 0.0, seed: int = 0,
-             extra: dict[int, float] | None = None) -> list[float]:
-    """When each of n chunks (chunk i recorded by (i + 1) x 20 ms) reaches the engine. `extra`: chunk
-    index -> additional delay in seconds (a one-off late burst)."""
-    rng = random.Random(seed)
-    times = []
-    for i in range(n):
-        j = 0.0
-        if jitter_ms:
-            j = max(-2.5, min(2.5, rng.gauss(0.0, 1.0))) * jitter_ms
-        times.append((i + 1) * 0.02 + (delay_ms + j) / 1000 + (extra or {}).get(i, 0.0))
-    for i in range(1, n):            # order kept: a queue delays, it does not reorder
-        times[i] = max(times[i], times[i - 1])
-    lost = [rng.random() < loss for _ in range(n)]
-    for i in range(n - 2, -1, -1):   # a lost packet's audio comes with the next packet (FEC)
-        if lost[i]:
-            times[i] = times[i + 1]
-    return times
+def make_session(clock: ManualClock) -> LipSyncSession:
+    return LipSyncSession(FakeAvatar(), InlineRenderWorker(FirstColumnsRenderer(), clock=ManualClock()),
+                          EngineConfig(), clock=clock)
 
 
-def mic_input(clip: np.ndarray, utterances: int, lead_s: float = 1.0, pause_s: float = 1.8) -> np.ndarray:
-    """Silence, then the clip and a pause, `utterances` times, as whole 20 ms chunks."""
-    parts = [np.zeros(int(lead_s * SR), np.float32)]
-    for _ in range(utterances):
-        parts += [clip, np.zeros(int(pause_s * SR), np.float32)]
-    audio = np.concatenate(parts)
-    return np.concatenate([audio, np.zeros(-len(audio) % CHUNK, np.float32)])
-
-
-def run_live(audio: np.ndarray, times: list[float], *, live: bool = True,
-             config: EngineConfig | None = None) -> tuple[LipSyncSession, np.ndarray]:
-    """Push `audio` chunk by chunk at `times` (seconds; output clock starts at 0) and pull the output
-    until everything played. Returns the session and the output audio (output sample j at j / 16 kHz)."""
-    clock = ManualClock()
-    session = LipSyncSession(FakeAvatar(), InlineRenderWorker(FirstColumnsRenderer(), clock=ManualClock()),
-                             config or EngineConfig(), clock=clock)
-    end = max(times) + 1.0
-    events: list[tuple[float, int, int]] = []   # (time, kind order, index); pushes before pulls at a tie
-    for i, t in enumerate(times):
-        events.append((t, 0, i))
-    k = 0
-    while k * 0.02 < end:
-        events.append((k * 0.02, 1, k))
-        k += 1
-    heapq.heapify(events)
-    out: list[np.ndarray] = []
-    while events:
-        t, kind, i = heapq.heappop(events)
-        clock.set(t)
-        if kind == 0:
-            session.push_audio(audio[i * CHUNK:(i + 1) * CHUNK], SR, live=live)
-        else:
-            out.append(session.next_audio(CHUNK))
-            if i % 2 == 0:
-                session.next_video_frame()
-    return session, np.concatenate(out)
-
-
-def onsets(audio: np.ndarray) -> list[int]:
-    """The first loud sample of each utterance of the input."""
-    loud = np.flatnonzero(np.abs(audio) > LOUD)
-    return [int(loud[0])] + [int(b) for a, b in itertools.pairwise(loud) if b - a > SR]
-
-
-def onset_delays(audio: np.ndarray, out: np.ndarray) -> list[float]:
-    """Per utterance: when its onset played minus when it was recorded (ms)."""
-    onsets_in = onsets(audio)
-    loud_out = np.flatnonzero(np.abs(out) > LOUD)
-    onsets_out = [int(loud_out[0])] + [int(b) for a, b in itertools.pairwise(loud_out) if b - a > SR // 2]
-    assert len(onsets_in) == len(onsets_out), (onsets_in, onsets_out)
-    return [1000.0 * (o - i) / SR for i, o in zip(onsets_in, onsets_out, strict=True)]
+def run_live(audio: np.ndarray, times: list[float], *, live: bool = True) -> tuple[LipSyncSession, np.ndarray]:
+    return live_jitter.run_live(make_session, audio, times, live=live)
 
 
 def assert_speech_whole(audio: np.ndarray, out: np.ndarray) -> None:
