@@ -1,6 +1,6 @@
 """The engine alone under a lossy, jittery microphone link, in simulated time: how much delay the link
 adds to each utterance, with the old placement (`push_audio(live=False)`, what the engine did for the
-microphone before realtime/live_arrival.py) and the new one (`live=True`, what the server does now).
+microphone before realtime/timeline/live_arrival.py) and the new one (`live=True`, what the server does now).
 
     python bench/live_jitter.py [--seeds 8] [--utterances 6] [--jitter-ms 15] [--loss 0.02]
 
@@ -8,7 +8,7 @@ No network, no threads, no wall time: the driver plays the server's part (20 ms 
 frame every 40 ms) and delivers the microphone's 20 ms chunks when a seeded link model says: a fixed
 30 ms path delay, normal jitter clipped at 2.5 sigma with order kept (bench/netimpair.py's model), and a
 lost chunk arriving with the next one (the microphone decoder rebuilds it from the next packet's FEC
-data, server/opus_fec.py). bench/network.py's loss2_jitter30 applies the same model to the uplink, but
+data, server/media/opus_fec.py). bench/network.py's loss2_jitter30 applies the same model to the uplink, but
 on a live server whose own scheduling adds jitter that varies with the machine's load; here the engine's
 share is isolated and the result is the same on any machine.
 
@@ -37,8 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from realtime.clock import ManualClock  # noqa: E402
-from realtime.session import LipSyncSession  # noqa: E402
+from realtime.timeline.clock import ManualClock  # noqa: E402
+from realtime.timeline.session import LipSyncSession  # noqa: E402
 
 SR = 16000
 CHUNK = 320             # 20 ms
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench/live_jitter.py: --seeds >= 1 and --utterances >= 2")
 
     from bench.common import espeak_clip_16k
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.config import EngineConfig
-    from realtime.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
-    from realtime.scheduler import InlineRenderWorker
+    from realtime.scheduling.scheduler import InlineRenderWorker
 
     avatar = load_default_avatar()
     renderer = DefaultRenderer()

@@ -16,9 +16,9 @@ session ("aiortc_push"): no microphone, the same clip every ~3.5 s over the sess
 real-time 20 ms chunks (a TTS streaming at 1x; `SpeakingPusher`). The WebSocket is TCP on loopback, not
 through the relay: for the push session only the returned media cross the impaired link. The client's
 receivers behave like a browser's where aiortc's differ (the server is untouched): video frames
-complete at their marker bit and a hole is given up after 0.2 s with a PLI
-(`GiveUpJitterBuffer`), audio plays on arrival and skips a lost packet (server/audio_jitter.py), and
-Opus is decoded with FEC and concealment (server/opus_fec.py) as libwebrtc's NetEq does.
+complete at their marker bit and a hole is given up after 0.2 s with a PLI (`GiveUpJitterBuffer`),
+audio plays on arrival and skips a lost packet (server/media/audio_jitter.py), and Opus is decoded with
+FEC and concealment (server/media/opus_fec.py) as libwebrtc's NetEq does.
 
 Figures per condition, over the measured window (`--seconds`, after 3 s of warm-up on the impaired
 link), at the client:
@@ -34,7 +34,7 @@ link), at the client:
 - latency_delta_ms: mic_to_audio_ms minus the clean condition's (same session kind);
 - mic_session / push_session: the server's engine figures (GET /sessions/{id}): segments, stalls,
   utterance_delay_ms, latency_p50_ms, and for the microphone live_jitter_ms, live_margin_ms and
-  live_trimmed_samples (realtime/live_arrival.py).
+  live_trimmed_samples (realtime/timeline/live_arrival.py).
 outage3s adds survived (the session still open after it), video_resume_ms (from the link's return to
 the next decoded frame) and frames_first_s (frames decoded in the second after it: no stale burst).
 Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the page itself (Start, its
@@ -82,8 +82,8 @@ from bench.netimpair import (  # noqa: E402
     rewrite_candidates,
     use_give_up_jitter_buffer,
 )
-from server import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
-from server.ice import use_host_addresses  # noqa: E402
+from server.media import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
+from server.network.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("bench.network")
 
@@ -271,7 +271,7 @@ class Client:
     async def engine_stats(self) -> dict[str, Any]:
         """The server's engine figures for this session (GET /sessions/{id}): how often the input stalled
         (each stall re-places the input where its next audio arrives), its delay, and for a microphone
-        the arrival jitter the engine saw and the delay it gave back (realtime/live_arrival.py)."""
+        the arrival jitter the engine saw and the delay it gave back (realtime/timeline/live_arrival.py)."""
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
             engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
@@ -613,7 +613,7 @@ async def run_chromium(server: Server, names: list[str], clip: np.ndarray, secon
 # -- the server ---------------------------------------------------------------------------------------
 
 def mouth_box() -> tuple[int, int, int, int]:
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     points = np.asarray(avatar.mouth, dtype=np.float32).reshape(-1, 2)

@@ -164,7 +164,7 @@ class SessionStats(SessionCounters):
     batch_frames: int
     buffered_input_ms: float         # pushed input not yet played
     live_jitter_ms: float | None = None   # a live input's arrival-lateness spread lately (None: no live input)
-    live_margin_ms: float | None = None   # the delay its placement had to spare lately (realtime/live_arrival.py)
+    live_margin_ms: float | None = None   # the delay its placement had to spare lately (timeline/live_arrival.py)
 
     @staticmethod
     def of(metrics: SessionMetrics, *, name: str, renderer: str | None, fps: float, latency_budget_ms: float,

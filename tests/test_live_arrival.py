@@ -5,7 +5,7 @@ The driver (bench/live_jitter.py) plays the server's part: every 20 ms of output
 audio (and a video frame every 40 ms); the microphone's 20 ms chunks arrive when a seeded link model
 delivers them: a fixed path delay, normal jitter clipped at 2.5 sigma with order kept (jitter comes from queues, as
 bench/netimpair.py models it), and lost packets that arrive with the next one (the microphone decoder
-rebuilds a lost frame from the next packet's FEC data: server/opus_fec.py).
+rebuilds a lost frame from the next packet's FEC data: server/media/opus_fec.py).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import pytest
 
 from bench import live_jitter
 from bench.live_jitter import arrivals, mic_input, onset_delays, onsets
-from realtime.clock import ManualClock
 from realtime.config import EngineConfig
-from realtime.live_arrival import LiveArrival, WindowExtreme
 from realtime.renderers.base import AudioNeeds, RendererTraits
-from realtime.scheduler import InlineRenderWorker
-from realtime.session import LipSyncSession
+from realtime.scheduling.scheduler import InlineRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.live_arrival import LiveArrival, WindowExtreme
+from realtime.timeline.session import LipSyncSession
 from tests.test_engine import FakeAvatar, RecordingRenderer
 
 SR = 16000
@@ -188,7 +188,7 @@ def test_live_arrival_never_gives_back_more_than_a_pause_allows():
 
 def test_the_server_declares_its_microphone_live_and_pushed_speech_not():
     """Only the microphone's pauses may be shortened: pushed speech (uploads, TTS) keeps every sample."""
-    from server.audio_input import AudioInput
+    from server.media.audio_input import AudioInput
 
     calls: list[bool] = []
 
