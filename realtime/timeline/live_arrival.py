@@ -2,8 +2,8 @@
 
 Why. A session's input -> output mapping is fixed (input n plays at n + L), so a live input's delay is
 decided by where its audio is placed on the input timeline: where its first chunk arrived, and again
-after every stall (realtime/timeline/session.py `_open_segment`). Over a lossy, jittery link the microphone's
-arrivals come late in bursts: a late chunk that passes the stall threshold closes the segment, and the
+after every stall (realtime/timeline/session.py `_open_segment`). Over a lossy, jittery link the
+microphone's arrivals come late in bursts: a late chunk that passes the stall threshold closes the segment, and the
 next one is placed where its (late) audio arrived, so the delay grows by that lateness and, as the input
 is contiguous from then on, keeps it for the rest of the session. Each bad moment ratchets the delay up.
 
@@ -12,7 +12,7 @@ of output time:
 - the stall threshold covers the spread of arrival lateness the link has shown (`spread`; the session
   passes it to `StallThreshold`, which bounds it at L / 2), so ordinary jitter no longer closes the
   segment;
-- delay the input has not needed for a whole window is given back (`excess`): when every chunk of the
+- delay the input has not needed for a whole window is given back (`margin`): when every chunk of the
   window arrived with margin over the jitter allowance, the smallest margin is delay nobody used. It is
   given back only in the input's pauses (quiet chunks after at least `min_quiet` samples of quiet), by
   storing less of the quiet chunk: speech is never dropped, doubled or stretched, and each pause gives
@@ -100,7 +100,8 @@ class LiveArrival:
 
     @property
     def spread(self) -> int:
-        """Arrival lateness of the window's latest chunk minus its earliest: the link's jitter."""
+        """How much later than real time the window's latest-arriving chunk came than its earliest: the
+        link's jitter as this input sees it."""
         late, early = self._lateness[0].value(), self._lateness[1].value()
         return 0 if late is None or early is None else late - early
 
