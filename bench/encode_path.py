@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import av
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +39,7 @@ from realtime import compositor
 from realtime.config import EngineConfig
 from realtime.session_options import SessionOptions
 from server import encoders, tracks
+from server.media_executor import limit_native_threads
 from server.realtime_engine import RealtimeEngine
 from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
@@ -322,6 +324,19 @@ def bgr24_frame(image: np.ndarray) -> av.VideoFrame:
 
 
 @contextmanager
+def server_threads(baseline: bool) -> Iterator[None]:
+    """OpenCV's thread count as the server sets it (server.media_executor.limit_native_threads, from
+    create_app), OpenCV's default for the baseline; restored after."""
+    before = cv2.getNumThreads()
+    if not baseline:
+        limit_native_threads()
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+@contextmanager
 def baseline_frames(enabled: bool) -> Iterator[None]:
     original = tracks.video_frame
     if enabled:
@@ -448,7 +463,7 @@ async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate
     # datagrams go to a local socket that is never read (the kernel drops them once its buffer is full)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reader, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
-            timed_paste(stages), timed_track_wakeups(), baseline_frames(baseline):
+            timed_paste(stages), timed_track_wakeups(), baseline_frames(baseline), server_threads(baseline):
         reader.bind(("127.0.0.1", 0))
         sink.setblocking(False)
         results = await asyncio.gather(*[

@@ -20,6 +20,7 @@ from server.errors import json_errors
 from server.heap import HeapTrimmer
 from server.ice import client_ice_servers, new_ticket
 from server.limits import ClientLimits, WorkPool
+from server.media_executor import limit_native_threads
 from server.metrics import render_metrics
 from server.prometheus import CONTENT_TYPE
 from server.sessions import SessionManager, UnknownSession
@@ -40,6 +41,7 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
     admits a fixed number (server/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
     opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
+    limit_native_threads()  # OpenCV's calls in the threads that make them (server/media_executor.py)
     hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
     if capacity is None:
         capacity = unmeasured_capacity(config, engine.fps)
