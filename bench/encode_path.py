@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fractions
 import logging
 import os
 import random
@@ -38,10 +39,11 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 from realtime import compositor
 from realtime.config import EngineConfig
 from realtime.session_options import SessionOptions
-from server import encoders, tracks
-from server.media_executor import limit_native_threads
+from server import encoders, opus_fec, tracks
+from server.media_executor import MediaExecutor, limit_native_threads
+from server.opus_fec import FecOpusDecoder, MicrophoneFrame
 from server.realtime_engine import RealtimeEngine
-from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
+from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, frame_to_pcm
 
 log = logging.getLogger("bench.encoded_sessions")
 
@@ -309,6 +311,55 @@ async def push_loop(source: TimedSource, wav: np.ndarray, rate: int, clock: Medi
         source.push_audio(wav[start:start + chunk], rate)
 
 
+OPUS_RATE = 48000
+OPUS_FRAME = 960   # 20 ms at 48 kHz
+
+
+def browser_opus(wav: np.ndarray, rate: int) -> list[tuple[bytes, int]]:
+    """The speech as a browser's microphone sends it: Opus 20 ms packets from 48 kHz stereo (32 kb/s,
+    voip, in-band FEC on), as (payload, 48 kHz RTP timestamp). Made once before a trial: the client's
+    encode is not the server's cost."""
+    codec = av.CodecContext.create("libopus", "w")
+    assert isinstance(codec, av.AudioCodecContext)
+    codec.bit_rate, codec.format, codec.layout = 32000, "s16", "stereo"
+    codec.sample_rate, codec.time_base = OPUS_RATE, fractions.Fraction(1, OPUS_RATE)
+    codec.options = {"application": "voip", "fec": "1", "packet_loss": "5"}
+    x = np.interp(np.arange(int(len(wav) * OPUS_RATE / rate)) * rate / OPUS_RATE, np.arange(len(wav)), wav)
+    pcm = np.clip(x * 32767, -32768, 32767).astype(np.int16)
+    packets: list[tuple[bytes, int]] = []
+    first: int | None = None
+    for i in range(0, len(pcm) - OPUS_FRAME + 1, OPUS_FRAME):
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[i:i + OPUS_FRAME], 2).reshape(1, -1), format="s16",
+                                           layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = OPUS_RATE, i, fractions.Fraction(1, OPUS_RATE)
+        for p in codec.encode(frame):
+            assert p.pts is not None
+            first = p.pts if first is None else first
+            packets.append((bytes(p), int(p.pts - first)))
+    return packets
+
+
+async def microphone_loop(source: TimedSource, packets: list[tuple[bytes, int]], clock: MediaClock,
+                          stages: StageClock, baseline: bool) -> None:
+    """The speech as the server receives a microphone: each Opus packet in real time, decoded by the
+    decoder the server installs for its receivers (server.opus_fec.get_decoder, fed the MicrophoneFrames its
+    receive buffer makes: 16 kHz mono; the baseline: 48 kHz stereo as before), then server.tracks'
+    frame_to_pcm and the session's push_audio, as pump_microphone and AudioInput do. The server decodes
+    in aiortc's decoder thread; here it runs on the loop, timed apart (`mic_decode`)."""
+    decoder = FecOpusDecoder() if baseline else opus_fec.get_decoder(codec_parameters("opus"))
+    await clock.wait_started()
+    t0 = clock.origin()
+    for c, (data, timestamp) in enumerate(packets):
+        delay = t0 + 0.02 * c - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        with stages.stage("mic_decode"):
+            frames = decoder.decode(MicrophoneFrame(data=data, timestamp=timestamp))
+            pcm = [frame_to_pcm(frame) for frame in frames if isinstance(frame, av.AudioFrame)]
+        for samples, rate, channels in pcm:
+            source.push_audio(samples, rate, channels)
+
+
 def encoder_factory(baseline: bool):
     """What an RTCRtpSender calls to make its encoder: the server's (server.encoders, installed by
     create_app), or aiortc's own settings for the baseline."""
@@ -349,7 +400,7 @@ def baseline_frames(enabled: bool) -> Iterator[None]:
 
 async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: np.ndarray, rate: int,
                       seconds: float, stages: StageClock, baseline: bool, sink: socket.socket,
-                      address: tuple) -> dict:
+                      address: tuple, mic: list[tuple[bytes, int]] | None = None) -> dict:
     await asyncio.sleep(i / (n * engine.fps))  # independent peers: arbitrary phases
     session = engine.open_session(SessionOptions(), name=f"s{i}")
     source = TimedSource(session, stages)
@@ -367,7 +418,8 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
                       engine.fps, vlog, stages),
             send_loop(audio_track, source, aenc, RtpOut("audio", 111, sink, address), stop_at, clock,
                       engine.fps, None, stages),
-            push_loop(source, wav, rate, clock))
+            push_loop(source, wav, rate, clock) if mic is None
+            else microphone_loop(source, mic, clock, stages, baseline))
         metrics = asdict(session.metrics())  # plain data: the results are printed as JSON
     finally:
         video_track.stop()
@@ -399,6 +451,7 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
     rtp_send = c.get("rtp_send", 0.0)
     video_call, colour = c.get("video_encode_call", 0.0), c.get("colour_conversion", 0.0)
     audio_call = c.get("audio_encode_call", 0.0)
+    mic_decode = c.get("mic_decode", 0.0)  # 0 when the speech is pushed as PCM
     # Threads Python did not start: the encoders' own threads and OpenCV's pool (the renderer's,
     # the compositor's and the track's cv2 calls spread onto it). They carry no names to split them by.
     native = max(0.0, process_cpu - loop_cpu - render_cpu - executor_cpu)
@@ -412,9 +465,10 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
         "video_encode": video_call,         # the encoder's call on the executor thread
         "audio": audio_build + audio_call,  # AudioFrame, audio level, Opus encode
         "rtp_send": rtp_send,               # RTP packets, SRTP, UDP send (video and audio)
+        "mic_decode": mic_decode,           # the microphone's Opus decode and frame -> PCM (microphone input)
         "native_threads": native,
         "loop_overhead": max(0.0, loop_cpu - engine_in - engine_out - composite - frame_build - audio_build
-                             - rtp_send),
+                             - rtp_send - mic_decode),
         "executor_overhead": max(0.0, executor_cpu - video_call - colour - audio_call),
     }
     summary = {  # the issue's split
@@ -424,6 +478,7 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
         "encode": video_call + audio_call,
         "native_threads": native,
         "rtp_send": rtp_send,
+        "mic_decode": mic_decode,
         "other": cpu["loop_overhead"] + cpu["executor_overhead"] + audio_build,
     }
 
@@ -449,11 +504,13 @@ def machine_busy() -> float:
 
 
 async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int,
-                       seconds: float, baseline: bool) -> dict:
+                       seconds: float, baseline: bool, mic: list[tuple[bytes, int]] | None = None) -> dict:
     loop = asyncio.get_running_loop()
-    # aiortc encodes in the loop's default executor; the server leaves it at Python's default size.
-    executor = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
-                                  thread_name_prefix=EXECUTOR_PREFIX)
+    # aiortc encodes in the loop's default executor: the server's MediaExecutor (runner.py,
+    # start_default_executor: one encoder thread per core the loop leaves, audio first); the baseline
+    # Python's default pool.
+    executor = (ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix=EXECUTOR_PREFIX)
+                if baseline else MediaExecutor(name=EXECUTOR_PREFIX))
     loop.set_default_executor(executor)
     stages = StageClock()
     roles = python_threads()
@@ -467,7 +524,7 @@ async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate
         reader.bind(("127.0.0.1", 0))
         sink.setblocking(False)
         results = await asyncio.gather(*[
-            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, reader.getsockname())
+            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, reader.getsockname(), mic)
             for i in range(n)])
     wall = time.monotonic() - w0
     process_cpu = time.process_time() - p0
@@ -481,11 +538,11 @@ async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate
 
 
 def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int,
-          baseline: bool = False) -> dict:
+          baseline: bool = False, mic: list[tuple[bytes, int]] | None = None) -> dict:
     """N sessions for the speech clip plus 0.6 s (as bench/sessions.py), judged per session."""
     seconds = len(wav) / rate + 0.6
     load_before = os.getloadavg()[0]
-    out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline))
+    out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline, mic))
     worst: dict[str, Any] = {"missed_or_late": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
     ok = True
     budget = float("inf")
@@ -517,20 +574,23 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
 
 def sessions_with_encode(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, max_n: int,
                          codec: str = "VP8", config: EngineConfig | None = None,
-                         steps: tuple[int, ...] = STEPS, baseline: bool = False) -> tuple[int, list[dict]]:
+                         steps: tuple[int, ...] = STEPS, baseline: bool = False,
+                         microphone: bool = False) -> tuple[int, list[dict]]:
     """Largest N (of `steps`, up to `max_n`) whose trial passed before the first failure, and the trials.
 
     `renderer` and `avatar` are shared by every session, as in the server (one RealtimeEngine);
     `config` defaults to the server's for that renderer. `wav` (float32 mono at `rate`) is each
     session's speech; a trial lasts its length plus 0.6 s. `baseline` measures the server as it was
-    before its encode path was tuned: bgr24 frames and aiortc's default encoder settings.
+    before its encode path was tuned: bgr24 frames and aiortc's default encoder settings. `microphone`: the
+    speech arrives as a browser's Opus packets decoded the server's way (`microphone_loop`), not as PCM.
     """
+    mic = browser_opus(wav, rate) if microphone else None
     engine = RealtimeEngine(avatar, renderer, config or server_config(renderer))
     trials: list[dict] = []
     best = 0
     try:
         for n in [n for n in steps if n <= max_n]:
-            res = trial(engine, codec, wav, rate, n, baseline)
+            res = trial(engine, codec, wav, rate, n, baseline, mic)
             trials.append(res)
             log.info("%s x%d: %s", codec, n, _summary(res))
             if not res["ok"]:
