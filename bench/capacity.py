@@ -108,8 +108,15 @@ def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "m
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
              for k in counts]
     results: list[dict] = []
+    deadline = time.monotonic() + LOAD_S[renderer] + trial_s * 4 + 120
     for proc in procs:
-        out, _ = proc.communicate(timeout=LOAD_S[renderer] + trial_s * 4 + 120)
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # a child that never finished (a loaded machine): a failed step
+            proc.kill()
+            proc.communicate()
+            results.append({"ok": False, "error": "timed out"})
+            continue
         lines = [line for line in out.splitlines() if line.startswith("{")]
         results.append(json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {proc.returncode}"})
     ok = all(r.get("ok") for r in results)
