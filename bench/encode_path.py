@@ -36,14 +36,14 @@ from aiortc.codecs import get_encoder as aiortc_get_encoder
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 
-from realtime import compositor
 from realtime.config import EngineConfig
-from realtime.session_options import SessionOptions
-from server import encoders, opus_fec, tracks
-from server.media_executor import MediaExecutor, limit_native_threads
-from server.opus_fec import FecOpusDecoder, MicrophoneFrame
+from realtime.renderers import compositor
+from realtime.timeline.session_options import SessionOptions
+from server.media import encoders, opus_fec, tracks
+from server.media.media_executor import MediaExecutor, limit_native_threads
+from server.media.opus_fec import FecOpusDecoder, MicrophoneFrame
+from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, frame_to_pcm
 from server.realtime_engine import RealtimeEngine
-from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, frame_to_pcm
 
 log = logging.getLogger("bench.encoded_sessions")
 
@@ -121,7 +121,7 @@ def python_threads() -> dict[str, list[int]]:
 
 @contextmanager
 def timed_paste(clock: StageClock) -> Iterator[None]:
-    """Time compositor.paste where the session calls it (realtime.session looks it up per call)."""
+    """Time compositor.paste where the session calls it (realtime.timeline.session looks it up per call)."""
     original = compositor.paste
 
     def paste(*args, **kwargs):
@@ -342,8 +342,8 @@ def browser_opus(wav: np.ndarray, rate: int) -> list[tuple[bytes, int]]:
 async def microphone_loop(source: TimedSource, packets: list[tuple[bytes, int]], clock: MediaClock,
                           stages: StageClock, baseline: bool) -> None:
     """The speech as the server receives a microphone: each Opus packet in real time, decoded by the
-    decoder the server installs for its receivers (server.opus_fec.get_decoder, fed the MicrophoneFrames its
-    receive buffer makes: 16 kHz mono; the baseline: 48 kHz stereo as before), then server.tracks'
+    decoder the server installs for its receivers (server.media.opus_fec.get_decoder, fed the MicrophoneFrames its
+    receive buffer makes: 16 kHz mono; the baseline: 48 kHz stereo as before), then server.media.tracks'
     frame_to_pcm and the session's push_audio, as pump_microphone and AudioInput do. The server decodes
     in aiortc's decoder thread; here it runs on the loop, timed apart (`mic_decode`)."""
     decoder = FecOpusDecoder() if baseline else opus_fec.get_decoder(codec_parameters("opus"))
@@ -361,7 +361,7 @@ async def microphone_loop(source: TimedSource, packets: list[tuple[bytes, int]],
 
 
 def encoder_factory(baseline: bool):
-    """What an RTCRtpSender calls to make its encoder: the server's (server.encoders, installed by
+    """What an RTCRtpSender calls to make its encoder: the server's (server.media.encoders, installed by
     create_app), or aiortc's own settings for the baseline."""
     if baseline:
         return aiortc_get_encoder
@@ -376,7 +376,7 @@ def bgr24_frame(image: np.ndarray) -> av.VideoFrame:
 
 @contextmanager
 def server_threads(baseline: bool) -> Iterator[None]:
-    """OpenCV's thread count as the server sets it (server.media_executor.limit_native_threads, from
+    """OpenCV's thread count as the server sets it (server.media.media_executor.limit_native_threads, from
     create_app), OpenCV's default for the baseline; restored after."""
     before = cv2.getNumThreads()
     if not baseline:

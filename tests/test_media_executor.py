@@ -1,4 +1,4 @@
-"""The loop's default executor (server/media_executor.py): audio encodes first, threads fixed, shutdown clean.
+"""The loop's default executor (server/media/media_executor.py): audio encodes first, threads fixed, shutdown clean.
 
 These also guard what it borrows from CPython's ThreadPoolExecutor (its workers read `_work_queue` with
 `get`, shutdown writes None there and drains it with `get_nowait`) and the call shape of aiortc's sender
@@ -13,8 +13,8 @@ from aiortc.codecs.g711 import PcmuEncoder
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 
-from server.media_executor import OTHER_THREADS, MediaExecutor, encoder_threads, is_audio_encode, is_encode
-from server.opus_encoder import RealtimeOpusEncoder
+from server.media.media_executor import OTHER_THREADS, MediaExecutor, encoder_threads, is_audio_encode, is_encode
+from server.media.opus_encoder import RealtimeOpusEncoder
 
 
 class _Recording:
@@ -142,16 +142,16 @@ def test_shutdown_with_cancel_futures_cancels_what_is_still_queued():
 
 def test_opencv_runs_in_the_calling_thread_with_the_same_results():
     """The server's frame work (mouth paste, BGR -> I420) gives the same bytes with OpenCV's pool off, and
-    create_app turns it off for the whole process (server/media_executor.limit_native_threads)."""
+    create_app turns it off for the whole process (server/media/media_executor.limit_native_threads)."""
     import cv2
     import numpy as np
 
-    from realtime import compositor
+    from realtime.renderers import compositor
     from realtime.renderers.base import MouthPatch
     from server.app import create_app
     from server.config import ServerConfig
-    from server.media_executor import OPENCV_THREADS, limit_native_threads
-    from server.tracks import video_frame
+    from server.media.media_executor import OPENCV_THREADS, limit_native_threads
+    from server.media.tracks import video_frame
     from tests.server_helpers import tiny_engine
 
     rng = np.random.default_rng(7)

@@ -1,4 +1,4 @@
-"""server/opus_fec.py and RealtimeOpusEncoder.set_expected_loss: Opus in-band FEC offered, decoded on the
+"""server/media/opus_fec.py and RealtimeOpusEncoder.set_expected_loss: Opus in-band FEC offered, decoded on the
 microphone side (a lost frame rebuilt, no gap), and encoded when the receiver reports loss."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
 
-from server import opus_fec
-from server.opus_encoder import RealtimeOpusEncoder
-from server.opus_fec import FecOpusDecoder
+from server.media import opus_fec
+from server.media.opus_encoder import RealtimeOpusEncoder
+from server.media.opus_fec import FecOpusDecoder
 
 RATE = 48000
 FRAME = 960
@@ -209,9 +209,9 @@ def test_the_server_decodes_the_microphone_at_16k_mono(speech_16k):
     assert all(f.time_base == fractions.Fraction(1, RATE) for f in frames)
     # The same speech as the 48 kHz stereo decode brought to 16 kHz mono by AudioIngest (the old path):
     # equal up to the resamplers' filters, as the engine sees it (its mel spectrogram).
-    from realtime.audio_ingest import AudioIngest
-    from realtime.mel import melspectrogram
-    from server.tracks import frame_to_pcm
+    from realtime.audio.audio_ingest import AudioIngest
+    from realtime.audio.mel import melspectrogram
+    from server.media.tracks import frame_to_pcm
 
     ingest = AudioIngest()
     old = np.concatenate([ingest.convert(*frame_to_pcm(f))

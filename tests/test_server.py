@@ -66,10 +66,10 @@ async def test_returned_audio_matches_sent_audio(server, http, speech_16k):
 
 
 async def test_the_microphone_reaches_the_engine_as_16k_mono(server, http, speech_16k, monkeypatch):
-    """The server decodes its microphone straight to the engine's input format (server/opus_fec.py): no
+    """The server decodes its microphone straight to the engine's input format (server/media/opus_fec.py): no
     48 kHz stereo frame is made, averaged and resampled per 20 ms; the test client's own receiver (same
     process) still gets aiortc's 48 kHz."""
-    from server.audio_input import AudioInput
+    from server.media.audio_input import AudioInput
 
     seen: list[tuple[int, int, int]] = []
     original = AudioInput.microphone
@@ -230,7 +230,7 @@ async def test_a_long_raw_pcm_upload_is_converted_off_the_event_loop(server, htt
     """Resampling a long clip costs the loop ~1 ms per second of 48 kHz audio: it runs on the WorkPool."""
     import threading
 
-    from server import push_api
+    from server.routes import push_api
 
     threads: list[str] = []
 
