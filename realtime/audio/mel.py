@@ -96,11 +96,23 @@ def _preemphasis(wav: np.ndarray, previous: float = 0.0) -> np.ndarray:
     return out
 
 
+def _frames(signal: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` N_FFT-sample frames of `signal`, HOP apart (fewer if fewer fit), as a read-only view:
+    `sliding_window_view(signal, N_FFT)[::HOP][:count]`, without its argument checks, which cost more than
+    the FFT of the one or two columns a live 20 ms push makes (bench/RESULTS.md "Each session cheaper")."""
+    if signal.ndim != 1 or len(signal) < N_FFT:
+        return np.lib.stride_tricks.sliding_window_view(signal, N_FFT)[::HOP][:count]  # its errors
+    fits = (len(signal) - N_FFT) // HOP + 1
+    step = signal.strides[0]
+    return np.lib.stride_tricks.as_strided(signal, shape=(min(count, fits), N_FFT), strides=(HOP * step, step),
+                                           writeable=False)
+
+
 def _columns(padded: np.ndarray, first: int, count: int) -> np.ndarray:
     """Normalised mel columns first..first+count-1 of a signal already padded by N_FFT/2 on the left."""
     if count <= 0:
         return np.zeros((N_MELS, 0), dtype=np.float32)
-    frames = np.lib.stride_tricks.sliding_window_view(padded[first * HOP:], N_FFT)[::HOP][:count]
+    frames = _frames(padded[first * HOP:], count)
     magnitude = np.abs(np.fft.rfft(frames * _window(), axis=1))  # (count, 401)
     mel = _mel_basis64() @ magnitude.T
     db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
