@@ -11,7 +11,10 @@ send (bench/encode_path.py `sessions_with_encode`, one trial of N sessions). For
 sessions, P child processes start together (`--start-at`: every child waits for the same wall-clock
 instant after loading, so their trials overlap exactly) with the N sessions split as evenly as can be;
 the step passes when every child's trial passes (every session: <= 2 % of video ticks missed or late,
-<= 2 % of speech frames dropped, latency p95 within budget). N steps up from P until the first failure.
+<= 2 % of them not received as whole frames by the trial's client, <= 2 % of speech frames dropped, latency
+p95 within budget). Each trial's client (bench/rtp_counter.py) is a process of its own that counts video
+frames from the RTP headers and decodes nothing: `client_cores` in each trial's cpu, next to the server's
+`cores_used`. N steps up from P until the first failure.
 
 Wav2Lip: random weights of realistic cost (bench.common.realistic_random_wav2lip, not the released
 checkpoints), the server's CPU default (OpenVINO, precision by the start-up gate, rows 36..95).

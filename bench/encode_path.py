@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import fractions
+import json
 import logging
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -217,7 +219,7 @@ class TimedAudioEncoder:
 class RtpOut:
     """What RTCRtpSender._run_rtp does on the loop with each encoded frame: one RtpPacket per payload
     (mid, abs-send-time, and the audio level for audio), serialised, SRTP-protected (aiortc's first
-    profile, a random key) and sent as a UDP datagram (to a local socket nobody reads)."""
+    profile, a random key) and sent as a UDP datagram (to the trial's client, bench/rtp_counter.py)."""
 
     def __init__(self, kind: str, payload_type: int, sink: socket.socket, address: tuple) -> None:
         self.extensions = rtp.HeaderExtensionsMap()
@@ -249,6 +251,37 @@ class RtpOut:
             except BlockingIOError:  # the reader's buffer is full: a real network would drop too
                 pass
             self.sequence = (self.sequence + 1) % (1 << 16)
+
+
+VIDEO_PT = 97
+AUDIO_PT = 111
+
+
+class RtpCounter:
+    """The bench's client, bench/rtp_counter.py, in a process of its own: `address` to send to; `result()`
+    stops it and returns what it received (video frames per SSRC, its CPU)."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("rtp_counter.py")),
+                                       str(VIDEO_PT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self.address = ("127.0.0.1", int(self._proc.stdout.readline()))
+        self._result: dict | None = None
+
+    def result(self) -> dict:
+        if self._result is None:
+            out, _ = self._proc.communicate("stop\n", timeout=30)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            self._result = json.loads(lines[-1]) if lines else {"streams": {}, "cpu_s": 0.0}
+        return self._result
+
+    def __enter__(self) -> RtpCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
 
 # -- one session ------------------------------------------------------------------------------------
@@ -412,11 +445,11 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
     aenc = TimedAudioEncoder(get_encoder(codec_parameters("opus")), stages)
     stop_at = clock.origin() + seconds
     vlog = VideoLog(ticks=int(np.ceil(seconds * engine.fps - 1e-9)))
+    video_out = RtpOut("video", VIDEO_PT, sink, address)
     try:
         await asyncio.gather(
-            send_loop(video_track, source, venc, RtpOut("video", 97, sink, address), stop_at, clock,
-                      engine.fps, vlog, stages),
-            send_loop(audio_track, source, aenc, RtpOut("audio", 111, sink, address), stop_at, clock,
+            send_loop(video_track, source, venc, video_out, stop_at, clock, engine.fps, vlog, stages),
+            send_loop(audio_track, source, aenc, RtpOut("audio", AUDIO_PT, sink, address), stop_at, clock,
                       engine.fps, None, stages),
             push_loop(source, wav, rate, clock) if mic is None
             else microphone_loop(source, mic, clock, stages, baseline))
@@ -428,7 +461,7 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
     lat = np.asarray(vlog.lateness_ms) if vlog.lateness_ms else np.zeros(1)
     missed = max(0, vlog.ticks - vlog.encoded)
     return {"metrics": metrics, "ticks": vlog.ticks, "encoded": vlog.encoded, "late": vlog.late,
-            "missed": missed, "skipped": video_track.stats.skipped,
+            "missed": missed, "skipped": video_track.stats.skipped, "video_ssrc": video_out.ssrc,
             "encode_lateness_p95_ms": round(float(np.percentile(lat, 95)), 1),
             "encode_lateness_max_ms": round(float(lat.max()), 1)}
 
@@ -515,24 +548,34 @@ async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate
     stages = StageClock()
     roles = python_threads()
     before = {t: thread_cpu(t) for ids in roles.values() for t in ids}
+    # datagrams go to the client (bench/rtp_counter.py, a process of its own): it counts whole video frames
+    # by marker bit and decodes nothing
+    counter = RtpCounter()
     busy0 = machine_busy()
     p0, w0 = time.process_time(), time.monotonic()
-    # datagrams go to a local socket that is never read (the kernel drops them once its buffer is full)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reader, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
+    with counter, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
             timed_paste(stages), timed_track_wakeups(), baseline_frames(baseline), server_threads(baseline):
-        reader.bind(("127.0.0.1", 0))
         sink.setblocking(False)
         results = await asyncio.gather(*[
-            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, reader.getsockname(), mic)
+            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, counter.address, mic)
             for i in range(n)])
-    wall = time.monotonic() - w0
-    process_cpu = time.process_time() - p0
-    busy1 = machine_busy()
+        wall = time.monotonic() - w0
+        process_cpu = time.process_time() - p0
+        busy1 = machine_busy()
+        received = counter.result()
+    for r in results:
+        stream = received["streams"].get(str(r["video_ssrc"]), {})
+        frames, first, last = stream.get("frames", 0), stream.get("first_s"), stream.get("last_s")
+        r["received"] = frames
+        r["received_fps"] = (round((frames - 1) / (last - first), 2)
+                             if frames > 1 and first is not None and last is not None and last > first else 0.0)
+        r["received_max_gap_ms"] = stream.get("max_gap_ms")
     roles = python_threads()  # executor threads started during the trial
     frames = sum(r["encoded"] for r in results)
     split = _cpu_split(stages, before, roles, process_cpu, frames, wall)
-    split["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - process_cpu) / max(wall, 1e-9), 2)
+    client_cpu = float(received.get("cpu_s", 0.0))
+    split["client_cores"] = round(client_cpu / max(wall, 1e-9), 3)
+    split["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - process_cpu - client_cpu) / max(wall, 1e-9), 2)
     executor.shutdown(wait=True)
     return {"results": results, "cpu": split, "wall_s": round(wall, 2)}
 
@@ -543,10 +586,11 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
     seconds = len(wav) / rate + 0.6
     load_before = os.getloadavg()[0]
     out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline, mic))
-    worst: dict[str, Any] = {"missed_or_late": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
+    worst: dict[str, Any] = {"missed_or_late": 0.0, "not_received": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
     ok = True
     budget = float("inf")
-    totals = {"ticks": 0, "encoded": 0, "late": 0, "missed": 0, "skipped": 0, "speech_frames": 0, "drops": 0}
+    totals = {"ticks": 0, "encoded": 0, "late": 0, "missed": 0, "skipped": 0, "received": 0, "speech_frames": 0,
+              "drops": 0}
     for r in out["results"]:
         m = r["metrics"]
         speech = m["frames_rendered"] + m["frames_dropped"]
@@ -554,12 +598,14 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
         p95 = m["latency_ms"]["p95"] or 0.0
         budget = min(budget, m["latency_budget_ms"])
         bad_ticks = (r["missed"] + r["late"]) / max(r["ticks"], 1)
-        ok &= (bad_ticks <= MAX_MISSED and speech > 0 and drops <= MAX_DROPPED * speech
-               and p95 <= m["latency_budget_ms"] + 500.0 / m["fps"])
+        not_received = max(0, r["ticks"] - r["received"]) / max(r["ticks"], 1)  # whole frames at the client
+        ok &= (bad_ticks <= MAX_MISSED and not_received <= MAX_MISSED and speech > 0
+               and drops <= MAX_DROPPED * speech and p95 <= m["latency_budget_ms"] + 500.0 / m["fps"])
         worst["missed_or_late"] = max(worst["missed_or_late"], bad_ticks)
+        worst["not_received"] = max(worst["not_received"], not_received)
         worst["drop_rate"] = max(worst["drop_rate"], drops / max(speech, 1))
         worst["latency_p95_ms"] = max(worst["latency_p95_ms"], p95)
-        for key in ("ticks", "encoded", "late", "missed", "skipped"):
+        for key in ("ticks", "encoded", "late", "missed", "skipped", "received"):
             totals[key] += r[key]
         totals["speech_frames"] += speech
         totals["drops"] += drops
@@ -568,6 +614,8 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
             "latency_budget_ms": round(budget, 1),
             "encode_lateness_p95_ms": max(r["encode_lateness_p95_ms"] for r in out["results"]),
             "encode_lateness_max_ms": max(r["encode_lateness_max_ms"] for r in out["results"]),
+            "received_fps_min": min(r["received_fps"] for r in out["results"]),
+            "received_max_gap_ms": max(r["received_max_gap_ms"] or 0.0 for r in out["results"]),
             "cpu": out["cpu"], "wall_s": out["wall_s"],
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 

@@ -27,7 +27,9 @@ does, on one asyncio loop:
   pushed as pump_microphone does (stage `mic_decode`; the server decodes in aiortc's decoder thread).
 
 - each encoded frame leaves as aiortc's sender sends it: RTP packets with its header extensions,
-  SRTP-protected, one UDP datagram each (to a local socket nobody reads).
+  SRTP-protected, one UDP datagram each, to the trial's client: bench/rtp_counter.py, a process of its
+  own that counts whole video frames per session from the RTP headers (marker bit, sequence numbers) and
+  decodes nothing (its CPU: `client_cores`).
 
 Sessions start staggered by 1/(N fps) (independent peers connect at arbitrary phases). Not included:
 RTCP, ICE/DTLS/SCTP housekeeping, the microphone's RTP/SRTP receive. `--baseline yes` measures the server as it was
@@ -37,7 +39,8 @@ A/B sees the same machine load. Other processes' CPU use during each trial is re
 
 A trial passes when, for every session: at most 2% of its video ticks were missed (never encoded, or
 skipped by the track) or encoded late (encode finished more than one frame period after the tick),
-the engine dropped at most 2% of speech frames, and latency p95 <= the session's latency budget plus
+at most 2% of its ticks did not reach the client as whole frames (`received`, `received_fps_min` from
+their arrival), the engine dropped at most 2% of speech frames, and latency p95 <= the session's latency budget plus
 half a frame (the rule of bench/sessions.py). N steps 1, 2, 4, 6, 8, 10, 12, 16, .. up to --max-sessions;
 the count reported is the largest N that passed before the first failure.
 
