@@ -105,7 +105,9 @@ def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "m
     """N sessions over P processes, all trials at once."""
     start_at = time.time() + LOAD_S[renderer]
     counts = split(n, processes)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # no thread-count override: each child runs the renderer with the server's own threads (Wav2Lip's
+    # OpenVINO path: torch.get_num_threads(), as `lipsync serve` and each of its --workers does)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "--renderer", renderer, "--sessions", str(k),
                                "--start-at", repr(start_at), "--trial-s", str(trial_s), "--input", speech],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
