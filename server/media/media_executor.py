@@ -78,9 +78,8 @@ def limit_native_threads() -> None:
     pool). Those calls are small (a 512 px frame, under a millisecond each); OpenCV split each over a pool
     of one thread per core and woke it per call, which on a server whose cores are already shared by the
     sessions (the parallelism is the sessions, as for the encoders' one thread each) only added hand-offs:
-    its pool threads took 0.6-1.1 ms of CPU per video frame, and the frame costs less without them
-    (bench/RESULTS.md "Each session cheaper"). Results are the same: OpenCV's parallel loops split rows,
-    not arithmetic."""
+    the pool's threads took more CPU than the same work costs in the calling threads (bench/RESULTS.md "Each
+    session cheaper"). Results are the same: OpenCV's parallel loops split rows, not arithmetic."""
     cv2.setNumThreads(OPENCV_THREADS)
 
 
