@@ -490,3 +490,29 @@ async def test_thin_link_steps_the_video_size_down_live_and_back_up(engine, http
         await client.close()
         relay.close()
         await server.stop()
+
+
+def _first_keyframe_bytes(cap: int | None) -> tuple[int, dict]:
+    import fractions
+
+    import av
+    import cv2
+
+    encoder = encoders.RealtimeVp8Encoder()
+    encoder.set_bitrate_cap(cap)
+    encoder.target_bitrate = 450_000
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8), (9, 9), 3)
+    frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+    frame.pts, frame.time_base = 0, fractions.Fraction(1, 90000)
+    payloads, _ = encoder.encode(frame)
+    return sum(len(p) for p in payloads), dict(encoder.codec._options)
+
+
+def test_keyframes_are_bounded_only_while_the_bitrate_is_capped():
+    """A capped (thin or lossy) link: the codec opens with libvpx's intra-frame bound, so the keyframe of
+    a size or bitrate step does not overflow the link's queue by itself; uncapped: aiortc's settings."""
+    free, free_options = _first_keyframe_bytes(None)
+    capped, capped_options = _first_keyframe_bytes(450_000)
+    assert "max-intra-rate" not in free_options
+    assert capped_options["max-intra-rate"] == str(encoders.KEYFRAME_MAX_PCT_CAPPED)
+    assert capped < 0.5 * free, (capped, free)
