@@ -730,6 +730,9 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
             result["survived_climb"] = await page.evaluate(
                 "async () => session ? (await fetch('/sessions/' + session.id, "
                 "{headers: {Authorization: 'Bearer ' + session.token}})).status === 200 : false")
+        result["page"] = await page.evaluate(
+            "() => [document.getElementById('status-state').textContent, "
+            "document.getElementById('message').textContent]")
         if await page.is_enabled("#stop"):
             await page.click("#stop")
     finally:
