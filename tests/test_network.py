@@ -516,3 +516,24 @@ def test_keyframes_are_bounded_only_while_the_bitrate_is_capped():
     assert "max-intra-rate" not in free_options
     assert capped_options["max-intra-rate"] == str(encoders.KEYFRAME_MAX_PCT_CAPPED)
     assert capped < 0.5 * free, (capped, free)
+
+
+def test_a_size_step_reopens_the_encoder_with_a_keyframe_at_the_new_size():
+    """What the size steps rely on in aiortc's VP8 encoder: a frame of another size gets a new codec
+    context at that size, and its first frame is a keyframe (the receiver's decoder follows)."""
+    import fractions
+
+    from aiortc.codecs.vpx import vp8_depayload
+
+    encoder = encoders.RealtimeVp8Encoder()
+    image = np.full((512, 512, 3), 120, np.uint8)
+    keyframes = []
+    for k, step in enumerate([FULL, FULL, VideoStep(0.75), VideoStep(0.75)]):
+        frame = scaled_frame(image, step)
+        frame.pts, frame.time_base = k * 3600, fractions.Fraction(1, 90000)
+        payloads, _ = encoder.encode(frame)
+        bitstream = b"".join(vp8_depayload(p) for p in payloads)
+        keyframes.append(bitstream[0] & 1 == 0)   # VP8 frame tag: bit 0 clear on a keyframe
+        assert (encoder.codec.width, encoder.codec.height) == step.size(512, 512)
+    assert keyframes == [True, False, True, False]
+    assert isinstance(encoder.codec, encoders.TunedContext)        # the new context got our settings too
