@@ -32,9 +32,15 @@ Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the
 microphone faked from a wav of the clip and silence, looped by Chromium) through the same relay: a
 Playwright route on POST /offer rewrites both SDPs. From `getStats()` deltas over the window: fps
 (framesDecoded), freeze_ms_total (totalFreezesDuration), concealed_pct (concealedSamples /
-totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt; longest_freeze_ms, lip_lead_ms,
-mic_to_audio_ms and latency_delta_ms are null (the page gives no per-freeze durations, and the returned
-audio is not captured).
+totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt. From recorders in the page
+(`RECORD_JS`): longest_freeze_ms from the presented frames (requestVideoFrameCallback presentation
+times), mic_to_audio_ms from the microphone and the returned audio on one AudioContext clock (an
+AudioWorklet), lip_lead_ms from that returned onset (mapped to performance time) and the first presented
+frame whose mouth box leaves its idle shapes; latency_delta_ms against Chromium's clean figure
+(docs/network.md "The bench" says what each includes).
+link600k (both clients) adds send_kbps_per_s, send_fits_after_s (from when every later 2 s average fits
+the link), video_width (full, min, last) and climb_back_s (after the window the link is widened: seconds
+until full-size frames arrive again).
 
 The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "chromium": null}},
 "loadavg": ..., "seconds": ...}; "chromium" is null when it was not run.
