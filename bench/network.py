@@ -400,16 +400,16 @@ CLIMB_S = 25.0
 def send_fit(history: list[tuple[float, int]], start: float, t1: float, link_kbps: float) -> dict[str, Any]:
     """link600k: what the server offered the link, a second at a time from the first video frame, and the
     first second from which every later 2 s average fits the link (the target: within 5 s)."""
-    per_s: list[float] = []
+    per_s: list[float | None] = []   # None: fewer than two samples in that second (a late sampler)
     t = start
     while t + 1.0 <= t1:
         rate = kbps_over([h for h in history if t <= h[0] <= t + 1.0 + 1e-3], t + 1.0, 1.0 + 1e-3)
-        per_s.append(round(rate, 1) if rate is not None else float("nan"))
+        per_s.append(None if rate is None else round(rate, 1))
         t += 1.0
     fits = None
     for i in range(len(per_s)):
         later = per_s[i:]
-        pairs = [(a + b) / 2 for a, b in itertools.pairwise(later)]
+        pairs = [(a + b) / 2 for a, b in itertools.pairwise(later) if a is not None and b is not None]
         if pairs and all(p <= link_kbps for p in pairs):
             fits = float(i)
             break
