@@ -22,10 +22,10 @@ from bench.netimpair import (
     rtp_payload_type,
     use_give_up_jitter_buffer,
 )
-from server import encoders
-from server.link_quality import VIDEO_STEPS, VideoLadder, VideoRateControl, sender_encoder
+from server.media import encoders
+from server.media.link_quality import VIDEO_STEPS, VideoLadder, VideoRateControl, sender_encoder
+from server.media.tracks import FULL, AvatarVideoTrack, MediaClock, VideoStep, scaled_frame
 from server.state import STATE
-from server.tracks import FULL, AvatarVideoTrack, MediaClock, VideoStep, scaled_frame
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -326,7 +326,7 @@ async def test_video_bitrate_steps_down_under_loss_and_back_up(engine, http, loo
         await server.stop()
 
 
-# -- thin links: the video's size and frame rate (server/link_quality.py VideoLadder) ----------------------
+# -- thin links: the video's size and frame rate (server/media/link_quality.py VideoLadder) ----------------------
 
 def test_video_step_sizes_are_even_and_scaled_once():
     assert VideoStep(0.75).size(512, 512) == (384, 384)
