@@ -145,8 +145,14 @@ class _Tuned:
     @codec.setter
     def codec(self, context: Any) -> None:
         if context is not None and not isinstance(context, TunedContext):
-            context = TunedContext(context, self.OPTIONS, self.THREADS)
+            capped = self.__dict__.get("bitrate_cap") is not None
+            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if capped else {})},
+                                   self.THREADS)
         self.__dict__["_tuned_codec"] = context
+
+    CAPPED_OPTIONS: ClassVar[dict[str, str]] = {}
+    """Added when the codec (re)opens while the loss/delay control caps the bitrate (a thin or lossy
+    link); a clean link never gets them."""
 
 
 class RealtimeH264Encoder(_Tuned, H264Encoder):
@@ -157,8 +163,21 @@ class RealtimeH264Encoder(_Tuned, H264Encoder):
     MAX_BPS = 3_000_000
 
 
+KEYFRAME_MAX_PCT_CAPPED = 300
+"""A keyframe at most 3x the average frame (libvpx `rc_max_intra_bitrate_pct`) while the bitrate is
+capped. aiortc leaves it unlimited: a fresh codec's first keyframe (every size step and every >10 %
+bitrate change reopens the codec) can be many times a delta frame, and on a 600 kbit/s link with a
+200 ms queue a keyframe of more than ~15 KB overflows the queue by itself: the burst is lost, NACKed and
+resent, the loss cuts the cap again. At 3x the keyframe drains in about three frame times; its quality
+is made up by the following frames."""
+
+
+VP8_CAPPED_OPTIONS = {"max-intra-rate": str(KEYFRAME_MAX_PCT_CAPPED)}
+
+
 class RealtimeVp8Encoder(_Tuned, Vp8Encoder):
     OPTIONS = VP8_OPTIONS
+    CAPPED_OPTIONS = VP8_CAPPED_OPTIONS
 
 
 RealtimeVideoEncoder = _Tuned
