@@ -201,16 +201,16 @@ class SpeakingPusher:
 @dataclass
 class Received:
     video: list[tuple[float, np.ndarray]] = field(default_factory=list)     # (arrival, mouth crop)
-    audio: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (arrival, pts 48k, mono)
+    audio: list[tuple[float, float, np.ndarray, int]] = field(default_factory=list)  # (arrival, pts s, mono, rate)
     widths: list[tuple[float, int]] = field(default_factory=list)              # (arrival, frame width)
 
 
-decoders: list[opus_fec.FecOpusDecoder] = []
+decoders: list[Any] = []   # the client's Opus decoders (their fec_frames and concealed_frames)
 
 
 def _recording_decoder(codec: Any) -> Any:
     decoder = opus_fec.get_decoder(codec)
-    if isinstance(decoder, opus_fec.FecOpusDecoder):
+    if codec.mimeType.lower() == "audio/opus":   # opus_fec's decoder: it counts FEC and PLC frames
         decoders.append(decoder)
     return decoder
 
@@ -245,7 +245,10 @@ class Client:
                 self.received.video.append((now, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
             else:
                 data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
-                self.received.audio.append((now, int(frame.pts), data.astype(np.float32)))
+                # (rate: 48 kHz from aiortc's decoder, 16 kHz where server/media/audio_jitter.py's buffer
+                # marks the packets for the microphone's decoder, as it does on this client)
+                self.received.audio.append((now, float(frame.pts * frame.time_base), data.astype(np.float32),
+                                            int(frame.sample_rate)))
 
     async def connect(self, mic: MediaStreamTrack | None) -> None:
         """A microphone session (`mic`) or a push session (None: audio is received only)."""
@@ -315,18 +318,18 @@ def freezes(arrivals: list[float]) -> tuple[float, float]:
     return float(frozen.sum() * 1000), float(frozen.max() * 1000) if frozen.size else 0.0
 
 
-def audio_onset(received: list[tuple[float, int, np.ndarray]], after: float) -> float | None:
-    for arrival, _, data in received:
+def audio_onset(received: list[tuple[float, float, np.ndarray, int]], after: float) -> float | None:
+    for arrival, _, data, rate in received:
         if arrival < after:
             continue
-        block = 480
+        block = rate // 100   # 10 ms
         n = len(data) // block
         if n == 0:
             continue
         rms = np.sqrt(np.mean(data[:n * block].reshape(n, block).astype(np.float64) ** 2, axis=1))
         loud = np.flatnonzero(rms > SPEECH_RMS)
         if loud.size:
-            return arrival + loud[0] * block / 48000.0
+            return arrival + loud[0] * block / rate
     return None
 
 
@@ -338,13 +341,14 @@ def mouth_onset(video: list[tuple[float, np.ndarray]], idle: np.ndarray, thresho
     return None
 
 
-def concealed_pct(received: list[tuple[float, int, np.ndarray]], t0: float, t1: float, plc: int) -> float | None:
+def concealed_pct(received: list[tuple[float, float, np.ndarray, int]], t0: float, t1: float,
+                  plc: int) -> float | None:
     """Invented (PLC) or never-received 20 ms frames over the frames the window should hold, from the
-    client decoder's counter and the gaps left in the decoded timestamps."""
-    window = [(pts, len(d)) for a, pts, d in received if t0 <= a < t1]
+    client decoder's counter and the gaps left in the decoded timestamps (in seconds)."""
+    window = [(pts, len(d) / rate) for a, pts, d, rate in received if t0 <= a < t1]
     if len(window) < 2:
         return None
-    expected = (window[-1][0] + window[-1][1] - window[0][0]) / 960.0
+    expected = (window[-1][0] + window[-1][1] - window[0][0]) / 0.020
     missing = max(0.0, expected - len(window))
     return round(100.0 * (missing + plc) / expected, 2)
 

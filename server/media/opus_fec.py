@@ -219,6 +219,16 @@ class _OpusByStream(Decoder):
             self.inner = FecOpusDecoder(rate=MIC_RATE, channels=MIC_CHANNELS) if mic else FecOpusDecoder()
         return self.inner.decode(encoded_frame)
 
+    @property
+    def fec_frames(self) -> int:
+        """Frames rebuilt from FEC data so far (the inner decoder's; 0 before the first frame)."""
+        return 0 if self.inner is None else self.inner.fec_frames
+
+    @property
+    def concealed_frames(self) -> int:
+        """Frames concealed (PLC) so far (the inner decoder's; 0 before the first frame)."""
+        return 0 if self.inner is None else self.inner.concealed_frames
+
 
 class _BatchDecoder(Decoder):
     """aiortc's decoder of another audio codec (G.711, G.722), fed a `JitterBatch` part by part."""
