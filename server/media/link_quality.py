@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender
 
@@ -47,7 +48,7 @@ class LinkQuality:
     video: StreamReport = field(default_factory=StreamReport)
     video_control: "VideoRateControl | None" = None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         rtts = [r.rtt_ms for r in (self.audio, self.video) if r.rtt_ms is not None]
         return {
             "loss_pct": round(100.0 * max(self.audio.loss, self.video.loss), 2),

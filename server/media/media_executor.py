@@ -120,7 +120,7 @@ class MediaExecutor(ThreadPoolExecutor):
         start_every_thread(self)
         start_every_thread(self._other)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if is_encode(fn):
             return super().submit(fn, *args, **kwargs)
         return self._other.submit(fn, *args, **kwargs)

@@ -29,6 +29,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from realtime.config import SAMPLE_RATE
+from realtime.timeline.video_out import VideoOut
 from server.engine import EngineSession
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def video_frame(image: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
 
-def _frame_of(out) -> av.VideoFrame:
+def _frame_of(out: VideoOut) -> av.VideoFrame:
     return video_frame(out.image)
 
 
@@ -147,7 +148,7 @@ class AvatarVideoTrack(_EngineTrack):
         self._executor = executor  # where frames are composited and converted (None: on the loop)
         self.stats = PacerStats()
 
-    async def _to_frame(self, out) -> av.VideoFrame:
+    async def _to_frame(self, out: VideoOut) -> av.VideoFrame:
         """The engine's frame as an encoder-ready av.VideoFrame: the mouth paste (VideoOut.image is
         composed on first access) and the BGR -> I420 conversion, ~0.8 ms for the default 512 px avatar,
         run on the executor; the hop costs the loop ~0.05 ms."""

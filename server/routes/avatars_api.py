@@ -23,6 +23,7 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -65,7 +66,7 @@ def entry_of(request: web.Request) -> AvatarEntry:
         raise ApiError(404, str(exc)) from None
 
 
-def describe(request: web.Request, entry: AvatarEntry) -> dict:
+def describe(request: web.Request, entry: AvatarEntry) -> dict[str, Any]:
     out = entry.describe()
     if "error" in out:  # a failed --avatars file is named in it: by its name, never its path
         out["error"] = public_text(out["error"])
