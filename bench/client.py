@@ -70,7 +70,7 @@ class PeerClient:
         self._tasks: list[asyncio.Task[Any]] = []
         self.pc.on("track", lambda track: self.spawn(self._read(track)))
 
-    def url(self, path: str) -> str:
+    def endpoint(self, path: str) -> str:
         """The server's URL of `path` ("/sessions/..." or "sessions/...")."""
         return f"{self.base_url}/{path.lstrip('/')}"
 
@@ -106,7 +106,7 @@ class PeerClient:
         body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         if options is not None:
             body["options"] = options
-        async with self.http.post(self.url("/offer"), json=body, headers=headers or {}) as resp:
+        async with self.http.post(self.endpoint("/offer"), json=body, headers=headers or {}) as resp:
             answer = await resp.json()
             if resp.status != 200:
                 raise OfferRefused(resp.status, answer)

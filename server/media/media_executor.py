@@ -39,6 +39,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MethodType
 from typing import Any, Callable
 
 from aiortc.codecs.base import Encoder
@@ -51,12 +52,12 @@ OTHER_THREADS = 2  # DNS lookups for ICE servers, file reads: rare, and never on
 
 def is_encode(fn: Callable[..., Any]) -> bool:
     """Whether `fn` is an aiortc encoder's bound method (what RTCRtpSender runs in the executor)."""
-    return isinstance(getattr(fn, "__self__", None), Encoder)
+    return isinstance(fn, MethodType) and isinstance(fn.__self__, Encoder)
 
 
 def is_audio_encode(fn: Callable[..., Any]) -> bool:
     """Whether `fn` is an audio encoder's bound method (aiortc's Opus and G.711 encoders, ours included)."""
-    return isinstance(getattr(fn, "__self__", None), (OpusEncoder, PcmEncoder))
+    return isinstance(fn, MethodType) and isinstance(fn.__self__, (OpusEncoder, PcmEncoder))
 
 
 def encoder_threads() -> int:
