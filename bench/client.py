@@ -68,10 +68,11 @@ class PeerClient:
         self.session_id = ""
         self.token: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self.pc.on("track", lambda track: self.spawn(self._read(track)))
+        self.pc.on("track", self.on_track)
 
     def endpoint(self, path: str) -> str:
-        """The server's URL of `path` ("/sessions/..." or "sessions/...")."""
+        """The server's URL of `path` ("/offer", "/sessions/..."); a client of a server behind a proxy
+        overrides it."""
         return f"{self.base_url}/{path.lstrip('/')}"
 
     @property
@@ -83,6 +84,10 @@ class PeerClient:
         """Run `coro` for as long as the client: `close` cancels it."""
         self._tasks.append(asyncio.ensure_future(coro))
 
+    def on_track(self, track: MediaStreamTrack) -> None:
+        """Read a received track (registered on `pc`; register it again on a peer connection that replaces it)."""
+        self.spawn(self._read(track))
+
     # -- hooks a bench overrides --------------------------------------------------------------------
     def tune(self, transceiver: RTCRtpTransceiver) -> None:
         """Called for each transceiver before the offer is made (e.g. to replace a jitter buffer)."""
@@ -91,13 +96,13 @@ class PeerClient:
         """Called for every received frame (`kind` "audio" or "video"), `arrival` on time.monotonic."""
 
     # -- the connection -------------------------------------------------------------------------------
-    async def connect(self, microphone: MediaStreamTrack | None = None, *, headers: dict[str, str] | None = None,
-                      options: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Offer (with `options` when given), apply the answer; returns the answer's JSON. Raises
-        `OfferRefused` on an error status."""
+    async def connect(self, microphone: MediaStreamTrack | None = None, *, audio: bool = True,
+                      headers: dict[str, str] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Offer (with `options` when given; without audio when `audio` is False and there is no
+        microphone), apply the answer; returns the answer's JSON. Raises `OfferRefused` on an error status."""
         if microphone is not None:
             self.pc.addTrack(microphone)
-        else:
+        elif audio:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         for transceiver in self.pc.getTransceivers():
