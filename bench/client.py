@@ -108,7 +108,16 @@ class PeerClient:
         for transceiver in self.pc.getTransceivers():
             self.tune(transceiver)
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        answer = await self.offer(self.pc.localDescription.sdp, headers=headers, options=options)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        return answer
+
+    async def offer(self, sdp: str, *, headers: dict[str, str] | None = None,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST /offer with `sdp` and take the session id and token from the answer, which it returns
+        (the SDP exchange alone: a bench that rewrites the SDP on the way, e.g. through a relay, calls it
+        with its own). Raises `OfferRefused` on an error status."""
+        body: dict[str, Any] = {"sdp": sdp, "type": "offer"}
         if options is not None:
             body["options"] = options
         async with self.http.post(self.endpoint("/offer"), json=body, headers=headers or {}) as resp:
@@ -117,7 +126,6 @@ class PeerClient:
                 raise OfferRefused(resp.status, answer)
         self.session_id = str(answer["session_id"])
         self.token = answer.get("session_token") or None
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         return dict(answer)
 
     async def _read(self, track: MediaStreamTrack) -> None:
