@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -93,9 +93,9 @@ class AvatarEntry:
     users: int = 0                       # sessions holding it
     failed_at: float | None = None       # time.monotonic() when it failed
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
-        out: dict = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
                      "sessions": self.users}
         if self.state is AvatarState.PREPARING:
             out["progress"] = round(self.progress, 3)
@@ -208,7 +208,7 @@ class AvatarLibrary:
                     del self._entries[entry.id]
                 raise
             keep_file = True
-        future: Future = executor.submit(self._run, entry, path, keep_file, False)
+        future: Future[None] = executor.submit(self._run, entry, path, keep_file, False)
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
 
