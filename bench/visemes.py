@@ -31,6 +31,7 @@ Frame strips (neutral + one tile per phoneme of interest) go to test-artifacts/v
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
 import json
@@ -171,10 +172,9 @@ def render_clip(renderer, avatar, clip: Clip) -> tuple[list[np.ndarray], np.ndar
     """Rendered frames and avatar frame indices, through `render` with the renderer's own windows."""
     from realtime.compositor import paste
     from realtime.mel import MelAlignment, mel_windows, melspectrogram
-    from realtime.renderers.base import audio_needs_of
 
     fps = float(avatar.fps)
-    offset = audio_needs_of(renderer).offset_frames
+    offset = renderer.traits.audio_needs.offset_frames
     alignment = {a.offset_frames: a for a in MelAlignment}[offset]
     windows = mel_windows(melspectrogram(clip.wav), fps, alignment)
     indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
@@ -226,15 +226,17 @@ def strip(avatar, frames: list[np.ndarray], indices: np.ndarray, clip: Clip, fps
     return np.concatenate(tiles, axis=1)
 
 
-def evaluate(label: str, closed_px: float) -> dict:
+def material() -> dict[str, Clip]:
+    """The spoken material; vowels slowly (80 words/min): sustained, ~0.5 s each."""
+    speaker = Espeak()
+    return {name: speaker.speak(name, text, 80 if name in VOWELS else 150)
+            for name, text in {**VOWELS, **SYLLABLES, **SENTENCES}.items()}
+
+
+def evaluate(label: str, closed_px: float, clips: dict[str, Clip], reader: Reader) -> dict:
     from realtime.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
-    speaker = Espeak()
-    # Vowels spoken slowly (80 words/min): sustained, ~0.5 s each.
-    clips = {name: speaker.speak(name, text, 80 if name in VOWELS else 150)
-             for name, text in {**VOWELS, **SYLLABLES, **SENTENCES}.items()}
-    reader = Reader()
     out_dir = ARTIFACTS / label
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -318,6 +320,244 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
     }
 
 
+# -- the same material over a real WebRTC session ----------------------------------------------------
+
+WEBRTC_IDLE_S = 9.0       # idle video collected first: every frame of the default avatar's loop (8 s) once
+WEBRTC_SETTLE_S = 0.8     # after a clip: the returned audio stays silent this long before the next one
+SILENT_RMS = 0.003        # a returned 20 ms audio frame quieter than this is silence
+
+
+@dataclass
+class Track:
+    """What arrived on one received track: (arrival time.monotonic, RTP timestamp, payload) per frame."""
+    clock: int
+    frames: list[tuple[float, int, np.ndarray]]
+
+    def offset(self) -> float:
+        """Seconds to add to timestamp/clock to get the arrival time of the fastest frames: the transport's
+        constant delay. Frames the client's own event loop handed over late (a loaded machine) do not move
+        it, so every frame gets its place on the sender's media clock, not its jittered arrival."""
+        stamps = self.unwrapped()
+        arrivals = np.array([a for a, _, _ in self.frames])
+        return float(np.percentile(arrivals - stamps / self.clock, 5))
+
+    def unwrapped(self) -> np.ndarray:
+        raw = np.array([ts for _, ts, _ in self.frames], dtype=np.int64)
+        steps = (np.diff(raw) + 2**31) % 2**32 - 2**31  # RTP timestamps are 32-bit and start at random
+        return np.concatenate([[0], np.cumsum(steps)]).astype(np.float64)
+
+    def times(self) -> np.ndarray:
+        return self.unwrapped() / self.clock + self.offset()
+
+
+class WebRTCClient:
+    """An aiortc client on loopback: receive-only audio and video, buffers that behave like a browser's on
+    a clean loopback (audio played after one packet, a video frame complete at its marker bit)."""
+
+    def __init__(self, url: str) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.url = url.rstrip("/")
+        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        self.audio = Track(48000, [])
+        self.video = Track(90000, [])
+        self.session_id = ""
+        self.token = ""
+        self._tasks: list = []
+        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
+
+    async def _read(self, track) -> None:  # type: ignore[no-untyped-def]
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                self.video.frames.append((now, int(frame.pts), frame.to_ndarray(format="yuv420p")))
+            else:
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+                self.audio.frames.append((now, int(frame.pts), pcm.astype(np.float32)))
+
+    async def connect(self, http) -> None:  # type: ignore[no-untyped-def]
+        from aiortc import RTCSessionDescription
+        from aiortc.jitterbuffer import JitterBuffer
+
+        from bench.netimpair import MarkerJitterBuffer
+
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+        for transceiver in self.pc.getTransceivers():  # the client's own buffers (aiortc 1.x internals)
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = (
+                JitterBuffer(capacity=16, prefetch=1) if transceiver.kind == "audio"
+                else MarkerJitterBuffer(capacity=512, is_video=True))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        async with http.post(self.url + "/offer", json=body) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise SystemExit(f"bench/visemes.py: offer refused: {answer}")
+        self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        deadline = time.monotonic() + 60
+        while len(self.video.frames) < 25 or not self.audio.frames:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench/visemes.py: no media from the server")
+            await asyncio.sleep(0.05)
+
+    async def push(self, http, wav: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+        """POST /sessions/{id}/audio (the push API), 16 kHz PCM16 wav."""
+        from bench.common import pcm16, wav_bytes
+
+        headers = {"Content-Type": "audio/wav", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        async with http.post(f"{self.url}/sessions/{self.session_id}/audio", data=wav_bytes(pcm16(wav), 16000),
+                             headers=headers) as resp:
+            if resp.status != 200:
+                raise SystemExit(f"bench/visemes.py: push refused ({resp.status}): {await resp.text()}")
+
+    async def until_spoken(self, since: int, timeout_s: float) -> None:
+        """Wait until audio frames after index `since` carried speech and then stayed silent for a while."""
+        deadline = time.monotonic() + timeout_s
+        heard = False
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            frames = self.audio.frames[since:]
+            loud = [k for k, (_, _, d) in enumerate(frames) if np.sqrt(np.mean(d.astype(np.float64) ** 2)) > SILENT_RMS]
+            heard = heard or bool(loud)
+            if heard and (len(frames) - 1 - loud[-1]) * 0.02 >= WEBRTC_SETTLE_S:
+                return
+        raise SystemExit("bench/visemes.py: the pushed speech did not come back (or never ended)")
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def drive_webrtc(url: str, clips: dict[str, Clip]) -> WebRTCClient:
+    """Idle for one avatar loop, then every clip pushed in turn, each once the previous one has played."""
+    import aiohttp
+
+    from server.ice import use_host_addresses
+
+    restore = use_host_addresses(["127.0.0.1"])  # the client offers loopback only, as the server does
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = WebRTCClient(url)
+            await client.connect(http)
+            await asyncio.sleep(WEBRTC_IDLE_S)
+            for name, clip in clips.items():
+                since = len(client.audio.frames)
+                await client.push(http, clip.wav)
+                await client.until_spoken(since, 30.0 + len(clip.wav) / 16000)
+                log.info("webrtc: %s played back", name)
+            await client.close()
+    finally:
+        restore()
+    return client
+
+
+def received_audio_16k(track: Track) -> tuple[np.ndarray, float]:
+    """The returned audio as one 16 kHz signal on the media clock (gaps as silence), and its start time."""
+    stamps = track.unwrapped().astype(np.int64)
+    start = stamps[0]
+    total = int(stamps[-1] - start) + len(track.frames[-1][2])
+    signal = np.zeros(total, np.float32)
+    for (_, _, data), ts in zip(track.frames, stamps, strict=True):
+        signal[int(ts - start):int(ts - start) + len(data)] = data
+    mono16 = signal[: len(signal) // 3 * 3].reshape(-1, 3).mean(axis=1)  # 48 -> 16 kHz (box filter)
+    return mono16.astype(np.float32), track.times()[0]
+
+
+def locate(clip: np.ndarray, signal: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    """Sample index in `signal[lo:hi]` where `clip` starts (FFT cross-correlation), and the normalised peak."""
+    seg = signal[max(0, lo):min(len(signal), hi)]
+    n = 1 << int(np.ceil(np.log2(len(seg) + len(clip))))
+    corr = np.fft.irfft(np.fft.rfft(seg, n) * np.conj(np.fft.rfft(clip, n)), n)[: max(1, len(seg) - len(clip) + 1)]
+    k = int(np.argmax(corr))
+    norm = float(corr[k] / (np.linalg.norm(clip) * np.linalg.norm(seg[k:k + len(clip)]) + 1e-9))
+    return max(0, lo) + k, norm
+
+
+def avatar_index_matcher(avatar):  # type: ignore[no-untyped-def]
+    """Which avatar frame a received frame shows: the closest avatar frame on the face above the mouth
+    patch (the renderer never changes it), downscaled 4x; head motion makes neighbours distinct enough."""
+    from realtime.renderers.default import DefaultRenderer
+
+    renderer = DefaultRenderer()
+    top = min(renderer.patch_box(avatar, i)[0] for i in range(len(avatar.frames)))
+
+    def key(bgr: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(bgr[:top], cv2.COLOR_BGR2GRAY)
+        small = cv2.resize(grey, (grey.shape[1] // 4, grey.shape[0] // 4), interpolation=cv2.INTER_AREA)
+        return small.astype(np.float32)
+
+    keys = np.stack([key(f) for f in avatar.frames])
+
+    def match(bgr: np.ndarray) -> int:
+        return int(np.argmin(np.abs(keys - key(bgr)[None]).mean(axis=(1, 2))))
+
+    return match
+
+
+def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, repo: Path) -> dict:
+    """The material pushed through a real session of `run_server.py` (default renderer, default avatar);
+    the returned video decoded and read by the same face mesh, timed on the returned audio."""
+    from bench.common import loadavg, start_server
+    from realtime.default_avatar import load_default_avatar
+
+    avatar = load_default_avatar()
+    match = avatar_index_matcher(avatar)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "server.log"
+        server = start_server([], log_path, repo=repo)
+        load_before = loadavg()
+        try:
+            client = asyncio.run(drive_webrtc(server.url, clips))
+        finally:
+            server.stop()
+    video_t = client.video.times()
+    bgr = [cv2.cvtColor(f, cv2.COLOR_YUV2BGR_I420) for _, _, f in client.video.frames]
+    audio, audio_t0 = received_audio_16k(client.audio)
+    # The neutral face per avatar frame: the idle frames received before any speech (codec included).
+    idle_end = video_t[0] + WEBRTC_IDLE_S - 0.5
+    neutral_by_index: dict[int, list[np.ndarray]] = {}
+    reader.previous = None
+    for k in np.flatnonzero(video_t < idle_end):
+        neutral_by_index.setdefault(match(bgr[k]), []).append(reader.measure(bgr[k]))
+    neutral = {i: np.nanmedian(np.array(v), axis=0) for i, v in neutral_by_index.items()}
+    seen = np.array(sorted(neutral))
+
+    def neutral_of(i: int) -> np.ndarray:
+        return neutral[int(seen[np.argmin(np.abs(seen - i))])]
+
+    per_clip: dict[str, dict] = {}
+    cursor = int((idle_end - audio_t0) * 16000)
+    alignment = []
+    for name, clip in clips.items():
+        start, peak = locate(clip.wav, audio, cursor, cursor + int((len(clip.wav) / 16000 + 30) * 16000))
+        cursor = start + len(clip.wav)
+        t0 = audio_t0 + start / 16000  # arrival-clock time of the clip's first sample as heard
+        sel = np.flatnonzero((video_t >= t0) & (video_t < t0 + len(clip.wav) / 16000))
+        reader.previous = None
+        m = np.array([reader.measure(bgr[k]) for k in sel])
+        n = np.array([neutral_of(match(bgr[k])) for k in sel])
+        per_clip[name] = {"m": m, "neutral": n, "times": video_t[sel] - t0, "clip": clip}
+        alignment.append(peak)
+    out = summarise(per_clip, closed_px)
+    intervals = np.diff(video_t)
+    out["webrtc"] = {
+        "frames_received": len(bgr), "frame_size": f"{bgr[0].shape[1]}x{bgr[0].shape[0]}",
+        "frame_interval_ms_p50_p95": [round(1000 * float(np.percentile(intervals, q)), 1) for q in (50, 95)],
+        "neutral_avatar_frames": len(seen), "clip_alignment_min": round(min(alignment), 3),
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
+    }
+    return out
+
+
 def grids(before: str, after: str, docs: Path | None) -> list[str]:
     """Before/after grids of every strip the two runs share; `docs`: one small grid of the material."""
     written = []
@@ -361,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--closed-px", type=float, default=2.0, help="a closure: lip gap within this of neutral")
     parser.add_argument("--grid", nargs=2, metavar=("BEFORE", "AFTER"), help="compose grids of two runs")
     parser.add_argument("--docs", type=Path, help="with --grid: also write this small grid of the material")
+    parser.add_argument("--webrtc", action="store_true",
+                        help="also push the material through a real server session (run_server.py of --root or "
+                             "this checkout, default avatar) and read the returned video: 'webrtc_default_512'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cv2.setNumThreads(1)
@@ -370,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.path.insert(0, str((args.root or ROOT).resolve()))
     started = time.perf_counter()
-    results = evaluate(args.label, args.closed_px)
+    clips, reader = material(), Reader()
+    results = evaluate(args.label, args.closed_px, clips, reader)
+    if args.webrtc:
+        results["webrtc_default_512"] = evaluate_webrtc(clips, reader, args.closed_px, (args.root or ROOT).resolve())
     for name, res in results.items():
         log.info("%s %s: %s", args.label, name, json.dumps(res))
     print(json.dumps({"label": args.label, "root": str(args.root or ROOT), "avatars": results,
