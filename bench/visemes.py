@@ -4,6 +4,7 @@ renders it, and the project's face mesh reads the rendered frames back.
     python bench/visemes.py [--label new] [--root PATH]        # JSON on the last line, strips of frames
     python bench/visemes.py --grid before new                   # before/after PNG grids of two runs
     python bench/visemes.py --grid before new --docs docs/img/visemes.png   # the README's grid
+    python bench/visemes.py --webrtc [--root PATH]             # also over a real WebRTC session
 
 `--root` imports `realtime` (the renderer) from another checkout, e.g. a worktree of main, so today's
 renderer and a new one are measured by the same code on the same material:
@@ -27,6 +28,18 @@ rendered frame and the avatar's own frame under it
     targets: each of the issue's targets (ee >= +10 % wide, oo <= -10 %, ah gap >= 2 x ee gap, >= 80 %
         closures, chin drop on ah >= 3 px, r >= 0.7 with lag 0..70 ms), true or false
 Frame strips (neutral + one tile per phoneme of interest) go to test-artifacts/visemes/<label>/.
+
+`--webrtc` adds `webrtc_default_512`: the same clips pushed one after another (POST
+/sessions/{id}/audio) into a real session of `run_server.py` (of `--root` or this checkout, default
+renderer and avatar, started with bench/common.start_server on 127.0.0.1), an aiortc client on loopback
+receiving and decoding the returned audio and video (its buffers hand on each audio packet as it
+arrives and a video frame at its marker bit, as a browser does on a clean loopback). Both tracks are
+placed on the arrival clock by their RTP timestamps (plus each track's fastest transport delay, so the
+client's own scheduling jitter does not move frames); each clip is found in the returned audio by
+cross-correlation (its peak per clip is in the JSON), which times the returned video frames against
+the clip as heard. The neutral face per avatar frame is the face mesh on the received idle frames
+(the first 9 s, codec included) showing that avatar frame, recognised by the face above the mouth
+patch. The same figures and targets follow, plus the received frame count and intervals and the load.
 """
 from __future__ import annotations
 
