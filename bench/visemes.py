@@ -138,8 +138,8 @@ class Espeak:
 
 def photo_avatar(default_avatar, tmp: Path):
     """The default avatar's first frame scaled into a 1280x720 picture, prepared like any photo."""
-    from realtime.avatar import AvatarConfig
-    from realtime.avatar_prepare import prepare_avatar
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
 
     frame = default_avatar.frames[0]
     scale = 680 / frame.shape[0]
@@ -183,8 +183,8 @@ class Reader:
 
 def render_clip(renderer, avatar, clip: Clip) -> tuple[list[np.ndarray], np.ndarray]:
     """Rendered frames and avatar frame indices, through `render` with the renderer's own windows."""
-    from realtime.compositor import paste
-    from realtime.mel import MelAlignment, mel_windows, melspectrogram
+    from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
+    from realtime.renderers.compositor import paste
 
     fps = float(avatar.fps)
     offset = renderer.traits.audio_needs.offset_frames
@@ -247,7 +247,7 @@ def material() -> dict[str, Clip]:
 
 
 def evaluate(label: str, closed_px: float, clips: dict[str, Clip], reader: Reader) -> dict:
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
     out_dir = ARTIFACTS / label
@@ -472,7 +472,7 @@ async def drive_webrtc(url: str, clips: dict[str, Clip]) -> WebRTCClient:
     """Idle for one avatar loop, then every clip pushed in turn, each once the previous one has played."""
     import aiohttp
 
-    from server.ice import use_host_addresses
+    from server.network.ice import use_host_addresses
 
     restore = use_host_addresses(["127.0.0.1"])  # the client offers loopback only, as the server does
     try:
@@ -538,7 +538,7 @@ def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, re
     """The material pushed through a real session of `run_server.py` (default renderer, default avatar);
     the returned video decoded and read by the same face mesh, timed on the returned audio."""
     from bench.common import loadavg, start_server
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     match = avatar_index_matcher(avatar)

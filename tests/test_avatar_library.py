@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from test_engine import SR, STEP, FakeAvatar
 
-from realtime.avatar import Avatar
-from realtime.avatar_library import AvatarInUse, AvatarLibrary, AvatarNotReady, AvatarState, UnknownAvatar
-from realtime.avatar_prepare import load_prepared, save_avatar
-from realtime.clock import ManualClock
-from realtime.default_avatar import load_default_avatar
-from realtime.encoded_frames import EncodedFrames
+from realtime.avatars.avatar import Avatar
+from realtime.avatars.avatar_library import AvatarInUse, AvatarLibrary, AvatarNotReady, AvatarState, UnknownAvatar
+from realtime.avatars.avatar_prepare import load_prepared, save_avatar
+from realtime.avatars.default_avatar import load_default_avatar
+from realtime.avatars.encoded_frames import EncodedFrames
 from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.default import DefaultRenderer
-from realtime.scheduler import InlineRenderWorker
-from realtime.session import LipSyncSession
+from realtime.scheduling.scheduler import InlineRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import LipSyncSession
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +188,8 @@ def test_default_renderer_mixed_batch_equals_separate_calls(default_avatar):
 
 def test_a_raw_prepared_folder_is_encoded_once_then_loaded_from_the_cache(default_avatar, tmp_path,
                                                                           monkeypatch):
-    from realtime.avatar import AvatarConfig
-    from realtime.avatar_prepare import prepare_avatar
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
 
     raw = Avatar(frames=np.asarray(default_avatar.frames[:40]), boxes=default_avatar.boxes[:40],
                  mouth=default_avatar.mouth[:40], fps=25.0, loop="pingpong", source="x",
@@ -212,7 +212,7 @@ def test_uploads_queue_on_one_thread_and_are_bounded(default_avatar, tmp_path, m
     import threading
     import time
 
-    from realtime.avatar_library import LibraryBusy
+    from realtime.avatars.avatar_library import LibraryBusy
 
     release = threading.Event()
     library = AvatarLibrary(default_avatar, cache_dir=tmp_path, max_pending=2)

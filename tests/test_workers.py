@@ -1,4 +1,4 @@
-"""`--workers N` (server/workers.py): the supervisor's routing as a pure function of the shared board, then
+"""`--workers N` (server/ops/workers.py): the supervisor's routing as a pure function of the shared board, then
 a real two-worker server on loopback: every route of a session reaches the process that owns it
 (WebSocket and SSE included), and a killed worker's sessions end with a reason while the other worker's
 session keeps its frame rate and the killed one is restarted and serves again."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig
-from server.workers import Supervisor, owner_of, resolve_workers, split_ports, worker_config
+from server.ops.workers import Supervisor, owner_of, resolve_workers, split_ports, worker_config
 
 
 def test_session_ids_name_their_worker_and_generation():
@@ -83,7 +83,7 @@ def test_routing_offers_to_the_freest_worker_and_routes_to_the_owner():
 
 def test_a_visitors_offers_go_to_its_home_worker_so_per_address_limits_hold():
     """Each worker counts --max-sessions-per-ip on its own: a visitor's offers must all reach one of them
-    (server/visitor_homes.py), by its address key (an IPv6 /64 is one visitor), behind a trusted proxy by
+    (server/access/visitor_homes.py), by its address key (an IPv6 /64 is one visitor), behind a trusted proxy by
     the address the proxy names, until its home worker restarts."""
     boss = Supervisor(ServerConfig(trusted_proxies=["127.0.0.1"]), 2)
     ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
@@ -111,7 +111,7 @@ def test_a_visitors_offers_go_to_its_home_worker_so_per_address_limits_hold():
 
 
 def test_visitor_homes_are_kept_for_a_session_lifetime_and_bounded():
-    from server.visitor_homes import VisitorHomes
+    from server.access.visitor_homes import VisitorHomes
 
     homes = VisitorHomes(keep_s=100.0, capacity=3)
     alive = {0: 0, 1: 0}
