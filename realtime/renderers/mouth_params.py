@@ -24,7 +24,9 @@ How (a viseme pipeline on the 80 Slaney mel bins the engine already computes):
    Formant positions and relative levels, not whole-spectrum templates, are used on purpose: spectral
    tilt and absolute band levels differ a lot between voices and TTS engines, these much less.
 4. open = loudness gate x the vowel's openness (the warp shuts the lips by `close`); spread / round =
-   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time.
+   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time. The jaw's
+   gate has its own, higher full-scale level than the lip shape's, so that it keeps following the
+   envelope's syllable peaks in loud running speech instead of staying wide open through them.
 5. Temporal smoothing is **stateless over the window** (the design choice of this module). The window
    of video frame i starts one video frame (40 ms at 25 fps) *before* the frame (`offset_frames` = -1)
    and `window_columns` (8) columns are read, so it spans ~45 ms of past and ~45 ms of future audio
