@@ -4,7 +4,7 @@ renders it, and the project's face mesh reads the rendered frames back.
     python bench/visemes.py [--label new] [--root PATH]        # JSON on the last line, strips of frames
     python bench/visemes.py --grid before new                   # before/after PNG grids of two runs
     python bench/visemes.py --grid before new --docs docs/img/visemes.png   # the README's grid
-    python bench/visemes.py --webrtc [--root PATH]             # also over a real WebRTC session
+    python bench/visemes.py --webrtc [--webrtc-photo] [--root PATH]   # also over a real WebRTC session
 
 `--root` imports `realtime` (the renderer) from another checkout, e.g. a worktree of main, so today's
 renderer and a new one are measured by the same code on the same material:
@@ -37,9 +37,11 @@ arrives and a video frame at its marker bit, as a browser does on a clean loopba
 placed on the arrival clock by their RTP timestamps (plus each track's fastest transport delay, so the
 client's own scheduling jitter does not move frames); each clip is found in the returned audio by
 cross-correlation (its peak per clip is in the JSON), which times the returned video frames against
-the clip as heard. The neutral face per avatar frame is the face mesh on the received idle frames
-(the first 9 s, codec included) showing that avatar frame, recognised by the face above the mouth
-patch. The same figures and targets follow, plus the received frame count and intervals and the load.
+the clip as heard. The neutral face under a returned frame is the face mesh on the received idle
+frames (the first 9 s, codec included) that look most like it above the nose (`IdleFaces`). The same
+figures and targets follow, plus the frames received per clip, their intervals and the load.
+`--webrtc-photo` adds `webrtc_photo_720p`: the 720p photo given to the server with --avatars (it
+prepares it as any photo) and chosen in the offer.
 """
 from __future__ import annotations
 
@@ -136,19 +138,24 @@ class Espeak:
         return Clip(name, text, wav, [(s, e, p) for (s, p), e in zip(starts, ends, strict=True)])
 
 
-def photo_avatar(default_avatar, tmp: Path):
-    """The default avatar's first frame scaled into a 1280x720 picture, prepared like any photo."""
-    from realtime.avatars.avatar import AvatarConfig
-    from realtime.avatars.avatar_prepare import prepare_avatar
-
+def photo_picture(default_avatar, path: Path) -> Path:
+    """The default avatar's first frame scaled into a 1280x720 picture (a photo of the face), at `path`."""
     frame = default_avatar.frames[0]
     scale = 680 / frame.shape[0]
     face = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     canvas = cv2.resize(cv2.GaussianBlur(frame, (0, 0), 25), (1280, 720))
     y, x = (720 - face.shape[0]) // 2, (1280 - face.shape[1]) // 2
     canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
-    path = tmp / "photo.png"
     cv2.imwrite(str(path), canvas)
+    return path
+
+
+def photo_avatar(default_avatar, tmp: Path):
+    """`photo_picture`, prepared like any photo."""
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
+
+    path = photo_picture(default_avatar, tmp / "photo.png")
     return prepare_avatar(path, config=AvatarConfig(detector="mesh", still_seconds=4.0), use_cache=False)
 
 
@@ -160,6 +167,7 @@ class Reader:
 
         self.detector = MeshDetector()
         self.previous = None
+        self.landmarks: np.ndarray | None = None  # of the last face found
         self.neutral: dict[tuple[int, int], np.ndarray] = {}
 
     def measure(self, frame: np.ndarray) -> np.ndarray:
@@ -168,6 +176,7 @@ class Reader:
         if found is None or found.landmarks is None:
             return np.full(3, np.nan)
         p = found.landmarks
+        self.landmarks = p
         return np.array([np.linalg.norm(p[MOUTH_R] - p[MOUTH_L]), np.linalg.norm(p[LIP_IN_BOTTOM] - p[LIP_IN_TOP]),
                          np.linalg.norm(p[CHIN] - p[NOSE])])
 
@@ -298,6 +307,8 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
             if ph not in BILABIAL:
                 continue
             sel = (d["times"] >= start - 0.02) & (d["times"] <= end)
+            if len(sel) == 0:  # no frame of this clip came back (--webrtc on an overloaded machine)
+                continue
             if not sel.any():
                 sel = np.zeros(len(d["times"]), bool)
                 sel[int(np.argmin(np.abs(d["times"] - (start + end) / 2)))] = True
@@ -307,6 +318,8 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
     gaps, env_by_lag = [], {lag: [] for lag in range(-100, 151, 10)}
     for name in SENTENCES:
         d = per_clip[name]
+        if len(d["times"]) == 0:
+            continue
         gaps.append(d["m"][:, 1] - d["neutral"][:, 1])
         for lag in env_by_lag:
             env_by_lag[lag].append(envelope(d["clip"].wav, d["times"] + lag / 1000))
@@ -413,7 +426,7 @@ class WebRTCClient:
                 pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
                 self.audio.frames.append((now, int(frame.pts), pcm.astype(np.float32)))
 
-    async def connect(self, http) -> None:  # type: ignore[no-untyped-def]
+    async def connect(self, http, avatar: str | None = None) -> None:  # type: ignore[no-untyped-def]
         from aiortc import RTCSessionDescription
 
         from bench.netimpair import MarkerJitterBuffer
@@ -425,7 +438,9 @@ class WebRTCClient:
                 audio_buffer() if transceiver.kind == "audio"
                 else MarkerJitterBuffer(capacity=512, is_video=True))
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        body: dict = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if avatar is not None:
+            body["options"] = {"avatar": avatar}
         async with http.post(self.url + "/offer", json=body) as resp:
             answer = await resp.json()
             if resp.status != 200:
@@ -468,7 +483,23 @@ class WebRTCClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def drive_webrtc(url: str, clips: dict[str, Clip]) -> WebRTCClient:
+async def ready_avatar(http, url: str, name: str, timeout_s: float = 300.0) -> str:  # type: ignore[no-untyped-def]
+    """The id of the avatar the server prepared from the file `name` (--avatars), once it is ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with http.get(url.rstrip("/") + "/avatars") as resp:
+            listing = await resp.json()
+        for entry in listing["avatars"]:
+            if entry["id"] != listing["default"]:
+                if entry["state"] == "ready":
+                    return str(entry["id"])
+                if entry["state"] == "failed":
+                    raise SystemExit(f"bench/visemes.py: the server could not prepare {name}: {entry}")
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"bench/visemes.py: the server did not prepare {name} in {timeout_s:.0f} s")
+
+
+async def drive_webrtc(url: str, clips: dict[str, Clip], photo: str | None = None) -> WebRTCClient:
     """Idle for one avatar loop, then every clip pushed in turn, each once the previous one has played."""
     import aiohttp
 
@@ -478,7 +509,7 @@ async def drive_webrtc(url: str, clips: dict[str, Clip]) -> WebRTCClient:
     try:
         async with aiohttp.ClientSession() as http:
             client = WebRTCClient(url)
-            await client.connect(http)
+            await client.connect(http, None if photo is None else await ready_avatar(http, url, photo))
             await asyncio.sleep(WEBRTC_IDLE_S)
             for name, clip in clips.items():
                 since = len(client.audio.frames)
@@ -513,57 +544,61 @@ def locate(clip: np.ndarray, signal: np.ndarray, lo: int, hi: int) -> tuple[int,
     return max(0, lo) + k, norm
 
 
-def avatar_index_matcher(avatar):  # type: ignore[no-untyped-def]
-    """Which avatar frame a received frame shows: the closest avatar frame on the face above the mouth
-    patch (the renderer never changes it), downscaled 4x; head motion makes neighbours distinct enough."""
-    from realtime.renderers.default import DefaultRenderer
+class IdleFaces:
+    """The neutral face under a returned frame: the received idle frames (before any speech, codec
+    included) are the reference; a returned frame's neutral is the median face-mesh reading of the three
+    idle frames closest to it on the face above the nose (the renderer never changes it; idle head
+    motion does), downscaled 4x. Needs no copy of the server's avatar, so it works for any avatar the
+    server prepared (a photo gets its idle motion there)."""
 
-    renderer = DefaultRenderer()
-    top = min(renderer.patch_box(avatar, i)[0] for i in range(len(avatar.frames)))
+    def __init__(self, frames: list[np.ndarray], reader: Reader) -> None:
+        reader.previous = None
+        self.readings = np.array([reader.measure(f) for f in frames])
+        if reader.landmarks is None:
+            raise SystemExit("bench/visemes.py: no face found in the returned idle video")
+        self.top = int(reader.landmarks[NOSE][1]) - 4
+        self.keys = np.stack([self.key(f) for f in frames])
 
-    def key(bgr: np.ndarray) -> np.ndarray:
-        grey = cv2.cvtColor(bgr[:top], cv2.COLOR_BGR2GRAY)
+    def key(self, bgr: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(bgr[:self.top], cv2.COLOR_BGR2GRAY)
         small = cv2.resize(grey, (grey.shape[1] // 4, grey.shape[0] // 4), interpolation=cv2.INTER_AREA)
         return small.astype(np.float32)
 
-    keys = np.stack([key(f) for f in avatar.frames])
-
-    def match(bgr: np.ndarray) -> int:
-        return int(np.argmin(np.abs(keys - key(bgr)[None]).mean(axis=(1, 2))))
-
-    return match
+    def neutral(self, bgr: np.ndarray) -> np.ndarray:
+        distance = np.abs(self.keys - self.key(bgr)[None]).mean(axis=(1, 2))
+        return np.nanmedian(self.readings[np.argsort(distance)[:3]], axis=0)
 
 
-def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, repo: Path) -> dict:
-    """The material pushed through a real session of `run_server.py` (default renderer, default avatar);
-    the returned video decoded and read by the same face mesh, timed on the returned audio."""
+def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, repo: Path,
+                    photo: Path | None = None) -> dict:
+    """The material pushed through a real session of `run_server.py` (default renderer; the default
+    avatar, or `photo` given to the server with --avatars); the returned video decoded and read by the
+    same face mesh, timed on the returned audio."""
     from bench.common import loadavg, start_server
-    from realtime.avatars.default_avatar import load_default_avatar
 
-    avatar = load_default_avatar()
-    match = avatar_index_matcher(avatar)
     with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "server.log"
-        server = start_server([], log_path, repo=repo)
+        args: list[str] = []
+        if photo is not None:
+            folder = Path(tmp) / "avatars"
+            folder.mkdir()
+            (folder / photo.name).write_bytes(photo.read_bytes())
+            args = ["--avatars", str(folder), "--avatar-cache-dir", str(Path(tmp) / "cache")]
+        server = start_server(args, Path(tmp) / "server.log", repo=repo)
         load_before = loadavg()
         try:
-            client = asyncio.run(drive_webrtc(server.url, clips))
+            client = asyncio.run(drive_webrtc(server.url, clips, None if photo is None else photo.name))
         finally:
             server.stop()
     video_t = client.video.times()
-    bgr = [cv2.cvtColor(f, cv2.COLOR_YUV2BGR_I420) for _, _, f in client.video.frames]
-    audio, audio_t0 = received_audio_16k(client.audio)
-    # The neutral face per avatar frame: the idle frames received before any speech (codec included).
-    idle_end = video_t[0] + WEBRTC_IDLE_S - 0.5
-    neutral_by_index: dict[int, list[np.ndarray]] = {}
-    reader.previous = None
-    for k in np.flatnonzero(video_t < idle_end):
-        neutral_by_index.setdefault(match(bgr[k]), []).append(reader.measure(bgr[k]))
-    neutral = {i: np.nanmedian(np.array(v), axis=0) for i, v in neutral_by_index.items()}
-    seen = np.array(sorted(neutral))
+    yuv = [f for _, _, f in client.video.frames]
+    del client.video.frames[:]
 
-    def neutral_of(i: int) -> np.ndarray:
-        return neutral[int(seen[np.argmin(np.abs(seen - i))])]
+    def bgr(k: int) -> np.ndarray:
+        return cv2.cvtColor(yuv[k], cv2.COLOR_YUV2BGR_I420)
+
+    audio, audio_t0 = received_audio_16k(client.audio)
+    idle_end = video_t[0] + WEBRTC_IDLE_S - 0.5
+    idle = IdleFaces([bgr(k) for k in np.flatnonzero(video_t < idle_end)], reader)
 
     per_clip: dict[str, dict] = {}
     cursor = int((idle_end - audio_t0) * 16000)
@@ -574,16 +609,22 @@ def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, re
         t0 = audio_t0 + start / 16000  # arrival-clock time of the clip's first sample as heard
         sel = np.flatnonzero((video_t >= t0) & (video_t < t0 + len(clip.wav) / 16000))
         reader.previous = None
-        m = np.array([reader.measure(bgr[k]) for k in sel])
-        n = np.array([neutral_of(match(bgr[k])) for k in sel])
+        frames = [bgr(k) for k in sel]
+        m = np.array([reader.measure(f) for f in frames])
+        n = np.array([idle.neutral(f) for f in frames])
         per_clip[name] = {"m": m, "neutral": n, "times": video_t[sel] - t0, "clip": clip}
         alignment[name] = round(peak, 3)
     out = summarise(per_clip, closed_px)
     intervals = np.diff(video_t)
+    height, width = yuv[0].shape[0] * 2 // 3, yuv[0].shape[1]
     out["webrtc"] = {
-        "frames_received": len(bgr), "frame_size": f"{bgr[0].shape[1]}x{bgr[0].shape[0]}",
+        "frames_received": len(yuv), "frame_size": f"{width}x{height}",
         "frame_interval_ms_p50_p95": [round(1000 * float(np.percentile(intervals, q)), 1) for q in (50, 95)],
-        "neutral_avatar_frames": len(seen), "clip_alignment": alignment,
+        "idle_reference_frames": len(idle.readings), "clip_alignment": alignment,
+        # frames that came back per clip, against the clip's length at the avatar's frame rate: a
+        # clip short of frames (the server or this client could not keep up) weighs less or not at all
+        "frames_per_clip": {name: [len(d["times"]), round(len(d["clip"].wav) / 16000 * 25)]
+                            for name, d in per_clip.items()},
         "loadavg_before": load_before, "loadavg_after": loadavg(),
     }
     return out
@@ -635,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--webrtc", action="store_true",
                         help="also push the material through a real server session (run_server.py of --root or "
                              "this checkout, default avatar) and read the returned video: 'webrtc_default_512'")
+    parser.add_argument("--webrtc-photo", action="store_true",
+                        help="with --webrtc: also a session on the 720p photo ('webrtc_photo_720p'); 720p encoding "
+                             "and decoding need a machine that keeps up (see frames_per_clip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cv2.setNumThreads(1)
@@ -647,7 +691,14 @@ def main(argv: list[str] | None = None) -> int:
     clips, reader = material(), Reader()
     results = evaluate(args.label, args.closed_px, clips, reader)
     if args.webrtc:
-        results["webrtc_default_512"] = evaluate_webrtc(clips, reader, args.closed_px, (args.root or ROOT).resolve())
+        from realtime.avatars.default_avatar import load_default_avatar
+
+        repo = (args.root or ROOT).resolve()
+        results["webrtc_default_512"] = evaluate_webrtc(clips, reader, args.closed_px, repo)
+        if args.webrtc_photo:
+            with tempfile.TemporaryDirectory() as tmp:
+                photo = photo_picture(load_default_avatar(), Path(tmp) / "photo.png")
+                results["webrtc_photo_720p"] = evaluate_webrtc(clips, reader, args.closed_px, repo, photo)
     for name, res in results.items():
         log.info("%s %s: %s", args.label, name, json.dumps(res))
     print(json.dumps({"label": args.label, "root": str(args.root or ROOT), "avatars": results,
