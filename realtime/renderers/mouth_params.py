@@ -24,7 +24,9 @@ How (a viseme pipeline on the 80 Slaney mel bins the engine already computes):
    Formant positions and relative levels, not whole-spectrum templates, are used on purpose: spectral
    tilt and absolute band levels differ a lot between voices and TTS engines, these much less.
 4. open = loudness gate x the vowel's openness (the warp shuts the lips by `close`); spread / round =
-   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time.
+   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time. The jaw's
+   gate has its own, higher full-scale level than the lip shape's, so that it keeps following the
+   envelope's syllable peaks in loud running speech instead of staying wide open through them.
 5. Temporal smoothing is **stateless over the window** (the design choice of this module). The window
    of video frame i starts one video frame (40 ms at 25 fps) *before* the frame (`offset_frames` = -1)
    and `window_columns` (8) columns are read, so it spans ~45 ms of past and ~45 ms of future audio
@@ -55,7 +57,7 @@ _DB_PER_UNIT = 100.0 / (2 * MAX_ABS_VALUE)  # the official normalisation maps 10
 # Corners of the vowel / fricative space as (open factor, spread, round); each column blends between them.
 VISEMES: dict[str, tuple[float, float, float]] = {
     "A": (1.00, 0.10, 0.00),  # open vowel: high F1
-    "I": (0.20, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
+    "I": (0.26, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips (a slit, lips apart)
     "U": (0.38, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
     "S": (0.18, 0.70, 0.00),  # sibilant: energy above 3.5 kHz, teeth nearly together
     "F": (0.12, 0.20, 0.00),  # labiodental: lower lip at the upper teeth
@@ -68,7 +70,13 @@ class MouthParamsConfig:
     # (level ~ dBFS + 98). Below `gate_db` the mouth rests; at `full_db` a vowel reaches full opening.
     gate_db: float = 44.0
     full_db: float = 74.0
-    level_gamma: float = 1.3       # > 1: the jaw follows the amplitude more than the dB level
+    # The jaw reaches full opening only at `jaw_full_db`, well above where the lip shape is complete: a
+    # jaw that saturated at `full_db` stayed wide open through every loud stretch of running speech and
+    # lost the syllable-to-syllable rise and fall of the envelope (the lip shape, by contrast, should
+    # be complete at moderate loudness). With `level_gamma` > 1 the opening follows the amplitude more
+    # than the dB level, as the speech envelope does.
+    jaw_full_db: float = 76.0
+    level_gamma: float = 1.6
     shape_gamma: float = 0.6       # < 1: the lips take a vowel's shape early in its rise
     # Formant search ranges (Hz); F1 = the first envelope peak within `f1_within_db` of the band max.
     f1_range: tuple[float, float] = (200.0, 1000.0)
@@ -271,7 +279,8 @@ def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatur
     power = 10.0 ** (db / 10.0)
     level = 10.0 * np.log10(np.sum(power, axis=1))
     loudness = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0)
-    gate = loudness ** config.level_gamma
+    jaw_loudness = np.clip((level - config.gate_db) / (config.jaw_full_db - config.gate_db), 0.0, 1.0)
+    gate = jaw_loudness ** config.level_gamma
 
     env = _envelope(db, config.lifter_keep)
     f1 = _first_peak_hz(env, a.bands["f1"], a.freqs, config.f1_within_db)
@@ -330,7 +339,9 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     ck = a.consonant_kernel
     close = np.max(c.closure * ck, axis=1)
     bite = np.max(c.bite * ck, axis=1)
-    sibilant = np.max(c.sibilant * c.gate * ck, axis=1)
+    # Teeth show with an audible sibilant (the lip-shape gate: frication is quieter than vowels, the jaw's
+    # gate would barely move for it).
+    sibilant = np.max(c.sibilant * c.presence * ck, axis=1)
 
     # Jaw: weighted max of (gate x openness) -> envelope-follower behaviour; nearly shut by a bite (the
     # lower lip rises to the upper teeth). A closure shuts the lips in the warp (mouth_warp.mouth_shape).
