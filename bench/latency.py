@@ -5,8 +5,9 @@ client on loopback, per renderer, in one run.
 
 Measured at the client (time.monotonic of the bench process; received media is timed when aiortc hands
 the decoded frame over, i.e. after its jitter buffer, plus the onset's offset inside its 20 ms frame). The
-client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: audio
-plays after 1 packet (`--client-audio-prefetch`; aiortc holds 4), and a video frame is complete at its
+client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: each audio
+packet plays as it arrives (`bench.netimpair.PerPacketAudioBuffer`; `--client-audio-prefetch N` puts aiortc's
+buffer back, which holds N packets and then one more until the next arrives), and a video frame is complete at its
 marker bit (`bench.netimpair.MarkerJitterBuffer`; aiortc waits for the next frame's first packet, 40 ms). The microphone
 stand-in sends 48 kHz frames, as a browser captures (aiortc's Opus encoder holds 16 kHz frames back 20 ms).
 - push: a speech file (16 kHz wav, leading silence trimmed) is uploaded with POST /sessions/{id}/audio;
@@ -58,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.client import OfferRefused, PeerClient  # noqa: E402
 from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary, wav_bytes  # noqa: E402
-from bench.netimpair import MarkerJitterBuffer  # noqa: E402
+from bench.netimpair import MarkerJitterBuffer, PerPacketAudioBuffer  # noqa: E402
 
 log = logging.getLogger("bench.latency")
 
@@ -239,11 +240,12 @@ class Client(PeerClient):
 
 
 def set_audio_prefetch(receiver: Any, prefetch: int) -> None:
-    """The client's audio jitter buffer: aiortc holds 4 packets (80 ms) before playing any; a browser's
-    adaptive buffer (NetEq) holds far less on a clean loopback. This is the bench client's own setting
-    (aiortc internals, aiortc 1.x), reported in the output; the server is untouched."""
-
-    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
+    """The client's audio jitter buffer: 0 hands each packet on as it arrives (a browser's adaptive buffer,
+    NetEq, on a clean loopback); N >= 1 is aiortc's own buffer holding N packets (its default is 4 = 80 ms).
+    This is the bench client's own setting (aiortc internals, aiortc 1.x), reported in the output; the
+    server is untouched."""
+    receiver._RTCRtpReceiver__jitter_buffer = (PerPacketAudioBuffer() if prefetch == 0
+                                               else JitterBuffer(capacity=16, prefetch=prefetch))
 
 
 def idle_distance(idle: np.ndarray, crop: np.ndarray) -> float:
@@ -415,13 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renderers", default="default,wav2lip:training,wav2lip:official")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--text", default=TEXT)
-    parser.add_argument("--client-audio-prefetch", type=int, default=1,
-                        help="packets the bench client's audio jitter buffer holds before playing (aiortc's "
-                             "own default is 4 = 80 ms; 1 is closer to a browser on loopback)")
+    parser.add_argument("--client-audio-prefetch", type=int, default=0,
+                        help="packets the bench client's audio jitter buffer holds before playing: 0 = each "
+                             "as it arrives, as a browser on loopback (aiortc's own default is 4 = 80 ms)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.trials < 1:
         raise SystemExit("--trials must be >= 1")
+    if args.client_audio_prefetch < 0:
+        raise SystemExit("--client-audio-prefetch must be >= 0")
     clip = espeak_clip_16k(args.text)
     box, loop_s = mouth_box()
     results: dict[str, Any] = {}

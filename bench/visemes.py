@@ -376,25 +376,6 @@ class Track:
         return self.unwrapped() / self.clock + self.offset()
 
 
-def audio_buffer():  # type: ignore[no-untyped-def]
-    """The client's audio receive buffer: each RTP packet is a whole Opus frame and is handed on when it
-    arrives, as a browser's NetEq plays it on a clean loopback. aiortc's own buffer (even with prefetch=1)
-    completes a frame only when the *next* packet arrives, which would delay every returned sound by one
-    packet (20 ms) against the video and shift the measured lag by that much. A missing packet holds
-    the ones behind it (on loopback nothing is lost; the client gives up at its timeout)."""
-    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-
-    class PerPacket(JitterBuffer):
-        def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-            packet = None if self._origin is None else self._packets[self._origin % self._capacity]
-            if packet is None:
-                return None
-            self.remove(1)
-            return JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
-
-    return PerPacket(capacity=16)
-
-
 class WebRTCClient:
     """An aiortc client on loopback: receive-only audio and video, buffers that behave like a browser's on
     a clean loopback (each audio packet played as it arrives, a video frame complete at its marker bit)."""
@@ -429,13 +410,13 @@ class WebRTCClient:
     async def connect(self, http, avatar: str | None = None) -> None:  # type: ignore[no-untyped-def]
         from aiortc import RTCSessionDescription
 
-        from bench.netimpair import MarkerJitterBuffer
+        from bench.netimpair import MarkerJitterBuffer, PerPacketAudioBuffer
 
         self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         for transceiver in self.pc.getTransceivers():  # the client's own buffers (aiortc 1.x internals)
             transceiver.receiver._RTCRtpReceiver__jitter_buffer = (
-                audio_buffer() if transceiver.kind == "audio"
+                PerPacketAudioBuffer() if transceiver.kind == "audio"
                 else MarkerJitterBuffer(capacity=512, is_video=True))
         await self.pc.setLocalDescription(await self.pc.createOffer())
         body: dict = {"sdp": self.pc.localDescription.sdp, "type": "offer"}

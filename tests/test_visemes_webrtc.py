@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from aiortc.rtp import RtpPacket
 
-from bench.visemes import Track, audio_buffer, locate, received_audio_16k
+from bench.netimpair import PerPacketAudioBuffer
+from bench.visemes import Track, locate, received_audio_16k
 
 
 def test_rtp_timestamps_unwrap_across_the_32_bit_wrap():
@@ -47,7 +48,7 @@ def test_returned_audio_is_laid_out_on_its_timestamps_with_gaps_as_silence():
 
 def test_each_audio_packet_is_handed_on_as_it_arrives():
     """aiortc's buffer would hold a packet until the next one arrives (20 ms late against the video)."""
-    buffer = audio_buffer()
+    buffer = PerPacketAudioBuffer()
     for k in range(3):
         packet = RtpPacket(payload_type=111, sequence_number=100 + k, timestamp=960 * k, payload=bytes([k]))
         packet._data = packet.payload  # type: ignore[attr-defined]  # the receiver sets it (depayloaded)
