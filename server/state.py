@@ -19,6 +19,7 @@ from server.sessions import Session, SessionManager, UnknownSession
 from server.stream_limits import StreamSlots
 from server.tts import LocalTts
 from server.worker_board import WorkerSeat
+from server.worker_peers import WorkerPeers
 
 OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
 
@@ -43,14 +44,34 @@ class ServerState:
     # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
-    # With --workers N: this process's row on the board the front-ends share (server/worker_board.py).
+    # With --workers N: this process's row on the board the front-ends share (server/worker_board.py),
+    # and its way to ask the other workers for the server-wide answers (server/worker_peers.py).
     seat: WorkerSeat | None = None
+    peers: WorkerPeers | None = None
     # Live session costs and late ticks into the admission model (server/capacity.py).
     capacity_monitor: CapacityMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         self.capacity_monitor = CapacityMonitor(self.sessions.capacity, self.sessions.ticks)
 
+
+    def free_slots(self) -> int:
+        """Offers the server admits now: this process's, plus (with --workers) the other workers' rows,
+        capped by what the shared cores still take (each worker's row counts the same cores)."""
+        own = self.sessions.free_slots()
+        if self.seat is None:
+            return own
+        others = [r for r in self.seat.board.rows() if r.index != self.seat.index and r.ready]
+        total = own + sum(r.free_slots for r in others)
+        room = self.sessions.capacity.shared_room(self.sessions.held)
+        return total if room is None else min(total, room)
+
+    def sessions_total(self) -> int:
+        """Live and negotiating sessions of the whole server (with --workers, every ready worker's row)."""
+        own = self.sessions.held
+        if self.seat is None:
+            return own
+        return own + self.seat.others_sessions()
 
     @property
     def draining(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class Board:
         ctx = context or multiprocessing.get_context("spawn")
         self.workers = workers
         self._cells = ctx.Array("i", workers * _FIELDS, lock=False)
+        # The supervisor's private directory (mode 0700) of the workers' peer sockets (server/worker_peers.py);
+        # set before the workers start, None where workers cannot reach each other.
+        self.peers_dir: str | None = None
+
+    def peer_socket(self, index: int) -> str:
+        """Where worker `index` answers the other workers (a Unix socket in `peers_dir`)."""
+        assert self.peers_dir is not None, "the supervisor sets peers_dir before it starts workers"
+        return os.path.join(self.peers_dir, f"w{index}.sock")
 
     def _get(self, index: int, field: int) -> int:
         return int(self._cells[index * _FIELDS + field])

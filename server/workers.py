@@ -17,7 +17,8 @@ supervisor that owns the port and hands each accepted TCP connection to the righ
   (server/worker_board.py: each worker publishes its measured free slots every 100 ms), which becomes its
   home: its later offers and `/ice-servers` go there too, so per-address limits hold across workers
   (server/visitor_homes.py). Anything else round-robin (every worker serves the page, /config, /healthz,
-  the avatars).
+  the avatars); the worker that takes `GET /sessions`, `/metrics` or a change to `/avatars` asks the others
+  over their peer sockets for the whole server's answer (server/worker_peers.py).
 - **Restarts.** A worker that exits is started again (a new generation; back-off when it dies young).
   Its sessions died with it: their routes get `410 Gone` with the reason from the supervisor (their ids
   carry the old generation), the browser's peer connection fails, the other workers' sessions are
@@ -39,7 +40,9 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -402,6 +405,8 @@ class Supervisor:
         """Serve until `stop`; `drain` (SIGTERM) first lets every worker drain while routing goes on."""
         listener.setblocking(False)
         drain = drain or asyncio.Event()
+        # The workers' peer sockets (server/worker_peers.py): private to this user (mkdtemp: mode 0700).
+        self.board.peers_dir = tempfile.mkdtemp(prefix="lipsync-workers-")
         watch = asyncio.get_running_loop().create_task(self._watch(stop, drain), name="workers-watch")
         accept: asyncio.Task | None = None
         try:
@@ -422,6 +427,7 @@ class Supervisor:
             sessions = sum(r.sessions for r in self.board.rows() if r.ready)
             await asyncio.to_thread(self._stop_workers, shutdown_timeout_s)
             listener.close()
+            shutil.rmtree(self.board.peers_dir, ignore_errors=True)
             if sessions:
                 log.info("the workers closed %d session(s) on shutdown", sessions)
 
