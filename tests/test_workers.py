@@ -477,3 +477,40 @@ async def test_a_stuck_or_dead_worker_does_not_hang_the_server_wide_answers(two_
             break
     assert answered == 2
     await close_session(http, a)
+
+
+def test_metrics_pages_merge_by_each_familys_rule():
+    """Several processes' pages as one: counters and histograms summed, gauges by their rule, series that
+    repeat in every process told apart by a process label, a caller's server-wide figure kept."""
+    from server.prometheus import Histogram, Page, merge_pages
+
+    def page(i: int) -> str:
+        p = Page()
+        p.gauge("up", "Up.", 1 - i)
+        p.gauge("sessions", "Sessions.", 1 + i)
+        p.counter("closed_total", "Closed.", 2, {"reason": "a b"})
+        if i:
+            p.counter("closed_total", "Closed.", 5, {"reason": "late"})
+        h = Histogram((0.1, 1.0))
+        h.observe(0.05 * (i + 1))
+        p.histogram("lag_seconds", "Lag.", h)
+        p.gauge("lag_max_seconds", "Worst.", 0.25 * (i + 1))
+        p.gauge("cost_ms", "Cost.", 4.0 + 2 * i)
+        p.gauge("free", "Free.", 3)
+        p.gauge("render_queue", "Queue.", 7 + i, {"worker": "0"})
+        return p.render()
+
+    merged = merge_pages([("0", page(0)), ("1", page(1))],
+                         {"up": "min", "lag_max_seconds": "max", "cost_ms": "mean", "render_queue": "per_process"},
+                         overrides={"free": 4})
+    lines = merged.splitlines()
+    assert lines.count("# HELP sessions Sessions.") == 1 and lines.count("# TYPE lag_seconds histogram") == 1
+    assert sample(merged, "up") == 0 and sample(merged, "sessions") == 3
+    assert sample(merged, 'closed_total{reason="a b"}') == 4 and sample(merged, 'closed_total{reason="late"}') == 5
+    assert sample(merged, 'lag_seconds_bucket{le="0.1"}') == 2 and sample(merged, "lag_seconds_count") == 2
+    assert sample(merged, "lag_seconds_sum") == pytest.approx(0.15)
+    assert sample(merged, "lag_max_seconds") == 0.5 and sample(merged, "cost_ms") == 5.0
+    assert sample(merged, "free") == 4
+    assert sample(merged, 'render_queue{process="0",worker="0"}') == 7
+    assert sample(merged, 'render_queue{process="1",worker="0"}') == 8
+    assert "sessions 3" in lines  # integers stay integers
