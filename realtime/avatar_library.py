@@ -19,7 +19,7 @@ them back with the same ids, re-prepared from that cache (a cache hit: no detect
 
 Several libraries over one `uploads_dir` (the worker processes of `--workers N`, each with its own library):
 an upload kept by one is taken in by the others with `adopt_upload(id)` (same id, from the kept file), and
-the preparation of a kept file holds an exclusive lock on it (`fcntl.flock`), so only the first library
+the preparation of a kept file holds an exclusive lock on that file (`fcntl.flock`), so only the first library
 detects the face and writes the cache: the others wait and load that cache. A removal that must hold in
 every library is done in two steps: `reserve_removal(id)` in each (refused while a session uses it; new
 sessions are then refused the avatar), then `remove(id)` in each, or `cancel_removal(id)` if any refused; a
@@ -252,7 +252,6 @@ class AvatarLibrary:
         if file and "/" not in file:
             (self.uploads_dir / file).unlink(missing_ok=True)
         manifest.unlink(missing_ok=True)
-        (self.uploads_dir / f".{avatar_id}.lock").unlink(missing_ok=True)
 
     def restore_uploads(self) -> list[AvatarEntry]:
         """Add back, with their ids, the uploads kept by an earlier run (now, one at a time)."""
@@ -375,8 +374,12 @@ class AvatarLibrary:
         if self.uploads_dir is None or path.parent != self.uploads_dir:
             yield
             return
-        lock = self.uploads_dir / f".{path.stem}.lock"
-        with open(lock, "a") as handle:
+        try:
+            handle = open(path, "rb")  # the lock is on the kept file itself: no lock file to leave behind
+        except FileNotFoundError:
+            yield  # already gone: the preparation says so
+            return
+        with handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield

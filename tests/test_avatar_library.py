@@ -320,7 +320,7 @@ def test_two_libraries_share_an_upload_and_prepare_it_one_at_a_time(default_avat
         library.reserve_removal(entry.id)
     for library in (first, second):
         library.remove(entry.id)
-    assert list(uploads.iterdir()) == []  # manifest, file and lock gone: no restart brings it back
+    assert list(uploads.iterdir()) == []  # manifest and file gone: no restart brings it back
     third = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)
     assert third.restore_uploads() == []
     for library in (first, second, third):
