@@ -313,6 +313,23 @@ class AvatarLibrary:
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
 
+    def adopt_kept_uploads(self) -> list[AvatarEntry]:
+        """Take in every kept upload this library does not know yet: those another library kept after this
+        one's `restore_uploads` (a worker process that was starting while an upload arrived elsewhere)."""
+        if self.uploads_dir is None or not self.uploads_dir.is_dir():
+            return []
+        adopted = []
+        for manifest in sorted(self.uploads_dir.glob("*.json")):
+            with self._lock:
+                known = manifest.stem in self._entries
+            if known:
+                continue
+            try:
+                adopted.append(self.adopt_upload(manifest.stem))
+            except (UnknownAvatar, LibraryBusy) as exc:
+                log.warning("avatars: kept upload %s not taken in: %s", manifest.stem, exc)
+        return adopted
+
     def _done_pending(self) -> None:
         with self._lock:
             self._pending -= 1

@@ -138,6 +138,8 @@ async def _start_peer_socket(state: ServerState, seat: WorkerSeat | None) -> web
     await peer_runner.setup()
     await web.UnixSite(peer_runner, seat.board.peer_socket(seat.index)).start()
     state.peers = WorkerPeers(seat)
+    # Uploads another worker kept while this one loaded (after its restore_uploads, before it was asked).
+    state.engine.avatars.adopt_kept_uploads()
     return peer_runner
 
 

@@ -316,6 +316,10 @@ def test_two_libraries_share_an_upload_and_prepare_it_one_at_a_time(default_avat
     assert second_start >= first_end, windows  # one after the other
     assert len(second.acquire(entry.id)[1]) == len(small)
     second.release(entry.id)
+    late = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)  # a worker that was starting
+    (caught_up,) = late.adopt_kept_uploads()
+    assert caught_up.id == entry.id and late.adopt_kept_uploads() == []
+    late.close()
     for library in (first, second):
         library.reserve_removal(entry.id)
     for library in (first, second):
