@@ -14,7 +14,8 @@ aiohttp on both ends: no second protocol to write, and every call has a status a
 Cost, bounded: one request per other worker, all at once, each under PEER_TIMEOUT_S in all (connect,
 answer and body); an answer body is read up to MAX_PEER_ANSWER_BYTES. A stuck worker (its loop frozen) or a
 dead one (connection refused) is left out of the answer, which names it (`workers_missing`): it never hangs
-the request. Workers that are not ready on the board (starting, restarting) are not asked: their sessions
+the request; one already silent on the board for SILENT_AFTER_S (server/worker_board.py) is not even
+asked. Workers that are not ready on the board (starting, restarting) are not asked: their sessions
 are gone, and a (re)started worker loads the kept avatar uploads from disk itself.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from server.worker_board import WorkerSeat
+from server.worker_board import WorkerRow, WorkerSeat
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,19 @@ class WorkerPeers:
     seat: WorkerSeat
     timeout_s: float = PEER_TIMEOUT_S
 
-    def others(self) -> list[int]:
+    def others(self) -> list[WorkerRow]:
         """The other workers serving now (ready on the board)."""
-        return [r.index for r in self.seat.board.rows() if r.index != self.seat.index and r.ready]
+        return [r for r in self.seat.board.rows() if r.index != self.seat.index and r.ready]
 
     async def ask(self, method: str, path: str, *, text: bool = False) -> list[PeerAnswer]:
-        """`method path` on every other ready worker at once; each answer within `timeout_s` or none."""
-        return list(await asyncio.gather(*(self._ask_one(i, method, path, text) for i in self.others())))
+        """`method path` on every other ready worker at once; each answer within `timeout_s` or none. A
+        worker already silent on the board (stuck) is not waited for at all."""
+        return list(await asyncio.gather(*(
+            self._silent(row) if row.stuck else self._ask_one(row.index, method, path, text)
+            for row in self.others())))
+
+    async def _silent(self, row: WorkerRow) -> PeerAnswer:
+        return PeerAnswer(row.index, 0, error=f"not answering: silent for {row.silent_s:.0f} s")
 
     async def _ask_one(self, index: int, method: str, path: str, text: bool) -> PeerAnswer:
         connector = aiohttp.UnixConnector(path=self.seat.board.peer_socket(index))
