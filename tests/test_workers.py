@@ -546,3 +546,66 @@ def test_metrics_pages_merge_by_each_familys_rule():
     assert sample(merged, 'render_queue{process="0",worker="0"}') == 7
     assert sample(merged, 'render_queue{process="1",worker="0"}') == 8
     assert "sessions 3" in lines  # integers stay integers
+
+
+async def test_with_a_silent_worker_a_delete_removes_nothing_and_every_answer_names_it(tmp_path, http):
+    """One process of a two-worker server, in-process, whose peer accepts and never answers: DELETE
+    /avatars/{id} answers 503 + Retry-After and removes nothing anywhere (the avatar still serves here),
+    an upload is accepted here and the answer names the worker that did not take it in, GET /sessions
+    names it too; each within the peer timeout."""
+    import cv2
+    from server_helpers import TinyAvatar, start_server, tiny_engine
+
+    from server.state import STATE
+    from server.worker_board import Board, WorkerSeat
+    from server.worker_peers import WorkerPeers
+
+    engine = tiny_engine(avatar_cache_dir=tmp_path / "cache", uploads_dir=tmp_path / "uploads")
+    engine.avatars.add_builtin(TinyAvatar(), "other", "Other").builtin = False  # as an uploaded one
+    board = Board(2)
+    board.peers_dir = str(tmp_path)
+    for i in range(2):
+        board.publish(i, free_slots=1, sessions=0, capacity=1)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(1))
+    server = await start_server(engine, max_sessions=2)
+    state = server.app[STATE]
+    state.seat = WorkerSeat(board, 0, 0)
+    state.peers = WorkerPeers(state.seat, timeout_s=0.5)
+    silent = [{"worker": 1, "error": "no answer within 0.5 s"}]
+    try:
+        t0 = time.monotonic()
+        async with http.delete(server.endpoint("/avatars/other")) as resp:
+            body = await resp.json()
+            assert resp.status == 503 and resp.headers["Retry-After"] == "2", body
+        assert "nothing was removed" in body["error"] and "no answer within 0.5 s" in body["error"]
+        assert engine.avatars.acquire("other")[0] == "other"  # the reservation here was called off
+        engine.avatars.release("other")
+        ok, png = cv2.imencode(".png", np.full((96, 96, 3), 120, np.uint8))
+        assert ok
+        form = aiohttp_form(png.tobytes())
+        async with http.post(server.endpoint("/avatars"), data=form) as resp:
+            body = await resp.json()
+            assert resp.status == 202, body
+        assert body["workers_missing"] == silent
+        status, listed, _ = await listed_sessions(http, server)
+        assert status == 200 and listed["sessions"] == [] and listed["workers_missing"] == silent
+        assert time.monotonic() - t0 < 3 * 0.5 + 3.0  # three fan-outs, each bounded by the timeout
+    finally:
+        await server.stop()
+        frozen.close()
+        for writer in held:
+            writer.close()
+        engine.close()
+
+
+def aiohttp_form(data: bytes):
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("file", data, filename="face.png")
+    return form
