@@ -30,7 +30,7 @@ Attacks (one key each in the JSON):
   what /metrics then says about the loop (p99 and worst lag, stalls over 250 ms).
 - stream_count (issue #25): one session token opens 400 event streams and 100 /stream WebSockets: how many
   the server accepted, and how many are still open a second later.
-Issue #25, the public surface (server/ice_filter.py, server/surface.py, server/auth.py):
+Issue #25, the public surface (server/network/ice_filter.py, server/access/surface.py, server/access/auth.py):
 - ice_probe_950 / ice_probe_public: an offer naming 950 (over the cap) / 20 loopback UDP ports as remote
   candidates, sent to a server configured as a public bind (`--host 0.0.0.0 --no-auth`, but its socket
   forced onto 127.0.0.1 by the bench, so nothing leaves loopback): STUN packets received on those ports

@@ -1,4 +1,4 @@
-"""Memory and load time per avatar in a server's avatar library (realtime/avatar_library.py).
+"""Memory and load time per avatar in a server's avatar library (realtime/avatars/avatar_library.py).
 
     python bench/avatars.py [--avatars 3] [--seconds 10] [--wav2lip]
 
@@ -49,8 +49,8 @@ def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     """`count` 720p face videos, each in its own folder (one --avatars source each)."""
     import cv2
 
-    from realtime.avatar import loop_index
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.avatar import loop_index
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.media_io import Mp4Writer
 
     source = load_default_avatar().frames
@@ -75,8 +75,8 @@ def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
 
 def prepare_phase(clips: list[Path], cache: Path) -> dict:
     """Fill the cache (what a first start does); seconds per avatar."""
-    from realtime.avatar import AvatarConfig
-    from realtime.avatar_prepare import prepare_avatar
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
 
     seconds = []
     for clip in clips:
@@ -87,7 +87,7 @@ def prepare_phase(clips: list[Path], cache: Path) -> dict:
 
 
 def measure_phase(clips: list[Path], cache: Path, wav2lip: bool) -> dict:
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
     from server.realtime_engine import RealtimeEngine
 

@@ -64,7 +64,7 @@ def split(n: int, parts: int) -> list[int]:
 def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) -> int:
     from bench.common import TEXT, make_speech
     from bench.encode_path import sessions_with_encode
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     wav, rate = make_speech(TEXT, 2)

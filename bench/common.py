@@ -29,7 +29,7 @@ from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.precision_gate import psnr_db as psnr
 
 if TYPE_CHECKING:
-    from realtime.session import LipSyncSession
+    from realtime.timeline.session import LipSyncSession
 
 log = logging.getLogger("bench.common")
 
@@ -146,7 +146,7 @@ def drive_many(sessions: list[LipSyncSession], wav: np.ndarray, rate: int, secon
 def trial(worker: Any, avatar: Any, config: Any, wav: np.ndarray, rate: int, n: int) -> dict:
     """N LipSyncSessions on `worker` for the clip plus 0.6 s. ok: <= 2% of speech frames dropped and
     every session's latency p95 within its fixed budget plus half a frame."""
-    from realtime.session import LipSyncSession  # needs PyAV and webrtcvad
+    from realtime.timeline.session import LipSyncSession  # needs PyAV and webrtcvad
 
     sessions = [LipSyncSession(avatar, worker, config, name=f"s{i}") for i in range(n)]
     try:
@@ -170,7 +170,7 @@ def session_trials(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, count
     renderer's, a warm-up cost curve up to it); stops at the first failing N and skips the N that would
     end after `deadline` (time.monotonic())."""
     from realtime.config import EngineConfig
-    from realtime.scheduler import ThreadedRenderWorker
+    from realtime.scheduling.scheduler import ThreadedRenderWorker
     from server.realtime_engine import gpu_curve_sizes
 
     max_batch = renderer.max_batch
@@ -228,7 +228,7 @@ def make_speech(text: str, repeat: int) -> tuple[np.ndarray, int]:
 
 def espeak_clip_16k(text: str) -> np.ndarray:
     """espeak-ng speech at 16 kHz, leading and trailing silence trimmed (onset at sample 0)."""
-    from realtime.audio_ingest import AudioIngest
+    from realtime.audio.audio_ingest import AudioIngest
 
     wav, rate = make_speech(text, 1)
     x = AudioIngest(16000).convert(wav, rate)

@@ -28,10 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import espeak_or_vowels
-from realtime.compositor import paste
+from realtime.audio.mel import SAMPLE_RATE
 from realtime.media_io import load_audio
-from realtime.mel import SAMPLE_RATE
 from realtime.offline_builtin import frame_windows, render_avatar_speech
+from realtime.renderers.compositor import paste
 from realtime.renderers.default import DefaultRenderer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ BATCH = 8
 
 
 def load_avatar():
-    from realtime.avatar import AvatarError
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.avatar import AvatarError
+    from realtime.avatars.default_avatar import load_default_avatar
 
     try:
         return load_default_avatar()

@@ -34,12 +34,12 @@ from aiortc.codecs import get_encoder as aiortc_get_encoder
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 
-from realtime import compositor
 from realtime.config import EngineConfig
-from realtime.session_options import SessionOptions
-from server import encoders, tracks
+from realtime.renderers import compositor
+from realtime.timeline.session_options import SessionOptions
+from server.media import encoders, tracks
+from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 from server.realtime_engine import RealtimeEngine
-from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
 
 log = logging.getLogger("bench.encoded_sessions")
 
@@ -117,7 +117,7 @@ def python_threads() -> dict[str, list[int]]:
 
 @contextmanager
 def timed_paste(clock: StageClock) -> Iterator[None]:
-    """Time compositor.paste where the session calls it (realtime.session looks it up per call)."""
+    """Time compositor.paste where the session calls it (realtime.timeline.session looks it up per call)."""
     original = compositor.paste
 
     def paste(*args, **kwargs):
@@ -308,7 +308,7 @@ async def push_loop(source: TimedSource, wav: np.ndarray, rate: int, clock: Medi
 
 
 def encoder_factory(baseline: bool):
-    """What an RTCRtpSender calls to make its encoder: the server's (server.encoders, installed by
+    """What an RTCRtpSender calls to make its encoder: the server's (server.media.encoders, installed by
     create_app), or aiortc's own settings for the baseline."""
     if baseline:
         return aiortc_get_encoder

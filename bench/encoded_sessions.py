@@ -11,11 +11,11 @@ does, on one asyncio loop:
 
 - the session comes from `server.realtime_engine.RealtimeEngine.open_session` (one shared avatar,
   renderer and ThreadedRenderWorker, the server's EngineConfig for that renderer);
-- its outgoing media are the server's own `AvatarVideoTrack` and `SyncedAudioTrack` (server/tracks.py)
+- its outgoing media are the server's own `AvatarVideoTrack` and `SyncedAudioTrack` (server/media/tracks.py)
   on one `MediaClock`, so the engine frame -> av.VideoFrame step is the server's code;
 - each track is pulled by a loop that mirrors aiortc's `RTCRtpSender._next_encoded_frame` (aiortc
   1.16): `await track.recv()`, then `loop.run_in_executor(None, encoder.encode, frame, False)` with the
-  encoder the sender would create (`aiortc.rtcrtpsender.get_encoder` once `server.encoders.install()`
+  encoder the sender would create (`aiortc.rtcrtpsender.get_encoder` once `server.media.encoders.install()`
   has run, as `create_app` does: aiortc's Vp8Encoder / H264Encoder with real-time settings, aiortc's
   OpusEncoder), one encode in flight per track; the loop's default executor is a ThreadPoolExecutor of
   Python's default size (min(32, cores + 4)), as in the server; audio frames also get the sender's
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("only --renderer default is supported (Wav2Lip needs bench/sessions.py's weights)")
 
     from bench.common import TEXT, make_speech
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
     avatar = load_default_avatar()

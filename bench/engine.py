@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import TEXT, make_speech
 from realtime.config import EngineConfig
 from realtime.renderers.base import MouthRenderer, RendererTraits
-from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession
+from realtime.scheduling.scheduler import ThreadedRenderWorker
+from realtime.timeline.session import LipSyncSession
 
 log = logging.getLogger("bench.engine")
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     wav, rate = make_speech(args.text, args.repeat)
-    from realtime.default_avatar import load_default_avatar  # lazily: fails clearly if it is missing
+    from realtime.avatars.default_avatar import load_default_avatar  # lazily: fails clearly if it is missing
 
     avatar = load_default_avatar()
     config = EngineConfig(fps=float(getattr(avatar, "fps", 25.0) or 25.0),

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # what needs them (the avatar decoder, the sessions) is imported where it is used.
 from bench.common import eager_uint8, psnr, realistic_random_wav2lip, session_trials, speech_clip, sync, to_16k
 from models.cuda_numerics import tf32_enabled
-from realtime.mel import mel_windows, melspectrogram
+from realtime.audio.mel import mel_windows, melspectrogram
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 log = logging.getLogger("bench.gpu_check")
@@ -107,7 +107,7 @@ def runner_info(renderer: Wav2LipRenderer) -> dict:
 
 def first_frames(avatar: Any, n: int) -> Any:
     """The avatar cut to its first n frames (the smoke run: the CPU encodes 200 frames in ~45 s)."""
-    from realtime.avatar import Avatar
+    from realtime.avatars.avatar import Avatar
 
     def cut(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[:n]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu_name = torch.cuda.get_device_name(device) if cuda else "none (smoke run on CPU)"
     log.info("device %s, torch %s, precision %s", gpu_name, torch.__version__, precision)
 
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     if args.smoke:

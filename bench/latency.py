@@ -103,7 +103,7 @@ class Microphone(MediaStreamTrack):
     """A microphone stand-in: 20 ms frames in real time, silence until `say(clip)`; remembers when it
     handed aiortc the frame holding the clip's first sample. Frames are 48 kHz, as a browser captures:
     aiortc's Opus encoder sends those in the call that gets them, while 16 kHz frames would each wait
-    for the next one (server/opus_encoder.py)."""
+    for the next one (server/media/opus_encoder.py)."""
 
     kind = "audio"
     rate = 48000
@@ -210,7 +210,7 @@ class Client:
 
     @property
     def auth(self) -> dict[str, str]:
-        """The session's routes need its token (server/auth.py)."""
+        """The session's routes need its token (server/access/auth.py)."""
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     async def upload(self, wav: bytes) -> float:
@@ -426,7 +426,7 @@ def server_args(name: str, checkpoint: Path | None) -> list[str]:
 def mouth_box() -> tuple[tuple[int, int, int, int], float]:
     """The default avatar's mouth region (y1, y2, x1, x2) over its whole loop, from its lip landmarks,
     and the seconds it takes to show every avatar frame once."""
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     points = np.asarray(avatar.mouth, dtype=np.float32).reshape(-1, 2)

@@ -12,8 +12,8 @@ everything dropped for 3 s in the middle).
 The client is a microphone session: it says a speech clip every ~3.5 s and the server returns it delayed
 with the talking avatar. Its receivers behave like a browser's where aiortc's differ (the server is
 untouched): video frames complete at their marker bit and a hole is given up after 0.2 s with a PLI
-(`GiveUpJitterBuffer`), audio plays on arrival and skips a lost packet (server/audio_jitter.py), and
-Opus is decoded with FEC and concealment (server/opus_fec.py) as libwebrtc's NetEq does.
+(`GiveUpJitterBuffer`), audio plays on arrival and skips a lost packet (server/media/audio_jitter.py), and
+Opus is decoded with FEC and concealment (server/media/opus_fec.py) as libwebrtc's NetEq does.
 
 Figures per condition, over the measured window (`--seconds`, after 3 s of warm-up on the impaired
 link), at the client:
@@ -72,8 +72,8 @@ from bench.netimpair import (  # noqa: E402
     rewrite_candidates,
     use_give_up_jitter_buffer,
 )
-from server import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
-from server.ice import use_host_addresses  # noqa: E402
+from server.media import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
+from server.network.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("bench.network")
 
@@ -529,7 +529,7 @@ async def run_chromium(server: Server, names: list[str], clip: np.ndarray, secon
 # -- the server ---------------------------------------------------------------------------------------
 
 def mouth_box() -> tuple[int, int, int, int]:
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     points = np.asarray(avatar.mouth, dtype=np.float32).reshape(-1, 2)

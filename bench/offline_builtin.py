@@ -37,9 +37,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import espeak_or_vowels  # noqa: E402
-from realtime.default_avatar import load_default_avatar  # noqa: E402
+from realtime.audio.mel import SAMPLE_RATE  # noqa: E402
+from realtime.avatars.default_avatar import load_default_avatar  # noqa: E402
 from realtime.media_io import Mp4Writer  # noqa: E402
-from realtime.mel import SAMPLE_RATE  # noqa: E402
 from realtime.offline_builtin import RenderSummary, render_builtin  # noqa: E402
 
 log = logging.getLogger("bench.offline_builtin")

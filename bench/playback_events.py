@@ -204,11 +204,11 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
 async def _bench(runs: int) -> dict:
     from aiohttp import web
 
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
     from server.app import create_app
     from server.config import ServerConfig
-    from server.ice import use_host_addresses
+    from server.network.ice import use_host_addresses
     from server.realtime_engine import RealtimeEngine
 
     restore = use_host_addresses(["127.0.0.1"])

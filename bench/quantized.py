@@ -4,7 +4,7 @@
 
 Weights: the released wav2lip.pth is NOT available here; the generator is bench.generator's seeded
 `realistic_random_wav2lip` (He init + BatchNorm calibrated on random inputs). Inputs are realistic:
-mel windows of espeak-ng speech (realtime.mel, 25 fps) and the default avatar's 96x96 face crops.
+mel windows of espeak-ng speech (realtime.audio.mel, 25 fps) and the default avatar's 96x96 face crops.
 Calibration uses the first `--calib` mel windows (random avatar frames); accuracy is measured on 100
 held-out windows (the last ones of a different sentence) against the fp32 eager model, rows 36..95:
 PSNR (peak 1.0), max |diff|, and the mean |diff| in uint8 levels.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import TEXT, make_speech, realistic_random_wav2lip, to_16k
 from bench.int8_decoder import PARTS, quantize_decoder
 from models.wav2lip import CachedWav2Lip, faces_to_input, mels_to_input
-from realtime.mel import mel_windows, melspectrogram
+from realtime.audio.mel import mel_windows, melspectrogram
 
 log = logging.getLogger("bench.quantized")
 ROWS_FROM = 36  # realtime.renderers.wav2lip.PASTED_ROWS_FROM
@@ -64,7 +64,7 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(rounds: int, threads: int, n_calib: int, variants: list[str], seed: int = 0) -> dict:
     torch.set_num_threads(threads)
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     faces = faces_to_input(load_default_avatar().face_crops(96))
     calib_mels, test_mels = speech_mels(TEXT), speech_mels(HELD_OUT_TEXT)[-100:]
     gen = torch.Generator().manual_seed(0)

@@ -46,11 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import make_speech  # noqa: E402
+from realtime.avatars.default_avatar import load_default_avatar  # noqa: E402
 from realtime.config import EngineConfig  # noqa: E402
-from realtime.default_avatar import load_default_avatar  # noqa: E402
 from realtime.renderers.base import MouthPatch  # noqa: E402
-from realtime.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
-from realtime.session import FrameState, LipSyncSession  # noqa: E402
+from realtime.scheduling.scheduler import RenderJob, ThreadedRenderWorker  # noqa: E402
+from realtime.timeline.session import FrameState, LipSyncSession  # noqa: E402
 from server.realtime_engine import REMOTE_BATCH_WAIT_MS  # noqa: E402
 
 APP = "bench-scale"

@@ -55,10 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import TEXT, eager_uint8, make_speech, psnr, realistic_random_wav2lip, session_trials, to_16k, trial
 from bench.encode_path import sessions_with_encode
 from models.wav2lip import Wav2Lip
+from realtime.audio.mel import mel_windows, melspectrogram
 from realtime.config import EngineConfig
-from realtime.mel import mel_windows, melspectrogram
 from realtime.renderers.wav2lip import Wav2LipRenderer
-from realtime.scheduler import ThreadedRenderWorker
+from realtime.scheduling.scheduler import ThreadedRenderWorker
 
 log = logging.getLogger("bench.sessions")
 BATCHES = (1, 8, 32)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()
 
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     crops = avatar.face_crops(96)

@@ -78,7 +78,7 @@ ROOT = SELF.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import make_speech, wav_bytes  # noqa: E402
-from server.ice import use_host_addresses  # noqa: E402
+from server.network.ice import use_host_addresses  # noqa: E402
 
 log = logging.getLogger("soak")
 

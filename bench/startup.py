@@ -4,7 +4,7 @@ For each setting, `run_server.py` (embedded avatar, no-weights renderer) is star
 measured until every worker serves: seconds to the first `/healthz` 200, seconds until every worker process
 is ready (the board in `/healthz` `worker_processes`), the resident memory of the whole process tree then,
 and the median time of `GET /sessions` and `GET /metrics`, which with several workers ask every other worker
-(server/worker_peers.py). The last line printed is one JSON object.
+(server/ops/worker_peers.py). The last line printed is one JSON object.
 
     PYTHONPATH=. .venv/bin/python bench/startup.py --trials 3
 """

@@ -124,8 +124,8 @@ class Espeak:
 
 def photo_avatar(default_avatar, tmp: Path):
     """The default avatar's first frame scaled into a 1280x720 picture, prepared like any photo."""
-    from realtime.avatar import AvatarConfig
-    from realtime.avatar_prepare import prepare_avatar
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
 
     frame = default_avatar.frames[0]
     scale = 680 / frame.shape[0]
@@ -169,9 +169,9 @@ class Reader:
 
 def render_clip(renderer, avatar, clip: Clip) -> tuple[list[np.ndarray], np.ndarray]:
     """Rendered frames and avatar frame indices, through `render` with the renderer's own windows."""
-    from realtime.compositor import paste
-    from realtime.mel import MelAlignment, mel_windows, melspectrogram
+    from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
     from realtime.renderers.base import audio_needs_of
+    from realtime.renderers.compositor import paste
 
     fps = float(avatar.fps)
     offset = audio_needs_of(renderer).offset_frames
@@ -227,7 +227,7 @@ def strip(avatar, frames: list[np.ndarray], indices: np.ndarray, clip: Clip, fps
 
 
 def evaluate(label: str, closed_px: float) -> dict:
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
     speaker = Espeak()

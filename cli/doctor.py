@@ -376,7 +376,7 @@ def _pair_type(pc: Any) -> str:
 
 @contextlib.contextmanager
 def host_addresses(address: str | None) -> Iterator[None]:
-    from server.ice import use_host_addresses
+    from server.network.ice import use_host_addresses
 
     restore = use_host_addresses([address] if address else [], add_loopback=False)
     try:

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from realtime.avatar import AvatarConfig
+    from realtime.avatars.avatar import AvatarConfig
 
     return AvatarConfig(detector=args.detector, s3fd_weights=args.s3fd_weights, device=args.device,
                         pads=tuple(args.pads), smooth=not args.nosmooth, loop=args.loop,
@@ -58,7 +58,7 @@ def _folder_size(path: Path) -> int:
 def is_prepared_avatar(folder: Path) -> bool:
     """A folder written by save_avatar: its header names the avatar format, and it holds nothing else
     than what save_avatar writes."""
-    from realtime import avatar_cache
+    from realtime.avatars import avatar_cache
 
     header = folder / avatar_cache.HEADER
     try:
@@ -72,8 +72,8 @@ def is_prepared_avatar(folder: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from cli.progress import Progress
-    from realtime.avatar import AvatarError
-    from realtime.avatar_prepare import prepare_avatar, save_avatar
+    from realtime.avatars.avatar import AvatarError
+    from realtime.avatars.avatar_prepare import prepare_avatar, save_avatar
 
     if args.output.exists() and not args.output.is_dir():
         print(f"lipsync prepare-avatar: -o {args.output}: exists and is not a folder", file=sys.stderr)

@@ -109,7 +109,7 @@ def _bar_callback(bar: Any) -> Any:
 
 def _run_builtin(args: argparse.Namespace) -> int:
     from cli.progress import PhaseBars
-    from realtime.avatar import AvatarError
+    from realtime.avatars.avatar import AvatarError
     from realtime.media_io import MediaError
     from realtime.offline_builtin import BuiltinRenderOptions, render_builtin
     from realtime.renderers.default import MissingLandmarksError
@@ -136,9 +136,9 @@ def _run_wav2lip(args: argparse.Namespace) -> int:
     from cli.progress import Progress
     from models.checkpoints import CheckpointError
     from models.wav2lip import load_wav2lip
-    from realtime.avatar import AvatarError
+    from realtime.audio.mel import MelAlignment
+    from realtime.avatars.avatar import AvatarError
     from realtime.media_io import MediaError
-    from realtime.mel import MelAlignment
     from realtime.offline import RenderOptions, render_video
 
     try:

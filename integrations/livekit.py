@@ -33,11 +33,11 @@ from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarOptions, VideoGenerator
 
 from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.config import SAMPLE_RATE
-from realtime.playback import PlaybackEvent, SpeechEnded, new_utterance_id
 from realtime.renderers.base import MouthRenderer
-from realtime.session import LipSyncSession
+from realtime.timeline.playback import PlaybackEvent, SpeechEnded, new_utterance_id
+from realtime.timeline.session import LipSyncSession
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ one render worker thread, handing out `LipSyncSession`s paced by the adapter's o
     session = engine.open_session("bot-1")
 
 `avatar`: None (the embedded default avatar), a video or image path (prepared and cached as the CLI
-does), or an already prepared avatar object (realtime.avatar.Avatar or anything with .frames, .boxes,
+does), or an already prepared avatar object (realtime.avatars.avatar.Avatar or anything with .frames, .boxes,
 .fps, .frame_index). `checkpoint`: None (the no-weights renderer, CPU) or a Wav2Lip checkpoint, run on
 `device` ("auto": CUDA when present, else CPU). `renderer`: a ready MouthRenderer instead (tests).
 """
@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.config import SAMPLE_RATE, EngineConfig
 from realtime.renderers.base import MouthRenderer
-from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession, VideoOut
+from realtime.scheduling.scheduler import ThreadedRenderWorker
+from realtime.timeline.session import LipSyncSession, VideoOut
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class LocalEngine:
 
 
 def _load_avatar(avatar: Avatar | str | Path | None) -> Avatar:
-    from realtime.avatar_prepare import prepare_avatar
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.avatar_prepare import prepare_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     if avatar is None:
         return load_default_avatar()

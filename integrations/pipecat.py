@@ -45,11 +45,11 @@ from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from integrations.local_engine import LocalEngine, load_local_engine, paced_ticks
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.config import SAMPLE_RATE, EngineConfig
-from realtime.playback import PlaybackEvent, SpeechEnded, SpeechStarted, new_utterance_id
 from realtime.renderers.base import MouthRenderer
-from realtime.session import LipSyncSession
+from realtime.timeline.playback import PlaybackEvent, SpeechEnded, SpeechStarted, new_utterance_id
+from realtime.timeline.session import LipSyncSession
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class LipSyncVideoService(AIService):
     @property
     def utterance_delay_s(self) -> float | None:
         """The delay the latest utterance started with: `latency_s`, or less when its TTS audio arrived
-        ahead of real time (realtime/utterance_start.py). None before any utterance started playing."""
+        ahead of real time (realtime/timeline/utterance_start.py). None before any utterance started playing."""
         return self._utterance_delay_s
 
     def can_generate_metrics(self) -> bool:

@@ -1,6 +1,6 @@
 """EngineConfig: every knob of the real-time engine in one dataclass.
 
-The derived numbers (lookahead, the fixed A/V delay) live in `realtime.clock.Timeline`, computed once per
+The derived numbers (lookahead, the fixed A/V delay) live in `realtime.timeline.clock.Timeline`, computed once per
 session from this config and the avatar's fps.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class EngineConfig:
     # Video clock. The avatar's own fps wins when it has one; this is the fallback.
     fps: float = 25.0
 
-    # Latency budget (see realtime/clock.py): delay = mel lookahead + input jitter + compute budget,
+    # Latency budget (see realtime/timeline/clock.py): delay = mel lookahead + input jitter + compute budget,
     # fixed for the life of a session; rounded up to whole video frames unless the budget is fitted.
     compute_budget_frames: float = 1.5   # time a frame may take from "its audio is complete" to "shown"
     input_jitter_ms: float = 20.0        # allowance for chunked / jittery input (one 20 ms WebRTC frame)
@@ -42,11 +42,11 @@ class EngineConfig:
     stall_after_ms: float = 40.0         # input this late ends the current segment (flushes its mel);
                                          # raised automatically for sources pushing larger real-time chunks
 
-    # Render worker (realtime/scheduler.py).
+    # Render worker (realtime/scheduling/scheduler.py).
     max_batch: int = 8                   # frames per renderer call
     max_batch_wait_ms: float = 10.0      # how long the worker may wait to fill a batch when slack allows
 
-    # Speech / silence (realtime/vad.py).
+    # Speech / silence (realtime/audio/vad.py).
     vad_aggressiveness: int = 2          # webrtcvad mode 0..3
     vad_block_ms: int = 20               # 10, 20 or 30 (webrtcvad frame sizes)
     energy_gate_dbfs: float = -50.0      # blocks quieter than this are silence whatever webrtcvad says

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_model, to_uint8
+from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.config import SAMPLE_RATE
 from realtime.media_io import MediaError, Mp4Writer, iter_video_frames, load_audio, probe_video
-from realtime.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import int_box
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def _fixed_box(box: Box, shape: tuple[int, ...], face: Path) -> Box:
 def _face_boxes(frames: list[np.ndarray], options: RenderOptions, face: Path) -> np.ndarray:
     if options.box is not None:
         return np.array([_fixed_box(options.box, frames[0].shape, face)] * len(frames), dtype=np.int32)
-    from realtime.avatar import AvatarConfig
-    from realtime.face_tracking import detect_face_boxes  # detector loads only when needed
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.face_tracking import detect_face_boxes  # detector loads only when needed
 
     config = AvatarConfig(pads=options.pads, smooth=options.smooth)
     boxes, _mouth = detect_face_boxes(frames, config, source=str(face))
@@ -129,8 +129,8 @@ def _crop(frame: np.ndarray, box: Sequence[int]) -> np.ndarray:
 
 
 def _feather_paste() -> Callable[[np.ndarray, np.ndarray, Box], np.ndarray]:
-    from realtime.compositor import paste
     from realtime.renderers.base import MouthPatch
+    from realtime.renderers.compositor import paste
 
     def blend(frame: np.ndarray, mouth: np.ndarray, box: Box) -> np.ndarray:
         return paste(frame, MouthPatch(image=mouth, box=box), mode="feather")

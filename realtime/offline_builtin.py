@@ -8,7 +8,7 @@ compositor pastes the patch with its own feathered alpha. Nothing is downloaded 
 Frame count: the official Wav2Lip rule stops ~0.2 s before the audio ends (it needs a whole 200 ms window
 per frame); here the video covers the whole speech, `round(seconds * fps)` frames, and the frames past
 the official count reuse the last window, as the streaming engine does at the end of a segment
-(realtime/session.py). So the video is within half a frame of the audio track.
+(realtime/timeline/session.py). So the video is within half a frame of the audio track.
 
 Speed (bench/offline_builtin.py, 20 s of speech, 512 px, 2 cores shared with other jobs): 2.9x real time
 from a photo, 3.1x from a video, best of 3 (the slowest run 1.5x). The mouth itself costs ~0.6 ms per
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.avatar import Avatar, AvatarConfig
-from realtime.avatar_prepare import prepare_avatar
-from realtime.compositor import paste
+from realtime.audio.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
+from realtime.avatars.avatar import Avatar, AvatarConfig
+from realtime.avatars.avatar_prepare import prepare_avatar
 from realtime.media_io import Mp4Writer, load_audio
-from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds
+from realtime.renderers.compositor import paste
 from realtime.renderers.default import DefaultRenderer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import make_speech, to_16k
-from realtime.mel import mel_windows, melspectrogram
+from realtime.audio.mel import mel_windows, melspectrogram
 
 ROOT = Path(__file__).resolve().parents[1]
 

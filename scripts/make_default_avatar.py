@@ -7,7 +7,7 @@ restrictions"). scikit-image is needed only here, never at run time:
     .venv/bin/pip install scikit-image && .venv/bin/python scripts/make_default_avatar.py
 
 Steps: close the smile's open lips (the mouth must be at rest for lip-sync), paint in two eye blinks,
-add a slow head sway and breathing (realtime.still_animation.animate_still: seamless ping-pong and forward),
+add a slow head sway and breathing (realtime.avatars.still_animation.animate_still: seamless ping-pong and forward),
 encode H.264, then decode that file and run the face pipeline on the decoded frames, so the shipped
 boxes / mouth points / masks match exactly what `load_default_avatar()` will decode.
 """
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.face_detection import create_detector
 from models.face_detection import face_mesh as fm
-from realtime.avatar import AvatarConfig
-from realtime.default_avatar import DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, decode_default_frames
-from realtime.face_masks import lower_face_masks
-from realtime.face_tracking import finish_track, track_faces
-from realtime.still_animation import animate_still
+from realtime.avatars.avatar import AvatarConfig
+from realtime.avatars.default_avatar import DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, decode_default_frames
+from realtime.avatars.face_masks import lower_face_masks
+from realtime.avatars.face_tracking import finish_track, track_faces
+from realtime.avatars.still_animation import animate_still
 
 log = logging.getLogger("make_default_avatar")
 

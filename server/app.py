@@ -11,22 +11,23 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import avatars_api, encoders, events_api, opus_fec, push_api, signaling
-from server.auth import Guard, OperatorAuth, client_address
-from server.capacity import AUTO_SESSIONS_BOUND, CapacityModel, unmeasured_capacity
+from server.access.auth import Guard, OperatorAuth, client_address
+from server.access.capacity import AUTO_SESSIONS_BOUND, CapacityModel, unmeasured_capacity
+from server.access.limits import ClientLimits, WorkPool
+from server.access.stream_limits import StreamSlots
+from server.access.surface import add_security_headers, hide_server_version, public_text
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
-from server.heap import HeapTrimmer
-from server.ice import client_ice_servers, new_ticket
-from server.limits import ClientLimits, WorkPool
-from server.metrics import render_metrics, render_server_metrics
-from server.prometheus import CONTENT_TYPE
+from server.media import encoders, opus_fec
+from server.network.ice import client_ice_servers, new_ticket
+from server.ops.heap import HeapTrimmer
+from server.ops.metrics import render_metrics, render_server_metrics
+from server.ops.prometheus import CONTENT_TYPE
+from server.routes import avatars_api, events_api, push_api, signaling
+from server.routes.tts import LocalTts
 from server.sessions import SessionManager, UnknownSession
 from server.state import STATE, ServerState, state_of
-from server.stream_limits import StreamSlots
-from server.surface import add_security_headers, hide_server_version, public_text
-from server.tts import LocalTts
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 
 def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | None = None) -> web.Application:
     """The app; every request goes through `json_errors` (JSON errors) and the access policy
-    (server/auth.py: credentials, cross-site checks, body caps). `capacity`: the admission model with
+    (server/access/auth.py: credentials, cross-site checks, body caps). `capacity`: the admission model with
     the session cost measured at start (runner.py); without one, `--max-sessions` (or the auto default)
-    admits a fixed number (server/capacity.py)."""
+    admits a fixed number (server/access/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
     opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
-    hide_server_version()  # no Python / aiohttp version in any answer (server/surface.py)
+    hide_server_version()  # no Python / aiohttp version in any answer (server/access/surface.py)
     if capacity is None:
         capacity = unmeasured_capacity(config, engine.fps)
     sessions = SessionManager(capacity, connect_timeout_s=config.connect_timeout_s,
@@ -168,7 +169,7 @@ async def healthz(request: web.Request) -> web.Response:
         "sessions": len(state.sessions) if state.seat is None else state.sessions_total(),
         "max_sessions": state.sessions.max_sessions if state.seat is None else state.sessions_total() + free,
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
-        # The measured capacity (server/capacity.py) less the live and negotiating sessions: exactly the
+        # The measured capacity (server/access/capacity.py) less the live and negotiating sessions: exactly the
         # offers that would be admitted now.
         "free_slots": free,
         "capacity": state.sessions.capacity.describe(),
@@ -191,7 +192,7 @@ def public_engine_info(info: dict) -> dict[str, str]:
 
 async def metrics(request: web.Request) -> web.Response:
     """This process's page; with --workers N the whole server's, merged from every worker's (a worker that
-    does not answer within server/worker_peers.PEER_TIMEOUT_S is left out: `lipsync_process_scraped` 0)."""
+    does not answer within server/ops/worker_peers.PEER_TIMEOUT_S is left out: `lipsync_process_scraped` 0)."""
     state = state_of(request)
     if state.peers is None:
         text = render_metrics(state)

@@ -22,7 +22,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union, get_args, get_origin, get_type_hints
 
-from server.udp_ports import parse_port_range
+from server.network.udp_ports import parse_port_range
 
 ENV_PREFIX = "LIPSYNC_"
 MiB = 1024 * 1024
@@ -173,16 +173,16 @@ class ServerConfig:
                                           "training (default; 40 ms less look-ahead), or at the frame, as the "
                                           "official inference script", choices=("training", "official"))
     # Admission (docs/scaling.md): 0 = auto, as many sessions as this machine serves at full frame rate
-    # with capacity_headroom, measured at start and live (server/capacity.py); N > 0 caps that at N.
+    # with capacity_headroom, measured at start and live (server/access/capacity.py); N > 0 caps that at N.
     max_sessions: int = flag(0, "concurrent sessions, more get 503 + Retry-After: auto (default) admits as many "
                                 "as this machine serves at full frame rate with headroom, measured at start and "
                                 "live; a number caps that (docs/scaling.md)", metavar="auto|N",
                              convert=_auto_or_positive)
     capacity_headroom: float = flag(0.75, "with --max-sessions auto: the share of the cores and of the event "
                                           "loop that sessions may fill (default {default})")
-    # Front-end processes behind the one port (server/workers.py, docs/scaling.md): 0 = auto, one per core
+    # Front-end processes behind the one port (server/ops/workers.py, docs/scaling.md): 0 = auto, one per core
     # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process). The operator's
-    # views (GET /sessions, /metrics) and API avatar changes span every worker (server/worker_peers.py).
+    # views (GET /sessions, /metrics) and API avatar changes span every worker (server/ops/worker_peers.py).
     workers: int = flag(0, "front-end processes serving sessions behind the one port: auto (default) = one per "
                            "core; each session lives in one (docs/scaling.md)", metavar="auto|N",
                         convert=_auto_or_positive)
@@ -203,7 +203,7 @@ class ServerConfig:
     udp_ports: tuple[int, int] | None = flag(None, "UDP port range for WebRTC media, e.g. 40000-40099 "
                                                    "(default: any free port)", metavar="FIRST-LAST",
                                              convert=parse_port_range)
-    # Remote ICE candidates in private ranges (server/ice_filter.py): dropped on a public or wildcard bind
+    # Remote ICE candidates in private ranges (server/network/ice_filter.py): dropped on a public or wildcard bind
     # unless this is set (a server on 0.0.0.0 that also serves its LAN).
     ice_allow_private: bool = flag(False, "on a public or wildcard bind (0.0.0.0), still send connectivity checks "
                                           "to remote ICE candidates in private ranges (10/8, 192.168/16, "
@@ -224,7 +224,7 @@ class ServerConfig:
     # receiver reports for the avatar video every ~1-1.5 s; 4 s + a 0.5 s check reaps within 5 s.
     peer_timeout_s: float = flag(4.0, "seconds without a packet from a connected peer before its session is "
                                       "reaped (default {default})", name="peer-timeout")
-    # Memory: cap glibc's malloc arenas (0 = glibc's default of 8 per core); see server/heap.py for the
+    # Memory: cap glibc's malloc arenas (0 = glibc's default of 8 per core); see server/ops/heap.py for the
     # RSS growth the default showed under session churn.
     malloc_arenas: int = flag(2, "cap on glibc malloc arenas, so memory freed by ended sessions goes back to the "
                                  "system (default {default}; 0 keeps glibc's default)")
@@ -248,7 +248,7 @@ class ServerConfig:
     # of those, per client address (429 beyond); 0 = no per-address share
     max_decodes_per_ip: int = flag(1, "of those, how many one client address may hold, more get 429 (default "
                                       "{default}; 0 = no per-address share)")
-    # Every upload body (server/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
+    # Every upload body (server/routes/upload_body.py) arrives whole within upload_timeout_s, and after a 5 s
     # grace at min_upload_rate_kb KB/s on average (128 kbit/s: below any mobile uplink, far above a
     # sender that stalls), else 408; it is read before a decode slot is taken.
     upload_timeout_s: float = flag(120.0, "seconds an upload's whole body may take to arrive, else 408 "
@@ -272,7 +272,7 @@ class ServerConfig:
     # Behind a reverse proxy (docs/deploying.md). public_urls: where browsers reach this server
     # (https://avatar.example.org); the Host and same-origin checks accept them, and with any of them the
     # operator routes need a token. trusted_proxies: addresses / CIDRs whose X-Forwarded-For, Forwarded
-    # and X-Forwarded-Proto are believed (server/auth.py `ForwardedClients`); from anyone else ignored.
+    # and X-Forwarded-Proto are believed (server/access/auth.py `ForwardedClients`); from anyone else ignored.
     public_urls: list[str] = flag(help="where browsers reach this server through a proxy "
                                        "(https://avatar.example.org), repeatable: the Host and same-origin checks "
                                        "accept it, and operator routes then need a token", factory=list,

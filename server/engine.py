@@ -5,7 +5,7 @@ handing out one `LipSyncSession` per WebRTC session.
 object that provides the `Engine` protocol, so the server never reaches the model through globals. The
 protocols declare everything the server uses: mypy checks it, nothing is probed at run time.
 `EngineSession` is the one description of what the server (its tracks, audio input and session manager)
-needs of a session; mypy checks that `realtime.session.LipSyncSession` provides it (through `load_engine`).
+needs of a session; mypy checks that `realtime.timeline.session.LipSyncSession` provides it (through `load_engine`).
 """
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ from typing import Protocol
 
 import numpy as np
 
-from realtime.avatar_library import AvatarLibrary
+from realtime.avatars.avatar_library import AvatarLibrary
 from realtime.metrics import SessionStats, WorkerStats
-from realtime.playback import PlaybackTracker
-from realtime.session import VideoOut
-from realtime.session_options import SessionOptions
+from realtime.timeline.playback import PlaybackTracker
+from realtime.timeline.session import VideoOut
+from realtime.timeline.session_options import SessionOptions
 
 log = logging.getLogger(__name__)
 
 
 class EngineSession(Protocol):
-    """What the server uses of a realtime.session.LipSyncSession. Each call returns immediately."""
+    """What the server uses of a realtime.timeline.session.LipSyncSession. Each call returns immediately."""
 
     avatar_id: str                 # its avatar's id in the engine's library
     playback: PlaybackTracker      # utterance events and queued audio on the output timeline

@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.render_tier.holders import LEASE_S, POLL_S, RENEW_S, AvatarHolders
 from realtime.render_tier.remote_renderer import RenderTierError
 from realtime.render_tier.replica import RenderReplica, ReplicaStats

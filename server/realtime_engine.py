@@ -1,14 +1,14 @@
 """RealtimeEngine: the server's avatars, its renderer(s) and one render worker per device, over `realtime/`.
 
-Avatars: an `realtime.avatar_library.AvatarLibrary` holds the server's default avatar (the embedded one,
+Avatars: an `realtime.avatars.avatar_library.AvatarLibrary` holds the server's default avatar (the embedded one,
 or --avatar), the embedded one always, the avatars of --avatars DIR, and those added over the API. A
 session names one (`options.avatar`, an id; default: the server's default). Sessions on different
 avatars share the render workers; renderers that `mixes_avatars` batch their frames together.
 
-Every session gets a `realtime.session.LipSyncSession` on its avatar and on one worker: the one
+Every session gets a `realtime.timeline.session.LipSyncSession` on its avatar and on one worker: the one
 with the fewest open sessions (ties: the first listed), so sessions spread evenly over the GPUs and a
 closed session frees its slot. Each worker batches the due mouth frames of all of its sessions
-(realtime/scheduler.py). With one device (the default) there is one worker, as before. The per-avatar
+(realtime/scheduling/scheduler.py). With one device (the default) there is one worker, as before. The per-avatar
 precompute (CUDA graph capture included) and a warm-up render happen once per worker, here, before the
 server accepts connections.
 """
@@ -24,16 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from realtime import avatar_cache
-from realtime.avatar import Avatar
-from realtime.avatar_library import AvatarLibrary, slug
+from realtime.avatars import avatar_cache
+from realtime.avatars.avatar import Avatar
+from realtime.avatars.avatar_library import AvatarLibrary, slug
 from realtime.config import EngineConfig
 from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthRenderer
 from realtime.renderers.factory import RendererSpec, build_renderer
-from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import LipSyncSession
-from realtime.session_options import SessionOptions
+from realtime.scheduling.scheduler import ThreadedRenderWorker
+from realtime.timeline.session import LipSyncSession
+from realtime.timeline.session_options import SessionOptions
 from server.config import ServerConfig, device_list
 from server.engine import Engine, EngineHealth, EngineStats, WorkerLoad
 
@@ -118,7 +118,7 @@ class RealtimeEngine:
             worker.forget(avatar)
 
     def open_session(self, options: SessionOptions, name: str = "") -> LipSyncSession:
-        """A session on its avatar (`options.avatar`, an id; realtime.avatar_library errors when unknown
+        """A session on its avatar (`options.avatar`, an id; realtime.avatars.avatar_library errors when unknown
         or not ready) and on the least-loaded worker (fewest open sessions; ties go to the first).
         ValueError: valid options this engine cannot serve (an official paste over partial patches)."""
         if options.paste_mode == "official" and self.worker.renderer.traits.rows_from > 0:
@@ -179,7 +179,7 @@ class RealtimeEngine:
     def load(cls, config: ServerConfig) -> "RealtimeEngine":
         """The avatar (embedded default or --avatar) and the renderers (no-weights or --checkpoint), one
         per --device entry."""
-        from realtime import avatar_prepare, default_avatar
+        from realtime.avatars import avatar_prepare, default_avatar
 
         t0 = time.monotonic()
         if config.avatar is None:

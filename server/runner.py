@@ -17,22 +17,22 @@ from typing import Callable
 
 from aiohttp import web
 
-from server import heap
+from server.access.auth import OperatorAuth, RedactingAccessLogger
+from server.access.capacity import measure_session_cost
 from server.app import create_app
-from server.auth import OperatorAuth, RedactingAccessLogger
-from server.capacity import measure_session_cost
 from server.config import ServerConfig
 from server.engine import Engine
-from server.ice import is_loopback, use_host_addresses
-from server.logs import setup_logging
-from server.media_executor import start_default_executor
-from server.peer_api import create_peer_app
+from server.media.media_executor import start_default_executor
+from server.network.ice import is_loopback, use_host_addresses
+from server.network.udp_ports import port_range_loop_factory
+from server.ops import heap
+from server.ops.logs import setup_logging
+from server.ops.peer_api import create_peer_app
+from server.ops.worker_board import Board, WorkerSeat, publish_forever, receive_connections
+from server.ops.worker_peers import WorkerPeers
+from server.ops.workers import Supervisor, listen, resolve_workers
 from server.realtime_engine import load_engine
 from server.state import STATE, ServerState
-from server.udp_ports import port_range_loop_factory
-from server.worker_board import Board, WorkerSeat, publish_forever, receive_connections
-from server.worker_peers import WorkerPeers
-from server.workers import Supervisor, listen, resolve_workers
 
 log = logging.getLogger("server")
 
@@ -51,7 +51,7 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
                       handoff: socket.socket | None = None, seat: WorkerSeat | None = None) -> None:
     """Serve until `stop` is set (or a signal arrives). `started` gets the bound port.
 
-    As one of `--workers N` (server/workers.py): `handoff` brings the connections the supervisor accepted
+    As one of `--workers N` (server/ops/workers.py): `handoff` brings the connections the supervisor accepted
     on the shared port (nothing is bound here), `seat` is this worker's row on the shared board."""
     restore_ice = use_host_addresses(config.ice_host_addresses, add_loopback=is_loopback(config.host))
     own_engine = engine is None
@@ -64,7 +64,7 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
         log.info("engine ready", extra=engine.info)
         app = create_app(config, engine)
         app[STATE].seat = seat
-        if seat is not None:  # the other workers' sessions share the cores (server/capacity.py)
+        if seat is not None:  # the other workers' sessions share the cores (server/access/capacity.py)
             app[STATE].sessions.capacity.others = seat.others_sessions
         if handoff is not None:  # one request per connection: the supervisor routes each on its own
             app.on_response_prepare.append(_close_connection)
@@ -130,8 +130,8 @@ async def _close_connection(request: web.Request, response: web.StreamResponse) 
 
 
 async def _start_peer_socket(state: ServerState, seat: WorkerSeat | None) -> web.AppRunner | None:
-    """A worker of --workers N answers the other workers on its peer socket (server/peer_api.py), and asks
-    them through `state.peers` for the server-wide answers (server/worker_peers.py)."""
+    """A worker of --workers N answers the other workers on its peer socket (server/ops/peer_api.py), and asks
+    them through `state.peers` for the server-wide answers (server/ops/worker_peers.py)."""
     if seat is None or seat.board.peers_dir is None:
         return None
     peer_runner = web.AppRunner(create_peer_app(state), handle_signals=False, shutdown_timeout=1.0, access_log=None)
@@ -209,7 +209,7 @@ def announce_operator_token(operator: OperatorAuth, config: ServerConfig) -> Non
               f"    Use: Authorization: Bearer {operator.token}\n", flush=True)
 
 
-# -- --workers N (server/workers.py) ----------------------------------------------------------------------
+# -- --workers N (server/ops/workers.py) ----------------------------------------------------------------------
 
 
 def worker_main(config: ServerConfig, index: int, generation: int, channel: socket.socket, board: Board) -> None:
@@ -283,10 +283,10 @@ def serve(config: ServerConfig) -> int:
             log.error("cannot start: %s", exc)
             return 1
         return 0
-    heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/heap.py)
+    heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/ops/heap.py)
     try:
         with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
-            start_default_executor(runner.get_loop())   # aiortc's encoders run there (server/media_executor.py)
+            start_default_executor(runner.get_loop())   # aiortc's encoders run there (server/media/media_executor.py)
             runner.run(serve_async(config))
     except KeyboardInterrupt:
         pass

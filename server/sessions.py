@@ -18,14 +18,14 @@ from typing import Any, Callable, Coroutine, Iterator
 from aiortc import MediaStreamTrack, RTCPeerConnection
 
 from realtime.metrics import SessionStats
-from server.audio_input import AudioInput
-from server.capacity import CapacityModel
+from server.access.capacity import CapacityModel
 from server.engine import EngineSession
-from server.heap import HeapTrimmer
-from server.link_quality import LinkQuality
-from server.nack_policy import NackStats
-from server.session_totals import SessionTotals
-from server.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
+from server.media.audio_input import AudioInput
+from server.media.link_quality import LinkQuality
+from server.media.nack_policy import NackStats
+from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
+from server.ops.heap import HeapTrimmer
+from server.ops.session_totals import SessionTotals
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class Session:
     tasks: set[asyncio.Task] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
-    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/link_quality.py)
-    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/nack_policy.py)
+    link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/media/link_quality.py)
+    nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/media/nack_policy.py)
     # Where server notices for this session go (its event feeds register here; called on the loop).
     notices: set[Callable[[dict], None]] = field(default_factory=set)
 
@@ -139,7 +139,7 @@ class SessionManager:
     def __init__(self, capacity: CapacityModel, connect_timeout_s: float = 10.0,
                  peer_timeout_s: float = 4.0, disconnect_grace_s: float = 5.0,
                  trimmer: HeapTrimmer | None = None) -> None:
-        self.capacity = capacity  # how many sessions may be live: measured (server/capacity.py) or fixed
+        self.capacity = capacity  # how many sessions may be live: measured (server/access/capacity.py) or fixed
         # Called after every change of the live or negotiating count (--workers: publish to the board at
         # once, so the supervisor never routes an offer by a count a session old).
         self.on_change: Callable[[], None] | None = None

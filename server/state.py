@@ -7,19 +7,19 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from server.auth import OperatorAuth
-from server.capacity import CapacityMonitor
+from server.access.auth import OperatorAuth
+from server.access.capacity import CapacityMonitor
+from server.access.limits import ClientLimits, WorkPool, started_pool
+from server.access.stream_limits import StreamSlots
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import ApiError
-from server.limits import ClientLimits, WorkPool, started_pool
-from server.loop_monitor import LoopLagMonitor
-from server.prometheus import Histogram
+from server.ops.loop_monitor import LoopLagMonitor
+from server.ops.prometheus import Histogram
+from server.ops.worker_board import WorkerSeat
+from server.ops.worker_peers import WorkerPeers
+from server.routes.tts import LocalTts
 from server.sessions import Session, SessionManager, UnknownSession
-from server.stream_limits import StreamSlots
-from server.tts import LocalTts
-from server.worker_board import WorkerSeat
-from server.worker_peers import WorkerPeers
 
 OFFER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # time to answer an offer (/metrics)
 
@@ -33,7 +33,7 @@ class ServerState:
     operator: OperatorAuth
     pool: WorkPool  # upload decodes and TTS, never asyncio's default executor
     limits: ClientLimits
-    streams: StreamSlots  # open event streams and /stream WebSockets (server/stream_limits.py)
+    streams: StreamSlots  # open event streams and /stream WebSockets (server/access/stream_limits.py)
     started: float = field(default_factory=time.monotonic)
     offer_seconds: Histogram = field(default_factory=lambda: Histogram(OFFER_BUCKETS_S))
     requests_failed: dict[int, int] = field(default_factory=dict)
@@ -41,14 +41,14 @@ class ServerState:
     # Draining (SIGTERM, server/runner.py): no new sessions; live ones run until this monotonic time.
     drain_until: float | None = None
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
-    # Compositing and colour conversion of every session's video frames (server/tracks.py), off the loop
+    # Compositing and colour conversion of every session's video frames (server/media/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
-    # With --workers N: this process's row on the board the front-ends share (server/worker_board.py),
-    # and its way to ask the other workers for the server-wide answers (server/worker_peers.py).
+    # With --workers N: this process's row on the board the front-ends share (server/ops/worker_board.py),
+    # and its way to ask the other workers for the server-wide answers (server/ops/worker_peers.py).
     seat: WorkerSeat | None = None
     peers: WorkerPeers | None = None
-    # Live session costs and late ticks into the admission model (server/capacity.py).
+    # Live session costs and late ticks into the admission model (server/access/capacity.py).
     capacity_monitor: CapacityMonitor = field(init=False)
 
     def __post_init__(self) -> None:

@@ -84,7 +84,7 @@ def artifacts_dir() -> Path:
 @pytest.fixture
 def loopback_only():
     """aioice offers only 127.0.0.1 as a host candidate: nothing touches another interface."""
-    from server.ice import use_host_addresses
+    from server.network.ice import use_host_addresses
 
     restore = use_host_addresses(["127.0.0.1"])
     yield

@@ -1,6 +1,6 @@
 """Shared pieces of the server tests: a stand-in engine, a server on 127.0.0.1, an aiortc client.
 
-The engine is the real one (realtime.session.LipSyncSession on a shared render worker) with a tiny flat
+The engine is the real one (realtime.timeline.session.LipSyncSession on a shared render worker) with a tiny flat
 avatar and a renderer whose 'mouth' brightness follows the loudness of each frame's mel window, so the
 tests check audio round trips and mouth movement fast and without a model.
 """
@@ -18,10 +18,10 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from realtime.avatar import loop_index
+from realtime.avatars.avatar import loop_index
 from realtime.renderers.base import MouthPatch, MouthRenderer
+from server.access.auth import RedactingAccessLogger
 from server.app import create_app
-from server.auth import RedactingAccessLogger
 from server.config import ServerConfig
 from server.realtime_engine import RealtimeEngine
 
@@ -96,7 +96,7 @@ class RunningServer:
 
 
 async def start_server(engine, capacity=None, **overrides) -> RunningServer:
-    """`capacity`: a server.capacity.CapacityModel (injected session costs); None: --max-sessions as given."""
+    """`capacity`: a server.access.capacity.CapacityModel (injected session costs); None: --max-sessions as given."""
     config = ServerConfig(host="127.0.0.1", port=0, **overrides)
     app = create_app(config, engine, capacity)
     # The production runner's access log class: ?token= values never reach the log.

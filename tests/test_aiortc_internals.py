@@ -20,9 +20,9 @@ from aiortc.codecs.opus import OpusEncoder
 from aiortc.sdp import SessionDescription
 from av import AudioFrame, VideoFrame
 
-from server import encoders
-from server.ice import rtc_configuration, use_host_addresses
-from server.opus_encoder import RealtimeOpusEncoder
+from server.media import encoders
+from server.media.opus_encoder import RealtimeOpusEncoder
+from server.network.ice import rtc_configuration, use_host_addresses
 
 
 class _MovingPattern(VideoStreamTrack):
@@ -97,7 +97,7 @@ def realtime_encoders(monkeypatch):
     ("video/h264", encoders.RealtimeH264Encoder),
 ])
 async def test_a_live_sender_encodes_with_the_realtime_encoder(realtime_encoders, loopback_only, mime, cls):
-    """server/encoders.py: RTCRtpSender must call `aiortc.rtcrtpsender.get_encoder` per sender, and the
+    """server/media/encoders.py: RTCRtpSender must call `aiortc.rtcrtpsender.get_encoder` per sender, and the
     encoder must keep its codec context in `self.codec` (so that our overrides reach the codec it opens;
     tests/test_server_encoding.py checks what the overrides do to the stream)."""
     encoder, _, _ = await _connect_and_send(mime)
@@ -111,7 +111,7 @@ async def test_a_live_sender_encodes_with_the_realtime_encoder(realtime_encoders
 
 @pytest.mark.timeout(60)
 async def test_aioice_gathers_host_candidates_through_the_replaced_function():
-    """server/ice.py: aioice's Connection.gather_candidates must look up `aioice.ice.get_host_addresses`
+    """server/network/ice.py: aioice's Connection.gather_candidates must look up `aioice.ice.get_host_addresses`
     at call time: with 127.0.0.1 installed (which aioice itself never offers) every candidate is on it."""
     calls: list[tuple[bool, bool]] = []
     restore = use_host_addresses(["127.0.0.1"])
@@ -133,7 +133,7 @@ async def test_aioice_gathers_host_candidates_through_the_replaced_function():
 
 
 async def test_offer_media_kinds_come_from_aiortcs_sdp_parser():
-    """server/signaling.py validates offers with `aiortc.sdp.SessionDescription.parse` (not a public
+    """server/routes/signaling.py validates offers with `aiortc.sdp.SessionDescription.parse` (not a public
     module): it must keep returning the m-lines with their kinds, in order."""
     pc = RTCPeerConnection(rtc_configuration([]))
     try:

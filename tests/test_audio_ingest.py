@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realtime.audio_ingest import AudioIngest, AudioRing, to_float_mono
+from realtime.audio.audio_ingest import AudioIngest, AudioRing, to_float_mono
 
 
 def tone(rate: int, seconds: float, hz: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -113,7 +113,7 @@ def test_ring_reads_stamps_and_gaps():
 
 
 def test_convert_clip_is_the_streaming_conversion_with_its_tail():
-    from realtime.audio_ingest import convert_clip
+    from realtime.audio.audio_ingest import convert_clip
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(48000 * 2) * 3000).astype(np.int16)   # 1 s of 48 kHz stereo

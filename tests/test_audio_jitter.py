@@ -1,4 +1,4 @@
-"""The microphone's receive jitter buffer (server/audio_jitter.py) and the aiortc internals it relies on."""
+"""The microphone's receive jitter buffer (server/media/audio_jitter.py) and the aiortc internals it relies on."""
 from __future__ import annotations
 
 import random
@@ -11,9 +11,9 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
-from server import opus_fec
-from server.audio_jitter import GapSkippingJitterBuffer, install
-from server.opus_fec import FecOpusDecoder, JitterBatch
+from server.media import opus_fec
+from server.media.audio_jitter import GapSkippingJitterBuffer, install
+from server.media.opus_fec import FecOpusDecoder, JitterBatch
 
 
 def packets(numbers):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.tracks import (
+from server.media.tracks import (
     AUDIO_MAX_LAG_S,
     AUDIO_RATE,
     AUDIO_SAMPLES,

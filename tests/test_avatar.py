@@ -12,13 +12,13 @@ import pytest
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
-from realtime import avatar_cache, avatar_prepare, face_tracking
-from realtime.avatar import MOUTH_POINTS, Avatar, AvatarConfig, AvatarError, loop_index
-from realtime.avatar_prepare import prepare_avatar, save_avatar
-from realtime.default_avatar import DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, load_default_avatar
-from realtime.face_tracking import detect_face_boxes
+from realtime.avatars import avatar_cache, avatar_prepare, face_tracking
+from realtime.avatars.avatar import MOUTH_POINTS, Avatar, AvatarConfig, AvatarError, loop_index
+from realtime.avatars.avatar_prepare import prepare_avatar, save_avatar
+from realtime.avatars.default_avatar import DEFAULT_AVATAR, DEFAULT_AVATAR_TRACK, load_default_avatar
+from realtime.avatars.face_tracking import detect_face_boxes
+from realtime.avatars.track_smoothing import fill_gaps, smooth_series
 from realtime.media_io import Mp4Writer
-from realtime.track_smoothing import fill_gaps, smooth_series
 
 needs_mesh = pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)
 

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from test_engine import SR, STEP, FakeAvatar
 
-from realtime.avatar import Avatar
-from realtime.avatar_library import AvatarInUse, AvatarLibrary, AvatarNotReady, AvatarState, UnknownAvatar
-from realtime.avatar_prepare import load_prepared, save_avatar
-from realtime.clock import ManualClock
-from realtime.default_avatar import load_default_avatar
-from realtime.encoded_frames import EncodedFrames
+from realtime.avatars.avatar import Avatar
+from realtime.avatars.avatar_library import AvatarInUse, AvatarLibrary, AvatarNotReady, AvatarState, UnknownAvatar
+from realtime.avatars.avatar_prepare import load_prepared, save_avatar
+from realtime.avatars.default_avatar import load_default_avatar
+from realtime.avatars.encoded_frames import EncodedFrames
 from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.default import DefaultRenderer
-from realtime.scheduler import InlineRenderWorker
-from realtime.session import LipSyncSession
+from realtime.scheduling.scheduler import InlineRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import LipSyncSession
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +188,8 @@ def test_default_renderer_mixed_batch_equals_separate_calls(default_avatar):
 
 def test_a_raw_prepared_folder_is_encoded_once_then_loaded_from_the_cache(default_avatar, tmp_path,
                                                                           monkeypatch):
-    from realtime.avatar import AvatarConfig
-    from realtime.avatar_prepare import prepare_avatar
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
 
     raw = Avatar(frames=np.asarray(default_avatar.frames[:40]), boxes=default_avatar.boxes[:40],
                  mouth=default_avatar.mouth[:40], fps=25.0, loop="pingpong", source="x",
@@ -212,7 +212,7 @@ def test_uploads_queue_on_one_thread_and_are_bounded(default_avatar, tmp_path, m
     import threading
     import time
 
-    from realtime.avatar_library import LibraryBusy
+    from realtime.avatars.avatar_library import LibraryBusy
 
     release = threading.Event()
     library = AvatarLibrary(default_avatar, cache_dir=tmp_path, max_pending=2)
@@ -245,7 +245,7 @@ def test_encoded_frames_pickle_and_name_their_content(default_avatar):
 
 
 def test_a_removal_reserved_refuses_new_sessions_until_done_cancelled_or_lapsed(default_avatar):
-    """The two steps of a removal every worker process must agree to (server/avatars_api.py)."""
+    """The two steps of a removal every worker process must agree to (server/routes/avatars_api.py)."""
     import time
 
     removed: list = []
@@ -282,7 +282,7 @@ def test_two_libraries_share_an_upload_and_prepare_it_one_at_a_time(default_avat
     import threading
     import time
 
-    import realtime.avatar_prepare as avatar_prepare
+    import realtime.avatars.avatar_prepare as avatar_prepare
 
     small = Avatar(frames=np.asarray(default_avatar.frames[:3]), boxes=default_avatar.boxes[:3],
                    mouth=default_avatar.mouth[:3], fps=25.0, loop="pingpong", source="x")

@@ -12,7 +12,7 @@ from test_avatar import write_clip
 from test_browser import CHROMIUM, chromium_args, running_server
 
 from models.face_detection import mesh_models_available
-from realtime.default_avatar import load_default_avatar
+from realtime.avatars.default_avatar import load_default_avatar
 
 pytestmark = [
     pytest.mark.browser,

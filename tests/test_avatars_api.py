@@ -22,7 +22,7 @@ from test_avatar import write_clip
 
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
-from realtime.default_avatar import load_default_avatar
+from realtime.avatars.default_avatar import load_default_avatar
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only"),
               pytest.mark.skipif(not mesh_models_available(), reason=INSTALL_HINT)]

@@ -1,11 +1,11 @@
-"""The batching-wait policy (realtime/batch_wait.py) on its own: a pure function of jobs and time."""
+"""The batching-wait policy (realtime/scheduling/batch_wait.py) on its own: a pure function of jobs and time."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import pytest
 
-from realtime.batch_wait import BatchWaitPolicy, batch_wait_until
+from realtime.scheduling.batch_wait import BatchWaitPolicy, batch_wait_until
 
 
 @dataclass
@@ -87,10 +87,10 @@ def test_the_policy_is_pure():
     assert jobs == before
 
 
-# -- the shared EDF rules (realtime/batch_wait.py), as the local worker and the replica use them ----------
+# -- the shared EDF rules (realtime/scheduling/batch_wait.py), as the local worker and the replica use them ----------
 
 def test_edf_batch_fills_in_order_then_cuts_until_every_deadline_is_met():
-    from realtime.batch_wait import edf_batch
+    from realtime.scheduling.batch_wait import edf_batch
 
     cost = lambda b: 0.010 * b  # noqa: E731  (10 ms a frame)
     deadlines = [0.050, 0.060, 0.029, 1.0, 1.0]  # in priority order; the third is tight
@@ -106,7 +106,7 @@ def test_edf_batch_fills_in_order_then_cuts_until_every_deadline_is_met():
 
 
 def test_too_late_and_waits_for_others():
-    from realtime.batch_wait import too_late, waits_for_others
+    from realtime.scheduling.batch_wait import too_late, waits_for_others
 
     assert too_late(deadline=0.009, now=0.0, alone_s=0.010) and not too_late(0.010, 0.0, 0.010)
     assert waits_for_others(head_deadline=0.100, wait_until=0.010, full_batch_s=0.080)

@@ -146,7 +146,7 @@ def test_browser_gets_a_talking_avatar(server_url, speech_wav, tmp_path, artifac
         finally:
             browser.close()
         (artifacts_dir / "browser-console.log").write_text("\n".join(console))
-    # The page works under its Content-Security-Policy (server/surface.py): nothing it does was blocked.
+    # The page works under its Content-Security-Policy (server/access/surface.py): nothing it does was blocked.
     assert not [line for line in console if "Content Security Policy" in line], console
 
 

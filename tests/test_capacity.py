@@ -1,4 +1,4 @@
-"""Admission by measured capacity (server/capacity.py): the model's arithmetic with injected costs and
+"""Admission by measured capacity (server/access/capacity.py): the model's arithmetic with injected costs and
 simulated time, and a live server that refuses the offer past its measured capacity while /healthz
 `free_slots` says the same number."""
 from __future__ import annotations
@@ -7,8 +7,15 @@ import asyncio
 
 import pytest
 
-from realtime.clock import ManualClock
-from server.capacity import DEFAULT_SESSIONS, CapacityModel, CapacityMonitor, LiveSample, SessionCost, probe_speech
+from realtime.timeline.clock import ManualClock
+from server.access.capacity import (
+    DEFAULT_SESSIONS,
+    CapacityModel,
+    CapacityMonitor,
+    LiveSample,
+    SessionCost,
+    probe_speech,
+)
 
 FPS = 25.0
 
@@ -171,8 +178,8 @@ async def test_offer_past_the_measured_capacity_gets_503_and_healthz_agrees(capp
 async def test_start_up_probe_serves_one_session_and_prices_it():
     from server_helpers import tiny_engine
 
-    from server.capacity import measure_session_cost
-    from server.limits import started_pool
+    from server.access.capacity import measure_session_cost
+    from server.access.limits import started_pool
 
     engine = tiny_engine()
     pool = started_pool(1, "probe-test")

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from realtime.compositor import default_mask, paste, shifted
 from realtime.renderers.base import MouthPatch
+from realtime.renderers.compositor import default_mask, paste, shifted
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from test_wav2lip_renderer import FakeAvatar, mel_windows
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, Wav2Lip, faces_to_input, mels_to_input, to_uint8
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
-from realtime.scheduler import RenderJob, RenderResult, ThreadedRenderWorker
+from realtime.scheduling.scheduler import RenderJob, RenderResult, ThreadedRenderWorker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

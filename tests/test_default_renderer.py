@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from scipy.signal import lfilter
 
-from realtime.compositor import paste
-from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
+from realtime.audio.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.offline_builtin import frame_windows, render_avatar_speech
 from realtime.renderers.base import MouthPatch, MouthRenderer
+from realtime.renderers.compositor import paste
 from realtime.renderers.default import DefaultRenderer, MissingLandmarksError
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 
@@ -478,8 +478,8 @@ def test_cost_per_frame_is_small(renderer, avatar, speech_16k):
 
 # --- the default avatar and the mp4 ---------------------------------------------------------------
 def _default_avatar():
-    from realtime.avatar import AvatarError
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.avatar import AvatarError
+    from realtime.avatars.default_avatar import load_default_avatar
 
     try:
         return load_default_avatar()

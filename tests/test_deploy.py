@@ -43,7 +43,7 @@ from test_browser import CHROMIUM, chromium_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-# The server sends 25 fps, fewer when the machine is starved (its pacer skips ticks: server/tracks.py);
+# The server sends 25 fps, fewer when the machine is starved (its pacer skips ticks: server/media/tracks.py);
 # on a shared 2-core machine running the server, nginx, coturn, Chromium and the test at once that can
 # fall far. What the deployment must do is carry what the server sends: the frames the client received
 # over the frames the server sent in the same window (DELIVERED), with a floor on the rate itself.
@@ -200,7 +200,7 @@ async def test_per_address_limits_count_the_clients_nginx_names(deployment):
 async def test_per_address_limits_hold_across_worker_processes(deployment, tmp_path):
     """The same visitor behind the proxy, twice, on a server with two worker processes: each worker counts
     its own sessions, so the second offer must reach the worker that holds the first (the visitor's home,
-    server/visitor_homes.py), not the one with more free slots, which has not counted it."""
+    server/access/visitor_homes.py), not the one with more free slots, which has not counted it."""
     port = free_port()
     args = ["--trusted-proxy", "127.0.0.1", "--ice-allow-loopback", "--workers", "2", "--max-sessions", "4",
             "--max-sessions-per-ip", "1"]

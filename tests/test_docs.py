@@ -12,10 +12,10 @@ from pathlib import Path
 
 from server_helpers import tiny_engine
 
-from realtime.playback import EventType, QueueChanged, SpeechEnded, SpeechStarted
+from realtime.timeline.playback import EventType, QueueChanged, SpeechEnded, SpeechStarted
 from server.app import create_app
 from server.config import ServerConfig, flags_markdown
-from server.metrics import render_metrics
+from server.ops.metrics import render_metrics
 from server.state import STATE
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -107,3 +107,34 @@ def test_no_measurement_tables_in_library_docstrings():
                 if re.search(r"^\s*\|[-:| ]+\|\s*$", doc, re.M):
                     found.append(f"{path.relative_to(root)}: {getattr(node, 'name', 'module')}")
     assert not found, found
+
+
+def _architecture_map() -> dict[str, set[str]]:
+    """ARCHITECTURE.md's map: for server/ and realtime/, the modules named under each folder heading."""
+    text = (DOCS.parent / "ARCHITECTURE.md").read_text()
+    block = text.split("```", 2)[1]
+    found: dict[str, set[str]] = {}
+    top, folder = "", ""
+    for line in block.splitlines():
+        head = re.match(r"^(server|realtime)/\s", line) or re.match(r"^(?:models|cli|deploy|integrations|bench)/", line)
+        if head:
+            top, folder = (head.group(1), "") if head.lastindex else ("", "")
+        sub = re.match(r"^  ([a-z_]+)/\s", line)
+        if sub and top:
+            folder = sub.group(1)
+        if top:
+            for name in re.findall(r"\b([a-z_0-9]+)\.py\b", line):
+                found.setdefault(f"{top}/{folder}".rstrip("/"), set()).add(name)
+    return found
+
+
+def test_the_architecture_map_names_every_module_under_its_folder():
+    root = DOCS.parent
+    mapped = _architecture_map()
+    for top in ("server", "realtime"):
+        for path in sorted((root / top).rglob("*.py")):
+            if path.name in {"__init__.py", "__main__.py"}:
+                continue
+            folder = str(path.parent.relative_to(root))
+            assert path.stem in mapped.get(folder, set()), \
+                f"ARCHITECTURE.md's map does not name {path.relative_to(root)} under {folder}/"

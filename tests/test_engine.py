@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pytest
 
-from realtime.avatar import loop_index
-from realtime.clock import LOOKAHEAD_SAMPLES, ManualClock
+from realtime.audio.mel import mel_windows, melspectrogram
+from realtime.avatars.avatar import loop_index
 from realtime.config import EngineConfig
-from realtime.mel import mel_windows, melspectrogram
 from realtime.renderers.base import MouthPatch, MouthRenderer
-from realtime.scheduler import InlineRenderWorker
-from realtime.session import HELD, IDLE, RENDERED, LipSyncSession, VideoOut
+from realtime.scheduling.scheduler import InlineRenderWorker
+from realtime.timeline.clock import LOOKAHEAD_SAMPLES, ManualClock
+from realtime.timeline.session import HELD, IDLE, RENDERED, LipSyncSession, VideoOut
 
 SR = 16000
 STEP = 320  # 20 ms

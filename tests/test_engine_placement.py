@@ -15,7 +15,7 @@ from server_helpers import LoudnessRenderer, TinyAvatar, start_server
 
 from models.checkpoints import CheckpointError
 from realtime.metrics import WorkerStats
-from realtime.session_options import SessionOptions
+from realtime.timeline.session_options import SessionOptions
 from server.config import ServerConfig, device_list
 from server.realtime_engine import RealtimeEngine, gpu_curve_sizes, torch_devices
 

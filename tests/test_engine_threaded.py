@@ -9,8 +9,8 @@ import pytest
 from test_engine import FakeAvatar, RecordingRenderer
 
 from realtime.renderers.base import MouthPatch
-from realtime.scheduler import RenderJob, ThreadedRenderWorker
-from realtime.session import RENDERED, LipSyncSession
+from realtime.scheduling.scheduler import RenderJob, ThreadedRenderWorker
+from realtime.timeline.session import RENDERED, LipSyncSession
 
 SR = 16000
 

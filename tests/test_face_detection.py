@@ -17,7 +17,7 @@ needs_mesh = pytest.mark.skipif(not mesh_models_available(), reason=model_files.
 @pytest.fixture(scope="module")
 def portrait():
     """Frame 0 of the embedded default avatar (512x512 BGR) and its shipped (padded) box."""
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     avatar = load_default_avatar()
     return np.array(avatar.frames[0]), avatar.boxes[0]

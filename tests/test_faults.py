@@ -21,10 +21,10 @@ import pytest
 from server_helpers import Client, LoudnessRenderer, PcmTrack, TinyAvatar, mouth_level, start_server
 from test_engine import FakeAvatar, RecordingRenderer, drive
 
-from realtime.clock import ManualClock
 from realtime.config import EngineConfig
-from realtime.scheduler import InlineRenderWorker, RenderJob, ThreadedRenderWorker
-from realtime.session import HELD, RENDERED, LipSyncSession
+from realtime.scheduling.scheduler import InlineRenderWorker, RenderJob, ThreadedRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import HELD, RENDERED, LipSyncSession
 from server.realtime_engine import RealtimeEngine
 from server.sessions import received_packets
 from server.state import STATE
@@ -285,7 +285,7 @@ async def test_garbage_rtp_is_ignored(engine, caplog):
 async def test_encoder_failure_ends_only_that_session(engine, monkeypatch):
     import aiortc.rtcrtpsender
 
-    from server import encoders
+    from server.media import encoders
 
     server = await start_server(engine)  # installs the real-time encoders
     manager = server.app[STATE].sessions

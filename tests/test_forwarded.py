@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from server_helpers import start_server, tiny_engine
 
-from server.auth import ForwardedClients, OperatorAuth, public_origin
+from server.access.auth import ForwardedClients, OperatorAuth, public_origin
 from server.config import ServerConfig
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loopback_only")]

@@ -1,7 +1,7 @@
 """GPU-style batching across sessions, on the CPU with fake clocks and a GPU-like cost curve.
 
 The fake renderer's batch of n costs 5 ms + 1 ms per frame (launch-bound at small n, like a GPU), which
-it "spends" by advancing a fake clock. Two drivers of the same policy (realtime/scheduler.py):
+it "spends" by advancing a fake clock. Two drivers of the same policy (realtime/scheduling/scheduler.py):
 
 - ThreadedRenderWorker (production) at the job level: jobs shaped like sessions' (ready at a tick,
   due a compute budget later) are submitted straight to the worker with a frozen fake clock, and the
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from test_engine import AffineRenderer, FakeAvatar
 
-from realtime.clock import ManualClock
 from realtime.config import EngineConfig
-from realtime.scheduler import InlineRenderWorker, RenderJob, RenderResult, ThreadedRenderWorker
-from realtime.session import LipSyncSession
+from realtime.scheduling.scheduler import InlineRenderWorker, RenderJob, RenderResult, ThreadedRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import LipSyncSession
 
 SR = 16000
 FIXED_S, PER_FRAME_S = 0.005, 0.001   # a GPU-like batch: 5 ms + 1 ms per frame

@@ -1,5 +1,5 @@
 """Issue #25 item 4: the server is no UDP prober. Remote ICE candidates and credentials are screened
-before `setRemoteDescription` (server/ice_filter.py): a pure function of the SDP and the bind policy,
+before `setRemoteDescription` (server/network/ice_filter.py): a pure function of the SDP and the bind policy,
 unit-tested here, plus the attack through POST /offer with STUN packets counted on loopback sockets.
 
 Loopback only: the "public" server is configured as bound to 0.0.0.0 but listens on 127.0.0.1, and every
@@ -20,9 +20,9 @@ from server_helpers import RunningServer, start_server, tiny_engine
 from server.app import create_app
 from server.config import ServerConfig
 from server.errors import ApiError
-from server.ice import rtc_configuration
-from server.ice_filter import MAX_CANDIDATES_PER_MLINE, CandidatePolicy, refusal, screen_offer
-from server.signaling import OfferRequest
+from server.network.ice import rtc_configuration
+from server.network.ice_filter import MAX_CANDIDATES_PER_MLINE, CandidatePolicy, refusal, screen_offer
+from server.routes.signaling import OfferRequest
 
 OPERATOR = "operator-token-for-ice-tests-0123"
 LOCAL = CandidatePolicy.for_bind("127.0.0.1")
@@ -62,7 +62,7 @@ def test_the_bind_decides_the_policy():
 def test_a_proxied_or_named_server_is_screened_as_public():
     """Issue #26 meets #25: behind nginx on the same host the bind is loopback, but strangers send the
     offers, so their loopback candidates (the host's own services) are never probed."""
-    from server.signaling import candidate_policy
+    from server.routes.signaling import candidate_policy
 
     assert candidate_policy(ServerConfig(host="127.0.0.1")) == LOCAL
     assert candidate_policy(ServerConfig(host="127.0.0.1", trusted_proxies=["127.0.0.1"])) == PUBLIC

@@ -99,7 +99,7 @@ async def test_images_at_fps_audio_delayed_mouth_moves(speech_16k):
     spans = np.diff(audio_pts)
     assert np.all(spans == 40_000_000), spans   # one 40 ms block per tick, no gaps
     # Delayed by the utterance's delay: TTS audio that arrives ahead of real time starts after the
-    # compute budget only (realtime/utterance_start.py), never later than the fixed latency L, counted
+    # compute budget only (realtime/timeline/utterance_start.py), never later than the fixed latency L, counted
     # from the output clock when the TTS audio came in. Its first sample plays exactly there; its block
     # leaves at the tick before (up to 40 ms earlier, the silence before the sample in front); 10-30 ms
     # of tolerance for the pacing task's wake-ups on a loaded machine.

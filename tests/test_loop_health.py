@@ -12,14 +12,14 @@ import pytest
 from server_helpers import start_server, tiny_engine
 from test_engine import FakeAvatar, RecordingRenderer, drive
 
-from realtime.clock import ManualClock
 from realtime.config import EngineConfig
-from realtime.scheduler import InlineRenderWorker
-from realtime.session import RENDERED, LipSyncSession
-from server import heap
-from server.loop_monitor import LoopLagMonitor
-from server.media_executor import OTHER_THREADS, encoder_threads, start_default_executor
-from server.tracks import AvatarVideoTrack, MediaClock
+from realtime.scheduling.scheduler import InlineRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import RENDERED, LipSyncSession
+from server.media.media_executor import OTHER_THREADS, encoder_threads, start_default_executor
+from server.media.tracks import AvatarVideoTrack, MediaClock
+from server.ops import heap
+from server.ops.loop_monitor import LoopLagMonitor
 
 
 async def test_loop_lag_monitor_sees_a_blocked_loop():

@@ -1,4 +1,4 @@
-"""The loop's default executor (server/media_executor.py): audio encodes first, threads fixed, shutdown clean.
+"""The loop's default executor (server/media/media_executor.py): audio encodes first, threads fixed, shutdown clean.
 
 These also guard what it borrows from CPython's ThreadPoolExecutor (its workers read `_work_queue` with
 `get`, shutdown writes None there and drains it with `get_nowait`) and the call shape of aiortc's sender
@@ -13,8 +13,8 @@ from aiortc.codecs.g711 import PcmuEncoder
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 
-from server.media_executor import OTHER_THREADS, MediaExecutor, encoder_threads, is_audio_encode, is_encode
-from server.opus_encoder import RealtimeOpusEncoder
+from server.media.media_executor import OTHER_THREADS, MediaExecutor, encoder_threads, is_audio_encode, is_encode
+from server.media.opus_encoder import RealtimeOpusEncoder
 
 
 class _Recording:

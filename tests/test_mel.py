@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import WAV2LIP_FACTS
 
-from realtime.mel import MEL_STEP, StreamingMel, mel_basis, mel_windows, melspectrogram, window_starts
+from realtime.audio.mel import MEL_STEP, StreamingMel, mel_basis, mel_windows, melspectrogram, window_starts
 
 
 @pytest.fixture(scope="module")

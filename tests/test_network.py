@@ -19,8 +19,8 @@ from bench.netimpair import (
     rtp_payload_type,
     use_give_up_jitter_buffer,
 )
-from server import encoders
-from server.link_quality import VideoRateControl, sender_encoder
+from server.media import encoders
+from server.media.link_quality import VideoRateControl, sender_encoder
 from server.state import STATE
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""server/opus_encoder.py: outgoing audio leaves in the call that gets its frame, encoded by libopus from
+"""server/media/opus_encoder.py: outgoing audio leaves in the call that gets its frame, encoded by libopus from
 the server's 16 kHz mono samples, at the level, timing and RTP clock of aiortc's own Opus encoder."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from av import AudioFrame
 
-from server import encoders
-from server.opus_encoder import RealtimeOpusEncoder
+from server.media import encoders
+from server.media.opus_encoder import RealtimeOpusEncoder
 
 FRAME = 320           # 20 ms at 16 kHz
 OPUS_LOOKAHEAD = 312  # libopus' algorithmic delay at 48 kHz (6.5 ms), in every Opus stream

@@ -1,4 +1,4 @@
-"""server/opus_fec.py and RealtimeOpusEncoder.set_expected_loss: Opus in-band FEC offered, decoded on the
+"""server/media/opus_fec.py and RealtimeOpusEncoder.set_expected_loss: Opus in-band FEC offered, decoded on the
 microphone side (a lost frame rebuilt, no gap), and encoded when the receiver reports loss."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
 
-from server import opus_fec
-from server.opus_encoder import RealtimeOpusEncoder
-from server.opus_fec import FecOpusDecoder
+from server.media import opus_fec
+from server.media.opus_encoder import RealtimeOpusEncoder
+from server.media.opus_fec import FecOpusDecoder
 
 RATE = 48000
 FRAME = 960

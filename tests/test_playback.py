@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from server_helpers import TinyAvatar
 
-from realtime.clock import ManualClock
-from realtime.playback import (
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.playback import (
     EventType,
     PlaybackTracker,
     QueueChanged,
@@ -16,7 +16,7 @@ from realtime.playback import (
     new_utterance_id,
     valid_utterance_id,
 )
-from realtime.session import LipSyncSession
+from realtime.timeline.session import LipSyncSession
 
 RATE = 16000
 BLOCK = 320

@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 from server_helpers import Client, RunningServer, TinyAvatar, start_server, tiny_engine
 
+from server.access.limits import ClientLimits, address_key
+from server.access.surface import public_text
 from server.app import create_app
 from server.config import ServerConfig
 from server.errors import ApiError
-from server.limits import ClientLimits, address_key
 from server.realtime_engine import RealtimeEngine
-from server.surface import public_text
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
@@ -128,7 +128,7 @@ async def test_a_failed_avatar_file_is_listed_by_name_not_path(engine, http, tmp
     folder = tmp_path / "private-avatars"
     folder.mkdir()
     (folder / "broken.mp4").write_bytes(b"not a video at all" * 100)
-    with caplog.at_level(logging.CRITICAL, logger="realtime.avatar_library"):  # its warning names the path
+    with caplog.at_level(logging.CRITICAL, logger="realtime.avatars.avatar_library"):  # its warning names the path
         engine.avatars.add_folder(folder)
     server = await start_server(engine)
     try:

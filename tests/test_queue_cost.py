@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from server_helpers import TinyAvatar
 
-from realtime import playback as playback_module
-from realtime.clock import ManualClock
 from realtime.config import EngineConfig
-from realtime.playback import QueueChanged, SpeechEnded, SpeechStarted
-from realtime.session import LipSyncSession, QueueLimit
+from realtime.timeline import playback as playback_module
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.playback import QueueChanged, SpeechEnded, SpeechStarted
+from realtime.timeline.session import LipSyncSession, QueueLimit
 
 RATE = 16000
 BLOCK = 320

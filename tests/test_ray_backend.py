@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from test_render_tier import run_session
 
+from realtime.avatars.default_avatar import load_default_avatar
 from realtime.config import EngineConfig
-from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.remote_renderer import RemoteRenderer
 from realtime.render_tier.wire import avatar_fingerprint
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
-from realtime.scheduler import ThreadedRenderWorker
-from realtime.session import RENDERED, LipSyncSession
+from realtime.scheduling.scheduler import ThreadedRenderWorker
+from realtime.timeline.session import RENDERED, LipSyncSession
 
 ray = pytest.importorskip("ray")  # the test extra installs ray[serve]: this runs in CI
 from server.ray_render_tier import (  # noqa: E402

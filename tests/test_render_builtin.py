@@ -20,11 +20,11 @@ from conftest import write_wav
 from cli.main import main
 from models.face_detection import mesh_models_available
 from models.face_detection.model_files import INSTALL_HINT
-from realtime.avatar import AvatarConfig
-from realtime.default_avatar import load_default_avatar
-from realtime.face_tracking import detect_face_boxes
+from realtime.audio.mel import SAMPLE_RATE, mel_windows, melspectrogram
+from realtime.avatars.avatar import AvatarConfig
+from realtime.avatars.default_avatar import load_default_avatar
+from realtime.avatars.face_tracking import detect_face_boxes
 from realtime.media_io import Mp4Writer
-from realtime.mel import SAMPLE_RATE, mel_windows, melspectrogram
 from realtime.offline_builtin import frame_windows
 
 REPO = Path(__file__).resolve().parents[1]

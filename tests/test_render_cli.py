@@ -10,8 +10,8 @@ import torch
 from conftest import write_wav
 
 from cli.main import main
+from realtime.audio.mel import window_starts
 from realtime.media_io import Mp4Writer
-from realtime.mel import window_starts
 
 
 @pytest.fixture(scope="module")

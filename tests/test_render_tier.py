@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from test_engine import FakeAvatar, RecordingRenderer, drive
 
-from realtime.clock import ManualClock
+from realtime.avatars.default_avatar import load_default_avatar
 from realtime.config import EngineConfig
-from realtime.default_avatar import load_default_avatar
 from realtime.render_tier.edf_batcher import EdfBatcher, Waiting, plan_batch
 from realtime.render_tier.holders import AvatarHolders
 from realtime.render_tier.remote_renderer import RemoteRenderer, RenderTierError
@@ -27,8 +26,9 @@ from realtime.render_tier.wire import (
 )
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.factory import RendererSpec
-from realtime.scheduler import CostModel, InlineRenderWorker
-from realtime.session import RENDERED, LipSyncSession
+from realtime.scheduling.scheduler import CostModel, InlineRenderWorker
+from realtime.timeline.clock import ManualClock
+from realtime.timeline.session import RENDERED, LipSyncSession
 
 SR = 16000
 BUILTIN_NEEDS = RendererSpec().audio_needs  # the built-in renderer's look-ahead, as a replica has it

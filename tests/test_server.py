@@ -206,7 +206,7 @@ async def test_a_long_raw_pcm_upload_is_converted_off_the_event_loop(server, htt
     """Resampling a long clip costs the loop ~1 ms per second of 48 kHz audio: it runs on the WorkPool."""
     import threading
 
-    from server import push_api
+    from server.routes import push_api
 
     threads: list[str] = []
 

@@ -8,8 +8,8 @@ import aioice.ice
 import pytest
 
 from server.config import IceServer, ServerConfig
-from server.ice import rtc_configuration, use_host_addresses
-from server.prometheus import Histogram, Page
+from server.network.ice import rtc_configuration, use_host_addresses
+from server.ops.prometheus import Histogram, Page
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> ServerConfig:
@@ -136,7 +136,7 @@ def test_udp_port_range_applies_to_ice_host_candidates():
 
     from aiortc import RTCPeerConnection
 
-    from server.udp_ports import parse_port_range, port_range_loop_factory
+    from server.network.udp_ports import parse_port_range, port_range_loop_factory
 
     assert parse_port_range("40000-40009") == (40000, 40009)
     with pytest.raises(ValueError, match="udp-ports"):

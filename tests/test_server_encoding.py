@@ -18,9 +18,9 @@ from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from realtime.renderers.precision_gate import psnr_db as psnr
-from server import encoders
-from server.opus_encoder import RealtimeOpusEncoder
-from server.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_frame
+from server.media import encoders
+from server.media.opus_encoder import RealtimeOpusEncoder
+from server.media.tracks import VIDEO_TIME_BASE, AvatarVideoTrack, MediaClock, video_frame
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 H264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=99)

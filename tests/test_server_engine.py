@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from server_helpers import Client, PcmTrack, echo_delays
 
-from realtime.session_options import SessionOptions
+from realtime.timeline.session_options import SessionOptions
 from server.config import ServerConfig
 from server.realtime_engine import RealtimeEngine
 

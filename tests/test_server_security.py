@@ -23,13 +23,13 @@ from aiohttp import web
 from server_helpers import Client, start_server, tiny_engine
 
 from bench.common import wav_bytes
-from server.auth import Access, OperatorAuth, access_for, redact_query
+from server.access.auth import Access, OperatorAuth, access_for, redact_query
+from server.access.limits import ClientLimits, PoolBusy, WorkPool
 from server.config import IceServer, ServerConfig
 from server.errors import ApiError
-from server.limits import ClientLimits, PoolBusy, WorkPool
-from server.signaling import OfferOptions
+from server.routes.signaling import OfferOptions
+from server.routes.uploads import decode_upload, sniff_container
 from server.state import STATE
-from server.uploads import decode_upload, sniff_container
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loopback_only")]
 
@@ -413,7 +413,7 @@ async def test_an_upload_longer_than_the_queue_room_gets_413(server, http, clean
 
 
 async def test_decodes_run_on_their_own_bounded_pool(engine, http, clean_log, monkeypatch):
-    import server.push_api as push_api
+    import server.routes.push_api as push_api
 
     server = await start_server(engine, max_concurrent_decodes=1)
     threads: list[str] = []
@@ -644,7 +644,7 @@ def test_prepare_avatar_refuses_a_folder_that_is_not_an_avatar(tmp_path, capsys)
     assert rc == 2 and "not a prepared avatar" in capsys.readouterr().err
     assert (precious / "thesis.tex").read_text() == "years of work"
     from cli.prepare_avatar import is_prepared_avatar
-    from realtime import avatar_cache
+    from realtime.avatars import avatar_cache
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -680,8 +680,8 @@ def test_security_flags_and_env():
 
 async def test_routes_added_later_are_covered_without_changes(engine, http, clean_log):
     """What helpers add in parallel (chat's SSE, an operator page) gets the policy from its path."""
+    from server.access.auth import RedactingAccessLogger
     from server.app import create_app
-    from server.auth import RedactingAccessLogger
 
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -14,8 +14,8 @@ from realtime.metrics import (
     SessionStats,
     WorkerStats,
 )
-from server import metrics as page
-from server.session_totals import SessionTotals
+from server.ops import metrics as page
+from server.ops.session_totals import SessionTotals
 
 
 def field_names(cls) -> set[str]:

@@ -24,25 +24,25 @@ import pytest
 from server_helpers import Client, start_server, tiny_engine
 
 from realtime.config import EngineConfig
-from server import events_api
+from server.access.stream_limits import MessagePacer, StreamKind, StreamSlots
 from server.errors import ApiError
-from server.loop_monitor import MAX_WINDOW_S, LoopLagMonitor
+from server.ops.loop_monitor import MAX_WINDOW_S, LoopLagMonitor
+from server.routes import events_api
 from server.state import STATE
-from server.stream_limits import MessagePacer, StreamKind, StreamSlots
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
 
 
 async def make_server(**engine_config):
     engine = tiny_engine(config=EngineConfig(**engine_config)) if engine_config else tiny_engine()
-    # Two sessions from one address; the server-wide stream cap is then 8 (server/stream_limits.py).
+    # Two sessions from one address; the server-wide stream cap is then 8 (server/access/stream_limits.py).
     running = await start_server(engine, max_sessions=2, max_sessions_per_ip=0)
     return running, engine
 
 
 @pytest.fixture
 def server_settings(clean_log) -> dict:  # clean_log checks the log after the server has stopped
-    # Two sessions from one address; the server-wide stream cap is then 8 (server/stream_limits.py).
+    # Two sessions from one address; the server-wide stream cap is then 8 (server/access/stream_limits.py).
     return {"max_sessions": 2, "max_sessions_per_ip": 0}
 
 

@@ -23,12 +23,12 @@ from server_helpers import start_server, tiny_engine
 from test_server_security import OPERATOR, connected, expect_error, fake_tts
 
 from bench.common import wav_bytes as bench_wav_bytes
-from realtime.avatar import AvatarConfig, AvatarError
-from realtime.avatar_decode import iter_video, sniff_video
+from realtime.avatars.avatar import AvatarConfig, AvatarError
+from realtime.avatars.avatar_decode import iter_video, sniff_video
+from server.access.limits import Holder, PoolBusy, WorkPool
 from server.errors import ApiError
-from server.limits import Holder, PoolBusy, WorkPool
+from server.routes.upload_body import GRACE_S, form_parts
 from server.state import STATE
-from server.upload_body import GRACE_S, form_parts
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
 
@@ -222,7 +222,7 @@ async def test_one_decode_per_session_and_a_share_per_address():
 async def test_a_second_address_gets_a_slot_while_the_first_holds_its_share(engine, http, clean_log,
                                                                             tmp_path, monkeypatch):
     """The default share is one of the two slots: a second session from the same address waits (429)."""
-    import server.push_api as push_api
+    import server.routes.push_api as push_api
 
     server = await start_server(engine, max_concurrent_decodes=2, max_sessions_per_ip=4)
     release = asyncio.Event()
@@ -357,7 +357,7 @@ def test_a_video_is_decoded_within_its_declared_length(tmp_path):
 
 
 def test_each_frame_is_checked_before_it_is_converted(tmp_path, monkeypatch):
-    import realtime.avatar_decode as avatar_decode
+    import realtime.avatars.avatar_decode as avatar_decode
 
     monkeypatch.setattr(avatar_decode, "MAX_SOURCE_SIDE", 48)
     _fps, _n, frames = iter_video(clip(tmp_path / "big.mp4", 5, size=64), AvatarConfig())
@@ -406,9 +406,9 @@ async def test_avatar_name_is_capped_and_every_form_byte_counts(engine, http, cl
 
 
 def test_failed_avatars_are_forgotten(tmp_path):
-    from realtime import avatar_library
-    from realtime.avatar_library import MAX_FAILED, AvatarLibrary, AvatarState
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars import avatar_library
+    from realtime.avatars.avatar_library import MAX_FAILED, AvatarLibrary, AvatarState
+    from realtime.avatars.default_avatar import load_default_avatar
 
     library = AvatarLibrary(load_default_avatar(), cache_dir=tmp_path / "cache")
     try:
@@ -431,7 +431,7 @@ def test_failed_avatars_are_forgotten(tmp_path):
 
 def test_kept_frames_stay_within_the_byte_budget(tmp_path, monkeypatch):
     """Many small identical frames compress to a tiny file; the raw frames kept stop at MAX_RAW_BYTES."""
-    import realtime.avatar_decode as avatar_decode
+    import realtime.avatars.avatar_decode as avatar_decode
 
     monkeypatch.setattr(avatar_decode, "MAX_RAW_BYTES", 10 * 64 * 64 * 3)
     _fps, _n, frames = iter_video(clip(tmp_path / "many.mp4", 60), AvatarConfig())

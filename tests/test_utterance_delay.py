@@ -1,7 +1,7 @@
 """Talking sooner, in simulated time (ManualClock + InlineRenderWorker): the per-utterance delay chosen
 only at starts from silence, sample-exact A/V within an utterance, the look-ahead delay kept by a stream
 that arrives in real time, the renderer-sized look-ahead, and the first frame of an utterance never
-waiting for a batch (realtime/utterance_start.py, realtime/batch_wait.py)."""
+waiting for a batch (realtime/timeline/utterance_start.py, realtime/scheduling/batch_wait.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,13 +18,13 @@ from test_engine import (
     with_audio,
 )
 
-from realtime.clock import ManualClock, Timeline
+from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.config import EngineConfig
-from realtime.mel import MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import AudioNeeds, RendererTraits
-from realtime.scheduler import InlineRenderWorker, RenderJob, RenderResult
-from realtime.session import LipSyncSession
-from realtime.utterance_start import PendingStart, choose_start
+from realtime.scheduling.scheduler import InlineRenderWorker, RenderJob, RenderResult
+from realtime.timeline.clock import ManualClock, Timeline
+from realtime.timeline.session import LipSyncSession
+from realtime.timeline.utterance_start import PendingStart, choose_start
 
 JITTER_MS = EngineConfig().input_jitter_ms   # a live stream's first chunk arrives this long after its first sample
 

@@ -15,9 +15,9 @@ import pytest
 from conftest import read_wav, synthesize
 from test_default_renderer import synthetic_avatar
 
-from realtime.compositor import paste
-from realtime.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
+from realtime.audio.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import AudioNeeds
+from realtime.renderers.compositor import paste
 from realtime.renderers.default import DefaultRenderer
 from realtime.renderers.mouth_params import (
     BITE,

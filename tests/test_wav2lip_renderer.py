@@ -8,14 +8,13 @@ import torch
 
 from models.random_init import calibrated_random_
 from models.wav2lip import Wav2Lip, faces_to_input, mels_to_input, to_uint8
-from realtime import compositor
-from realtime.renderers import precision_gate
+from realtime.renderers import compositor, precision_gate
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime.renderers.wav2lip import PASTED_ROWS_FROM, Wav2LipRenderer
 
 
 class FakeAvatar:
-    """Duck-typed realtime.avatar.Avatar: frames, boxes and the official 96x96 crops."""
+    """Duck-typed realtime.avatars.avatar.Avatar: frames, boxes and the official 96x96 crops."""
 
     def __init__(self, n: int = 4, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)

@@ -14,7 +14,7 @@ import pytest
 from test_engine import FakeAvatar, RecordingRenderer
 
 from realtime.renderers.base import MouthRenderer
-from realtime.scheduler import RenderJob, RenderResult, ThreadedRenderWorker
+from realtime.scheduling.scheduler import RenderJob, RenderResult, ThreadedRenderWorker
 
 WORKER = "render-test"
 

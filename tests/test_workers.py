@@ -1,4 +1,4 @@
-"""`--workers N` (server/workers.py): the supervisor's routing as a pure function of the shared board, then
+"""`--workers N` (server/ops/workers.py): the supervisor's routing as a pure function of the shared board, then
 a real two-worker server on loopback: every route of a session reaches the process that owns it
 (WebSocket and SSE included), and a killed worker's sessions end with a reason while the other worker's
 session keeps its frame rate and the killed one is restarted and serves again."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig
-from server.workers import Supervisor, owner_of, resolve_workers, split_ports, worker_config
+from server.ops.workers import Supervisor, owner_of, resolve_workers, split_ports, worker_config
 
 
 def test_session_ids_name_their_worker_and_generation():
@@ -83,7 +83,7 @@ def test_routing_offers_to_the_freest_worker_and_routes_to_the_owner():
 
 def test_a_visitors_offers_go_to_its_home_worker_so_per_address_limits_hold():
     """Each worker counts --max-sessions-per-ip on its own: a visitor's offers must all reach one of them
-    (server/visitor_homes.py), by its address key (an IPv6 /64 is one visitor), behind a trusted proxy by
+    (server/access/visitor_homes.py), by its address key (an IPv6 /64 is one visitor), behind a trusted proxy by
     the address the proxy names, until its home worker restarts."""
     boss = Supervisor(ServerConfig(trusted_proxies=["127.0.0.1"]), 2)
     ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
@@ -111,7 +111,7 @@ def test_a_visitors_offers_go_to_its_home_worker_so_per_address_limits_hold():
 
 
 def test_visitor_homes_are_kept_for_a_session_lifetime_and_bounded():
-    from server.visitor_homes import VisitorHomes
+    from server.access.visitor_homes import VisitorHomes
 
     homes = VisitorHomes(keep_s=100.0, capacity=3)
     alive = {0: 0, 1: 0}
@@ -338,7 +338,7 @@ async def test_sessions_metrics_and_avatars_span_both_workers(two_workers, http,
     from server_helpers import Client
 
     from models.face_detection import mesh_models_available
-    from realtime.default_avatar import load_default_avatar
+    from realtime.avatars.default_avatar import load_default_avatar
 
     server, _ = two_workers
     a, b = Client(server, http), Client(server, http)
@@ -426,8 +426,8 @@ async def test_a_stuck_or_dead_worker_does_not_hang_the_server_wide_answers(two_
     runs again it is back in. A killed one is left out at once."""
     from server_helpers import Client
 
-    from server.worker_board import SILENT_AFTER_S
-    from server.worker_peers import PEER_TIMEOUT_S
+    from server.ops.worker_board import SILENT_AFTER_S
+    from server.ops.worker_peers import PEER_TIMEOUT_S
 
     server, boss = two_workers
     a = Client(server, http)
@@ -480,8 +480,8 @@ async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothin
     """The fan-out itself: one worker accepts the connection and never answers (its loop frozen after the
     accept), one has a socket with nobody behind it (it just died): both are left out and named, and the
     whole ask takes the timeout, not the sum of them."""
-    from server.worker_board import Board, WorkerSeat
-    from server.worker_peers import WorkerPeers
+    from server.ops.worker_board import Board, WorkerSeat
+    from server.ops.worker_peers import WorkerPeers
 
     board = Board(3)
     board.peers_dir = str(tmp_path)
@@ -514,7 +514,7 @@ async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothin
 def test_metrics_pages_merge_by_each_familys_rule():
     """Several processes' pages as one: counters and histograms summed, gauges by their rule, series that
     repeat in every process told apart by a process label, a caller's server-wide figure kept."""
-    from server.prometheus import Histogram, Page, merge_pages
+    from server.ops.prometheus import Histogram, Page, merge_pages
 
     def page(i: int) -> str:
         p = Page()
@@ -556,9 +556,9 @@ async def test_with_a_silent_worker_a_delete_removes_nothing_and_every_answer_na
     import cv2
     from server_helpers import TinyAvatar, start_server, tiny_engine
 
+    from server.ops.worker_board import Board, WorkerSeat
+    from server.ops.worker_peers import WorkerPeers
     from server.state import STATE
-    from server.worker_board import Board, WorkerSeat
-    from server.worker_peers import WorkerPeers
 
     engine = tiny_engine(avatar_cache_dir=tmp_path / "cache", uploads_dir=tmp_path / "uploads")
     engine.avatars.add_builtin(TinyAvatar(), "other", "Other").builtin = False  # as an uploaded one

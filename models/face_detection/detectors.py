@@ -54,7 +54,7 @@ class FaceResult:
 
     @property
     def mouth(self) -> np.ndarray | None:
-        """(7, 2) float32 mouth points (realtime.avatar.MOUTH_POINTS order), None without a mesh."""
+        """(7, 2) float32 mouth points (realtime.avatars.avatar.MOUTH_POINTS order), None without a mesh."""
         return None if self.landmarks is None else self.landmarks[list(fm.MOUTH)].copy()
 
 

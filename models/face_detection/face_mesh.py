@@ -24,7 +24,7 @@ EYE_CORNERS = (33, 263)
 # The face outline of the canonical mesh, clockwise from the top of the forehead.
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
              152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
-# Mouth points in the realtime.avatar.MOUTH_POINTS order: left corner (image left), right corner,
+# Mouth points in the realtime.avatars.avatar.MOUTH_POINTS order: left corner (image left), right corner,
 # upper lip top (outer), upper lip bottom (inner), lower lip top (inner), lower lip bottom (outer), chin.
 MOUTH = (61, 291, 0, 13, 14, 17, 152)
 # Lip contours (for masks and the default avatar's mouth work).

@@ -7,10 +7,10 @@ it. While more than one front-end is sending, it may hold a batch for up to `max
 front-end's frames join, but only while the tightest deadline leaves room for a full batch after the
 wait. A request that cannot be made in time even alone is answered at once with no patches: the
 front-end shows the held mouth, and nothing queues up behind it (the same rule as the local worker,
-realtime/scheduler.py).
+realtime/scheduling/scheduler.py).
 
 `plan_batch` is the policy as a pure function of the waiting requests and the time, built from the same
-rules as the local render worker's (realtime/batch_wait.py: `too_late`, `edf_batch`, `waits_for_others`);
+rules as the local render worker's (realtime/scheduling/batch_wait.py: `too_late`, `edf_batch`, `waits_for_others`);
 `EdfBatcher` is the asyncio driver around it.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from realtime.avatar import Avatar
-from realtime.batch_wait import edf_batch, too_late, waits_for_others
-from realtime.render_queue import CostModel
+from realtime.avatars.avatar import Avatar
 from realtime.renderers.base import MouthPatch
+from realtime.scheduling.batch_wait import edf_batch, too_late, waits_for_others
+from realtime.scheduling.render_queue import CostModel
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The front-end side of the render tier: a `MouthRenderer` whose batches run on a shared replica.
 
 The front-end keeps everything else: WebRTC, the session clocks, look-ahead, its own render worker
-(realtime/scheduler.py, which still orders its sessions' jobs by deadline and skips hopeless ones) and
+(realtime/scheduling/scheduler.py, which still orders its sessions' jobs by deadline and skips hopeless ones) and
 compositing. Only the renderer call crosses: `render` sends the batch's mel windows and frame indices
 with the time left until its deadline, and returns the replica's patches.
 
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest
 from realtime.renderers.base import OFFICIAL_WINDOW, AudioNeeds, MouthPatch, MouthRenderer, RendererTraits
 
@@ -60,7 +60,7 @@ class RemoteStats:
 
 class RemoteRenderer(MouthRenderer):
     """A MouthRenderer over a `RenderTierClient`. `wants_deadline`: the render worker passes the time
-    left until the batch's deadline (realtime/scheduler.py), which the replica orders batches by."""
+    left until the batch's deadline (realtime/scheduling/scheduler.py), which the replica orders batches by."""
 
     def __init__(self, client: RenderTierClient, *, sender: str, name: str = "remote", rows_from: int = 0,
                  audio_needs: AudioNeeds = OFFICIAL_WINDOW, timeout_margin_s: float = 0.25,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.render_tier.edf_batcher import EdfBatcher
 from realtime.render_tier.wire import AvatarRef, RenderReply, RenderRequest, avatar_from_wire
 from realtime.renderers.base import MouthPatch, MouthRenderer

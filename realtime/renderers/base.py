@@ -1,7 +1,7 @@
 """The mouth-renderer contract: a batch of (avatar frame, mel window) in, one mouth patch per frame out.
 
-The engine (realtime/session.py, realtime/scheduler.py) only talks to `MouthRenderer`, so the Wav2Lip
-renderer, the no-weights default renderer, the remote render tier and later models plug in without
+The engine (realtime/timeline/session.py, realtime/scheduling/scheduler.py) only talks to `MouthRenderer`,
+so the Wav2Lip renderer, the no-weights default renderer, the remote render tier and later models plug in without
 touching it. What a renderer can do beyond `render` is declared as data (`RendererTraits`) and read, never
 probed: the base class gives every optional hook a default that does nothing.
 
@@ -16,11 +16,11 @@ Contract
   (one avatar per frame), so a worker batches the frames of sessions on different avatars together.
 - `traits.wants_deadline`: the worker calls `render_before(..., deadline_in_s)` (the time left until
   the batch is due) instead of `render`.
-- A patch covers the region `box` of the avatar frame; the compositor (realtime/compositor.py)
+- A patch covers the region `box` of the avatar frame; the compositor (realtime/renderers/compositor.py)
   resizes `image` to the box and blends it with `alpha` (or a default feathered lower-face mask).
 - `traits.audio_needs`: which part of each frame's window the renderer reads. It sets how much future
   audio a frame waits for (the look-ahead, hence the delay of a live stream): the engine sizes its
-  timeline from it (realtime/clock.py). Default: the whole official window.
+  timeline from it (realtime/timeline/clock.py). Default: the whole official window.
 - Hooks with defaults: `prepare_steps` (prepare in slices between batches; default: `prepare` in one
   piece), `warmup_context` (wraps warm-up renders), `release` (drop an avatar's data), `describe`.
 """
@@ -33,8 +33,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from realtime.avatar import Avatar
-from realtime.mel import HOP, MEL_STEP, N_FFT, SAMPLE_RATE
+from realtime.audio.mel import HOP, MEL_STEP, N_FFT, SAMPLE_RATE
+from realtime.avatars.avatar import Avatar
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2) in avatar-frame pixels
 
@@ -59,7 +59,7 @@ class AudioNeeds:
 
     columns: the leading columns it reads (the engine may fill the rest with silence);
     offset_frames: the window of frame i starts at frame i + offset_frames (0: official inference;
-    -1: Wav2Lip's training alignment, see realtime.mel.MelAlignment).
+    -1: Wav2Lip's training alignment, see realtime.audio.mel.MelAlignment).
     """
 
     columns: int = MEL_STEP

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from realtime.avatar import Avatar
-from realtime.mel import MEL_STEP, N_MELS
+from realtime.audio.mel import MEL_STEP, N_MELS
+from realtime.avatars.avatar import Avatar
 from realtime.renderers.base import MouthPatch, MouthRenderer, RendererTraits
 from realtime.renderers.mouth_params import MouthParamsConfig, mouth_params
 from realtime.renderers.mouth_warp import (

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realtime.mel import MelAlignment
+from realtime.audio.mel import MelAlignment
 from realtime.renderers.base import AudioNeeds, MouthRenderer
 
 
@@ -18,7 +18,7 @@ class RendererSpec:
     runtime: str = "auto"
     min_psnr_db: float = 35.0
     paste_mode: str = "feather"      # official: Wav2Lip generates whole patches (rows_from = 0)
-    mel_alignment: str = "official"  # Wav2Lip: where each frame's mel window starts (realtime.mel.MelAlignment)
+    mel_alignment: str = "official"  # Wav2Lip: where each frame's mel window starts (realtime.audio.mel.MelAlignment)
 
     @property
     def kind(self) -> str:

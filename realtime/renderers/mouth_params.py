@@ -45,7 +45,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from realtime.mel import COLUMNS_PER_SECOND, MAX_ABS_VALUE, MEL_STEP, N_MELS, mel_basis
+from realtime.audio.mel import COLUMNS_PER_SECOND, MAX_ABS_VALUE, MEL_STEP, N_MELS, mel_basis
 from realtime.renderers.base import AudioNeeds
 
 PARAMS = ("open", "spread", "round", "close", "bite", "teeth")

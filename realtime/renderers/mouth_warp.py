@@ -27,7 +27,7 @@ import numpy as np
 
 from realtime.renderers.base import MouthPatch
 
-# Indices into the (7, 2) mouth landmarks (realtime.avatar.MOUTH_POINTS order).
+# Indices into the (7, 2) mouth landmarks (realtime.avatars.avatar.MOUTH_POINTS order).
 LEFT, RIGHT, UPPER_TOP, UPPER_BOTTOM, LOWER_TOP, LOWER_BOTTOM, CHIN = range(7)
 
 

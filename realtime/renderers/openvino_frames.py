@@ -19,7 +19,7 @@ import torch
 
 from models import openvino_runtime as ovr
 from models.wav2lip import CachedWav2Lip, Wav2Lip, cache_values, faces_to_input
-from realtime.avatar import Avatar
+from realtime.avatars.avatar import Avatar
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, choose_precision
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ paste shows the whole patch: construct with `rows_from=0` when any session paste
 Sharing: the per-avatar caches are read-only after `prepare`, so one instance serves any number of
 sessions; `render` is meant to be called from the single render-worker thread. `prepare_steps` is
 `prepare` in short slices (crops, the gate, chunks of the face encoder, each bucket's capture and check)
-so that the render worker can run it on its own thread between live batches (realtime/scheduler.py):
+so that the render worker can run it on its own thread between live batches (realtime/scheduling/scheduler.py):
 cuDNN's plans are cached per thread, and a second avatar prepared while serving must not stall the
 running sessions.
 """
@@ -51,8 +51,8 @@ import torch
 from models.cuda_numerics import cudnn_autotune, disable_tf32, strict_fp32, tf32_enabled
 from models.static_batches import StaticBatchRunner
 from models.wav2lip import CachedWav2Lip, FaceCache, Wav2Lip, cache_values, faces_to_input
-from realtime.avatar import Avatar
-from realtime.mel import MelAlignment
+from realtime.audio.mel import MelAlignment
+from realtime.avatars.avatar import Avatar
 from realtime.renderers.base import AudioNeeds, MouthPatch, MouthRenderer, RendererTraits, int_box
 from realtime.renderers.openvino_frames import OpenVinoFrames
 from realtime.renderers.precision_gate import DEFAULT_MIN_PSNR_DB, GateReport, Generate, choose_precision

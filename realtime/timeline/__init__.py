@@ -1,0 +1,1 @@
+"""The session timeline: one media clock, input segments, frame planning, audio and video out."""

@@ -1,0 +1,73 @@
+"""Which NACKed video packets the server resends, and when it sends a keyframe instead.
+
+aiortc's `RTCRtpSender._retransmit` resends any NACKed packet still in its 128-packet history, however
+old, over RTX when negotiated. After a drop-out of a few seconds the receiver NACKs everything it missed
+that is still in that history: the server resent seconds-old frames and the receiver decoded and showed
+them in a burst (measured through bench/netimpair.py: 75 stale frames within 50 ms after a 3 s outage of
+the small test avatar), or, when the missing packets were no longer in the history, it got nothing and
+stayed frozen until its own buffer overflowed (aiortc: 512 packets) or it asked for a keyframe.
+
+For a live avatar a frame older than `NACK_MAX_AGE_S` is worth nothing: a keyframe repairs the picture
+in one frame. So `apply(sender)` wraps the sender's `_retransmit`:
+- a NACKed packet sent less than `NACK_MAX_AGE_S` ago (by its RTP timestamp against the newest one
+  sent: the media clock is the wall clock here) is resent as aiortc does;
+- one that is older or gone from the history is not: the next frame becomes a keyframe instead (through
+  the encoder's rate limit, server/media/encoders.py), and every NACKed packet up to that moment is skipped,
+  since the keyframe supersedes them.
+
+It replaces one method on one sender instance (aiortc's private `_retransmit`, its history and last RTP
+timestamp; aiortc < 2, guarded by tests/test_network.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiortc import RTCRtpSender
+from aiortc.rtp import RTP_HISTORY_SIZE
+
+log = logging.getLogger(__name__)
+
+NACK_MAX_AGE_S = 0.5
+VIDEO_CLOCK_RATE = 90000
+
+
+@dataclass
+class NackStats:
+    resent: int = 0
+    refused: int = 0      # too old or gone: a keyframe was asked for instead
+    superseded: int = 0   # older than a keyframe already asked for
+
+
+def _age(latest: int, timestamp: int) -> float:
+    return ((latest - timestamp) & 0xFFFFFFFF) / VIDEO_CLOCK_RATE
+
+
+def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
+    """Give a video sender the policy above; returns its counters."""
+    stats = NackStats()
+    resend = sender._retransmit
+    superseded_until: list[int | None] = [None]  # RTP timestamp of the last packet sent before a keyframe ask
+
+    async def retransmit(sequence_number: int) -> None:
+        history: dict = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
+        latest: int = sender._RTCRtpSender__rtp_timestamp  # type: ignore[attr-defined]
+        packet = history.get(sequence_number % RTP_HISTORY_SIZE)
+        if packet is not None and packet.sequence_number == sequence_number:
+            until = superseded_until[0]
+            if until is not None and _age(until, packet.timestamp) < 2 ** 31 / VIDEO_CLOCK_RATE:
+                stats.superseded += 1
+                return
+            if _age(latest, packet.timestamp) <= max_age_s:
+                stats.resent += 1
+                await resend(sequence_number)
+                return
+        stats.refused += 1
+        superseded_until[0] = latest
+        sender._send_keyframe()
+
+    sender._retransmit = retransmit  # type: ignore[method-assign]
+    return stats
+
+
+__all__ = ["NACK_MAX_AGE_S", "NackStats", "apply"]

@@ -1,0 +1,1 @@
+"""Deployable WebRTC: ICE servers, screening of offered candidates, UDP port ranges."""

@@ -1,0 +1,1 @@
+"""Operations: metrics, logs, loop and heap health, session totals, the worker processes."""
