@@ -11,7 +11,10 @@ send (bench/encode_path.py `sessions_with_encode`, one trial of N sessions). For
 sessions, P child processes start together (`--start-at`: every child waits for the same wall-clock
 instant after loading, so their trials overlap exactly) with the N sessions split as evenly as can be;
 the step passes when every child's trial passes (every session: <= 2 % of video ticks missed or late,
-<= 2 % of speech frames dropped, latency p95 within budget). N steps up from P until the first failure.
+<= 2 % of them not received as whole frames by the trial's client, <= 2 % of speech frames dropped, latency
+p95 within budget). Each trial's client (bench/rtp_counter.py) is a process of its own that counts video
+frames from the RTP headers and decodes nothing: `client_cores` in each trial's cpu, next to the server's
+`cores_used`. N steps up from P until the first failure.
 
 Wav2Lip: random weights of realistic cost (bench.common.realistic_random_wav2lip, not the released
 checkpoints), the server's CPU default (OpenVINO, precision by the start-up gate, rows 36..95).
@@ -61,7 +64,7 @@ def split(n: int, parts: int) -> list[int]:
 # -- one child: one front-end process, one trial ----------------------------------------------------------
 
 
-def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) -> int:
+def child(renderer_name: str, sessions: int, start_at: float, trial_s: float, microphone: bool = True) -> int:
     from bench.common import TEXT, make_speech
     from bench.encode_path import sessions_with_encode
     from realtime.avatars.default_avatar import load_default_avatar
@@ -87,7 +90,8 @@ def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) ->
     if sessions == 0:
         print(json.dumps({"ok": True, "sessions": 0}), flush=True)
         return 0
-    _, trials = sessions_with_encode(renderer, avatar, wav, rate, sessions, "VP8", steps=(sessions,))
+    _, trials = sessions_with_encode(renderer, avatar, wav, rate, sessions, "VP8", steps=(sessions,),
+                                     microphone=microphone)
     res = trials[-1]
     print(json.dumps({"ok": bool(res["ok"]), "sessions": sessions, "cpu": res["cpu"],
                       "worst": res.get("worst"), "loadavg": os.getloadavg()}), flush=True)
@@ -97,18 +101,27 @@ def child(renderer_name: str, sessions: int, start_at: float, trial_s: float) ->
 # -- the parent -----------------------------------------------------------------------------------------
 
 
-def step(renderer: str, processes: int, n: int, trial_s: float) -> dict:
+def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "mic") -> dict:
     """N sessions over P processes, all trials at once."""
     start_at = time.time() + LOAD_S[renderer]
     counts = split(n, processes)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # no thread-count override: each child runs the renderer with the server's own threads (Wav2Lip's
+    # OpenVINO path: torch.get_num_threads(), as `lipsync serve` and each of its --workers does)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "--renderer", renderer, "--sessions", str(k),
-                               "--start-at", repr(start_at), "--trial-s", str(trial_s)],
+                               "--start-at", repr(start_at), "--trial-s", str(trial_s), "--input", speech],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
              for k in counts]
     results: list[dict] = []
+    deadline = time.monotonic() + LOAD_S[renderer] + trial_s * 4 + 120
     for proc in procs:
-        out, _ = proc.communicate(timeout=LOAD_S[renderer] + trial_s * 4 + 120)
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # a child that never finished (a loaded machine): a failed step
+            proc.kill()
+            proc.communicate()
+            results.append({"ok": False, "error": "timed out"})
+            continue
         lines = [line for line in out.splitlines() if line.startswith("{")]
         results.append(json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {proc.returncode}"})
     ok = all(r.get("ok") for r in results)
@@ -119,18 +132,19 @@ def step(renderer: str, processes: int, n: int, trial_s: float) -> dict:
             "cores_used": round(cores_used, 2), "children": results}
 
 
-def search(renderer: str, processes: int, max_n: int, trial_s: float, runs: list[dict]) -> tuple[int, dict | None]:
+def search(renderer: str, processes: int, max_n: int, trial_s: float, runs: list[dict],
+           speech: str = "mic") -> tuple[int, dict | None]:
     """The largest N (from P up) that passed before the first failure, and its run."""
     best, best_run = 0, None
     for n in range(processes, max_n + 1):
-        run = step(renderer, processes, n, trial_s)
+        run = step(renderer, processes, n, trial_s, speech)
         runs.append(run)
         if not run["ok"]:
             break
         best, best_run = n, run
     if best == 0 and processes > 1:  # even one each failed: try fewer sessions than processes
         for n in range(processes - 1, 0, -1):
-            run = step(renderer, processes, n, trial_s)
+            run = step(renderer, processes, n, trial_s, speech)
             runs.append(run)
             if run["ok"]:
                 return n, run
@@ -187,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default=None, help="process counts, e.g. 1,2 (default: 1 .. cores)")
     parser.add_argument("--renderers", default="default,wav2lip")
     parser.add_argument("--trial-s", type=float, default=4.0)
+    parser.add_argument("--input", choices=["mic", "push"], default="mic",
+                        help="mic: each session's speech arrives as a browser's Opus packets, decoded as the server "
+                             "decodes a microphone (default); push: PCM pushed at the clip's rate (a TTS)")
     parser.add_argument("--max-sessions", type=int, default=12)
     parser.add_argument("--max-wav2lip-sessions", type=int, default=4)
     parser.add_argument("--gpu-json", type=Path, default=None, help="bench/gpu_check.py or bench/sessions.py JSON")
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.child:
         logging.getLogger().setLevel(logging.WARNING)
-        return child(args.renderer, args.sessions, args.start_at, args.trial_s)
+        return child(args.renderer, args.sessions, args.start_at, args.trial_s, args.input == "mic")
 
     cores = len(os.sched_getaffinity(0))
     counts = [int(p) for p in (args.processes or ",".join(str(i) for i in range(1, cores + 1))).split(",")]
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     for renderer in renderers:
         limit = args.max_sessions if renderer == "default" else args.max_wav2lip_sessions
         for p in counts:
-            n, run = search(renderer, p, limit, args.trial_s, runs)
+            n, run = search(renderer, p, limit, args.trial_s, runs, args.input)
             by_processes[renderer][str(p)] = n
             if p == 1:  # the CPU split: the largest passing 1-process run, else its first try (CPU per frame
                 # is measured whether or not the trial kept 25 fps)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fractions
+import json
 import logging
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import av
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,8 +41,10 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 from realtime.config import EngineConfig
 from realtime.renderers import compositor
 from realtime.timeline.session_options import SessionOptions
-from server.media import encoders, tracks
-from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack
+from server.media import encoders, opus_fec, tracks
+from server.media.media_executor import MediaExecutor, limit_native_threads
+from server.media.opus_fec import FecOpusDecoder, MicrophoneFrame
+from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, frame_to_pcm
 from server.realtime_engine import RealtimeEngine
 
 log = logging.getLogger("bench.encoded_sessions")
@@ -213,7 +219,7 @@ class TimedAudioEncoder:
 class RtpOut:
     """What RTCRtpSender._run_rtp does on the loop with each encoded frame: one RtpPacket per payload
     (mid, abs-send-time, and the audio level for audio), serialised, SRTP-protected (aiortc's first
-    profile, a random key) and sent as a UDP datagram (to a local socket nobody reads)."""
+    profile, a random key) and sent as a UDP datagram (to the trial's client, bench/rtp_counter.py)."""
 
     def __init__(self, kind: str, payload_type: int, sink: socket.socket, address: tuple) -> None:
         self.extensions = rtp.HeaderExtensionsMap()
@@ -245,6 +251,37 @@ class RtpOut:
             except BlockingIOError:  # the reader's buffer is full: a real network would drop too
                 pass
             self.sequence = (self.sequence + 1) % (1 << 16)
+
+
+VIDEO_PT = 97
+AUDIO_PT = 111
+
+
+class RtpCounter:
+    """The bench's client, bench/rtp_counter.py, in a process of its own: `address` to send to; `result()`
+    stops it and returns what it received (video frames per SSRC, its CPU)."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("rtp_counter.py")),
+                                       str(VIDEO_PT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self.address = ("127.0.0.1", int(self._proc.stdout.readline()))
+        self._result: dict | None = None
+
+    def result(self) -> dict:
+        if self._result is None:
+            out, _ = self._proc.communicate("stop\n", timeout=30)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            self._result = json.loads(lines[-1]) if lines else {"streams": {}, "cpu_s": 0.0}
+        return self._result
+
+    def __enter__(self) -> RtpCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
 
 # -- one session ------------------------------------------------------------------------------------
@@ -307,6 +344,55 @@ async def push_loop(source: TimedSource, wav: np.ndarray, rate: int, clock: Medi
         source.push_audio(wav[start:start + chunk], rate)
 
 
+OPUS_RATE = 48000
+OPUS_FRAME = 960   # 20 ms at 48 kHz
+
+
+def browser_opus(wav: np.ndarray, rate: int) -> list[tuple[bytes, int]]:
+    """The speech as a browser's microphone sends it: Opus 20 ms packets from 48 kHz stereo (32 kb/s,
+    voip, in-band FEC on), as (payload, 48 kHz RTP timestamp). Made once before a trial: the client's
+    encode is not the server's cost."""
+    codec = av.CodecContext.create("libopus", "w")
+    assert isinstance(codec, av.AudioCodecContext)
+    codec.bit_rate, codec.format, codec.layout = 32000, "s16", "stereo"
+    codec.sample_rate, codec.time_base = OPUS_RATE, fractions.Fraction(1, OPUS_RATE)
+    codec.options = {"application": "voip", "fec": "1", "packet_loss": "5"}
+    x = np.interp(np.arange(int(len(wav) * OPUS_RATE / rate)) * rate / OPUS_RATE, np.arange(len(wav)), wav)
+    pcm = np.clip(x * 32767, -32768, 32767).astype(np.int16)
+    packets: list[tuple[bytes, int]] = []
+    first: int | None = None
+    for i in range(0, len(pcm) - OPUS_FRAME + 1, OPUS_FRAME):
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[i:i + OPUS_FRAME], 2).reshape(1, -1), format="s16",
+                                           layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = OPUS_RATE, i, fractions.Fraction(1, OPUS_RATE)
+        for p in codec.encode(frame):
+            assert p.pts is not None
+            first = p.pts if first is None else first
+            packets.append((bytes(p), int(p.pts - first)))
+    return packets
+
+
+async def microphone_loop(source: TimedSource, packets: list[tuple[bytes, int]], clock: MediaClock,
+                          stages: StageClock, baseline: bool) -> None:
+    """The speech as the server receives a microphone: each Opus packet in real time, decoded by the
+    decoder the server installs for its receivers (server.media.opus_fec.get_decoder, fed the MicrophoneFrames its
+    receive buffer makes: 16 kHz mono; the baseline: 48 kHz stereo as before), then server.media.tracks'
+    frame_to_pcm and the session's push_audio, as pump_microphone and AudioInput do. The server decodes
+    in aiortc's decoder thread; here it runs on the loop, timed apart (`mic_decode`)."""
+    decoder = FecOpusDecoder() if baseline else opus_fec.get_decoder(codec_parameters("opus"))
+    await clock.wait_started()
+    t0 = clock.origin()
+    for c, (data, timestamp) in enumerate(packets):
+        delay = t0 + 0.02 * c - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        with stages.stage("mic_decode"):
+            frames = decoder.decode(MicrophoneFrame(data=data, timestamp=timestamp))
+            pcm = [frame_to_pcm(frame) for frame in frames if isinstance(frame, av.AudioFrame)]
+        for samples, rate, channels in pcm:
+            source.push_audio(samples, rate, channels)
+
+
 def encoder_factory(baseline: bool):
     """What an RTCRtpSender calls to make its encoder: the server's (server.media.encoders, installed by
     create_app), or aiortc's own settings for the baseline."""
@@ -322,6 +408,19 @@ def bgr24_frame(image: np.ndarray) -> av.VideoFrame:
 
 
 @contextmanager
+def server_threads(baseline: bool) -> Iterator[None]:
+    """OpenCV's thread count as the server sets it (server.media.media_executor.limit_native_threads, from
+    create_app), OpenCV's default for the baseline; restored after."""
+    before = cv2.getNumThreads()
+    if not baseline:
+        limit_native_threads()
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+@contextmanager
 def baseline_frames(enabled: bool) -> Iterator[None]:
     original = tracks.video_frame
     if enabled:
@@ -334,7 +433,7 @@ def baseline_frames(enabled: bool) -> Iterator[None]:
 
 async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: np.ndarray, rate: int,
                       seconds: float, stages: StageClock, baseline: bool, sink: socket.socket,
-                      address: tuple) -> dict:
+                      address: tuple, mic: list[tuple[bytes, int]] | None = None) -> dict:
     await asyncio.sleep(i / (n * engine.fps))  # independent peers: arbitrary phases
     session = engine.open_session(SessionOptions(), name=f"s{i}")
     source = TimedSource(session, stages)
@@ -346,13 +445,14 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
     aenc = TimedAudioEncoder(get_encoder(codec_parameters("opus")), stages)
     stop_at = clock.origin() + seconds
     vlog = VideoLog(ticks=int(np.ceil(seconds * engine.fps - 1e-9)))
+    video_out = RtpOut("video", VIDEO_PT, sink, address)
     try:
         await asyncio.gather(
-            send_loop(video_track, source, venc, RtpOut("video", 97, sink, address), stop_at, clock,
-                      engine.fps, vlog, stages),
-            send_loop(audio_track, source, aenc, RtpOut("audio", 111, sink, address), stop_at, clock,
+            send_loop(video_track, source, venc, video_out, stop_at, clock, engine.fps, vlog, stages),
+            send_loop(audio_track, source, aenc, RtpOut("audio", AUDIO_PT, sink, address), stop_at, clock,
                       engine.fps, None, stages),
-            push_loop(source, wav, rate, clock))
+            push_loop(source, wav, rate, clock) if mic is None
+            else microphone_loop(source, mic, clock, stages, baseline))
         metrics = asdict(session.metrics())  # plain data: the results are printed as JSON
     finally:
         video_track.stop()
@@ -361,7 +461,7 @@ async def run_session(engine: RealtimeEngine, i: int, n: int, codec: str, wav: n
     lat = np.asarray(vlog.lateness_ms) if vlog.lateness_ms else np.zeros(1)
     missed = max(0, vlog.ticks - vlog.encoded)
     return {"metrics": metrics, "ticks": vlog.ticks, "encoded": vlog.encoded, "late": vlog.late,
-            "missed": missed, "skipped": video_track.stats.skipped,
+            "missed": missed, "skipped": video_track.stats.skipped, "video_ssrc": video_out.ssrc,
             "encode_lateness_p95_ms": round(float(np.percentile(lat, 95)), 1),
             "encode_lateness_max_ms": round(float(lat.max()), 1)}
 
@@ -384,6 +484,7 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
     rtp_send = c.get("rtp_send", 0.0)
     video_call, colour = c.get("video_encode_call", 0.0), c.get("colour_conversion", 0.0)
     audio_call = c.get("audio_encode_call", 0.0)
+    mic_decode = c.get("mic_decode", 0.0)  # 0 when the speech is pushed as PCM
     # Threads Python did not start: the encoders' own threads and OpenCV's pool (the renderer's,
     # the compositor's and the track's cv2 calls spread onto it). They carry no names to split them by.
     native = max(0.0, process_cpu - loop_cpu - render_cpu - executor_cpu)
@@ -397,9 +498,10 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
         "video_encode": video_call,         # the encoder's call on the executor thread
         "audio": audio_build + audio_call,  # AudioFrame, audio level, Opus encode
         "rtp_send": rtp_send,               # RTP packets, SRTP, UDP send (video and audio)
+        "mic_decode": mic_decode,           # the microphone's Opus decode and frame -> PCM (microphone input)
         "native_threads": native,
         "loop_overhead": max(0.0, loop_cpu - engine_in - engine_out - composite - frame_build - audio_build
-                             - rtp_send),
+                             - rtp_send - mic_decode),
         "executor_overhead": max(0.0, executor_cpu - video_call - colour - audio_call),
     }
     summary = {  # the issue's split
@@ -409,6 +511,7 @@ def _cpu_split(stages: StageClock, threads_before: dict[int, float], roles: dict
         "encode": video_call + audio_call,
         "native_threads": native,
         "rtp_send": rtp_send,
+        "mic_decode": mic_decode,
         "other": cpu["loop_overhead"] + cpu["executor_overhead"] + audio_build,
     }
 
@@ -434,47 +537,60 @@ def machine_busy() -> float:
 
 
 async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int,
-                       seconds: float, baseline: bool) -> dict:
+                       seconds: float, baseline: bool, mic: list[tuple[bytes, int]] | None = None) -> dict:
     loop = asyncio.get_running_loop()
-    # aiortc encodes in the loop's default executor; the server leaves it at Python's default size.
-    executor = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
-                                  thread_name_prefix=EXECUTOR_PREFIX)
+    # aiortc encodes in the loop's default executor: the server's MediaExecutor (runner.py,
+    # start_default_executor: one encoder thread per core the loop leaves, audio first); the baseline
+    # Python's default pool.
+    executor = (ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix=EXECUTOR_PREFIX)
+                if baseline else MediaExecutor(name=EXECUTOR_PREFIX))
     loop.set_default_executor(executor)
     stages = StageClock()
     roles = python_threads()
     before = {t: thread_cpu(t) for ids in roles.values() for t in ids}
+    # datagrams go to the client (bench/rtp_counter.py, a process of its own): it counts whole video frames
+    # by marker bit and decodes nothing
+    counter = RtpCounter()
     busy0 = machine_busy()
     p0, w0 = time.process_time(), time.monotonic()
-    # datagrams go to a local socket that is never read (the kernel drops them once its buffer is full)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reader, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
-            timed_paste(stages), timed_track_wakeups(), baseline_frames(baseline):
-        reader.bind(("127.0.0.1", 0))
+    with counter, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
+            timed_paste(stages), timed_track_wakeups(), baseline_frames(baseline), server_threads(baseline):
         sink.setblocking(False)
         results = await asyncio.gather(*[
-            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, reader.getsockname())
+            run_session(engine, i, n, codec, wav, rate, seconds, stages, baseline, sink, counter.address, mic)
             for i in range(n)])
-    wall = time.monotonic() - w0
-    process_cpu = time.process_time() - p0
-    busy1 = machine_busy()
+        wall = time.monotonic() - w0
+        process_cpu = time.process_time() - p0
+        busy1 = machine_busy()
+        received = counter.result()
+    for r in results:
+        stream = received["streams"].get(str(r["video_ssrc"]), {})
+        frames, first, last = stream.get("frames", 0), stream.get("first_s"), stream.get("last_s")
+        r["received"] = frames
+        r["received_fps"] = (round((frames - 1) / (last - first), 2)
+                             if frames > 1 and first is not None and last is not None and last > first else 0.0)
+        r["received_max_gap_ms"] = stream.get("max_gap_ms")
     roles = python_threads()  # executor threads started during the trial
     frames = sum(r["encoded"] for r in results)
     split = _cpu_split(stages, before, roles, process_cpu, frames, wall)
-    split["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - process_cpu) / max(wall, 1e-9), 2)
+    client_cpu = float(received.get("cpu_s", 0.0))
+    split["client_cores"] = round(client_cpu / max(wall, 1e-9), 3)
+    split["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - process_cpu - client_cpu) / max(wall, 1e-9), 2)
     executor.shutdown(wait=True)
     return {"results": results, "cpu": split, "wall_s": round(wall, 2)}
 
 
 def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int,
-          baseline: bool = False) -> dict:
+          baseline: bool = False, mic: list[tuple[bytes, int]] | None = None) -> dict:
     """N sessions for the speech clip plus 0.6 s (as bench/sessions.py), judged per session."""
     seconds = len(wav) / rate + 0.6
     load_before = os.getloadavg()[0]
-    out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline))
-    worst: dict[str, Any] = {"missed_or_late": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
+    out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline, mic))
+    worst: dict[str, Any] = {"missed_or_late": 0.0, "not_received": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
     ok = True
     budget = float("inf")
-    totals = {"ticks": 0, "encoded": 0, "late": 0, "missed": 0, "skipped": 0, "speech_frames": 0, "drops": 0}
+    totals = {"ticks": 0, "encoded": 0, "late": 0, "missed": 0, "skipped": 0, "received": 0, "speech_frames": 0,
+              "drops": 0}
     for r in out["results"]:
         m = r["metrics"]
         speech = m["frames_rendered"] + m["frames_dropped"]
@@ -482,12 +598,14 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
         p95 = m["latency_ms"]["p95"] or 0.0
         budget = min(budget, m["latency_budget_ms"])
         bad_ticks = (r["missed"] + r["late"]) / max(r["ticks"], 1)
-        ok &= (bad_ticks <= MAX_MISSED and speech > 0 and drops <= MAX_DROPPED * speech
-               and p95 <= m["latency_budget_ms"] + 500.0 / m["fps"])
+        not_received = max(0, r["ticks"] - r["received"]) / max(r["ticks"], 1)  # whole frames at the client
+        ok &= (bad_ticks <= MAX_MISSED and not_received <= MAX_MISSED and speech > 0
+               and drops <= MAX_DROPPED * speech and p95 <= m["latency_budget_ms"] + 500.0 / m["fps"])
         worst["missed_or_late"] = max(worst["missed_or_late"], bad_ticks)
+        worst["not_received"] = max(worst["not_received"], not_received)
         worst["drop_rate"] = max(worst["drop_rate"], drops / max(speech, 1))
         worst["latency_p95_ms"] = max(worst["latency_p95_ms"], p95)
-        for key in ("ticks", "encoded", "late", "missed", "skipped"):
+        for key in ("ticks", "encoded", "late", "missed", "skipped", "received"):
             totals[key] += r[key]
         totals["speech_frames"] += speech
         totals["drops"] += drops
@@ -496,26 +614,31 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
             "latency_budget_ms": round(budget, 1),
             "encode_lateness_p95_ms": max(r["encode_lateness_p95_ms"] for r in out["results"]),
             "encode_lateness_max_ms": max(r["encode_lateness_max_ms"] for r in out["results"]),
+            "received_fps_min": min(r["received_fps"] for r in out["results"]),
+            "received_max_gap_ms": max(r["received_max_gap_ms"] or 0.0 for r in out["results"]),
             "cpu": out["cpu"], "wall_s": out["wall_s"],
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def sessions_with_encode(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, max_n: int,
                          codec: str = "VP8", config: EngineConfig | None = None,
-                         steps: tuple[int, ...] = STEPS, baseline: bool = False) -> tuple[int, list[dict]]:
+                         steps: tuple[int, ...] = STEPS, baseline: bool = False,
+                         microphone: bool = False) -> tuple[int, list[dict]]:
     """Largest N (of `steps`, up to `max_n`) whose trial passed before the first failure, and the trials.
 
     `renderer` and `avatar` are shared by every session, as in the server (one RealtimeEngine);
     `config` defaults to the server's for that renderer. `wav` (float32 mono at `rate`) is each
     session's speech; a trial lasts its length plus 0.6 s. `baseline` measures the server as it was
-    before its encode path was tuned: bgr24 frames and aiortc's default encoder settings.
+    before its encode path was tuned: bgr24 frames and aiortc's default encoder settings. `microphone`: the
+    speech arrives as a browser's Opus packets decoded the server's way (`microphone_loop`), not as PCM.
     """
+    mic = browser_opus(wav, rate) if microphone else None
     engine = RealtimeEngine(avatar, renderer, config or server_config(renderer))
     trials: list[dict] = []
     best = 0
     try:
         for n in [n for n in steps if n <= max_n]:
-            res = trial(engine, codec, wav, rate, n, baseline)
+            res = trial(engine, codec, wav, rate, n, baseline, mic)
             trials.append(res)
             log.info("%s x%d: %s", codec, n, _summary(res))
             if not res["ok"]:

@@ -1,6 +1,6 @@
 """Live sessions at 25 fps with everything the server does per frame, video and audio encode included.
 
-    python bench/encoded_sessions.py [--codec VP8|H264|VP8,H264] [--trial-s 4] [--max-sessions 16]
+    python bench/encoded_sessions.py [--codec VP8|H264|VP8,H264] [--trial-s 4] [--max-sessions 16] [--input mic]
                                      [--sessions N] [--repeat R] [--baseline no|yes|interleave]
 
 From another bench: `sessions_with_encode(renderer, avatar, wav, rate, max_n, codec="VP8")
@@ -17,23 +17,30 @@ does, on one asyncio loop:
   1.16): `await track.recv()`, then `loop.run_in_executor(None, encoder.encode, frame, False)` with the
   encoder the sender would create (`aiortc.rtcrtpsender.get_encoder` once `server.media.encoders.install()`
   has run, as `create_app` does: aiortc's Vp8Encoder / H264Encoder with real-time settings, aiortc's
-  OpusEncoder), one encode in flight per track; the loop's default executor is a ThreadPoolExecutor of
-  Python's default size (min(32, cores + 4)), as in the server; audio frames also get the sender's
-  audio-level computation;
-- speech is pushed in 20 ms chunks in real time (a live microphone or a TTS stream).
+  OpusEncoder), one encode in flight per track; the loop's default executor is the server's
+  `MediaExecutor` (server/media/media_executor.py: one encoder thread per core the loop leaves, audio first;
+  the baseline: Python's default pool), and OpenCV's thread count is the server's
+  (`limit_native_threads`); audio frames also get the sender's audio-level computation;
+- speech is pushed in 20 ms chunks in real time (a TTS stream), or with `--input mic` arrives as a
+  browser's Opus microphone packets (made before the trial), each decoded in real time by the decoder the
+  server installs for its microphone (server/media/opus_fec.py: 16 kHz mono; the baseline 48 kHz stereo) and
+  pushed as pump_microphone does (stage `mic_decode`; the server decodes in aiortc's decoder thread).
 
 - each encoded frame leaves as aiortc's sender sends it: RTP packets with its header extensions,
-  SRTP-protected, one UDP datagram each (to a local socket nobody reads).
+  SRTP-protected, one UDP datagram each, to the trial's client: bench/rtp_counter.py, a process of its
+  own that counts whole video frames per session from the RTP headers (marker bit, sequence numbers) and
+  decodes nothing (its CPU: `client_cores`).
 
 Sessions start staggered by 1/(N fps) (independent peers connect at arbitrary phases). Not included:
-RTCP, ICE/DTLS/SCTP housekeeping, the Opus decode of a microphone. `--baseline yes` measures the server as it was
+RTCP, ICE/DTLS/SCTP housekeeping, the microphone's RTP/SRTP receive. `--baseline yes` measures the server as it was
 before its encode path was tuned (bgr24 frames, aiortc's default encoder settings); `interleave` alternates both, so an
 A/B sees the same machine load. Other processes' CPU use during each trial is reported
 (`other_processes_cores`, from /proc/stat): the machine may be shared.
 
 A trial passes when, for every session: at most 2% of its video ticks were missed (never encoded, or
 skipped by the track) or encoded late (encode finished more than one frame period after the tick),
-the engine dropped at most 2% of speech frames, and latency p95 <= the session's latency budget plus
+at most 2% of its ticks did not reach the client as whole frames (`received`, `received_fps_min` from
+their arrival), the engine dropped at most 2% of speech frames, and latency p95 <= the session's latency budget plus
 half a frame (the rule of bench/sessions.py). N steps 1, 2, 4, 6, 8, 10, 12, 16, .. up to --max-sessions;
 the count reported is the largest N that passed before the first failure.
 
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--sessions", type=int, default=None, help="run only this N (with --repeat)")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--input", choices=["push", "mic"], default="push",
+                        help="push: PCM at the clip's rate (a TTS); mic: a browser's Opus packets, decoded as the "
+                             "server decodes its microphone")
     parser.add_argument("--baseline", choices=["no", "yes", "interleave"], default="no",
                         help="yes: bgr24 frames and aiortc's default encoders (the server before tuning); "
                              "interleave: alternate baseline and current trials (A/B on a noisy machine)")
@@ -107,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                 entry = out[label_of(codec, baseline)]
                 if args.sessions is not None:
                     trials = sessions_with_encode(DefaultRenderer(), avatar, wav, rate, args.sessions, codec,
-                                                  steps=(args.sessions,), baseline=baseline)[1]
+                                                  steps=(args.sessions,), baseline=baseline,
+                                                  microphone=args.input == "mic")[1]
                     n = args.sessions if trials and trials[-1]["ok"] else 0
                 else:
                     n, trials = sessions_with_encode(DefaultRenderer(), avatar, wav, rate, args.max_sessions,
-                                                     codec, baseline=baseline)
+                                                     codec, baseline=baseline, microphone=args.input == "mic")
                 entry["counts"].append(n)
                 entry["trials"] += trials
     for label, entry in out.items():

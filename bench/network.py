@@ -32,9 +32,15 @@ Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the
 microphone faked from a wav of the clip and silence, looped by Chromium) through the same relay: a
 Playwright route on POST /offer rewrites both SDPs. From `getStats()` deltas over the window: fps
 (framesDecoded), freeze_ms_total (totalFreezesDuration), concealed_pct (concealedSamples /
-totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt; longest_freeze_ms, lip_lead_ms,
-mic_to_audio_ms and latency_delta_ms are null (the page gives no per-freeze durations, and the returned
-audio is not captured).
+totalSamplesReceived), jitter_buffer_ms, the selected candidate pair's rtt. From recorders in the page
+(`RECORD_JS`): longest_freeze_ms from the presented frames (requestVideoFrameCallback presentation
+times), mic_to_audio_ms from the microphone and the returned audio on one AudioContext clock (an
+AudioWorklet), lip_lead_ms from that returned onset (mapped to performance time) and the first presented
+frame whose mouth box leaves its idle shapes; latency_delta_ms against Chromium's clean figure
+(docs/network.md "The bench" says what each includes).
+link600k (both clients) adds send_kbps_per_s, send_fits_after_s (from when every later 2 s average fits
+the link), video_width (full, min, last) and climb_back_s (after the window the link is widened: seconds
+until full-size frames arrive again).
 
 The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "chromium": null}},
 "loadavg": ..., "seconds": ...}; "chromium" is null when it was not run.
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
+import itertools
 import json
 import logging
 import os
@@ -52,7 +59,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import av
@@ -144,6 +151,7 @@ class SpeakingMicrophone(MediaStreamTrack):
 class Received:
     video: list[tuple[float, np.ndarray]] = field(default_factory=list)     # (arrival, mouth crop)
     audio: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (arrival, pts 48k, mono)
+    widths: list[tuple[float, int]] = field(default_factory=list)              # (arrival, frame width)
 
 
 decoders: list[opus_fec.FecOpusDecoder] = []
@@ -162,6 +170,7 @@ class Client:
         self.server, self.http, self.relay, self.box = server, http, relay, box
         self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.received = Received()
+        self.full_size: tuple[int, int] | None = None
         self.session_id = ""
         self.token = ""
         self._tasks: list[asyncio.Task] = []
@@ -176,6 +185,11 @@ class Client:
                 return
             now = time.monotonic()
             if track.kind == "video":
+                self.received.widths.append((now, frame.width))
+                if self.full_size is None:   # the first frames are the avatar's own size
+                    self.full_size = (frame.width, frame.height)
+                if (frame.width, frame.height) != self.full_size:   # a thin link's smaller step
+                    frame = frame.reformat(width=self.full_size[0], height=self.full_size[1])
                 gray = frame.to_ndarray(format="gray")
                 self.received.video.append((now, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
             else:
@@ -189,10 +203,18 @@ class Client:
         audio_jitter.install(self.pc)
 
         async def post(sdp: str) -> str:
-            async with self.http.post(self.server.endpoint("/offer"), json={"sdp": sdp, "type": "offer"}) as resp:
-                answer = await resp.json()
-                if resp.status != 200:
+            deadline = time.monotonic() + ADMISSION_WAIT_S
+            while True:
+                async with self.http.post(self.server.endpoint("/offer"),
+                                          json={"sdp": sdp, "type": "offer"}) as resp:
+                    answer = await resp.json()
+                    status = resp.status
+                if status == 503 and time.monotonic() < deadline:   # see ADMISSION_WAIT_S
+                    await asyncio.sleep(float(answer.get("retry_after_s") or 1))
+                    continue
+                if status != 200:
                     raise SystemExit(f"bench/network.py: offer refused: {answer}")
+                break
             self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
             return str(answer["sdp"])
 
@@ -344,6 +366,19 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
                 result["frames_first_s"] = len([a for a in after if a < outage_end + 1.0])
             result["relay"] = {d: {"dropped": relay.links[d].stats.dropped,
                                    "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
+            if name == "link600k":
+                first_video = client.received.video[0][0]
+                result.update(send_fit(sent, first_video, t1, LINK_KBPS))
+                widths = [w for a, w in client.received.widths if t0 <= a < t1]
+                result["video_width"] = {"full": client.full_size[0] if client.full_size else None,
+                                         "min": min(widths) if widths else None,
+                                         "last": widths[-1] if widths else None}
+
+                async def widths_since(since: float) -> list[int]:
+                    return [w for a, w in client.received.widths if a >= since]
+
+                result["climb_back_s"] = await climb_back(
+                    relay, widths_since, client.full_size[0] if client.full_size else 0)
         finally:
             sampler.cancel()
             await client.close()
@@ -351,6 +386,50 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
     if result.get("send_kbps") is not None:
         result["send_kbps"] = round(result["send_kbps"], 1)
     return result
+
+
+ADMISSION_WAIT_S = 60.0
+"""How long an offer answered 503 is retried (after its retry_after_s): the server's admission control
+freezes new sessions for 10 s after late video ticks (server/access/capacity.py), which a loaded machine gives;
+the bench measures one session at a time, not admission."""
+
+LINK_KBPS = 600.0
+CLIMB_S = 25.0
+
+
+def send_fit(history: list[tuple[float, int]], start: float, t1: float, link_kbps: float) -> dict[str, Any]:
+    """link600k: what the server offered the link, a second at a time from the first video frame, and the
+    first second from which every later 2 s average fits the link (the target: within 5 s)."""
+    per_s: list[float | None] = []   # None: fewer than two samples in that second (a late sampler)
+    t = start
+    while t + 1.0 <= t1:
+        rate = kbps_over([h for h in history if t <= h[0] <= t + 1.0 + 1e-3], t + 1.0, 1.0 + 1e-3)
+        per_s.append(None if rate is None else round(rate, 1))
+        t += 1.0
+    fits = None
+    for i in range(len(per_s)):
+        later = per_s[i:]
+        pairs = [(a + b) / 2 for a, b in itertools.pairwise(later) if a is not None and b is not None]
+        if pairs and all(p <= link_kbps for p in pairs):
+            fits = float(i)
+            break
+    return {"send_kbps_per_s": per_s, "send_fits_after_s": fits}
+
+
+async def climb_back(relay: Relay, widths_since: Callable[[float], Awaitable[list[int]]],
+                     full_width: int) -> float | None:
+    """link600k, after the measured window: the link widened (no impairment); seconds until the client
+    gets full-size frames again (None: not within `CLIMB_S`, or the size never stepped down)."""
+    relay.set_both(Impairment())
+    widened = time.monotonic()
+    while time.monotonic() - widened < CLIMB_S:
+        seen = await widths_since(widened)
+        if seen and seen[-1] >= full_width and min(seen) < full_width:
+            return round(time.monotonic() - widened, 1)
+        if seen and min(seen) >= full_width:
+            return 0.0
+        await asyncio.sleep(0.1)
+    return None
 
 
 async def sample_sent(relay: Relay, history: list[tuple[float, int]]) -> None:
@@ -394,6 +473,163 @@ STATS_JS = """async () => {
 }"""
 
 
+# Started once the page is connected: (1) the page's microphone stream and the returned audio track, side
+# by side into one AudioWorklet (channel 0: the microphone, 1: the returned audio), which posts the level of
+# every 128-sample render quantum with its AudioContext time: both on one clock, to the quantum; the
+# context time is mapped to performance.now() by getOutputTimestamp() (the time that quantum is output);
+# (2) requestVideoFrameCallback on the page's <video>: each presented frame's presentationTime, width,
+# presentedFrames and the mouth box of that frame as 32x16 grey values (drawn from the video at the frame's
+# own size, so a smaller step still covers the same face region).
+RECORD_JS = """async (box) => {
+  const video = document.getElementById('avatar');
+  const ctx = new AudioContext();
+  await ctx.resume();
+  const code = `class Levels extends AudioWorkletProcessor {
+    constructor() { super(); this.buf = []; }
+    process(inputs) {
+      const inp = inputs[0];
+      if (inp && inp.length) {
+        const a = inp[0], b = inp.length > 1 ? inp[1] : inp[0];
+        let sa = 0, sb = 0;
+        for (let i = 0; i < a.length; i++) { sa += a[i] * a[i]; sb += b[i] * b[i]; }
+        this.buf.push(currentTime, Math.sqrt(sa / a.length), Math.sqrt(sb / b.length));
+        if (this.buf.length >= 150) { this.port.postMessage(this.buf); this.buf = []; }
+      }
+      return true;
+    }
+  }
+  registerProcessor('levels', Levels);`;
+  await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([code], {type: 'application/javascript'})));
+  const receiver = session.pc.getReceivers().find(r => r.track && r.track.kind === 'audio');
+  const mic = ctx.createMediaStreamSource(session.micStream);
+  const back = ctx.createMediaStreamSource(new MediaStream([receiver.track]));
+  const merge = ctx.createChannelMerger(2);
+  mic.connect(merge, 0, 0);
+  back.connect(merge, 0, 1);
+  const node = new AudioWorkletNode(ctx, 'levels', {numberOfInputs: 1, numberOfOutputs: 1, channelCount: 2,
+    channelCountMode: 'explicit', channelInterpretation: 'discrete', outputChannelCount: [1]});
+  const mute = ctx.createGain();
+  mute.gain.value = 0;
+  merge.connect(node);
+  node.connect(mute);
+  mute.connect(ctx.destination);
+  window.__levels = [];
+  window.__offsets = [];
+  node.port.onmessage = (e) => {
+    const ts = ctx.getOutputTimestamp();
+    if (ts.performanceTime > 0 && ts.contextTime > 0) window.__offsets.push(ts.performanceTime - 1000 * ts.contextTime);
+    for (const v of e.data) window.__levels.push(v);
+  };
+  const canvas = document.createElement('canvas');
+  canvas.width = 32;
+  canvas.height = 16;
+  const g = canvas.getContext('2d', {willReadFrequently: true});
+  window.__frames = [];
+  window.__light = false;
+  const onFrame = (now, meta) => {
+    let grey = null;
+    if (!window.__light) {
+      const w = meta.width, h = meta.height;
+      g.drawImage(video, box[0] * w, box[1] * h, (box[2] - box[0]) * w, (box[3] - box[1]) * h, 0, 0, 32, 16);
+      const d = g.getImageData(0, 0, 32, 16).data;
+      grey = new Array(512);
+      for (let i = 0; i < 512; i++) {
+        grey[i] = Math.round(0.299 * d[4 * i] + 0.587 * d[4 * i + 1] + 0.114 * d[4 * i + 2]);
+      }
+    }
+    window.__frames.push([meta.presentationTime, meta.width, meta.presentedFrames, grey]);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+  window.__keep = [ctx, mic, back, merge, node, mute];
+  return ctx.sampleRate;
+}"""
+
+TAKE_JS = """() => {
+  const out = {levels: window.__levels, offsets: window.__offsets, frames: window.__frames};
+  window.__levels = []; window.__frames = []; window.__light = true;
+  return out;
+}"""
+
+LAST_WIDTH_JS = """() => { const f = window.__frames; const w = f.length ? f[f.length - 1][1] : null;
+  window.__frames = []; return w; }"""
+
+ONSET_LEVEL = 0.01   # rms of a 128-sample quantum, as bench/browser_latency.py's 256-sample blocks
+QUIET_S = 0.5
+
+
+def level_onsets(times: np.ndarray, level: np.ndarray) -> list[float]:
+    """Context times where the level rises above ONSET_LEVEL after >= QUIET_S below it (the recording's
+    start counts as loud, so a sound already going is not an onset)."""
+    out: list[float] = []
+    quiet_since: float | None = None
+    for t, v in zip(times, level, strict=True):
+        if v > ONSET_LEVEL:
+            if quiet_since is not None and t - quiet_since >= QUIET_S:
+                out.append(float(t))
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = float(t)
+    return out
+
+
+def presented_freezes(frames: list[list[Any]], t0_ms: float, t1_ms: float) -> tuple[float, float] | None:
+    """(total, longest) freeze in ms from the presented frames' presentationTime: gaps longer than
+    FREEZE_S, as for the aiortc client. A callback can be skipped while frames are still presented
+    (presentedFrames then jumps by k > 1): such a gap is counted as k gaps of its length / k."""
+    rows = [(f[0], f[2]) for f in frames if t0_ms <= f[0] <= t1_ms]
+    if len(rows) < 2:
+        return None
+    total = longest = 0.0
+    for (ta, na), (tb, nb) in itertools.pairwise(rows):
+        k = max(1, int(nb) - int(na))
+        gap = (tb - ta) / k
+        if gap > 1000 * FREEZE_S:
+            total += gap * k
+            longest = max(longest, gap)
+    return round(total, 1), round(longest, 1)
+
+
+def chromium_av(data: dict[str, Any], t0_ms: float, t1_ms: float) -> dict[str, Any]:
+    """mic_to_audio_ms (returned onset minus microphone onset, one AudioContext clock) and lip_lead_ms
+    (returned onset, mapped to performance time, minus the first presented frame whose mouth leaves the
+    idle shapes of the second before the microphone onset), medians over the utterances in the window."""
+    levels = np.asarray(data["levels"], dtype=np.float64).reshape(-1, 3)
+    offsets = data["offsets"]
+    out: dict[str, Any] = {"mic_to_audio_ms": None, "lip_lead_ms": None, "utterances": 0}
+    if levels.shape[0] < 10:
+        return out
+    offset = float(np.median(offsets)) if offsets else None
+    mic, back = level_onsets(levels[:, 0], levels[:, 1]), level_onsets(levels[:, 0], levels[:, 2])
+    frames = [(f[0], np.asarray(f[3], np.float32)) for f in data["frames"] if f[3] is not None]
+    delays, leads = [], []
+    for m in mic:
+        if offset is not None and not t0_ms <= 1000 * m + offset < t1_ms - 1000:
+            continue
+        later = [b for b in back if m <= b < m + 1.5]
+        if not later:
+            continue
+        delays.append(1000 * (later[0] - m))
+        if offset is None:
+            continue
+        m_ms, heard_ms = 1000 * m + offset, 1000 * later[0] + offset
+        idle = [g for t, g in frames if m_ms - 1000 <= t <= m_ms]
+        if len(idle) < 5:
+            continue
+        stack = np.stack(idle)
+        ref = [float(np.min(np.mean(np.abs(stack[np.arange(len(stack)) != i] - g[None]), axis=1)))
+               for i, g in enumerate(stack)]
+        threshold = max(4.0, 3.0 * max(ref))
+        mouth = next((t for t, g in frames if m_ms < t < m_ms + 1500
+                      and float(np.min(np.mean(np.abs(stack - g[None]), axis=1))) > threshold), None)
+        if mouth is not None and abs(heard_ms - mouth) < 1000:
+            leads.append(heard_ms - mouth)
+    out.update({"mic_to_audio_ms": median(delays), "lip_lead_ms": median(leads), "utterances": len(delays)})
+    if offset is None:
+        out["lip_lead_note"] = "getOutputTimestamp gave no time: audio and video not on one clock"
+    return out
+
+
 def chromium_available() -> bool:
     if not CHROMIUM.exists():
         return False
@@ -416,18 +652,24 @@ def mic_wav(clip: np.ndarray, period_s: float, path: Path) -> Path:
     return path
 
 
-async def chromium_condition(browser: Any, server: Server, name: str, seconds: float, seed: int) -> dict[str, Any]:
+async def chromium_condition(browser: Any, server: Server, name: str, seconds: float, seed: int,
+                             box: tuple[float, float, float, float]) -> dict[str, Any]:
     up, down = CONDITIONS[name]
     relay = await Relay(up=up, down=down, seed=seed).start()
     sent: list[tuple[float, int]] = []
     sampler = asyncio.ensure_future(sample_sent(relay, sent))
-    page = await browser.new_page()
+    page = await browser.new_page(bypass_csp=True)   # the recorder's AudioWorklet module is a blob: URL
 
     async def offer_route(route: Any, request: Any) -> None:
         body = request.post_data_json
         body["sdp"], _ = rewrite_candidates(body["sdp"], relay.server_address)
-        response = await route.fetch(post_data=json.dumps(body))
-        answer = await response.json()
+        deadline = time.monotonic() + ADMISSION_WAIT_S
+        while True:
+            response = await route.fetch(post_data=json.dumps(body))
+            answer = await response.json()
+            if response.status != 503 or time.monotonic() >= deadline:   # see ADMISSION_WAIT_S
+                break
+            await asyncio.sleep(float(answer.get("retry_after_s") or 1))
         if response.status == 200:
             answer["sdp"], relay.server = rewrite_candidates(answer["sdp"], relay.client_address)
         await route.fulfill(response=response, json=answer)
@@ -439,6 +681,8 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
         await page.click("#start")
         await page.wait_for_function(
             "() => document.getElementById('status-state').textContent === 'connected'", timeout=30000)
+        connected = time.monotonic()
+        await page.evaluate(RECORD_JS, list(box))
         await asyncio.sleep(3.0)
         a = await page.evaluate(STATS_JS)
         t0 = time.monotonic()
@@ -463,6 +707,7 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
             await asyncio.sleep(seconds)
         b = await page.evaluate(STATS_JS)
         t1 = time.monotonic()
+        recorded = await page.evaluate(TAKE_JS)
         if outage_end is not None:
             result["survived"] = await page.evaluate(
                 "async () => session ? (await fetch('/sessions/' + session.id, "
@@ -470,26 +715,50 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
         dt = b["t"] - a["t"]
         dv = {k: b["video"].get(k, 0) - a["video"].get(k, 0) for k in b["video"]}
         da = {k: b["audio"].get(k, 0) - a["audio"].get(k, 0) for k in b["audio"]}
+        presented = presented_freezes(recorded["frames"], 1000 * a["t"], 1000 * b["t"])
+        av_figures = chromium_av(recorded, 1000 * a["t"], 1000 * b["t"])
+        widths = [f[1] for f in recorded["frames"] if 1000 * a["t"] <= f[0] <= 1000 * b["t"]]
+        full_width = recorded["frames"][0][1] if recorded["frames"] else None
         result.update({
             "fps": round(dv.get("frames", 0) / dt, 2),
             "freeze_ms_total": round(1000 * dv.get("freeze_s", 0), 1),
-            "longest_freeze_ms": None,
+            "longest_freeze_ms": None if presented is None else presented[1],
+            "freeze_ms_total_presented": None if presented is None else presented[0],
             "freezes": dv.get("freezes"),
             "frames_dropped": dv.get("dropped"),
             "concealed_pct": round(100 * da["concealed"] / da["total"], 2) if da.get("total") else None,
             "jitter_buffer_ms": round(1000 * da["jb"] / da["jbn"], 1) if da.get("jbn") else None,
-            "lip_lead_ms": None,
-            "mic_to_audio_ms": None,
+            **av_figures,
             "send_kbps": kbps_over(sent, t1, min(10.0, t1 - t0)),
-            "latency_delta_ms": None,
+            "latency_delta_ms": None,   # set once the clean condition's figure is known
             "rtt_ms": None if b["rtt_ms"] is None else round(b["rtt_ms"], 1),
             "candidate_pair": b["pair"],
+            "video_width": {"full": full_width, "min": min(widths) if widths else None,
+                            "last": widths[-1] if widths else None},
         })
         if result["send_kbps"] is not None:
             result["send_kbps"] = round(result["send_kbps"], 1)
         result["relay"] = {d: {"dropped": relay.links[d].stats.dropped,
                                "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
-        await page.click("#stop")
+        if name == "link600k":
+            result.update(send_fit(sent, connected, t1, LINK_KBPS))
+            seen: list[int] = []
+
+            async def widths_since(_since: float) -> list[int]:
+                width = await page.evaluate(LAST_WIDTH_JS)
+                if width is not None:
+                    seen.append(int(width))
+                return seen
+
+            result["climb_back_s"] = await climb_back(relay, widths_since, int(full_width or 0))
+            result["survived_climb"] = await page.evaluate(
+                "async () => session ? (await fetch('/sessions/' + session.id, "
+                "{headers: {Authorization: 'Bearer ' + session.token}})).status === 200 : false")
+        result["page"] = await page.evaluate(
+            "() => [document.getElementById('status-state').textContent, "
+            "document.getElementById('message').textContent]")
+        if await page.is_enabled("#stop"):
+            await page.click("#stop")
     finally:
         sampler.cancel()
         await page.close()
@@ -508,13 +777,18 @@ async def run_chromium(server: Server, names: list[str], clip: np.ndarray, secon
             f"--use-file-for-fake-audio-capture={wav}", "--allow-loopback-in-peer-connection",
             "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
     results: dict[str, Any] = {}
+    from realtime.avatars.default_avatar import load_default_avatar
+
+    y1, y2, x1, x2 = mouth_box()
+    height, width = load_default_avatar().frames[0].shape[:2]
+    box = (x1 / width, y1 / height, x2 / width, y2 / height)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
         try:
             for i, name in enumerate(names):
                 before = loadavg()
                 try:
-                    res = await chromium_condition(browser, server, name, seconds, seed=200 + i)
+                    res = await chromium_condition(browser, server, name, seconds, seed=200 + i, box=box)
                 except Exception as exc:  # a figure that cannot be had is null, never made up
                     log.warning("chromium %s failed: %s", name, exc)
                     res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -523,6 +797,10 @@ async def run_chromium(server: Server, names: list[str], clip: np.ndarray, secon
                 log.info("chromium %-15s %s", name, json.dumps(res))
         finally:
             await browser.close()
+    clean = (results.get("clean") or {}).get("mic_to_audio_ms")
+    for res in results.values():
+        m = res.get("mic_to_audio_ms")
+        res["latency_delta_ms"] = None if clean is None or m is None else round(m - clean, 1)
     return results
 
 

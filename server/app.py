@@ -20,6 +20,7 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import json_errors
 from server.media import encoders, opus_fec
+from server.media.media_executor import limit_native_threads
 from server.network.ice import client_ice_servers, new_ticket
 from server.ops.heap import HeapTrimmer
 from server.ops.metrics import render_metrics, render_server_metrics
@@ -41,6 +42,7 @@ def create_app(config: ServerConfig, engine: Engine, capacity: CapacityModel | N
     admits a fixed number (server/access/capacity.py)."""
     encoders.install()  # real-time H.264 / VP8 settings for every session's RTCRtpSender
     opus_fec.install()  # Opus in-band FEC offered; the microphone decoded with FEC and concealment
+    limit_native_threads()  # OpenCV's calls in the threads that make them (server/media/media_executor.py)
     hide_server_version()  # no Python / aiohttp version in any answer (server/access/surface.py)
     if capacity is None:
         capacity = unmeasured_capacity(config, engine.fps)

@@ -132,6 +132,14 @@ def test_clean_stream_adds_no_delay_and_no_batches():
     assert buffer.batches == 0 and buffer.skipped == 0
 
 
+def test_every_release_is_a_microphone_frame():
+    """What the server's buffer releases is marked as its microphone, so opus_fec decodes it at 16 kHz mono."""
+    buffer = GapSkippingJitterBuffer(skip_after=2)
+    frames = [buffer.add(p)[1] for p in packets([0, 1, 3, 2, 4])]
+    assert all(isinstance(f, opus_fec.MicrophoneFrame) for f in frames if f is not None)
+    assert any(isinstance(f, JitterBatch) for f in frames) and sum(f is not None for f in frames) >= 3
+
+
 def test_a_batch_after_a_loss_is_decoded_with_fec_and_catches_up(speech_16k):
     """The receive path end to end: packet k lost, the packets behind it wait for the window, then leave
     as one batch: the decoder rebuilds k from the next packet's FEC data and hands out everything up to

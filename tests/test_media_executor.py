@@ -138,3 +138,44 @@ def test_shutdown_with_cancel_futures_cancels_what_is_still_queued():
     assert all(f.cancelled() for f in queued)
     pool.shutdown(wait=True)
     assert pool_threads("test-cancel") == 0
+
+
+def test_opencv_runs_in_the_calling_thread_with_the_same_results():
+    """The server's frame work (mouth paste, BGR -> I420) gives the same bytes with OpenCV's pool off, and
+    create_app turns it off for the whole process (server/media/media_executor.limit_native_threads)."""
+    import cv2
+    import numpy as np
+
+    from realtime.renderers import compositor
+    from realtime.renderers.base import MouthPatch
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.media.media_executor import OPENCV_THREADS, limit_native_threads
+    from server.media.tracks import video_frame
+    from tests.server_helpers import tiny_engine
+
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    mouth = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    before = cv2.getNumThreads()
+
+    def work() -> tuple[np.ndarray, np.ndarray]:
+        pasted = compositor.paste(frame, MouthPatch(image=mouth, box=(200, 300, 330, 420)))
+        return pasted, video_frame(pasted).to_ndarray()
+
+    try:
+        cv2.setNumThreads(4)
+        pooled = work()
+        limit_native_threads()
+        assert cv2.getNumThreads() == OPENCV_THREADS == 1
+        alone = work()
+        assert all(np.array_equal(a, b) for a, b in zip(pooled, alone, strict=True))
+        cv2.setNumThreads(4)
+        engine = tiny_engine()
+        try:
+            create_app(ServerConfig(host="127.0.0.1", port=0), engine)
+            assert cv2.getNumThreads() == 1
+        finally:
+            engine.close()
+    finally:
+        cv2.setNumThreads(before)

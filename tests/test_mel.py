@@ -126,3 +126,20 @@ def test_streaming_keeps_bounded_memory(speech_16k):
         for i in range(0, len(speech_16k), 320):
             stream.push(speech_16k[i:i + 320])
     assert len(stream._padded) < 2000
+
+
+def test_frames_view_equals_sliding_window_view():
+    """mel._frames is numpy's sliding window, HOP apart, cut to `count` (or to what fits), for the slices
+    the streaming mel passes (any offset, so any start and length)."""
+    from realtime.audio import mel
+
+    signal = np.random.default_rng(3).standard_normal(5000)
+    for start in (0, 1, 199, 777):
+        for length in (mel.N_FFT, mel.N_FFT + 1, mel.N_FFT + mel.HOP - 1, mel.N_FFT + mel.HOP, 2000, 4000):
+            piece = signal[start:start + length]
+            for count in (1, 2, 3, 50):
+                expected = np.lib.stride_tricks.sliding_window_view(piece, mel.N_FFT)[::mel.HOP][:count]
+                got = mel._frames(piece, count)
+                assert got.shape == expected.shape and np.array_equal(got, expected)
+    with pytest.raises(ValueError):
+        mel._frames(signal[:10], 1)

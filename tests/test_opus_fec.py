@@ -178,3 +178,85 @@ async def test_offer_and_answer_carry_useinbandfec(loopback_only):
         assert "useinbandfec=1" in answerer.localDescription.sdp
     finally:
         await asyncio.gather(offerer.close(), answerer.close())
+
+
+def _decode_mono16(decoder, packets: list[tuple[bytes, int]], lost: set[int] = frozenset()  # type: ignore[assignment]
+                   ) -> tuple[np.ndarray, list[av.AudioFrame]]:
+    """Decode as the server's receiver does: MicrophoneFrames from its receive buffer."""
+    frames: list[av.AudioFrame] = []
+    for i, (data, ts) in enumerate(packets):
+        if i in lost:
+            continue
+        frames += decoder.decode(opus_fec.MicrophoneFrame(data=data, timestamp=ts))
+    return np.concatenate([f.to_ndarray().reshape(-1).astype(np.float64) for f in frames]), frames
+
+
+def _opus_codec():
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    return RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+
+
+def test_the_server_decodes_the_microphone_at_16k_mono(speech_16k):
+    """get_decoder's Opus decoder gives the server's microphone stream in the engine's input format (no
+    48 kHz stereo made and resampled back per frame), keeps aiortc's timing (pts: the 48 kHz RTP
+    timestamp), and rebuilds a lost frame by FEC."""
+    packets = browser_packets(speech_16k, fec=True)
+    clean, frames = _decode_mono16(opus_fec.get_decoder(_opus_codec()), packets)
+    assert all(f.sample_rate == 16000 and f.layout.name == "mono" and f.format.name == "s16" and f.samples == 320
+               for f in frames)
+    assert [f.pts for f in frames] == [ts for _, ts in packets]
+    assert all(f.time_base == fractions.Fraction(1, RATE) for f in frames)
+    # The same speech as the 48 kHz stereo decode brought to 16 kHz mono by AudioIngest (the old path):
+    # equal up to the resamplers' filters, as the engine sees it (its mel spectrogram).
+    from realtime.audio.audio_ingest import AudioIngest
+    from realtime.audio.mel import melspectrogram
+    from server.media.tracks import frame_to_pcm
+
+    ingest = AudioIngest()
+    old = np.concatenate([ingest.convert(*frame_to_pcm(f))
+                          for f in _frames(fec_decoder(), packets)]).astype(np.float64)
+    n = min(len(old), len(clean)) - 64
+    lag = min(range(-8, 9), key=lambda k: float(np.sum((old[8 + k:8 + k + n] - clean[8:8 + n] / 32768) ** 2)))
+    mel_old = melspectrogram(old[8 + lag:8 + lag + n].astype(np.float32))
+    mel_new = melspectrogram((clean[8:8 + n] / 32768).astype(np.float32))
+    assert np.mean(np.abs(mel_old - mel_new)) < 0.02 * np.std(mel_old)
+    # FEC still rebuilds a lost frame in place at 16 kHz
+    k = loud_packet(packets, np.repeat(clean, 3))
+    repairing = FecOpusDecoder(clock=ArrivalClock(), rate=16000, channels=1)
+    repaired_parts: list[np.ndarray] = []
+    for i, (data, ts) in enumerate(packets):   # a repairing decoder's clock follows the packets
+        if i == k:
+            continue
+        repairing._clock.now = ts / RATE  # type: ignore[attr-defined]
+        frames_r = repairing.decode(opus_fec.MicrophoneFrame(data=data, timestamp=ts))
+        repaired_parts.extend(f.to_ndarray().reshape(-1).astype(np.float64) for f in frames_r)
+    repaired = np.concatenate(repaired_parts)
+    assert len(repaired) == len(clean) and repairing.fec_frames == 1
+    span = slice(k * 320, (k + 1) * 320)
+    assert 10 * np.log10(np.sum(clean[span] ** 2) / np.sum((repaired[span] - clean[span]) ** 2)) > 3.0
+
+
+def _frames(decoder: FecOpusDecoder, packets: list[tuple[bytes, int]]) -> list[av.AudioFrame]:
+    out: list[av.AudioFrame] = []
+    for data, ts in packets:
+        decoder._clock.now = ts / RATE  # type: ignore[attr-defined]
+        out += decoder.decode(JitterFrame(data=data, timestamp=ts))
+    return out
+
+
+def test_other_receivers_in_the_process_keep_aiortcs_48k_stereo(speech_16k):
+    """The decoder factory is process-wide: a stream that is not the server's microphone (a test's or a
+    bench's aiortc client) is decoded as aiortc does."""
+    packets = browser_packets(speech_16k, fec=True)[:10]
+    decoder = opus_fec.get_decoder(_opus_codec())
+    frames = [f for data, ts in packets for f in decoder.decode(JitterFrame(data=data, timestamp=ts))]
+    reference = [f for data, ts in packets for f in OpusDecoder().decode(JitterFrame(data=data, timestamp=ts))][:1]
+    assert all((f.sample_rate, f.layout.name, f.samples) == (48000, "stereo", FRAME) for f in frames)
+    assert (reference[0].sample_rate, reference[0].layout.name) == (48000, "stereo")
+    assert [f.pts for f in frames] == [ts for _, ts in packets]
+
+
+def test_decoder_refuses_a_rate_libopus_cannot_decode_at():
+    with pytest.raises(ValueError, match="44100"):
+        FecOpusDecoder(rate=44100)

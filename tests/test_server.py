@@ -65,6 +65,30 @@ async def test_returned_audio_matches_sent_audio(server, http, speech_16k):
     await client.close()
 
 
+async def test_the_microphone_reaches_the_engine_as_16k_mono(server, http, speech_16k, monkeypatch):
+    """The server decodes its microphone straight to the engine's input format (server/media/opus_fec.py): no
+    48 kHz stereo frame is made, averaged and resampled per 20 ms; the test client's own receiver (same
+    process) still gets aiortc's 48 kHz."""
+    from server.media.audio_input import AudioInput
+
+    seen: list[tuple[int, int, int]] = []
+    original = AudioInput.microphone
+
+    def microphone(self, samples, sample_rate, channels):
+        seen.append((sample_rate, channels, len(samples)))
+        return original(self, samples, sample_rate, channels)
+
+    monkeypatch.setattr(AudioInput, "microphone", microphone)
+    client = Client(server, http)
+    await client.connect(microphone=PcmTrack(speech_16k))
+    await client.wait_for_video(5)
+    await asyncio.sleep(1.0)
+    assert len(seen) >= 25
+    assert set(seen) == {(16000, 1, 320)}
+    assert client.received.audio_rate == 48000
+    await client.close()
+
+
 async def test_push_upload_drives_the_mouth(server, http, speech_wav):
     client = Client(server, http)
     await client.connect()  # recvonly: no microphone, audio comes from the push API

@@ -75,6 +75,15 @@ def mel_basis() -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
+def _mel_basis64() -> np.ndarray:
+    """`mel_basis()` as float64, the precision the columns are computed in: made once, not per call (a
+    256 KB copy on every push of every live session)."""
+    basis = mel_basis().astype(np.float64)
+    basis.setflags(write=False)
+    return basis
+
+
+@lru_cache(maxsize=1)
 def _window() -> np.ndarray:
     n = np.arange(N_FFT)
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)  # periodic Hann, as scipy.signal.get_window
@@ -87,13 +96,25 @@ def _preemphasis(wav: np.ndarray, previous: float = 0.0) -> np.ndarray:
     return out
 
 
+def _frames(signal: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` N_FFT-sample frames of `signal`, HOP apart (fewer if fewer fit), as a read-only view:
+    `sliding_window_view(signal, N_FFT)[::HOP][:count]`, without its argument checks, which cost more than
+    the FFT of the one or two columns a live 20 ms push makes (bench/RESULTS.md "Each session cheaper")."""
+    if signal.ndim != 1 or len(signal) < N_FFT:
+        return np.lib.stride_tricks.sliding_window_view(signal, N_FFT)[::HOP][:count]  # its errors
+    fits = (len(signal) - N_FFT) // HOP + 1
+    step = signal.strides[0]
+    return np.lib.stride_tricks.as_strided(signal, shape=(min(count, fits), N_FFT), strides=(HOP * step, step),
+                                           writeable=False)
+
+
 def _columns(padded: np.ndarray, first: int, count: int) -> np.ndarray:
     """Normalised mel columns first..first+count-1 of a signal already padded by N_FFT/2 on the left."""
     if count <= 0:
         return np.zeros((N_MELS, 0), dtype=np.float32)
-    frames = np.lib.stride_tricks.sliding_window_view(padded[first * HOP:], N_FFT)[::HOP][:count]
+    frames = _frames(padded[first * HOP:], count)
     magnitude = np.abs(np.fft.rfft(frames * _window(), axis=1))  # (count, 401)
-    mel = mel_basis().astype(np.float64) @ magnitude.T
+    mel = _mel_basis64() @ magnitude.T
     db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
     norm = 2 * MAX_ABS_VALUE * (db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - MAX_ABS_VALUE
     return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)

@@ -32,7 +32,8 @@ Two rules keep a loss from costing delay for good:
 
 `install` replaces the buffer of a peer connection's audio receivers; it relies on aiortc's private
 `RTCRtpReceiver.__jitter_buffer` and `JitterBuffer` internals (aiortc < 2, guarded by
-tests/test_audio_jitter.py), and on opus_fec's decoder (which decodes a `JitterBatch`) being installed.
+tests/test_audio_jitter.py), and on opus_fec's decoder (which decodes a `JitterBatch`) being installed. Its
+frames are opus_fec's `MicrophoneFrame`s, so the microphone is decoded to the engine's 16 kHz mono.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_add
 
 from server.media import opus_fec
-from server.media.opus_fec import JitterBatch
+from server.media.opus_fec import JitterBatch, MicrophoneFrame
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class GapSkippingJitterBuffer(JitterBuffer):
             self.skip_after -= 1
             self._since_late = 0
         if len(parts) == 1:
-            return JitterFrame(data=parts[0][0], timestamp=parts[0][1])
+            return MicrophoneFrame(data=parts[0][0], timestamp=parts[0][1])
         self.batches += 1
         base = parts[0][1]
         return JitterBatch([(data, (timestamp - base) % (1 << 32)) for data, timestamp in parts], base)

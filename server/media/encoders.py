@@ -8,7 +8,8 @@ about four times the CPU of "veryfast" on one thread for the same quality, and V
 and loses quality (bench/RESULTS.md "Video encoder settings"; bench/encoded_sessions.py runs them live).
 
 So only these change: H.264 preset veryfast and one thread per encoder (sessions give the parallelism;
-slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser. Everything else
+slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser and with a static
+threshold that skips the still parts of the picture (`VP8_OPTIONS`). Everything else
 (bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's,
 except that forced keyframes are rate-limited (`KEYFRAME_MIN_INTERVAL_S`) and the REMB target is capped by
 the loss/delay control of server/media/link_quality.py, with lower floors (docs/network.md).
@@ -44,10 +45,18 @@ log = logging.getLogger(__name__)
 
 H264_OPTIONS = {"preset": "veryfast"}
 H264_THREADS = 1
-VP8_OPTIONS = {"noise-sensitivity": "0"}
+VP8_OPTIONS = {"noise-sensitivity": "0", "static-thresh": "600"}
 """aiortc's real-time speed (cpu-used -6) is kept: a faster one saves little on the default avatar
 (-12: ~0.2 ms a frame for -0.6 dB) but costs ~5-6 dB Y PSNR on detailed moving content such as a
-photographed avatar's hair (bench/RESULTS.md "Video encoder settings")."""
+photographed avatar's hair (bench/RESULTS.md "Video encoder settings").
+
+`static-thresh` 600 (aiortc: 1): a macroblock that differs from the reference by less than that sum of
+absolute differences (about 2.3 levels a pixel) is coded as unchanged, without a motion search. An avatar
+is mostly still (background, hair, forehead) with the motion at the mouth: on the default avatar this
+takes about a sixth off the encode and the bits saved go to the mouth (Y PSNR of the whole frame the
+same, of the lower centre +0.5 dB); on textured drifting content, fast or sub-pixel slow, nothing changes.
+1 000 and above start to lose (-0.6 dB at 1 000, -1.5 dB at 1 500; bench/RESULTS.md "Each session
+cheaper"; tests/test_server_encoding.py)."""
 
 
 class TunedContext:
@@ -136,8 +145,14 @@ class _Tuned:
     @codec.setter
     def codec(self, context: Any) -> None:
         if context is not None and not isinstance(context, TunedContext):
-            context = TunedContext(context, self.OPTIONS, self.THREADS)
+            capped = self.__dict__.get("bitrate_cap") is not None
+            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if capped else {})},
+                                   self.THREADS)
         self.__dict__["_tuned_codec"] = context
+
+    CAPPED_OPTIONS: ClassVar[dict[str, str]] = {}
+    """Added when the codec (re)opens while the loss/delay control caps the bitrate (a thin or lossy
+    link); a clean link never gets them."""
 
 
 class RealtimeH264Encoder(_Tuned, H264Encoder):
@@ -148,8 +163,21 @@ class RealtimeH264Encoder(_Tuned, H264Encoder):
     MAX_BPS = 3_000_000
 
 
+KEYFRAME_MAX_PCT_CAPPED = 300
+"""A keyframe at most 3x the average frame (libvpx `rc_max_intra_bitrate_pct`) while the bitrate is
+capped. aiortc leaves it unlimited: a fresh codec's first keyframe (every size step and every >10 %
+bitrate change reopens the codec) can be many times a delta frame, and on a 600 kbit/s link with a
+200 ms queue a keyframe of more than ~15 KB overflows the queue by itself: the burst is lost, NACKed and
+resent, the loss cuts the cap again. At 3x the keyframe drains in about three frame times; its quality
+is made up by the following frames."""
+
+
+VP8_CAPPED_OPTIONS = {"max-intra-rate": str(KEYFRAME_MAX_PCT_CAPPED)}
+
+
 class RealtimeVp8Encoder(_Tuned, Vp8Encoder):
     OPTIONS = VP8_OPTIONS
+    CAPPED_OPTIONS = VP8_CAPPED_OPTIONS
 
 
 RealtimeVideoEncoder = _Tuned

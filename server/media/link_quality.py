@@ -8,6 +8,8 @@ the Opus encoder never hears of the loss and the video bitrate moves only on REM
 - caps the video bitrate (`VideoRateControl`, a loss- and delay-based control in the manner of
   Google Congestion Control's loss part): aiortc follows only REMB, which the browser computes from
   delay; on a link that drops rather than queues, or when REMB is absent, nothing slowed the video;
+- steps the video's size, then its frame rate, down when that budget is short for the size
+  (`VideoLadder`, bits per pixel) and back up, with hysteresis, when the link widens;
 - keeps `LinkQuality` (loss and rtt per kind) for GET /sessions/{id}, so the page can show the link.
 
 Audio is never reduced: it is a small, fixed share (Opus at 96 kb/s) that the mouth and the voice
@@ -26,6 +28,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender
 
 from server.media.encoders import RealtimeVideoEncoder
 from server.media.opus_encoder import RealtimeOpusEncoder
+from server.media.tracks import FULL, AvatarVideoTrack, VideoStep
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class LinkQuality:
     audio: StreamReport = field(default_factory=StreamReport)
     video: StreamReport = field(default_factory=StreamReport)
     video_control: "VideoRateControl | None" = None
+    video_ladder: "VideoLadder | None" = None
 
     def describe(self) -> dict:
         rtts = [r.rtt_ms for r in (self.audio, self.video) if r.rtt_ms is not None]
@@ -56,6 +60,8 @@ class LinkQuality:
             "video_loss_pct": round(100.0 * self.video.loss, 2),
             "video_bitrate_cap_kbps": (None if self.video_control is None or self.video_control.cap is None
                                        else round(self.video_control.cap / 1000)),
+            "video_scale": None if self.video_ladder is None else self.video_ladder.step.scale,
+            "video_fps_divisor": None if self.video_ladder is None else self.video_ladder.step.fps_divisor,
         }
 
 
@@ -99,14 +105,82 @@ class VideoRateControl:
         return None if self.cap is None else int(self.cap)
 
 
+VIDEO_STEPS: tuple[VideoStep, ...] = (FULL, VideoStep(0.75), VideoStep(0.5), VideoStep(0.5, 2))
+"""Size first (512 -> 384 -> 256 px for the default avatar: a smaller picture at the same bits per pixel
+keeps the mouth sharper than a blocky full-size one), the frame rate last (a talking mouth at 12.5 fps
+loses visemes)."""
+
+
+@dataclass
+class VideoLadder:
+    """Which `VideoStep` the video is sent at, from the loss/delay cap once a second.
+
+    A step needs `MIN_BITS_PER_PIXEL` x its pixels per second. When the cap falls below what the
+    current step needs, the ladder steps down at once, as far as needed, in the same report that lowers
+    the rate (the encoder reopens at the new size, so the step costs one keyframe, which a bitrate change
+    costs anyway in aiortc's encoders). It steps back up one step at a time, only after the cap has held
+    `UP_MARGIN` x what the step above needs for `UP_REPORTS` reports in a row (uncapped counts): a cap
+    near a threshold does not flip the size.
+
+    The budget is the cap alone, not the receiver's REMB: a REMB estimate follows what arrives (a
+    browser's cannot exceed about 1.5 x the incoming rate), so a size chosen from it would keep the
+    stream small and its estimate low, and browsers start it low and ramp it up on a clean link. REMB
+    still sets the bitrate within the cap. The cap starts uncapped and returns to it on a clean link, so
+    a clean link stays at full size from the first frame."""
+
+    MIN_BITS_PER_PIXEL = 0.08
+    """Below ~0.08 bit per pixel VP8 at real-time speed turns a talking face blocky; the figure is in
+    line with libwebrtc's choice of start resolution by bitrate (VP8: at most 640x360 below 500 kbit/s)."""
+    UP_MARGIN = 1.25
+    UP_REPORTS = 3
+    steps: tuple[VideoStep, ...] = VIDEO_STEPS
+    index: int = 0
+    steps_down: int = 0
+    steps_up: int = 0
+    _ample: int = 0
+
+    @property
+    def step(self) -> VideoStep:
+        return self.steps[self.index]
+
+    def need_bps(self, step: VideoStep, width: int, height: int, fps: float) -> float:
+        sent_w, sent_h = step.size(width, height)
+        return self.MIN_BITS_PER_PIXEL * sent_w * sent_h * fps / step.fps_divisor
+
+    def update(self, budget_bps: float | None, width: int, height: int, fps: float) -> VideoStep:
+        """The step for the next second, from one report's cap (None: uncapped)."""
+        if budget_bps is not None:
+            start = self.index
+            while (self.index + 1 < len(self.steps)
+                   and budget_bps < self.need_bps(self.step, width, height, fps)):
+                self.index += 1
+            if self.index != start:
+                self.steps_down += 1
+                self._ample = 0
+                return self.step
+        if self.index == 0:
+            return self.step
+        above = self.steps[self.index - 1]
+        if budget_bps is None or budget_bps >= self.UP_MARGIN * self.need_bps(above, width, height, fps):
+            self._ample += 1
+        else:
+            self._ample = 0
+        if self._ample >= self.UP_REPORTS:
+            self.index -= 1
+            self.steps_up += 1
+            self._ample = 0
+        return self.step
+
+
 def sender_encoder(sender: RTCRtpSender) -> object | None:
     return getattr(sender, _SENDER_ENCODER, None)
 
 
 async def read_reports(pc: RTCPeerConnection, quality: LinkQuality,
-                       control: VideoRateControl | None = None) -> None:
-    """Update `quality` from each sender's last receiver report; tell the Opus encoder the audio loss and
-    the video encoder its bitrate cap."""
+                       control: VideoRateControl | None = None, ladder: VideoLadder | None = None,
+                       video: AvatarVideoTrack | None = None) -> None:
+    """Update `quality` from each sender's last receiver report; tell the Opus encoder the audio loss,
+    the video encoder its bitrate cap, and the video track its step."""
     for sender in pc.getSenders():
         if sender.kind not in ("audio", "video"):
             continue
@@ -126,12 +200,19 @@ async def read_reports(pc: RTCPeerConnection, quality: LinkQuality,
         if sender.kind == "audio" and isinstance(encoder, RealtimeOpusEncoder):
             encoder.set_expected_loss(report.loss)
         if sender.kind == "video" and control is not None and isinstance(encoder, RealtimeVideoEncoder):
-            encoder.set_bitrate_cap(control.update(report.loss, report.rtt_ms, encoder.target_bitrate))
+            cap = control.update(report.loss, report.rtt_ms, encoder.target_bitrate)
+            encoder.set_bitrate_cap(cap)
+            if ladder is not None and video is not None and video.source_size is not None:
+                width, height = video.source_size
+                video.set_step(ladder.update(cap, width, height, video.fps))
 
 
-async def watch_link(pc: RTCPeerConnection, quality: LinkQuality, period_s: float = PERIOD_S) -> None:
+async def watch_link(pc: RTCPeerConnection, quality: LinkQuality, video: AvatarVideoTrack | None = None,
+                     period_s: float = PERIOD_S) -> None:
     control = VideoRateControl()
     quality.video_control = control
+    ladder = VideoLadder() if video is not None else None
+    quality.video_ladder = ladder
     while True:
         await asyncio.sleep(period_s)
-        await read_reports(pc, quality, control)
+        await read_reports(pc, quality, control, ladder, video)

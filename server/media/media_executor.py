@@ -41,6 +41,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+import cv2
 from aiortc.codecs.base import Encoder
 from aiortc.codecs.g711 import PcmEncoder
 from aiortc.codecs.opus import OpusEncoder
@@ -66,6 +67,20 @@ def encoder_threads() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
+
+
+OPENCV_THREADS = 1
+
+
+def limit_native_threads() -> None:
+    """OpenCV's own thread pool down to `OPENCV_THREADS` (process-wide): the renderer's warp, the mouth paste
+    and the BGR -> I420 conversion of every session run in the thread that calls them (render worker, frame
+    pool). Those calls are small (a 512 px frame, under a millisecond each); OpenCV split each over a pool
+    of one thread per core and woke it per call, which on a server whose cores are already shared by the
+    sessions (the parallelism is the sessions, as for the encoders' one thread each) only added hand-offs:
+    the pool's threads took more CPU than the same work costs in the calling threads (bench/RESULTS.md "Each
+    session cheaper"). Results are the same: OpenCV's parallel loops split rows, not arithmetic."""
+    cv2.setNumThreads(OPENCV_THREADS)
 
 
 def start_every_thread(pool: ThreadPoolExecutor) -> None:
@@ -137,5 +152,5 @@ def start_default_executor(loop: asyncio.AbstractEventLoop) -> MediaExecutor:
     return pool
 
 
-__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode", "is_encode", "start_default_executor",
-           "start_every_thread"]
+__all__ = ["MediaExecutor", "encoder_threads", "is_audio_encode", "is_encode", "limit_native_threads",
+           "start_default_executor", "start_every_thread"]

@@ -15,6 +15,13 @@ earlier. Here:
   (`opus_packet_has_lbrr`), every other frame of the gap by libopus' concealment (PLC). So the engine
   gets whole, continuous audio; a gap longer than `MAX_CONCEALED_S` (an outage, or a sender that
   stopped) is not filled (costing at most that per packet), the stream goes on from the new packet.
+- The microphone is decoded straight to 16 kHz mono (`MIC_RATE`, `MIC_CHANNELS`), the engine's input format:
+  libopus decodes at any of its rates (RFC 6716 section 4: 8-48 kHz, 1 or 2 channels), so the 48 kHz stereo
+  PCM that aiortc's decoder makes, which AudioIngest then averaged to mono and resampled back to 16 kHz per
+  20 ms frame, is never made (tests/test_opus_fec.py: the same mel spectrogram). The decoder factory is
+  process-wide (aiortc looks it up per receiver, by codec alone), so the stream tells it what it is: packets
+  from the server's own receive buffer (server/media/audio_jitter.py) are `MicrophoneFrame`s and get 16 kHz mono;
+  any other receiver in the process (a test's or a bench's aiortc client) keeps aiortc's 48 kHz stereo.
 - A `JitterBatch` (several consecutive packets released at once by server/media/audio_jitter.py, so the
   receive buffer never stays behind after a hole) is decoded part by part; aiortc's own decoders for other
   audio codecs get the same (`_BatchDecoder`).
@@ -44,9 +51,11 @@ from av.frame import Frame
 
 log = logging.getLogger(__name__)
 
-RATE = 48000
+RATE = 48000              # the RTP clock of Opus (RFC 7587), whatever the decoded rate
 CHANNELS = 2
 TIME_BASE = fractions.Fraction(1, RATE)
+MIC_RATE = 16000          # what the server decodes the microphone to: the engine's input rate
+MIC_CHANNELS = 1
 MAX_FRAME = 5760          # 120 ms at 48 kHz: the longest Opus packet
 MAX_CONCEALED_S = 0.2     # fill gaps up to this long (10 frames of 20 ms); longer ones stay gaps
 MAX_CONCEALED_FRAMES = 10  # and never more than this many frames per packet (short-frame streams)
@@ -85,7 +94,12 @@ def libopus() -> Any:
     return _lib
 
 
-class JitterBatch(JitterFrame):
+class MicrophoneFrame(JitterFrame):
+    """A packet of the server's microphone stream, from its receive buffer (server/media/audio_jitter.py): the
+    Opus decoder of `get_decoder` decodes such a stream to the engine's 16 kHz mono."""
+
+
+class JitterBatch(MicrophoneFrame):
     """Consecutive audio packets handed to the decoder at once: `parts` are (payload, timestamp offset
     from this frame's `timestamp`, modulo 2**32). `data` is the first part's, and aiortc's receiver maps
     `timestamp` (the first part's) to its stream time as for any frame; the offsets stay valid."""
@@ -98,19 +112,27 @@ class JitterBatch(JitterFrame):
 
 
 class FecOpusDecoder(Decoder):
-    """Decodes Opus packets (JitterFrames with a 48 kHz timestamp) to 48 kHz stereo s16 AudioFrames, as
-    aiortc's OpusDecoder does, and fills gaps in the timestamps with FEC (the last missing frame) and
-    concealment (the ones before it)."""
+    """Decodes Opus packets (JitterFrames with a 48 kHz timestamp) to s16 AudioFrames at `rate` with
+    `channels` (default 48 kHz stereo, as aiortc's OpusDecoder; the server's microphone: 16 kHz mono), and
+    fills gaps in the timestamps with FEC (the last missing frame) and concealment (the ones before it).
+    Frames keep aiortc's timing whatever the rate: pts is the packet's 48 kHz RTP timestamp, time base 1/48000."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, rate: int = RATE,
+                 channels: int = CHANNELS) -> None:
         self._state: Any = None  # set before anything can raise, so __del__ always finds it
+        if rate not in (8000, 12000, 16000, 24000, 48000) or channels not in (1, 2):
+            raise ValueError(f"libopus decodes at 8, 12, 16, 24 or 48 kHz with 1 or 2 channels, not "
+                             f"{rate} Hz x {channels}")
         self._clock = clock
+        self.rate, self.channels = rate, channels
+        self._per_rtp = RATE // rate          # RTP timestamp units per decoded sample
+        self._layout = "stereo" if channels == 2 else "mono"
         self._lib = libopus()
         error = ctypes.c_int(0)
-        self._state = self._lib.opus_decoder_create(RATE, CHANNELS, ctypes.byref(error))
+        self._state = self._lib.opus_decoder_create(rate, channels, ctypes.byref(error))
         if error.value != OPUS_OK or not self._state:
             raise RuntimeError(f"opus_decoder_create failed ({error.value})")
-        self._pcm = np.zeros(MAX_FRAME * CHANNELS, dtype=np.int16)
+        self._pcm = np.zeros(MAX_FRAME * channels, dtype=np.int16)
         self._next: int | None = None   # the timestamp that continues the last decoded packet
         self._last_at = 0.0             # monotonic time of the last decoded packet
         self.frames = 0
@@ -124,14 +146,16 @@ class FecOpusDecoder(Decoder):
             self._state = None
 
     def _decode(self, data: bytes | None, samples: int, fec: bool, pts: int) -> Frame | None:
+        """One frame of `samples` (48 kHz units) decoded at this decoder's rate."""
         out = self._pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_int16))
-        n = self._lib.opus_decode(self._state, data, len(data) if data else 0, out, samples, int(fec))
+        n = self._lib.opus_decode(self._state, data, len(data) if data else 0, out, samples // self._per_rtp,
+                                  int(fec))
         if n <= 0:
             log.debug("opus_decode failed (%d)", n)
             return None
-        frame = av.AudioFrame.from_ndarray(self._pcm[: n * CHANNELS].reshape(1, -1).copy(), format="s16",
-                                           layout="stereo")
-        frame.sample_rate = RATE
+        frame = av.AudioFrame.from_ndarray(self._pcm[: n * self.channels].reshape(1, -1).copy(), format="s16",
+                                           layout=self._layout)
+        frame.sample_rate = self.rate
         frame.pts = pts
         frame.time_base = TIME_BASE
         return frame
@@ -181,6 +205,21 @@ class FecOpusDecoder(Decoder):
         return frames
 
 
+class _OpusByStream(Decoder):
+    """The Opus decoder of one receiver, its output chosen by the first frame: the server's microphone
+    (`MicrophoneFrame`) at 16 kHz mono, any other stream at aiortc's 48 kHz stereo. A receiver's frames all
+    come from one jitter buffer, so the first frame speaks for the stream."""
+
+    def __init__(self) -> None:
+        self.inner: FecOpusDecoder | None = None
+
+    def decode(self, encoded_frame: JitterFrame) -> list[Frame]:
+        if self.inner is None:
+            mic = isinstance(encoded_frame, MicrophoneFrame)
+            self.inner = FecOpusDecoder(rate=MIC_RATE, channels=MIC_CHANNELS) if mic else FecOpusDecoder()
+        return self.inner.decode(encoded_frame)
+
+
 class _BatchDecoder(Decoder):
     """aiortc's decoder of another audio codec (G.711, G.722), fed a `JitterBatch` part by part."""
 
@@ -197,11 +236,11 @@ class _BatchDecoder(Decoder):
 
 
 def get_decoder(codec: RTCRtpCodecParameters) -> Decoder:
-    """aiortc's decoder for `codec`, with FEC and concealment for Opus; every audio decoder takes a
-    `JitterBatch`."""
+    """aiortc's decoder for `codec`, with FEC and concealment for Opus (the server's microphone decoded to
+    16 kHz mono); every audio decoder takes a `JitterBatch`."""
     mime = codec.mimeType.lower()
     if mime == "audio/opus":
-        return FecOpusDecoder()
+        return _OpusByStream()
     if mime.startswith("audio/"):
         return _BatchDecoder(aiortc_get_decoder(codec))
     return aiortc_get_decoder(codec)
@@ -237,4 +276,5 @@ def install() -> None:
     install_decoder()
 
 
-__all__ = ["FecOpusDecoder", "JitterBatch", "decoder_installed", "install", "install_decoder", "offer_inband_fec"]
+__all__ = ["MIC_CHANNELS", "MIC_RATE", "FecOpusDecoder", "JitterBatch", "MicrophoneFrame", "decoder_installed",
+           "install", "install_decoder", "offer_inband_fec"]

@@ -21,6 +21,7 @@ import fractions
 import logging
 import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Callable
 
 import av
@@ -113,8 +114,46 @@ def video_frame(image: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
 
-def _frame_of(out) -> av.VideoFrame:
-    return video_frame(out.image)
+@dataclass(frozen=True)
+class VideoStep:
+    """What the video track sends of the avatar's frames: `scale` of its size (each side rounded to an
+    even number, for 4:2:0) and every `fps_divisor`-th tick. The step is chosen per link
+    (server/media/link_quality.py `VideoLadder`); the media clock is untouched: a frame left out is still taken
+    from the engine on its tick, and a frame sent keeps the pts of its tick, so A/V sync holds."""
+
+    scale: float = 1.0
+    fps_divisor: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.scale <= 1.0 or self.fps_divisor < 1:
+            raise ValueError(f"bad video step {self}")
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The sent size of a `width` x `height` frame."""
+        if self.scale == 1.0:
+            return width, height
+        return max(2, 2 * round(width * self.scale / 2)), max(2, 2 * round(height * self.scale / 2))
+
+
+FULL = VideoStep()
+
+
+def scaled_frame(image: np.ndarray, step: VideoStep) -> av.VideoFrame:
+    """`video_frame` of the image at the step's size: scaled once here (area interpolation, before the
+    colour conversion, which then costs less), so the encoder gets the smaller frame and follows it
+    (aiortc's VP8 and H.264 encoders reopen the codec on a size change: the next frame is a keyframe
+    that carries the new size)."""
+    height, width = image.shape[:2]
+    size = step.size(width, height)
+    if size != (width, height):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return video_frame(image)
+
+
+def _frame_of(out, step: VideoStep = FULL) -> tuple[av.VideoFrame, tuple[int, int]]:
+    """The frame to send and the engine frame's (width, height); runs where the image is composed."""
+    image = out.image
+    return scaled_frame(image, step), (int(image.shape[1]), int(image.shape[0]))
 
 
 class _EngineTrack(MediaStreamTrack):
@@ -133,7 +172,11 @@ class _EngineTrack(MediaStreamTrack):
 
 
 class AvatarVideoTrack(_EngineTrack):
-    """The avatar, one frame per tick at the avatar's fps, pts on the shared clock (time base 1/90000)."""
+    """The avatar, one frame per tick at the avatar's fps, pts on the shared clock (time base 1/90000).
+
+    On a thin link the session's link task sets a smaller `VideoStep` (`set_step`): a smaller frame
+    and/or every other tick. The engine still gives a frame on every tick (its timeline is the audio's);
+    a tick left out is taken and dropped on its time, as the skip-ahead below does."""
 
     kind = "video"
 
@@ -145,15 +188,36 @@ class AvatarVideoTrack(_EngineTrack):
         self._clock = clock
         self._index = 0
         self._executor = executor  # where frames are composited and converted (None: on the loop)
+        self._step = FULL
+        self.source_size: tuple[int, int] | None = None   # (width, height) of the engine's frames
+        self.thinned = 0   # ticks taken from the engine and not sent (a frame-rate step)
         self.stats = PacerStats()
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    @property
+    def step(self) -> VideoStep:
+        return self._step
+
+    def set_step(self, step: VideoStep) -> None:
+        """Send from the next frame on at `step` (the link task's choice)."""
+        if step != self._step:
+            log.info("video step: %s -> %s (source %s)", self._step, step, self.source_size)
+        self._step = step
 
     async def _to_frame(self, out) -> av.VideoFrame:
         """The engine's frame as an encoder-ready av.VideoFrame: the mouth paste (VideoOut.image is
         composed on first access) and the BGR -> I420 conversion, ~0.8 ms for the default 512 px avatar,
         run on the executor; the hop costs the loop ~0.05 ms."""
+        step = self._step
         if self._executor is None:
-            return video_frame(out.image)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _frame_of, out)
+            frame, size = _frame_of(out, step)
+        else:
+            frame, size = await asyncio.get_running_loop().run_in_executor(self._executor, _frame_of, out, step)
+        self.source_size = size
+        return frame
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -169,12 +233,16 @@ class AvatarVideoTrack(_EngineTrack):
                     self._source.next_video_frame()
                 self.stats.skipped += due - self._index
                 self._index = due
-            k = self._index
-            self._index += 1
-            lateness = await _sleep_until(t0 + k / self._fps)
-            if self.readyState != "live":
-                raise MediaStreamError
-            out = self._source.next_video_frame()  # the engine's bookkeeping, on the loop (not thread-safe)
+            while True:
+                k = self._index
+                self._index += 1
+                lateness = await _sleep_until(t0 + k / self._fps)
+                if self.readyState != "live":
+                    raise MediaStreamError
+                out = self._source.next_video_frame()  # the engine's bookkeeping, on the loop (not thread-safe)
+                if k % self._step.fps_divisor == 0:
+                    break
+                self.thinned += 1   # a frame-rate step: this tick is not sent
             frame = await self._to_frame(out)
         except (MediaStreamError, asyncio.CancelledError):
             raise

@@ -255,7 +255,7 @@ def start_session(state: ServerState, session: Session) -> None:
                                       on_end=lambda: _close(state, session, "microphone ended")),
                       "microphone")
     session.spawn(_end_after(state, session, state.config.max_session_s), "max-session")
-    session.spawn(watch_link(session.pc, session.link), "link-quality")
+    session.spawn(watch_link(session.pc, session.link, session.video), "link-quality")
 
 
 def _close(state: ServerState, session: Session, reason: str) -> None:
