@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -184,7 +185,7 @@ async def healthz(request: web.Request) -> web.Response:
     }, status=200 if status == "ok" else 503)
 
 
-def public_engine_info(info: dict) -> dict[str, str]:
+def public_engine_info(info: dict[str, Any]) -> dict[str, str]:
     """The engine's facts for /healthz, without where its files are: the checkpoint by its file name."""
     out = {k: public_text(str(v)) for k, v in info.items()}
     if info.get("checkpoint") not in (None, "none"):

@@ -46,7 +46,7 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 async def serve_async(config: ServerConfig, engine: Engine | None = None,
-                      started: asyncio.Future | None = None,
+                      started: asyncio.Future[int] | None = None,
                       stop: asyncio.Event | None = None,
                       handoff: socket.socket | None = None, seat: WorkerSeat | None = None) -> None:
     """Serve until `stop` is set (or a signal arrives). `started` gets the bound port.
@@ -229,9 +229,9 @@ def worker_main(config: ServerConfig, index: int, generation: int, channel: sock
         raise SystemExit(1) from None
 
 
-async def serve_workers_async(config: ServerConfig, workers: int, started: asyncio.Future | None = None,
+async def serve_workers_async(config: ServerConfig, workers: int, started: asyncio.Future[int] | None = None,
                               stop: asyncio.Event | None = None,
-                              supervisor: asyncio.Future | None = None) -> None:
+                              supervisor: asyncio.Future[Supervisor] | None = None) -> None:
     """Serve with `workers` processes behind the one port until `stop` (or SIGINT/SIGTERM).
     `started` gets the port, `supervisor` the Supervisor (tests kill its workers)."""
     operator = OperatorAuth.from_config(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -77,7 +78,7 @@ class ServerState:
     def draining(self) -> bool:
         return self.drain_until is not None
 
-    def notice(self) -> dict | None:
+    def notice(self) -> dict[str, Any] | None:
         """What a live session's page is told while the server drains (GET /sessions/{id})."""
         if self.drain_until is None:
             return None

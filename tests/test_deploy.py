@@ -312,7 +312,7 @@ async def test_aiortc_client_relay_only_through_coturn(deployment):
         client.pc = RTCPeerConnection(RTCConfiguration(
             iceServers=[RTCIceServer(urls=turn_url, username=username, credential=credential)],
             iceTransportPolicy=RTCIceTransportPolicy.RELAY))
-        client.pc.on("track", client._on_track)
+        client.pc.on("track", client.on_track)
         try:
             await client.connect()
             assert "typ host" not in client.pc.localDescription.sdp and "typ relay" in client.pc.localDescription.sdp

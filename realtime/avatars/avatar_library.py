@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -105,9 +105,9 @@ class AvatarEntry:
     failed_at: float | None = None       # time.monotonic() when it failed
     removing_until: float | None = None  # time.monotonic() until which a reserved removal holds it
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
-        out: dict = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
                      "sessions": self.users}
         if self.state is AvatarState.PREPARING:
             out["progress"] = round(self.progress, 3)
@@ -220,7 +220,7 @@ class AvatarLibrary:
                     del self._entries[entry.id]
                 raise
             keep_file = True
-        future: Future = executor.submit(self._run, entry, path, keep_file, False)
+        future: Future[None] = executor.submit(self._run, entry, path, keep_file, False)
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
 
@@ -309,7 +309,7 @@ class AvatarLibrary:
             entry = AvatarEntry(id=avatar_id, name=name, source=file,
                                 added_at=float(meta.get("added_at", time.time())))
             self._entries[avatar_id] = entry
-        future: Future = executor.submit(self._run, entry, path, True, False)
+        future: Future[None] = executor.submit(self._run, entry, path, True, False)
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
 

@@ -124,7 +124,8 @@ def _bin_centres() -> np.ndarray:
     """Centroid frequency of each Slaney mel filter (within a few Hz of its centre)."""
     basis = mel_basis().astype(np.float64)
     freqs = np.linspace(0.0, 8000.0, basis.shape[1])
-    return (basis @ freqs) / basis.sum(axis=1)
+    result: np.ndarray = (basis @ freqs) / basis.sum(axis=1)
+    return result
 
 
 def column_times_ms(config: MouthParamsConfig) -> np.ndarray:
@@ -138,7 +139,8 @@ def _kernel(t_ms: np.ndarray, lead_ms: float, attack_ms: float, release_ms: floa
     ahead = t_ms - lead_ms
     w = np.where(ahead >= 0, np.exp(-ahead / attack_ms), np.exp(ahead / release_ms))
     w[0] *= 0.5
-    return (w / w.max()).astype(np.float32)  # a steady sound gives its full value
+    result: np.ndarray = (w / w.max()).astype(np.float32)  # a steady sound gives its full value
+    return result
 
 
 def _plateau(t_ms: np.ndarray, span: tuple[float, float], decay_ms: float) -> np.ndarray:
@@ -183,16 +185,19 @@ def _lifter_matrix(n_bins: int, keep: int) -> np.ndarray:
     dct = np.cos(np.pi * k * (j + 0.5) / n_bins) * np.sqrt(2.0 / n_bins)
     dct[0] /= np.sqrt(2.0)  # orthonormal DCT-II, so the inverse is the transpose
     taper = np.where(np.arange(n_bins) < keep, 0.5 + 0.5 * np.cos(np.pi * np.arange(n_bins) / keep), 0.0)
-    return (dct.T * taper) @ dct
+    result: np.ndarray = (dct.T * taper) @ dct
+    return result
 
 
 def _envelope(db: np.ndarray, keep: int) -> np.ndarray:
     """(B, 80, T) dB -> smooth spectral envelope (B, 80, T) by cepstral liftering across the bins."""
-    return np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    result: np.ndarray = np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    return result
 
 
 def _band_db(power: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return 10.0 * np.log10(np.sum(power[:, mask], axis=1) + 1e-3)
+    result: np.ndarray = 10.0 * np.log10(np.sum(power[:, mask], axis=1) + 1e-3)
+    return result
 
 
 def _first_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, within_db: float) -> np.ndarray:
@@ -202,7 +207,8 @@ def _first_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, within_
     e = env[:, mask]  # (B, k, T)
     pad = np.pad(e, ((0, 0), (1, 1), (0, 0)), mode="constant", constant_values=-np.inf)
     is_peak = (e >= pad[:, :-2]) & (e >= pad[:, 2:]) & (e >= e.max(axis=1, keepdims=True) - within_db)
-    return freqs[mask][np.argmax(is_peak, axis=1)]  # argmax of a bool finds the first True
+    result: np.ndarray = freqs[mask][np.argmax(is_peak, axis=1)]  # argmax of a bool finds the first True
+    return result
 
 
 def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, above_hz: np.ndarray) -> np.ndarray:
@@ -214,7 +220,8 @@ def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, abo
     is_peak = (e > pad[:, :-2]) & (e >= pad[:, 2:]) & np.isfinite(e)
     peaks = np.where(is_peak, e, -np.inf)
     best = np.where(is_peak.any(axis=1), np.argmax(peaks, axis=1), np.argmax(e, axis=1))
-    return f[best]
+    result: np.ndarray = f[best]
+    return result
 
 
 def _vowel_shape(f1: np.ndarray, f2: np.ndarray, config: MouthParamsConfig) -> np.ndarray:
@@ -337,4 +344,5 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     shape *= np.max(vote, axis=1)[:, None] * (1.0 - close)[:, None]
     teeth = np.maximum(sibilant, bite)
     out = np.concatenate([opening[:, None], shape, close[:, None], bite[:, None], teeth[:, None]], axis=1)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    result: np.ndarray = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return result

@@ -166,12 +166,14 @@ def feather_alpha(geom: FrameGeometry, frame_shape: tuple[int, ...], margin: int
 
     ay = ramp(y2 - y1, y1 == 0, y2 == H)
     ax = ramp(x2 - x1, x1 == 0, x2 == W)
-    return (ay[:, None] * ax[None, :]).astype(np.float32)
+    result: np.ndarray = (ay[:, None] * ax[None, :]).astype(np.float32)
+    return result
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
+    result: np.ndarray = x * x * (3.0 - 2.0 * x)
+    return result
 
 
 def _lerp_step(x: np.ndarray, full: float, zero: float) -> np.ndarray:

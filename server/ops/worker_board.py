@@ -100,7 +100,7 @@ class Board:
     def total_free_slots(self) -> int:
         return sum(r.free_slots for r in self.rows() if r.ready)
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[dict[str, Any]]:
         return [{"worker": r.index, "generation": r.generation, "ready": r.ready, "free_slots": r.free_slots,
                  "sessions": r.sessions, "capacity": r.capacity, "stuck": r.stuck} for r in self.rows()]
 
@@ -140,7 +140,7 @@ def receive_connections(channel: socket.socket, protocol_factory: Callable[[], a
     The supervisor only peeked at the request line, so the worker reads the request from its first byte."""
     loop = asyncio.get_running_loop()
     channel.setblocking(False)
-    pending: set[asyncio.Task] = set()
+    pending: set[asyncio.Task[Any]] = set()
 
     def readable() -> None:
         while True:

@@ -47,7 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Callable
+from typing import Any, Callable
 
 from multidict import CIMultiDict
 
@@ -399,7 +399,7 @@ class Supervisor:
 
     async def _accept(self, listener: socket.socket, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[Any]] = set()
         while not stop.is_set():
             conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
@@ -409,7 +409,7 @@ class Supervisor:
 
     # -- the whole ---------------------------------------------------------------------------------------
 
-    async def run(self, listener: socket.socket, stop: asyncio.Event, started: asyncio.Future | None = None,
+    async def run(self, listener: socket.socket, stop: asyncio.Event, started: asyncio.Future[int] | None = None,
                   drain: asyncio.Event | None = None, shutdown_timeout_s: float = 10.0) -> None:
         """Serve until `stop`; `drain` (SIGTERM) first lets every worker drain while routing goes on."""
         listener.setblocking(False)
@@ -417,7 +417,7 @@ class Supervisor:
         # The workers' peer sockets (server/ops/worker_peers.py): private to this user (mkdtemp: mode 0700).
         self.board.peers_dir = tempfile.mkdtemp(prefix="lipsync-workers-")
         watch = asyncio.get_running_loop().create_task(self._watch(stop, drain), name="workers-watch")
-        accept: asyncio.Task | None = None
+        accept: asyncio.Task[Any] | None = None
         try:
             # Until a worker serves, connections wait in the listen backlog.
             waits = [asyncio.ensure_future(self._serving.wait()), asyncio.ensure_future(stop.wait())]

@@ -27,6 +27,7 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -70,7 +71,7 @@ def entry_of(request: web.Request) -> AvatarEntry:
         raise ApiError(404, str(exc)) from None
 
 
-def describe(request: web.Request, entry: AvatarEntry) -> dict:
+def describe(request: web.Request, entry: AvatarEntry) -> dict[str, Any]:
     out = entry.describe()
     if "error" in out:  # a failed --avatars file is named in it: by its name, never its path
         out["error"] = public_text(out["error"])
@@ -123,7 +124,7 @@ async def remove_avatar(request: web.Request) -> web.Response:
         raise ApiError(404, str(exc)) from None
     except AvatarInUse as exc:
         raise ApiError(409, str(exc)) from None
-    body: dict = {"id": avatar_id, "removed": True}
+    body: dict[str, Any] = {"id": avatar_id, "removed": True}
     if state.peers is not None:
         missing = [a.missing() for a in await state.peers.ask("DELETE", f"/avatars/{avatar_id}")
                    if not a.ok and a.status != 404]
