@@ -112,9 +112,21 @@ def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    sessions = state_of(request).sessions
-    return web.json_response({"sessions": [s.describe() for s in sessions],
-                              "max_sessions": sessions.max_sessions})
+    """Every session of the server: with --workers N this worker's and the others' (server/ops/worker_peers.py:
+    a worker that does not answer in time is named in `workers_missing`, never waited for)."""
+    state = state_of(request)
+    sessions = state.sessions
+    listed = [s.describe() for s in sessions]
+    if state.peers is None:
+        return web.json_response({"sessions": listed, "max_sessions": sessions.max_sessions})
+    missing = []
+    for answer in await state.peers.ask("GET", "/sessions"):
+        if answer.ok:
+            listed.extend(answer.body["sessions"])
+        else:
+            missing.append(answer.missing())
+    return web.json_response({"sessions": listed, "max_sessions": state.sessions_total() + state.free_slots(),
+                              **({"workers_missing": missing} if missing else {})})
 
 
 async def get_session(request: web.Request) -> web.Response:
