@@ -69,11 +69,17 @@ import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
+from aiortc import MediaStreamTrack
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/abuse.py`: the harness is this checkout's
+
+from bench.client import PeerClient, bearer, local_offer  # noqa: E402
+
 TOKEN = "bench-operator-token-0123456789abcdef"
 EVIL = "https://evil.example"
 
@@ -177,60 +183,30 @@ class Server:
 # -- the live client -------------------------------------------------------------------------------
 
 
-class LiveClient:
-    """One aiortc peer receiving the avatar; counts frames as they arrive."""
+class LiveClient(PeerClient):
+    """One peer (bench/client.py) receiving the avatar; counts video frames as they arrive."""
 
     def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
-        from aiortc import RTCConfiguration, RTCPeerConnection
-
-        self.url, self.http = url, http
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        super().__init__(url, http)
+        self.url = url  # the server's root, ending in "/"
         self.frame_times: list[float] = []
-        self.session_id = ""
-        self.token: str | None = None
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", lambda t: self._tasks.append(asyncio.ensure_future(self._read(t))))
 
-    async def _read(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+    def on_frame(self, kind: str, frame: object, arrival: float) -> None:
+        if kind == "video":
+            self.frame_times.append(arrival)
 
-        while True:
-            try:
-                await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                self.frame_times.append(time.monotonic())
-
-    async def connect(self) -> None:
-        from aiortc import RTCSessionDescription
-
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with self.http.post(self.url + "offer", json={"sdp": self.pc.localDescription.sdp,
-                                                           "type": "offer"}) as resp:
-            answer = await resp.json()
-            assert resp.status == 200, answer
-        self.session_id, self.token = answer["session_id"], answer.get("session_token")
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+    async def connect(self, microphone: MediaStreamTrack | None = None, **kwargs: Any) -> dict[str, Any]:
+        answer = await super().connect(microphone, **kwargs)
         deadline = time.monotonic() + 30
         while len(self.frame_times) < 25:
             assert time.monotonic() < deadline, "no video"
             await asyncio.sleep(0.1)
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return answer
 
     def fps(self, start: float, end: float) -> float:
         frames = [t for t in self.frame_times if start <= t < end]
         return round(len(frames) / (end - start), 2) if end > start else 0.0
 
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
 
 
 # -- attacks ---------------------------------------------------------------------------------------
@@ -294,13 +270,8 @@ async def attack_uploads(http, client: LiveClient, data: bytes, n: int, watch: R
 
 
 async def attack_offer_option(http, url: str, value: str) -> dict:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
     body = '{"sdp": %s, "type": "offer", "options": {"compute_budget_frames": %s}}' % (
-        json.dumps(pc.localDescription.sdp), value)
+        json.dumps(await local_offer()), value)
     async with http.post(url + "offer", data=body, headers={"Content-Type": "application/json"}) as resp:
         text = await resp.text()
         out = {"status": resp.status}
@@ -308,15 +279,14 @@ async def attack_offer_option(http, url: str, value: str) -> dict:
             session = json.loads(text)
             out["session_id_created"] = True
             async with http.get(f"{url}sessions/{session['session_id']}",
-                                headers={"Authorization": f"Bearer {session.get('session_token') or TOKEN}"}) as r:
+                                headers=bearer(session.get("session_token") or TOKEN)) as r:
                 engine = (await r.json()).get("engine", {})
                 out["latency_budget_ms"] = engine.get("latency_budget_ms")
             async with http.delete(f"{url}sessions/{session['session_id']}",
-                                   headers={"Authorization": f"Bearer {session.get('session_token') or TOKEN}"}):
+                                   headers=bearer(session.get("session_token") or TOKEN)):
                 pass
         else:
             out["error"] = text[:160]
-    await pc.close()
     return out
 
 
@@ -368,17 +338,12 @@ async def attack_say_flood(http, client: LiveClient, pid: int) -> dict:
 
 
 async def attack_offer_flood(http, url: str) -> dict:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
+    sdp = await local_offer()
     statuses: dict[str, int] = {}
     for _ in range(40):
-        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+        async with http.post(url + "offer", json={"sdp": sdp, "type": "offer"}) as resp:
             await resp.read()
             statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
-    await pc.close()
     return {"statuses": statuses}
 
 
@@ -431,7 +396,7 @@ async def loop_metrics(http, url: str) -> dict:
     """What /metrics says about the event loop (None: the series does not exist on that server)."""
     names = ("lipsync_event_loop_lag_p99_seconds", "lipsync_event_loop_lag_max_seconds",
              "lipsync_event_loop_stalls_total")
-    async with http.get(url + "metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+    async with http.get(url + "metrics", headers=bearer(TOKEN)) as resp:
         lines = (await resp.text()).splitlines()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line and not line.startswith("#")}
     return {name.removeprefix("lipsync_event_loop_"): values.get(name) for name in names}
@@ -540,13 +505,7 @@ class StunPorts:
 
 async def offer_naming(targets: list[tuple[str, int]], ufrag: str | None = None, extra: str = "") -> str:
     """A real aiortc offer (recvonly video) whose m-line also names `targets` as host candidates."""
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
+    sdp = await local_offer()
     lines = "".join(f"a=candidate:{100 + k} 1 udp 2130706431 {host} {port} typ host\r\n"
                     for k, (host, port) in enumerate(targets))
     sdp = sdp.replace("a=end-of-candidates\r\n", lines + "a=end-of-candidates\r\n", 1)
@@ -567,7 +526,7 @@ async def attack_ice_probe(http, url: str, n: int) -> dict:
             out["error"] = body.get("error", "")[:120]
         else:
             async with http.delete(f"{url}sessions/{body['session_id']}",
-                                   headers={"Authorization": f"Bearer {body['session_token']}"}):
+                                   headers=bearer(body["session_token"])):
                 pass
         return out
     finally:
@@ -583,7 +542,7 @@ async def attack_ice_ufrag(http, url: str) -> dict:
         counted = await ports.count(3.0)
         if resp.status == 200:
             async with http.delete(f"{url}sessions/{body['session_id']}",
-                                   headers={"Authorization": f"Bearer {body['session_token']}"}):
+                                   headers=bearer(body["session_token"])):
                 pass
         return {"status": resp.status, **counted,
                 "attacker_bytes_in_username": any(b"|" in u for u in ports.usernames)}
@@ -600,7 +559,7 @@ async def attack_data_channel(http, url: str) -> dict:
         body = await resp.json()
     if resp.status == 200:
         async with http.delete(f"{url}sessions/{body['session_id']}",
-                               headers={"Authorization": f"Bearer {body['session_token']}"}):
+                               headers=bearer(body["session_token"])):
             pass
     return {"status": resp.status}
 

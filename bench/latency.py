@@ -5,8 +5,9 @@ client on loopback, per renderer, in one run.
 
 Measured at the client (time.monotonic of the bench process; received media is timed when aiortc hands
 the decoded frame over, i.e. after its jitter buffer, plus the onset's offset inside its 20 ms frame). The
-client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: audio
-plays after 1 packet (`--client-audio-prefetch`; aiortc holds 4), and a video frame is complete at its
+client's receive buffers behave like a browser's on a clean loopback, not like aiortc's defaults: each audio
+packet plays as it arrives (`bench.netimpair.PerPacketAudioBuffer`; `--client-audio-prefetch N` puts aiortc's
+buffer back, which holds N packets and then one more until the next arrives), and a video frame is complete at its
 marker bit (`bench.netimpair.MarkerJitterBuffer`; aiortc waits for the next frame's first packet, 40 ms). The microphone
 stand-in sends 48 kHz frames, as a browser captures (aiortc's Opus encoder holds 16 kHz frames back 20 ms).
 - push: a speech file (16 kHz wav, leading silence trimmed) is uploaded with POST /sessions/{id}/audio;
@@ -49,15 +50,16 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.client import OfferRefused, PeerClient  # noqa: E402
 from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server, summary, wav_bytes  # noqa: E402
-from bench.netimpair import MarkerJitterBuffer  # noqa: E402
+from bench.netimpair import MarkerJitterBuffer, PerPacketAudioBuffer  # noqa: E402
 
 log = logging.getLogger("bench.latency")
 
@@ -154,64 +156,44 @@ class Received:
     video: list[tuple[float, np.ndarray]] = field(default_factory=list)       # (arrival, mouth crop)
 
 
-class Client:
+class Client(PeerClient):
+    """The bench's peer (bench/client.py): keeps every received audio frame and a downscaled crop of the
+    mouth in every video frame, with their arrival times."""
+
     def __init__(self, server: Server, http: aiohttp.ClientSession, mouth_box: tuple[int, int, int, int],
                  audio_prefetch: int) -> None:
-        self.server, self.http = server, http
+        super().__init__(server.url, http)
+        self.server = server
         self.audio_prefetch = audio_prefetch
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.mouth_box = mouth_box
         self.received = Received()
-        self.session_id = ""
-        self.token = ""
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        y1, y2, x1, x2 = self.mouth_box
-        while True:
-            try:
-                frame: Any = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
-            if track.kind == "video":
-                gray = frame.to_ndarray(format="gray")
-                self.received.video.append((now, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
-            else:
-                data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
-                self.received.audio.append((now, data.astype(np.float32), frame.sample_rate))
-
-    async def connect(self, microphone: MediaStreamTrack | None = None) -> None:
-        if microphone is not None:
-            self.pc.addTrack(microphone)
+    def on_frame(self, kind: str, frame: Any, arrival: float) -> None:
+        if kind == "video":
+            y1, y2, x1, x2 = self.mouth_box
+            gray = frame.to_ndarray(format="gray")
+            self.received.video.append((arrival, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
         else:
-            self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        for transceiver in self.pc.getTransceivers():
-            if transceiver.kind == "audio":
-                set_audio_prefetch(transceiver.receiver, self.audio_prefetch)
-            else:
-                transceiver.receiver._RTCRtpReceiver__jitter_buffer = MarkerJitterBuffer(capacity=512, is_video=True)
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        async with self.http.post(self.server.endpoint("/offer"), json=body) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"bench/latency.py: offer refused: {answer}")
-        self.session_id = answer["session_id"]
-        self.token = str(answer.get("session_token") or "")
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+            self.received.audio.append((arrival, data.astype(np.float32), frame.sample_rate))
+
+    def tune(self, transceiver: RTCRtpTransceiver) -> None:
+        if transceiver.kind == "audio":
+            set_audio_prefetch(transceiver.receiver, self.audio_prefetch)
+        else:
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = MarkerJitterBuffer(capacity=512, is_video=True)
+
+    async def connect(self, microphone: MediaStreamTrack | None = None, **kwargs: Any) -> dict[str, Any]:
+        try:
+            answer = await super().connect(microphone, **kwargs)
+        except OfferRefused as refused:
+            raise SystemExit(f"bench/latency.py: offer refused: {refused.body}") from None
         deadline = time.monotonic() + 60
         while len(self.received.video) < 25 or not self.received.audio:
             if time.monotonic() > deadline:
                 raise SystemExit("bench/latency.py: no media from the server")
             await asyncio.sleep(0.05)
-
-    @property
-    def auth(self) -> dict[str, str]:
-        """The session's routes need its token (server/access/auth.py)."""
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return answer
 
     async def upload(self, wav: bytes) -> float:
         """POST a wav to the session; returns the time the POST returned."""
@@ -223,12 +205,6 @@ class Client:
     async def metrics(self) -> dict:
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
             return await resp.json()
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- what arrived ----------------------------------------------------------------------------
     def audio_onset_after(self, t0: float) -> float | None:
@@ -264,11 +240,12 @@ class Client:
 
 
 def set_audio_prefetch(receiver: Any, prefetch: int) -> None:
-    """The client's audio jitter buffer: aiortc holds 4 packets (80 ms) before playing any; a browser's
-    adaptive buffer (NetEq) holds far less on a clean loopback. This is the bench client's own setting
-    (aiortc internals, aiortc 1.x), reported in the output; the server is untouched."""
-
-    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
+    """The client's audio jitter buffer: 0 hands each packet on as it arrives (a browser's adaptive buffer,
+    NetEq, on a clean loopback); N >= 1 is aiortc's own buffer holding N packets (its default is 4 = 80 ms).
+    This is the bench client's own setting (aiortc internals, aiortc 1.x), reported in the output; the
+    server is untouched."""
+    receiver._RTCRtpReceiver__jitter_buffer = (PerPacketAudioBuffer() if prefetch == 0
+                                               else JitterBuffer(capacity=16, prefetch=prefetch))
 
 
 def idle_distance(idle: np.ndarray, crop: np.ndarray) -> float:
@@ -327,7 +304,7 @@ async def push_trials(client: Client, clip: np.ndarray, idle: np.ndarray, thresh
 
 async def stream_trials(client: Client, clip: np.ndarray, speed: float, n: int) -> dict:
     url = client.server.endpoint(f"/sessions/{client.session_id}/stream?rate={RATE}&channels=1&format=s16"
-                                 f"&token={client.token}")
+                                 f"&token={client.token or ''}")
     chunk = RATE // 50
     pcm = pcm16(clip)
     values = []
@@ -440,13 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renderers", default="default,wav2lip:training,wav2lip:official")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--text", default=TEXT)
-    parser.add_argument("--client-audio-prefetch", type=int, default=1,
-                        help="packets the bench client's audio jitter buffer holds before playing (aiortc's "
-                             "own default is 4 = 80 ms; 1 is closer to a browser on loopback)")
+    parser.add_argument("--client-audio-prefetch", type=int, default=0,
+                        help="packets the bench client's audio jitter buffer holds before playing: 0 = each "
+                             "as it arrives, as a browser on loopback (aiortc's own default is 4 = 80 ms)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.trials < 1:
         raise SystemExit("--trials must be >= 1")
+    if args.client_audio_prefetch < 0:
+        raise SystemExit("--client-audio-prefetch must be >= 0")
     clip = espeak_clip_16k(args.text)
     box, loop_s = mouth_box()
     results: dict[str, Any] = {}

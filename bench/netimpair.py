@@ -363,6 +363,23 @@ class MarkerJitterBuffer(JitterBuffer):
                            timestamp=packets[0].timestamp)
 
 
+class PerPacketAudioBuffer(JitterBuffer):
+    """A client's audio receive buffer that hands each RTP packet (a whole Opus frame) on as it arrives, as
+    a browser's NetEq plays it on a clean loopback. aiortc's own buffer, even with prefetch=1, completes a
+    frame only when the *next* packet arrives (a packet with another timestamp), which delays every
+    returned sound by one packet (20 ms) against the video. A missing packet holds the ones behind it."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        super().__init__(capacity=capacity)
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        packet = None if self._origin is None else self._packets[self._origin % self._capacity]
+        if packet is None:
+            return None
+        self.remove(1)
+        return JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+
+
 class GiveUpJitterBuffer(MarkerJitterBuffer):
     """The client's video receive buffer, as a browser's behaves (for the aiortc client of the tests and
     the bench): a frame is complete at its marker bit; a hole is waited for (NACK repairs it) for at

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
+
+from bench.client import PeerClient
 
 RATE = 16000
 TONES = {"one": (400.0, 1.0), "two": (600.0, 3.0)}   # utterance -> (Hz, seconds)
@@ -102,52 +102,27 @@ class ScenarioResult:
         return out
 
 
-class _Receiver:
-    def __init__(self) -> None:
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+class _Receiver(PeerClient):
+    """The peer (bench/client.py) that hears the avatar: keeps the received audio, counts video frames."""
+
+    def __init__(self, base: str, http: aiohttp.ClientSession) -> None:
+        super().__init__(base, http)
         self.heard = Heard()
         self.video_frames = 0
         self.video_started = asyncio.Event()   # set after a few frames: the peer connection is up
-        self.token: str | None = None
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                self.video_frames += 1
-                if self.video_frames >= 5:
-                    self.video_started.set()
-                continue
-            if not isinstance(frame, av.AudioFrame):
-                continue
-            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
-            self.heard.rate = frame.sample_rate
-            self.heard.chunks.append(data.mean(axis=1) / 32768.0)
-            self.heard.arrivals.append(time.monotonic())
-
-    async def connect(self, base: str, http: aiohttp.ClientSession, headers: dict) -> str:
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        async with http.post(base + "/offer", json=body, headers=headers) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise RuntimeError(f"offer refused: {resp.status} {answer}")
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-        self.token = answer.get("session_token")   # the session's credential, where the server has auth
-        return str(answer["session_id"])
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def on_frame(self, kind: str, frame: av.AudioFrame | av.VideoFrame, arrival: float) -> None:
+        if kind == "video":
+            self.video_frames += 1
+            if self.video_frames >= 5:
+                self.video_started.set()
+            return
+        if not isinstance(frame, av.AudioFrame):
+            return
+        data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
+        self.heard.rate = frame.sample_rate
+        self.heard.chunks.append(data.mean(axis=1) / 32768.0)
+        self.heard.arrivals.append(arrival)
 
 
 async def _wait_for(events: list[dict], kind: str, utterance: str, within_s: float) -> dict:
@@ -166,9 +141,10 @@ async def run_scenario(base: str, http: aiohttp.ClientSession, headers: dict | N
     """Two utterances over the WebSocket, the second interrupted `interrupt_after_s` after it started."""
     headers = headers or {}
     to_monotonic = time.monotonic() - time.time()
-    receiver = _Receiver()
+    receiver = _Receiver(base, http)
     try:
-        session_id = await receiver.connect(base.rstrip("/"), http, headers)
+        await receiver.connect(headers=headers)   # the session's token, where the server has auth: .token
+        session_id = receiver.session_id
         await asyncio.wait_for(receiver.video_started.wait(), 15)
         events: list[dict] = []
         url = base.rstrip("/") + f"/sessions/{session_id}/stream?rate={RATE}"

@@ -64,19 +64,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import aiortc.rtcrtpreceiver
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 SELF = Path(__file__).resolve()
 ROOT = SELF.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.client import PeerClient  # noqa: E402
 from bench.common import make_speech, wav_bytes  # noqa: E402
 from server.network.ice import use_host_addresses  # noqa: E402
 
@@ -309,46 +310,31 @@ class ClientStats:
     last_pts: int | None = None
 
 
-class SoakClient:
-    """One aiortc peer: receives the avatar; a microphone track or speech pushed over HTTP."""
+class SoakClient(PeerClient):
+    """One peer (bench/client.py): receives the avatar; a microphone track or speech pushed over HTTP."""
 
     def __init__(self, url: str, http: aiohttp.ClientSession, microphone: bool, speech: np.ndarray,
                  seed: int, auto_push: bool = True, mic_gap_s: tuple[float, float] = (2.0, 6.0)) -> None:
-        self.url = url
-        self.http = http
+        super().__init__(url, http)
+        self.url = self.base_url
         self.microphone = microphone
         self.speech = speech
         self.rng = random.Random(seed)
         self.seed = seed
         self.auto_push = auto_push
         self.mic_gap_s = mic_gap_s
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.stats = ClientStats()
-        self.session_id = ""
-        self.token: str | None = None
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return self.auth
 
-    async def connect(self) -> None:
-        if self.microphone:
-            self.pc.addTrack(BurstMicrophone(self.speech, self.seed, self.mic_gap_s))
-        else:
-            self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        async with self.http.post(self.url + "/offer", json=body) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise RuntimeError(f"offer refused: {resp.status} {answer}")
-        self.session_id = answer["session_id"]
-        self.token = answer.get("session_token")
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+    async def connect(self, microphone: MediaStreamTrack | None = None, **kwargs: Any) -> dict[str, Any]:
+        if microphone is None and self.microphone:
+            microphone = BurstMicrophone(self.speech, self.seed, self.mic_gap_s)
+        answer = await super().connect(microphone, **kwargs)
         if not self.microphone and self.auto_push:
-            self._tasks.append(asyncio.ensure_future(self._push_loop()))
+            self.spawn(self._push_loop())
+        return answer
 
     async def wait_for_video(self, frames: int, limit_s: float = 60.0) -> None:
         deadline = time.monotonic() + limit_s
@@ -357,20 +343,15 @@ class SoakClient:
                 raise RuntimeError(f"session {self.session_id}: {self.stats.video_frames} frames in {limit_s:g} s")
             await asyncio.sleep(0.1)
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                s, pts = self.stats, frame.pts
-                if pts is not None and s.last_pts is not None and pts > s.last_pts:
-                    s.missing_frames += max(0, round((pts - s.last_pts) / VIDEO_PTS_PER_FRAME) - 1)
-                s.last_pts = pts
-                s.video_frames += 1
-            else:
-                self.stats.audio_frames += 1
+    def on_frame(self, kind: str, frame: Any, arrival: float) -> None:
+        if kind == "video":
+            s, pts = self.stats, frame.pts
+            if pts is not None and s.last_pts is not None and pts > s.last_pts:
+                s.missing_frames += max(0, round((pts - s.last_pts) / VIDEO_PTS_PER_FRAME) - 1)
+            s.last_pts = pts
+            s.video_frames += 1
+        else:
+            self.stats.audio_frames += 1
 
     async def _push_loop(self) -> None:
         """Speech uploads between silences; one in four interrupted mid-utterance."""
@@ -407,15 +388,13 @@ class SoakClient:
         async with self.http.get(f"{self.url}/sessions/{self.session_id}", headers=self.headers()) as resp:
             return await resp.json() if resp.status == 200 else None
 
-    async def close(self, delete: bool) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, delete: bool = False) -> None:
+        await self.stop_tasks()
         if delete:
             async with self.http.delete(f"{self.url}/sessions/{self.session_id}",
                                         headers=self.headers()) as resp:
                 await resp.read()
-        await self.pc.close()
+        await super().close()
 
 
 # -- soak ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ renders it, and the project's face mesh reads the rendered frames back.
     python bench/visemes.py [--label new] [--root PATH]        # JSON on the last line, strips of frames
     python bench/visemes.py --grid before new                   # before/after PNG grids of two runs
     python bench/visemes.py --grid before new --docs docs/img/visemes.png   # the README's grid
+    python bench/visemes.py --webrtc [--webrtc-photo] [--root PATH]   # also over a real WebRTC session
 
 `--root` imports `realtime` (the renderer) from another checkout, e.g. a worktree of main, so today's
 renderer and a new one are measured by the same code on the same material:
@@ -27,10 +28,25 @@ rendered frame and the avatar's own frame under it
     targets: each of the issue's targets (ee >= +10 % wide, oo <= -10 %, ah gap >= 2 x ee gap, >= 80 %
         closures, chin drop on ah >= 3 px, r >= 0.7 with lag 0..70 ms), true or false
 Frame strips (neutral + one tile per phoneme of interest) go to test-artifacts/visemes/<label>/.
+
+`--webrtc` adds `webrtc_default_512`: the same clips pushed one after another (POST
+/sessions/{id}/audio) into a real session of `run_server.py` (of `--root` or this checkout, default
+renderer and avatar, started with bench/common.start_server on 127.0.0.1), an aiortc client on loopback
+receiving and decoding the returned audio and video (its buffers hand on each audio packet as it
+arrives and a video frame at its marker bit, as a browser does on a clean loopback). Both tracks are
+placed on the arrival clock by their RTP timestamps (plus each track's fastest transport delay, so the
+client's own scheduling jitter does not move frames); each clip is found in the returned audio by
+cross-correlation (its peak per clip is in the JSON), which times the returned video frames against
+the clip as heard. The neutral face under a returned frame is the face mesh on the received idle
+frames (the first 9 s, codec included) that look most like it above the nose (`IdleFaces`). The same
+figures and targets follow, plus the frames received per clip, their intervals and the load.
+`--webrtc-photo` adds `webrtc_photo_720p`: the 720p photo given to the server with --avatars (it
+prepares it as any photo) and chosen in the offer.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
 import json
@@ -122,19 +138,24 @@ class Espeak:
         return Clip(name, text, wav, [(s, e, p) for (s, p), e in zip(starts, ends, strict=True)])
 
 
-def photo_avatar(default_avatar, tmp: Path):
-    """The default avatar's first frame scaled into a 1280x720 picture, prepared like any photo."""
-    from realtime.avatars.avatar import AvatarConfig
-    from realtime.avatars.avatar_prepare import prepare_avatar
-
+def photo_picture(default_avatar, path: Path) -> Path:
+    """The default avatar's first frame scaled into a 1280x720 picture (a photo of the face), at `path`."""
     frame = default_avatar.frames[0]
     scale = 680 / frame.shape[0]
     face = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     canvas = cv2.resize(cv2.GaussianBlur(frame, (0, 0), 25), (1280, 720))
     y, x = (720 - face.shape[0]) // 2, (1280 - face.shape[1]) // 2
     canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
-    path = tmp / "photo.png"
     cv2.imwrite(str(path), canvas)
+    return path
+
+
+def photo_avatar(default_avatar, tmp: Path):
+    """`photo_picture`, prepared like any photo."""
+    from realtime.avatars.avatar import AvatarConfig
+    from realtime.avatars.avatar_prepare import prepare_avatar
+
+    path = photo_picture(default_avatar, tmp / "photo.png")
     return prepare_avatar(path, config=AvatarConfig(detector="mesh", still_seconds=4.0), use_cache=False)
 
 
@@ -146,6 +167,7 @@ class Reader:
 
         self.detector = MeshDetector()
         self.previous = None
+        self.landmarks: np.ndarray | None = None  # of the last face found
         self.neutral: dict[tuple[int, int], np.ndarray] = {}
 
     def measure(self, frame: np.ndarray) -> np.ndarray:
@@ -154,6 +176,7 @@ class Reader:
         if found is None or found.landmarks is None:
             return np.full(3, np.nan)
         p = found.landmarks
+        self.landmarks = p
         return np.array([np.linalg.norm(p[MOUTH_R] - p[MOUTH_L]), np.linalg.norm(p[LIP_IN_BOTTOM] - p[LIP_IN_TOP]),
                          np.linalg.norm(p[CHIN] - p[NOSE])])
 
@@ -170,11 +193,10 @@ class Reader:
 def render_clip(renderer, avatar, clip: Clip) -> tuple[list[np.ndarray], np.ndarray]:
     """Rendered frames and avatar frame indices, through `render` with the renderer's own windows."""
     from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
-    from realtime.renderers.base import audio_needs_of
     from realtime.renderers.compositor import paste
 
     fps = float(avatar.fps)
-    offset = audio_needs_of(renderer).offset_frames
+    offset = renderer.traits.audio_needs.offset_frames
     alignment = {a.offset_frames: a for a in MelAlignment}[offset]
     windows = mel_windows(melspectrogram(clip.wav), fps, alignment)
     indices = np.array([avatar.frame_index(k) for k in range(len(windows))])
@@ -226,15 +248,17 @@ def strip(avatar, frames: list[np.ndarray], indices: np.ndarray, clip: Clip, fps
     return np.concatenate(tiles, axis=1)
 
 
-def evaluate(label: str, closed_px: float) -> dict:
+def material() -> dict[str, Clip]:
+    """The spoken material; vowels slowly (80 words/min): sustained, ~0.5 s each."""
+    speaker = Espeak()
+    return {name: speaker.speak(name, text, 80 if name in VOWELS else 150)
+            for name, text in {**VOWELS, **SYLLABLES, **SENTENCES}.items()}
+
+
+def evaluate(label: str, closed_px: float, clips: dict[str, Clip], reader: Reader) -> dict:
     from realtime.avatars.default_avatar import load_default_avatar
     from realtime.renderers.default import DefaultRenderer
 
-    speaker = Espeak()
-    # Vowels spoken slowly (80 words/min): sustained, ~0.5 s each.
-    clips = {name: speaker.speak(name, text, 80 if name in VOWELS else 150)
-             for name, text in {**VOWELS, **SYLLABLES, **SENTENCES}.items()}
-    reader = Reader()
     out_dir = ARTIFACTS / label
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -283,6 +307,8 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
             if ph not in BILABIAL:
                 continue
             sel = (d["times"] >= start - 0.02) & (d["times"] <= end)
+            if len(sel) == 0:  # no frame of this clip came back (--webrtc on an overloaded machine)
+                continue
             if not sel.any():
                 sel = np.zeros(len(d["times"]), bool)
                 sel[int(np.argmin(np.abs(d["times"] - (start + end) / 2)))] = True
@@ -292,6 +318,8 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
     gaps, env_by_lag = [], {lag: [] for lag in range(-100, 151, 10)}
     for name in SENTENCES:
         d = per_clip[name]
+        if len(d["times"]) == 0:
+            continue
         gaps.append(d["m"][:, 1] - d["neutral"][:, 1])
         for lag in env_by_lag:
             env_by_lag[lag].append(envelope(d["clip"].wav, d["times"] + lag / 1000))
@@ -316,6 +344,271 @@ def summarise(per_clip: dict[str, dict], closed_px: float) -> dict:
         "r": round(rs[best], 3), "lag_ms": best, "r_lag0": round(rs[0], 3),
         "targets": targets,
     }
+
+
+# -- the same material over a real WebRTC session ----------------------------------------------------
+
+WEBRTC_IDLE_S = 9.0       # idle video collected first: every frame of the default avatar's loop (8 s) once
+WEBRTC_SETTLE_S = 0.8     # after a clip: the returned audio stays silent this long before the next one
+SILENT_RMS = 0.003        # a returned 20 ms audio frame quieter than this is silence
+
+
+@dataclass
+class Track:
+    """What arrived on one received track: (arrival time.monotonic, RTP timestamp, payload) per frame."""
+    clock: int
+    frames: list[tuple[float, int, np.ndarray]]
+
+    def offset(self) -> float:
+        """Seconds to add to timestamp/clock to get the arrival time of the fastest frames: the transport's
+        constant delay. Frames the client's own event loop handed over late (a loaded machine) do not move
+        it, so every frame gets its place on the sender's media clock, not its jittered arrival."""
+        stamps = self.unwrapped()
+        arrivals = np.array([a for a, _, _ in self.frames])
+        return float(np.percentile(arrivals - stamps / self.clock, 5))
+
+    def unwrapped(self) -> np.ndarray:
+        raw = np.array([ts for _, ts, _ in self.frames], dtype=np.int64)
+        steps = (np.diff(raw) + 2**31) % 2**32 - 2**31  # RTP timestamps are 32-bit and start at random
+        return np.concatenate([[0], np.cumsum(steps)]).astype(np.float64)
+
+    def times(self) -> np.ndarray:
+        return self.unwrapped() / self.clock + self.offset()
+
+
+class WebRTCClient:
+    """An aiortc client on loopback: receive-only audio and video, buffers that behave like a browser's on
+    a clean loopback (each audio packet played as it arrives, a video frame complete at its marker bit)."""
+
+    def __init__(self, url: str) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.url = url.rstrip("/")
+        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        self.audio = Track(48000, [])
+        self.video = Track(90000, [])
+        self.session_id = ""
+        self.token = ""
+        self._tasks: list = []
+        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
+
+    async def _read(self, track) -> None:  # type: ignore[no-untyped-def]
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                self.video.frames.append((now, int(frame.pts), frame.to_ndarray(format="yuv420p")))
+            else:
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+                self.audio.frames.append((now, int(frame.pts), pcm.astype(np.float32)))
+
+    async def connect(self, http, avatar: str | None = None) -> None:  # type: ignore[no-untyped-def]
+        from aiortc import RTCSessionDescription
+
+        from bench.netimpair import MarkerJitterBuffer, PerPacketAudioBuffer
+
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.pc.addTransceiver("video", direction="recvonly")
+        for transceiver in self.pc.getTransceivers():  # the client's own buffers (aiortc 1.x internals)
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = (
+                PerPacketAudioBuffer() if transceiver.kind == "audio"
+                else MarkerJitterBuffer(capacity=512, is_video=True))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body: dict = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if avatar is not None:
+            body["options"] = {"avatar": avatar}
+        async with http.post(self.url + "/offer", json=body) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise SystemExit(f"bench/visemes.py: offer refused: {answer}")
+        self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        deadline = time.monotonic() + 60
+        while len(self.video.frames) < 25 or not self.audio.frames:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench/visemes.py: no media from the server")
+            await asyncio.sleep(0.05)
+
+    async def push(self, http, wav: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+        """POST /sessions/{id}/audio (the push API), 16 kHz PCM16 wav."""
+        from bench.common import pcm16, wav_bytes
+
+        headers = {"Content-Type": "audio/wav", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        async with http.post(f"{self.url}/sessions/{self.session_id}/audio", data=wav_bytes(pcm16(wav), 16000),
+                             headers=headers) as resp:
+            if resp.status != 200:
+                raise SystemExit(f"bench/visemes.py: push refused ({resp.status}): {await resp.text()}")
+
+    async def until_spoken(self, since: int, timeout_s: float) -> None:
+        """Wait until audio frames after index `since` carried speech and then stayed silent for a while."""
+        deadline = time.monotonic() + timeout_s
+        heard = False
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            frames = self.audio.frames[since:]
+            loud = [k for k, (_, _, d) in enumerate(frames) if np.sqrt(np.mean(d.astype(np.float64) ** 2)) > SILENT_RMS]
+            heard = heard or bool(loud)
+            if heard and (len(frames) - 1 - loud[-1]) * 0.02 >= WEBRTC_SETTLE_S:
+                return
+        raise SystemExit("bench/visemes.py: the pushed speech did not come back (or never ended)")
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def ready_avatar(http, url: str, name: str, timeout_s: float = 300.0) -> str:  # type: ignore[no-untyped-def]
+    """The id of the avatar the server prepared from the file `name` (--avatars), once it is ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with http.get(url.rstrip("/") + "/avatars") as resp:
+            listing = await resp.json()
+        for entry in listing["avatars"]:
+            if entry["id"] != listing["default"]:
+                if entry["state"] == "ready":
+                    return str(entry["id"])
+                if entry["state"] == "failed":
+                    raise SystemExit(f"bench/visemes.py: the server could not prepare {name}: {entry}")
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"bench/visemes.py: the server did not prepare {name} in {timeout_s:.0f} s")
+
+
+async def drive_webrtc(url: str, clips: dict[str, Clip], photo: str | None = None) -> WebRTCClient:
+    """Idle for one avatar loop, then every clip pushed in turn, each once the previous one has played."""
+    import aiohttp
+
+    from server.network.ice import use_host_addresses
+
+    restore = use_host_addresses(["127.0.0.1"])  # the client offers loopback only, as the server does
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = WebRTCClient(url)
+            await client.connect(http, None if photo is None else await ready_avatar(http, url, photo))
+            await asyncio.sleep(WEBRTC_IDLE_S)
+            for name, clip in clips.items():
+                since = len(client.audio.frames)
+                await client.push(http, clip.wav)
+                await client.until_spoken(since, 30.0 + len(clip.wav) / 16000)
+                log.info("webrtc: %s played back", name)
+            await client.close()
+    finally:
+        restore()
+    return client
+
+
+def received_audio_16k(track: Track) -> tuple[np.ndarray, float]:
+    """The returned audio as one 16 kHz signal on the media clock (gaps as silence), and its start time."""
+    stamps = track.unwrapped().astype(np.int64)
+    start = stamps[0]
+    total = int(stamps[-1] - start) + len(track.frames[-1][2])
+    signal = np.zeros(total, np.float32)
+    for (_, _, data), ts in zip(track.frames, stamps, strict=True):
+        signal[int(ts - start):int(ts - start) + len(data)] = data
+    mono16 = signal[: len(signal) // 3 * 3].reshape(-1, 3).mean(axis=1)  # 48 -> 16 kHz (box filter)
+    return mono16.astype(np.float32), track.times()[0]
+
+
+def locate(clip: np.ndarray, signal: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    """Sample index in `signal[lo:hi]` where `clip` starts (FFT cross-correlation), and the normalised peak."""
+    seg = signal[max(0, lo):min(len(signal), hi)]
+    n = 1 << int(np.ceil(np.log2(len(seg) + len(clip))))
+    corr = np.fft.irfft(np.fft.rfft(seg, n) * np.conj(np.fft.rfft(clip, n)), n)[: max(1, len(seg) - len(clip) + 1)]
+    k = int(np.argmax(corr))
+    norm = float(corr[k] / (np.linalg.norm(clip) * np.linalg.norm(seg[k:k + len(clip)]) + 1e-9))
+    return max(0, lo) + k, norm
+
+
+class IdleFaces:
+    """The neutral face under a returned frame: the received idle frames (before any speech, codec
+    included) are the reference; a returned frame's neutral is the median face-mesh reading of the three
+    idle frames closest to it on the face above the nose (the renderer never changes it; idle head
+    motion does), downscaled 4x. Needs no copy of the server's avatar, so it works for any avatar the
+    server prepared (a photo gets its idle motion there)."""
+
+    def __init__(self, frames: list[np.ndarray], reader: Reader) -> None:
+        reader.previous = None
+        self.readings = np.array([reader.measure(f) for f in frames])
+        if reader.landmarks is None:
+            raise SystemExit("bench/visemes.py: no face found in the returned idle video")
+        self.top = int(reader.landmarks[NOSE][1]) - 4
+        self.keys = np.stack([self.key(f) for f in frames])
+
+    def key(self, bgr: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(bgr[:self.top], cv2.COLOR_BGR2GRAY)
+        small = cv2.resize(grey, (grey.shape[1] // 4, grey.shape[0] // 4), interpolation=cv2.INTER_AREA)
+        return small.astype(np.float32)
+
+    def neutral(self, bgr: np.ndarray) -> np.ndarray:
+        distance = np.abs(self.keys - self.key(bgr)[None]).mean(axis=(1, 2))
+        return np.nanmedian(self.readings[np.argsort(distance)[:3]], axis=0)
+
+
+def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, repo: Path,
+                    photo: Path | None = None) -> dict:
+    """The material pushed through a real session of `run_server.py` (default renderer; the default
+    avatar, or `photo` given to the server with --avatars); the returned video decoded and read by the
+    same face mesh, timed on the returned audio."""
+    from bench.common import loadavg, start_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args: list[str] = []
+        if photo is not None:
+            folder = Path(tmp) / "avatars"
+            folder.mkdir()
+            (folder / photo.name).write_bytes(photo.read_bytes())
+            args = ["--avatars", str(folder), "--avatar-cache-dir", str(Path(tmp) / "cache")]
+        server = start_server(args, Path(tmp) / "server.log", repo=repo)
+        load_before = loadavg()
+        try:
+            client = asyncio.run(drive_webrtc(server.url, clips, None if photo is None else photo.name))
+        finally:
+            server.stop()
+    video_t = client.video.times()
+    yuv = [f for _, _, f in client.video.frames]
+    del client.video.frames[:]
+
+    def bgr(k: int) -> np.ndarray:
+        return cv2.cvtColor(yuv[k], cv2.COLOR_YUV2BGR_I420)
+
+    audio, audio_t0 = received_audio_16k(client.audio)
+    idle_end = video_t[0] + WEBRTC_IDLE_S - 0.5
+    idle = IdleFaces([bgr(k) for k in np.flatnonzero(video_t < idle_end)], reader)
+
+    per_clip: dict[str, dict] = {}
+    cursor = int((idle_end - audio_t0) * 16000)
+    alignment: dict[str, float] = {}
+    for name, clip in clips.items():
+        start, peak = locate(clip.wav, audio, cursor, cursor + int((len(clip.wav) / 16000 + 30) * 16000))
+        cursor = start + len(clip.wav)
+        t0 = audio_t0 + start / 16000  # arrival-clock time of the clip's first sample as heard
+        sel = np.flatnonzero((video_t >= t0) & (video_t < t0 + len(clip.wav) / 16000))
+        reader.previous = None
+        frames = [bgr(k) for k in sel]
+        m = np.array([reader.measure(f) for f in frames])
+        n = np.array([idle.neutral(f) for f in frames])
+        per_clip[name] = {"m": m, "neutral": n, "times": video_t[sel] - t0, "clip": clip}
+        alignment[name] = round(peak, 3)
+    out = summarise(per_clip, closed_px)
+    intervals = np.diff(video_t)
+    height, width = yuv[0].shape[0] * 2 // 3, yuv[0].shape[1]
+    out["webrtc"] = {
+        "frames_received": len(yuv), "frame_size": f"{width}x{height}",
+        "frame_interval_ms_p50_p95": [round(1000 * float(np.percentile(intervals, q)), 1) for q in (50, 95)],
+        "idle_reference_frames": len(idle.readings), "clip_alignment": alignment,
+        # frames that came back per clip, against the clip's length at the avatar's frame rate: a
+        # clip short of frames (the server or this client could not keep up) weighs less or not at all
+        "frames_per_clip": {name: [len(d["times"]), round(len(d["clip"].wav) / 16000 * 25)]
+                            for name, d in per_clip.items()},
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
+    }
+    return out
 
 
 def grids(before: str, after: str, docs: Path | None) -> list[str]:
@@ -361,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--closed-px", type=float, default=2.0, help="a closure: lip gap within this of neutral")
     parser.add_argument("--grid", nargs=2, metavar=("BEFORE", "AFTER"), help="compose grids of two runs")
     parser.add_argument("--docs", type=Path, help="with --grid: also write this small grid of the material")
+    parser.add_argument("--webrtc", action="store_true",
+                        help="also push the material through a real server session (run_server.py of --root or "
+                             "this checkout, default avatar) and read the returned video: 'webrtc_default_512'")
+    parser.add_argument("--webrtc-photo", action="store_true",
+                        help="with --webrtc: also a session on the 720p photo ('webrtc_photo_720p'); 720p encoding "
+                             "and decoding need a machine that keeps up (see frames_per_clip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cv2.setNumThreads(1)
@@ -370,7 +669,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.path.insert(0, str((args.root or ROOT).resolve()))
     started = time.perf_counter()
-    results = evaluate(args.label, args.closed_px)
+    clips, reader = material(), Reader()
+    results = evaluate(args.label, args.closed_px, clips, reader)
+    if args.webrtc:
+        from realtime.avatars.default_avatar import load_default_avatar
+
+        repo = (args.root or ROOT).resolve()
+        results["webrtc_default_512"] = evaluate_webrtc(clips, reader, args.closed_px, repo)
+        if args.webrtc_photo:
+            with tempfile.TemporaryDirectory() as tmp:
+                photo = photo_picture(load_default_avatar(), Path(tmp) / "photo.png")
+                results["webrtc_photo_720p"] = evaluate_webrtc(clips, reader, args.closed_px, repo, photo)
     for name, res in results.items():
         log.info("%s %s: %s", args.label, name, json.dumps(res))
     print(json.dumps({"label": args.label, "root": str(args.root or ROOT), "avatars": results,

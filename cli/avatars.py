@@ -28,7 +28,7 @@ class ApiFailure(Exception):
     """The server answered with an error (its JSON message), or could not be reached."""
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("avatars", help="list, add or remove a running server's avatars",
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -66,7 +66,7 @@ def call(server: str, method: str, path: str, token: str | None = None, body: An
         raise ApiFailure(f"cannot reach {server}: {getattr(exc, 'reason', exc)}") from None
 
 
-def format_row(avatar: dict) -> str:
+def format_row(avatar: dict[str, Any]) -> str:
     size = f"{avatar['width']}x{avatar['height']}" if "width" in avatar else "-"
     frames = f"{avatar['frames']} @ {avatar['fps']:g} fps" if "frames" in avatar else "-"
     state = avatar["state"]

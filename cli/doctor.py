@@ -175,14 +175,14 @@ class Doctor:
 
     # -- TURN -----------------------------------------------------------------------------------------
 
-    async def ice_servers(self) -> list[dict]:
+    async def ice_servers(self) -> list[dict[str, Any]]:
         async with self.http.get(self.base + "/ice-servers") as resp:
             body = await resp.json(content_type=None)
             if resp.status != 200:
                 raise RuntimeError(f"/ice-servers answered {resp.status}: {body.get('error')}")
             return list(body["ice_servers"])
 
-    async def turn(self) -> list[dict]:
+    async def turn(self) -> list[dict[str, Any]]:
         if not self.config.get("turn"):
             self.add(Check("TURN", False, "not configured: visitors whose network blocks UDP cannot connect",
                            "run coturn with deploy/turnserver.conf and the server with --turn-secret/--turn-url"))
@@ -247,12 +247,12 @@ class Doctor:
 
     # -- WebRTC ---------------------------------------------------------------------------------------
 
-    async def webrtc(self, turn_servers: list[dict]) -> None:
+    async def webrtc(self, turn_servers: list[dict[str, Any]]) -> None:
         direct = await self.session("WebRTC direct", [], relay=False)
         if not direct and turn_servers:
             await self.session("WebRTC relayed", turn_servers, relay=True)
 
-    async def session(self, name: str, ice_servers: list[dict], relay: bool) -> bool:
+    async def session(self, name: str, ice_servers: list[dict[str, Any]], relay: bool) -> bool:
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
         from aiortc.mediastreams import MediaStreamError
         from aiortc.rtcconfiguration import RTCIceTransportPolicy
@@ -263,9 +263,9 @@ class Doctor:
             iceServers=servers, iceTransportPolicy=RTCIceTransportPolicy.RELAY if relay else RTCIceTransportPolicy.ALL))
         frames: list[float] = []
         audio: list[float] = []
-        readers: list[asyncio.Task] = []
+        readers: list[asyncio.Task[None]] = []
 
-        async def read(track) -> None:
+        async def read(track: Any) -> None:  # aiortc's MediaStreamTrack
             while True:
                 try:
                     await track.recv()
@@ -393,7 +393,7 @@ async def diagnose(options: Options) -> bool:
             return await Doctor(options, http).run()
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("doctor", help="check a deployment from outside: TLS, proxy, TURN, WebRTC",
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("url", help="the public URL, e.g. https://avatar.example.org")

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Callable
 
 SUBCOMMANDS = {
     "render": "cli.render",
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+    run: Callable[[argparse.Namespace], int] = importlib.import_module(SUBCOMMANDS[args.command]).run
+    return run(args)
 
 
 if __name__ == "__main__":

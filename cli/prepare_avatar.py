@@ -11,11 +11,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the avatar code is imported when the command runs
+    from realtime.avatars.avatar import AvatarConfig
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "prepare-avatar", help="prepare a face video or photo as an avatar (detect once, save)",
         description="Detect and smooth the face in a video or photo once and save the prepared avatar "
@@ -42,7 +46,7 @@ def add_parser(subparsers) -> None:
                                                   "~/.cache/lipsync/avatars)")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> AvatarConfig:
     from realtime.avatars.avatar import AvatarConfig
 
     return AvatarConfig(detector=args.detector, s3fd_weights=args.s3fd_weights, device=args.device,

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 
 class Progress:
     """`with Progress("rendering", total) as bar: bar.update(n)` -> one self-rewriting line on stderr."""
 
-    def __init__(self, label: str, total: int, unit: str = "frames", stream=None) -> None:
+    def __init__(self, label: str, total: int, unit: str = "frames", stream: TextIO | None = None) -> None:
         self.label, self.total, self.unit = label, max(int(total), 1), unit
         self.stream = stream or sys.stderr
         self.done = 0
@@ -20,7 +21,7 @@ class Progress:
         self._draw(force=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._draw(force=True, final=True)
 
     def update(self, n: int = 1) -> None:
@@ -47,7 +48,7 @@ class Progress:
 class PhaseBars:
     """One bar per phase of a job (`update(phase, done, total)`); a new phase closes the previous bar."""
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
         self._phase: object = None
         self._bar: Progress | None = None
@@ -55,7 +56,7 @@ class PhaseBars:
     def __enter__(self) -> "PhaseBars":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def update(self, phase: object, done: int, total: int) -> None:

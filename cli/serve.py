@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     from server.config import ServerConfig
 
     parser = subparsers.add_parser(

@@ -71,7 +71,7 @@ class LipSyncVideoService(AIService):
         self._shared_engine = engine
         self._engine: LocalEngine | None = None
         self._session: LipSyncSession | None = None
-        self._pacer: asyncio.Task | None = None
+        self._pacer: asyncio.Task[None] | None = None
         self._utterance: str | None = None
         self._context: str | None = None
         self._events: list[PlaybackEvent] = []

@@ -168,7 +168,7 @@ class Mp4Writer:
     def __enter__(self) -> "Mp4Writer":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def write(self, frame_bgr: np.ndarray) -> None:

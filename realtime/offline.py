@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -88,7 +88,7 @@ def paste_official(frame: np.ndarray, mouth: np.ndarray, box: Box) -> None:
 
 def render_video(face: str | Path, audio: str | Path, model: Wav2Lip, output: str | Path,
                  options: RenderOptions | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Render `output` (H.264 + AAC mp4). Returns a summary (frames, fps, size, seconds)."""
     options = options or RenderOptions()
     face, audio, output = Path(face), Path(audio), Path(output)

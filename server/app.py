@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -23,7 +24,7 @@ from server.media import encoders, opus_fec
 from server.media.media_executor import limit_native_threads
 from server.network.ice import client_ice_servers, new_ticket
 from server.ops.heap import HeapTrimmer
-from server.ops.metrics import render_metrics
+from server.ops.metrics import render_metrics, render_server_metrics
 from server.ops.prometheus import CONTENT_TYPE
 from server.routes import avatars_api, events_api, push_api, signaling
 from server.routes.tts import LocalTts
@@ -164,14 +165,16 @@ async def healthz(request: web.Request) -> web.Response:
     health = state.engine.health()
     status = "shutting down" if state.closing else "draining" if state.draining else \
         "ok" if health.ok else "degraded"
+    free = state.free_slots()
     return web.json_response({
         "status": status,
-        "sessions": len(state.sessions),
-        "max_sessions": state.sessions.max_sessions,
+        # With --workers N the whole server's (the workers' board), as /metrics and GET /sessions say them.
+        "sessions": len(state.sessions) if state.seat is None else state.sessions_total(),
+        "max_sessions": state.sessions.max_sessions if state.seat is None else state.sessions_total() + free,
         # For a load balancer in front of several front-ends: send the next /offer to the one with the most.
         # The measured capacity (server/access/capacity.py) less the live and negotiating sessions: exactly the
         # offers that would be admitted now.
-        "free_slots": _free_slots(state),
+        "free_slots": free,
         "capacity": state.sessions.capacity.describe(),
         **({} if state.seat is None else {"worker": state.seat.index, "worker_processes": state.seat.board.describe()}),
         "instance": state.config.instance_id,
@@ -182,19 +185,7 @@ async def healthz(request: web.Request) -> web.Response:
     }, status=200 if status == "ok" else 503)
 
 
-def _free_slots(state: ServerState) -> int:
-    """Offers the server admits now: this process's, plus (with --workers) the other workers' rows, capped
-    by what the shared cores still take (each worker's row counts the same cores)."""
-    own = state.sessions.free_slots()
-    if state.seat is None:
-        return own
-    others = [r for r in state.seat.board.rows() if r.index != state.seat.index and r.ready]
-    total = own + sum(r.free_slots for r in others)
-    room = state.sessions.capacity.shared_room(state.sessions.held)
-    return total if room is None else min(total, room)
-
-
-def public_engine_info(info: dict) -> dict[str, str]:
+def public_engine_info(info: dict[str, Any]) -> dict[str, str]:
     """The engine's facts for /healthz, without where its files are: the checkpoint by its file name."""
     out = {k: public_text(str(v)) for k, v in info.items()}
     if info.get("checkpoint") not in (None, "none"):
@@ -203,5 +194,12 @@ def public_engine_info(info: dict) -> dict[str, str]:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=render_metrics(state_of(request)).encode(),
-                        headers={"Content-Type": CONTENT_TYPE})
+    """This process's page; with --workers N the whole server's, merged from every worker's (a worker that
+    does not answer within server/ops/worker_peers.PEER_TIMEOUT_S is left out: `lipsync_process_scraped` 0)."""
+    state = state_of(request)
+    if state.peers is None:
+        text = render_metrics(state)
+    else:
+        answers = await state.peers.ask("GET", "/metrics", text=True)
+        text = render_server_metrics(state, [(a.worker, a.body if a.ok else None) for a in answers])
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})

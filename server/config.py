@@ -181,11 +181,10 @@ class ServerConfig:
     capacity_headroom: float = flag(0.75, "with --max-sessions auto: the share of the cores and of the event "
                                           "loop that sessions may fill (default {default})")
     # Front-end processes behind the one port (server/ops/workers.py, docs/scaling.md): 0 = auto, one per core
-    # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process).
-    # One by default until the operator's views (GET /sessions, /metrics) and API avatar uploads span every
-    # worker: with several, each answers for its own (docs/scaling.md).
-    workers: int = flag(1, "front-end processes serving sessions behind the one port: auto = one per core; each "
-                           "session lives in one (default {default}; docs/scaling.md)", metavar="auto|N",
+    # (one where a worker cannot be split off: TLS here, or a GPU rendered in-process). The operator's
+    # views (GET /sessions, /metrics) and API avatar changes span every worker (server/ops/worker_peers.py).
+    workers: int = flag(0, "front-end processes serving sessions behind the one port: auto (default) = one per "
+                           "core; each session lives in one (docs/scaling.md)", metavar="auto|N",
                         convert=_auto_or_positive)
     # TLS (browsers only grant the microphone on https or localhost).
     cert_file: Path | None = flag(None, "TLS certificate (PEM) to serve https")

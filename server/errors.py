@@ -77,14 +77,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(data)
 
 
-async def read_json(request: web.Request) -> dict:
+async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it. The body is
     capped (413) before it is parsed: the route's cap set by the access middleware, else 16 KB."""
     limit = request.get(BODY_LIMIT, DEFAULT_JSON_LIMIT)
     return parse_json_object(await read_body(request, limit))
 
 
-def parse_json_object(raw: bytes | str) -> dict:
+def parse_json_object(raw: bytes | str) -> dict[str, Any]:
     """`raw` as a JSON object, or ApiError(400) naming the problem: the one parser of client JSON (HTTP
     bodies and WebSocket commands). Nesting deeper than Python's recursion limit (a body of 2 000 `[`)
     raises RecursionError inside the json module: that is malformed input too, not a server error."""

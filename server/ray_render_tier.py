@@ -115,7 +115,7 @@ class RenderDeployment:
         self._holders_name = holders_name
         self._holders: Any = None
         self._poll_s = poll_s
-        self._sweeper: asyncio.Future | None = None
+        self._sweeper: asyncio.Future[Any] | None = None
         try:
             name = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (never in production)
@@ -289,14 +289,16 @@ class RayRenderTier:
     def render(self, request: RenderRequest, timeout_s: float) -> RenderReply:
         response = self._handle.render.remote(request)
         try:
-            return response.result(timeout_s=timeout_s)
+            reply: RenderReply = response.result(timeout_s=timeout_s)  # Ray's handle: untyped
+            return reply
         except Exception as exc:  # dead or restarting replica, timeout, serialisation: all mean "no patches"
             response.cancel()
             raise RenderTierError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     def replica_stats(self, timeout_s: float = 5.0) -> ReplicaStats:
         """Statistics of one replica (Serve picks which)."""
-        return self._handle.stats.remote().result(timeout_s=timeout_s)
+        stats: ReplicaStats = self._handle.stats.remote().result(timeout_s=timeout_s)  # Ray's handle: untyped
+        return stats
 
     def close(self) -> None:
         """Leave the cluster. A local cluster started here ends with it; a shared one keeps serving (and

@@ -71,7 +71,7 @@ class RealtimeEngine:
             raise ValueError(f"{len(renderers)} renderers but {len(self.devices)} device labels")
         self.workers: list[ThreadedRenderWorker] = []
         self._closers: list[Callable[[], None]] = []
-        self._placed: list[weakref.WeakSet] = [weakref.WeakSet() for _ in renderers]
+        self._placed: list[weakref.WeakSet[Any]] = [weakref.WeakSet() for _ in renderers]
         self._lock = threading.Lock()
         try:
             t0 = time.monotonic()

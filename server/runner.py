@@ -27,7 +27,9 @@ from server.network.ice import is_loopback, use_host_addresses
 from server.network.udp_ports import port_range_loop_factory
 from server.ops import heap
 from server.ops.logs import setup_logging
+from server.ops.peer_api import create_peer_app
 from server.ops.worker_board import Board, WorkerSeat, publish_forever, receive_connections
+from server.ops.worker_peers import WorkerPeers
 from server.ops.workers import Supervisor, listen, resolve_workers
 from server.realtime_engine import load_engine
 from server.state import STATE, ServerState
@@ -44,7 +46,7 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 async def serve_async(config: ServerConfig, engine: Engine | None = None,
-                      started: asyncio.Future | None = None,
+                      started: asyncio.Future[int] | None = None,
                       stop: asyncio.Event | None = None,
                       handoff: socket.socket | None = None, seat: WorkerSeat | None = None) -> None:
     """Serve until `stop` is set (or a signal arrives). `started` gets the bound port.
@@ -76,6 +78,7 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
                                keepalive_timeout=config.keepalive_timeout_s)
         await runner.setup()
         stop = stop or asyncio.Event()
+        peer_runner = await _start_peer_socket(app[STATE], seat)  # before this worker says it is ready
         worker_tasks = await _start_listening(runner, config, handoff, seat, stop)
         port = runner.addresses[0][1] if runner.addresses else config.port
         config.port = port
@@ -105,6 +108,8 @@ async def serve_async(config: ServerConfig, engine: Engine | None = None,
             log.info("shutting down")
             for stop_worker_task in worker_tasks:
                 stop_worker_task()
+            if peer_runner is not None:
+                await peer_runner.cleanup()
             await runner.cleanup()
     except BaseException as exc:
         if started is not None and not started.done():
@@ -122,6 +127,20 @@ async def _close_connection(request: web.Request, response: web.StreamResponse) 
     response.force_close()
     if response.status != 101:  # a WebSocket's upgrade keeps its own
         response.headers["Connection"] = "close"
+
+
+async def _start_peer_socket(state: ServerState, seat: WorkerSeat | None) -> web.AppRunner | None:
+    """A worker of --workers N answers the other workers on its peer socket (server/ops/peer_api.py), and asks
+    them through `state.peers` for the server-wide answers (server/ops/worker_peers.py)."""
+    if seat is None or seat.board.peers_dir is None:
+        return None
+    peer_runner = web.AppRunner(create_peer_app(state), handle_signals=False, shutdown_timeout=1.0, access_log=None)
+    await peer_runner.setup()
+    await web.UnixSite(peer_runner, seat.board.peer_socket(seat.index)).start()
+    state.peers = WorkerPeers(seat)
+    # Uploads another worker kept while this one loaded (after its restore_uploads, before it was asked).
+    state.engine.avatars.adopt_kept_uploads()
+    return peer_runner
 
 
 async def _start_listening(runner: web.AppRunner, config: ServerConfig, handoff: socket.socket | None,
@@ -210,9 +229,9 @@ def worker_main(config: ServerConfig, index: int, generation: int, channel: sock
         raise SystemExit(1) from None
 
 
-async def serve_workers_async(config: ServerConfig, workers: int, started: asyncio.Future | None = None,
+async def serve_workers_async(config: ServerConfig, workers: int, started: asyncio.Future[int] | None = None,
                               stop: asyncio.Event | None = None,
-                              supervisor: asyncio.Future | None = None) -> None:
+                              supervisor: asyncio.Future[Supervisor] | None = None) -> None:
     """Serve with `workers` processes behind the one port until `stop` (or SIGINT/SIGTERM).
     `started` gets the port, `supervisor` the Supervisor (tests kill its workers)."""
     operator = OperatorAuth.from_config(config)

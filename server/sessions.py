@@ -60,16 +60,16 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     connected: float | None = None
     microphone: MediaStreamTrack | None = None  # the peer's audio track, when it sends one
-    options: dict = field(default_factory=dict)
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    options: dict[str, Any] = field(default_factory=dict)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
     link: LinkQuality = field(default_factory=LinkQuality)  # the receiver's reports (server/media/link_quality.py)
     nack: NackStats = field(default_factory=NackStats)  # video retransmissions (server/media/nack_policy.py)
     # Where server notices for this session go (its event feeds register here; called on the loop).
-    notices: set[Callable[[dict], None]] = field(default_factory=set)
+    notices: set[Callable[[dict[str, Any]], None]] = field(default_factory=set)
 
-    def notify(self, message: dict) -> None:
+    def notify(self, message: dict[str, Any]) -> None:
         for deliver in list(self.notices):
             deliver(message)
 
@@ -81,19 +81,19 @@ class Session:
     def state(self) -> str:
         return "closed" if self.closed.is_set() else self.pc.connectionState
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run a task owned by this session: it is cancelled when the session closes."""
         task = asyncio.get_running_loop().create_task(coro, name=f"{name}[{self.id[:8]}]")
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         now = time.monotonic()
         stats = safe_metrics(self.engine)
         return {
@@ -148,7 +148,7 @@ class SessionManager:
         self.disconnect_grace_s = disconnect_grace_s
         self._sessions: dict[str, Session] = {}
         self._reserved = 0
-        self._closing: dict[str, asyncio.Task] = {}
+        self._closing: dict[str, asyncio.Task[None]] = {}
         self.opened_total = 0
         self.rejected_total = 0
         self.closed_total: dict[str, int] = {}
@@ -208,7 +208,7 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class SessionManager:
             track.on("ended", lambda kind=track.kind: self._on_track_ended(session, kind))
         session.spawn(self._watch(session), "watchdog")
 
-    def close(self, session_id: str, reason: str) -> asyncio.Task | None:
+    def close(self, session_id: str, reason: str) -> asyncio.Task[None] | None:
         """Start closing a session (idempotent); returns the closing task, None if unknown."""
         if session_id in self._closing:
             return self._closing[session_id]
@@ -379,5 +379,5 @@ class Reservation:
     def __enter__(self) -> "Reservation":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from server.errors import ApiError
 from server.ops.loop_monitor import LoopLagMonitor
 from server.ops.prometheus import Histogram
 from server.ops.worker_board import WorkerSeat
+from server.ops.worker_peers import WorkerPeers
 from server.routes.tts import LocalTts
 from server.sessions import Session, SessionManager, UnknownSession
 
@@ -43,8 +45,10 @@ class ServerState:
     # Compositing and colour conversion of every session's video frames (server/media/tracks.py), off the loop
     # and apart from aiortc's encoders (the default executor) and upload decodes.
     frame_pool: ThreadPoolExecutor = field(default_factory=lambda: started_pool(2, "frame-prep"))
-    # With --workers N: this process's row on the board the front-ends share (server/ops/worker_board.py).
+    # With --workers N: this process's row on the board the front-ends share (server/ops/worker_board.py),
+    # and its way to ask the other workers for the server-wide answers (server/ops/worker_peers.py).
     seat: WorkerSeat | None = None
+    peers: WorkerPeers | None = None
     # Live session costs and late ticks into the admission model (server/access/capacity.py).
     capacity_monitor: CapacityMonitor = field(init=False)
 
@@ -52,11 +56,29 @@ class ServerState:
         self.capacity_monitor = CapacityMonitor(self.sessions.capacity, self.sessions.ticks)
 
 
+    def free_slots(self) -> int:
+        """Offers the server admits now: this process's, plus (with --workers) the other workers' rows,
+        capped by what the shared cores still take (each worker's row counts the same cores)."""
+        own = self.sessions.free_slots()
+        if self.seat is None:
+            return own
+        others = [r for r in self.seat.board.rows() if r.index != self.seat.index and r.ready]
+        total = own + sum(r.free_slots for r in others)
+        room = self.sessions.capacity.shared_room(self.sessions.held)
+        return total if room is None else min(total, room)
+
+    def sessions_total(self) -> int:
+        """Live and negotiating sessions of the whole server (with --workers, every ready worker's row)."""
+        own = self.sessions.held
+        if self.seat is None:
+            return own
+        return own + self.seat.others_sessions()
+
     @property
     def draining(self) -> bool:
         return self.drain_until is not None
 
-    def notice(self) -> dict | None:
+    def notice(self) -> dict[str, Any] | None:
         """What a live session's page is told while the server drains (GET /sessions/{id})."""
         if self.drain_until is None:
             return None

@@ -10,14 +10,16 @@ import asyncio
 import fractions
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import av
 import numpy as np
 from aiohttp import web
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from bench.client import OfferRefused, PeerClient
 from realtime.avatars.avatar import loop_index
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from server.access.auth import RedactingAccessLogger
@@ -151,56 +153,38 @@ class Received:
     audio_rate: int = 0
 
 
-class Client:
-    """An aiortc peer that offers (optionally) a microphone and receives the avatar video and audio."""
+class Client(PeerClient):
+    """The bench harness's aiortc peer (bench/client.py) as the tests use it: offers (optionally) a
+    microphone, keeps the received avatar video (BGR) and audio, asserts the offer's status."""
 
     def __init__(self, server: RunningServer, http: aiohttp.ClientSession) -> None:
+        super().__init__(server.endpoint("/"), http)
         self.server = server
-        self.http = http
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         self.received = Received()
-        self.session_id: str | None = None
-        self.token: str | None = None  # the session_token from the answer: the session's routes need it
+        self.session_id: str | None = None  # None until an offer is answered
         self.answer: dict = {}
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", self._on_track)
 
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        self._tasks.append(asyncio.ensure_future(self._read(track)))
+    def endpoint(self, path: str) -> str:
+        return self.server.endpoint(path)
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
-            if track.kind == "video":
-                self.received.video.append((now, frame.pts, frame.to_ndarray(format="bgr24")))
-            else:
-                data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
-                self.received.audio_rate = frame.sample_rate
-                self.received.audio.append((now, data.mean(axis=1) / 32768.0))
+    def on_frame(self, kind: str, frame: Any, arrival: float) -> None:
+        if kind == "video":
+            self.received.video.append((arrival, frame.pts, frame.to_ndarray(format="bgr24")))
+        else:
+            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float32)
+            self.received.audio_rate = frame.sample_rate
+            self.received.audio.append((arrival, data.mean(axis=1) / 32768.0))
 
     async def connect(self, microphone: MediaStreamTrack | None = None, audio: bool = True,
                       options: dict | None = None, expect_status: int = 200) -> dict:
-        if microphone is not None:
-            self.pc.addTrack(microphone)
-        elif audio:
-            self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        if options:
-            body["options"] = options
-        async with self.http.post(self.server.endpoint("/offer"), json=body) as resp:
-            self.answer = await resp.json()
-            assert resp.status == expect_status, self.answer
-        if resp.status != 200:
+        try:
+            self.answer = await super().connect(microphone, audio=audio, options=options or None)
+        except OfferRefused as refused:
+            self.answer = refused.body
+            assert refused.status == expect_status, self.answer
             return self.answer
-        self.session_id = self.answer["session_id"]
+        assert expect_status == 200, self.answer
         self.token = self.answer["session_token"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(self.answer["sdp"], "answer"))
         return self.answer
 
     @property
@@ -228,11 +212,6 @@ class Client:
             return np.zeros(0, np.float32)
         return np.concatenate([a for _, a in self.received.audio])
 
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def best_lag(reference: np.ndarray, signal: np.ndarray, max_lag: int) -> tuple[int, float]:

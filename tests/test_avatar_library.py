@@ -242,3 +242,90 @@ def test_encoded_frames_pickle_and_name_their_content(default_avatar):
     np.testing.assert_array_equal(copy[1], frames[1])
     assert repr(copy) == repr(frames)
     assert repr(EncodedFrames.encode(np.asarray(default_avatar.frames[1:4]))) != repr(frames)
+
+
+def test_a_removal_reserved_refuses_new_sessions_until_done_cancelled_or_lapsed(default_avatar):
+    """The two steps of a removal every worker process must agree to (server/routes/avatars_api.py)."""
+    import time
+
+    removed: list = []
+    library = AvatarLibrary(default_avatar, on_removed=removed.append)
+    other = Avatar(frames=np.zeros((3, 32, 32, 3), np.uint8), boxes=np.zeros((3, 4), np.int32), mouth=None,
+                   fps=25.0, loop="forward", source="other.mp4")
+    entry = library.add_builtin(other, "other", "Other")
+    entry.builtin = False  # as an added one
+    library.acquire("other")
+    with pytest.raises(AvatarInUse, match="used by 1 session"):
+        library.reserve_removal("other")
+    library.release("other")
+    library.reserve_removal("other")
+    with pytest.raises(AvatarNotReady, match="being removed"):
+        library.acquire("other")
+    library.cancel_removal("other")
+    assert library.acquire("other")[0] == "other"
+    library.release("other")
+    library.reserve_removal("other", hold_s=0.05)
+    time.sleep(0.1)  # the remover vanished between the steps: the reservation lapses
+    assert library.acquire("other")[0] == "other"
+    library.release("other")
+    library.reserve_removal("other")
+    library.remove("other")
+    assert removed == [other]
+    with pytest.raises(UnknownAvatar):
+        library.reserve_removal("other")
+
+
+def test_two_libraries_share_an_upload_and_prepare_it_one_at_a_time(default_avatar, tmp_path, monkeypatch):
+    """Worker processes each hold a library over one uploads folder: the one that takes an upload keeps
+    it, the other adopts it by id; the preparations of one kept file never overlap (a file lock), so the
+    second one finds the first one's cache. A removal in one deletes the kept file for every later start."""
+    import threading
+    import time
+
+    import realtime.avatars.avatar_prepare as avatar_prepare
+
+    small = Avatar(frames=np.asarray(default_avatar.frames[:3]), boxes=default_avatar.boxes[:3],
+                   mouth=default_avatar.mouth[:3], fps=25.0, loop="pingpong", source="x")
+    windows: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def slow_prepare(path, config=None, cache_dir=None, progress=None):
+        start = time.monotonic()
+        assert path.is_file()
+        time.sleep(0.3)
+        with lock:
+            windows.append((start, time.monotonic()))
+        return small
+
+    monkeypatch.setattr(avatar_prepare, "prepare_avatar", slow_prepare)
+    uploads = tmp_path / "uploads"
+    first = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)
+    second = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)
+    upload = tmp_path / "face.png"
+    upload.write_bytes(b"not decoded here")
+    entry = first.add_file(upload, "Face")
+    adopted = second.adopt_upload(entry.id)
+    assert adopted.id == entry.id and adopted.name == "Face" and second.adopt_upload(entry.id) is adopted
+    with pytest.raises(UnknownAvatar, match="no kept upload"):
+        second.adopt_upload("nobody")
+    deadline = time.monotonic() + 10
+    while not (entry.state is adopted.state is AvatarState.READY):
+        assert time.monotonic() < deadline, (entry.state, adopted.state)
+        time.sleep(0.02)
+    (_, first_end), (second_start, _) = sorted(windows)
+    assert second_start >= first_end, windows  # one after the other
+    assert len(second.acquire(entry.id)[1]) == len(small)
+    second.release(entry.id)
+    late = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)  # a worker that was starting
+    (caught_up,) = late.adopt_kept_uploads()
+    assert caught_up.id == entry.id and late.adopt_kept_uploads() == []
+    late.close()
+    for library in (first, second):
+        library.reserve_removal(entry.id)
+    for library in (first, second):
+        library.remove(entry.id)
+    assert list(uploads.iterdir()) == []  # manifest and file gone: no restart brings it back
+    third = AvatarLibrary(default_avatar, cache_dir=tmp_path, uploads_dir=uploads)
+    assert third.restore_uploads() == []
+    for library in (first, second, third):
+        library.close()

@@ -80,9 +80,7 @@ def deployment(tmp_path_factory):
     with coturn(folder / "coturn", cert, key) as turn, nginx(folder / "nginx", server_port, cert, key) as proxy:
         args = ["--public-url", f"https://{NAME}:{proxy.port}", "--trusted-proxy", "127.0.0.1",
                 "--ice-allow-loopback",  # the whole deployment is on this machine
-                # One front-end process: per-address limits are per worker process today (see
-                # test_per_address_limits_hold_across_worker_processes below).
-                "--workers", "1",
+                # --workers: the default (auto, one per core), as the deployment runs it.
                 "--max-sessions", "4", "--max-sessions-per-ip", "1",
                 "--turn-secret", SECRET,
                 "--turn-url", f"turn:127.0.0.1:{turn.port}?transport=udp",
@@ -314,7 +312,7 @@ async def test_aiortc_client_relay_only_through_coturn(deployment):
         client.pc = RTCPeerConnection(RTCConfiguration(
             iceServers=[RTCIceServer(urls=turn_url, username=username, credential=credential)],
             iceTransportPolicy=RTCIceTransportPolicy.RELAY))
-        client.pc.on("track", client._on_track)
+        client.pc.on("track", client.on_track)
         try:
             await client.connect()
             assert "typ host" not in client.pc.localDescription.sdp and "typ relay" in client.pc.localDescription.sdp

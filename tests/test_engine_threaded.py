@@ -58,7 +58,7 @@ def test_realtime_session_renders_on_the_worker_thread(speech_16k):
         wav = speech_16k[:2 * SR]
         frames = run_realtime(session, wav, 2.6)
         m = session.metrics()
-        assert renderer.threads == {worker._thread.name}
+        assert renderer.threads == {worker.thread.name}
         assert m.frames_rendered > 20
         assert m.frames_dropped <= 0.2 * (m.frames_rendered + m.frames_dropped)
         assert m.latency_ms.p95 <= session.latency_ms + 40.0
@@ -175,7 +175,7 @@ def test_worker_batches_sessions_sharing_an_avatar_and_serves_earliest_deadline_
         assert 99 not in [r.key for r in results] and worker.stats().frames_skipped == 1
     finally:
         worker.close()
-    assert not worker._thread.is_alive()
+    assert not worker.thread.alive
 
 
 def test_renderer_errors_are_contained():

@@ -23,6 +23,7 @@ from test_engine import FakeAvatar, RecordingRenderer, drive
 
 from realtime.config import EngineConfig
 from realtime.scheduling.scheduler import InlineRenderWorker, RenderJob, ThreadedRenderWorker
+from realtime.scheduling.supervised_thread import RestartBackoff
 from realtime.timeline.clock import ManualClock
 from realtime.timeline.session import HELD, RENDERED, LipSyncSession
 from server.realtime_engine import RealtimeEngine
@@ -108,8 +109,7 @@ def _job(owner, key, avatar, deadline, results):
 
 def test_dead_render_thread_is_restarted_and_keeps_its_queue():
     renderer = KillableRenderer()
-    worker = ThreadedRenderWorker(renderer, max_batch=1)
-    worker.restart_backoff_s = (0.5,)
+    worker = ThreadedRenderWorker(renderer, max_batch=1, restart_backoff=RestartBackoff((0.5,)))
     avatar = TinyAvatar()
     results: list = []
     try:
@@ -118,7 +118,7 @@ def test_dead_render_thread_is_restarted_and_keeps_its_queue():
         deadline = time.monotonic() + 5
         while worker.healthy and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not worker.healthy and worker.down_since is not None
+        assert not worker.healthy and worker.thread.down_since is not None
         # Jobs submitted while the thread is down are kept and rendered once it is back.
         worker.submit(_job("a", 1, avatar, time.monotonic() + 10, results))
         while not worker.healthy and time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def test_dead_render_thread_is_restarted_and_keeps_its_queue():
 async def test_render_thread_death_degrades_healthz_until_restarted(speech_16k):
     renderer = KillableRenderer()
     engine = RealtimeEngine(TinyAvatar(), renderer, info={"avatar": "tiny", "device": "cpu"})
-    engine.worker.restart_backoff_s = (1.5,)
+    engine.worker.thread.backoff = RestartBackoff((1.5,))
     server = await start_server(engine)
     manager = server.app[STATE].sessions
     try:

@@ -18,7 +18,7 @@ from test_default_renderer import synthetic_avatar
 from realtime.audio.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import AudioNeeds
 from realtime.renderers.compositor import paste
-from realtime.renderers.default import DefaultRenderer
+from realtime.renderers.default import DefaultRenderer, DefaultRendererConfig
 from realtime.renderers.mouth_params import (
     BITE,
     CLOSE,
@@ -29,6 +29,7 @@ from realtime.renderers.mouth_params import (
     MouthParamsConfig,
     mouth_params,
 )
+from realtime.renderers.mouth_warp import MouthWarpConfig
 
 log = logging.getLogger(__name__)
 FPS = 25.0
@@ -198,3 +199,49 @@ def test_rendered_consonant_shapes():
     column = grey[int(lm[3, 1]):int(lm[4, 1]), x]
     assert (column < 60).sum() > 0.3 * len(column)
     assert column[-max(3, len(column) // 5):].max() > 100, column  # lower teeth above the lower lip
+
+
+def lip_mask(image: np.ndarray) -> np.ndarray:
+    """The synthetic face's lip pixels (BGR (90, 85, 165)): red, with little green (skin, spots and the
+    nose line all have green above 110)."""
+    b, g, r = (image[..., c].astype(int) for c in range(3))
+    return (g < 105) & (r > 130) & (r - b > 40)
+
+
+def check_spread(renderer: DefaultRenderer) -> None:
+    """An 'ee' (spread = 1) moves both lip corners outward by the whole widening k = 1 + spread_gain,
+    and the lips stretch without thinning: their thickness across the middle and half-way to each
+    corner stays within a pixel of the rest mouth's (the warp scales along the mouth axis only)."""
+    avatar = synthetic_avatar(n_frames=1)
+    frame, points = avatar.frames[0], avatar.mouth[0]
+    spread = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+    image = paste(frame, renderer.render_params(avatar, np.array([0]), spread[None])[0])
+    rest, wide = lip_mask(frame), lip_mask(image)
+    cx, half = float(points[:2, 0].mean()), float(points[1, 0] - points[0, 0]) / 2
+    k = 1.0 + renderer.config.warp.spread_gain
+    rows = slice(int(points[2, 1]) - 3, int(points[5, 1]) + 4)
+
+    def extent(mask: np.ndarray) -> tuple[float, float]:
+        cols = np.flatnonzero(mask[rows].any(axis=0))
+        return cx - cols[0], cols[-1] - cx
+
+    (rest_l, rest_r), (wide_l, wide_r) = extent(rest), extent(wide)
+    log.info("lip extent left/right px: rest %.0f/%.0f, spread %.0f/%.0f (expected x%.2f)",
+             rest_l, rest_r, wide_l, wide_r, k)
+    for r0, r1 in ((rest_l, wide_l), (rest_r, wide_r)):
+        assert r1 - r0 >= 0.9 * (k - 1.0) * r0, "the lip corners move out by the whole spread"
+    for s in (0.0, -0.5, 0.5):
+        before = int(rest[rows, round(cx + s * half)].sum())
+        after = int(wide[rows, round(cx + s * k * half)].sum())
+        assert abs(after - before) <= 1, f"lip thickness at s={s}: {before} px at rest, {after} px spread"
+
+
+def test_ee_moves_the_lip_corners_out():
+    check_spread(DefaultRenderer())
+
+
+def test_corners_held_by_the_fade_are_caught():
+    """The earlier widening field (full only up to 1.2 half-widths) left the corners short of k."""
+    config = DefaultRendererConfig(warp=replace(MouthWarpConfig(), spread_fade=(1.2, 2.0)))
+    with pytest.raises(AssertionError, match="corners move out"):
+        check_spread(DefaultRenderer(config))

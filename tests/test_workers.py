@@ -38,8 +38,8 @@ def test_udp_ports_split_into_contiguous_ranges():
 
 def test_worker_count_refuses_what_cannot_work():
     assert resolve_workers(ServerConfig(workers=3)) == 3
-    assert resolve_workers(ServerConfig()) == 1  # the default, until operator views span workers
-    assert resolve_workers(ServerConfig(workers=0)) == len(os.sched_getaffinity(0))  # auto
+    assert resolve_workers(ServerConfig()) == len(os.sched_getaffinity(0))  # the default: auto, one per core
+    assert resolve_workers(ServerConfig(workers=0)) == len(os.sched_getaffinity(0))
     assert resolve_workers(ServerConfig(workers=0, cert_file="c.pem", key_file="k.pem")) == 1  # auto with TLS
     with pytest.raises(ValueError, match="TLS"):
         resolve_workers(ServerConfig(workers=2, cert_file="c.pem", key_file="k.pem"))
@@ -171,14 +171,15 @@ class Endpoint:
 
 
 @pytest.fixture
-async def two_workers(loopback_only):
+async def two_workers(loopback_only, tmp_path):
     """Two worker processes with the default renderer and two sessions in all (--max-sessions 2 is the
-    server's): the second offer goes to the worker with more room, the other one, and a third is refused."""
+    server's): the second offer goes to the worker with more room, the other one, and a third is refused.
+    Their avatar cache (and kept uploads) in the test's own folder."""
     from server.runner import serve_workers_async
 
     config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_sessions=2, max_sessions_per_ip=0,
                           max_offers_per_minute=0, ice_host_addresses=["127.0.0.1"], log_level="warning",
-                          tts_command="")
+                          tts_command="", avatar_cache_dir=tmp_path / "cache")
     loop = asyncio.get_running_loop()
     started, boss_future, stop = loop.create_future(), loop.create_future(), asyncio.Event()
     task = asyncio.create_task(serve_workers_async(config, 2, started=started, stop=stop, supervisor=boss_future))
@@ -252,10 +253,6 @@ async def test_every_route_of_a_session_reaches_its_worker_and_a_killed_worker_r
     await refused.pc.close()
     for client in (a, b):
         await check_every_route(http, client)
-    # Each worker has its own avatar library: a live change would reach one of them, so it is refused.
-    async with http.post(server.endpoint("/avatars"), data=b"x") as resp:
-        assert resp.status == 409 and "--workers 1" in (await resp.json())["error"]
-
     # Kill a's worker: a's session ends with the reason, b's keeps going, the worker comes back. The
     # restart waits 6 s here so that b is measured against the death alone: a restart's start-up (imports,
     # engine, probe) is CPU that a saturated 2-core machine takes from every session, a separate matter.
@@ -305,3 +302,310 @@ async def test_every_route_of_a_session_reaches_its_worker_and_a_killed_worker_r
     await check_every_route(http, c)
     for client in (a, b, c):
         await client.close()
+
+
+# -- the server-wide answers: every worker's sessions, metrics and avatars -----------------------------------
+
+
+def sample(page: str, key: str) -> float:
+    """The value of the one sample `key` (name and labels as written) on a Prometheus page."""
+    values = [line.rpartition(" ")[2] for line in page.splitlines() if line.rpartition(" ")[0] == key]
+    assert len(values) == 1, f"{key}: {values}"
+    return float(values[0])
+
+
+async def listed_sessions(http, server, timeout_s: float = 30.0) -> tuple[int, dict, float]:
+    """GET /sessions: (status, body, seconds it took)."""
+    import aiohttp
+
+    t0 = time.monotonic()
+    async with http.get(server.endpoint("/sessions"), timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        return resp.status, await resp.json(), time.monotonic() - t0
+
+
+async def close_session(http, client) -> None:
+    await client.close()
+    async with http.delete(client.url(), headers=client.auth) as resp:
+        assert resp.status in (200, 404)
+
+
+async def test_sessions_metrics_and_avatars_span_both_workers(two_workers, http, tmp_path):
+    """Whichever worker takes the request: GET /sessions lists both workers' sessions, /metrics sums them
+    (one family each, per-process breakdown), an avatar uploaded through one worker serves a session on
+    the other, and a delete waits for the avatar's last session on either worker, then reaches both."""
+    import aiohttp
+    import cv2
+    from server_helpers import Client
+
+    from models.face_detection import mesh_models_available
+    from realtime.avatars.default_avatar import load_default_avatar
+
+    server, _ = two_workers
+    a, b = Client(server, http), Client(server, http)
+    await a.connect()
+    await b.connect()
+    assert {worker_of(a.session_id), worker_of(b.session_id)} == {0, 1}
+    for _ in range(4):  # round-robin: both workers take some of these
+        status, body, _ = await listed_sessions(http, server)
+        assert status == 200 and sorted(s["id"] for s in body["sessions"]) == sorted([a.session_id, b.session_id])
+        assert "workers_missing" not in body and body["max_sessions"] == 2
+    await a.wait_for_video(10, within_s=30)
+    await b.wait_for_video(10, within_s=30)
+    for _ in range(2):
+        async with http.get(server.endpoint("/metrics")) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert sample(page, "lipsync_sessions") == 2 and sample(page, "lipsync_sessions_opened_total") == 2
+        assert sample(page, "lipsync_free_slots") == 0 and sample(page, "lipsync_sessions_max") == 2
+        assert sample(page, "lipsync_live_video_frames") >= 20  # both sessions' frames
+        for process in ("0", "1"):
+            assert sample(page, f'lipsync_process_scraped{{process="{process}"}}') == 1
+            assert sample(page, f'lipsync_process_sessions{{process="{process}"}}') == 1
+            assert sample(page, f'lipsync_worker_sessions{{process="{process}",worker="0",device="cpu"}}') == 1
+        assert page.count("# HELP lipsync_sessions ") == 1 and page.count("# TYPE lipsync_worker_sessions ") == 1
+        assert sample(page, "lipsync_up") == 1
+    await close_session(http, a)
+    await close_session(http, b)
+
+    if not mesh_models_available():
+        pytest.skip("the avatar part needs the face-mesh models (scripts/setup.sh)")
+    photo = tmp_path / "face.png"
+    face = cv2.resize(np.ascontiguousarray(load_default_avatar().frames[0]), (384, 384), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(photo), face)
+    form = aiohttp.FormData()
+    form.add_field("file", photo.read_bytes(), filename="face.png")
+    form.add_field("name", "Shared")
+    async with http.post(server.endpoint("/avatars"), data=form) as resp:
+        added = await resp.json()
+        assert resp.status == 202, added
+    avatar_id = added["id"]
+    assert "workers_missing" not in added
+    deadline = time.monotonic() + 120
+    ready = 0
+    while ready < 4:  # ready in both workers: four answers in a row say so
+        async with http.get(server.endpoint(f"/avatars/{avatar_id}")) as resp:
+            assert resp.status == 200, await resp.text()  # known to both at once (one preparing, one waiting)
+            state = (await resp.json())["state"]
+        assert state in ("preparing", "ready"), state
+        ready = ready + 1 if state == "ready" else 0
+        assert time.monotonic() < deadline, "the upload never became ready in both workers"
+        await asyncio.sleep(0.1)
+    c, d = Client(server, http), Client(server, http)
+    for client in (c, d):
+        answer = await client.connect(options={"avatar": avatar_id})
+        assert answer["avatar"] == avatar_id
+    assert {worker_of(c.session_id), worker_of(d.session_id)} == {0, 1}  # used on both workers
+    for client in (c, d):
+        await client.wait_for_video(5, within_s=30)
+        assert client.received.video[-1][2].shape == (384, 384, 3)
+    # In use on either worker: not removable, whichever worker takes the DELETE.
+    await close_session(http, c)
+    for _ in range(2):
+        async with http.delete(server.endpoint(f"/avatars/{avatar_id}")) as resp:
+            error = (await resp.json())["error"]
+            assert resp.status == 409 and "used by 1 session" in error, error
+    await close_session(http, d)
+    deadline = time.monotonic() + 15
+    while True:
+        async with http.delete(server.endpoint(f"/avatars/{avatar_id}")) as resp:
+            body = await resp.json()
+            if resp.status == 200:
+                break
+            assert resp.status == 409 and time.monotonic() < deadline, body
+        await asyncio.sleep(0.2)
+    assert body == {"id": avatar_id, "removed": True}
+    for _ in range(4):
+        async with http.get(server.endpoint(f"/avatars/{avatar_id}")) as resp:
+            assert resp.status == 404
+    assert not list((tmp_path / "cache" / "uploads").glob(f"{avatar_id}*"))  # no restart brings it back
+
+
+async def test_a_stuck_or_dead_worker_does_not_hang_the_server_wide_answers(two_workers, http):
+    """A worker whose loop stands still (SIGSTOP) falls silent on the board: the supervisor sends it none of
+    the requests any worker may take, and GET /sessions and /metrics leave it out at once, naming it; once it
+    runs again it is back in. A killed one is left out at once."""
+    from server_helpers import Client
+
+    from server.ops.worker_board import SILENT_AFTER_S
+    from server.ops.worker_peers import PEER_TIMEOUT_S
+
+    server, boss = two_workers
+    a = Client(server, http)
+    await a.connect()
+    stuck = 1 - worker_of(a.session_id)
+    pid = boss.pid(stuck)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(SILENT_AFTER_S + 1.0)
+        for _ in range(4):  # round-robin would have handed every other one to the stuck worker
+            status, body, took = await listed_sessions(http, server, timeout_s=PEER_TIMEOUT_S + 4)
+            assert status == 200 and took < PEER_TIMEOUT_S, took
+            assert [s["id"] for s in body["sessions"]] == [a.session_id]
+            (missing,) = body["workers_missing"]
+            assert missing["worker"] == stuck and missing["error"].startswith("not answering: silent for"), missing
+        async with http.get(server.endpoint("/metrics")) as resp:
+            page = await resp.text()
+        assert sample(page, f'lipsync_process_scraped{{process="{stuck}"}}') == 0
+        assert sample(page, f'lipsync_process_scraped{{process="{1 - stuck}"}}') == 1
+        assert sample(page, "lipsync_sessions") == 1
+        async with http.get(server.endpoint("/healthz")) as resp:
+            rows = (await resp.json())["worker_processes"]
+        assert [r["stuck"] for r in rows] == [i == stuck for i in range(2)]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while boss.board.row(stuck).stuck:
+        assert time.monotonic() < deadline, "the worker never spoke again"
+        await asyncio.sleep(0.1)
+    for _ in range(2):
+        status, body, _ = await listed_sessions(http, server)
+        assert status == 200 and "workers_missing" not in body and len(body["sessions"]) == 1
+    os.kill(pid, signal.SIGKILL)
+    answered = 0
+    for _ in range(10):
+        status, body, took = await listed_sessions(http, server)
+        if status == 503:  # handed to the dead worker's channel before the supervisor noticed
+            continue
+        assert status == 200 and took < PEER_TIMEOUT_S, took
+        assert [s["id"] for s in body["sessions"]] == [a.session_id]
+        answered += 1
+        if answered == 2:
+            break
+    assert answered == 2
+    await close_session(http, a)
+
+
+async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothing(tmp_path):
+    """The fan-out itself: one worker accepts the connection and never answers (its loop frozen after the
+    accept), one has a socket with nobody behind it (it just died): both are left out and named, and the
+    whole ask takes the timeout, not the sum of them."""
+    from server.ops.worker_board import Board, WorkerSeat
+    from server.ops.worker_peers import WorkerPeers
+
+    board = Board(3)
+    board.peers_dir = str(tmp_path)
+    for i in range(3):
+        board.publish(i, free_slots=1, sessions=0, capacity=1)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(1))
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(board.peer_socket(2))
+    dead.close()  # the file stays; connecting to it is refused
+    try:
+        peers = WorkerPeers(WorkerSeat(board, 0, 0), timeout_s=0.5)
+        t0 = time.monotonic()
+        answers = await peers.ask("GET", "/sessions")
+        took = time.monotonic() - t0
+        assert 0.5 <= took < 1.5, took
+        assert [a.worker for a in answers] == [1, 2] and not any(a.ok for a in answers)
+        assert answers[0].missing() == {"worker": 1, "error": "no answer within 0.5 s"}
+        assert answers[1].missing()["error"].startswith("unreachable")
+    finally:
+        frozen.close()
+        for writer in held:
+            writer.close()
+
+
+def test_metrics_pages_merge_by_each_familys_rule():
+    """Several processes' pages as one: counters and histograms summed, gauges by their rule, series that
+    repeat in every process told apart by a process label, a caller's server-wide figure kept."""
+    from server.ops.prometheus import Histogram, Page, merge_pages
+
+    def page(i: int) -> str:
+        p = Page()
+        p.gauge("up", "Up.", 1 - i)
+        p.gauge("sessions", "Sessions.", 1 + i)
+        p.counter("closed_total", "Closed.", 2, {"reason": "a b"})
+        if i:
+            p.counter("closed_total", "Closed.", 5, {"reason": "late"})
+        h = Histogram((0.1, 1.0))
+        h.observe(0.05 * (i + 1))
+        p.histogram("lag_seconds", "Lag.", h)
+        p.gauge("lag_max_seconds", "Worst.", 0.25 * (i + 1))
+        p.gauge("cost_ms", "Cost.", 4.0 + 2 * i)
+        p.gauge("free", "Free.", 3)
+        p.gauge("render_queue", "Queue.", 7 + i, {"worker": "0"})
+        return p.render()
+
+    merged = merge_pages([("0", page(0)), ("1", page(1))],
+                         {"up": "min", "lag_max_seconds": "max", "cost_ms": "mean", "render_queue": "per_process"},
+                         overrides={"free": 4})
+    lines = merged.splitlines()
+    assert lines.count("# HELP sessions Sessions.") == 1 and lines.count("# TYPE lag_seconds histogram") == 1
+    assert sample(merged, "up") == 0 and sample(merged, "sessions") == 3
+    assert sample(merged, 'closed_total{reason="a b"}') == 4 and sample(merged, 'closed_total{reason="late"}') == 5
+    assert sample(merged, 'lag_seconds_bucket{le="0.1"}') == 2 and sample(merged, "lag_seconds_count") == 2
+    assert sample(merged, "lag_seconds_sum") == pytest.approx(0.15)
+    assert sample(merged, "lag_max_seconds") == 0.5 and sample(merged, "cost_ms") == 5.0
+    assert sample(merged, "free") == 4
+    assert sample(merged, 'render_queue{process="0",worker="0"}') == 7
+    assert sample(merged, 'render_queue{process="1",worker="0"}') == 8
+    assert "sessions 3" in lines  # integers stay integers
+
+
+async def test_with_a_silent_worker_a_delete_removes_nothing_and_every_answer_names_it(tmp_path, http):
+    """One process of a two-worker server, in-process, whose peer accepts and never answers: DELETE
+    /avatars/{id} answers 503 + Retry-After and removes nothing anywhere (the avatar still serves here),
+    an upload is accepted here and the answer names the worker that did not take it in, GET /sessions
+    names it too; each within the peer timeout."""
+    import cv2
+    from server_helpers import TinyAvatar, start_server, tiny_engine
+
+    from server.ops.worker_board import Board, WorkerSeat
+    from server.ops.worker_peers import WorkerPeers
+    from server.state import STATE
+
+    engine = tiny_engine(avatar_cache_dir=tmp_path / "cache", uploads_dir=tmp_path / "uploads")
+    engine.avatars.add_builtin(TinyAvatar(), "other", "Other").builtin = False  # as an uploaded one
+    board = Board(2)
+    board.peers_dir = str(tmp_path)
+    for i in range(2):
+        board.publish(i, free_slots=1, sessions=0, capacity=1)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(1))
+    server = await start_server(engine, max_sessions=2)
+    state = server.app[STATE]
+    state.seat = WorkerSeat(board, 0, 0)
+    state.peers = WorkerPeers(state.seat, timeout_s=0.5)
+    silent = [{"worker": 1, "error": "no answer within 0.5 s"}]
+    try:
+        t0 = time.monotonic()
+        async with http.delete(server.endpoint("/avatars/other")) as resp:
+            body = await resp.json()
+            assert resp.status == 503 and resp.headers["Retry-After"] == "2", body
+        assert "nothing was removed" in body["error"] and "no answer within 0.5 s" in body["error"]
+        assert engine.avatars.acquire("other")[0] == "other"  # the reservation here was called off
+        engine.avatars.release("other")
+        ok, png = cv2.imencode(".png", np.full((96, 96, 3), 120, np.uint8))
+        assert ok
+        form = aiohttp_form(png.tobytes())
+        async with http.post(server.endpoint("/avatars"), data=form) as resp:
+            body = await resp.json()
+            assert resp.status == 202, body
+        assert body["workers_missing"] == silent
+        status, listed, _ = await listed_sessions(http, server)
+        assert status == 200 and listed["sessions"] == [] and listed["workers_missing"] == silent
+        assert time.monotonic() - t0 < 3 * 0.5 + 3.0  # three fan-outs, each bounded by the timeout
+    finally:
+        await server.stop()
+        frozen.close()
+        for writer in held:
+            writer.close()
+        engine.close()
+
+
+def aiohttp_form(data: bytes):
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("file", data, filename="face.png")
+    return form

@@ -117,7 +117,8 @@ def _columns(padded: np.ndarray, first: int, count: int) -> np.ndarray:
     mel = _mel_basis64() @ magnitude.T
     db = 20.0 * np.log10(np.maximum(1e-5, mel)) - REF_LEVEL_DB
     norm = 2 * MAX_ABS_VALUE * (db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - MAX_ABS_VALUE
-    return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+    out: np.ndarray = np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+    return out
 
 
 def _as_float_mono(wav: np.ndarray) -> np.ndarray:

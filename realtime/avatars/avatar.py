@@ -20,7 +20,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -62,7 +62,7 @@ class AvatarConfig:
     # decoding per shown 720p frame. What a server's avatar library uses; off for the CLI and tests.
     encode_frames: bool = False
 
-    def cache_params(self) -> dict:
+    def cache_params(self) -> dict[str, Any]:
         """What changes the prepared data (and so the cache key), with "auto" resolved and the model
         files identified: installing the mesh models later must not serve the Haar result."""
         from models.face_detection.model_files import model_fingerprint

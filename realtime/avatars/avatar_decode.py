@@ -20,13 +20,18 @@ import logging
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
 
 from realtime.avatars.avatar import AvatarConfig, AvatarError
 from realtime.media_io import MediaError, read_image
+
+if TYPE_CHECKING:  # PyAV is imported where a file is opened (a heavy import)
+    import av
+    from av.container import InputContainer
+    from av.video.stream import VideoStream
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def sniff_video(head: bytes) -> str | None:
     return None
 
 
-def open_video(path: Path):  # -> av.container.InputContainer
+def open_video(path: Path) -> InputContainer:
     """The file opened with the demuxer its first bytes name (AvatarError for any other)."""
     import av
 
@@ -72,15 +77,15 @@ def open_video(path: Path):  # -> av.container.InputContainer
                           "use an mp4/mov/webm video or a jpg/png photo") from None
 
 
-def declared_seconds(container, stream) -> float | None:
+def declared_seconds(container: InputContainer, stream: VideoStream) -> float | None:
     """From the stream, else the container, else frames / rate: whichever the file states."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
-        return container.duration / 1_000_000
+        return float(container.duration) / 1_000_000
     rate = stream.average_rate or stream.base_rate
     if stream.frames and rate:
-        return stream.frames / float(rate)
+        return float(stream.frames) / float(rate)
     return None
 
 
@@ -151,7 +156,7 @@ def frame_budget(declared_s: float | None, fps: float, config: AvatarConfig) -> 
     return max(1, min(most, math.ceil((max(declared_s, 0.0) + 0.5) * fps)))
 
 
-def fitted_frame(frame, config: AvatarConfig, path: Path) -> np.ndarray:
+def fitted_frame(frame: av.VideoFrame, config: AvatarConfig, path: Path) -> np.ndarray:
     """One decoded frame as BGR, fitted and upright; its size is checked before it is converted."""
     if max(frame.width, frame.height) > MAX_SOURCE_SIDE:
         raise AvatarError(f"{path}: a frame of {frame.width}x{frame.height} px; at most {MAX_SOURCE_SIDE} px "

@@ -17,12 +17,22 @@ avatar's id with a small manifest, beside the prepared-avatar cache; `restore_up
 them back with the same ids, re-prepared from that cache (a cache hit: no detection, no re-upload).
 `remove` deletes them; an upload whose preparation failed is not kept.
 
+Several libraries over one `uploads_dir` (the worker processes of `--workers N`, each with its own library):
+an upload kept by one is taken in by the others with `adopt_upload(id)` (same id, from the kept file), and
+the preparation of a kept file holds an exclusive lock on that file (`fcntl.flock`), so only the first library
+detects the face and writes the cache: the others wait and load that cache. A removal that must hold in
+every library is done in two steps: `reserve_removal(id)` in each (refused while a session uses it; new
+sessions are then refused the avatar), then `remove(id)` in each, or `cancel_removal(id)` if any refused; a
+reservation lapses after REMOVAL_HOLD_S, so a remover that vanished between the steps blocks nothing.
+
 Memory: library avatars keep their frames JPEG-encoded (realtime/avatars/encoded_frames.py) plus what the
 renderers need (boxes, lip landmarks, 96x96 crops and masks); bench/avatars.py measures the RSS per
 added avatar and the load time of a cached one.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import re
@@ -34,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -50,6 +60,7 @@ POSTER_WIDTH = 256
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
 MAX_FAILED = 8
 FAILED_KEEP_S = 600.0
+REMOVAL_HOLD_S = 10.0  # a removal reserved and neither done nor cancelled lapses after this long
 
 
 class AvatarState(Enum):
@@ -92,10 +103,11 @@ class AvatarEntry:
     prepare_s: float | None = None
     users: int = 0                       # sessions holding it
     failed_at: float | None = None       # time.monotonic() when it failed
+    removing_until: float | None = None  # time.monotonic() until which a reserved removal holds it
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What GET /avatars shows (no URLs: the HTTP layer adds them)."""
-        out: dict = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "state": self.state.value, "builtin": self.builtin,
                      "sessions": self.users}
         if self.state is AvatarState.PREPARING:
             out["progress"] = round(self.progress, 3)
@@ -208,7 +220,7 @@ class AvatarLibrary:
                     del self._entries[entry.id]
                 raise
             keep_file = True
-        future: Future = executor.submit(self._run, entry, path, keep_file, False)
+        future: Future[None] = executor.submit(self._run, entry, path, keep_file, False)
         future.add_done_callback(lambda _f: self._done_pending())
         return entry
 
@@ -269,6 +281,55 @@ class AvatarLibrary:
             log.info("avatars: %d upload(s) restored from %s", len(restored), self.uploads_dir)
         return restored
 
+    def adopt_upload(self, avatar_id: str) -> AvatarEntry:
+        """Take in an upload another library (another worker process) kept in the shared `uploads_dir`:
+        the same id, prepared on this library's thread from the kept file (after the first library's
+        preparation, under its lock: a cache hit). UnknownAvatar when no such upload is kept; LibraryBusy
+        as `add_file`. An id this library already has is returned as it is."""
+        if self.uploads_dir is None:
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}: this library keeps no uploads")
+        try:
+            meta = json.loads(self._manifest(avatar_id).read_text())
+            name, file = str(meta["name"]), str(meta["file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}: no kept upload by that id") from None
+        path = self.uploads_dir / file
+        if "/" in file or not path.is_file():
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}: its kept file is missing")
+        with self._lock:
+            known = self._entries.get(avatar_id)
+            if known is not None:
+                return known
+            if self._pending >= self._max_pending:
+                raise LibraryBusy(f"{self._pending} avatars are already being prepared; try again later")
+            self._pending += 1
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
+            executor = self._executor
+            entry = AvatarEntry(id=avatar_id, name=name, source=file,
+                                added_at=float(meta.get("added_at", time.time())))
+            self._entries[avatar_id] = entry
+        future: Future[None] = executor.submit(self._run, entry, path, True, False)
+        future.add_done_callback(lambda _f: self._done_pending())
+        return entry
+
+    def adopt_kept_uploads(self) -> list[AvatarEntry]:
+        """Take in every kept upload this library does not know yet: those another library kept after this
+        one's `restore_uploads` (a worker process that was starting while an upload arrived elsewhere)."""
+        if self.uploads_dir is None or not self.uploads_dir.is_dir():
+            return []
+        adopted = []
+        for manifest in sorted(self.uploads_dir.glob("*.json")):
+            with self._lock:
+                known = manifest.stem in self._entries
+            if known:
+                continue
+            try:
+                adopted.append(self.adopt_upload(manifest.stem))
+            except (UnknownAvatar, LibraryBusy) as exc:
+                log.warning("avatars: kept upload %s not taken in: %s", manifest.stem, exc)
+        return adopted
+
     def _done_pending(self) -> None:
         with self._lock:
             self._pending -= 1
@@ -298,7 +359,11 @@ class AvatarLibrary:
                 log.info("avatars: %s %d%%", entry.id, round(100 * entry.progress))
 
         try:
-            avatar = prepare_avatar(path, config=self.config, cache_dir=self.cache_dir, progress=progress)
+            with self._kept_file_lock(path):
+                if not path.is_file():  # another library's preparation of this upload failed and dropped it
+                    raise AvatarError(f"the upload {entry.source} is gone: its preparation failed in "
+                                      "another worker process")
+                avatar = prepare_avatar(path, config=self.config, cache_dir=self.cache_dir, progress=progress)
             avatar = avatar.with_encoded_frames()  # a no-op unless it was a prepared folder of raw frames
             if self._prepare is not None:
                 self._prepare(avatar)
@@ -318,6 +383,25 @@ class AvatarLibrary:
         finally:
             if not keep_file:
                 path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _kept_file_lock(self, path: Path) -> Iterator[None]:
+        """An exclusive lock on a kept upload's preparation, across processes (a no-op for other files):
+        the first library to take it detects the face and writes the cache; the others then hit it."""
+        if self.uploads_dir is None or path.parent != self.uploads_dir:
+            yield
+            return
+        try:
+            handle = open(path, "rb")  # the lock is on the kept file itself: no lock file to leave behind
+        except FileNotFoundError:
+            yield  # already gone: the preparation says so
+            return
+        with handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _finish(self, entry: AvatarEntry, avatar: Avatar, seconds: float) -> None:
         entry.poster = poster_jpeg(avatar)
@@ -349,6 +433,8 @@ class AvatarLibrary:
         entry = self._entries.get(avatar_id)
         if entry is None:
             raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+        if self._removal_held(entry):
+            raise AvatarNotReady(f"avatar {avatar_id!r} is being removed")
         if entry.state is not AvatarState.READY or entry.avatar is None:
             detail = f": {entry.error}" if entry.error else f" ({round(100 * entry.progress)}% prepared)"
             raise AvatarNotReady(f"avatar {avatar_id!r} is {entry.state.value}{detail}")
@@ -380,20 +466,42 @@ class AvatarLibrary:
             if entry is not None and entry.users > 0:
                 entry.users -= 1
 
+    @staticmethod
+    def _removal_held(entry: AvatarEntry) -> bool:
+        return entry.removing_until is not None and time.monotonic() < entry.removing_until
+
+    def _check_removable(self, avatar_id: str) -> AvatarEntry:
+        """The entry `remove` may drop (call with the lock held): UnknownAvatar, AvatarInUse otherwise."""
+        entry = self._entries.get(avatar_id)
+        if entry is None:
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
+        if entry.builtin:
+            raise AvatarInUse(f"avatar {avatar_id!r} is built in and cannot be removed")
+        if entry.state is AvatarState.PREPARING:
+            raise AvatarInUse(f"avatar {avatar_id!r} is still being prepared; remove it when it is done")
+        if entry.users:
+            raise AvatarInUse(f"avatar {avatar_id!r} is used by {entry.users} session(s); "
+                              "remove it when they have ended")
+        return entry
+
+    def reserve_removal(self, avatar_id: str, hold_s: float = REMOVAL_HOLD_S) -> None:
+        """The first step of a removal every library must agree to: refused as `remove` would be; once
+        reserved, no new session gets the avatar until `remove`, `cancel_removal` or `hold_s` passes."""
+        with self._lock:
+            entry = self._check_removable(avatar_id)
+            entry.removing_until = time.monotonic() + hold_s
+
+    def cancel_removal(self, avatar_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(avatar_id)
+            if entry is not None:
+                entry.removing_until = None
+
     def remove(self, avatar_id: str) -> None:
         """Forget an avatar no session uses (AvatarInUse otherwise). A preparing one cannot be removed
         until it is ready or failed; the built-in ones never."""
         with self._lock:
-            entry = self._entries.get(avatar_id)
-            if entry is None:
-                raise UnknownAvatar(f"unknown avatar {avatar_id!r}; GET /avatars lists them")
-            if entry.builtin:
-                raise AvatarInUse(f"avatar {avatar_id!r} is built in and cannot be removed")
-            if entry.state is AvatarState.PREPARING:
-                raise AvatarInUse(f"avatar {avatar_id!r} is still being prepared; remove it when it is done")
-            if entry.users:
-                raise AvatarInUse(f"avatar {avatar_id!r} is used by {entry.users} session(s); "
-                                  "remove it when they have ended")
+            entry = self._check_removable(avatar_id)
             del self._entries[avatar_id]
         self._forget_upload(avatar_id)
         if entry.avatar is not None and self._on_removed is not None:

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from realtime.avatars.face_masks import lower_face_masks
 from realtime.avatars.face_tracking import FaceTrack, avatar_detector, finish_track, track_faces
 from realtime.avatars.still_animation import animate_still
 from realtime.media_io import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:  # the detectors are imported when one is made
+    from models.face_detection import FaceDetector
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def prepare_fresh(path: Path, config: AvatarConfig, progress: Progress | None) -
     return build_avatar(stack_frames(kept), face, fps, config.loop or "pingpong", path.name)
 
 
-def prepare_still(image: np.ndarray, native: int | None, detector, config: AvatarConfig, source: str,
+def prepare_still(image: np.ndarray, native: int | None, detector: FaceDetector, config: AvatarConfig, source: str,
                    progress: Progress | None) -> Avatar:
     h, w = image.shape[:2]
     first = track_faces([image], detector, 1)
@@ -74,7 +78,7 @@ def prepare_still(image: np.ndarray, native: int | None, detector, config: Avata
     return build_avatar(frames, finish_track(track, config, w, h, source), config.fps, config.loop or "pingpong", name)
 
 
-def avatar_from_arrays(arrays: dict[str, np.ndarray], header: dict, loop: str) -> Avatar:
+def avatar_from_arrays(arrays: dict[str, np.ndarray], header: dict[str, Any], loop: str) -> Avatar:
     frames: np.ndarray | EncodedFrames
     if "frames" in arrays:
         frames = arrays["frames"]
@@ -89,7 +93,7 @@ def avatar_from_arrays(arrays: dict[str, np.ndarray], header: dict, loop: str) -
     return avatar
 
 
-def save_avatar(avatar: Avatar, directory: str | Path, extra: dict | None = None) -> Path:
+def save_avatar(avatar: Avatar, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a prepared avatar folder (the format `prepare_avatar(folder)` loads)."""
     arrays: dict[str, np.ndarray | None] = {"boxes": avatar.boxes, "mouth": avatar.mouth,
                                             "crops96": avatar.face_crops(CROP_SIZE), "masks96": avatar.masks}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -68,11 +68,11 @@ class EncodedFrames:
         return cls(np.concatenate(chunks), offsets, (shape[0], shape[1], shape[2]))
 
     # -- pickling (the Ray render tier ships avatars to replicas) and identity -----------------------
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {"data": self.data, "offsets": self.offsets, "shape": self.frame_shape,
                 "cache_frames": self._cache_frames}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["data"], state["offsets"], state["shape"], state["cache_frames"])  # type: ignore[misc]
 
     def __repr__(self) -> str:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from realtime.avatars.avatar import AvatarConfig, AvatarError, Progress
 from realtime.avatars.track_smoothing import fill_gaps, pad_boxes, smooth_series
 
+if TYPE_CHECKING:  # the detectors are imported when one is made
+    from models.face_detection import FaceDetector
+
 log = logging.getLogger(__name__)
 
 
-def avatar_detector(config: AvatarConfig):
+def avatar_detector(config: AvatarConfig) -> FaceDetector:
     from models.face_detection import DetectorError, create_detector
 
     try:
@@ -36,10 +39,11 @@ class Track:
 
     @property
     def found(self) -> np.ndarray:
-        return ~np.isnan(self.boxes[:, 0])
+        found: np.ndarray = ~np.isnan(self.boxes[:, 0])
+        return found
 
 
-def track_faces(frames: Iterable[np.ndarray], detector, total: int,
+def track_faces(frames: Iterable[np.ndarray], detector: FaceDetector, total: int,
                 keep: list[np.ndarray] | None = None, progress: Progress | None = None) -> Track:
     """Detect on every frame, tracking from the previous one; `keep` collects the frames seen."""
     boxes: list[np.ndarray] = []

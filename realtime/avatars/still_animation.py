@@ -16,7 +16,8 @@ from realtime.avatars.avatar import Progress
 
 def smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
-    return x * x * (3 - 2 * x)
+    out: np.ndarray = x * x * (3 - 2 * x)
+    return out
 
 
 def idle_motion(n_frames: int, face_height: float, amplitude: float = 1.0) -> np.ndarray:

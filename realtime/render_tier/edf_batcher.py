@@ -45,7 +45,7 @@ class Waiting:
     mels: np.ndarray            # (B, 80, 16)
     deadline: float             # batcher clock
     arrived: float
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future[Outcome] = field(repr=False)
 
     @property
     def frames(self) -> int:
@@ -117,12 +117,12 @@ class EdfBatcher:
         self._waiting: list[Waiting] = []
         self._arrival = asyncio.Event()
         self._senders: dict[str, float] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def submit(self, sender: str, key: str, avatar: Avatar, indices: np.ndarray, mels: np.ndarray,
                      deadline: float) -> Outcome:
         now = self.clock()
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting.append(Waiting(sender, key, avatar, indices, mels, deadline, now, future))
         self._senders[sender] = now
         self._arrival.set()
@@ -198,6 +198,6 @@ class EdfBatcher:
             _resolve(w.future, Outcome(part, len(indices), start - w.arrived, seconds))
 
 
-def _resolve(future: asyncio.Future, outcome: Outcome) -> None:
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
     if not future.done():  # the caller may have gone (cancelled)
         future.set_result(outcome)

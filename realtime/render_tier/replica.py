@@ -59,7 +59,7 @@ class RenderReplica:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"render-{name}")
         self._avatars: dict[str, Any] = {}
         self._last_used: dict[str, float] = {}   # key -> clock() of the latest request naming it
-        self._preparing: dict[str, asyncio.Future] = {}
+        self._preparing: dict[str, asyncio.Future[Any]] = {}
         self.batcher = EdfBatcher(self._render_batch, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
 
     async def render(self, request: RenderRequest) -> RenderReply:

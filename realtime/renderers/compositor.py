@@ -22,7 +22,8 @@ MODES = ("feather", "official")
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
+    result: np.ndarray = x * x * (3.0 - 2.0 * x)
+    return result
 
 
 @lru_cache(maxsize=64)
@@ -34,8 +35,7 @@ def default_mask(h: int, w: int) -> np.ndarray:
     top = _smoothstep((y - 0.42) / 0.18)            # rises from 0.42 h to 0.60 h
     bottom = _smoothstep((1.0 - y) / 0.10)          # falls over the last 10% of the height
     sides = _smoothstep(np.minimum(x, 1.0 - x) / 0.14)
-    mask = (top * bottom)[:, None] * sides[None, :]
-    mask = mask.astype(np.float32)
+    mask: np.ndarray = ((top * bottom)[:, None] * sides[None, :]).astype(np.float32)
     mask.setflags(write=False)
     return mask
 

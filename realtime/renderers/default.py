@@ -63,7 +63,7 @@ class _Prepared:
     alphas: tuple[np.ndarray, ...]          # per frame feathered patch alpha (shared between equal boxes)
 
 
-def _alpha_key(geom: FrameGeometry, shape: tuple[int, ...]) -> tuple:
+def _alpha_key(geom: FrameGeometry, shape: tuple[int, ...]) -> tuple[int, int, bool, bool, bool, bool]:
     """Alphas depend only on the box size and on which edges are clipped by the frame border."""
     y1, y2, x1, x2 = geom.box
     return y2 - y1, x2 - x1, y1 == 0, x1 == 0, y2 == shape[0], x2 == shape[1]
@@ -117,14 +117,14 @@ class DefaultRenderer(MouthRenderer):
         self._lock = threading.Lock()
         # Per-avatar data, keyed weakly so a dropped avatar frees it; objects that cannot be weakly
         # referenced fall back to an id-keyed table that holds the avatar (identity checked on lookup).
-        self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._prepared: weakref.WeakKeyDictionary[Avatar, _Prepared] = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[object, _Prepared]] = {}
 
     # -- protocol ---------------------------------------------------------------------------------
-    def prepare(self, avatar) -> None:
+    def prepare(self, avatar: Avatar) -> None:
         self._get(avatar)
 
-    def render(self, avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+    def render(self, avatar: Avatar, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """One patch per (avatar frame index, (80, 16) mel window), in order."""
         mels = np.asarray(mels, dtype=np.float32)
         indices = np.asarray(frame_indices).reshape(-1)
@@ -132,7 +132,7 @@ class DefaultRenderer(MouthRenderer):
             raise ValueError(f"expected {len(indices)} mel windows of shape (80, 16), got {mels.shape}")
         return self.render_params(avatar, indices, mouth_params(mels, self.config.params))
 
-    def render_mixed(self, avatars: list, frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
+    def render_mixed(self, avatars: list[Avatar], frame_indices: np.ndarray, mels: np.ndarray) -> list[MouthPatch]:
         """`render` for a batch whose frames come from different avatars (`avatars[k]` for frame k)."""
         mels = np.asarray(mels, dtype=np.float32)
         indices = np.asarray(frame_indices).reshape(-1)
@@ -147,7 +147,7 @@ class DefaultRenderer(MouthRenderer):
         """(B, 80, 16) mel windows (cut per `audio_needs`) -> (B, 6) `mouth_params.PARAMS`."""
         return mouth_params(mels, self.config.params)
 
-    def render_params(self, avatar, frame_indices: np.ndarray, params: np.ndarray) -> list[MouthPatch]:
+    def render_params(self, avatar: Avatar, frame_indices: np.ndarray, params: np.ndarray) -> list[MouthPatch]:
         prepared = self._get(avatar)
         n = len(prepared.geometry)
         patches = []
@@ -159,18 +159,18 @@ class DefaultRenderer(MouthRenderer):
                                       prepared.alphas[i], self.config.warp))
         return patches
 
-    def rendered_landmarks(self, avatar, frame_index: int, params: np.ndarray) -> np.ndarray:
+    def rendered_landmarks(self, avatar: Avatar, frame_index: int, params: np.ndarray) -> np.ndarray:
         """The (7, 2) mouth points as rendered for `params` on avatar frame `frame_index`."""
         prepared = self._get(avatar)
         i = int(frame_index)
         return rendered_landmarks(prepared.points[i], np.asarray(params, np.float32), prepared.geometry[i],
                                   self.config.warp)
 
-    def patch_box(self, avatar, frame_index: int) -> tuple[int, int, int, int]:
+    def patch_box(self, avatar: Avatar, frame_index: int) -> tuple[int, int, int, int]:
         """The (y1, y2, x1, x2) region this renderer may change on avatar frame `frame_index`."""
         return self._get(avatar).geometry[int(frame_index)].box
 
-    def release(self, avatar) -> None:
+    def release(self, avatar: Avatar) -> None:
         """Drop an avatar's prepared data now (it also goes when the avatar is garbage-collected)."""
         with self._lock:
             try:
@@ -179,7 +179,7 @@ class DefaultRenderer(MouthRenderer):
                 self._strong.pop(id(avatar), None)
 
     # -- per-avatar cache --------------------------------------------------------------------------
-    def _get(self, avatar) -> _Prepared:
+    def _get(self, avatar: Avatar) -> _Prepared:
         found = self._lookup(avatar)
         if found is not None:
             return found
@@ -193,19 +193,19 @@ class DefaultRenderer(MouthRenderer):
                     self._strong[id(avatar)] = (avatar, found)
             return found
 
-    def _lookup(self, avatar) -> _Prepared | None:
+    def _lookup(self, avatar: Avatar) -> _Prepared | None:
         try:
             return self._prepared.get(avatar)
         except TypeError:
             entry = self._strong.get(id(avatar))
             return entry[1] if entry is not None and entry[0] is avatar else None
 
-    def _build(self, avatar) -> _Prepared:
+    def _build(self, avatar: Avatar) -> _Prepared:
         points = _valid_points(avatar)
         frames = avatar.frames
         shape = frames.shape[1:]
         geometry = tuple(frame_geometry(points[i], shape, self.config.warp) for i in range(len(points)))
-        shared: dict[tuple, np.ndarray] = {}
+        shared: dict[tuple[int, int, bool, bool, bool, bool], np.ndarray] = {}
         for geom in geometry:
             key = _alpha_key(geom, shape)
             if key not in shared:

@@ -24,7 +24,9 @@ How (a viseme pipeline on the 80 Slaney mel bins the engine already computes):
    Formant positions and relative levels, not whole-spectrum templates, are used on purpose: spectral
    tilt and absolute band levels differ a lot between voices and TTS engines, these much less.
 4. open = loudness gate x the vowel's openness (the warp shuts the lips by `close`); spread / round =
-   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time.
+   the vowel's lip shape; close / bite / teeth = the consonant evidence near the frame's time. The jaw's
+   gate has its own, higher full-scale level than the lip shape's, so that it keeps following the
+   envelope's syllable peaks in loud running speech instead of staying wide open through them.
 5. Temporal smoothing is **stateless over the window** (the design choice of this module). The window
    of video frame i starts one video frame (40 ms at 25 fps) *before* the frame (`offset_frames` = -1)
    and `window_columns` (8) columns are read, so it spans ~45 ms of past and ~45 ms of future audio
@@ -55,7 +57,7 @@ _DB_PER_UNIT = 100.0 / (2 * MAX_ABS_VALUE)  # the official normalisation maps 10
 # Corners of the vowel / fricative space as (open factor, spread, round); each column blends between them.
 VISEMES: dict[str, tuple[float, float, float]] = {
     "A": (1.00, 0.10, 0.00),  # open vowel: high F1
-    "I": (0.20, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips
+    "I": (0.26, 1.00, 0.00),  # close front vowel: low F1, high F2 -> spread lips (a slit, lips apart)
     "U": (0.38, 0.00, 1.00),  # close back rounded vowel: low F1, low F2 -> rounded, narrow lips
     "S": (0.18, 0.70, 0.00),  # sibilant: energy above 3.5 kHz, teeth nearly together
     "F": (0.12, 0.20, 0.00),  # labiodental: lower lip at the upper teeth
@@ -68,7 +70,13 @@ class MouthParamsConfig:
     # (level ~ dBFS + 98). Below `gate_db` the mouth rests; at `full_db` a vowel reaches full opening.
     gate_db: float = 44.0
     full_db: float = 74.0
-    level_gamma: float = 1.3       # > 1: the jaw follows the amplitude more than the dB level
+    # The jaw reaches full opening only at `jaw_full_db`, well above where the lip shape is complete: a
+    # jaw that saturated at `full_db` stayed wide open through every loud stretch of running speech and
+    # lost the syllable-to-syllable rise and fall of the envelope (the lip shape, by contrast, should
+    # be complete at moderate loudness). With `level_gamma` > 1 the opening follows the amplitude more
+    # than the dB level, as the speech envelope does.
+    jaw_full_db: float = 76.0
+    level_gamma: float = 1.6
     shape_gamma: float = 0.6       # < 1: the lips take a vowel's shape early in its rise
     # Formant search ranges (Hz); F1 = the first envelope peak within `f1_within_db` of the band max.
     f1_range: tuple[float, float] = (200.0, 1000.0)
@@ -124,7 +132,8 @@ def _bin_centres() -> np.ndarray:
     """Centroid frequency of each Slaney mel filter (within a few Hz of its centre)."""
     basis = mel_basis().astype(np.float64)
     freqs = np.linspace(0.0, 8000.0, basis.shape[1])
-    return (basis @ freqs) / basis.sum(axis=1)
+    result: np.ndarray = (basis @ freqs) / basis.sum(axis=1)
+    return result
 
 
 def column_times_ms(config: MouthParamsConfig) -> np.ndarray:
@@ -138,7 +147,8 @@ def _kernel(t_ms: np.ndarray, lead_ms: float, attack_ms: float, release_ms: floa
     ahead = t_ms - lead_ms
     w = np.where(ahead >= 0, np.exp(-ahead / attack_ms), np.exp(ahead / release_ms))
     w[0] *= 0.5
-    return (w / w.max()).astype(np.float32)  # a steady sound gives its full value
+    result: np.ndarray = (w / w.max()).astype(np.float32)  # a steady sound gives its full value
+    return result
 
 
 def _plateau(t_ms: np.ndarray, span: tuple[float, float], decay_ms: float) -> np.ndarray:
@@ -183,16 +193,19 @@ def _lifter_matrix(n_bins: int, keep: int) -> np.ndarray:
     dct = np.cos(np.pi * k * (j + 0.5) / n_bins) * np.sqrt(2.0 / n_bins)
     dct[0] /= np.sqrt(2.0)  # orthonormal DCT-II, so the inverse is the transpose
     taper = np.where(np.arange(n_bins) < keep, 0.5 + 0.5 * np.cos(np.pi * np.arange(n_bins) / keep), 0.0)
-    return (dct.T * taper) @ dct
+    result: np.ndarray = (dct.T * taper) @ dct
+    return result
 
 
 def _envelope(db: np.ndarray, keep: int) -> np.ndarray:
     """(B, 80, T) dB -> smooth spectral envelope (B, 80, T) by cepstral liftering across the bins."""
-    return np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    result: np.ndarray = np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    return result
 
 
 def _band_db(power: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return 10.0 * np.log10(np.sum(power[:, mask], axis=1) + 1e-3)
+    result: np.ndarray = 10.0 * np.log10(np.sum(power[:, mask], axis=1) + 1e-3)
+    return result
 
 
 def _first_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, within_db: float) -> np.ndarray:
@@ -202,7 +215,8 @@ def _first_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, within_
     e = env[:, mask]  # (B, k, T)
     pad = np.pad(e, ((0, 0), (1, 1), (0, 0)), mode="constant", constant_values=-np.inf)
     is_peak = (e >= pad[:, :-2]) & (e >= pad[:, 2:]) & (e >= e.max(axis=1, keepdims=True) - within_db)
-    return freqs[mask][np.argmax(is_peak, axis=1)]  # argmax of a bool finds the first True
+    result: np.ndarray = freqs[mask][np.argmax(is_peak, axis=1)]  # argmax of a bool finds the first True
+    return result
 
 
 def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, above_hz: np.ndarray) -> np.ndarray:
@@ -214,7 +228,8 @@ def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, abo
     is_peak = (e > pad[:, :-2]) & (e >= pad[:, 2:]) & np.isfinite(e)
     peaks = np.where(is_peak, e, -np.inf)
     best = np.where(is_peak.any(axis=1), np.argmax(peaks, axis=1), np.argmax(e, axis=1))
-    return f[best]
+    result: np.ndarray = f[best]
+    return result
 
 
 def _vowel_shape(f1: np.ndarray, f2: np.ndarray, config: MouthParamsConfig) -> np.ndarray:
@@ -264,7 +279,8 @@ def column_features(mels: np.ndarray, config: MouthParamsConfig) -> ColumnFeatur
     power = 10.0 ** (db / 10.0)
     level = 10.0 * np.log10(np.sum(power, axis=1))
     loudness = np.clip((level - config.gate_db) / (config.full_db - config.gate_db), 0.0, 1.0)
-    gate = loudness ** config.level_gamma
+    jaw_loudness = np.clip((level - config.gate_db) / (config.jaw_full_db - config.gate_db), 0.0, 1.0)
+    gate = jaw_loudness ** config.level_gamma
 
     env = _envelope(db, config.lifter_keep)
     f1 = _first_peak_hz(env, a.bands["f1"], a.freqs, config.f1_within_db)
@@ -323,7 +339,9 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     ck = a.consonant_kernel
     close = np.max(c.closure * ck, axis=1)
     bite = np.max(c.bite * ck, axis=1)
-    sibilant = np.max(c.sibilant * c.gate * ck, axis=1)
+    # Teeth show with an audible sibilant (the lip-shape gate: frication is quieter than vowels, the jaw's
+    # gate would barely move for it).
+    sibilant = np.max(c.sibilant * c.presence * ck, axis=1)
 
     # Jaw: weighted max of (gate x openness) -> envelope-follower behaviour; nearly shut by a bite (the
     # lower lip rises to the upper teeth). A closure shuts the lips in the warp (mouth_warp.mouth_shape).
@@ -337,4 +355,5 @@ def mouth_params(mels: np.ndarray, config: MouthParamsConfig | None = None) -> n
     shape *= np.max(vote, axis=1)[:, None] * (1.0 - close)[:, None]
     teeth = np.maximum(sibilant, bite)
     out = np.concatenate([opening[:, None], shape, close[:, None], bite[:, None], teeth[:, None]], axis=1)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    result: np.ndarray = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return result

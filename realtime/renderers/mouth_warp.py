@@ -33,9 +33,9 @@ LEFT, RIGHT, UPPER_TOP, UPPER_BOTTOM, LOWER_TOP, LOWER_BOTTOM, CHIN = range(7)
 
 @dataclass(frozen=True)
 class MouthWarpConfig:
-    max_open: float = 0.27          # lip gap at open = 1, as a fraction of the mouth width
+    max_open: float = 0.30          # lip gap at open = 1, as a fraction of the mouth width
     upper_lift: float = 0.15        # the upper lip rises by this fraction of the jaw drop
-    spread_gain: float = 0.30       # width +30% at spread = 1
+    spread_gain: float = 0.46       # width +46% at spread = 1 (the face mesh reads about a quarter of it)
     round_gain: float = 0.36        # width -36% at round = 1
     gap_exponent: float = 1.3       # gap profile (1 - (s/c)^2)^p: > 1 tapers to the corners, 0.5 elliptical
     round_exponent: float = 0.6     # ... at round = 1 (an "o")
@@ -45,7 +45,10 @@ class MouthWarpConfig:
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
     width_fade: tuple[float, float] = (0.75, 1.6)    # narrowing: full for |s| < a, none beyond b (the cheeks
     # keep their outline; no narrower or it folds at round = 1)
-    spread_fade: tuple[float, float] = (1.2, 2.0)    # widening (never folds): over more of the cheeks
+    # Widening (never folds): full up to 1.5 half-widths, so the lip corners (at s = k <= 1.46) move out by
+    # the whole spread and the lips stretch along their length; fading to nothing 60% of the mouth width
+    # beyond each corner (2.2 half-widths), where the mouth-and-jaw region ends: the cheeks beyond are untouched.
+    spread_fade: tuple[float, float] = (1.5, 2.2)
     width_fade_t: float = 0.6       # ... and fades over this many half-widths above/below the lips
     upper_fade: float = 0.7         # upper-lip lift fades out over this many half-widths above the lip
     # The neck just below the chin absorbs the jaw drop over fall x max drop: the chin slides over it,
@@ -60,7 +63,7 @@ class MouthWarpConfig:
     teeth_span: float = 0.72        # teeth visible for |s| < span (in half-widths)
     tongue_from_open: float = 0.45  # the tongue shows above this opening
     bite_lift: float = 0.045        # /f/: the upper lip rises by this fraction of the mouth width ...
-    press_squeeze: float = 0.015    # closure: the lower lip pushes this far (fraction of width) past the seam
+    press_squeeze: float = 0.03     # closure: the lower lip pushes this far (fraction of width) past the seam
     max_press: float = 0.35         # ... and never moves up by more than this many half-widths
 
 
@@ -166,12 +169,14 @@ def feather_alpha(geom: FrameGeometry, frame_shape: tuple[int, ...], margin: int
 
     ay = ramp(y2 - y1, y1 == 0, y2 == H)
     ax = ramp(x2 - x1, x1 == 0, x2 == W)
-    return (ay[:, None] * ax[None, :]).astype(np.float32)
+    result: np.ndarray = (ay[:, None] * ax[None, :]).astype(np.float32)
+    return result
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
+    result: np.ndarray = x * x * (3.0 - 2.0 * x)
+    return result
 
 
 def _lerp_step(x: np.ndarray, full: float, zero: float) -> np.ndarray:

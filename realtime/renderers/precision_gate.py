@@ -36,7 +36,8 @@ MIN_SPEEDUP = 1.15  # a candidate must save at least this much time per frame to
 def load_calibration_mels() -> np.ndarray:
     """(96, 80, 16) float32 mel windows of espeak-ng speech (scripts/make_calibration_mels.py)."""
     with resources.files("realtime.assets").joinpath("calibration_mels.npz").open("rb") as f:
-        return np.load(f)["mels"].astype(np.float32)
+        result: np.ndarray = np.load(f)["mels"].astype(np.float32)
+        return result
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:

@@ -129,7 +129,8 @@ def _uint8_patches(net: CachedWav2Lip, cache: FaceCache, indices: np.ndarray, me
         # Official conversion: float32 x 255 then truncation (astype(uint8)); done on the device
         # so that only bytes cross to the host.
         out = (pred.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return out.cpu().numpy()
+    result: np.ndarray = out.cpu().numpy()
+    return result
 
 
 class Wav2LipRenderer(MouthRenderer):
@@ -235,7 +236,7 @@ class Wav2LipRenderer(MouthRenderer):
                                        if runner.captured else f"off ({runner.fallback_reason or 'not captured'})")
         return info
 
-    def warmup_context(self) -> contextlib.AbstractContextManager:
+    def warmup_context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered by the render worker around its warm-up renders: cuDNN autotuning on CUDA."""
         return cudnn_autotune() if self.device.type == "cuda" else contextlib.nullcontext()
 

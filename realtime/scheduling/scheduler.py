@@ -16,8 +16,9 @@ for (`batch_hint`, see `Timeline.from_config`), filling a batch with other sessi
 which is also rendered without its own session's later frames (`realtime.scheduling.render_queue.JobQueue.select`).
 
 Two drivers of that policy:
-- `ThreadedRenderWorker`: a daemon thread (production). Rendering never runs on the asyncio loop; it
-  waits on a condition variable until the policy's time or the next submission, then asks again.
+- `ThreadedRenderWorker`: a daemon thread (production), supervised (restarted with backoff when it dies)
+  by `realtime.scheduling.supervised_thread.SupervisedThread`. Rendering never runs on the asyncio loop;
+  it waits on a condition variable until the policy's time or the next submission, then asks again.
 - `InlineRenderWorker`: no thread; `kick(now)` runs, in the caller's thread, every batch a free worker
   would have started by `now`, in *virtual time*: a wait jumps to the next job's arrival (or the wait's
   end), and a batch that starts at t and takes d seconds (measured with the worker's own `clock`)
@@ -41,11 +42,9 @@ append to a deque).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Generator
 from dataclasses import replace
 from typing import Any, Callable, TypeVar
@@ -57,6 +56,7 @@ from realtime.metrics import WorkerStats
 from realtime.renderers.base import MouthPatch, MouthRenderer
 from realtime.scheduling.batch_wait import BatchWaitPolicy, batch_wait_until
 from realtime.scheduling.render_queue import CostModel, JobQueue, RenderJob, RenderResult
+from realtime.scheduling.supervised_thread import RestartBackoff, SupervisedThread
 from realtime.scheduling.warmup import warmup_steps
 from realtime.timeline.clock import ManualClock
 
@@ -207,102 +207,38 @@ class RenderWorker:
                 log.exception("delivering a render result failed")
 
 
-class _WorkerTask:
-    """Work handed to the worker thread: an iterator of slices, run one per loop turn, and its outcome."""
-
-    def __init__(self, steps: Generator[Any, None, None]) -> None:
-        self.steps = steps
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def step(self) -> None:
-        """Run one slice; the last value the iterator yields is the result."""
-        try:
-            self.result = next(self.steps)
-        except StopIteration:
-            self.done.set()
-        except BaseException as exc:  # handed to the waiting caller, who re-raises it
-            self.error = exc
-            self.done.set()
-
-    def abandon(self) -> None:
-        with contextlib.suppress(Exception):
-            self.steps.close()
-        self.error = RuntimeError("the render worker stopped before this task finished")
-        self.done.set()
-
-
 class ThreadedRenderWorker(RenderWorker):
-    """The production driver: one daemon thread per renderer, shared by every session using it."""
+    """The production driver: one supervised daemon thread per renderer, shared by every session using it.
+
+    The thread's start, restart with backoff after a death, health and the work handed to it (`call`,
+    the sliced `prepare`) are `SupervisedThread`'s (realtime/scheduling/supervised_thread.py); this class
+    is the loop that runs on it: one task slice, then wait for the batching policy, then one batch."""
 
     def __init__(self, renderer: MouthRenderer, *, max_batch: int = 8, max_wait_s: float = 0.010,
-                 clock: Clock = time.monotonic, name: str | None = None) -> None:
+                 clock: Clock = time.monotonic, name: str | None = None,
+                 restart_backoff: RestartBackoff | None = None) -> None:
         super().__init__(renderer, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock)
         self._cond = threading.Condition()
-        self._stopped = False
-        self._thread_name = name or f"render-{self.name}"
-        self._restart_timer: threading.Timer | None = None
-        self.restarts = 0             # times the thread died and was started again
-        self.down_since: float | None = None  # clock time the thread died; None while it runs
-        self._deaths_in_a_row = 0
-        self._tasks: deque[_WorkerTask] = deque()  # run on the worker thread, one slice per loop turn
-        self._thread = self._start_thread()
-
-    # -- the thread and its restart ---------------------------------------------------------------
-    # A render thread can die from an exception outside the renderer call (those are caught per batch:
-    # a BaseException from a native extension, a bug in the batching policy). Sessions must survive it:
-    # their queued jobs stay queued (late ones are skipped on restart), in the meantime they show held
-    # or idle mouths as for any missed render, and `healthy` is False so /healthz says degraded.
-    # Wait before the 1st, 2nd, 3rd and later restarts in a row.
-    restart_backoff_s: tuple[float, ...] = (0.2, 1.0, 5.0)
-    stable_after_s = 30.0  # a thread that ran this long resets the backoff
-
-    def _start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self._thread_main, name=self._thread_name, daemon=True)
-        thread.start()
-        return thread
-
-    def _thread_main(self) -> None:
-        started = time.monotonic()
-        try:
-            self._run()
-        except BaseException:
-            log.critical("render worker %s: the thread died; restarting it", self._thread_name, exc_info=True)
-            self._schedule_restart(time.monotonic() - started)
-
-    def _schedule_restart(self, ran_s: float) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            self.down_since = self.clock()
-            self._deaths_in_a_row = 1 if ran_s >= self.stable_after_s else self._deaths_in_a_row + 1
-            backoff = self.restart_backoff_s[min(self._deaths_in_a_row, len(self.restart_backoff_s)) - 1]
-            self._restart_timer = threading.Timer(backoff, self._restart)
-            self._restart_timer.daemon = True
-            self._restart_timer.start()
-
-    def _restart(self) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            self.restarts += 1
-            self.down_since = None
-            self._restart_timer = None
-            self._thread = self._start_thread()
-        log.warning("render worker %s: thread restarted (%d restart(s) so far)", self._thread_name, self.restarts)
+        self.thread = SupervisedThread(name or f"render-{self.name}", self._run, self._cond,
+                                       backoff=restart_backoff, clock=clock)
+        self.thread.start()
 
     @property
     def healthy(self) -> bool:
         """The render thread is running (False from its death until its restart, and after close)."""
-        return not self._stopped and self.down_since is None and self._thread.is_alive()
+        return self.thread.healthy
+
+    @property
+    def restarts(self) -> int:
+        """Times the render thread died and was started again."""
+        return self.thread.restarts
 
     def stats(self) -> WorkerStats:
         return replace(super().stats(), alive=self.healthy, restarts=self.restarts)
 
     def submit(self, job: RenderJob) -> None:
         with self._cond:
-            if self._stopped:
+            if self.thread.stopped:
                 return
             self._queue.add(job)
             self._note_owner(job)
@@ -320,66 +256,26 @@ class ThreadedRenderWorker(RenderWorker):
         """`RenderWorker.prepare`, run on the worker thread in slices between batches; waits for it."""
         with self._prepare_lock:
             if id(avatar) not in self._prepared:
-                self._run_steps(self._prepare_steps(avatar, warmup))
+                self.thread.run(self._prepare_steps(avatar, warmup))
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the worker thread between batches and return its result (or raise its error)."""
-        def once() -> Generator[T, None, None]:
-            yield fn()
-        return self._run_steps(once())
-
-    def _run_steps(self, steps: Generator[Any, None, None]) -> Any:
-        if threading.current_thread() is self._thread:  # already there (e.g. from a deliver callback)
-            result = None
-            for result in steps:  # noqa: B007 (the last value is the result)
-                pass
-            return result
-        task = _WorkerTask(steps)
-        with self._cond:
-            if self._stopped:
-                raise RuntimeError("the render worker is closed")
-            self._tasks.append(task)
-            self._cond.notify()
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return task.result
-
-    def _task_step(self) -> None:
-        """One slice of the oldest queued task (on the worker thread, outside the lock)."""
-        with self._cond:
-            task = self._tasks[0] if self._tasks else None
-        if task is None:
-            return
-        task.step()
-        if task.done.is_set():
-            with self._cond:
-                self._tasks.popleft()
+        return self.thread.call(fn)
 
     def close(self) -> None:
         with self._cond:
-            self._stopped = True
             self._queue.jobs.clear()
-            self._cond.notify_all()
-            if self._restart_timer is not None:
-                self._restart_timer.cancel()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5.0)
-        with self._cond:
-            if not self._thread.is_alive():
-                tasks, self._tasks = list(self._tasks), deque()
-            else:
-                tasks = []
-        for task in tasks:
-            task.abandon()
+            self.thread.stop()
+        self.thread.close()
 
     def _run(self) -> None:
+        thread = self.thread
         while True:
-            self._task_step()  # at most one slice of a prepare/warm-up between two batches
+            thread.run_task_slice()  # at most one slice of a prepare/warm-up between two batches
             with self._cond:
-                while not self._stopped and not self._queue and not self._tasks:
+                while not thread.stopped and not self._queue and not thread.tasks_pending:
                     self._cond.wait()
-                if self._stopped:
+                if thread.stopped:
                     return
                 if not self._queue:
                     continue  # woken for a task

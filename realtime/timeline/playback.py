@@ -47,7 +47,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class SpeechStarted:
     t: float
     type: EventType = EventType.SPEECH_STARTED
 
-    def as_json(self, t_offset: float = 0.0) -> dict:
+    def as_json(self, t_offset: float = 0.0) -> dict[str, Any]:
         return {"type": self.type.value, "utterance": self.utterance, "t": round(self.t + t_offset, 4)}
 
 
@@ -92,7 +92,7 @@ class SpeechEnded:
     t: float
     type: EventType = EventType.SPEECH_ENDED
 
-    def as_json(self, t_offset: float = 0.0) -> dict:
+    def as_json(self, t_offset: float = 0.0) -> dict[str, Any]:
         return {"type": self.type.value, "utterance": self.utterance, "position_s": round(self.position_s, 5),
                 "interrupted": self.interrupted, "t": round(self.t + t_offset, 4)}
 
@@ -103,7 +103,7 @@ class QueueChanged:
     t: float
     type: EventType = EventType.QUEUE
 
-    def as_json(self, t_offset: float = 0.0) -> dict:
+    def as_json(self, t_offset: float = 0.0) -> dict[str, Any]:
         return {"type": self.type.value, "queued_s": round(self.queued_s, 3), "t": round(self.t + t_offset, 4)}
 
 

@@ -34,7 +34,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -315,7 +315,8 @@ def _unauthorized(message: str) -> ApiError:
 class Guard:
     """The checks of one server, from its config; `middleware` applies them to every request."""
 
-    def __init__(self, config: ServerConfig, operator: OperatorAuth, session_token_of) -> None:
+    def __init__(self, config: ServerConfig, operator: OperatorAuth,
+                 session_token_of: Callable[[str], str | None]) -> None:
         self.config = config
         self.operator = operator
         self._session_token_of = session_token_of  # session id -> its token, or None if unknown

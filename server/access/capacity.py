@@ -201,7 +201,7 @@ class CapacityModel:
                             sample.sessions, self.hold_s)
             self._frozen_until = self._clock() + self.hold_s
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         cost = self.cost()
         return {
             "measured": self.measured,
@@ -251,7 +251,7 @@ class CapacityMonitor:
         self.model = model
         self._ticks = ticks  # (session id, video ticks so far, late ticks so far) of each live session
         self.interval_s = interval_s
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._seen: dict[str, _Seen] = {}
 
     def start(self) -> None:
@@ -306,8 +306,9 @@ def probe_speech(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray
     voiced = sum(np.sin(k * phase) / k for k in range(1, 30))
     formants = 0.6 * np.sin(2 * np.pi * 700 * t) * np.sin(phase) + 0.3 * np.sin(2 * np.pi * 1200 * t) * np.sin(phase)
     envelope = np.clip(np.sin(2 * np.pi * 4.0 * t), 0.15, 1.0)
-    signal = (voiced * 0.3 + formants) * envelope + 0.01 * rng.standard_normal(t.shape)
-    return (0.5 * signal / np.max(np.abs(signal))).astype(np.float32)
+    signal: np.ndarray = (voiced * 0.3 + formants) * envelope + 0.01 * rng.standard_normal(t.shape)
+    out: np.ndarray = (0.5 * signal / np.max(np.abs(signal))).astype(np.float32)
+    return out
 
 
 async def measure_session_cost(engine: Engine, frame_pool: Executor | None = None, seconds: float = 2.0,
@@ -333,7 +334,8 @@ async def measure_session_cost(engine: Engine, frame_pool: Executor | None = Non
     def encode(stage: str, coder: Any, frame: Any) -> tuple[list[bytes], int]:
         start = time.thread_time()
         try:
-            return coder.encode(frame, False)
+            packets: tuple[list[bytes], int] = coder.encode(frame, False)  # aiortc's encoder: untyped
+            return packets
         finally:
             encode_s[stage] += time.thread_time() - start
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender
 
@@ -51,7 +52,7 @@ class LinkQuality:
     video_control: "VideoRateControl | None" = None
     video_ladder: "VideoLadder | None" = None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         rtts = [r.rtt_ms for r in (self.audio, self.video) if r.rtt_ms is not None]
         return {
             "loss_pct": round(100.0 * max(self.audio.loss, self.video.loss), 2),

@@ -39,6 +39,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MethodType
 from typing import Any, Callable
 
 import cv2
@@ -52,12 +53,12 @@ OTHER_THREADS = 2  # DNS lookups for ICE servers, file reads: rare, and never on
 
 def is_encode(fn: Callable[..., Any]) -> bool:
     """Whether `fn` is an aiortc encoder's bound method (what RTCRtpSender runs in the executor)."""
-    return isinstance(getattr(fn, "__self__", None), Encoder)
+    return isinstance(fn, MethodType) and isinstance(fn.__self__, Encoder)
 
 
 def is_audio_encode(fn: Callable[..., Any]) -> bool:
     """Whether `fn` is an audio encoder's bound method (aiortc's Opus and G.711 encoders, ours included)."""
-    return isinstance(getattr(fn, "__self__", None), (OpusEncoder, PcmEncoder))
+    return isinstance(fn, MethodType) and isinstance(fn.__self__, (OpusEncoder, PcmEncoder))
 
 
 def encoder_threads() -> int:
@@ -135,7 +136,7 @@ class MediaExecutor(ThreadPoolExecutor):
         start_every_thread(self)
         start_every_thread(self._other)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if is_encode(fn):
             return super().submit(fn, *args, **kwargs)
         return self._other.submit(fn, *args, **kwargs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiortc import RTCRtpSender
 from aiortc.rtp import RTP_HISTORY_SIZE
@@ -50,7 +51,7 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
     superseded_until: list[int | None] = [None]  # RTP timestamp of the last packet sent before a keyframe ask
 
     async def retransmit(sequence_number: int) -> None:
-        history: dict = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
+        history: dict[Any, Any] = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
         latest: int = sender._RTCRtpSender__rtp_timestamp  # type: ignore[attr-defined]
         packet = history.get(sequence_number % RTP_HISTORY_SIZE)
         if packet is not None and packet.sequence_number == sequence_number:

@@ -30,6 +30,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from realtime.config import SAMPLE_RATE
+from realtime.timeline.video_out import VideoOut
 from server.engine import EngineSession
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def scaled_frame(image: np.ndarray, step: VideoStep) -> av.VideoFrame:
     return video_frame(image)
 
 
-def _frame_of(out, step: VideoStep = FULL) -> tuple[av.VideoFrame, tuple[int, int]]:
+def _frame_of(out: VideoOut, step: VideoStep = FULL) -> tuple[av.VideoFrame, tuple[int, int]]:
     """The frame to send and the engine frame's (width, height); runs where the image is composed."""
     image = out.image
     return scaled_frame(image, step), (int(image.shape[1]), int(image.shape[0]))
@@ -207,7 +208,7 @@ class AvatarVideoTrack(_EngineTrack):
             log.info("video step: %s -> %s (source %s)", self._step, step, self.source_size)
         self._step = step
 
-    async def _to_frame(self, out) -> av.VideoFrame:
+    async def _to_frame(self, out: VideoOut) -> av.VideoFrame:
         """The engine's frame as an encoder-ready av.VideoFrame: the mouth paste (VideoOut.image is
         composed on first access) and the BGR -> I420 conversion, ~0.8 ms for the default 512 px avatar,
         run on the executor; the hop costs the loop ~0.05 ms."""

@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
@@ -68,7 +68,7 @@ def ice_servers(config: ServerConfig, ticket: str | None = None) -> list[IceServ
     return servers
 
 
-def client_ice_servers(config: ServerConfig, ticket: str | None = None) -> list[dict]:
+def client_ice_servers(config: ServerConfig, ticket: str | None = None) -> list[dict[str, Any]]:
     """The browser's RTCIceServer list: for /config without a ticket (no TURN credentials), for
     /ice-servers with one."""
     return [server.to_json() for server in ice_servers(config, ticket)]

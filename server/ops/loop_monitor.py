@@ -43,7 +43,7 @@ class LoopLagMonitor:
         self._stall_log = RateLimitedLog(log)
         # (time, lag) with decreasing lags: the front is the worst of the last MAX_WINDOW_S (a running max).
         self._worst: deque[tuple[float, float]] = deque()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None or self._task.done():

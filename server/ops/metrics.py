@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 
 from realtime.metrics import HistogramSnapshot, SessionCounters, SessionStats
 from server.engine import EngineStats, WorkerLoad
 from server.ops.loop_monitor import live_tasks
-from server.ops.prometheus import Histogram, Page
+from server.ops.prometheus import Histogram, Page, merge_pages
 from server.sessions import Session, safe_metrics
 from server.state import ServerState
 
@@ -179,3 +180,48 @@ def _engine_stats(state: ServerState) -> EngineStats | None:
     except Exception:  # metrics must never take the page down
         log.exception("engine metrics failed")
         return None
+
+
+# -- --workers N: one page for the whole server ---------------------------------------------------------------
+
+# How a family combines over the worker processes (server/prometheus.merge_pages); unnamed ones are summed
+# (counters, histograms, and the additive gauges: sessions, queues, streams, frames).
+PROCESS_MERGE = {
+    "lipsync_up": "min",                       # 0 while any worker drains or shuts down
+    "lipsync_admission_overloaded": "max",
+    "lipsync_session_cpu_ms_per_frame": "mean",
+    "lipsync_session_loop_ms_per_frame": "mean",
+    "lipsync_event_loop_lag_p99_seconds": "max",
+    "lipsync_event_loop_lag_max_seconds": "max",
+    "lipsync_render_mean_batch": "mean",
+    "lipsync_render_estimated_milliseconds_per_frame": "mean",
+    "lipsync_live_av_offset_max_abs_milliseconds": "max",
+    "lipsync_live_pacer_av_offset_max_abs_seconds": "max",
+    # Render worker 0 exists in every process: its series are told apart by a process label.
+    "lipsync_worker_sessions": "per_process",
+    **{name.replace("lipsync_render_", "lipsync_worker_", 1): "per_process" for name, _, _ in WORKER_METRICS.values()},
+}
+
+
+def render_server_metrics(state: ServerState, others: Sequence[tuple[int, str | None]]) -> str:
+    """The page of a server of several worker processes, from this worker's own page and the others'
+    (`others`: (worker, its page, None when it did not answer)): families merged by PROCESS_MERGE, the
+    admission figures the whole server's (as /healthz says them), and per process whether its page is in
+    the sums and its sessions."""
+    assert state.seat is not None, "render_server_metrics is for a worker of --workers N"
+    pages = [(str(state.seat.index), render_metrics(state))]
+    pages += [(str(worker), text) for worker, text in others if text is not None]
+    free = state.free_slots()
+    merged = merge_pages(pages, PROCESS_MERGE, overrides={
+        "lipsync_free_slots": free, "lipsync_sessions_max": state.sessions_total() + free})
+    scraped = {int(process) for process, _ in pages}
+    page = Page()
+    rows = state.seat.board.rows()
+    for row in rows:
+        page.gauge("lipsync_process_scraped", "1 when this worker process's page is in the sums above (0: it "
+                   "did not answer in time, or it is restarting).", int(row.index in scraped),
+                   {"process": str(row.index)})
+    for row in rows:
+        page.gauge("lipsync_process_sessions", "Sessions of this worker process (its row on the workers' board).",
+                   row.sessions if row.ready else 0, {"process": str(row.index)})
+    return merged + page.render()

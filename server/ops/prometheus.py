@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from realtime.metrics import HistogramSnapshot
 
@@ -102,3 +102,69 @@ class Page:
     def render(self) -> str:
         return "\n".join(line for lines in self._families.values() for line in lines) + "\n"
 
+
+
+# -- several processes' pages as one (--workers N, server/ops/metrics.py) -----------------------------------------
+
+MERGE_RULES = ("sum", "max", "min", "mean", "per_process")
+
+
+def merge_pages(pages: Sequence[tuple[str, str]], rules: Mapping[str, str], label: str = "process",
+                overrides: Mapping[str, float] | None = None) -> str:
+    """One page from several processes' pages of the same families: `pages` is (process name, page text).
+    A family's samples with the same name and labels are combined by its rule (`rules[family]`, default
+    "sum": counters, histogram buckets / sums / counts, additive gauges; "max" / "min" / "mean" for gauges
+    that are not additive); "per_process" keeps each process's samples apart under `label`="<process>" (a
+    family whose labels repeat in every process, e.g. render worker 0). `overrides`: the value of an
+    unlabelled family computed by the caller (a server-wide figure no combination of pages gives).
+    Families keep the order of their first appearance; a family only some processes render is combined
+    over those."""
+    families: dict[str, list[str]] = {}       # family -> its HELP and TYPE lines
+    samples: dict[str, dict[str, list[float]]] = {}  # family -> sample key -> values, one per process
+    for process, text in pages:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                family = line.split(" ", 3)[2]
+                families.setdefault(family, [line])
+                samples.setdefault(family, {})
+            elif line.startswith("# TYPE "):
+                if len(families.get(family, ())) == 1:
+                    families[family].append(line)
+            elif line and not line.startswith("#") and family:
+                key, _, number = line.rpartition(" ")
+                if rules.get(family, "sum") == "per_process":
+                    key = _with_label(key, label, process)
+                samples[family].setdefault(key, []).append(_parse_number(number))
+    lines: list[str] = []
+    for family, head in families.items():
+        lines.extend(head)
+        rule = rules.get(family, "sum")
+        for key, values in samples[family].items():
+            if overrides is not None and key in overrides:
+                value: float = overrides[key]
+            elif rule == "max":
+                value = max(values)
+            elif rule == "min":
+                value = min(values)
+            elif rule == "mean":
+                value = sum(values) / len(values)
+            else:  # sum; per_process keys are one process's each
+                value = sum(values)
+            lines.append(f"{key} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _with_label(key: str, label: str, value: str) -> str:
+    """`name{a="b"}` -> `name{process="1",a="b"}`; `name` -> `name{process="1"}`."""
+    name, brace, rest = key.partition("{")
+    extra = f'{label}="{_escape(value)}"'
+    return f"{name}{{{extra},{rest}" if brace else f"{name}{{{extra}}}"
+
+
+def _parse_number(text: str) -> float:
+    """A sample value as written by `_number`: integers stay int (so they print back the same)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)

@@ -11,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-# Row layout: [generation, ready, free_slots, sessions, capacity]
-_FIELDS = 5
-_GEN, _READY, _FREE, _SESSIONS, _CAPACITY = range(_FIELDS)
+# Row layout: [generation, ready, free_slots, sessions, capacity, beat]; beat: CLOCK_MONOTONIC (one clock for
+# every process of the machine) in ms at the worker's last publication, which its event loop makes every
+# 100 ms: a worker whose loop stands still falls silent.
+_FIELDS = 6
+_GEN, _READY, _FREE, _SESSIONS, _CAPACITY, _BEAT = range(_FIELDS)
+SILENT_AFTER_S = 3.0  # a ready worker not heard from in this long is taken for stuck (its loop stands still)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,12 @@ class WorkerRow:
     free_slots: int
     sessions: int
     capacity: int
+    silent_s: float = 0.0  # since its last publication
+
+    @property
+    def stuck(self) -> bool:
+        """Ready, but not heard from in SILENT_AFTER_S: its event loop stands still (or it is stopped)."""
+        return self.ready and self.silent_s > SILENT_AFTER_S
 
 
 class Board:
@@ -39,7 +50,15 @@ class Board:
     def __init__(self, workers: int, context: Any = None) -> None:
         ctx = context or multiprocessing.get_context("spawn")
         self.workers = workers
-        self._cells = ctx.Array("i", workers * _FIELDS, lock=False)
+        self._cells = ctx.Array("q", workers * _FIELDS, lock=False)  # 64-bit: the beat is in ms
+        # The supervisor's private directory (mode 0700) of the workers' peer sockets (server/ops/worker_peers.py);
+        # set before the workers start, None where workers cannot reach each other.
+        self.peers_dir: str | None = None
+
+    def peer_socket(self, index: int) -> str:
+        """Where worker `index` answers the other workers (a Unix socket in `peers_dir`)."""
+        assert self.peers_dir is not None, "the supervisor sets peers_dir before it starts workers"
+        return os.path.join(self.peers_dir, f"w{index}.sock")
 
     def _get(self, index: int, field: int) -> int:
         return int(self._cells[index * _FIELDS + field])
@@ -48,8 +67,10 @@ class Board:
         self._cells[index * _FIELDS + field] = int(value)
 
     def row(self, index: int) -> WorkerRow:
+        silent_s = max(0.0, time.monotonic() - self._get(index, _BEAT) / 1000.0)
         return WorkerRow(index, self._get(index, _GEN), bool(self._get(index, _READY)),
-                         self._get(index, _FREE), self._get(index, _SESSIONS), self._get(index, _CAPACITY))
+                         self._get(index, _FREE), self._get(index, _SESSIONS), self._get(index, _CAPACITY),
+                         silent_s)
 
     def rows(self) -> list[WorkerRow]:
         return [self.row(i) for i in range(self.workers)]
@@ -58,7 +79,7 @@ class Board:
 
     def starting(self, index: int, generation: int) -> None:
         """A (re)started worker: nothing free until it says it is ready."""
-        for field in (_READY, _FREE, _SESSIONS, _CAPACITY):
+        for field in (_READY, _FREE, _SESSIONS, _CAPACITY, _BEAT):
             self._set(index, field, 0)
         self._set(index, _GEN, generation)
 
@@ -73,14 +94,15 @@ class Board:
         self._set(index, _FREE, free_slots)
         self._set(index, _SESSIONS, sessions)
         self._set(index, _CAPACITY, capacity)
+        self._set(index, _BEAT, int(time.monotonic() * 1000))
         self._set(index, _READY, 1)
 
     def total_free_slots(self) -> int:
         return sum(r.free_slots for r in self.rows() if r.ready)
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[dict[str, Any]]:
         return [{"worker": r.index, "generation": r.generation, "ready": r.ready, "free_slots": r.free_slots,
-                 "sessions": r.sessions, "capacity": r.capacity} for r in self.rows()]
+                 "sessions": r.sessions, "capacity": r.capacity, "stuck": r.stuck} for r in self.rows()]
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,7 @@ def receive_connections(channel: socket.socket, protocol_factory: Callable[[], a
     The supervisor only peeked at the request line, so the worker reads the request from its first byte."""
     loop = asyncio.get_running_loop()
     channel.setblocking(False)
-    pending: set[asyncio.Task] = set()
+    pending: set[asyncio.Task[Any]] = set()
 
     def readable() -> None:
         while True:

@@ -17,7 +17,9 @@ supervisor that owns the port and hands each accepted TCP connection to the righ
   (server/ops/worker_board.py: each worker publishes its measured free slots every 100 ms), which becomes its
   home: its later offers and `/ice-servers` go there too, so per-address limits hold across workers
   (server/access/visitor_homes.py). Anything else round-robin (every worker serves the page, /config, /healthz,
-  the avatars).
+  the avatars), passing over a worker that is stuck (silent on the board for SILENT_AFTER_S); the worker
+  that takes `GET /sessions`, `/metrics` or a change to `/avatars` asks the others over their peer sockets
+  for the whole server's answer (server/ops/worker_peers.py).
 - **Restarts.** A worker that exits is started again (a new generation; back-off when it dies young).
   Its sessions died with it: their routes get `410 Gone` with the reason from the supervisor (their ids
   carry the old generation), the browser's peer connection fails, the other workers' sessions are
@@ -39,11 +41,13 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Callable
+from typing import Any, Callable
 
 from multidict import CIMultiDict
 
@@ -267,6 +271,13 @@ class Supervisor:
         return [r.index for r in self.board.rows()
                 if r.ready and self._slots[r.index].channel is not None]
 
+    def _answering(self, ready: list[int]) -> list[int]:
+        """The ready workers that are not stuck (server/ops/worker_board.py: silent for SILENT_AFTER_S), for
+        requests any worker may take; all of them when every one looks stuck (nothing better to do)."""
+        rows = self.board.rows()
+        live = [i for i in ready if not rows[i].stuck]
+        return live or ready
+
     def route(self, method: str, path: str, client: str = "") -> int | tuple[int, str]:
         """The worker for a request, or (status, message) when the supervisor answers it itself. `client`:
         the visitor's address (behind a --trusted-proxy, the one the proxy names): its offers go to its
@@ -284,6 +295,7 @@ class Supervisor:
                 return 503, "this session's worker process is not serving right now"
         if not ready:
             return 503, "no worker process is serving yet; retry shortly"
+        ready = self._answering(ready)  # a stuck worker keeps its own sessions' routes, nothing else
         route = (method, path.split("?", 1)[0])
         if route in (("POST", "/offer"), ("GET", "/ice-servers")):  # both count against per-address limits
             rows = {r.index: r for r in self.board.rows()}
@@ -387,7 +399,7 @@ class Supervisor:
 
     async def _accept(self, listener: socket.socket, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[Any]] = set()
         while not stop.is_set():
             conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
@@ -397,13 +409,15 @@ class Supervisor:
 
     # -- the whole ---------------------------------------------------------------------------------------
 
-    async def run(self, listener: socket.socket, stop: asyncio.Event, started: asyncio.Future | None = None,
+    async def run(self, listener: socket.socket, stop: asyncio.Event, started: asyncio.Future[int] | None = None,
                   drain: asyncio.Event | None = None, shutdown_timeout_s: float = 10.0) -> None:
         """Serve until `stop`; `drain` (SIGTERM) first lets every worker drain while routing goes on."""
         listener.setblocking(False)
         drain = drain or asyncio.Event()
+        # The workers' peer sockets (server/ops/worker_peers.py): private to this user (mkdtemp: mode 0700).
+        self.board.peers_dir = tempfile.mkdtemp(prefix="lipsync-workers-")
         watch = asyncio.get_running_loop().create_task(self._watch(stop, drain), name="workers-watch")
-        accept: asyncio.Task | None = None
+        accept: asyncio.Task[Any] | None = None
         try:
             # Until a worker serves, connections wait in the listen backlog.
             waits = [asyncio.ensure_future(self._serving.wait()), asyncio.ensure_future(stop.wait())]
@@ -422,6 +436,7 @@ class Supervisor:
             sessions = sum(r.sessions for r in self.board.rows() if r.ready)
             await asyncio.to_thread(self._stop_workers, shutdown_timeout_s)
             listener.close()
+            shutil.rmtree(self.board.peers_dir, ignore_errors=True)
             if sessions:
                 log.info("the workers closed %d session(s) on shutdown", sessions)
 

@@ -7,7 +7,11 @@
                                      field "name"; or the raw body with ?name=). Checked from its headers
                                      (size, duration, dimensions) before any frame is decoded, then
                                      prepared on the library's thread: 202 with the id at once
-    DELETE /avatars/{id}             operator: remove it (409 while a session uses it)
+    DELETE /avatars/{id}             operator: remove it (409 while a session uses it, in any worker)
+
+With --workers N each worker process holds its own library: an upload is kept on disk by the worker that
+takes it and taken in by every other one (server/ops/worker_peers.py), a removal reaches every worker or none;
+an answer that lacks a worker (it did not answer in time) names it in `workers_missing`.
 
 A session picks an avatar with POST /offer {"options": {"avatar": id}}. The preparation and the renderer
 work happen off the event loop (realtime/avatars/avatar_library.py); running sessions are never disturbed.
@@ -23,6 +27,7 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -35,6 +40,7 @@ from realtime.avatars.avatar_library import (
 )
 from server.access.surface import public_text
 from server.errors import ApiError
+from server.ops.worker_peers import WorkerPeers
 from server.routes.avatar_uploads import UploadFacts, UploadLimits, check_upload
 from server.routes.upload_body import form_parts, receive, upload_policy
 from server.state import state_of
@@ -65,7 +71,7 @@ def entry_of(request: web.Request) -> AvatarEntry:
         raise ApiError(404, str(exc)) from None
 
 
-def describe(request: web.Request, entry: AvatarEntry) -> dict:
+def describe(request: web.Request, entry: AvatarEntry) -> dict[str, Any]:
     out = entry.describe()
     if "error" in out:  # a failed --avatars file is named in it: by its name, never its path
         out["error"] = public_text(out["error"])
@@ -93,30 +99,60 @@ async def poster(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "max-age=3600"})
 
 
-def _one_library(request: web.Request) -> None:
-    """With --workers N each worker holds its own avatar library (loaded from --avatar / --avatars at start):
-    a change here would reach one of them only, so it is refused with the way out."""
-    if state_of(request).seat is not None:
-        raise ApiError(409, "this server runs several worker processes, each with the avatars it loaded at "
-                            "start: add avatars with --avatars DIR (and restart), or run --workers 1 to "
-                            "add and remove them live")
+def _shared_uploads(request: web.Request) -> None:
+    """With --workers N every worker takes in an upload from the kept uploads (`--avatar-cache-dir`'s
+    uploads folder, AvatarLibrary.adopt_upload): an engine that keeps none cannot share one."""
+    state = state_of(request)
+    if state.peers is not None and state.engine.avatars.uploads_dir is None:
+        raise ApiError(409, "this server runs several worker processes and keeps no uploads to share between "
+                            "them: add avatars with --avatars DIR (and restart), or run --workers 1")
 
 
 async def remove_avatar(request: web.Request) -> web.Response:
-    _one_library(request)
+    """Removed from every worker process or from none: with --workers N, first each one reserves the
+    removal (refused while one of its sessions uses the avatar; its new sessions are refused it meanwhile),
+    then each removes it; a worker that refuses or does not answer in time calls it off everywhere."""
+    state = state_of(request)
     library = library_of(request)
     avatar_id = request.match_info["id"]
     try:
+        if state.peers is not None:
+            library.reserve_removal(avatar_id)
+            await _reserve_everywhere(state.peers, library, avatar_id)
         await asyncio.to_thread(library.remove, avatar_id)  # renderers free their caches: not on the loop
     except UnknownAvatar as exc:
         raise ApiError(404, str(exc)) from None
     except AvatarInUse as exc:
         raise ApiError(409, str(exc)) from None
-    return web.json_response({"id": avatar_id, "removed": True})
+    body: dict[str, Any] = {"id": avatar_id, "removed": True}
+    if state.peers is not None:
+        missing = [a.missing() for a in await state.peers.ask("DELETE", f"/avatars/{avatar_id}")
+                   if not a.ok and a.status != 404]
+        if missing:  # reserved there but not removed: its reservation lapses (REMOVAL_HOLD_S), the avatar stays
+            log.warning("avatar %s removed, but not from worker(s) %s", avatar_id, missing)
+            body["workers_missing"] = missing
+    return web.json_response(body)
+
+
+async def _reserve_everywhere(peers: WorkerPeers, library: AvatarLibrary, avatar_id: str) -> None:
+    """The other workers' reservations (a worker that does not know the avatar has nothing to hold);
+    on a refusal or a silence every reservation is called off and the request answered with why."""
+    answers = await peers.ask("POST", f"/avatars/{avatar_id}/reserve")
+    refused = [a for a in answers if a.status == 409]
+    silent = [a for a in answers if not a.ok and a.status not in (404, 409)]
+    if not refused and not silent:
+        return
+    library.cancel_removal(avatar_id)
+    await peers.ask("POST", f"/avatars/{avatar_id}/cancel")
+    if refused:
+        raise ApiError(409, f"worker process {refused[0].worker}: {refused[0].missing()['error']}")
+    names = ", ".join(f"{a.worker} ({a.missing()['error']})" for a in silent)
+    raise ApiError(503, f"worker process(es) {names} did not answer: nothing was removed; retry shortly",
+                   {"Retry-After": "2"}, retry_after_s=2)
 
 
 async def add_avatar(request: web.Request) -> web.Response:
-    _one_library(request)
+    _shared_uploads(request)
     state = state_of(request)
     library = library_of(request)
     query_name = _checked_name(request.query.get("name", "").encode())  # before the body is read
@@ -145,6 +181,12 @@ async def add_avatar(request: web.Request) -> web.Response:
     log.info("avatar upload accepted", extra={"avatar": entry.id, "kind": facts.kind.value,
                                              "size": f"{facts.width}x{facts.height}", "seconds": facts.seconds})
     body = describe(request, entry)
+    if state.peers is not None:  # every other worker takes it in, from the kept upload (a cache hit there)
+        missing = [a.missing() for a in await state.peers.ask("POST", f"/avatars/{entry.id}/adopt")
+                   if not a.ok]
+        if missing:
+            log.warning("avatar %s not taken in by worker(s) %s", entry.id, missing)
+            body["workers_missing"] = missing
     return web.json_response(body, status=202, headers={"Location": body["url"]})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from realtime.timeline.playback import PlaybackEvent, PlaybackTracker
 from server.sessions import Session
@@ -26,10 +26,10 @@ class EventFeed:
     The tracker calls listeners from whichever thread pulls the session's media; delivery hops onto
     the event loop the feed was made on."""
 
-    def __init__(self, tracker: PlaybackTracker, notices: set[Callable[[dict], None]] | None = None) -> None:
+    def __init__(self, tracker: PlaybackTracker, notices: set[Callable[[dict[str, Any]], None]] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._queue: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._overflowed = False
         # The session clock is time.monotonic: shift to Unix time once, so all events share one offset.
         self._to_unix = time.time() - time.monotonic()
@@ -46,7 +46,7 @@ class EventFeed:
         else:
             self._loop.call_soon_threadsafe(self._put, message)
 
-    def _put(self, message: dict) -> None:
+    def _put(self, message: dict[str, Any]) -> None:
         if self._queue.qsize() >= MAX_PENDING_EVENTS:
             if not self._overflowed:
                 self._overflowed = True
@@ -54,7 +54,7 @@ class EventFeed:
             return
         self._queue.put_nowait(message)
 
-    async def next(self) -> dict:
+    async def next(self) -> dict[str, Any]:
         """The next event; SlowSubscriber when this feed fell behind."""
         message = await self._queue.get()
         if message is None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -48,7 +50,7 @@ from server.state import session_of, state_of
 
 log = logging.getLogger(__name__)
 
-PCM_FORMATS = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
+PCM_FORMATS: dict[str, type[np.generic]] = {"s16": np.int16, "s16le": np.int16, "f32": np.float32, "f32le": np.float32}
 WS_MAX_MESSAGE = 4 * 1024 * 1024
 MAX_COMMAND_CHARS = 4096   # a JSON command is a few dozen characters; parsing costs what it holds
 # A clip longer than this that is not 16 kHz mono is converted on the WorkPool, not on the event loop:
@@ -57,7 +59,7 @@ MAX_COMMAND_CHARS = 4096   # a JSON command is a few dozen characters; parsing c
 CONVERT_OFF_LOOP_S = 1.0
 
 
-def pcm_params(query) -> tuple[int, int, type]:
+def pcm_params(query: Mapping[str, str]) -> tuple[int, int, type[np.generic]]:
     """(rate, channels, dtype) from ?rate=&channels=&format=; 400 when out of range."""
     try:
         rate = int(query.get("rate", str(TARGET_RATE)))
@@ -110,9 +112,21 @@ def _queue(session: Session, samples: np.ndarray, rate: int, channels: int,
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    sessions = state_of(request).sessions
-    return web.json_response({"sessions": [s.describe() for s in sessions],
-                              "max_sessions": sessions.max_sessions})
+    """Every session of the server: with --workers N this worker's and the others' (server/ops/worker_peers.py:
+    a worker that does not answer in time is named in `workers_missing`, never waited for)."""
+    state = state_of(request)
+    sessions = state.sessions
+    listed = [s.describe() for s in sessions]
+    if state.peers is None:
+        return web.json_response({"sessions": listed, "max_sessions": sessions.max_sessions})
+    missing = []
+    for answer in await state.peers.ask("GET", "/sessions"):
+        if answer.ok:
+            listed.extend(answer.body["sessions"])
+        else:
+            missing.append(answer.missing())
+    return web.json_response({"sessions": listed, "max_sessions": state.sessions_total() + state.free_slots(),
+                              **({"workers_missing": missing} if missing else {})})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -242,7 +256,7 @@ class _Stream:
         self.utterance: str | None = None
         self._send_lock = asyncio.Lock()
 
-    async def send(self, message: dict) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
             await self.ws.send_json(message)
 

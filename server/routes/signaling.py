@@ -22,10 +22,10 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpCodecCapability, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from realtime.avatars.avatar_library import AvatarNotReady, UnknownAvatar
@@ -81,7 +81,7 @@ class OfferRequest:
     candidates_dropped: int = 0
 
     @classmethod
-    def from_dict(cls, body: dict, policy: CandidatePolicy) -> "OfferRequest":
+    def from_dict(cls, body: dict[str, Any], policy: CandidatePolicy) -> "OfferRequest":
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if not isinstance(sdp, str) or not sdp.strip():
             raise ApiError(400, "missing 'sdp': expected {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
@@ -119,7 +119,7 @@ def _media_kinds(sdp: str) -> tuple[str, ...]:
     return kinds
 
 
-def parse_offer(body: dict, state: ServerState) -> OfferRequest:
+def parse_offer(body: dict[str, Any], state: ServerState) -> OfferRequest:
     """The request body validated against this server (its avatars: 404 unknown, 409 not ready), before
     any work is done for it."""
     offer = OfferRequest.from_dict(body, candidate_policy(state.config))
@@ -152,7 +152,7 @@ def avatar_refusals() -> Iterator[None]:
         raise ApiError(409, public_text(str(exc))) from None
 
 
-def video_codecs(codec: str) -> list:
+def video_codecs(codec: str) -> list[RTCRtpCodecCapability]:
     """Capabilities for one video codec (every profile of it) plus RTX."""
     mime = VIDEO_CODECS[codec.lower()]
     caps = RTCRtpSender.getCapabilities("video").codecs
@@ -201,7 +201,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
     # the server, whose host candidates it reaches, so a server-side allocation per session would only
     # double the relay's load and quota.
     pc = RTCPeerConnection(configuration=rtc_configuration(ice_servers(state.config)))
-    remote_tracks: list = []
+    remote_tracks: list[MediaStreamTrack] = []
     pc.on("track", remote_tracks.append)
     engine_session = None
     try:

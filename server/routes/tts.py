@@ -16,6 +16,7 @@ import shutil
 import signal
 import wave
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class SayRequest:
     wpm: int | None = None
 
     @classmethod
-    def from_dict(cls, body: dict) -> "SayRequest":
+    def from_dict(cls, body: dict[str, Any]) -> "SayRequest":
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ApiError(400, "missing 'text'")
