@@ -3,9 +3,9 @@ stays bounded and comes back down when the link is clean again, and no speech is
 
 The driver (bench/live_jitter.py) plays the server's part: every 20 ms of output it pulls 20 ms of
 audio (and a video frame every 40 ms); the microphone's 20 ms chunks arrive when a seeded link model
-delivers them: a fixed path delay, normal jitter clipped at 2.5 sigma with order kept (jitter comes from queues, as
-bench/netimpair.py models it), and lost packets that arrive with the next one (the microphone decoder
-rebuilds a lost frame from the next packet's FEC data: server/media/opus_fec.py).
+delivers them: a fixed path delay, normal jitter clipped at 2.5 sigma with order kept (jitter comes
+from queues, as bench/netimpair.py models it), and lost packets that arrive with the next one (the
+microphone decoder rebuilds a lost frame from the next packet's FEC data: server/media/opus_fec.py).
 """
 from __future__ import annotations
 
