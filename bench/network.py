@@ -74,12 +74,13 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.client import OfferRefused, PeerClient  # noqa: E402
 from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server  # noqa: E402
 from bench.netimpair import (  # noqa: E402
     GilbertElliott,
@@ -215,84 +216,75 @@ def _recording_decoder(codec: Any) -> Any:
     return decoder
 
 
-class Client:
+class Client(PeerClient):
+    """The harness's aiortc client (bench/client.py) with this bench's receive buffers (a browser's give-up
+    video buffer, the server's own microphone buffer with FEC), its negotiation through the impairment
+    relay, and what it records: the mouth crop, the frame widths, the audio with its pts and rate."""
+
     def __init__(self, server: Server, http: aiohttp.ClientSession, relay: Relay,
                  box: tuple[int, int, int, int]) -> None:
-        self.server, self.http, self.relay, self.box = server, http, relay, box
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+        super().__init__(server.url, http)
+        self.server, self.relay, self.box = server, relay, box
         self.received = Received()
         self.full_size: tuple[int, int] | None = None
-        self.session_id = ""
-        self.token = ""
-        self._tasks: list[asyncio.Task] = []
-        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        y1, y2, x1, x2 = self.box
-        while True:
-            try:
-                frame: Any = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
-            if track.kind == "video":
-                self.received.widths.append((now, frame.width))
-                if self.full_size is None:   # the first frames are the avatar's own size
-                    self.full_size = (frame.width, frame.height)
-                if (frame.width, frame.height) != self.full_size:   # a thin link's smaller step
-                    frame = frame.reformat(width=self.full_size[0], height=self.full_size[1])
-                gray = frame.to_ndarray(format="gray")
-                self.received.video.append((now, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
-            else:
-                data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
-                # (rate: 48 kHz from aiortc's decoder, 16 kHz where server/media/audio_jitter.py's buffer
-                # marks the packets for the microphone's decoder, as it does on this client)
-                self.received.audio.append((now, float(frame.pts * frame.time_base), data.astype(np.float32),
-                                            int(frame.sample_rate)))
+    def on_frame(self, kind: str, frame: Any, arrival: float) -> None:
+        if kind == "video":
+            y1, y2, x1, x2 = self.box
+            self.received.widths.append((arrival, frame.width))
+            if self.full_size is None:   # the first frames are the avatar's own size
+                self.full_size = (frame.width, frame.height)
+            if (frame.width, frame.height) != self.full_size:   # a thin link's smaller step
+                frame = frame.reformat(width=self.full_size[0], height=self.full_size[1])
+            gray = frame.to_ndarray(format="gray")
+            self.received.video.append((arrival, gray[y1:y2:2, x1:x2:2].astype(np.float32)))
+        else:
+            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+            # (rate: 48 kHz from aiortc's decoder, 16 kHz where server/media/audio_jitter.py's buffer
+            # marks the packets for the microphone's decoder, as it does on this client)
+            self.received.audio.append((arrival, float(frame.pts * frame.time_base), data.astype(np.float32),
+                                        int(frame.sample_rate)))
 
-    async def connect(self, mic: MediaStreamTrack | None) -> None:
-        """A microphone session (`mic`) or a push session (None: audio is received only)."""
-        if mic is not None:
-            self.pc.addTrack(mic)
+    async def connect(self, microphone: MediaStreamTrack | None = None, **kwargs: Any) -> dict[str, Any]:
+        """A microphone session (`microphone`) or a push session (None: audio is received only), negotiated
+        through the relay; an offer refused for capacity (503) is retried for ADMISSION_WAIT_S."""
+        if microphone is not None:
+            self.pc.addTrack(microphone)
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         use_give_up_jitter_buffer(self.pc)
         audio_jitter.install(self.pc)
+        answers: list[dict[str, Any]] = []
 
         async def post(sdp: str) -> str:
             deadline = time.monotonic() + ADMISSION_WAIT_S
             while True:
-                async with self.http.post(self.server.endpoint("/offer"),
-                                          json={"sdp": sdp, "type": "offer"}) as resp:
-                    answer = await resp.json()
-                    status = resp.status
-                if status == 503 and time.monotonic() < deadline:   # see ADMISSION_WAIT_S
-                    await asyncio.sleep(float(answer.get("retry_after_s") or 1))
-                    continue
-                if status != 200:
-                    raise SystemExit(f"bench/network.py: offer refused: {answer}")
-                break
-            self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
-            return str(answer["sdp"])
+                try:
+                    answers.append(await self.offer(sdp))
+                    return str(answers[-1]["sdp"])
+                except OfferRefused as refused:
+                    if refused.status == 503 and time.monotonic() < deadline:   # see ADMISSION_WAIT_S
+                        await asyncio.sleep(float(refused.body.get("retry_after_s") or 1))
+                        continue
+                    raise SystemExit(f"bench/network.py: offer refused: {refused.body}") from None
 
         await negotiate_through(self.relay, self.pc, post)
+        return answers[-1]
 
     async def alive(self) -> bool:
-        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
-                                 headers={"Authorization": f"Bearer {self.token}"}) as resp:
+        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
             return resp.status == 200 and (await resp.json()).get("state") != "closed"
 
     def stream_url(self) -> str:
         return self.server.endpoint(f"/sessions/{self.session_id}/stream?rate={RATE}&channels=1&format=s16"
-                                    f"&token={self.token}")
+                                    f"&token={self.token or ''}")
 
     async def engine_stats(self) -> dict[str, Any]:
         """The server's engine figures for this session (GET /sessions/{id}): how often the input stalled
         (each stall re-places the input where its next audio arrives), its delay, and for a microphone
         the arrival jitter the engine saw and the delay it gave back (realtime/timeline/live_arrival.py)."""
-        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"),
-                                 headers={"Authorization": f"Bearer {self.token}"}) as resp:
+        async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
             engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
         keys = ("segments", "stalls", "utterance_delay_ms", "live_jitter_ms", "live_margin_ms",
                 "live_trimmed_samples")
@@ -302,12 +294,9 @@ class Client:
     async def close(self) -> None:
         if self.session_id:   # end it now, not when the server notices the silence (the next may wait)
             async with self.http.delete(self.server.endpoint(f"/sessions/{self.session_id}"),
-                                        headers={"Authorization": f"Bearer {self.token}"}) as resp:
+                                        headers=self.auth) as resp:
                 await resp.read()
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
 
 
 # -- figures ------------------------------------------------------------------------------------------
