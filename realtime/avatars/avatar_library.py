@@ -204,12 +204,7 @@ class AvatarLibrary:
         """Start preparing `path` on the library's thread; returns the PREPARING entry at once.
         `keep_file=False`: the file is deleted when done (an upload's temporary copy)."""
         with self._lock:
-            if self._pending >= self._max_pending:
-                raise LibraryBusy(f"{self._pending} avatars are already being prepared; try again later")
-            self._pending += 1
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
-            executor = self._executor
+            executor = self._take_preparation_slot()
         entry = self._new_entry(f"{slug(name)}-{secrets.token_hex(3)}", name, Path(name).name)
         if self.uploads_dir is not None and not keep_file:
             try:
@@ -300,12 +295,7 @@ class AvatarLibrary:
             known = self._entries.get(avatar_id)
             if known is not None:
                 return known
-            if self._pending >= self._max_pending:
-                raise LibraryBusy(f"{self._pending} avatars are already being prepared; try again later")
-            self._pending += 1
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
-            executor = self._executor
+            executor = self._take_preparation_slot()
             entry = AvatarEntry(id=avatar_id, name=name, source=file,
                                 added_at=float(meta.get("added_at", time.time())))
             self._entries[avatar_id] = entry
@@ -329,6 +319,16 @@ class AvatarLibrary:
             except (UnknownAvatar, LibraryBusy) as exc:
                 log.warning("avatars: kept upload %s not taken in: %s", manifest.stem, exc)
         return adopted
+
+    def _take_preparation_slot(self) -> ThreadPoolExecutor:
+        """One of the `max_pending` preparation slots (LibraryBusy when none is free) and the library's one
+        preparation thread, started on first use. Called with `_lock` held; `_done_pending` gives it back."""
+        if self._pending >= self._max_pending:
+            raise LibraryBusy(f"{self._pending} avatars are already being prepared; try again later")
+        self._pending += 1
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prepare")
+        return self._executor
 
     def _done_pending(self) -> None:
         with self._lock:
