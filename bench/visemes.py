@@ -62,6 +62,10 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the harness is this checkout's; --root puts the measured realtime/ before it
+
+from bench.client import OfferRefused, PeerClient  # noqa: E402
+
 ARTIFACTS = ROOT / "test-artifacts" / "visemes"
 log = logging.getLogger("bench.visemes")
 
@@ -376,71 +380,48 @@ class Track:
         return self.unwrapped() / self.clock + self.offset()
 
 
-class WebRTCClient:
-    """An aiortc client on loopback: receive-only audio and video, buffers that behave like a browser's on
-    a clean loopback (each audio packet played as it arrives, a video frame complete at its marker bit)."""
+class WebRTCClient(PeerClient):
+    """The harness's aiortc client (bench/client.py) with buffers that behave like a browser's on a clean
+    loopback (each audio packet played as it arrives, a video frame complete at its marker bit), recording
+    every returned frame with its RTP timestamp."""
 
-    def __init__(self, url: str) -> None:
-        from aiortc import RTCConfiguration, RTCPeerConnection
-
-        self.url = url.rstrip("/")
-        self.pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
+    def __init__(self, url: str, http) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(url, http)
         self.audio = Track(48000, [])
         self.video = Track(90000, [])
-        self.session_id = ""
-        self.token = ""
-        self._tasks: list = []
-        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
 
-    async def _read(self, track) -> None:  # type: ignore[no-untyped-def]
-        from aiortc.mediastreams import MediaStreamError
-
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            now = time.monotonic()
-            if track.kind == "video":
-                self.video.frames.append((now, int(frame.pts), frame.to_ndarray(format="yuv420p")))
-            else:
-                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
-                self.audio.frames.append((now, int(frame.pts), pcm.astype(np.float32)))
-
-    async def connect(self, http, avatar: str | None = None) -> None:  # type: ignore[no-untyped-def]
-        from aiortc import RTCSessionDescription
-
+    def tune(self, transceiver) -> None:  # type: ignore[no-untyped-def]
         from bench.netimpair import MarkerJitterBuffer, PerPacketAudioBuffer
 
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        for transceiver in self.pc.getTransceivers():  # the client's own buffers (aiortc 1.x internals)
-            transceiver.receiver._RTCRtpReceiver__jitter_buffer = (
-                PerPacketAudioBuffer() if transceiver.kind == "audio"
-                else MarkerJitterBuffer(capacity=512, is_video=True))
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        body: dict = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        if avatar is not None:
-            body["options"] = {"avatar": avatar}
-        async with http.post(self.url + "/offer", json=body) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"bench/visemes.py: offer refused: {answer}")
-        self.session_id, self.token = answer["session_id"], str(answer.get("session_token") or "")
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        transceiver.receiver._RTCRtpReceiver__jitter_buffer = (  # the client's own buffers (aiortc 1.x internals)
+            PerPacketAudioBuffer() if transceiver.kind == "audio" else MarkerJitterBuffer(capacity=512, is_video=True))
+
+    def on_frame(self, kind: str, frame, arrival: float) -> None:  # type: ignore[no-untyped-def]
+        if kind == "video":
+            self.video.frames.append((arrival, int(frame.pts), frame.to_ndarray(format="yuv420p")))
+        else:
+            pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+            self.audio.frames.append((arrival, int(frame.pts), pcm.astype(np.float32)))
+
+    async def connect_to(self, avatar: str | None = None) -> None:
+        """Offer (receive-only audio and video, `avatar` chosen when given) and wait for the first media."""
+        try:
+            await self.connect(options=None if avatar is None else {"avatar": avatar})
+        except OfferRefused as refused:
+            raise SystemExit(f"bench/visemes.py: offer refused: {refused.body}") from None
         deadline = time.monotonic() + 60
         while len(self.video.frames) < 25 or not self.audio.frames:
             if time.monotonic() > deadline:
                 raise SystemExit("bench/visemes.py: no media from the server")
             await asyncio.sleep(0.05)
 
-    async def push(self, http, wav: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    async def push(self, wav: np.ndarray) -> None:
         """POST /sessions/{id}/audio (the push API), 16 kHz PCM16 wav."""
         from bench.common import pcm16, wav_bytes
 
-        headers = {"Content-Type": "audio/wav", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
-        async with http.post(f"{self.url}/sessions/{self.session_id}/audio", data=wav_bytes(pcm16(wav), 16000),
-                             headers=headers) as resp:
+        async with self.http.post(self.endpoint(f"/sessions/{self.session_id}/audio"),
+                                  data=wav_bytes(pcm16(wav), 16000),
+                                  headers={"Content-Type": "audio/wav", **self.auth}) as resp:
             if resp.status != 200:
                 raise SystemExit(f"bench/visemes.py: push refused ({resp.status}): {await resp.text()}")
 
@@ -456,12 +437,6 @@ class WebRTCClient:
             if heard and (len(frames) - 1 - loud[-1]) * 0.02 >= WEBRTC_SETTLE_S:
                 return
         raise SystemExit("bench/visemes.py: the pushed speech did not come back (or never ended)")
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def ready_avatar(http, url: str, name: str, timeout_s: float = 300.0) -> str:  # type: ignore[no-untyped-def]
@@ -489,12 +464,12 @@ async def drive_webrtc(url: str, clips: dict[str, Clip], photo: str | None = Non
     restore = use_host_addresses(["127.0.0.1"])  # the client offers loopback only, as the server does
     try:
         async with aiohttp.ClientSession() as http:
-            client = WebRTCClient(url)
-            await client.connect(http, None if photo is None else await ready_avatar(http, url, photo))
+            client = WebRTCClient(url, http)
+            await client.connect_to(None if photo is None else await ready_avatar(http, url, photo))
             await asyncio.sleep(WEBRTC_IDLE_S)
             for name, clip in clips.items():
                 since = len(client.audio.frames)
-                await client.push(http, clip.wav)
+                await client.push(clip.wav)
                 await client.until_spoken(since, 30.0 + len(clip.wav) / 16000)
                 log.info("webrtc: %s played back", name)
             await client.close()
