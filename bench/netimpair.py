@@ -22,6 +22,10 @@ rewrites the ICE candidates of both SDPs to these, so every packet crosses the r
 knows the other's real port). The client's address is learned from its first datagram (datagrams from
 any other source, a browser's other host candidates, are dropped, so ICE settles on one path); the
 server's is given. Delivery is scheduled with `loop.call_at`: constant work per datagram, no queue scan.
+An order-keeping link delivers through a FIFO per direction (one timer for its head): the event loop's
+timer heap does not keep the order of timers due at the same instant, and an order-keeping link gives
+a packet that a faster one follows the same delivery time, so scheduling each datagram on its own
+reordered such runs (about every other video packet and a fifth of the audio at 30 +- 15 ms jitter).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -221,6 +226,9 @@ class Relay:
         self._client_side: _Endpoint | None = None
         self._server_side: _Endpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Per direction, datagrams of an order-keeping link not yet delivered: (time, transport, data, to).
+        self._fifo: dict[str, deque[tuple[float, asyncio.DatagramTransport, bytes, Address]]] = {
+            "up": deque(), "down": deque()}
 
     async def start(self, host: str = "127.0.0.1") -> "Relay":
         self._loop = asyncio.get_running_loop()
@@ -277,7 +285,9 @@ class Relay:
         pt = rtp_payload_type(data)
         counts = self.rtp[direction]
         rule = self.filters.get(direction)
-        at = None if rule is not None and rule(data) else self.links[direction].admit(now, len(data))
+        link = self.links[direction]
+        held_back = link.stats.reordered
+        at = None if rule is not None and rule(data) else link.admit(now, len(data))
         if at is None:
             if pt is not None:
                 counts.dropped[pt] = counts.dropped.get(pt, 0) + 1
@@ -286,10 +296,27 @@ class Relay:
             counts.packets[pt] = counts.packets.get(pt, 0) + 1
             counts.bytes[pt] = counts.bytes.get(pt, 0) + len(data)
         transport = out.transport
-        if at <= now:
-            transport.sendto(data, to)
-        else:
+        if link.stats.reordered != held_back:   # held back on purpose: later datagrams may overtake it
             self._loop.call_at(at, _send, transport, data, to)
+            return
+        fifo = self._fifo[direction]
+        if not fifo and at <= now:
+            transport.sendto(data, to)
+            return
+        fifo.append((at, transport, data, to))
+        if len(fifo) == 1:
+            self._loop.call_at(at, self._drain, direction)
+
+    def _drain(self, direction: str) -> None:
+        """Deliver the head of a direction's FIFO and every datagram due with it, in arrival order."""
+        assert self._loop is not None
+        fifo = self._fifo[direction]
+        now = self._loop.time()
+        while fifo and fifo[0][0] <= now:
+            _, transport, data, to = fifo.popleft()
+            _send(transport, data, to)
+        if fifo:
+            self._loop.call_at(fifo[0][0], self._drain, direction)
 
 
 def _send(transport: asyncio.DatagramTransport, data: bytes, to: Address) -> None:

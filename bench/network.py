@@ -34,7 +34,10 @@ link), at the client:
 - latency_delta_ms: mic_to_audio_ms minus the clean condition's (same session kind);
 - mic_session / push_session: the server's engine figures (GET /sessions/{id}): segments, stalls,
   utterance_delay_ms, latency_p50_ms, and for the microphone live_jitter_ms, live_margin_ms and
-  live_trimmed_samples (realtime/timeline/live_arrival.py).
+  live_trimmed_samples (realtime/timeline/live_arrival.py); nack: the server's video NACK counters over
+  the whole session (resent, refused: a keyframe instead, superseded: server/media/nack_policy.py);
+- video_gave_up: holes the client's video buffer gave up on over the whole session, each followed by a
+  PLI (the NACK or its retransmission was lost: aiortc's receiver NACKs a packet once per new gap).
 outage3s adds survived (the session still open after it), video_resume_ms (from the link's return to
 the next decoded frame) and frames_first_s (frames decoded in the second after it: no stale burst).
 Chromium (`--chromium`, on when /usr/bin/chromium and Playwright are there): the page itself (Start, its
@@ -84,6 +87,7 @@ from bench.client import OfferRefused, PeerClient  # noqa: E402
 from bench.common import Server, espeak_clip_16k, loadavg, pcm16, start_server  # noqa: E402
 from bench.netimpair import (  # noqa: E402
     GilbertElliott,
+    GiveUpJitterBuffer,
     Impairment,
     Relay,
     negotiate_through,
@@ -227,6 +231,7 @@ class Client(PeerClient):
         self.server, self.relay, self.box = server, relay, box
         self.received = Received()
         self.full_size: tuple[int, int] | None = None
+        self.video_buffer: GiveUpJitterBuffer | None = None
 
     def on_frame(self, kind: str, frame: Any, arrival: float) -> None:
         if kind == "video":
@@ -253,7 +258,7 @@ class Client(PeerClient):
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
-        use_give_up_jitter_buffer(self.pc)
+        self.video_buffer = use_give_up_jitter_buffer(self.pc)
         audio_jitter.install(self.pc)
         answers: list[dict[str, Any]] = []
 
@@ -283,13 +288,15 @@ class Client(PeerClient):
     async def engine_stats(self) -> dict[str, Any]:
         """The server's engine figures for this session (GET /sessions/{id}): how often the input stalled
         (each stall re-places the input where its next audio arrives), its delay, and for a microphone
-        the arrival jitter the engine saw and the delay it gave back (realtime/timeline/live_arrival.py)."""
+        the arrival jitter the engine saw and the delay it gave back (realtime/timeline/live_arrival.py);
+        and its video retransmission counters over the whole session (server/media/nack_policy.py)."""
         async with self.http.get(self.server.endpoint(f"/sessions/{self.session_id}"), headers=self.auth) as resp:
-            engine = (await resp.json()).get("engine", {}) if resp.status == 200 else {}
+            body = (await resp.json()) if resp.status == 200 else {}
+        engine = body.get("engine", {})
         keys = ("segments", "stalls", "utterance_delay_ms", "live_jitter_ms", "live_margin_ms",
                 "live_trimmed_samples")
         return {k: engine.get(k) for k in keys} | {
-            "latency_p50_ms": (engine.get("latency_ms") or {}).get("p50")}
+            "latency_p50_ms": (engine.get("latency_ms") or {}).get("p50"), "nack": body.get("nack")}
 
     async def close(self) -> None:
         if self.session_id:   # end it now, not when the server notices the silence (the next may wait)
@@ -400,6 +407,8 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
             if pusher is not None and pusher.done():   # the WebSocket failed: say why, make up nothing
                 raise SystemExit(f"bench/network.py: push stream ended in {name}: {pusher.exception()!r}")
             result[f"{source}_session"] = await client.engine_stats()
+            # Holes the client's video buffer gave up on (each a PLI): a NACK or its retransmission lost.
+            result["video_gave_up"] = None if client.video_buffer is None else client.video_buffer.gave_up
             video = [a for a, _ in client.received.video if t0 <= a < t1]
             freeze_total, freeze_longest = freezes(video)
             mic_delays, leads = [], []

@@ -172,3 +172,28 @@ async def test_relay_forwards_both_ways_through_its_two_sockets():
         relay.close()
         server_t.close()
         client_t.close()
+
+
+@pytest.mark.timeout(30)
+async def test_relay_keeps_order_when_jitter_ties_delivery_times():
+    """An order-keeping jittery link gives a datagram that a faster one follows the same delivery time
+    (packets sent in a burst: a video frame's); the relay still delivers them in the order they came.
+    The event loop's timer heap alone does not (it reordered most such runs)."""
+    loop = asyncio.get_running_loop()
+    server_t, server = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+    client_t, _ = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+    relay = await Relay(server=server_t.get_extra_info("sockname")[:2],
+                        up=Impairment(delay_ms=30, jitter_ms=15), seed=5).start()
+    try:
+        sent = [b"%d" % i for i in range(300)]
+        for k in range(0, len(sent), 6):          # bursts of 6 datagrams every 5 ms
+            for data in sent[k:k + 6]:
+                client_t.sendto(data, relay.client_address)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.3)
+        assert len(server.got) == len(sent)
+        assert [d for d, _ in server.got] == sent
+    finally:
+        relay.close()
+        server_t.close()
+        client_t.close()
