@@ -283,7 +283,7 @@ def test_oo_draws_the_lip_corners_in():
 
 def test_weaker_rounding_is_caught():
     """The earlier gain (width -36 % at round = 1) left the mouth too wide for the mesh to read -10 %
-    through the codec (-9 to -10 % over WebRTC)."""
+    through the codec (-8.8 to -11.4 % over WebRTC)."""
     config = DefaultRendererConfig(warp=replace(MouthWarpConfig(), round_gain=0.36))
     with pytest.raises(AssertionError, match="small o"):
         check_round(DefaultRenderer(config))
