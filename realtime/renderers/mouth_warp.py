@@ -7,7 +7,7 @@ perpendicular to it in pixels, positive towards the chin. A tilted head therefor
 The deformation is a backward map (output pixel -> where to sample the avatar frame), built from
 smooth fields that are exactly zero outside the patch's feathered border, so pasting it leaves no seam:
 - width: s is scaled by k = 1 + spread_gain*spread - round_gain*round inside the lips, fading out
-  over the cheeks (monotonic, so it never folds). Narrowing (an "oo", k down to 0.55) draws the lip
+  over the cheeks (monotonic, so it never folds). Narrowing (an "oo", k down to 0.52) draws the lip
   corners in by the whole k and stretches the cheeks between the corners and the field's end evenly
   (`_narrowing_shift`), which is what lets it be that strong without folding;
 - jaw: below the mouth, t is shifted down by d = open * max_open * mouth width. The lower lip moves
@@ -39,14 +39,17 @@ class MouthWarpConfig:
     max_open: float = 0.30          # lip gap at open = 1, as a fraction of the mouth width
     upper_lift: float = 0.15        # the upper lip rises by this fraction of the jaw drop
     spread_gain: float = 0.46       # width +46% at spread = 1 (the face mesh reads about a quarter of it)
-    # Width -45% at round = 1: the face mesh reads about 40% of it, and through a video codec, which
+    # Width -48% at round = 1: the face mesh reads about 40% of it, and through a video codec, which
     # softens the lip corners it reads, less again (bench/visemes.py --webrtc).
-    round_gain: float = 0.45
+    round_gain: float = 0.48
     gap_exponent: float = 1.3       # gap profile (1 - (s/c)^2)^p: > 1 tapers to the corners, 0.5 elliptical
     round_exponent: float = 0.6     # ... at round = 1 (an "o")
     spread_exponent: float = 0.55   # ... at spread = 1 (an "ee": a long slit, open to near the corners)
     gap_extent: float = 0.92        # c: the lips stay closed over the outer 8% towards each corner
-    round_extent: float = 0.40      # ... and over this much more of the width at round = 1 (a small "o")
+    # ... and over this much more of the width at round = 1 (a small "o"), which leaves the opening as
+    # wide in pixels as a 36% narrowing with 0.40 did: shrinking it further with the lips made the face
+    # mesh read less of the rounded vowels' opening in running speech.
+    round_extent: float = 0.25
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
     # Narrowing: full for |s| < a (output half-widths: the whole lips, corners included, scale by k), none
     # beyond b, the cheeks in between stretched evenly over the rest (`_narrowing_shift`: never folds).
@@ -208,7 +211,7 @@ def _narrowing_table(full: float, zero: float, ramp: float) -> np.ndarray:
     m = s for |s| <= full (the lips scale by k), 0 for |s| >= zero, and in between m falls with a
     constant slope -r, eased in and out over `ramp`. Its slope never drops below -r, so the map's slope
     stays >= 1 - (1/k - 1) r: unlike s times a smooth step (whose slope dips to about -1.3 with these
-    extents), a narrow "o" of k ~ 0.55 does not fold the cheeks. r makes m(zero) = 0 exactly.
+    extents), a narrow "o" of k ~ 0.5 does not fold the cheeks. r makes m(zero) = 0 exactly.
     Sampled once per configuration and looked up per pixel (`_narrowing_shift`): a look-up costs about
     what a smooth step does; the formula itself is some thirty array operations per frame of speech."""
     r = (full + 0.5 * ramp) / (zero - full - ramp)
