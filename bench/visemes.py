@@ -5,6 +5,7 @@ renders it, and the project's face mesh reads the rendered frames back.
     python bench/visemes.py --grid before new                   # before/after PNG grids of two runs
     python bench/visemes.py --grid before new --docs docs/img/visemes.png   # the README's grid
     python bench/visemes.py --webrtc [--webrtc-photo] [--root PATH]   # also over a real WebRTC session
+    python bench/visemes.py --warp-cost PATH    # the warp's CPU ms per frame, PATH's mouth_warp.py vs this one
 
 `--root` imports `realtime` (the renderer) from another checkout, e.g. a worktree of main, so today's
 renderer and a new one are measured by the same code on the same material:
@@ -586,6 +587,62 @@ def evaluate_webrtc(clips: dict[str, Clip], reader: Reader, closed_px: float, re
     return out
 
 
+def warp_cost(other: Path, repeats: int = 25) -> dict:
+    """Thread CPU ms per frame of `warp_mouth` (the deformation and the painted interior, no parameters,
+    no paste), `other`'s realtime/renderers/mouth_warp.py against this checkout's, each with its own
+    default configuration, interleaved in this process (alternating which goes first) on the default
+    avatar; the minimum over `repeats` passes of 64 frames. Parameters from espeak-ng sentences: every
+    speech frame, and the rounded ones (round > 0.2) alone."""
+    import importlib.util
+
+    from realtime.audio.mel import MelAlignment, mel_windows, melspectrogram
+    from realtime.avatars.default_avatar import load_default_avatar
+    from realtime.renderers import mouth_warp
+    from realtime.renderers.mouth_params import ROUND, MouthParamsConfig, mouth_params
+
+    spec = importlib.util.spec_from_file_location("other_mouth_warp", other / "realtime/renderers/mouth_warp.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"bench/visemes.py: no mouth_warp.py under {other}")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # its dataclasses look their module up
+    spec.loader.exec_module(old)
+    avatar = load_default_avatar()
+    config = MouthParamsConfig()
+    alignment = {a.offset_frames: a for a in MelAlignment}[config.audio_needs.offset_frames]
+    speaker = Espeak()
+    wav = np.concatenate([speaker.speak(k, SENTENCES[k]).wav for k in ("bob", "fox", "mother")])
+    params = mouth_params(mel_windows(melspectrogram(wav), 25.0, alignment), config)
+    sets = {"speech": params[params.max(axis=1) > 0.05][:64], "rounded": params[params[:, ROUND] > 0.2][:64]}
+
+    def prepared(module):  # type: ignore[no-untyped-def]
+        warp = module.MouthWarpConfig()
+        items = []
+        for i in range(64):
+            frame = avatar.frames[i % len(avatar.frames)]
+            geom = module.frame_geometry(avatar.mouth[i % len(avatar.frames)], frame.shape, warp)
+            items.append((frame, geom, module.estimate_palette(frame, geom),
+                          module.feather_alpha(geom, frame.shape, warp.margin_px)))
+        return module, warp, items
+
+    def one_pass(setup, rows: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+        module, warp, items = setup
+        start = time.thread_time()
+        for k, (frame, geom, palette, alpha) in enumerate(items):
+            module.warp_mouth(frame, geom, rows[k % len(rows)], palette, alpha, warp)
+        return (time.thread_time() - start) / len(items) * 1000.0
+
+    setups = {"other": prepared(old), "this": prepared(mouth_warp)}
+    out: dict[str, dict] = {}
+    for name, rows in sets.items():
+        best = {"other": float("inf"), "this": float("inf")}
+        for rep in range(repeats):
+            for which in (("other", "this") if rep % 2 == 0 else ("this", "other")):
+                best[which] = min(best[which], one_pass(setups[which], rows))
+        out[name] = {"frames": len(rows), **{k: round(v, 3) for k, v in best.items()},
+                     "change_pct": round(100.0 * (best["this"] / best["other"] - 1.0), 1)}
+    return {"warp_cpu_ms_per_frame": out, "other": str(other), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
 def grids(before: str, after: str, docs: Path | None) -> list[str]:
     """Before/after grids of every strip the two runs share; `docs`: one small grid of the material."""
     written = []
@@ -635,9 +692,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--webrtc-photo", action="store_true",
                         help="with --webrtc: also a session on the 720p photo ('webrtc_photo_720p'); 720p encoding "
                              "and decoding need a machine that keeps up (see frames_per_clip)")
+    parser.add_argument("--warp-cost", type=Path, metavar="CHECKOUT",
+                        help="only the warp's CPU ms per frame, CHECKOUT's mouth_warp.py (e.g. main's) against "
+                             "this checkout's, interleaved in one process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cv2.setNumThreads(1)
+    if args.warp_cost:
+        print(json.dumps(warp_cost(args.warp_cost.resolve())), flush=True)
+        return 0
     if args.grid:
         written = grids(args.grid[0], args.grid[1], args.docs)
         print(json.dumps({"grids": written}), flush=True)

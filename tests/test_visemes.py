@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import read_wav, synthesize
-from test_default_renderer import synthetic_avatar
+from test_default_renderer import SyntheticAvatar, synthetic_avatar
 
 from realtime.audio.mel import SAMPLE_RATE, MelAlignment, mel_windows, melspectrogram
 from realtime.renderers.base import AudioNeeds
@@ -245,3 +245,74 @@ def test_corners_held_by_the_fade_are_caught():
     config = DefaultRendererConfig(warp=replace(MouthWarpConfig(), spread_fade=(1.2, 2.0)))
     with pytest.raises(AssertionError, match="corners move out"):
         check_spread(DefaultRenderer(config))
+
+
+def check_round(renderer: DefaultRenderer) -> None:
+    """An 'oo' (round = 1) draws both lip corners in by the whole narrowing k = 1 - round_gain to a small
+    "o" at most 60 % of the rest width (the face mesh reads well under half of the warp's narrowing, and
+    the video codec softens the corners it reads: bench/visemes.py --webrtc), with the lips' thickness
+    kept across the middle and half-way to each corner."""
+    avatar = synthetic_avatar(n_frames=1)
+    frame, points = avatar.frames[0], avatar.mouth[0]
+    rounded = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
+    image = paste(frame, renderer.render_params(avatar, np.array([0]), rounded[None])[0])
+    rest, narrow = lip_mask(frame), lip_mask(image)
+    cx, half = float(points[:2, 0].mean()), float(points[1, 0] - points[0, 0]) / 2
+    k = 1.0 - renderer.config.warp.round_gain
+    rows = slice(int(points[2, 1]) - 3, int(points[5, 1]) + 4)
+
+    def extent(mask: np.ndarray) -> tuple[float, float]:
+        cols = np.flatnonzero(mask[rows].any(axis=0))
+        return cx - cols[0], cols[-1] - cx
+
+    (rest_l, rest_r), (narrow_l, narrow_r) = extent(rest), extent(narrow)
+    log.info("lip extent left/right px: rest %.0f/%.0f, round %.0f/%.0f (expected x%.2f)",
+             rest_l, rest_r, narrow_l, narrow_r, k)
+    for r0, r1 in ((rest_l, narrow_l), (rest_r, narrow_r)):
+        assert r0 - r1 >= 0.9 * (1.0 - k) * r0, "the lip corners move in by the whole rounding"
+        assert r1 <= 0.6 * r0, "a small o: at most 60 % of the rest width"
+    for s in (0.0, -0.5, 0.5):
+        before = int(rest[rows, round(cx + s * half)].sum())
+        after = int(narrow[rows, round(cx + s * k * half)].sum())
+        assert abs(after - before) <= 1, f"lip thickness at s={s}: {before} px at rest, {after} px rounded"
+
+
+def test_oo_draws_the_lip_corners_in():
+    check_round(DefaultRenderer())
+
+
+def test_weaker_rounding_is_caught():
+    """The earlier gain (width -36 % at round = 1) left the mouth too wide for the mesh to read -10 %
+    through the codec (-8.8 to -11.4 % over WebRTC)."""
+    config = DefaultRendererConfig(warp=replace(MouthWarpConfig(), round_gain=0.36))
+    with pytest.raises(AssertionError, match="small o"):
+        check_round(DefaultRenderer(config))
+
+
+def check_no_fold(renderer: DefaultRenderer) -> None:
+    """The narrowing never folds: on a frame that is a left-to-right brightness ramp, every row of the
+    rendered patch at round = 1 still rises from left to right (a backward map that turned back along
+    the mouth axis would show the cheeks twice, mirrored)."""
+    face = synthetic_avatar(n_frames=1)
+    _, _, x1, x2 = renderer.patch_box(face, 0)
+    size = face.frames.shape[1]
+    ramp = np.clip((np.arange(size, dtype=np.float32) - x1) * (255.0 / (x2 - x1)), 0.0, 255.0)
+    frame = np.repeat(np.repeat(ramp[None, :, None], size, axis=0), 3, axis=2).astype(np.uint8)
+    avatar = SyntheticAvatar(frames=frame[None], boxes=face.boxes, mouth=face.mouth)
+    rounded = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
+    patch = renderer.render_params(avatar, np.array([0]), rounded[None])[0]
+    rows = np.diff(patch.image[..., 1].astype(np.int16), axis=1)
+    assert rows.min() >= 0, f"the narrowing folds: a row falls by {-rows.min()} levels"
+    assert rows.max() > 2  # the patch is not flat: the ramp is there to fold
+
+
+def test_rounding_never_folds():
+    check_no_fold(DefaultRenderer())
+
+
+def test_a_folding_narrowing_is_caught():
+    """A field that ends too close to the corners (the cheeks' stretch squeezed into 0.35 half-widths)
+    must fold, and the check must see it."""
+    config = DefaultRendererConfig(warp=replace(MouthWarpConfig(), width_fade=(0.65, 1.0)))
+    with pytest.raises(AssertionError, match="folds"):
+        check_no_fold(DefaultRenderer(config))

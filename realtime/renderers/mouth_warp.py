@@ -7,7 +7,9 @@ perpendicular to it in pixels, positive towards the chin. A tilted head therefor
 The deformation is a backward map (output pixel -> where to sample the avatar frame), built from
 smooth fields that are exactly zero outside the patch's feathered border, so pasting it leaves no seam:
 - width: s is scaled by k = 1 + spread_gain*spread - round_gain*round inside the lips, fading out
-  over the cheeks (monotonic, so it never folds);
+  over the cheeks (monotonic, so it never folds). Narrowing (an "oo", k down to 0.52) draws the lip
+  corners in by the whole k and stretches the cheeks between the corners and the field's end evenly
+  (`_narrowing_shift`), which is what lets it be that strong without folding;
 - jaw: below the mouth, t is shifted down by d = open * max_open * mouth width. The lower lip moves
   with the gap profile A(s) (1 at the centre, 0 at the corners, rounder when `round` is high); the chin
   moves rigidly with the jaw profile J(s); the skin in between blends from A to J and the neck below the
@@ -21,6 +23,7 @@ ops on float32 arrays plus one cv2.remap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -36,15 +39,22 @@ class MouthWarpConfig:
     max_open: float = 0.30          # lip gap at open = 1, as a fraction of the mouth width
     upper_lift: float = 0.15        # the upper lip rises by this fraction of the jaw drop
     spread_gain: float = 0.46       # width +46% at spread = 1 (the face mesh reads about a quarter of it)
-    round_gain: float = 0.36        # width -36% at round = 1
+    # Width -48% at round = 1: the face mesh reads about 40% of it, and through a video codec, which
+    # softens the lip corners it reads, less again (bench/visemes.py --webrtc).
+    round_gain: float = 0.48
     gap_exponent: float = 1.3       # gap profile (1 - (s/c)^2)^p: > 1 tapers to the corners, 0.5 elliptical
     round_exponent: float = 0.6     # ... at round = 1 (an "o")
     spread_exponent: float = 0.55   # ... at spread = 1 (an "ee": a long slit, open to near the corners)
     gap_extent: float = 0.92        # c: the lips stay closed over the outer 8% towards each corner
-    round_extent: float = 0.40      # ... and over this much more of the width at round = 1 (a small "o")
+    # ... and over this much more of the width at round = 1 (a small "o"), which leaves the opening as
+    # wide in pixels as a 36% narrowing with 0.40 did: shrinking it further with the lips made the face
+    # mesh read less of the rounded vowels' opening in running speech.
+    round_extent: float = 0.25
     jaw_profile: tuple[float, float] = (0.8, 2.0)   # J(s) = 1 for |s| < a, 0 for |s| > b
-    width_fade: tuple[float, float] = (0.75, 1.6)    # narrowing: full for |s| < a, none beyond b (the cheeks
-    # keep their outline; no narrower or it folds at round = 1)
+    # Narrowing: full for |s| < a (output half-widths: the whole lips, corners included, scale by k), none
+    # beyond b, the cheeks in between stretched evenly over the rest (`_narrowing_shift`: never folds).
+    width_fade: tuple[float, float] = (0.65, 1.9)
+    narrow_ramp: float = 0.25       # ... the stretch starts and ends over this many half-widths (smooth)
     # Widening (never folds): full up to 1.5 half-widths, so the lip corners (at s = k <= 1.46) move out by
     # the whole spread and the lips stretch along their length; fading to nothing 60% of the mouth width
     # beyond each corner (2.2 half-widths), where the mouth-and-jaw region ends: the cheeks beyond are untouched.
@@ -184,6 +194,44 @@ def _lerp_step(x: np.ndarray, full: float, zero: float) -> np.ndarray:
     return _smoothstep((zero - np.abs(x)) / (zero - full))
 
 
+def _ramp_integral(x: np.ndarray, start: float, width: float) -> np.ndarray:
+    """Integral from -inf to x of smoothstep((y - start) / width) dy."""
+    u = np.clip((x - start) / width, 0.0, None)
+    inner = np.minimum(u, 1.0)
+    result: np.ndarray = width * (inner ** 3 - 0.5 * inner ** 4 + np.maximum(u - 1.0, 0.0))
+    return result
+
+
+_NARROWING_SAMPLES = 4096  # 0.001 half-widths apart: the nearest is within 0.01 px on a 44 px mouth
+
+
+@lru_cache(maxsize=8)
+def _narrowing_table(full: float, zero: float, ramp: float) -> np.ndarray:
+    """m(s) of the narrowing's backward map s_src = s + (1/k - 1) m(s), sampled over [-zero, zero]:
+    m = s for |s| <= full (the lips scale by k), 0 for |s| >= zero, and in between m falls with a
+    constant slope -r, eased in and out over `ramp`. Its slope never drops below -r, so the map's slope
+    stays >= 1 - (1/k - 1) r: unlike s times a smooth step (whose slope dips to about -1.3 with these
+    extents), a narrow "o" of k ~ 0.5 does not fold the cheeks. r makes m(zero) = 0 exactly.
+    Sampled once per configuration and looked up per pixel (`_narrowing_shift`): a look-up costs about
+    what a smooth step does; the formula itself is some thirty array operations per frame of speech."""
+    r = (full + 0.5 * ramp) / (zero - full - ramp)
+    s = np.linspace(-zero, zero, _NARROWING_SAMPLES)
+    a = np.abs(s)
+    m = a - (1.0 + r) * _ramp_integral(a, full, ramp) + r * _ramp_integral(a, zero - ramp, ramp)
+    table: np.ndarray = (np.sign(s) * np.where(a < zero, m, 0.0)).astype(np.float32)
+    return table
+
+
+def _narrowing_shift(s: np.ndarray, config: MouthWarpConfig) -> np.ndarray:
+    """`_narrowing_table`'s m at every pixel's s (the nearest sample; beyond +-zero the end value, 0)."""
+    full, zero = config.width_fade
+    table = _narrowing_table(full, zero, config.narrow_ramp)
+    scale = (_NARROWING_SAMPLES - 1) / (2.0 * zero)
+    index = (s * np.float32(scale) + np.float32(zero * scale + 0.5)).astype(np.int32)
+    result: np.ndarray = np.take(table, index, mode="clip")
+    return result
+
+
 @dataclass(frozen=True)
 class Shape:
     """One frame's deformation amounts (px or factors) from its parameters."""
@@ -263,8 +311,11 @@ def warp_mouth(frame: np.ndarray, geom: FrameGeometry, params: np.ndarray, palet
     t_lo = geom.upper_top - config.width_fade_t * hw
     t_hi = geom.lower_bottom + drop + config.width_fade_t * hw
     fade_t = _smoothstep((t - t_lo) / (config.width_fade_t * hw)) * _smoothstep((t_hi - t) / (config.width_fade_t * hw))
-    fade_s = _lerp_step(s, *(config.width_fade if k < 1.0 else config.spread_fade))
-    s_src = s * (1.0 - np.float32(1.0 - 1.0 / k) * fade_s * fade_t)
+    if k < 1.0:
+        shift = _narrowing_shift(s, config)
+    else:
+        shift = s * _lerp_step(s, *config.spread_fade)
+    s_src = s + np.float32(1.0 / k - 1.0) * shift * fade_t
 
     # Lip lines of the output, as functions of the source position along the mouth axis.
     q = np.clip(1.0 - s_src * s_src, 0.0, 1.0)          # rest lip-line profile (0 at the corners)
