@@ -2,12 +2,13 @@
 predicts a bigger machine from it.
 
     python bench/capacity.py [--processes 1,2] [--renderers default,wav2lip] [--trial-s 4]
-                             [--max-sessions 12] [--gpu-json gpu_check.json]
+                             [--max-sessions 12] [--gpu-json gpu_check.json] [--event-loop uvloop|asyncio]
 
 Each front-end process is what `lipsync serve --workers N` runs per worker, minus the network: one
 process, one event loop, the server's own engine (RealtimeEngine: one shared avatar, renderer and render
 worker), the server's tracks, aiortc's VP8 and Opus encoders on the loop's executor, RTP + SRTP + UDP
-send (bench/encode_path.py `sessions_with_encode`, one trial of N sessions). For P processes and N
+send (bench/encode_path.py `sessions_with_encode`, one trial of N sessions), on the server's event loop
+(`--event-loop`, as the server's flag: uvloop unless asked). For P processes and N
 sessions, P child processes start together (`--start-at`: every child waits for the same wall-clock
 instant after loading, so their trials overlap exactly) with the N sessions split as evenly as can be;
 the step passes when every child's trial passes (every session: <= 2 % of video ticks missed or late,
@@ -64,7 +65,8 @@ def split(n: int, parts: int) -> list[int]:
 # -- one child: one front-end process, one trial ----------------------------------------------------------
 
 
-def child(renderer_name: str, sessions: int, start_at: float, trial_s: float, microphone: bool = True) -> int:
+def child(renderer_name: str, sessions: int, start_at: float, trial_s: float, microphone: bool = True,
+          event_loop: str = "uvloop") -> int:
     from bench.common import TEXT, make_speech
     from bench.encode_path import sessions_with_encode
     from realtime.avatars.default_avatar import load_default_avatar
@@ -91,7 +93,7 @@ def child(renderer_name: str, sessions: int, start_at: float, trial_s: float, mi
         print(json.dumps({"ok": True, "sessions": 0}), flush=True)
         return 0
     _, trials = sessions_with_encode(renderer, avatar, wav, rate, sessions, "VP8", steps=(sessions,),
-                                     microphone=microphone)
+                                     microphone=microphone, event_loop=event_loop)
     res = trials[-1]
     print(json.dumps({"ok": bool(res["ok"]), "sessions": sessions, "cpu": res["cpu"],
                       "worst": res.get("worst"), "loadavg": os.getloadavg()}), flush=True)
@@ -101,7 +103,8 @@ def child(renderer_name: str, sessions: int, start_at: float, trial_s: float, mi
 # -- the parent -----------------------------------------------------------------------------------------
 
 
-def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "mic") -> dict:
+def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "mic",
+         event_loop: str = "uvloop") -> dict:
     """N sessions over P processes, all trials at once."""
     start_at = time.time() + LOAD_S[renderer]
     counts = split(n, processes)
@@ -109,7 +112,8 @@ def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "m
     # OpenVINO path: torch.get_num_threads(), as `lipsync serve` and each of its --workers does)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "--renderer", renderer, "--sessions", str(k),
-                               "--start-at", repr(start_at), "--trial-s", str(trial_s), "--input", speech],
+                               "--start-at", repr(start_at), "--trial-s", str(trial_s), "--input", speech,
+                               "--event-loop", event_loop],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
              for k in counts]
     results: list[dict] = []
@@ -133,18 +137,18 @@ def step(renderer: str, processes: int, n: int, trial_s: float, speech: str = "m
 
 
 def search(renderer: str, processes: int, max_n: int, trial_s: float, runs: list[dict],
-           speech: str = "mic") -> tuple[int, dict | None]:
+           speech: str = "mic", event_loop: str = "uvloop") -> tuple[int, dict | None]:
     """The largest N (from P up) that passed before the first failure, and its run."""
     best, best_run = 0, None
     for n in range(processes, max_n + 1):
-        run = step(renderer, processes, n, trial_s, speech)
+        run = step(renderer, processes, n, trial_s, speech, event_loop)
         runs.append(run)
         if not run["ok"]:
             break
         best, best_run = n, run
     if best == 0 and processes > 1:  # even one each failed: try fewer sessions than processes
         for n in range(processes - 1, 0, -1):
-            run = step(renderer, processes, n, trial_s, speech)
+            run = step(renderer, processes, n, trial_s, speech, event_loop)
             runs.append(run)
             if run["ok"]:
                 return n, run
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", choices=["mic", "push"], default="mic",
                         help="mic: each session's speech arrives as a browser's Opus packets, decoded as the server "
                              "decodes a microphone (default); push: PCM pushed at the clip's rate (a TTS)")
+    parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the server's --event-loop the sessions run on (default uvloop, as the server)")
     parser.add_argument("--max-sessions", type=int, default=12)
     parser.add_argument("--max-wav2lip-sessions", type=int, default=4)
     parser.add_argument("--gpu-json", type=Path, default=None, help="bench/gpu_check.py or bench/sessions.py JSON")
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.child:
         logging.getLogger().setLevel(logging.WARNING)
-        return child(args.renderer, args.sessions, args.start_at, args.trial_s, args.input == "mic")
+        return child(args.renderer, args.sessions, args.start_at, args.trial_s, args.input == "mic", args.event_loop)
 
     cores = len(os.sched_getaffinity(0))
     counts = [int(p) for p in (args.processes or ",".join(str(i) for i in range(1, cores + 1))).split(",")]
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for renderer in renderers:
         limit = args.max_sessions if renderer == "default" else args.max_wav2lip_sessions
         for p in counts:
-            n, run = search(renderer, p, limit, args.trial_s, runs, args.input)
+            n, run = search(renderer, p, limit, args.trial_s, runs, args.input, args.event_loop)
             by_processes[renderer][str(p)] = n
             if p == 1:  # the CPU split: the largest passing 1-process run, else its first try (CPU per frame
                 # is measured whether or not the trial kept 25 fps)
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ms_per_frame": split_ms,
         "cores_used": None if busiest is None else busiest["cores_used"],
         "cores": cores,
+        "event_loop": args.event_loop,
         "model": model(by_processes.get("default", {}), split_ms, cores,
                        0.0 if busiest is None else busiest["cores_used"], gpu_sessions(args.gpu_json)),
         "loadavg": [load_start, os.getloadavg()],

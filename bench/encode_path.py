@@ -45,6 +45,7 @@ from server.media import encoders, opus_fec, tracks
 from server.media.media_executor import MediaExecutor, limit_native_threads
 from server.media.opus_fec import FecOpusDecoder, MicrophoneFrame
 from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, frame_to_pcm
+from server.ops.event_loop import DEFAULT_LOOP, loop_factory
 from server.realtime_engine import RealtimeEngine
 
 log = logging.getLogger("bench.encoded_sessions")
@@ -581,11 +582,14 @@ async def _trial_async(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate
 
 
 def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int,
-          baseline: bool = False, mic: list[tuple[bytes, int]] | None = None) -> dict:
-    """N sessions for the speech clip plus 0.6 s (as bench/sessions.py), judged per session."""
+          baseline: bool = False, mic: list[tuple[bytes, int]] | None = None,
+          event_loop: str = DEFAULT_LOOP) -> dict:
+    """N sessions for the speech clip plus 0.6 s (as bench/sessions.py), judged per session, on the
+    server's event loop (`event_loop`: its --event-loop)."""
     seconds = len(wav) / rate + 0.6
     load_before = os.getloadavg()[0]
-    out = asyncio.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline, mic))
+    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+        out = runner.run(_trial_async(engine, codec, wav, rate, n, seconds, baseline, mic))
     worst: dict[str, Any] = {"missed_or_late": 0.0, "not_received": 0.0, "drop_rate": 0.0, "latency_p95_ms": 0.0}
     ok = True
     budget = float("inf")
@@ -623,7 +627,7 @@ def trial(engine: RealtimeEngine, codec: str, wav: np.ndarray, rate: int, n: int
 def sessions_with_encode(renderer: Any, avatar: Any, wav: np.ndarray, rate: int, max_n: int,
                          codec: str = "VP8", config: EngineConfig | None = None,
                          steps: tuple[int, ...] = STEPS, baseline: bool = False,
-                         microphone: bool = False) -> tuple[int, list[dict]]:
+                         microphone: bool = False, event_loop: str = DEFAULT_LOOP) -> tuple[int, list[dict]]:
     """Largest N (of `steps`, up to `max_n`) whose trial passed before the first failure, and the trials.
 
     `renderer` and `avatar` are shared by every session, as in the server (one RealtimeEngine);
@@ -638,7 +642,7 @@ def sessions_with_encode(renderer: Any, avatar: Any, wav: np.ndarray, rate: int,
     best = 0
     try:
         for n in [n for n in steps if n <= max_n]:
-            res = trial(engine, codec, wav, rate, n, baseline, mic)
+            res = trial(engine, codec, wav, rate, n, baseline, mic, event_loop)
             trials.append(res)
             log.info("%s x%d: %s", codec, n, _summary(res))
             if not res["ok"]:

@@ -30,6 +30,8 @@ minute for runs under 10 minutes):
   sender skipped (`pacer_skipped`, `pacer_audio_skipped`), and frames missing at the client (gaps in
   the received pts); `drops_total` adds them up.
 - `leaked`: fds, threads and tasks after every session closed (and 10 s to settle) minus the baseline.
+- `server_cores`, `server_cpu_ms_per_video_frame`: CPU (user + system) of the server and its worker
+  processes over the N sessions' run, per second and per video frame the clients received.
 
 Churn: `--churn` sessions in rounds of `--concurrency`; in each round three clients run in a child process
 that is SIGKILLed once their video flows (no goodbye at all), the others close politely (half DELETE
@@ -232,6 +234,19 @@ class ServerProcess:
         threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
         fds = len(os.listdir(f"/proc/{self.pid}/fd"))
         return ProcSample(rss_kb / 1024.0, fds, threads)
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the server and its worker processes (--workers N) so far."""
+        def of(pid: int) -> float:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # a worker that exited meanwhile
+                return 0.0
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        children = [int(c) for t in Path(f"/proc/{self.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        return of(self.pid) + sum(of(c) for c in children)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
@@ -465,6 +480,7 @@ async def soak(args: argparse.Namespace) -> dict:
             last_frames = [c.stats.video_frames for c in clients]
             first_engine = [await c.describe() or {} for c in clients]
             duration = 60.0 * args.minutes
+            cpu0, frames0 = server.cpu_s(), sum(c.stats.video_frames for c in clients)
             while (now := time.monotonic()) - t0 < duration:
                 await asyncio.sleep(min(args.sample_s, max(0.0, t0 + duration - now)))
                 run.samples.append(await take_sample(run, clients, t0, last_frames))
@@ -473,6 +489,9 @@ async def soak(args: argparse.Namespace) -> dict:
                 log.info("t=%4.0fs rss=%.1f MB fds=%d threads=%d tasks=%s lag_p99=%s fps=%s lat_p95=%s load=%s",
                          s.t, s.proc.rss_mb, s.proc.fds, s.proc.threads, s.tasks, s.loop_lag_p99_ms,
                          [round(f, 1) for f in s.fps], s.latency_p95_ms, s.load)
+            cpu = {"server_cpu_s": server.cpu_s() - cpu0,
+                   "video_frames_received": sum(c.stats.video_frames for c in clients) - frames0,
+                   "seconds": time.monotonic() - t0}
             m1 = await run.metrics()
             last_engine = [await c.describe() or {} for c in clients]
             drops = {
@@ -489,7 +508,10 @@ async def soak(args: argparse.Namespace) -> dict:
                        "interrupts": sum(c.stats.interrupts for c in clients)}
             await asyncio.gather(*(c.close(delete=i % 2 == 0) for i, c in enumerate(clients)))
             end_proc, end_tasks = await settle_baseline(run)
-            return summarize(args, run, drops, uploads, base_proc, base_tasks, end_proc, end_tasks, m0, m1)
+            return {**summarize(args, run, drops, uploads, base_proc, base_tasks, end_proc, end_tasks, m0, m1),
+                    "server_cores": round(cpu["server_cpu_s"] / max(cpu["seconds"], 1e-9), 3),
+                    "server_cpu_ms_per_video_frame": round(1000.0 * cpu["server_cpu_s"]
+                                                           / max(cpu["video_frames_received"], 1), 3)}
         finally:
             code = server.stop()
             log.info("server exit code %s, log %s (%d ERROR/Traceback lines)", code, log_path,

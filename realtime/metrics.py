@@ -13,6 +13,7 @@ plain JSON data (the server's session listing).
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -35,7 +36,9 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         value = float(value)
-        i = int(np.searchsorted(self.buckets, value, side="left"))
+        # bisect on the tuple: np.searchsorted would first copy the bounds into a new array, on every
+        # frame (NaN counts above every bound, as searchsorted put it)
+        i = len(self.buckets) if value != value else bisect_left(self.buckets, value)
         with self._lock:
             self._counts[i] += 1
             self.count += 1

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Union, get_args, get_origin, get_type_hints
 
 from server.network.udp_ports import parse_port_range
+from server.ops.event_loop import DEFAULT_LOOP, LOOPS
+from server.ops.event_loop import available as event_loop_available
 
 ENV_PREFIX = "LIPSYNC_"
 MiB = 1024 * 1024
@@ -203,6 +205,10 @@ class ServerConfig:
     udp_ports: tuple[int, int] | None = flag(None, "UDP port range for WebRTC media, e.g. 40000-40099 "
                                                    "(default: any free port)", metavar="FIRST-LAST",
                                              convert=parse_port_range)
+    # The event loop every session's packets, timers and executor hops run on (server/ops/event_loop.py).
+    event_loop: str = flag(DEFAULT_LOOP, "event loop: uvloop (libuv: less CPU per packet and timer) or asyncio "
+                                     "(the standard library's, e.g. where uvloop is not built) (default {default})",
+                           choices=LOOPS)
     # Remote ICE candidates in private ranges (server/network/ice_filter.py): dropped on a public or wildcard bind
     # unless this is set (a server on 0.0.0.0 that also serves its LAN).
     ice_allow_private: bool = flag(False, "on a public or wildcard bind (0.0.0.0), still send connectivity checks "
@@ -347,6 +353,11 @@ class ServerConfig:
             raise ValueError("--paste-mode must be feather or official")
         if self.mel_alignment not in ("training", "official"):
             raise ValueError("--mel-alignment must be training or official")
+        if self.event_loop not in LOOPS:
+            raise ValueError(f"--event-loop must be one of {', '.join(LOOPS)}")
+        if not event_loop_available(self.event_loop):
+            raise ValueError(f"--event-loop {self.event_loop}: not installed here (pip install {self.event_loop}, "
+                             "or --event-loop asyncio)")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
         if self.max_upload_mb <= 0:

@@ -50,6 +50,8 @@ class EngineSession(Protocol):
 
     def metrics(self) -> SessionStats: ...
 
+    def frames_dropped(self) -> int: ...  # metrics().frames_dropped, without building the rest
+
     def close(self) -> None: ...
 
 

@@ -24,8 +24,8 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.media.media_executor import start_default_executor
 from server.network.ice import is_loopback, use_host_addresses
-from server.network.udp_ports import port_range_loop_factory
 from server.ops import heap
+from server.ops.event_loop import loop_factory
 from server.ops.logs import setup_logging
 from server.ops.peer_api import create_peer_app
 from server.ops.worker_board import Board, WorkerSeat, publish_forever, receive_connections
@@ -220,7 +220,7 @@ def worker_main(config: ServerConfig, index: int, generation: int, channel: sock
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops a worker
     seat = WorkerSeat(board, index, generation)
     try:
-        with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop, config.udp_ports)) as runner:
             start_default_executor(runner.get_loop())
             runner.run(serve_async(config, handoff=channel, seat=seat))
     except Exception as exc:
@@ -276,7 +276,8 @@ def serve(config: ServerConfig) -> int:
         return 2
     if workers > 1:
         try:
-            asyncio.run(serve_workers_async(config, workers))
+            with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+                runner.run(serve_workers_async(config, workers))
         except KeyboardInterrupt:
             pass
         except Exception as exc:
@@ -285,7 +286,7 @@ def serve(config: ServerConfig) -> int:
         return 0
     heap.limit_arenas(config.malloc_arenas)  # before the media threads exist (server/ops/heap.py)
     try:
-        with asyncio.Runner(loop_factory=port_range_loop_factory(config.udp_ports)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop, config.udp_ports)) as runner:
             start_default_executor(runner.get_loop())   # aiortc's encoders run there (server/media/media_executor.py)
             runner.run(serve_async(config))
     except KeyboardInterrupt:

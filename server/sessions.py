@@ -192,8 +192,7 @@ class SessionManager:
         """(id, video ticks, late ticks) of each live session, for the capacity monitor: a tick is late
         when the pacer skipped it or its speech frame's render missed its deadline."""
         for session in self:
-            stats = safe_metrics(session.engine)
-            dropped = 0 if stats is None else stats.frames_dropped
+            dropped = session.engine.frames_dropped()
             yield session.id, session.video.stats.frames + session.video.stats.skipped, \
                 session.video.stats.skipped + dropped
 

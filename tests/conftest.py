@@ -16,6 +16,14 @@ WAV2LIP_FACTS = DATA / "wav2lip"  # facts about the official code; see tests/dat
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
+def pytest_asyncio_loop_factories(config, item):
+    """Every async test runs on the event loop the server serves on (ServerConfig's default
+    --event-loop, made by server/ops/event_loop.py): the servers the tests start are on production's loop."""
+    from server.ops.event_loop import DEFAULT_LOOP, loop_factory
+
+    return {DEFAULT_LOOP: loop_factory(DEFAULT_LOOP)}
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Read a PCM16 wav as float32 mono in [-1, 1]."""
     with wave.open(str(path), "rb") as w:

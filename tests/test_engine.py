@@ -213,6 +213,7 @@ def test_renderer_twice_too_slow_keeps_latency_and_reports_drops(speech_16k, sha
     m = session.metrics()
     speech_frames = m.frames_rendered + m.frames_dropped
     assert m.frames_dropped > 0.3 * speech_frames          # reported, roughly every other frame
+    assert session.frames_dropped() == m.frames_dropped   # the capacity monitor's cheap read agrees
     assert m.frames_rendered > 0.3 * speech_frames          # the mouth still moves at ~half rate
     assert m.latency_ms.p95 <= session.lookahead_ms + 3 * 1000 / fps
     # No accumulation: the last rendered frames are as fresh as the first ones.

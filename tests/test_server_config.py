@@ -136,7 +136,8 @@ def test_udp_port_range_applies_to_ice_host_candidates():
 
     from aiortc import RTCPeerConnection
 
-    from server.network.udp_ports import parse_port_range, port_range_loop_factory
+    from server.network.udp_ports import parse_port_range
+    from server.ops.event_loop import LOOPS, loop_factory
 
     assert parse_port_range("40000-40009") == (40000, 40009)
     with pytest.raises(ValueError, match="udp-ports"):
@@ -156,8 +157,25 @@ def test_udp_port_range_applies_to_ice_host_candidates():
 
     restore = use_host_addresses(["127.0.0.1"])
     try:
-        with asyncio.Runner(loop_factory=port_range_loop_factory((41000, 41003))) as runner:
-            ports = runner.run(candidate_ports())
+        for kind in LOOPS:  # either --event-loop binds inside the range
+            with asyncio.Runner(loop_factory=loop_factory(kind, (41000, 41003))) as runner:
+                ports = runner.run(candidate_ports())
+            assert len(ports) == 3 and all(41000 <= p <= 41003 for p in ports), (kind, ports)
     finally:
         restore()
-    assert len(ports) == 3 and all(41000 <= p <= 41003 for p in ports), ports
+
+
+def test_event_loop_flag_defaults_to_uvloop_and_falls_back_to_asyncio():
+    assert parse([]).event_loop == "uvloop"
+    assert parse(["--event-loop", "asyncio"]).event_loop == "asyncio"
+    with pytest.raises(SystemExit):
+        parse(["--event-loop", "trio"])
+
+
+async def test_async_tests_run_on_the_loop_the_server_serves_on():
+    """tests/conftest.py's loop factory: the servers the tests start run on the default --event-loop's loop."""
+    import asyncio
+
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from server_helpers import Client, PcmTrack, start_server, tiny_engine
 
+from server.media.media_executor import start_default_executor
 from server.state import STATE
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loopback_only")]
@@ -56,6 +57,9 @@ def other_tasks() -> set[asyncio.Task]:
 
 
 async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
+    # The loop's default executor as server/runner.py gives it (aiortc encodes there): a fixed pool, all its
+    # threads started now, whatever the loop's own default pool would be (asyncio's, uvloop's).
+    start_default_executor(asyncio.get_running_loop())
     server = await start_server(engine, max_sessions=5, max_sessions_per_ip=5)  # all from 127.0.0.1
     peers = record_peers(server)
     manager = server.app[STATE].sessions
@@ -90,7 +94,7 @@ async def test_twenty_sessions_leave_nothing_behind(engine, speech_16k):
         # Hang-ups are "connection closed", never mistaken for a failed sender (its send loop ends first).
         assert set(manager.closed_total) <= {"deleted", "connection closed", "microphone ended"}, manager.closed_total
         assert await settle(lambda: not (other_tasks() - tasks_before), within_s=10)
-        # Threads other than the loop's bounded executor pool (aiortc encodes there) are all gone.
+        # Threads other than the loop's fixed executor pool (aiortc encodes there) are all gone.
         assert await settle(lambda: own_threads() <= threads_before), threading.enumerate()
     finally:
         await server.stop()

@@ -520,6 +520,36 @@ async def test_say_timeout_is_a_504(engine, http, clean_log, tmp_path):
         await server.stop()
 
 
+def test_tts_starts_its_program_without_the_loops_subprocess_support(tmp_path):
+    """uvloop's subprocess_exec runs Python's at-fork handlers in the child, which hung it before exec in a
+    worker with media threads (the Chromium test's /say, then the worker's shutdown): the TTS starts
+    espeak with CPython's fork-exec on a thread, never through the loop."""
+    from server.ops.event_loop import DEFAULT_LOOP, loop_factory
+    from server.routes.tts import LocalTts, TtsTimeout
+
+    base = loop_factory(DEFAULT_LOOP)
+
+    def no_subprocesses() -> asyncio.AbstractEventLoop:
+        loop = base()
+
+        async def refuse(*args, **kwargs):
+            raise AssertionError("the TTS used the loop's subprocess_exec")
+
+        loop.subprocess_exec = refuse  # type: ignore[method-assign]
+        return loop
+
+    async def say() -> tuple[int, int, float]:
+        samples, rate = await LocalTts(fake_tts(tmp_path, 0.0)).synthesize("hello")
+        t0 = time.monotonic()
+        with pytest.raises(TtsTimeout):
+            await LocalTts(fake_tts(tmp_path, 10.0), timeout_s=0.3).synthesize("hello")
+        return len(samples), rate, time.monotonic() - t0
+
+    with asyncio.Runner(loop_factory=no_subprocesses) as runner:
+        n, rate, timed_out_after = runner.run(say())
+    assert (n, rate) == (22050, 22050) and timed_out_after < 3.0  # the sleeping program was killed
+
+
 # -- 4. fair slots ---------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """A fixed UDP port range for WebRTC media (`--udp-ports 40000-40099`), for firewalls and NAT rules.
 
 aioice binds each ICE host candidate with `loop.create_datagram_endpoint(local_addr=(address, 0))`.
-The server's event loop is made by `port_range_loop_factory`: it hands those "any port" requests a free
-port from the range instead, and leaves every other endpoint (TURN clients, explicit ports) alone.
+The server's event loop (server/ops/event_loop.py) mixes in `PortRange` when a range is set: it hands
+those "any port" requests a free port from the range instead, and leaves every other endpoint (TURN
+clients, explicit ports) alone.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-class PortRangeEventLoop(asyncio.SelectorEventLoop):
-    def __init__(self, ports: tuple[int, int]) -> None:
-        super().__init__()
-        self.ports = ports
+class PortRange(asyncio.AbstractEventLoop):
+    """Mixed into an event loop class (asyncio's or uvloop's, server/ops/event_loop.py): "any port" datagram
+    endpoints get a free port of `ports`. Set `ports` right after making the loop, before it runs."""
+
+    ports: tuple[int, int]
 
     async def create_datagram_endpoint(
             self, protocol_factory: Callable[[], Any], local_addr: tuple[str, int] | str | None = None,
@@ -48,9 +50,3 @@ class PortRangeEventLoop(asyncio.SelectorEventLoop):
                 if exc.errno != errno.EADDRINUSE:
                     raise
         raise OSError(errno.EADDRINUSE, f"no free UDP port in {lo}-{hi} on {local_addr[0]}")
-
-
-def port_range_loop_factory(ports: tuple[int, int] | None) -> Callable[[], asyncio.AbstractEventLoop]:
-    if ports is None:
-        return asyncio.new_event_loop
-    return lambda: PortRangeEventLoop(ports)

@@ -234,7 +234,8 @@ async def say(request: web.Request) -> web.Response:
                             f"session can queue {room_s:.0f} s more", room_s=round(room_s, 3))
     try:
         with state.pool.slot(holder_of(request, session)):  # one per session, a share per address
-            samples, rate = await state.tts.synthesize(request_.text, request_.voice, request_.wpm)
+            samples, rate = await state.tts.synthesize(request_.text, request_.voice, request_.wpm,
+                                                       state.pool.run_in_slot)
             if _convert_off_loop(samples, rate, 1):
                 samples, rate = await state.pool.run_in_slot(convert_clip, samples, rate, 1), TARGET_RATE
     except TtsTimeout as exc:

@@ -14,9 +14,11 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import threading
 import wave
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -30,6 +32,9 @@ MIN_WPM, MAX_WPM = 80, 450
 # Spoken English runs at about 5-6 characters (spaces included) per word; 8 per word makes the
 # estimate a lower bound of the duration, so only texts that cannot fit are refused up front.
 CHARS_PER_WORD_UPPER = 8.0
+
+
+Blocking = Callable[..., Awaitable[Any]]  # run(fn, *args) off the loop, e.g. WorkPool.run_in_slot
 
 
 class TtsError(Exception):
@@ -85,9 +90,16 @@ class LocalTts:
     def available(self) -> bool:
         return self.executable is not None
 
-    async def synthesize(self, text: str, voice: str | None = None,
-                         words_per_minute: int | None = None) -> tuple[np.ndarray, int]:
-        """Returns (int16 mono samples, sample rate)."""
+    async def synthesize(self, text: str, voice: str | None = None, words_per_minute: int | None = None,
+                         run: Blocking | None = None) -> tuple[np.ndarray, int]:
+        """Returns (int16 mono samples, sample rate). `run(fn, *args)` runs the blocking wait for the
+        program off the loop (the route passes its decode/TTS slot's thread; default: a thread of the
+        loop's default executor).
+
+        The program is started with `subprocess.Popen` on that thread, not the loop's `create_subprocess_exec`:
+        uvloop's (server/ops/event_loop.py) runs Python's at-fork handlers in the forked child, which
+        in a server with encoder, render and decoder threads hung the child before it could exec (the
+        request, then the worker's shutdown, waited forever); CPython's fork-exec runs no Python there."""
         if self.executable is None:
             raise TtsError("no local TTS installed")
         args = [self.executable, "--stdin", "--stdout"]
@@ -95,28 +107,48 @@ class LocalTts:
             args += ["-v", voice]
         if words_per_minute:
             args += ["-s", str(int(words_per_minute))]
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        speech = _Speech(args)
+        talk = asyncio.ensure_future((run or asyncio.to_thread)(speech.run, text.encode("utf-8")))
         try:
-            out, err = await asyncio.wait_for(proc.communicate(text.encode("utf-8")), self.timeout_s)
+            out, err, code = await asyncio.wait_for(asyncio.shield(talk), self.timeout_s)
         except asyncio.TimeoutError:
-            await _kill(proc)
+            speech.kill()
+            await talk  # returns once the killed group's pipes close; communicate reaps the process
             raise TtsTimeout(f"TTS took longer than {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
-            await _kill(proc)
+            speech.kill()  # the thread's communicate then returns and reaps it
             raise
-        if proc.returncode != 0:
-            raise TtsError(f"TTS failed: {err.decode(errors='replace').strip() or proc.returncode}")
+        if code != 0:
+            raise TtsError(f"TTS failed: {err.decode(errors='replace').strip() or code}")
         return parse_wav(out)
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    """Kill the TTS and anything it started (its own process group): a child left holding the
-    pipes would keep `wait()` from returning."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
+class _Speech:
+    """One run of the TTS program, started and waited for on a thread; `kill` from the loop ends it
+    (and anything it started: its own process group) whether it has started yet or not."""
+
+    def __init__(self, args: list[str]) -> None:
+        self._args = args
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._killed = False
+
+    def run(self, data: bytes) -> tuple[bytes, bytes, int]:
+        with self._lock:
+            if self._killed:
+                return b"", b"killed", -signal.SIGKILL
+            self._proc = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, start_new_session=True)
+        out, err = self._proc.communicate(data)
+        return out, err, self._proc.returncode
+
+    def kill(self) -> None:
+        """A child left holding the pipes would keep `communicate()` from returning: the whole group."""
+        with self._lock:
+            self._killed = True
+            if self._proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
 
 
 def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
