@@ -5,7 +5,8 @@
     python bench/soak.py --isolation [--phase-s 40]     # a microphone session vs big uploads
 
 The server runs as its own process (`python -m server`, the no-weights renderer, 127.0.0.1 only), so its
-RSS, open fds and threads are read from /proc/<pid> as an operator would see them; asyncio tasks and
+RSS, open fds and threads are read from /proc as an operator would see them, summed over its process tree
+(the workers of `--workers auto` too); asyncio tasks and
 event-loop lag come from its /metrics (`lipsync_asyncio_tasks`, `lipsync_event_loop_lag_seconds`). The
 clients are aiortc peers in this process (loopback only, no STUN), half with a microphone track that
 plays speech bursts between silences, half pushing speech files through POST /sessions/{id}/audio
@@ -228,11 +229,25 @@ class ServerProcess:
             await asyncio.sleep(0.5)
         raise SystemExit(f"the server did not answer /healthz in {limit_s:g} s; see {self.log_path}")
 
+    def tree(self) -> list[int]:
+        """The server's pid and its children's (the workers of --workers N, multiprocessing's resource
+        tracker): an operator's view of the server is the whole tree, so a leak in a worker counts."""
+        children = [int(c) for t in Path(f"/proc/{self.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        return [self.pid, *children]
+
     def sample(self) -> ProcSample:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-        threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+        """RSS, open fds and threads summed over the process tree (a worker that exits meanwhile is skipped)."""
+        rss_kb = fds = threads = 0
+        for pid in self.tree():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                pid_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
+            rss_kb += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            threads += int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            fds += pid_fds
         return ProcSample(rss_kb / 1024.0, fds, threads)
 
     def cpu_s(self) -> float:
@@ -244,9 +259,7 @@ class ServerProcess:
                 return 0.0
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        children = [int(c) for t in Path(f"/proc/{self.pid}/task").iterdir()
-                    for c in (t / "children").read_text().split()]
-        return of(self.pid) + sum(of(c) for c in children)
+        return sum(of(pid) for pid in self.tree())
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
