@@ -68,6 +68,19 @@ def test_video_frame_looks_at_least_as_good_as_swscale():
     assert psnr(direct, old) > 40.0
 
 
+@pytest.mark.parametrize("size", [(128, 160), (98, 130), (562, 1000), (2, 2)])
+def test_video_frame_holds_opencvs_i420_exactly_whatever_the_planes_row_padding(size):
+    """The frame's planes are OpenCV's I420 conversion, pixel for pixel, also where PyAV pads the planes' rows
+    (130 px: Y rows of 144 bytes, U and V of 80 for 65 pixels), and the padding is not part of the picture."""
+    h, w = size
+    image = face_like(h, w, seed=7)
+    frame = video_frame(image)
+    i420 = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+    assert (frame.format.name, frame.width, frame.height) == ("yuv420p", w, h)
+    np.testing.assert_array_equal(frame.to_ndarray(), i420)
+    np.testing.assert_array_equal(frame.to_ndarray(), av.VideoFrame.from_ndarray(i420, format="yuv420p").to_ndarray())
+
+
 def test_video_frame_accepts_read_only_views_and_keeps_odd_sizes_bgr24():
     image = face_like()
     image.flags.writeable = False
