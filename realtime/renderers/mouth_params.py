@@ -199,7 +199,7 @@ def _lifter_matrix(n_bins: int, keep: int) -> np.ndarray:
 
 def _envelope(db: np.ndarray, keep: int) -> np.ndarray:
     """(B, 80, T) dB -> smooth spectral envelope (B, 80, T) by cepstral liftering across the bins."""
-    result: np.ndarray = np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    result: np.ndarray = np.matmul(_lifter_matrix(db.shape[1], keep), db)
     return result
 
 
