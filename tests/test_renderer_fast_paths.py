@@ -1,5 +1,5 @@
 """The default renderer's cheaper steps give the same pixels as the plain numpy calls they replace
-(realtime/renderers/mouth_warp.py `_power`, mouth_params.py `_envelope`)."""
+(realtime/renderers/mouth_warp.py `_power`, mouth_params.py `_envelope` and `_pad_bins`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +55,20 @@ def test_envelope_is_the_liftering_sum(batch):
     np.testing.assert_allclose(got, _liftered(db, 28), rtol=0, atol=1e-9)
 
 
-def test_mouth_params_are_the_same_as_with_the_liftering_sum(monkeypatch):
+def _np_pad(e: np.ndarray) -> np.ndarray:
+    return np.pad(e, ((0, 0), (1, 1), (0, 0)), mode="constant", constant_values=-np.inf)
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 16), (3, 1, 16), (2, 7, 1)])
+def test_pad_bins_is_nps_pad(shape):
+    e = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    e[0, 0, 0] = -np.inf
+    got = mouth_params._pad_bins(e)
+    assert got.dtype == e.dtype
+    np.testing.assert_array_equal(got, _np_pad(e))
+
+
+def test_mouth_params_are_the_same_as_with_the_liftering_sum_and_nps_pad(monkeypatch):
     """Per window and per batch, on speech-like mel windows (formant bands over silence and noise): the
     parameters do not move."""
     rng = np.random.default_rng(11)
@@ -69,6 +82,7 @@ def test_mouth_params_are_the_same_as_with_the_liftering_sum(monkeypatch):
     config = mouth_params.MouthParamsConfig()
     fast = [mouth_params.mouth_params(windows[s:s + b], config) for b in (1, 8) for s in range(0, 40, b)]
     monkeypatch.setattr(mouth_params, "_envelope", _liftered)
+    monkeypatch.setattr(mouth_params, "_pad_bins", _np_pad)
     plain = [mouth_params.mouth_params(windows[s:s + b], config) for b in (1, 8) for s in range(0, 40, b)]
     assert any(float(p[:, 0].max()) > 0.1 for p in plain)   # some windows open the mouth
     for a, b in zip(fast, plain, strict=True):
