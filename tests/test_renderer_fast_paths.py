@@ -1,13 +1,16 @@
 """The default renderer's cheaper steps give the same pixels as the plain numpy calls they replace
-(realtime/renderers/mouth_warp.py `_power`, mouth_params.py `_envelope` and `_pad_bins`)."""
+(realtime/renderers/mouth_warp.py `_power`, mouth_params.py `_envelope` and `_pad_bins`, compositor.py's blend
+into the frame's region)."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from test_default_renderer import synthetic_avatar
 
 from realtime.audio.mel import MEL_STEP, N_MELS
-from realtime.renderers import mouth_params, mouth_warp
+from realtime.renderers import compositor, mouth_params, mouth_warp
+from realtime.renderers.base import MouthPatch
 from realtime.renderers.default import DefaultRenderer
 
 
@@ -87,3 +90,32 @@ def test_mouth_params_are_the_same_as_with_the_liftering_sum_and_nps_pad(monkeyp
     assert any(float(p[:, 0].max()) > 0.1 for p in plain)   # some windows open the mouth
     for a, b in zip(fast, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _blend_by_copies(frame: np.ndarray, image: np.ndarray, box: tuple[int, int, int, int],
+                     alpha: np.ndarray) -> np.ndarray:
+    """The feathered paste as separate arrays: the region and the patch copied out, blended into a new
+    array, assigned back (box inside the frame, patch at the box's size)."""
+    out = frame.copy()
+    y1, y2, x1, x2 = box
+    region = np.ascontiguousarray(out[y1:y2, x1:x2])
+    out[y1:y2, x1:x2] = cv2.blendLinear(np.ascontiguousarray(image), region, alpha, np.float32(1.0) - alpha)
+    return out
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.35])
+@pytest.mark.parametrize("with_alpha", [True, False])
+def test_paste_blends_into_the_region_as_a_blend_of_copies(strength, with_alpha):
+    rng = np.random.default_rng(4)
+    frame = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    box = (40, 90, 30, 100)
+    alpha = rng.random((50, 70)).astype(np.float32) if with_alpha else compositor.default_mask(50, 70)
+    patch = MouthPatch(image=image, box=box, alpha=alpha if with_alpha else None)
+    got = compositor.paste(frame, patch, strength=strength)
+    expected = _blend_by_copies(frame, image, box, np.ascontiguousarray(alpha * np.float32(strength)))
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, frame)
+    inplace = frame.copy()
+    assert compositor.paste(inplace, patch, strength=strength, inplace=True) is inplace
+    np.testing.assert_array_equal(inplace, expected)
