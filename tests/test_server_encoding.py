@@ -68,6 +68,19 @@ def test_video_frame_looks_at_least_as_good_as_swscale():
     assert psnr(direct, old) > 40.0
 
 
+@pytest.mark.parametrize("size", [(128, 160), (98, 130), (562, 1000), (2, 2)])
+def test_video_frame_holds_opencvs_i420_exactly_whatever_the_planes_row_padding(size):
+    """The frame's planes are OpenCV's I420 conversion, pixel for pixel, also where PyAV pads the planes' rows
+    (130 px: Y rows of 144 bytes, U and V of 80 for 65 pixels), and the padding is not part of the picture."""
+    h, w = size
+    image = face_like(h, w, seed=7)
+    frame = video_frame(image)
+    i420 = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+    assert (frame.format.name, frame.width, frame.height) == ("yuv420p", w, h)
+    np.testing.assert_array_equal(frame.to_ndarray(), i420)
+    np.testing.assert_array_equal(frame.to_ndarray(), av.VideoFrame.from_ndarray(i420, format="yuv420p").to_ndarray())
+
+
 def test_video_frame_accepts_read_only_views_and_keeps_odd_sizes_bgr24():
     image = face_like()
     image.flags.writeable = False
@@ -142,12 +155,12 @@ def x264_options(payloads: list[bytes]) -> str:
     return found.group(1).decode()
 
 
-def test_h264_runs_veryfast_on_one_thread_and_keeps_aiortcs_other_settings():
+def test_h264_runs_superfast_on_one_thread_and_keeps_aiortcs_other_settings():
     payloads, _ = encoders.RealtimeH264Encoder().encode(frames_at(25, 1)[0])
     tuned = x264_options(payloads)
     payloads, _ = H264Encoder().encode(frames_at(25, 1)[0])
     stock = x264_options(payloads)
-    assert "threads=1 " in tuned and "subme=2 " in tuned and "ref=1 " in tuned  # veryfast
+    assert "threads=1 " in tuned and "subme=1 " in tuned and "me=dia " in tuned and "ref=1 " in tuned  # superfast
     assert "subme=7 " in stock  # aiortc's own: medium
     for kept in ("cabac=0", "bframes=0", "bitrate=1000", "rc=abr"):  # Baseline, zerolatency, 1 Mbps
         assert kept in tuned and kept in stock
@@ -288,3 +301,67 @@ def test_vp8_static_threshold_keeps_the_picture(scene):
     assert encoders.VP8_OPTIONS["static-thresh"] != "1"
     assert after[0] >= before[0] - 0.15, (before, after)
     assert after[1] >= before[1] - 0.15, (before, after)
+
+
+class _H264Veryfast(encoders.RealtimeH264Encoder):
+    """The server's H.264 encoder with the preset it had before (x264 "veryfast")."""
+
+    OPTIONS: ClassVar[dict[str, str]] = {"preset": "veryfast"}
+
+
+def _h264_psnr(encoder, images: list[np.ndarray]) -> tuple[float, float]:
+    """Mean Y PSNR of the decoded frames (after the first five), whole frame and lower centre (the mouth)."""
+    from aiortc.codecs.h264 import h264_depayload
+
+    decoder = av.CodecContext.create("h264", "r")
+    whole, mouth = [], []
+    for k, image in enumerate(images):
+        frame = video_frame(image)
+        frame.pts, frame.time_base = k * 3600, VIDEO_TIME_BASE
+        reference = frame.to_ndarray()[: image.shape[0]].astype(np.float64)
+        payloads, _ = encoder.encode(frame)
+        for decoded in decoder.decode(av.Packet(b"".join(h264_depayload(p) for p in payloads))):
+            y = decoded.to_ndarray()[: image.shape[0]].astype(np.float64)
+            h, w = y.shape
+            lower = (slice(h // 2, h * 7 // 8), slice(w // 4, w * 3 // 4))
+            for out, a, b in ((whole, y, reference), (mouth, y[lower], reference[lower])):
+                out.append(10 * np.log10(255.0 ** 2 / max(float(np.mean((a - b) ** 2)), 1e-9)))
+    assert len(whole) == len(images)
+    return float(np.mean(whole[5:])), float(np.mean(mouth[5:]))
+
+
+def _rendered_avatar(n: int) -> list[np.ndarray]:
+    """The default avatar's frames with the default renderer's mouths for varied parameters, pasted as the
+    session pastes them."""
+    from realtime.avatars.default_avatar import load_default_avatar
+    from realtime.renderers.compositor import paste
+    from realtime.renderers.default import DefaultRenderer
+
+    avatar = load_default_avatar()
+    params = np.random.default_rng(8).uniform(0.0, 1.0, (n, 6)).astype(np.float32)
+    params[:, 3:] *= 0.3
+    indices = np.arange(n) % len(avatar.frames)
+    patches = DefaultRenderer().render_params(avatar, indices, params)
+    return [paste(avatar.frames[i], p) for i, p in zip(indices, patches, strict=True)]
+
+
+H264_PRESET_MAX_LOSS_DB = 0.3
+"""What the server's x264 preset may lose against "veryfast" (Y PSNR, whole frame and mouth region). Measured
+(bench/RESULTS.md "The per-frame media path"): -0.22 dB on the rendered default avatar, +0.04..+0.25 dB on
+the synthetic face and the drifting textures, for about two thirds of the CPU; "ultrafast" loses 0.6 dB
+on the avatar and ~7 dB on texture."""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scene", ["rendered avatar", "talking avatar", "slowly drifting texture"])
+def test_h264_preset_keeps_the_picture(scene):
+    """The server's x264 preset (a CPU saving) decodes to the picture "veryfast" gave, whole frame and mouth
+    region, within `H264_PRESET_MAX_LOSS_DB`."""
+    make = {"rendered avatar": _rendered_avatar, "talking avatar": _talking_avatar,
+            "slowly drifting texture": _slowly_drifting_texture}[scene]
+    images = make(40)
+    before = _h264_psnr(_H264Veryfast(), images)
+    after = _h264_psnr(encoders.RealtimeH264Encoder(), images)
+    assert encoders.H264_OPTIONS["preset"] != "veryfast"
+    assert after[0] >= before[0] - H264_PRESET_MAX_LOSS_DB, (before, after)
+    assert after[1] >= before[1] - H264_PRESET_MAX_LOSS_DB, (before, after)

@@ -84,8 +84,12 @@ def paste(frame: np.ndarray, patch: MouthPatch, mode: str = "feather", strength:
         if strength < 1.0:
             alpha = alpha * np.float32(strength)
     alpha = np.ascontiguousarray(alpha, dtype=np.float32)
-    region[...] = cv2.blendLinear(np.ascontiguousarray(resized), np.ascontiguousarray(region),
-                                  alpha, np.float32(1.0) - alpha)
+    # Blended straight into the frame's region (OpenCV takes the strided view as it is; each pixel
+    # depends on its own inputs only, so reading and writing the region in one pass is safe): no copy
+    # of the region in, none of the result out.
+    blended = cv2.blendLinear(resized, region, alpha, np.float32(1.0) - alpha, dst=region)
+    if blended is not region:   # OpenCV made a new array (it does not for a matching uint8 view)
+        region[...] = blended
     return out
 
 

@@ -199,7 +199,7 @@ def _lifter_matrix(n_bins: int, keep: int) -> np.ndarray:
 
 def _envelope(db: np.ndarray, keep: int) -> np.ndarray:
     """(B, 80, T) dB -> smooth spectral envelope (B, 80, T) by cepstral liftering across the bins."""
-    result: np.ndarray = np.einsum("ij,bjt->bit", _lifter_matrix(db.shape[1], keep), db)
+    result: np.ndarray = np.matmul(_lifter_matrix(db.shape[1], keep), db)
     return result
 
 
@@ -208,12 +208,21 @@ def _band_db(power: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return result
 
 
+def _pad_bins(e: np.ndarray) -> np.ndarray:
+    """(B, k, T) -> (B, k + 2, T) with a -inf bin either side: `np.pad`'s values without its Python,
+    which costs many times the copy (two calls per `mouth_params` call whatever the batch, and the
+    live render worker's batches are of one or two frames)."""
+    pad = np.full((e.shape[0], e.shape[1] + 2, e.shape[2]), -np.inf, dtype=e.dtype)
+    pad[:, 1:-1] = e
+    return pad
+
+
 def _first_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, within_db: float) -> np.ndarray:
     """Lowest-frequency local maximum of the envelope inside `mask` that is within `within_db` of the
     band's maximum: F1 is the *first* strong resonance, which for back vowels (F1 and F2 both below
     1 kHz) is not always the strongest one."""
     e = env[:, mask]  # (B, k, T)
-    pad = np.pad(e, ((0, 0), (1, 1), (0, 0)), mode="constant", constant_values=-np.inf)
+    pad = _pad_bins(e)
     is_peak = (e >= pad[:, :-2]) & (e >= pad[:, 2:]) & (e >= e.max(axis=1, keepdims=True) - within_db)
     result: np.ndarray = freqs[mask][np.argmax(is_peak, axis=1)]  # argmax of a bool finds the first True
     return result
@@ -224,7 +233,7 @@ def _strongest_peak_hz(env: np.ndarray, mask: np.ndarray, freqs: np.ndarray, abo
     (B, T); where there is none (a formant merged into a shoulder), the strongest bin there."""
     f = freqs[mask]
     e = np.where(f[None, :, None] > above_hz[:, None, :], env[:, mask], -np.inf)
-    pad = np.pad(e, ((0, 0), (1, 1), (0, 0)), mode="constant", constant_values=-np.inf)
+    pad = _pad_bins(e)
     is_peak = (e > pad[:, :-2]) & (e >= pad[:, 2:]) & np.isfinite(e)
     peaks = np.where(is_peak, e, -np.inf)
     best = np.where(is_peak.any(axis=1), np.argmax(peaks, axis=1), np.argmax(e, axis=1))

@@ -7,7 +7,7 @@ those settings cost CPU and buy nothing: on the default avatar, x264 "medium" wi
 about four times the CPU of "veryfast" on one thread for the same quality, and VP8's denoiser costs CPU
 and loses quality (bench/RESULTS.md "Video encoder settings"; bench/encoded_sessions.py runs them live).
 
-So only these change: H.264 preset veryfast and one thread per encoder (sessions give the parallelism;
+So only these change: H.264 preset superfast (`H264_OPTIONS`) and one thread per encoder (sessions give the parallelism;
 slice threads of many encoders would oversubscribe the cores), VP8 without the denoiser and with a static
 threshold that skips the still parts of the picture (`VP8_OPTIONS`). Everything else
 (bitrates and their REMB updates, rate control, profile, keyframes on PLI, packetisation) stays aiortc's,
@@ -43,7 +43,12 @@ from server.media.opus_encoder import RealtimeOpusEncoder
 
 log = logging.getLogger(__name__)
 
-H264_OPTIONS = {"preset": "veryfast"}
+H264_OPTIONS = {"preset": "superfast"}
+"""x264's "superfast" (diamond motion search, sub-pixel refinement 1, no 4x4 / 8x8 partitions) rather than
+"veryfast": with aiortc's Baseline profile (no CABAC, no B-frames) at its bitrates, on one thread, it costs
+about two thirds of the CPU and decodes to the same Y PSNR or better, on the default avatar and on detailed
+drifting texture (bench/RESULTS.md "The per-frame media path"; tests/test_server_encoding.py
+`test_h264_preset_keeps_the_picture`). "ultrafast" goes further and loses several dB on texture."""
 H264_THREADS = 1
 VP8_OPTIONS = {"noise-sensitivity": "0", "static-thresh": "600"}
 """aiortc's real-time speed (cpu-used -6) is kept: a faster one saves little on the default avatar

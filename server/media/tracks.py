@@ -8,11 +8,12 @@ its worker thread and encoding in aiortc's executor, so nothing here blocks the 
 Video frames leave as yuv420p, the format both video encoders take (`video_frame`).
 
 Per-frame work off the event loop (every session's pacing timer runs on it, so its lag is every
-session's jitter): the mouth paste and the BGR -> I420 conversion (0.22 + 0.57 ms per 512 px frame)
-run on the server's frame pool (`executor`, two threads, not aiortc's encoder executor); the hop costs
-the loop ~0.05 ms. PCM conversions stay on the loop because they cost less than the hop would: the
-20 ms output frame's float -> int16 (0.026 ms) and a microphone frame's to_ndarray (0.029 ms).
-Measured on the shared 2-core machine (min of 300-2000 calls).
+session's jitter): the mouth paste and the BGR -> I420 conversion (`paste` and `frame_build` of
+`bench/default_renderer.py --stages`, about 0.2 ms together per 512 px frame) run on the server's frame
+pool (`executor`, two threads, not aiortc's encoder executor); the hop costs the loop ~0.05 ms. PCM
+conversions stay on the loop because they cost less than the hop would: the 20 ms output frame's
+float -> int16 (0.026 ms) and a microphone frame's to_ndarray (0.029 ms), measured on the shared 2-core
+machine (min of 300-2000 calls).
 """
 from __future__ import annotations
 
@@ -111,8 +112,25 @@ def video_frame(image: np.ndarray) -> av.VideoFrame:
     height, width = image.shape[:2]
     if height % 2 or width % 2:
         return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-    yuv: np.ndarray = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
-    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+    return yuv420p_frame(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), width, height)
+
+
+def yuv420p_frame(i420: np.ndarray, width: int, height: int) -> av.VideoFrame:
+    """An av.VideoFrame holding OpenCV's I420 layout (the Y rows, then the U rows, then the V rows, each
+    plane contiguous), copied plane by plane into the frame's own (row-padded) planes.
+
+    PyAV's `from_ndarray` does the same through a bytes copy of the whole array and then a copy per
+    row, which costs more than the colour conversion itself; three numpy copies into views of the
+    planes cost a fraction of it (bench/RESULTS.md "The per-frame media path")."""
+    frame = av.VideoFrame(width, height, "yuv420p")
+    flat = i420.reshape(-1)
+    start = 0
+    for plane in frame.planes:
+        size = plane.width * plane.height
+        rows = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(plane.height, plane.line_size)
+        rows[:, :plane.width] = flat[start:start + size].reshape(plane.height, plane.width)
+        start += size
+    return frame
 
 
 @dataclass(frozen=True)
@@ -210,8 +228,8 @@ class AvatarVideoTrack(_EngineTrack):
 
     async def _to_frame(self, out: VideoOut) -> av.VideoFrame:
         """The engine's frame as an encoder-ready av.VideoFrame: the mouth paste (VideoOut.image is
-        composed on first access) and the BGR -> I420 conversion, ~0.8 ms for the default 512 px avatar,
-        run on the executor; the hop costs the loop ~0.05 ms."""
+        composed on first access) and the BGR -> I420 conversion run on the executor (module docstring);
+        the hop costs the loop ~0.05 ms."""
         step = self._step
         if self._executor is None:
             frame, size = _frame_of(out, step)
