@@ -35,6 +35,8 @@ from aiortc import clock as ntp_clock
 from aiortc import rtp
 from aiortc.codecs import HEADER_EXTENSIONS
 from aiortc.codecs import get_encoder as aiortc_get_encoder
+from aiortc.codecs.base import Encoder
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpParameters
 
@@ -192,8 +194,10 @@ def timed_track_wakeups() -> Iterator[None]:
         tracks._sleep_until = original
 
 
-class TimedVideoEncoder:
-    """aiortc's video encoder, with the yuv420p conversion it would make itself timed apart."""
+class TimedVideoEncoder(Encoder):
+    """aiortc's video encoder, with the yuv420p conversion it would make itself timed apart. An aiortc
+    `Encoder`, so the server's executor runs it where it runs a sender's encodes (its encoder threads,
+    behind audio: server/media/media_executor.py `is_encode`), not on the pool for other work."""
 
     def __init__(self, encoder: Any, clock: StageClock) -> None:
         self.encoder = encoder
@@ -206,8 +210,14 @@ class TimedVideoEncoder:
         with self._clock.stage("video_encode_call"):
             return self.encoder.encode(frame, force_keyframe)
 
+    def pack(self, packet: Any):
+        return self.encoder.pack(packet)
 
-class TimedAudioEncoder:
+
+class TimedAudioEncoder(Encoder):
+    """aiortc's Opus encoder, timed. Registered as an `OpusEncoder` so the executor's audio-first rule
+    (`is_audio_encode`) serves it before queued video, as it serves the senders' Opus encodes."""
+
     def __init__(self, encoder: Any, clock: StageClock) -> None:
         self.encoder = encoder
         self._clock = clock
@@ -215,6 +225,12 @@ class TimedAudioEncoder:
     def encode(self, frame: av.AudioFrame, force_keyframe: bool = False):
         with self._clock.stage("audio_encode_call"):
             return self.encoder.encode(frame, force_keyframe)
+
+    def pack(self, packet: Any):
+        return self.encoder.pack(packet)
+
+
+OpusEncoder.register(TimedAudioEncoder)
 
 
 class RtpOut:
