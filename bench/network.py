@@ -51,7 +51,8 @@ link600k (both clients) adds send_kbps_per_s, send_fits_after_s (from when every
 the link), video_width (full, min, last) and climb_back_s (after the window the link is widened: seconds
 until full-size frames arrive again); and from the relay (`DownTrace`, `link_figures`): the audio
 packets' queueing delay on the link (audio_link_delay_ms p50/p95/p99/max, audio_link_over_50ms_pct,
-audio_link_dropped) and the three largest video frames: size, how long the server took to hand them to
+audio_link_dropped), what the server offered it by kind (offered_kbps: audio, video, rtx) and the three
+largest video frames: size, how long the server took to hand them to
 the link (send_span_ms), and the longest wait of an audio packet sent within 300 ms of their start.
 
 The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "aiortc_push": {...},
@@ -443,7 +444,7 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
             if name == "link600k":
                 first_video = client.received.video[0][0]
                 result.update(send_fit(sent, first_video, t1, LINK_KBPS))
-                result.update(link_figures(trace, audio_payload_type(str(answer["sdp"])), t0, t1))
+                result.update(link_figures(trace, str(answer["sdp"]), t0, t1))
                 widths = [w for a, w in client.received.widths if t0 <= a < t1]
                 result["video_width"] = {"full": client.full_size[0] if client.full_size else None,
                                          "min": min(widths) if widths else None,
@@ -522,24 +523,30 @@ class DownTrace:
         link.admit = traced  # type: ignore[method-assign]
 
 
-def audio_payload_type(sdp: str) -> int | None:
+def payload_types(sdp: str) -> tuple[int | None, set[int]]:
+    """Opus' payload type and the RTX types (`apt=`) of an answer."""
     found = re.search(r"a=rtpmap:(\d+) opus/", sdp, re.IGNORECASE)
-    return int(found.group(1)) if found else None
+    return (int(found.group(1)) if found else None,
+            {int(pt) for pt in re.findall(r"a=fmtp:(\d+) apt=\d+", sdp)})
 
 
-def link_figures(trace: DownTrace, audio_pt: int | None, t0: float, t1: float) -> dict[str, Any]:
+def link_figures(trace: DownTrace, sdp: str, t0: float, t1: float) -> dict[str, Any]:
     """link600k, the cause of late audio: the audio packets' queueing delay on the link over the window
-    (and how many waited more than 50 ms, or were dropped), and the three largest video frames (all
-    packets of one RTP timestamp that are not audio): their size, how long the server took to hand them
-    to the link (first to last packet), and the longest an audio packet sent in the 300 ms from their
-    first packet waited on the link."""
+    (and how many waited more than 50 ms, or were dropped); what the server offered the link by kind
+    (audio, video, retransmissions over RTX); and the three largest video frames (the packets of one RTP
+    timestamp, RTX left out): their size, how long the server took to hand them to the link (first to
+    last packet), and the longest an audio packet sent in the 300 ms from their first packet waited."""
+    audio_pt, rtx_pts = payload_types(sdp)
     rows = [r for r in trace.rows if t0 <= r[0] < t1]
     audio = [r for r in rows if r[1] == audio_pt]
     delays = sorted(1000 * r[4] for r in audio if r[4] is not None)
     frames: dict[tuple[int, int], list[tuple[float, int]]] = {}
     for r in rows:
-        if r[1] != audio_pt:
+        if r[1] != audio_pt and r[1] not in rtx_pts:
             frames.setdefault((r[1], r[3]), []).append((r[0], r[2]))
+
+    def kbps(kind: Callable[[int], bool]) -> float:
+        return round(8 * sum(r[2] for r in rows if kind(r[1])) / max(t1 - t0, 1e-6) / 1000, 1)
 
     def pct(q: float) -> float | None:
         return round(delays[min(len(delays) - 1, int(q * len(delays)))], 1) if delays else None
@@ -556,6 +563,8 @@ def link_figures(trace: DownTrace, audio_pt: int | None, t0: float, t1: float) -
             "audio_link_over_50ms_pct": (round(100 * sum(d > 50 for d in delays) / len(delays), 2)
                                          if delays else None),
             "audio_link_dropped": len(audio) - len(delays),
+            "offered_kbps": {"audio": kbps(lambda pt: pt == audio_pt), "rtx": kbps(lambda pt: pt in rtx_pts),
+                             "video": kbps(lambda pt: pt != audio_pt and pt not in rtx_pts)},
             "largest_video_frames": largest}
 
 
@@ -888,7 +897,7 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
                                "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
         if name == "link600k":
             result.update(send_fit(sent, connected, t1, LINK_KBPS))
-            result.update(link_figures(trace, audio_payload_type(answer_sdp[-1]) if answer_sdp else None, t0, t1))
+            result.update(link_figures(trace, answer_sdp[-1] if answer_sdp else "", t0, t1))
             seen: list[int] = []
 
             async def widths_since(_since: float) -> list[int]:
