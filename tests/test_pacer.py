@@ -285,3 +285,30 @@ def test_a_mid_stream_reopen_bounds_its_keyframe():
     reopened = encode(2)
     assert reopened[0] and encoder.codec._options["max-intra-rate"] == str(KEYFRAME_MAX_PCT_CAPPED)
     assert reopened[1] < 0.5 * first[1], (reopened, first)
+
+
+async def test_a_packet_is_not_resent_again_within_a_round_trip():
+    """aiortc's receiver NACKs every still-missing packet again on each new gap: the second ask inside
+    one RTT (the first copy still on its way) is not resent; once the RTT has passed, it is."""
+    from types import SimpleNamespace
+
+    from server.media import nack_policy
+
+    resent: list[int] = []
+
+    async def retransmit(seq: int) -> None:
+        resent.append(seq)
+
+    history = {seq % 128: RtpPacket(sequence_number=seq, timestamp=90000) for seq in range(10, 20)}
+    sender = SimpleNamespace(_retransmit=retransmit, _RTCRtpSender__rtp_history=history,
+                             _RTCRtpSender__rtp_timestamp=90000 + 900, _RTCRtpSender__rtt=0.2,
+                             _send_keyframe=lambda: None)
+    stats = nack_policy.apply(sender)  # type: ignore[arg-type]  # the attributes apply() reads
+    for _ in range(3):                  # three NACKs for 12 and 13 within a few ms
+        await sender._retransmit(12)
+        await sender._retransmit(13)
+    assert resent == [12, 13] and stats.repeated == 4
+    sender._RTCRtpSender__rtt = 0.01    # the round trip (and the floor) passed by the next ask
+    await asyncio.sleep(nack_policy.RESEND_MIN_INTERVAL_S + 0.01)
+    await sender._retransmit(12)
+    assert resent == [12, 13, 12] and stats.resent == 3

@@ -15,12 +15,19 @@ in one frame. So `apply(sender)` wraps the sender's `_retransmit`:
   the encoder's rate limit, server/media/encoders.py), and every NACKed packet up to that moment is skipped,
   since the keyframe supersedes them.
 
-It replaces one method on one sender instance (aiortc's private `_retransmit`, its history and last RTP
-timestamp; aiortc < 2, guarded by tests/test_network.py).
+A packet is also not resent again within one round-trip time (at least `RESEND_MIN_INTERVAL_S`) of its
+last resend, as libwebrtc does: the first copy cannot have reached the receiver yet. aiortc's own
+receiver NACKs every still-missing packet again on each new gap, and a browser re-asks on its own timer;
+on a thin link, where the first copy waits in the link's queue, each repeat was another copy in front of
+the audio (bench/network.py link600k: up to 255 kbit/s of RTX on a 600 kbit/s link).
+
+It replaces one method on one sender instance (aiortc's private `_retransmit`, its history, last RTP
+timestamp and smoothed RTT; aiortc < 2, guarded by tests/test_network.py).
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,7 @@ from aiortc.rtp import RTP_HISTORY_SIZE
 log = logging.getLogger(__name__)
 
 NACK_MAX_AGE_S = 0.5
+RESEND_MIN_INTERVAL_S = 0.05
 VIDEO_CLOCK_RATE = 90000
 
 
@@ -38,6 +46,7 @@ class NackStats:
     resent: int = 0
     refused: int = 0      # too old or gone: a keyframe was asked for instead
     superseded: int = 0   # older than a keyframe already asked for
+    repeated: int = 0     # asked again within a round trip of its last resend: not resent
 
 
 def _age(latest: int, timestamp: int) -> float:
@@ -50,6 +59,18 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
     resend = sender._retransmit
     superseded_until: list[int | None] = [None]  # RTP timestamp of the last packet sent before a keyframe ask
 
+    resent_at: dict[int, tuple[int, float]] = {}   # seq % history size -> (seq, when last resent)
+
+    def _resent_recently(sequence_number: int) -> bool:
+        rtt: float | None = sender._RTCRtpSender__rtt  # type: ignore[attr-defined]
+        now = time.monotonic()
+        slot = sequence_number % RTP_HISTORY_SIZE
+        last = resent_at.get(slot)
+        if last is not None and last[0] == sequence_number and now - last[1] < max(RESEND_MIN_INTERVAL_S, rtt or 0.0):
+            return True
+        resent_at[slot] = (sequence_number, now)
+        return False
+
     async def retransmit(sequence_number: int) -> None:
         history: dict[Any, Any] = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
         latest: int = sender._RTCRtpSender__rtp_timestamp  # type: ignore[attr-defined]
@@ -60,6 +81,9 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
                 stats.superseded += 1
                 return
             if _age(latest, packet.timestamp) <= max_age_s:
+                if _resent_recently(sequence_number):
+                    stats.repeated += 1
+                    return
                 stats.resent += 1
                 await resend(sequence_number)
                 return
@@ -71,4 +95,4 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
     return stats
 
 
-__all__ = ["NACK_MAX_AGE_S", "NackStats", "apply"]
+__all__ = ["NACK_MAX_AGE_S", "RESEND_MIN_INTERVAL_S", "NackStats", "apply"]
