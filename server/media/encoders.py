@@ -150,17 +150,14 @@ class _Tuned:
     @codec.setter
     def codec(self, context: Any) -> None:
         if context is not None and not isinstance(context, TunedContext):
-            reopened = self.__dict__.get("_contexts", 0) > 0
-            self.__dict__["_contexts"] = self.__dict__.get("_contexts", 0) + 1
-            bounded = reopened or self.__dict__.get("bitrate_cap") is not None
-            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if bounded else {})},
+            capped = self.__dict__.get("bitrate_cap") is not None
+            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if capped else {})},
                                    self.THREADS)
         self.__dict__["_tuned_codec"] = context
 
     CAPPED_OPTIONS: ClassVar[dict[str, str]] = {}
     """Added when the codec (re)opens while the loss/delay control caps the bitrate (a thin or lossy
-    link), and when it reopens mid-stream (a bitrate move of more than 10 % or a size step, the receiver
-    already showing the video); only the session's first context, on a clean link, goes without."""
+    link); a clean link never gets them."""
 
 
 class RealtimeH264Encoder(_Tuned, H264Encoder):
@@ -173,14 +170,11 @@ class RealtimeH264Encoder(_Tuned, H264Encoder):
 
 KEYFRAME_MAX_PCT_CAPPED = 300
 """A keyframe at most 3x the average frame (libvpx `rc_max_intra_bitrate_pct`) while the bitrate is
-capped, and in every context after the first. aiortc leaves it unlimited: a fresh codec's first keyframe
-(every size step and every >10 % bitrate change reopens the codec) can be many times a delta frame
-(default avatar, 512 px, 450 kbit/s: 16.5 KB against 1.9 KB; a keyframe forced by a PLI in a running
-context: 7 KB), and on a 600 kbit/s link with a 200 ms queue a keyframe of more than ~15 KB overflows
-the queue by itself: the burst is lost, NACKed and resent, the loss cuts the cap again, and the audio
-behind it waits out the queue (bench/network.py link600k: 17 KB frames, every receiver's REMB move of
-more than 10 % one, the audio behind them 190 ms late). At 3x the keyframe drains in about three frame
-times; its quality is made up by the following frames."""
+capped. aiortc leaves it unlimited: a fresh codec's first keyframe (every size step and every >10 %
+bitrate change reopens the codec) can be many times a delta frame, and on a 600 kbit/s link with a
+200 ms queue a keyframe of more than ~15 KB overflows the queue by itself: the burst is lost, NACKed and
+resent, the loss cuts the cap again. At 3x the keyframe drains in about three frame times; its quality
+is made up by the following frames."""
 
 
 VP8_CAPPED_OPTIONS = {"max-intra-rate": str(KEYFRAME_MAX_PCT_CAPPED)}
