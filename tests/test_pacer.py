@@ -254,39 +254,6 @@ async def test_a_live_sessions_video_is_paced_and_its_audio_is_not(http, loopbac
 
 
 
-def test_a_mid_stream_reopen_bounds_its_keyframe():
-    """An uncapped codec (a clean link) keeps its first, unbounded keyframe; a bitrate move of more than
-    10 % reopens it (aiortc) with the keyframe bound, so a receiver's REMB moving is no keyframe burst
-    (the default avatar: 16.5 KB unbounded, about 6.6 KB bounded)."""
-    import fractions
-
-    import av
-    import cv2
-    import numpy as np
-    from aiortc.codecs.vpx import vp8_depayload
-
-    from server.media.encoders import KEYFRAME_MAX_PCT_CAPPED, RealtimeVp8Encoder
-
-    encoder = RealtimeVp8Encoder()
-    encoder.target_bitrate = 450_000
-    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8), (9, 9), 3)
-
-    def encode(k: int) -> tuple[bool, int]:
-        frame = av.VideoFrame.from_ndarray(np.roll(image, k, axis=1), format="bgr24")
-        frame.pts, frame.time_base = k * 3600, fractions.Fraction(1, 90000)
-        payloads, _ = encoder.encode(frame)
-        bitstream = b"".join(vp8_depayload(p) for p in payloads)
-        return bitstream[0] & 1 == 0, len(bitstream)
-
-    first = encode(0)
-    assert first[0] and "max-intra-rate" not in encoder.codec._options
-    assert not encode(1)[0]
-    encoder.target_bitrate = 600_000    # a REMB move of 33 %: aiortc reopens the codec
-    reopened = encode(2)
-    assert reopened[0] and encoder.codec._options["max-intra-rate"] == str(KEYFRAME_MAX_PCT_CAPPED)
-    assert reopened[1] < 0.5 * first[1], (reopened, first)
-
-
 async def test_a_packet_is_not_resent_again_within_a_round_trip():
     """aiortc's receiver NACKs every still-missing packet again on each new gap: the second ask inside
     one RTT (the first copy still on its way) is not resent; once the RTT has passed, it is."""

@@ -21,8 +21,8 @@ transport: it never waits behind the video queue.
 - The queue is bounded in time: when what is queued would not have left at the pace rate before its
   oldest packet has waited `MAX_QUEUE_S`, the rate is raised so that it has (`PacerStats.rate_raised`). Nothing is
   dropped: a dropped packet costs a NACK round trip or a keyframe, a bigger burst than the one avoided.
-- Up to `BURST_S` of the pace rate may leave back to back: the credit of an idle moment, or the debt of
-  a timer that fired late on a busy loop (without it a late loop would fall behind the pace rate).
+- Up to `BURST_S` of the pace rate may leave back to back after an idle moment; while packets are
+  queued the schedule is kept whatever the timers do, so a busy loop never slows the pace below the rate.
 - The abs-send-time header extension (set by aiortc when the packet is made) is rewritten when the
   packet really leaves: the receiver's delay-based estimate (REMB) reads it, and a packet held in the
   queue would otherwise look delayed by the network.
@@ -62,8 +62,13 @@ MAX_QUEUE_S = 0.25
 """The longest the queue may take to drain; above it the pace rate is raised to drain it within this.
 A video frame held longer than this is late for a live avatar however it leaves."""
 BURST_S = 0.01
-"""How far behind the schedule the pacer may be (a late timer) or ahead of it (an idle moment): that
-much of the pace rate may leave back to back."""
+"""The credit of an idle moment: a frame after a pause may send this much of the pace rate back to
+back. While packets are queued the pacer keeps its schedule instead of the clock: what a late timer
+(a busy event loop) held back leaves at once when it fires, so the pace never falls below the rate
+(at the latency bench's load, timers late by several ms each had slowed a capped catch-up to the
+video's own rate, and frames waited in the queue)."""
+TIMER_SLACK_S = 0.001
+"""A packet due within this leaves now: no sleep shorter than the loop's own timer resolution."""
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
 
@@ -182,16 +187,19 @@ class PacedTransport:
         """Send what is queued, retransmissions first, one packet per pace interval; ends when the queue
         is empty (the next packet starts a new task)."""
         loop = asyncio.get_running_loop()
+        self._next_at = max(self._next_at, loop.time() - BURST_S)   # an idle moment's credit
         try:
             while self._retransmissions or self._video:
                 now = loop.time()
-                if self._next_at > now:
+                if self._next_at > now + TIMER_SLACK_S:
                     await asyncio.sleep(self._next_at - now)
                     continue   # a retransmission may have come in meanwhile
                 data, queued_at = (self._retransmissions or self._video).popleft()
                 self._queued_bytes -= len(data)
                 self.stats.max_wait_s = max(self.stats.max_wait_s, now - queued_at)
-                self._next_at = max(self._next_at, now - BURST_S) + self._interval(len(data), now, queued_at)
+                # The schedule, not the clock: a timer that fired late is caught up at once, so a busy
+                # loop does not slow the pace below the rate.
+                self._next_at += self._interval(len(data), now, queued_at)
                 await self._inner._send_rtp(self._stamped(data))
                 self.stats.paced += 1
         except ConnectionError:   # the transport closed under the queue: nothing more can leave
