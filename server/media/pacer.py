@@ -64,9 +64,7 @@ A video frame held longer than this is late for a live avatar however it leaves.
 BURST_S = 0.01
 """The credit of an idle moment: a frame after a pause may send this much of the pace rate back to
 back. While packets are queued the pacer keeps its schedule instead of the clock: what a late timer
-(a busy event loop) held back leaves at once when it fires, so the pace never falls below the rate
-(at the latency bench's load, timers late by several ms each had slowed a capped catch-up to the
-video's own rate, and frames waited in the queue)."""
+(a busy event loop) held back leaves at once when it fires, so the pace never falls below the rate."""
 TIMER_SLACK_S = 0.001
 """A packet due within this leaves now: no sleep shorter than the loop's own timer resolution."""
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
