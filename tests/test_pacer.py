@@ -239,6 +239,7 @@ async def test_a_live_sessions_video_is_paced_and_its_audio_is_not(http, loopbac
         video = senders["video"].transport
         assert isinstance(video, PacedTransport)
         assert not isinstance(senders["audio"].transport, PacedTransport)
+        _ = senders["video"]._RTCRtpSender__rtt   # what nack_policy reads for its resend interval (aiortc's private)
         paced = video.stats.paced
         deadline = time.monotonic() + 10
         while video.stats.paced < paced + 25:
