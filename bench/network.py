@@ -52,7 +52,11 @@ frame whose mouth box leaves its idle shapes; latency_delta_ms against Chromium'
 (docs/network.md "The bench" says what each includes).
 link600k (both clients) adds send_kbps_per_s, send_fits_after_s (from when every later 2 s average fits
 the link), video_width (full, min, last) and climb_back_s (after the window the link is widened: seconds
-until full-size frames arrive again).
+until full-size frames arrive again); and from the relay (`DownTrace`, `link_figures`): the audio
+packets' queueing delay on the link (audio_link_delay_ms p50/p95/p99/max, audio_link_over_50ms_pct,
+audio_link_dropped), what the server offered it by kind (offered_kbps: audio, video, rtx) and the three
+largest video frames: size, how long the server took to hand them to
+the link (send_span_ms), and the longest wait of an audio packet sent within 300 ms of their start.
 
 The last line printed is one JSON object: {"conditions": {NAME: {"aiortc": {...}, "aiortc_push": {...},
 "chromium": null}}, "loadavg": ..., "seconds": ...}; a session kind or "chromium" is null when it was not
@@ -67,6 +71,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -92,6 +97,7 @@ from bench.netimpair import (  # noqa: E402
     Relay,
     negotiate_through,
     rewrite_candidates,
+    rtp_payload_type,
     use_give_up_jitter_buffer,
 )
 from server.media import audio_jitter, opus_fec  # noqa: E402  (the client's receivers: a browser's behaviour)
@@ -361,6 +367,7 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
     (a push session: the clip over the PCM WebSocket, `SpeakingPusher`)."""
     up, down = CONDITIONS[name]
     relay = await Relay(up=up, down=down, seed=seed).start()
+    trace = DownTrace(relay)
     period = max(3.5, len(clip) / RATE + 1.5)
     speaker: SpeakingMicrophone | SpeakingPusher
     speaker = (SpeakingMicrophone(clip, period_s=period, first_s=2.5) if source == "mic"
@@ -373,7 +380,7 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
     async with aiohttp.ClientSession() as http:
         client = Client(server, http, relay, box)
         try:
-            await client.connect(speaker if isinstance(speaker, SpeakingMicrophone) else None)
+            answer = await client.connect(speaker if isinstance(speaker, SpeakingMicrophone) else None)
             if isinstance(speaker, SpeakingPusher):
                 pusher = asyncio.ensure_future(speaker.run(http, client.stream_url()))
             start = time.monotonic()
@@ -446,6 +453,7 @@ async def run_condition(server: Server, name: str, clip: np.ndarray, seconds: fl
             if name == "link600k":
                 first_video = client.received.video[0][0]
                 result.update(send_fit(sent, first_video, t1, LINK_KBPS))
+                result.update(link_figures(trace, str(answer["sdp"]), t0, t1))
                 widths = [w for a, w in client.received.widths if t0 <= a < t1]
                 result["video_width"] = {"full": client.full_size[0] if client.full_size else None,
                                          "min": min(widths) if widths else None,
@@ -494,6 +502,79 @@ def send_fit(history: list[tuple[float, int]], start: float, t1: float, link_kbp
             fits = float(i)
             break
     return {"send_kbps_per_s": per_s, "send_fits_after_s": fits}
+
+
+class DownTrace:
+    """Every RTP datagram the server sends into the link (the "down" direction), as the link takes it:
+    (arrival, payload type, size, RTP timestamp, queueing delay on the link; None: dropped). The relay's
+    own drop rule (none in these conditions) is taken for a hook that sees each datagram just before its
+    link does."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.rows: list[tuple[float, int, int, int, float | None]] = []
+        link = relay.links["down"]
+        admit = link.admit
+        pending: list[tuple[int, int]] = []
+
+        def see(data: bytes) -> bool:
+            pt = rtp_payload_type(data)
+            pending[:] = [] if pt is None else [(pt, int.from_bytes(data[4:8], "big"))]
+            return False   # never drops
+
+        def traced(now: float, size: int) -> float | None:
+            at = admit(now, size)
+            if pending:
+                pt, ts = pending.pop()
+                self.rows.append((now, pt, size, ts, None if at is None else at - now))
+            return at
+
+        relay.filters["down"] = see
+        link.admit = traced  # type: ignore[method-assign]
+
+
+def payload_types(sdp: str) -> tuple[int | None, set[int]]:
+    """Opus' payload type and the RTX types (`apt=`) of an answer."""
+    found = re.search(r"a=rtpmap:(\d+) opus/", sdp, re.IGNORECASE)
+    return (int(found.group(1)) if found else None,
+            {int(pt) for pt in re.findall(r"a=fmtp:(\d+) apt=\d+", sdp)})
+
+
+def link_figures(trace: DownTrace, sdp: str, t0: float, t1: float) -> dict[str, Any]:
+    """link600k, the cause of late audio: the audio packets' queueing delay on the link over the window
+    (and how many waited more than 50 ms, or were dropped); what the server offered the link by kind
+    (audio, video, retransmissions over RTX); and the three largest video frames (the packets of one RTP
+    timestamp, RTX left out): their size, how long the server took to hand them to the link (first to
+    last packet), and the longest an audio packet sent in the 300 ms from their first packet waited."""
+    audio_pt, rtx_pts = payload_types(sdp)
+    rows = [r for r in trace.rows if t0 <= r[0] < t1]
+    audio = [r for r in rows if r[1] == audio_pt]
+    delays = sorted(1000 * r[4] for r in audio if r[4] is not None)
+    frames: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    for r in rows:
+        if r[1] != audio_pt and r[1] not in rtx_pts:
+            frames.setdefault((r[1], r[3]), []).append((r[0], r[2]))
+
+    def kbps(kind: Callable[[int], bool]) -> float:
+        return round(8 * sum(r[2] for r in rows if kind(r[1])) / max(t1 - t0, 1e-6) / 1000, 1)
+
+    def pct(q: float) -> float | None:
+        return round(delays[min(len(delays) - 1, int(q * len(delays)))], 1) if delays else None
+
+    largest = []
+    for packets in sorted(frames.values(), key=lambda f: -sum(size for _, size in f))[:3]:
+        first, last = packets[0][0], packets[-1][0]
+        behind = [1000 * r[4] for r in audio if first <= r[0] < first + 0.3 and r[4] is not None]
+        largest.append({"kb": round(sum(size for _, size in packets) / 1000, 1), "packets": len(packets),
+                        "send_span_ms": round(1000 * (last - first), 1),
+                        "audio_delay_max_ms": round(max(behind), 1) if behind else None})
+    return {"audio_link_delay_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
+                                    "max": round(delays[-1], 1) if delays else None},
+            "audio_link_over_50ms_pct": (round(100 * sum(d > 50 for d in delays) / len(delays), 2)
+                                         if delays else None),
+            "audio_link_dropped": len(audio) - len(delays),
+            "offered_kbps": {"audio": kbps(lambda pt: pt == audio_pt), "rtx": kbps(lambda pt: pt in rtx_pts),
+                             "video": kbps(lambda pt: pt != audio_pt and pt not in rtx_pts)},
+            "largest_video_frames": largest}
 
 
 async def climb_back(relay: Relay, widths_since: Callable[[float], Awaitable[list[int]]],
@@ -736,6 +817,8 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
                              box: tuple[float, float, float, float]) -> dict[str, Any]:
     up, down = CONDITIONS[name]
     relay = await Relay(up=up, down=down, seed=seed).start()
+    trace = DownTrace(relay)
+    answer_sdp: list[str] = []
     sent: list[tuple[float, int]] = []
     sampler = asyncio.ensure_future(sample_sent(relay, sent))
     page = await browser.new_page(bypass_csp=True)   # the recorder's AudioWorklet module is a blob: URL
@@ -752,6 +835,7 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
             await asyncio.sleep(float(answer.get("retry_after_s") or 1))
         if response.status == 200:
             answer["sdp"], relay.server = rewrite_candidates(answer["sdp"], relay.client_address)
+            answer_sdp.append(answer["sdp"])
         await route.fulfill(response=response, json=answer)
 
     result: dict[str, Any] = {}
@@ -822,6 +906,7 @@ async def chromium_condition(browser: Any, server: Server, name: str, seconds: f
                                "forwarded": relay.links[d].stats.forwarded} for d in ("up", "down")}
         if name == "link600k":
             result.update(send_fit(sent, connected, t1, LINK_KBPS))
+            result.update(link_figures(trace, answer_sdp[-1] if answer_sdp else "", t0, t1))
             seen: list[int] = []
 
             async def widths_since(_since: float) -> list[int]:

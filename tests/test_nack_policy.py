@@ -12,11 +12,13 @@ FRAME_TS = 3600   # 40 ms at 90 kHz: one packet per frame here
 
 class FakeSender:
     """The parts of aiortc's RTCRtpSender that the policy uses: the send history, the newest RTP timestamp
-    sent, `_retransmit` (records what was resent) and `_send_keyframe` (counts asks)."""
+    sent, its smoothed round-trip time (none measured yet), `_retransmit` (records what was resent) and
+    `_send_keyframe` (counts asks)."""
 
     def __init__(self) -> None:
         self._RTCRtpSender__rtp_history: dict[int, RtpPacket] = {}
         self._RTCRtpSender__rtp_timestamp = 0
+        self._RTCRtpSender__rtt: float | None = None
         self.resent: list[int] = []
         self.keyframe_asks = 0
         self.seq = 1000

@@ -124,6 +124,11 @@ class _Tuned:
     def set_bitrate_cap(self, bps: int | None) -> None:
         self.__dict__["bitrate_cap"] = bps
 
+    @property
+    def capped(self) -> bool:
+        """Whether the loss/delay control caps the bitrate now (a thin or lossy link)."""
+        return self.__dict__.get("bitrate_cap") is not None
+
     def encode(self, frame: Any, force_keyframe: bool = False) -> Any:
         return super().encode(frame, self._keyframe_due(force_keyframe))  # type: ignore[misc]
 

@@ -26,12 +26,20 @@ that spent the keyframe rate limit, so the receiver's next PLI waited for it, an
 alongside were skipped as superseded, leaving the receiver a hole it could only give up on (measured
 through bench/netimpair.py at 2 % loss, 30 +- 15 ms jitter: a 300 ms freeze).
 
+A packet is also not resent again within one round-trip time (at least `RESEND_MIN_INTERVAL_S`) of its
+last resend, as libwebrtc does: the first copy cannot have reached the receiver yet. aiortc's own
+receiver NACKs every still-missing packet again on each new gap, and a browser re-asks on its own timer;
+on a thin link, where the first copy waits in the link's queue, each repeat was another copy in front of
+the audio (bench/network.py link600k: up to 255 kbit/s of RTX on a 600 kbit/s link).
+
 It replaces two methods on one sender instance (aiortc's private `_retransmit` and `_send_keyframe`, its
-history and last RTP timestamp; aiortc < 2, guarded by tests/test_network.py and tests/test_nack_policy.py).
+history, last RTP timestamp and smoothed RTT; aiortc < 2, guarded by tests/test_network.py,
+tests/test_nack_policy.py and tests/test_pacer.py).
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +49,7 @@ from aiortc.rtp import RTP_HISTORY_SIZE
 log = logging.getLogger(__name__)
 
 NACK_MAX_AGE_S = 0.5
+RESEND_MIN_INTERVAL_S = 0.05
 VIDEO_CLOCK_RATE = 90000
 
 
@@ -49,6 +58,7 @@ class NackStats:
     resent: int = 0
     refused: int = 0      # too old or gone: a keyframe was asked for instead
     superseded: int = 0   # older than a keyframe already asked for
+    repeated: int = 0     # asked again within a round trip of its last resend: not resent
 
 
 def _age(latest: int, timestamp: int) -> float:
@@ -83,6 +93,19 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
         last.timestamp, last.ours = latest(), ours
         ask_keyframe()
 
+    resent_at: dict[int, tuple[int, float]] = {}   # seq % history size -> (seq, when last resent)
+
+    def _resent_recently(sequence_number: int) -> bool:
+        rtt: float | None = sender._RTCRtpSender__rtt  # type: ignore[attr-defined]
+        now = time.monotonic()
+        slot = sequence_number % RTP_HISTORY_SIZE
+        previous = resent_at.get(slot)
+        if previous is not None and previous[0] == sequence_number \
+                and now - previous[1] < max(RESEND_MIN_INTERVAL_S, rtt or 0.0):
+            return True
+        resent_at[slot] = (sequence_number, now)
+        return False
+
     async def retransmit(sequence_number: int) -> None:
         history: dict[Any, Any] = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
         packet = history.get(sequence_number % RTP_HISTORY_SIZE)
@@ -92,6 +115,9 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
                 stats.superseded += 1
                 return
             if fresh:
+                if _resent_recently(sequence_number):
+                    stats.repeated += 1
+                    return
                 stats.resent += 1
                 await resend(sequence_number)
                 return
@@ -103,4 +129,4 @@ def apply(sender: RTCRtpSender, max_age_s: float = NACK_MAX_AGE_S) -> NackStats:
     return stats
 
 
-__all__ = ["NACK_MAX_AGE_S", "NackStats", "apply"]
+__all__ = ["NACK_MAX_AGE_S", "RESEND_MIN_INTERVAL_S", "NackStats", "apply"]

@@ -34,7 +34,7 @@ from server.access.auth import client_address, new_token
 from server.access.surface import public_text
 from server.config import ServerConfig
 from server.errors import ApiError, read_json
-from server.media import audio_jitter, nack_policy
+from server.media import audio_jitter, nack_policy, pacer
 from server.media.audio_input import AudioInput
 from server.media.link_quality import watch_link
 from server.media.tracks import AvatarVideoTrack, MediaClock, SyncedAudioTrack, drain, pump_microphone
@@ -230,6 +230,7 @@ async def answer_offer(state: ServerState, offer: OfferRequest, remote: str) -> 
             await pc.setRemoteDescription(offer.description())
         except Exception as exc:
             raise ApiError(400, f"the SDP offer was refused: {type(exc).__name__} {exc}".rstrip()[:300]) from None
+        pacer.install(video_transceiver.sender)  # after BUNDLE set its transport: a keyframe is no burst
         await pc.setLocalDescription(await pc.createAnswer())
         audio_jitter.install(pc)  # the microphone's delay must not creep up after a lost packet
     except BaseException:
