@@ -16,12 +16,21 @@ WAV2LIP_FACTS = DATA / "wav2lip"  # facts about the official code; see tests/dat
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
+FRAMEWORK_TESTS = ("tests.test_examples_", "tests.test_integration_", "test_examples_", "test_integration_")
+
+
 def pytest_asyncio_loop_factories(config, item):
     """Every async test runs on the event loop the server serves on (ServerConfig's default
-    --event-loop, made by server/ops/event_loop.py): the servers the tests start are on production's loop."""
+    --event-loop, made by server/ops/event_loop.py): the servers the tests start are on production's loop.
+
+    Except the framework adapters' and examples' tests (`FRAMEWORK_TESTS`): there our code runs inside a
+    Pipecat or LiveKit Agents app, on the loop that app makes, asyncio's own by default. They run on it,
+    so what they show is what those users get (and the example bot's `asyncio.create_subprocess_exec`
+    for espeak-ng, which hangs under uvloop in a process with threads, is the user's choice of loop)."""
     from server.ops.event_loop import DEFAULT_LOOP, loop_factory
 
-    return {DEFAULT_LOOP: loop_factory(DEFAULT_LOOP)}
+    kind = "asyncio" if item.module.__name__.startswith(FRAMEWORK_TESTS) else DEFAULT_LOOP
+    return {kind: loop_factory(kind)}
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
