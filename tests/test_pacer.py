@@ -246,7 +246,9 @@ async def test_a_live_sessions_video_is_paced_and_its_audio_is_not(http, loopbac
             assert time.monotonic() < deadline, video.stats
             await asyncio.sleep(0.1)
         assert video.stats.restamped == video.stats.paced   # every packet carries abs-send-time
-        assert 0 < video.stats.max_wait_s < MAX_QUEUE_S + 0.1
+        # The tiny avatar's frames often fit the pacer's idle credit (BURST_S) and wait 0: the spread itself
+        # is shown on a seeded link above; here, that no packet waited past the queue's bound.
+        assert video.stats.max_wait_s < MAX_QUEUE_S + 0.1
     finally:
         await client.close()
         relay.close()
