@@ -198,10 +198,13 @@ class ServerProcess:
                 "--log-level", "warning"]
         if "--api-token" in flags:
             args.append(f"--api-token={self.operator_token}")   # "=": a token may start with "-"
-        if "--max-sessions-per-ip" in flags:  # every client comes from 127.0.0.1
-            args += ["--max-sessions-per-ip", str(max_sessions)]
+        # Every client comes from 127.0.0.1, standing for many visitors: no per-address limits (0), so the
+        # supervisor of --workers N places each offer on the freest worker as it does distinct visitors'
+        # (with a limit set, one address's sessions all go to its home worker: server/access/visitor_homes.py).
+        if "--max-sessions-per-ip" in flags:
+            args += ["--max-sessions-per-ip", "0"]
         if "--max-offers-per-minute" in flags:
-            args += ["--max-offers-per-minute", "100000"]
+            args += ["--max-offers-per-minute", "0"]
         self.log_path = log_path
         self._log = open(log_path, "wb")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
