@@ -5,7 +5,7 @@ import asyncio
 import inspect
 import re
 from types import SimpleNamespace
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import aiortc.rtcrtpsender
 import aiortc.rtp
@@ -238,17 +238,18 @@ class _Vp8BeforeStaticThreshold(encoders.RealtimeVp8Encoder):
     OPTIONS: ClassVar[dict[str, str]] = {"noise-sensitivity": "0"}
 
 
-def _vp8_psnr(encoder, images: list[np.ndarray]) -> tuple[float, float]:
-    """Mean Y PSNR of the decoded frames (after the first five), whole frame and lower centre (the mouth)."""
-    decoder = av.CodecContext.create("libvpx", "r")
+def _psnr(encoder, images: list[np.ndarray], decoder_name: str,
+          depayload: Callable[[bytes], bytes]) -> tuple[float, float]:
+    """Mean Y PSNR of the decoded frames (after the first five), whole frame and lower centre (the mouth):
+    each frame encoded, its RTP payloads depayloaded into one packet and decoded by `decoder_name`."""
+    decoder = av.CodecContext.create(decoder_name, "r")
     whole, mouth = [], []
     for k, image in enumerate(images):
         frame = video_frame(image)
         frame.pts, frame.time_base = k * 3600, VIDEO_TIME_BASE
         reference = frame.to_ndarray()[: image.shape[0]].astype(np.float64)
         payloads, _ = encoder.encode(frame)
-        data = b"".join(p[_vp8_descriptor_size(p):] for p in payloads)
-        for decoded in decoder.decode(av.Packet(data)):
+        for decoded in decoder.decode(av.Packet(b"".join(depayload(p) for p in payloads))):
             y = decoded.to_ndarray()[: image.shape[0]].astype(np.float64)
             h, w = y.shape
             lower = (slice(h // 2, h * 7 // 8), slice(w // 4, w * 3 // 4))
@@ -256,6 +257,10 @@ def _vp8_psnr(encoder, images: list[np.ndarray]) -> tuple[float, float]:
                 out.append(10 * np.log10(255.0 ** 2 / max(float(np.mean((a - b) ** 2)), 1e-9)))
     assert len(whole) == len(images)
     return float(np.mean(whole[5:])), float(np.mean(mouth[5:]))
+
+
+def _vp8_psnr(encoder, images: list[np.ndarray]) -> tuple[float, float]:
+    return _psnr(encoder, images, "libvpx", lambda p: p[_vp8_descriptor_size(p):])
 
 
 def _talking_avatar(n: int) -> list[np.ndarray]:
@@ -310,24 +315,9 @@ class _H264Veryfast(encoders.RealtimeH264Encoder):
 
 
 def _h264_psnr(encoder, images: list[np.ndarray]) -> tuple[float, float]:
-    """Mean Y PSNR of the decoded frames (after the first five), whole frame and lower centre (the mouth)."""
     from aiortc.codecs.h264 import h264_depayload
 
-    decoder = av.CodecContext.create("h264", "r")
-    whole, mouth = [], []
-    for k, image in enumerate(images):
-        frame = video_frame(image)
-        frame.pts, frame.time_base = k * 3600, VIDEO_TIME_BASE
-        reference = frame.to_ndarray()[: image.shape[0]].astype(np.float64)
-        payloads, _ = encoder.encode(frame)
-        for decoded in decoder.decode(av.Packet(b"".join(h264_depayload(p) for p in payloads))):
-            y = decoded.to_ndarray()[: image.shape[0]].astype(np.float64)
-            h, w = y.shape
-            lower = (slice(h // 2, h * 7 // 8), slice(w // 4, w * 3 // 4))
-            for out, a, b in ((whole, y, reference), (mouth, y[lower], reference[lower])):
-                out.append(10 * np.log10(255.0 ** 2 / max(float(np.mean((a - b) ** 2)), 1e-9)))
-    assert len(whole) == len(images)
-    return float(np.mean(whole[5:])), float(np.mean(mouth[5:]))
+    return _psnr(encoder, images, "h264", h264_depayload)
 
 
 def _rendered_avatar(n: int) -> list[np.ndarray]:
