@@ -208,32 +208,40 @@ def lip_mask(image: np.ndarray) -> np.ndarray:
     return (g < 105) & (r > 130) & (r - b > 40)
 
 
-def check_spread(renderer: DefaultRenderer) -> None:
-    """An 'ee' (spread = 1) moves both lip corners outward by the whole widening k = 1 + spread_gain,
-    and the lips stretch without thinning: their thickness across the middle and half-way to each
-    corner stays within a pixel of the rest mouth's (the warp scales along the mouth axis only)."""
+def measure_lips(renderer: DefaultRenderer, params: list[float], k: float
+                 ) -> tuple[tuple[float, float], tuple[float, float], list[tuple[float, int, int]]]:
+    """The synthetic face's frame rendered with `params`, against its rest mouth: the lips' extent left and
+    right of the mouth centre at rest and shaped, and their thickness across the mouth at s = 0, -0.5, 0.5
+    half-widths at rest and where a warp scaling the mouth axis by `k` moves that column (s * k)."""
     avatar = synthetic_avatar(n_frames=1)
     frame, points = avatar.frames[0], avatar.mouth[0]
-    spread = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
-    image = paste(frame, renderer.render_params(avatar, np.array([0]), spread[None])[0])
-    rest, wide = lip_mask(frame), lip_mask(image)
+    shape = np.array(params, np.float32)
+    image = paste(frame, renderer.render_params(avatar, np.array([0]), shape[None])[0])
+    rest, shaped = lip_mask(frame), lip_mask(image)
     cx, half = float(points[:2, 0].mean()), float(points[1, 0] - points[0, 0]) / 2
-    k = 1.0 + renderer.config.warp.spread_gain
     rows = slice(int(points[2, 1]) - 3, int(points[5, 1]) + 4)
 
     def extent(mask: np.ndarray) -> tuple[float, float]:
         cols = np.flatnonzero(mask[rows].any(axis=0))
         return cx - cols[0], cols[-1] - cx
 
-    (rest_l, rest_r), (wide_l, wide_r) = extent(rest), extent(wide)
+    thickness = [(t, int(rest[rows, round(cx + t * half)].sum()), int(shaped[rows, round(cx + t * k * half)].sum()))
+                 for t in (0.0, -0.5, 0.5)]
+    return extent(rest), extent(shaped), thickness
+
+
+def check_spread(renderer: DefaultRenderer) -> None:
+    """An 'ee' (spread = 1) moves both lip corners outward by the whole widening k = 1 + spread_gain,
+    and the lips stretch without thinning: their thickness across the middle and half-way to each
+    corner stays within a pixel of the rest mouth's (the warp scales along the mouth axis only)."""
+    k = 1.0 + renderer.config.warp.spread_gain
+    (rest_l, rest_r), (wide_l, wide_r), thickness = measure_lips(renderer, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], k)
     log.info("lip extent left/right px: rest %.0f/%.0f, spread %.0f/%.0f (expected x%.2f)",
              rest_l, rest_r, wide_l, wide_r, k)
     for r0, r1 in ((rest_l, wide_l), (rest_r, wide_r)):
         assert r1 - r0 >= 0.9 * (k - 1.0) * r0, "the lip corners move out by the whole spread"
-    for s in (0.0, -0.5, 0.5):
-        before = int(rest[rows, round(cx + s * half)].sum())
-        after = int(wide[rows, round(cx + s * k * half)].sum())
-        assert abs(after - before) <= 1, f"lip thickness at s={s}: {before} px at rest, {after} px spread"
+    for t, before, after in thickness:
+        assert abs(after - before) <= 1, f"lip thickness at s={t}: {before} px at rest, {after} px spread"
 
 
 def test_ee_moves_the_lip_corners_out():
@@ -252,29 +260,15 @@ def check_round(renderer: DefaultRenderer) -> None:
     "o" at most 60 % of the rest width (the face mesh reads well under half of the warp's narrowing, and
     the video codec softens the corners it reads: bench/visemes.py --webrtc), with the lips' thickness
     kept across the middle and half-way to each corner."""
-    avatar = synthetic_avatar(n_frames=1)
-    frame, points = avatar.frames[0], avatar.mouth[0]
-    rounded = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
-    image = paste(frame, renderer.render_params(avatar, np.array([0]), rounded[None])[0])
-    rest, narrow = lip_mask(frame), lip_mask(image)
-    cx, half = float(points[:2, 0].mean()), float(points[1, 0] - points[0, 0]) / 2
     k = 1.0 - renderer.config.warp.round_gain
-    rows = slice(int(points[2, 1]) - 3, int(points[5, 1]) + 4)
-
-    def extent(mask: np.ndarray) -> tuple[float, float]:
-        cols = np.flatnonzero(mask[rows].any(axis=0))
-        return cx - cols[0], cols[-1] - cx
-
-    (rest_l, rest_r), (narrow_l, narrow_r) = extent(rest), extent(narrow)
+    (rest_l, rest_r), (narrow_l, narrow_r), thickness = measure_lips(renderer, [0.0, 0.0, 1.0, 0.0, 0.0, 0.0], k)
     log.info("lip extent left/right px: rest %.0f/%.0f, round %.0f/%.0f (expected x%.2f)",
              rest_l, rest_r, narrow_l, narrow_r, k)
     for r0, r1 in ((rest_l, narrow_l), (rest_r, narrow_r)):
         assert r0 - r1 >= 0.9 * (1.0 - k) * r0, "the lip corners move in by the whole rounding"
         assert r1 <= 0.6 * r0, "a small o: at most 60 % of the rest width"
-    for s in (0.0, -0.5, 0.5):
-        before = int(rest[rows, round(cx + s * half)].sum())
-        after = int(narrow[rows, round(cx + s * k * half)].sum())
-        assert abs(after - before) <= 1, f"lip thickness at s={s}: {before} px at rest, {after} px rounded"
+    for t, before, after in thickness:
+        assert abs(after - before) <= 1, f"lip thickness at s={t}: {before} px at rest, {after} px rounded"
 
 
 def test_oo_draws_the_lip_corners_in():
