@@ -5,6 +5,7 @@ session keeps its frame rate and the killed one is restarted and serves again.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -476,27 +477,47 @@ async def test_a_stuck_or_dead_worker_does_not_hang_the_server_wide_answers(two_
     await close_session(http, a)
 
 
-async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothing(tmp_path):
-    """The fan-out itself: one worker accepts the connection and never answers (its loop frozen after the
-    accept), one has a socket with nobody behind it (it just died): both are left out and named, and the
-    whole ask takes the timeout, not the sum of them."""
-    from server.ops.worker_board import Board, WorkerSeat
-    from server.ops.worker_peers import WorkerPeers
+def board_in(tmp_path, workers: int):
+    """A shared board of `workers` rows, each with a free slot, its peer sockets under `tmp_path`."""
+    from server.ops.worker_board import Board
 
-    board = Board(3)
+    board = Board(workers)
     board.peers_dir = str(tmp_path)
-    for i in range(3):
+    for i in range(workers):
         board.publish(i, free_slots=1, sessions=0, capacity=1)
+    return board
+
+
+@contextlib.asynccontextmanager
+async def silent_peer(board, index: int):
+    """Worker `index`'s peer socket, served by nobody who answers: it accepts and reads nothing (a worker
+    whose loop froze after the accept). Closed, with every connection it held, on exit."""
     held: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)  # reads nothing, answers nothing
 
-    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(1))
+    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(index))
+    try:
+        yield
+    finally:
+        frozen.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothing(tmp_path):
+    """The fan-out itself: one worker accepts the connection and never answers (its loop frozen after the
+    accept), one has a socket with nobody behind it (it just died): both are left out and named, and the
+    whole ask takes the timeout, not the sum of them."""
+    from server.ops.worker_board import WorkerSeat
+    from server.ops.worker_peers import WorkerPeers
+
+    board = board_in(tmp_path, 3)
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(board.peer_socket(2))
     dead.close()  # the file stays; connecting to it is refused
-    try:
+    async with silent_peer(board, 1):
         peers = WorkerPeers(WorkerSeat(board, 0, 0), timeout_s=0.5)
         t0 = time.monotonic()
         answers = await peers.ask("GET", "/sessions")
@@ -505,10 +526,6 @@ async def test_a_peer_that_never_answers_costs_the_timeout_and_a_dead_one_nothin
         assert [a.worker for a in answers] == [1, 2] and not any(a.ok for a in answers)
         assert answers[0].missing() == {"worker": 1, "error": "no answer within 0.5 s"}
         assert answers[1].missing()["error"].startswith("unreachable")
-    finally:
-        frozen.close()
-        for writer in held:
-            writer.close()
 
 
 def test_metrics_pages_merge_by_each_familys_rule():
@@ -556,51 +573,40 @@ async def test_with_a_silent_worker_a_delete_removes_nothing_and_every_answer_na
     import cv2
     from server_helpers import TinyAvatar, start_server, tiny_engine
 
-    from server.ops.worker_board import Board, WorkerSeat
+    from server.ops.worker_board import WorkerSeat
     from server.ops.worker_peers import WorkerPeers
     from server.state import STATE
 
     engine = tiny_engine(avatar_cache_dir=tmp_path / "cache", uploads_dir=tmp_path / "uploads")
     engine.avatars.add_builtin(TinyAvatar(), "other", "Other").builtin = False  # as an uploaded one
-    board = Board(2)
-    board.peers_dir = str(tmp_path)
-    for i in range(2):
-        board.publish(i, free_slots=1, sessions=0, capacity=1)
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    frozen = await asyncio.start_unix_server(hold, path=board.peer_socket(1))
-    server = await start_server(engine, max_sessions=2)
-    state = server.app[STATE]
-    state.seat = WorkerSeat(board, 0, 0)
-    state.peers = WorkerPeers(state.seat, timeout_s=0.5)
-    silent = [{"worker": 1, "error": "no answer within 0.5 s"}]
-    try:
-        t0 = time.monotonic()
-        async with http.delete(server.endpoint("/avatars/other")) as resp:
-            body = await resp.json()
-            assert resp.status == 503 and resp.headers["Retry-After"] == "2", body
-        assert "nothing was removed" in body["error"] and "no answer within 0.5 s" in body["error"]
-        assert engine.avatars.acquire("other")[0] == "other"  # the reservation here was called off
-        engine.avatars.release("other")
-        ok, png = cv2.imencode(".png", np.full((96, 96, 3), 120, np.uint8))
-        assert ok
-        form = aiohttp_form(png.tobytes())
-        async with http.post(server.endpoint("/avatars"), data=form) as resp:
-            body = await resp.json()
-            assert resp.status == 202, body
-        assert body["workers_missing"] == silent
-        status, listed, _ = await listed_sessions(http, server)
-        assert status == 200 and listed["sessions"] == [] and listed["workers_missing"] == silent
-        assert time.monotonic() - t0 < 3 * 0.5 + 3.0  # three fan-outs, each bounded by the timeout
-    finally:
-        await server.stop()
-        frozen.close()
-        for writer in held:
-            writer.close()
-        engine.close()
+    board = board_in(tmp_path, 2)
+    async with silent_peer(board, 1):
+        server = await start_server(engine, max_sessions=2)
+        state = server.app[STATE]
+        state.seat = WorkerSeat(board, 0, 0)
+        state.peers = WorkerPeers(state.seat, timeout_s=0.5)
+        silent = [{"worker": 1, "error": "no answer within 0.5 s"}]
+        try:
+            t0 = time.monotonic()
+            async with http.delete(server.endpoint("/avatars/other")) as resp:
+                body = await resp.json()
+                assert resp.status == 503 and resp.headers["Retry-After"] == "2", body
+            assert "nothing was removed" in body["error"] and "no answer within 0.5 s" in body["error"]
+            assert engine.avatars.acquire("other")[0] == "other"  # the reservation here was called off
+            engine.avatars.release("other")
+            ok, png = cv2.imencode(".png", np.full((96, 96, 3), 120, np.uint8))
+            assert ok
+            form = aiohttp_form(png.tobytes())
+            async with http.post(server.endpoint("/avatars"), data=form) as resp:
+                body = await resp.json()
+                assert resp.status == 202, body
+            assert body["workers_missing"] == silent
+            status, listed, _ = await listed_sessions(http, server)
+            assert status == 200 and listed["sessions"] == [] and listed["workers_missing"] == silent
+            assert time.monotonic() - t0 < 3 * 0.5 + 3.0  # three fan-outs, each bounded by the timeout
+        finally:
+            await server.stop()
+            engine.close()
 
 
 def aiohttp_form(data: bytes):
