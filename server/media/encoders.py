@@ -155,8 +155,7 @@ class _Tuned:
     @codec.setter
     def codec(self, context: Any) -> None:
         if context is not None and not isinstance(context, TunedContext):
-            capped = self.__dict__.get("bitrate_cap") is not None
-            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if capped else {})},
+            context = TunedContext(context, {**self.OPTIONS, **(self.CAPPED_OPTIONS if self.capped else {})},
                                    self.THREADS)
         self.__dict__["_tuned_codec"] = context
 
